@@ -1,0 +1,99 @@
+"""Every configuration field of mixer_jax, with its default and meaning.
+
+Other configs start from `get_config()` here and override a few fields. No
+code in the package reads a field that is not defined in this file, and
+`mixer_jax.train` rejects unknown or inconsistent values before compiling.
+
+Override any field from the command line:
+  python -m mixer_jax.train --config=configs/b16.py --workdir=DIR \
+      --config.batch_size=64 --config.model.variant=S_16
+"""
+
+import ml_collections
+
+
+def get_config():
+  """Returns the default configuration (Mixer-B/16, ImageNet-1k scale)."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0  # Parameters, data order, stochastic depth and mixup.
+
+  # ---------------------------------------------------------------- Model.
+  config.model = ml_collections.ConfigDict()
+  config.model.variant = 'B_16'  # FAMILY_PATCH: S_32 S_16 S_8 B_32 B_16 ...
+  # Size overrides; None keeps the variant's value (paper Table 1).
+  config.model.num_blocks = ml_collections.FieldReference(None, field_type=int)
+  config.model.hidden_dim = ml_collections.FieldReference(None, field_type=int)
+  config.model.tokens_mlp_dim = ml_collections.FieldReference(
+      None, field_type=int)
+  config.model.channels_mlp_dim = ml_collections.FieldReference(
+      None, field_type=int)
+  config.model.dtype = 'float32'  # Computation dtype: float32 or bfloat16.
+  config.model.gelu_approximate = True  # tanh GELU, as the official weights.
+  config.model.stochastic_depth = 0.0  # Rate of the last block (linear ramp).
+  config.model.head_bias_init = 0.0  # -6.9 for the sigmoid ImageNet recipe.
+
+  # Weights to start from: a registry name ("imagenet21k/Mixer-B_16"), a path
+  # to an official .npz, or '' to train from scratch. The head is replaced
+  # (zero-initialised) when the class count differs; the token-mixing weights
+  # are expanded when image_size is an integer multiple of the checkpoint's.
+  config.init_from = ''
+
+  # ------------------------------------------------------------------ Data.
+  config.dataset = 'imagenet2012'  # Any TFDS name, 'digits', or 'folder'.
+  config.data_dir = ml_collections.FieldReference(None, field_type=str)
+  config.folder = ''  # Root of class_name/*.jpg folders when dataset=folder.
+  config.train_split = 'train[:99%]'
+  config.eval_split = 'train[99%:]'  # The official minival.
+  config.num_classes = -1  # -1: read from the data set's metadata.
+  config.image_size = 224
+  config.shuffle_buffer = 10_000
+  config.cache = False  # Cache decoded examples in memory (small data sets).
+  config.prefetch_batches = 2  # Batches prefetched to the devices.
+  config.bad_images = 'error'  # 'error' stops; 'skip' drops and counts them.
+
+  config.pp = ml_collections.ConfigDict()
+  # 'inception': Inception crop + flip (ImageNet pretraining);
+  # 'finetune': sample_distorted_bounding_box crop + resize + flip;
+  # 'resize': plain resize (no augmentation).
+  config.pp.train_crop = 'inception'
+  config.pp.crop_area_min = 0.05  # Smallest crop area, as a fraction.
+  config.pp.flip = True
+  config.pp.randaugment_layers = 2  # 0 disables RandAugment.
+  config.pp.randaugment_magnitude = 15
+  config.pp.mixup_alpha = 0.5  # Beta(alpha, alpha) mixing weights.
+  config.pp.mixup_prob = 0.5  # Fraction of batches mixed; 0 disables mixup.
+  # 'resize_crop': resize the short side to eval_resize, centre crop;
+  # 'resize': plain resize to image_size (the fine-tuning eval).
+  config.pp.eval_crop = 'resize_crop'
+  config.pp.eval_resize = 256
+
+  # -------------------------------------------------------------- Training.
+  config.batch_size = 4096  # Global, over all devices and hosts.
+  config.grad_accum_steps = 1  # Micro-batches per optimizer step.
+  config.num_epochs = 300.0  # Used when num_train_steps is -1.
+  config.num_train_steps = -1
+  config.optimizer = 'adam'  # 'adam' or 'sgd' (momentum).
+  config.learning_rate = 1e-3  # Peak, reached after the warmup.
+  config.lr_schedule = 'linear'  # 'linear' or 'cosine' decay after warmup.
+  config.warmup_steps = 10_000
+  config.end_learning_rate = 1e-5  # Learning rate at the last step.
+  config.b1 = 0.9  # Adam beta1, or the SGD momentum.
+  config.b2 = 0.999
+  config.momentum_dtype = 'float32'  # SGD/Adam first moment: or bfloat16.
+  # Decoupled weight decay on kernels only, scaled by the schedule's shape but
+  # not by the learning rate (big_vision's convention): param -= wd * sched *
+  # param. 1e-4 here is big_vision's `wd=1e-4`.
+  config.weight_decay = 1e-4
+  config.grad_clip_norm = 1.0  # Global-norm clipping; 0 disables.
+  config.loss = 'sigmoid'  # 'softmax' or 'sigmoid' cross-entropy.
+  config.label_smoothing = 0.0
+
+  # ------------------------------------------------- Logging and saving.
+  config.log_every_steps = 100
+  config.eval_every_steps = 2_000  # Also at the last step.
+  config.checkpoint_every_steps = 2_000  # Also at the last step.
+  config.keep_checkpoints = 3  # Most recent checkpoints kept...
+  config.keep_best_checkpoint = True  # ...plus the best by eval accuracy.
+  config.profile_steps = 0  # >0: jax.profiler trace of that many steps.
+  config.profile_start_step = 10
+  return config
