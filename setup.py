@@ -7,6 +7,7 @@ INSTALL_REQUIRES = [
     'absl-py>=2.1',
     'clu>=0.0.12',
     'flax>=0.12.8',
+    'importlib_resources>=6.0',  # Needed by TFDS to build any data set.
     'jax>=0.10.2',
     'keras>=3.15',  # RandAugment layer used inside tf.data.
     'ml_collections>=1.1.0',

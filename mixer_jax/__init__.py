@@ -2,6 +2,9 @@
 
 Public API:
   create_model(variant, num_classes, **options) -> flax module
+  load_pretrained(name_or_path, *, num_classes=None, image_size=None)
+      -> (model, params)
+  export_official(params, path)
   count_params(params), flops_per_image(model, image_size)
 """
 
@@ -10,5 +13,8 @@ from mixer_jax.models import create_model
 from mixer_jax.models import flops_per_image
 from mixer_jax.models import MlpMixer
 from mixer_jax.models import PAPER_VARIANTS
+from mixer_jax.pretrained import expand_token_mixing
+from mixer_jax.pretrained import export_official
+from mixer_jax.pretrained import load_pretrained
 
 __version__ = '0.1.0'

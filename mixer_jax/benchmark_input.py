@@ -1,0 +1,130 @@
+"""Images/s of the 224x224 training input pipeline on locally made JPEGs.
+
+  python -m mixer_jax.benchmark_input                 # both recipes
+  python -m mixer_jax.benchmark_input --recipe=finetune --batch_size=128
+  python -m mixer_jax.benchmark_input --config=path/to/configs/common.py
+
+`--config` (default configs/common.py, from the repository root) supplies
+every setting the flags below do not override.
+
+Writes `--num_images` synthetic photos (smooth colour fields plus noise,
+`--width` x `--height`, JPEG quality 90: about the size and decode cost of
+an average ImageNet image) as a folder data set in a temporary directory,
+then times `input_pipeline.train_dataset` over it after a short warm-up.
+Compare the figure with the model's training images/s on the same machine
+(`python -m mixer_jax.benchmark`): if it is lower, input sets the pace.
+
+Recipes: 'finetune' = random crop + resize + flip (official fine-tuning);
+'inception' = the same crop + flip + RandAugment(2, 15) + mixup (ImageNet
+pretraining). Every pipeline step runs, JPEG decoding included (decoded only
+inside the crop); epochs cycle over the files, so the OS file cache serves
+them after the first pass, as on a machine with enough RAM.
+"""
+
+import os
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+import numpy as np
+import tensorflow as tf
+
+from mixer_jax import input_pipeline
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', 'configs/common.py', 'Base config file.', lock_config=False)
+
+_RECIPE = flags.DEFINE_enum('recipe', 'both', ['both', 'finetune',
+                                               'inception'],
+                            'Training preprocessing to time.')
+_NUM_IMAGES = flags.DEFINE_integer('num_images', 256, 'JPEG files to make.')
+_WIDTH = flags.DEFINE_integer('width', 500, 'Width of the made images.')
+_HEIGHT = flags.DEFINE_integer('height', 375, 'Height of the made images.')
+_IMAGE_SIZE = flags.DEFINE_integer('image_size', 224, 'Training image side.')
+_BATCH_SIZE = flags.DEFINE_integer('batch_size', 64, 'Batch size.')
+_NUM_BATCHES = flags.DEFINE_integer('num_batches', 20, 'Batches timed.')
+_WARMUP = flags.DEFINE_integer('warmup_batches', 3,
+                               'Batches run before timing starts.')
+_DATA = flags.DEFINE_string('data', '', 'Folder for the images; default a '
+                            'temporary one, deleted afterwards.')
+
+
+def make_jpegs(root, num_images, width, height, num_classes=10, seed=0):
+  """Writes root/train/class_k/i.jpg synthetic photos; returns bytes/image."""
+  rng = np.random.default_rng(seed)
+  total = 0
+  for i in range(num_images):
+    folder = os.path.join(root, 'train', f'class_{i % num_classes}')
+    os.makedirs(folder, exist_ok=True)
+    # A coarse random colour field, upsampled smoothly, plus sensor-like
+    # noise: compresses like a photo, unlike pure noise or flat colour.
+    coarse = rng.uniform(0, 255, (height // 32 + 2, width // 32 + 2, 3))
+    smooth = tf.image.resize(coarse[None], [height, width], 'bicubic')[0]
+    noisy = smooth + rng.normal(0, 6, (height, width, 3))
+    image = tf.cast(tf.clip_by_value(noisy, 0, 255), tf.uint8)
+    data = tf.io.encode_jpeg(image, quality=90).numpy()
+    with open(os.path.join(folder, f'{i}.jpg'), 'wb') as f:
+      f.write(data)
+    total += len(data)
+  return total / max(num_images, 1)
+
+
+def recipe_config(base, recipe, folder, image_size, batch_size):
+  """A copy of config `base` reading `folder`, with one recipe's pp fields."""
+  config = base.copy_and_resolve_references()
+  config.dataset = 'folder'
+  config.folder = folder
+  config.train_split = 'train'
+  config.num_classes = -1
+  config.image_size = image_size
+  config.batch_size = batch_size
+  config.shuffle_buffer = 1_000
+  config.pp.train_crop = recipe
+  if recipe == 'finetune':
+    config.pp.randaugment_layers = 0
+    config.pp.mixup_prob = 0.0
+  else:
+    config.pp.randaugment_layers = 2
+    config.pp.randaugment_magnitude = 15
+    config.pp.mixup_prob = 0.5
+  return config
+
+
+def images_per_second(config, num_batches, warmup_batches):
+  """Times the training pipeline of `config` on this process alone."""
+  ds = input_pipeline.train_dataset(config, process_index=0,
+                                    process_count=1)
+  iterator = iter(ds)
+  for _ in range(warmup_batches):
+    next(iterator)
+  start = time.perf_counter()
+  for _ in range(num_batches):
+    batch = next(iterator)
+  batch['image'].numpy()  # Wait for the last batch to be complete.
+  seconds = time.perf_counter() - start
+  return num_batches * config.batch_size / seconds
+
+
+def main(argv):
+  del argv
+  recipes = (['finetune', 'inception'] if _RECIPE.value == 'both'
+             else [_RECIPE.value])
+  with tempfile.TemporaryDirectory() as tmp:
+    root = _DATA.value or tmp
+    if not os.path.isdir(os.path.join(root, 'train')):
+      size = make_jpegs(root, _NUM_IMAGES.value, _WIDTH.value, _HEIGHT.value)
+      print(f'Made {_NUM_IMAGES.value} JPEGs of {_WIDTH.value}x'
+            f'{_HEIGHT.value}, {size / 1024:.0f} KiB each, in {root}')
+    for recipe in recipes:
+      config = recipe_config(_CONFIG.value, recipe, root, _IMAGE_SIZE.value,
+                             _BATCH_SIZE.value)
+      rate = images_per_second(config, _NUM_BATCHES.value, _WARMUP.value)
+      print(f'{recipe:>9}: {rate:7.1f} images/s  ({_IMAGE_SIZE.value}x'
+            f'{_IMAGE_SIZE.value}, batch {_BATCH_SIZE.value}, '
+            f'{os.cpu_count()} CPUs)', flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)

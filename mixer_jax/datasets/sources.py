@@ -1,0 +1,306 @@
+"""Where examples come from: TFDS data sets by name, or folders of images.
+
+A source hands the input pipeline one process's share of a split as a
+tf.data.Dataset of {'image', 'label'} in a fixed order, where 'image' is
+still encoded (JPEG/PNG bytes, so crops can be decoded alone) whenever the
+data set stores it encoded, and 'label' is an int64 class index. Each
+process reads only its own contiguous shard of the split.
+
+  TfdsSource    any TFDS builder (`cifar10`, `imagenet2012`, `digits`, ...),
+                prepared on first use; a clear error when it cannot be.
+  FolderSource  `root/split/class_name/*.jpg|png` through tfds.ImageFolder,
+                with corrupt files found up front (`config.bad_images`).
+"""
+
+import functools
+import logging
+import os
+import socket
+import textwrap
+import urllib.parse
+import urllib.request
+
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from mixer_jax.datasets import digits  # pylint: disable=unused-import
+
+# How many corrupt file names an error message lists.
+_MAX_NAMES_SHOWN = 10
+
+
+class DatasetUnavailableError(ValueError):
+  """A data set is unknown, or is not prepared and cannot be prepared."""
+
+
+class BadImagesError(ValueError):
+  """Image files that cannot be decoded, with config.bad_images='error'."""
+
+
+def _unreachable_host(url, timeout=5.0):
+  """The host of `url` if no TCP connection to it opens, else None."""
+  parsed = urllib.parse.urlparse(url)
+  if not parsed.hostname or urllib.request.getproxies():
+    return None  # Behind a proxy a direct connection proves nothing.
+  port = parsed.port or (443 if parsed.scheme == 'https' else 80)
+  try:
+    socket.create_connection((parsed.hostname, port), timeout=timeout).close()
+  except OSError:
+    return parsed.hostname
+  return None
+
+
+def shard_range(num_examples, index, count):
+  """[start, end) of process `index` of `count` in a split of num_examples.
+
+  Shards are contiguous and differ in size by at most one example.
+  """
+  return num_examples * index // count, num_examples * (index + 1) // count
+
+
+def _split_dict(sizes):
+  """A TFDS SplitDict of {split name: number of examples}."""
+  return tfds.core.SplitDict([
+      tfds.core.SplitInfo(name=name, shard_lengths=[size], num_bytes=0)
+      for name, size in sizes.items()])
+
+
+class TfdsSource:
+  """A TFDS data set, by name, in `data_dir` (None: TFDS's default)."""
+
+  def __init__(self, name, data_dir=None):
+    try:
+      self.builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+      raise DatasetUnavailableError(
+          f'TFDS knows no data set named {name!r} (config.dataset). Use a '
+          "name from tfds.list_builders(), 'digits' (built in) or 'folder' "
+          'with config.folder pointing at class_name/*.jpg folders.') from e
+    self.name = name
+    self._prepare()
+    features = self.builder.info.features
+    self.image_key, self.label_key = (
+        self.builder.info.supervised_keys or ('image', 'label'))
+    if self.image_key not in features or self.label_key not in features:
+      raise DatasetUnavailableError(
+          f'{name!r} has no ({self.image_key!r}, {self.label_key!r}) '
+          'features; mixer_jax needs an image classification data set.')
+    label = features[self.label_key]
+    self.num_classes = (label.num_classes if isinstance(
+        label, tfds.features.ClassLabel) else -1)
+    # Keep encoded images encoded: preprocessing crops JPEGs while decoding.
+    self._decoders = ({self.image_key: tfds.decode.SkipDecoding()}
+                      if isinstance(features[self.image_key],
+                                    tfds.features.Image) else None)
+
+  def _prepare(self):
+    """Downloads and prepares the data set unless it already is."""
+    builder = self.builder
+    if builder.is_prepared():
+      return
+    # Without a network, TFDS retries each download for minutes; a quick
+    # look at the first download host fails at once instead.
+    urls = list(builder.url_infos or ())
+    if urls and not builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
+      host = _unreachable_host(urls[0])
+      if host:
+        raise self._unavailable(f'cannot reach {host} to download it')
+    try:
+      builder.download_and_prepare()
+    except Exception as e:  # pylint: disable=broad-except
+      # Preparation fails in many ways (no network, missing manual files,
+      # full disk); the original error is chained below.
+      reason = (f'{type(e).__name__}: {str(e)[:300]}'
+                if not builder.MANUAL_DOWNLOAD_INSTRUCTIONS else
+                'its manual download is missing or incomplete')
+      raise self._unavailable(reason) from e
+
+  def _unavailable(self, reason):
+    """The error for a data set that is not prepared and cannot be."""
+    builder = self.builder
+    where = builder.data_dir
+    if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
+      manual = os.path.join(builder.data_dir_root, 'downloads', 'manual')
+      how = (f'{self.name} must be downloaded by hand into {manual} '
+             '(or a manual_dir passed to `tfds build --manual_dir`):\n'
+             f'{textwrap.dedent(builder.MANUAL_DOWNLOAD_INSTRUCTIONS).strip()}'
+             '\nThe next run prepares it (or run `tfds build '
+             f'{self.name} --data_dir={builder.data_dir_root}`).')
+    else:
+      how = (f'Run `tfds build {self.name} --data_dir=DATA_DIR` on a '
+             'machine with network access and copy DATA_DIR here, then '
+             'set config.data_dir=DATA_DIR.')
+    return DatasetUnavailableError(
+        f'TFDS data set {self.name!r} is not prepared in {where} and could '
+        f'not be prepared ({reason}). {how}')
+
+  def num_examples(self, split):
+    """Number of examples in a split string such as 'train[:98%]'."""
+    return int(self.builder.info.splits[split].num_examples)
+
+  def shard_size(self, split, index, count):
+    """Number of examples process `index` of `count` reads from `split`."""
+    return self.num_examples(self._shard(split, index, count))
+
+  def _shard(self, split, index, count):
+    # TFDS resolves even splits against the real split sizes, so shards are
+    # disjoint, cover the split, and each process opens only its files.
+    return split if count == 1 else tfds.even_splits(split, n=count)[index]
+
+  def read(self, split, index, count):
+    """This process's shard of `split`, in file order, not decoded."""
+    ds = self.builder.as_dataset(
+        split=self._shard(split, index, count),
+        shuffle_files=False,
+        decoders=self._decoders,
+        # Caching is the pipeline's decision (config.cache), not TFDS's.
+        read_config=tfds.ReadConfig(try_autocache=False))
+    return ds.map(lambda ex: {'image': ex[self.image_key],
+                              'label': tf.cast(ex[self.label_key], tf.int64)})
+
+
+@functools.lru_cache(maxsize=None)
+def find_bad_images(root, split):
+  """Names of the files of `root/split/*/` that TensorFlow cannot decode.
+
+  Decodes every image once, in parallel: a file that fails here would fail
+  in the middle of training, where tf.data cannot say which file it was.
+
+  Args:
+    root: folder data set root.
+    split: split folder name (e.g. 'train').
+
+  Returns:
+    Sorted tuple of file paths (str).
+  """
+  builder = tfds.ImageFolder(root)
+  ds = builder.as_dataset(
+      split=split, decoders={'image': tfds.decode.SkipDecoding()})
+
+  def decoded_name(ex):
+    image = tf.io.decode_image(ex['image'], channels=3,
+                               expand_animations=False)
+    # Returning the shape makes the decode part of the result, so it runs.
+    return ex['image/filename'], tf.shape(image)
+
+  names = ds.map(lambda ex: ex['image/filename'])
+  good = ds.map(decoded_name, num_parallel_calls=tf.data.AUTOTUNE)
+  good = good.ignore_errors()  # Failed decodes drop out; what is left is ok.
+  every = {n.decode() for n in names.as_numpy_iterator()}
+  ok = {n.decode() for n, _ in good.as_numpy_iterator()}
+  return tuple(sorted(every - ok))
+
+
+class FolderSource:
+  """Images in `root/split_name/class_name/*.jpg|jpeg|png` (tfds.ImageFolder).
+
+  Class names are the sorted folder names found over all splits. Split
+  strings may slice a split folder ('train[:90%]', 'train[90%:]'). ImageFolder
+  has no sub-split reading, so a process steps over the files before its own
+  range (reading, not decoding, them): fine at fine-tuning scale.
+  """
+
+  def __init__(self, root, bad_images='error'):
+    if not root or not tf.io.gfile.isdir(root):
+      raise DatasetUnavailableError(
+          f'Image folder {root!r} does not exist (config.folder). Expected '
+          'root/split_name/class_name/*.jpg|png, e.g. root/train/cat/1.jpg.')
+    if bad_images not in ('error', 'skip'):
+      raise ValueError(f"config.bad_images must be 'error' or 'skip', got "
+                       f'{bad_images!r}.')
+    self.builder = tfds.ImageFolder(root)
+    self.name = f'folder:{root}'
+    self.root = root
+    split_sizes = {s: int(i.num_examples)
+                   for s, i in self.builder.info.splits.items()}
+    if not split_sizes or not any(split_sizes.values()):
+      raise DatasetUnavailableError(
+          f'No images found under {root}: expected '
+          'root/split_name/class_name/*.jpg|jpeg|png.')
+    self.num_classes = self.builder.info.features['label'].num_classes
+    self.class_names = self.builder.info.features['label'].names
+    self._bad_images = bad_images
+    self._bad = {}  # split folder -> corrupt file names, found on first use.
+    self._split_sizes = split_sizes
+
+  def bad_files(self, split_name):
+    """Corrupt files of a split folder; raises with bad_images='error'."""
+    if split_name not in self._bad:
+      bad = find_bad_images(self.root, split_name)
+      if bad and self._bad_images == 'error':
+        shown = '\n  '.join(bad[:_MAX_NAMES_SHOWN])
+        more = len(bad) - _MAX_NAMES_SHOWN
+        raise BadImagesError(
+            f'{len(bad)} image file(s) in {self.root}/{split_name} cannot be '
+            f'decoded:\n  {shown}' + (f'\n  ... and {more} more' if more > 0
+                                      else '') +
+            "\nRemove or replace them, or set config.bad_images='skip' to "
+            'leave them out.')
+      if bad:
+        logging.warning('Skipping %d undecodable image(s) in %s/%s, e.g. %s',
+                        len(bad), self.root, split_name, bad[0])
+      self._bad[split_name] = bad
+    return self._bad[split_name]
+
+  def _instructions(self, split):
+    """Absolute (split_name, start, end) ranges of a split string."""
+    if split in self._split_sizes:  # A plain folder name, the common case.
+      spec = tfds.core.ReadInstruction(split)
+    else:
+      try:
+        spec = tfds.core.ReadInstruction.from_spec(split)
+      except (ValueError, AssertionError) as e:
+        raise ValueError(f'Cannot parse split {split!r}: {e}') from e
+    sizes = dict(self._split_sizes)
+    try:
+      names = [i.splitname for i in spec.to_absolute(_split_dict(sizes))]
+    except (ValueError, AssertionError, KeyError) as e:
+      raise ValueError(
+          f'Split {split!r} is not in {self.root}; its split folders are '
+          f'{sorted(self._split_sizes)}.') from e
+    # Sizes without corrupt files (bad_files raises if they are an error).
+    for name in set(names):
+      sizes[name] = self._split_sizes[name] - len(self.bad_files(name))
+    return [(i.splitname, i.from_ or 0,
+             sizes[i.splitname] if i.to is None else i.to)
+            for i in spec.to_absolute(_split_dict(sizes))]
+
+  def num_examples(self, split):
+    """Usable images in a split string, corrupt files left out."""
+    return sum(end - start for _, start, end in self._instructions(split))
+
+  def skipped(self, split):
+    """How many corrupt files the split's folders had (and were dropped)."""
+    names = {name for name, _, _ in self._instructions(split)}
+    return sum(len(self._bad.get(name, ())) for name in names)
+
+  def shard_size(self, split, index, count):
+    start, end = shard_range(self.num_examples(split), index, count)
+    return end - start
+
+  def read(self, split, index, count):
+    """This process's shard of `split`, in ImageFolder's order, not decoded."""
+    ds = None
+    for name, start, end in self._instructions(split):
+      part = self.builder.as_dataset(
+          split=name, decoders={'image': tfds.decode.SkipDecoding()})
+      bad = self.bad_files(name)
+      if bad:
+        bad = tf.constant(bad)
+        part = part.filter(lambda ex, bad=bad: tf.logical_not(
+            tf.reduce_any(tf.equal(ex['image/filename'], bad))))
+      part = part.skip(start).take(end - start)
+      ds = part if ds is None else ds.concatenate(part)
+    start, end = shard_range(self.num_examples(split), index, count)
+    ds = ds.skip(start).take(end - start)
+    return ds.map(lambda ex: {'image': ex['image'], 'label': ex['label']})
+
+
+def get_source(config):
+  """The source named by config.dataset ('folder', 'digits' or TFDS name)."""
+  if config.dataset == 'folder':
+    return FolderSource(config.folder, config.bad_images)
+  if not config.dataset:
+    raise ValueError("config.dataset is empty: name a TFDS data set, "
+                     "'digits', or 'folder'.")
+  return TfdsSource(config.dataset, config.data_dir)

@@ -1,0 +1,275 @@
+"""tf.data input pipelines for training and evaluation.
+
+  info = dataset_info(config)                  # Classes, split sizes.
+  train = train_dataset(config, start_step=s)  # Infinite, this process's.
+  evals = eval_dataset(config)                 # One pass, padded, 'mask'.
+
+Batches are dicts of tensors: 'image' float32 (B, H, W, 3) in [-1, 1],
+'label' float32 (B, num_classes) (one-hot, or mixed by mixup) and, for eval,
+'mask' float32 (B,), 1 for real examples. B = config.batch_size //
+process_count: each process reads only its own shard of the split and yields
+its part of the global batch (see datasets/sources.py).
+
+Determinism and resuming. Training order and augmentation are functions of
+(config.seed, process, position), never of iterator state:
+  * epoch e of a process's shard is its examples, read in the source's
+    fixed order, passed through a shuffle buffer (config.shuffle_buffer)
+    seeded from (seed, process, e); TFDS and ImageFolder both store examples
+    in a random order, so a buffer shuffle mixes the classes well;
+  * example number p of the process's stream (counting across epochs) is
+    augmented with a stateless seed made from (seed, process, p), and batch
+    number s is mixed up with one made from (seed, process, s).
+So `train_dataset(config, start_step=k)` starts at epoch k*B // n and skips
+the first k*B % n examples of that epoch (n: shard size) before any decode or
+augmentation, and yields exactly the batches an uninterrupted run yields
+from batch k on. Earlier epochs are not read at all; the skipped part of the
+current epoch is read as raw records (plus one shuffle buffer) but not
+decoded (with config.cache, decoded once into the cache). Determinism holds for a fixed data set, process count, batch size
+and TensorFlow version.
+
+TensorFlow is kept off accelerators (preprocess.py hides GPUs from it on
+import): the pipeline runs on CPU and leaves GPU memory to JAX.
+"""
+
+import dataclasses
+import math
+
+import tensorflow as tf
+
+from mixer_jax import preprocess
+from mixer_jax.datasets import sources
+
+# Largest int64 epoch index: the training stream never ends.
+_FOREVER = 2**62
+# Salts that keep the per-purpose random streams independent.
+_SHUFFLE, _AUGMENT, _MIXUP = 1, 2, 3
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """What the trainer needs to know about a data set.
+
+  Attributes:
+    num_classes: label count (config.num_classes, or the metadata's).
+    train_examples: examples in config.train_split, over all processes.
+    eval_examples: examples in config.eval_split, over all processes.
+    skipped_images: corrupt image files left out of both splits (folder data
+      sets with config.bad_images='skip'; 0 otherwise).
+  """
+  num_classes: int
+  train_examples: int
+  eval_examples: int
+  skipped_images: int = 0
+
+
+def _processes(process_index, process_count):
+  """Fills in this process's index and the process count from JAX."""
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index = (jax.process_index() if process_index is None
+                     else process_index)
+    process_count = (jax.process_count() if process_count is None
+                     else process_count)
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index {process_index} is not in '
+                     f'[0, {process_count}).')
+  return process_index, process_count
+
+
+def _local_batch_size(config, process_count):
+  if config.batch_size <= 0 or config.batch_size % process_count:
+    raise ValueError(
+        f'config.batch_size={config.batch_size} must be a positive multiple '
+        f'of the number of processes ({process_count}).')
+  return config.batch_size // process_count
+
+
+def _num_classes(config, source):
+  """config.num_classes, or the data set's when it is -1; checked."""
+  if config.num_classes == -1:
+    if source.num_classes <= 0:
+      raise ValueError(
+          f'{source.name} does not say how many classes it has; set '
+          'config.num_classes.')
+    return source.num_classes
+  if config.num_classes <= 0:
+    raise ValueError(f'config.num_classes must be -1 or positive, got '
+                     f'{config.num_classes}.')
+  if 0 < config.num_classes < source.num_classes:
+    raise ValueError(
+        f'config.num_classes={config.num_classes} but {source.name} has '
+        f'{source.num_classes} classes; use -1 to take them from the data.')
+  return config.num_classes
+
+
+def dataset_info(config):
+  """Class count and split sizes of the configured data set.
+
+  Args:
+    config: the run's ConfigDict (dataset, data_dir, folder, train_split,
+      eval_split, num_classes, bad_images).
+
+  Returns:
+    A DatasetInfo.
+  """
+  source = sources.get_source(config)
+  skipped = 0
+  if isinstance(source, sources.FolderSource):
+    skipped = (source.skipped(config.train_split) +
+               source.skipped(config.eval_split))
+  return DatasetInfo(
+      num_classes=_num_classes(config, source),
+      train_examples=source.num_examples(config.train_split),
+      eval_examples=source.num_examples(config.eval_split),
+      skipped_images=skipped)
+
+
+def _seed(config, process_index, salt):
+  """A (2,) int64 seed for one purpose of one process."""
+  return tf.constant([config.seed, process_index * 16 + salt], tf.int64)
+
+
+def _randaugment(config):
+  if config.pp.randaugment_layers <= 0:
+    return None
+  return preprocess.RandAugment(config.pp.randaugment_layers,
+                                config.pp.randaugment_magnitude)
+
+
+def _maybe_cache(config, examples):
+  """Caches decoded images in memory when config.cache (small data sets)."""
+  if not config.cache:
+    return examples
+  decode = lambda ex: {'image': preprocess.decode(ex['image']),
+                       'label': ex['label']}
+  return examples.map(decode, num_parallel_calls=tf.data.AUTOTUNE).cache()
+
+
+def _options():
+  options = tf.data.Options()
+  options.deterministic = True  # Parallel maps keep their input order.
+  return options
+
+
+def train_dataset(config, *, start_step=0, process_index=None,
+                  process_count=None):
+  """Infinite, shuffled, augmented training batches of this process.
+
+  Args:
+    config: the run's ConfigDict (Data and pp sections, batch_size, seed).
+    start_step: first batch to yield; the stream equals an uninterrupted
+      one from its start_step-th batch on.
+    process_index: this process; default jax.process_index().
+    process_count: processes sharing the batch; default jax.process_count().
+
+  Returns:
+    tf.data.Dataset of {'image': float32 (B, S, S, 3), 'label': float32
+    (B, num_classes)}, B = config.batch_size // process_count.
+  """
+  index, count = _processes(process_index, process_count)
+  batch_size = _local_batch_size(config, count)
+  if start_step < 0:
+    raise ValueError(f'start_step must be >= 0, got {start_step}.')
+  source = sources.get_source(config)
+  num_classes = _num_classes(config, source)
+  split = config.train_split
+  n = source.shard_size(split, index, count)
+  if n <= 0:
+    raise ValueError(
+        f'Process {index} of {count} gets no examples of {split!r} in '
+        f'{source.name}; use a larger split or fewer processes.')
+  examples = _maybe_cache(config, source.read(split, index, count))
+
+  shuffle_seed = _seed(config, index, _SHUFFLE)
+  buffer_size = min(config.shuffle_buffer, n)
+
+  def epoch(e):
+    """Epoch e: the shard reshuffled, each example tagged with its position."""
+    ds = examples
+    if buffer_size > 1:
+      seed = tf.random.stateless_uniform(  # One int64 from (seed, e).
+          [], tf.random.experimental.stateless_fold_in(shuffle_seed, e),
+          minval=None, maxval=None, dtype=tf.int64)
+      ds = ds.shuffle(buffer_size, seed=seed, reshuffle_each_iteration=False)
+    return ds.enumerate().map(lambda i, ex: (e * n + i, ex))
+
+  first_epoch, offset = divmod(start_step * batch_size, n)
+  ds = tf.data.Dataset.range(first_epoch, _FOREVER).flat_map(epoch)
+  ds = ds.skip(offset)  # Raw records: nothing skipped is decoded.
+
+  augment_seed = _seed(config, index, _AUGMENT)
+  randaugment = _randaugment(config)
+  pp = config.pp
+
+  def augment(position, ex):
+    seed = tf.random.experimental.stateless_fold_in(augment_seed, position)
+    image = preprocess.train_image(
+        ex['image'], seed, image_size=config.image_size, crop=pp.train_crop,
+        area_min=pp.crop_area_min, flip=pp.flip, randaugment=randaugment)
+    return image, preprocess.one_hot(ex['label'], num_classes)
+
+  ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.batch(batch_size, drop_remainder=True)
+
+  mixup_seed = _seed(config, index, _MIXUP)
+
+  def to_batch(step, images, labels):
+    if pp.mixup_prob > 0:
+      seed = tf.random.experimental.stateless_fold_in(mixup_seed, step)
+      images, labels = preprocess.mixup(images, labels, seed,
+                                        alpha=pp.mixup_alpha,
+                                        prob=pp.mixup_prob)
+    return {'image': images, 'label': labels}
+
+  ds = ds.enumerate(start=start_step).map(
+      lambda step, batch: to_batch(step, *batch),
+      num_parallel_calls=tf.data.AUTOTUNE)
+  return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+
+
+def eval_dataset(config, *, process_index=None, process_count=None):
+  """One pass over config.eval_split for this process, padded.
+
+  Every example of the split is in exactly one process's batches with
+  mask 1; the last batches are filled with zero images with mask 0, so that
+  all processes yield the same number of full batches.
+
+  Args:
+    config: the run's ConfigDict.
+    process_index: this process; default jax.process_index().
+    process_count: processes sharing the batch; default jax.process_count().
+
+  Returns:
+    tf.data.Dataset of {'image', 'label', 'mask'} batches of
+    B = config.batch_size // process_count.
+  """
+  index, count = _processes(process_index, process_count)
+  batch_size = _local_batch_size(config, count)
+  source = sources.get_source(config)
+  num_classes = _num_classes(config, source)
+  split = config.eval_split
+  largest = max(source.shard_size(split, i, count) for i in range(count))
+  if largest <= 0:
+    raise ValueError(f'Split {split!r} of {source.name} is empty.')
+  num_batches = math.ceil(largest / batch_size)
+
+  ds = _maybe_cache(config, source.read(split, index, count))
+  size, pp = config.image_size, config.pp
+
+  def prepare(ex):
+    return {
+        'image': preprocess.eval_image(ex['image'], size, pp.eval_crop,
+                                       pp.eval_resize),
+        'label': preprocess.one_hot(ex['label'], num_classes),
+        'mask': tf.constant(1.0, tf.float32),
+    }
+
+  ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+  padding = tf.data.Dataset.from_tensors({
+      'image': tf.zeros([size, size, 3], tf.float32),
+      'label': tf.zeros([num_classes], tf.float32),
+      'mask': tf.constant(0.0, tf.float32),
+  }).repeat()
+  ds = ds.concatenate(padding).take(num_batches * batch_size)
+  ds = ds.batch(batch_size, drop_remainder=True)
+  return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())

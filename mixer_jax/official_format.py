@@ -1,0 +1,224 @@
+"""The official MLP-Mixer checkpoint format: reading, flattening, inspecting.
+
+An official checkpoint (google-research/vision_transformer, gs://mixer_models)
+is a NumPy `.npz` archive of float32 arrays whose keys are the Flax parameter
+paths joined with "/": `stem/kernel`, `MixerBlock_0/LayerNorm_0/scale`,
+`MixerBlock_0/token_mixing/Dense_0/kernel`, ..., `pre_head_layer_norm/bias`,
+`head/kernel`, `head/bias`. `mixer_jax.models` uses the same tree.
+
+This module reads such files safely (`allow_pickle=False`, through
+`tf.io.gfile` so `gs://` paths work), converts between flat and nested trees,
+reads the architecture back from the shapes, and formats the per-leaf
+mismatch errors. `mixer_jax.pretrained` builds on it.
+"""
+
+import collections
+import dataclasses
+import math
+import os
+import re
+from typing import Any, Dict, Mapping, Optional, Union
+import zipfile
+import zlib
+
+import numpy as np
+
+from mixer_jax import models
+from mixer_jax import registry
+
+BLOCK_RE = re.compile(r'^MixerBlock_(\d+)/')
+
+
+class PretrainedError(ValueError):
+  """A checkpoint that cannot be read, or does not fit the model."""
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = '') -> Dict[str, Any]:
+  """Nested parameter dict -> {'a/b/c': leaf}, the official key format."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      flat.update(flatten(value, f'{prefix}{key}/'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
+
+
+def unflatten(flat: Mapping[str, Any]) -> Dict[str, Any]:
+  """{'a/b/c': leaf} -> nested dict, the tree `model.apply` expects."""
+  tree = {}
+  for path, value in flat.items():
+    node = tree
+    *parents, leaf = path.split('/')
+    for name in parents:
+      node = node.setdefault(name, {})
+    node[leaf] = value
+  return tree
+
+
+def unwrap(params):
+  """Accepts `{'params': tree}` (a Flax variables dict) or the tree itself."""
+  if isinstance(params, Mapping) and set(params) == {'params'}:
+    params = params['params']
+  if not isinstance(params, Mapping):
+    raise TypeError(f'Expected a parameter dict, got {type(params).__name__}.')
+  return params
+
+
+# ------------------------------------------------------------------ Reading.
+
+
+def load_npz(path: Union[str, os.PathLike]) -> Dict[str, np.ndarray]:
+  """Reads an official-format `.npz` (local or `gs://`) into a flat dict.
+
+  Pickled objects are refused (`allow_pickle=False`): official files hold
+  only float arrays, and unpickling a downloaded file could run code.
+
+  Raises:
+    registry.CheckpointNotFoundError: no file at `path`.
+    PretrainedError: not an `.npz` archive, truncated or corrupt, a pickled
+      or non-float array, or the older `Mixer/encoderblock_i` key layout.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  path = os.fspath(path)
+  if not tf.io.gfile.exists(path):
+    raise registry.CheckpointNotFoundError(f'No checkpoint file at {path}.')
+  flat = {}
+  with tf.io.gfile.GFile(path, 'rb') as f:
+    try:
+      archive = np.load(f, allow_pickle=False)
+    except ValueError as e:  # Not a zip: NumPy would fall back to pickle.
+      raise PretrainedError(
+          f'{path} is not an .npz archive ({e}). Official checkpoints are '
+          f'.npz files of float32 arrays; pickled files are refused.') from e
+    except (zipfile.BadZipFile, EOFError, OSError) as e:
+      raise PretrainedError(
+          f'{path} is truncated or corrupt ({type(e).__name__}: {e}); '
+          f'download it again.') from e
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+      raise PretrainedError(
+          f'{path} holds a single .npy array, not an .npz archive of named '
+          f'parameters.')
+    with archive:
+      for key in archive.files:
+        try:
+          value = archive[key]
+        except ValueError as e:
+          if 'pickle' in str(e).lower():
+            raise PretrainedError(
+                f'{path}: entry {key!r} is a pickled object array. Official '
+                f'checkpoints hold only float arrays, and loading pickles '
+                f'could run code, so the file is refused.') from e
+          raise PretrainedError(f'{path}: entry {key!r} is corrupt: {e}') from e
+        except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as e:
+          raise PretrainedError(
+              f'{path} is truncated or corrupt: entry {key!r} cannot be read '
+              f'({type(e).__name__}: {e}); download it again.') from e
+        if not np.issubdtype(value.dtype, np.floating):
+          raise PretrainedError(
+              f'{path}: entry {key!r} has dtype {value.dtype}; official '
+              f'checkpoints hold float arrays only.')
+        flat[key] = value
+  if not flat:
+    raise PretrainedError(f'{path} is an empty .npz archive.')
+  if any(k.startswith('Mixer/') or 'encoderblock_' in k for k in flat):
+    raise PretrainedError(
+        f'{path} uses the older internal key layout (Mixer/encoderblock_i/'
+        f'...). No published Mixer checkpoint uses it and it is not '
+        f'supported; convert the keys to the layout in the README.')
+  return flat
+
+
+# ------------------------------------------------------------- Architecture.
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointInfo:
+  """The architecture a checkpoint's shapes imply (None where unknown)."""
+  patch_size: Optional[int]
+  num_blocks: int
+  hidden_dim: Optional[int]
+  tokens_mlp_dim: Optional[int]
+  channels_mlp_dim: Optional[int]
+  num_tokens: Optional[int]
+  num_classes: int  # 0 when the file has no head.
+
+  @property
+  def image_size(self) -> Optional[int]:
+    """Side of the square training images, if the token grid is square."""
+    if not self.num_tokens or not self.patch_size:
+      return None
+    side = math.isqrt(self.num_tokens)
+    return side * self.patch_size if side * side == self.num_tokens else None
+
+  @property
+  def variant(self) -> Optional[str]:
+    """Paper variant name ("B_16") whose sizes all match, else None."""
+    sizes = dict(num_blocks=self.num_blocks, hidden_dim=self.hidden_dim,
+                 tokens_mlp_dim=self.tokens_mlp_dim,
+                 channels_mlp_dim=self.channels_mlp_dim)
+    for family, family_sizes in models.FAMILIES.items():
+      if family_sizes == sizes and self.patch_size:
+        return f'{family}_{self.patch_size}'
+    return None
+
+  def describe(self) -> str:
+    """One line such as 'Mixer-B_16 at 224x224 with 1000 classes (...)'."""
+    name = f'Mixer-{self.variant}' if self.variant else 'a custom Mixer'
+    size = (f' at {self.image_size}x{self.image_size}' if self.image_size
+            else '')
+    head = (f'{self.num_classes} classes' if self.num_classes
+            else 'no head')
+    return (f'{name}{size} with {head} (patch {self.patch_size}, '
+            f'{self.num_blocks} blocks, C={self.hidden_dim}, '
+            f'D_S={self.tokens_mlp_dim}, D_C={self.channels_mlp_dim}, '
+            f'{self.num_tokens} tokens)')
+
+
+def infer_architecture(flat: Mapping[str, Any]) -> CheckpointInfo:
+  """Reads the architecture from a flat checkpoint's shapes.
+
+  Per-block sizes are taken by majority over blocks, so one damaged leaf does
+  not hide what the rest of the file is.
+  """
+  def common(pattern, axis):
+    counts = collections.Counter(
+        tuple(v.shape)[axis] for k, v in flat.items()
+        if re.fullmatch(pattern, k) and len(v.shape) == 2)
+    return int(counts.most_common(1)[0][0]) if counts else None
+
+  stem = flat.get('stem/kernel')
+  blocks = {int(m.group(1)) for m in map(BLOCK_RE.match, flat) if m}
+  head = flat.get('head/kernel')
+  hidden = common(r'MixerBlock_\d+/channel_mixing/Dense_0/kernel', 0)
+  if hidden is None and stem is not None and len(stem.shape) == 4:
+    hidden = int(stem.shape[-1])
+  return CheckpointInfo(
+      patch_size=(int(stem.shape[0]) if stem is not None
+                  and len(stem.shape) == 4 else None),
+      num_blocks=max(blocks) + 1 if blocks else 0,
+      hidden_dim=hidden,
+      tokens_mlp_dim=common(r'MixerBlock_\d+/token_mixing/Dense_0/kernel', 1),
+      channels_mlp_dim=common(
+          r'MixerBlock_\d+/channel_mixing/Dense_0/kernel', 1),
+      num_tokens=common(r'MixerBlock_\d+/token_mixing/Dense_0/kernel', 0),
+      num_classes=(int(head.shape[-1]) if head is not None
+                   and len(head.shape) == 2 else 0))
+
+
+
+def mismatch_error(source, flat, missing, extra, wrong, hint=''):
+  """A PretrainedError listing every mismatched leaf and what the file is."""
+  count = len(missing) + len(extra) + len(wrong)
+  lines = [f'Checkpoint {source} does not fit the model: {count} mismatched '
+           f'leaves.' if count else f'Checkpoint {source} is not a complete '
+           f'Mixer parameter tree.']
+  lines += [f'  missing from the file: {k} (model expects {s})'
+            for k, s in missing]
+  lines += [f'  extra in the file: {k} {s}' for k, s in extra]
+  lines += [f'  wrong shape: {k}: file {f}, model {m}' for k, f, m in wrong]
+  lines.append(f'The file looks like {infer_architecture(flat).describe()}.')
+  if hint:
+    lines.append(hint)
+  return PretrainedError('\n'.join(lines))

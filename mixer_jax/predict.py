@@ -1,0 +1,191 @@
+"""Classify image files with a pretrained or exported Mixer.
+
+  python -m mixer_jax.predict --checkpoint=imagenet1k/Mixer-B_16 cat.jpg dog.png
+
+`--checkpoint` is a registry name (see `mixer_jax.registry`) or a path to an
+official-format `.npz` (e.g. written by `pretrained.export_official`). Prints
+the top-5 classes per image, with human-readable names for ImageNet-1k heads
+and class indices otherwise. Images of any size are preprocessed as in the
+official evaluation (`preprocess.eval_image`). A file that cannot be read or
+decoded is reported and skipped; the exit status is 1 if any file failed.
+"""
+
+import dataclasses
+import importlib.resources
+import re
+import sys
+from typing import List, Optional, Sequence, Tuple
+
+from absl import app
+from absl import flags
+import jax
+import numpy as np
+
+from mixer_jax import pretrained
+from mixer_jax import registry
+
+IMAGENET_CLASSES_FILE = 'imagenet2012_classes.txt'
+
+
+@dataclasses.dataclass
+class Prediction:
+  """Result for one file: `top` is [(class index, softmax score)], best first,
+  or `error` says why the file could not be classified."""
+  path: str
+  top: List[Tuple[int, float]]
+  error: Optional[str] = None
+
+
+def imagenet_class_names() -> List[str]:
+  """The 1,000 ImageNet-1k class names in the standard label order."""
+  text = importlib.resources.files('mixer_jax').joinpath(
+      'data', IMAGENET_CLASSES_FILE).read_text(encoding='utf-8')
+  names = text.splitlines()
+  if len(names) != 1000:
+    raise RuntimeError(f'{IMAGENET_CLASSES_FILE} has {len(names)} lines, '
+                       f'expected 1000; the installation is damaged.')
+  return names
+
+
+def class_names(spec: str, num_classes: int,
+                entry: Optional[registry.Checkpoint]) -> Optional[List[str]]:
+  """Names for the head's classes, or None to print indices.
+
+  Args:
+    spec: 'auto' (ImageNet-1k names for registry ImageNet-1k checkpoints and
+      for files with a 1000-class head), 'imagenet2012', 'none', or a path
+      to a text file with one name per line.
+    num_classes: head size of the model.
+    entry: registry entry of the checkpoint, if it is a registered one.
+  """
+  if spec == 'none':
+    return None
+  if spec == 'auto':
+    is_1k = (entry.dataset == 'imagenet2012' if entry is not None
+             else num_classes == 1000)
+    return imagenet_class_names() if is_1k else None
+  if spec == 'imagenet2012':
+    names = imagenet_class_names()
+  else:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    with tf.io.gfile.GFile(spec, 'r') as f:
+      names = f.read().splitlines()
+  if len(names) != num_classes:
+    raise ValueError(f'--labels={spec} has {len(names)} names but the model '
+                     f'has {num_classes} classes.')
+  return names
+
+
+def classify_files(model, params, paths: Sequence[str], *, image_size: int,
+                   crop: str = 'resize_crop', resize_size: int = 0,
+                   top_k: int = 5) -> List[Prediction]:
+  """Classifies each file; unreadable or undecodable files get an `error`.
+
+  Args:
+    model: a Mixer with a head (`num_classes` > 0).
+    params: its parameters.
+    paths: image files (JPEG, PNG, GIF, BMP; local or `gs://`).
+    image_size: model input side.
+    crop: 'resize_crop' (short side to `resize_size`, central crop: the
+      ImageNet evaluation) or 'resize' (plain resize: the fine-tuning eval).
+    resize_size: short side before cropping; 0 means image_size * 256/224.
+    top_k: classes reported per image.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from mixer_jax import preprocess  # pylint: disable=g-import-not-at-top
+
+  if not model.num_classes:
+    raise ValueError('The model has no head; load it with a class count.')
+  resize_size = resize_size or round(image_size * 256 / 224)
+  scores_fn = jax.jit(lambda p, x: jax.nn.softmax(
+      model.apply({'params': p}, x), axis=-1))
+  k = min(top_k, model.num_classes)
+  results = []
+  for path in paths:
+    try:
+      with tf.io.gfile.GFile(path, 'rb') as f:
+        data = f.read()
+      image = preprocess.eval_image(tf.constant(data), image_size, crop=crop,
+                                    resize_size=resize_size)
+    except (tf.errors.OpError, OSError, ValueError) as e:
+      results.append(Prediction(path, [], _describe_error(e)))
+      continue
+    scores = np.asarray(scores_fn(params, image.numpy()[None]))[0]
+    best = np.argsort(-scores, kind='stable')[:k]
+    results.append(Prediction(path, [(int(i), float(scores[i])) for i in best]))
+  return results
+
+
+def _describe_error(error: Exception) -> str:
+  """A one-line reason without TensorFlow's op and device decorations."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  message = getattr(error, 'message', None) or str(error) or repr(error)
+  message = re.sub(r'\{\{[^}]*\}\}\s*', '', message.strip().splitlines()[0])
+  message = re.sub(r'\s*\[Op:[^\]]*\].*$', '', message)
+  unreadable = isinstance(error, (tf.errors.NotFoundError,
+                                  tf.errors.PermissionDeniedError, OSError))
+  return f'cannot {"read" if unreadable else "decode"} image: {message}'
+
+
+def format_prediction(prediction: Prediction,
+                      names: Optional[Sequence[str]]) -> str:
+  """Human-readable lines for one file."""
+  if prediction.error:
+    return f'{prediction.path}: ERROR {prediction.error}'
+  lines = [f'{prediction.path}:']
+  for rank, (index, score) in enumerate(prediction.top, 1):
+    label = f'{index:5d} {names[index]}' if names else f'{index:5d}'
+    lines.append(f'  {rank}. {score:7.4f} {label}')
+  return '\n'.join(lines)
+
+
+_CHECKPOINT = flags.DEFINE_string(
+    'checkpoint', None, 'Registry name (e.g. imagenet1k/Mixer-B_16) or path '
+    'to an official-format .npz.', required=True)
+_IMAGE_SIZE = flags.DEFINE_integer(
+    'image_size', 0, 'Input side; 0 uses the checkpoint\'s own resolution.')
+_CROP = flags.DEFINE_enum(
+    'crop', 'resize_crop', ['resize_crop', 'resize'],
+    'resize_crop: short side to --resize_size, central crop (ImageNet '
+    'eval); resize: plain resize (fine-tuning eval).')
+_RESIZE_SIZE = flags.DEFINE_integer(
+    'resize_size', 0, 'Short side before the central crop; 0 means '
+    'image_size * 256 / 224.')
+_TOP_K = flags.DEFINE_integer('top_k', 5, 'Classes printed per image.')
+_LABELS = flags.DEFINE_string(
+    'labels', 'auto', "'auto', 'imagenet2012', 'none' (indices) or a text "
+    'file with one class name per line.')
+
+
+def main(argv):
+  paths = argv[1:]
+  if not paths:
+    raise app.UsageError('Give one or more image files after the flags.')
+  try:
+    _, entry = registry.resolve(_CHECKPOINT.value)
+    model, params = pretrained.load_pretrained(
+        _CHECKPOINT.value, image_size=_IMAGE_SIZE.value or None)
+    if not model.num_classes:
+      raise ValueError(f'{_CHECKPOINT.value} has no classification head.')
+    names = class_names(_LABELS.value, model.num_classes, entry)
+  except (FileNotFoundError, ValueError) as e:
+    # Checkpoint problems are the user's to fix: a message, not a traceback.
+    print(f'Cannot use --checkpoint={_CHECKPOINT.value}: {e}', file=sys.stderr)
+    return 2
+  image_size = _IMAGE_SIZE.value or pretrained.infer_architecture(
+      pretrained.flatten(params)).image_size
+  results = classify_files(model, params, paths, image_size=image_size,
+                           crop=_CROP.value, resize_size=_RESIZE_SIZE.value,
+                           top_k=_TOP_K.value)
+  for result in results:
+    print(format_prediction(result, names))
+  failed = [r.path for r in results if r.error]
+  if failed:
+    print(f'{len(failed)} of {len(results)} files failed: {", ".join(failed)}',
+          file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == '__main__':
+  app.run(main)

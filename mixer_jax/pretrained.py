@@ -1,0 +1,319 @@
+"""Official MLP-Mixer checkpoints: read, check, adapt and write `.npz` files.
+
+The official format (google-research/vision_transformer, `gs://mixer_models`)
+is a NumPy `.npz` archive of float32 arrays whose keys are the Flax parameter
+paths joined with "/" (`stem/kernel`, `MixerBlock_0/token_mixing/Dense_0/
+kernel`, ..., `head/bias`); `mixer_jax.models` uses the same tree. Reading
+and inspecting files is in `mixer_jax.official_format`; this module adapts
+them to models and writes them.
+
+* `load_pretrained` reads a file or registry name and returns a ready model
+  and its parameters; the architecture is read from the file itself.
+* `init_from_checkpoint` fills freshly initialised parameters (e.g. a
+  fine-tuning model) from a checkpoint: used by `mixer_jax.train` for
+  `config.init_from`.
+* `export_official` writes parameters back in the official format.
+
+Every leaf is checked; a file that does not fit raises `PretrainedError`
+listing each missing, extra and wrong-shaped leaf and naming the variant the
+file most likely holds. When the class count differs, the head is replaced by
+a fresh zero head (as the official fine-tuning code does).
+
+Higher resolution (paper, Appendix C): with a fixed patch size, an image side
+K times larger gives K^2 times the tokens. Each token-mixing MLP then becomes
+block-diagonal, one copy of the pretrained weights per K x K tile of the image
+(hidden width K^2 * D_S, biases tiled), so at the start every tile is mixed
+exactly as the pretrained model mixed a whole image. Our model flattens the
+patch grid row-major, not tile by tile, so the expanded matrices are permuted
+to the row-major token order. Only integer K is defined; any other ratio
+(224 -> 384) or a smaller image raises an error that explains this.
+"""
+
+import dataclasses
+import io
+import math
+import os
+from typing import Any, Dict, Mapping, Optional, Union
+
+import numpy as np
+
+from mixer_jax import models
+from mixer_jax import registry
+from mixer_jax.official_format import BLOCK_RE
+from mixer_jax.official_format import CheckpointInfo
+from mixer_jax.official_format import flatten
+from mixer_jax.official_format import infer_architecture
+from mixer_jax.official_format import load_npz
+from mixer_jax.official_format import mismatch_error
+from mixer_jax.official_format import PretrainedError
+from mixer_jax.official_format import unflatten
+from mixer_jax.official_format import unwrap
+
+_TOKEN_KEY = 'MixerBlock_0/token_mixing/Dense_0/kernel'
+
+
+def checkpoint_info(name_or_path: str) -> CheckpointInfo:
+  """The architecture of a registry name or file (reads the file)."""
+  return infer_architecture(load_npz(registry.resolve(name_or_path)[0]))
+
+
+# ---------------------------------------------------------- Resolution change.
+
+
+def resolution_factor(checkpoint_tokens: int, target_tokens: int,
+                      patch_size: Optional[int] = None) -> int:
+  """The integer growth factor K of the image side, or an explaining error."""
+  n0, n = math.isqrt(checkpoint_tokens), math.isqrt(target_tokens)
+  if n0 * n0 != checkpoint_tokens or n * n != target_tokens:
+    raise PretrainedError(
+        f'Cannot map {checkpoint_tokens} checkpoint tokens onto '
+        f'{target_tokens}: the resolution change needs square patch grids.')
+  if n % n0 == 0:
+    return n // n0
+  px = f' ({n0 * patch_size}x{n0 * patch_size} images)' if patch_size else ''
+  sizes = (f' image sizes {n0 * patch_size * 2}, {n0 * patch_size * 3}, ...'
+           if patch_size else ' patch grids of side 2x, 3x, ...')
+  raise PretrainedError(
+      f'The model has a {n}x{n} patch grid but the checkpoint was trained on '
+      f'{n0}x{n0}{px}; the ratio {n / n0:.3g} is not an integer. The '
+      f'token-mixing weights are tied to token positions, and the paper\'s '
+      f'method (Appendix C) only grows the side by an integer factor K, '
+      f'mixing each of the K x K tiles as the pretrained model mixed a whole '
+      f'image. Other ratios (e.g. 224 -> 384) and smaller images have no '
+      f'exact counterpart and are not supported: use{sizes} or the '
+      f'checkpoint\'s own resolution.')
+
+
+def _tile_major_positions(grid: int, factor: int) -> np.ndarray:
+  """For each row-major token of the big grid, its index in tile-major order.
+
+  Tile-major order lists the K x K tiles row by row, each tile's `grid` x
+  `grid` tokens row-major inside it: the order in which the block-diagonal
+  matrices are laid out.
+  """
+  side = grid * factor
+  row, col = np.divmod(np.arange(side * side), side)
+  tile = (row // grid) * factor + col // grid
+  return tile * grid * grid + (row % grid) * grid + col % grid
+
+
+def _expand_flat(flat: Mapping[str, Any], factor: int) -> Dict[str, Any]:
+  """Appendix C expansion of every block's token-mixing MLP by `factor`."""
+  out = dict(flat)
+  copies = factor * factor
+  blocks = sorted({int(m.group(1)) for m in map(BLOCK_RE.match, flat) if m})
+  for i in blocks:
+    base = f'MixerBlock_{i}/token_mixing/'
+    keys = [base + n for n in ('Dense_0/kernel', 'Dense_0/bias',
+                               'Dense_1/kernel', 'Dense_1/bias')]
+    if not all(k in flat for k in keys):
+      continue  # Reported as missing by the leaf check.
+    w1, b1, w2, b2 = (np.asarray(flat[k]) for k in keys)
+    if (w1.ndim != 2 or w2.shape != w1.shape[::-1]
+        or b1.shape != w1.shape[1:] or b2.shape != w1.shape[:1]):
+      continue  # Inconsistent block: the leaf check reports its shapes.
+    grid = math.isqrt(w1.shape[0])
+    order = _tile_major_positions(grid, factor)
+    eye = np.eye(copies, dtype=w1.dtype)
+    # kron(I, W) is block-diagonal in tile-major token order; indexing the
+    # token axis with `order` puts rows/columns in the model's row-major order.
+    out[keys[0]] = np.kron(eye, w1)[order, :]
+    out[keys[1]] = np.tile(b1, copies)
+    out[keys[2]] = np.kron(eye, w2)[:, order]
+    out[keys[3]] = np.tile(b2, copies)[order]
+  return out
+
+
+def expand_token_mixing(params: Mapping[str, Any], factor: int):
+  """Appendix C: adapts any Mixer parameters to images `factor` times larger.
+
+  Works on official checkpoints and on models trained here alike. The result
+  fits `create_model(..., tokens_mlp_dim=factor**2 * D_S)` on images of
+  `factor` times the side; right after the change it maps each of the
+  factor x factor tiles exactly as the original model mapped a whole image.
+
+  Args:
+    params: a nested parameter tree (or `{'params': tree}`).
+    factor: integer growth K >= 1 of the image side.
+
+  Returns:
+    A new nested tree of NumPy arrays.
+  """
+  if not isinstance(factor, (int, np.integer)) or factor < 1:
+    raise PretrainedError(
+        f'factor={factor!r}: Appendix C needs a positive integer factor of '
+        f'the image side.')
+  return unflatten(_expand_flat(flatten(unwrap(params)), int(factor)))
+
+
+# -------------------------------------------------------------- Restoring.
+
+
+def _restore(flat, target, source, fresh_head):
+  """Fills the (abstract or concrete) `target` tree from `flat`."""
+  target_flat = flatten(unwrap(target))
+  original = flat
+  patch = infer_architecture(flat).patch_size
+  hint = ''
+  if _TOKEN_KEY in flat and _TOKEN_KEY in target_flat:
+    factor = resolution_factor(flat[_TOKEN_KEY].shape[0],
+                               target_flat[_TOKEN_KEY].shape[0], patch)
+    if factor > 1:
+      hint = (f'Resolution change by K={factor} (shapes above are after '
+              f'the expansion): the token-mixing hidden '
+              f'width must become K^2 * D_S = '
+              f'{factor**2 * flat[_TOKEN_KEY].shape[1]}; create '
+              f'the model with that tokens_mlp_dim (load_pretrained does it; '
+              f'in a training config set config.model.tokens_mlp_dim).')
+      flat = _expand_flat(flat, factor)
+  ckpt_head = flat.get('head/kernel')
+  target_head = target_flat.get('head/kernel')
+  replace_head = (target_head is not None and (
+      ckpt_head is None or ckpt_head.shape[-1:] != target_head.shape[-1:]))
+  out, missing, wrong = {}, [], []
+  for key, leaf in target_flat.items():
+    if replace_head and key.startswith('head/'):
+      out[key] = np.asarray(fresh_head[key], dtype=leaf.dtype)
+    elif key not in flat:
+      missing.append((key, tuple(leaf.shape)))
+    elif tuple(flat[key].shape) != tuple(leaf.shape):
+      wrong.append((key, tuple(flat[key].shape), tuple(leaf.shape)))
+    else:
+      out[key] = np.asarray(flat[key], dtype=leaf.dtype)
+  extra = [(k, tuple(v.shape)) for k, v in flat.items()
+           if k not in target_flat and not
+           (k.startswith('head/') and target_head is None)]
+  if missing or extra or wrong:
+    token_problem = any('token_mixing' in w[0] for w in wrong)
+    raise mismatch_error(source, original, missing, extra, wrong,
+                         hint if token_problem else '')
+  return unflatten(out)
+
+
+def _source_flat(source):
+  """(flat dict, description) of a registry name, path or parameter tree."""
+  if isinstance(source, Mapping):
+    return {k: np.asarray(v) for k, v in flatten(unwrap(source)).items()}, (
+        'parameters')
+  path, _ = registry.resolve(source)
+  return load_npz(path), path
+
+
+def init_from_checkpoint(name_or_path, params):
+  """Returns `params` (freshly initialised) filled from a checkpoint.
+
+  The head is kept from `params` (the target's fresh zero head) when the
+  class counts differ; the token-mixing weights are expanded (Appendix C)
+  when the target has K^2 times the checkpoint's tokens; every other leaf
+  must match in name and shape.
+
+  Args:
+    name_or_path: registry name, `.npz` path (local or `gs://`), or a
+      parameter tree (e.g. of a model trained here).
+    params: the target's initialised parameter tree (concrete arrays).
+
+  Returns:
+    A nested dict of NumPy arrays with the structure and dtypes of `params`.
+
+  Raises:
+    PretrainedError: listing every mismatched leaf.
+  """
+  flat, source = _source_flat(name_or_path)
+  target = flatten(unwrap(params))
+  fresh = {k: np.asarray(v) for k, v in target.items()
+           if k.startswith('head/')}
+  return _restore(flat, unflatten(target), source, fresh)
+
+
+def load_pretrained(name_or_path, *, num_classes: Optional[int] = None,
+                    image_size: Optional[int] = None, **model_options):
+  """Loads a published or exported checkpoint as a ready model.
+
+  Args:
+    name_or_path: registry name ("imagenet1k/Mixer-B_16", see
+      `registry.list_checkpoints()`) or path to an official-format `.npz`.
+    num_classes: head size. None keeps the checkpoint's head; another count
+      gives a fresh zero head (for fine-tuning); 0 drops the head so the
+      model returns pooled features.
+    image_size: side of the square input images. None keeps the
+      checkpoint's; an integer multiple K of it expands the token mixing
+      (Appendix C); anything else raises `PretrainedError`.
+    **model_options: passed to `models.create_model` (e.g. dtype,
+      gelu_approximate, stochastic_depth).
+
+  Returns:
+    (model, params) for `model.apply({'params': params}, images)`.
+  """
+  path, entry = registry.resolve(name_or_path)
+  flat = load_npz(path)
+  info = infer_architecture(flat)
+  if entry is not None and (info.variant != entry.variant
+                            or info.num_classes != entry.num_classes):
+    raise PretrainedError(
+        f'{path} should hold {entry.name} (Mixer-{entry.variant}, '
+        f'{entry.num_classes} classes) but looks like {info.describe()}. '
+        f'Delete the file and download it again.')
+  if info.image_size is None or None in dataclasses.astuple(info)[:5]:
+    raise mismatch_error(path, flat, [], [], [],
+                         'Its architecture cannot be read from the file.')
+  size = image_size or info.image_size
+  if size % info.patch_size:
+    raise PretrainedError(f'image_size={size} is not a multiple of the '
+                          f'patch size {info.patch_size}.')
+  factor = resolution_factor(info.num_tokens, (size // info.patch_size)**2,
+                             info.patch_size)
+  sizes = dict(num_blocks=info.num_blocks, hidden_dim=info.hidden_dim,
+               tokens_mlp_dim=info.tokens_mlp_dim * factor**2,
+               channels_mlp_dim=info.channels_mlp_dim)
+  sizes.update({k: model_options.pop(k) for k in list(model_options)
+                if k in sizes})
+  classes = (info.num_classes or None) if num_classes is None else num_classes
+  family = info.variant[0] if info.variant else 'S'
+  model = models.create_model(f'{family}_{info.patch_size}', classes or None,
+                              **sizes, **model_options)
+  target = models.param_shapes(model, size)
+  fresh = {}
+  if classes:
+    fresh = {'head/kernel': np.zeros((model.hidden_dim, classes), np.float32),
+             'head/bias': np.full((classes,), model.head_bias_init,
+                                  np.float32)}
+  return model, _restore(flat, target, path, fresh)
+
+
+# ------------------------------------------------------------------ Writing.
+
+
+def export_official(params, path: Union[str, os.PathLike]) -> None:
+  """Writes parameters in the official `.npz` format (local or `gs://`).
+
+  Leaves are stored as float32 (bfloat16 training parameters are widened).
+  The tree is checked first, so only complete Mixer trees are written.
+
+  Args:
+    params: a Mixer parameter tree (or `{'params': tree}`), e.g. from
+      `load_pretrained`, `init_params` or a training state's `params`.
+    path: destination file; missing parent directories are created.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  flat = {k: np.asarray(v, dtype=np.float32)
+          for k, v in flatten(unwrap(params)).items()}
+  info = infer_architecture(flat)
+  if info.image_size is None or None in dataclasses.astuple(info)[:5]:
+    raise mismatch_error('the tree being exported', flat, [], [], [],
+                         'Its architecture cannot be read from the tree.')
+  model = models.create_model(
+      f'S_{info.patch_size}', info.num_classes or None,
+      num_blocks=info.num_blocks, hidden_dim=info.hidden_dim,
+      tokens_mlp_dim=info.tokens_mlp_dim,
+      channels_mlp_dim=info.channels_mlp_dim)
+  _restore(flat, models.param_shapes(model, info.image_size),
+           'the tree being exported', {})
+  buffer = io.BytesIO()
+  np.savez(buffer, **flat)
+  path = os.fspath(path)
+  parent = os.path.dirname(path)
+  if parent:
+    tf.io.gfile.makedirs(parent)
+  with tf.io.gfile.GFile(path, 'wb') as f:
+    f.write(buffer.getvalue())
