@@ -20,6 +20,7 @@ INSTALL_REQUIRES = [
     'tensorflow-cpu>=2.21; platform_system == "Linux"',
     'tensorflow>=2.21; platform_system != "Linux"',
     'tensorflow-datasets>=4.9.10',
+    'tensorboard>=2.21',  # clu's metric writers import it.
 ]
 
 EXTRAS_REQUIRE = {

@@ -60,8 +60,10 @@ def get_config():
   config.pp.flip = True
   config.pp.randaugment_layers = 2  # 0 disables RandAugment.
   config.pp.randaugment_magnitude = 15
-  config.pp.mixup_alpha = 0.5  # Beta(alpha, alpha) mixing weights.
-  config.pp.mixup_prob = 0.5  # Fraction of batches mixed; 0 disables mixup.
+  # Beta(alpha, alpha) mixing weight. big_vision's `mixup=dict(p=0.5)` is
+  # this concentration (0.5), applied to every batch: mixup_prob = 1.0.
+  config.pp.mixup_alpha = 0.5
+  config.pp.mixup_prob = 1.0  # Fraction of batches mixed; 0 disables mixup.
   # 'resize_crop': resize the short side to eval_resize, centre crop;
   # 'resize': plain resize to image_size (the fine-tuning eval).
   config.pp.eval_crop = 'resize_crop'
@@ -94,6 +96,10 @@ def get_config():
   config.checkpoint_every_steps = 2_000  # Also at the last step.
   config.keep_checkpoints = 3  # Most recent checkpoints kept...
   config.keep_best_checkpoint = True  # ...plus the best by eval accuracy.
+  # -1 resumes from the newest checkpoint in workdir/checkpoints. K >= 0
+  # resumes from step K instead (the fallback when the newest is damaged);
+  # newer steps are moved to checkpoints.set_aside/, never deleted.
+  config.resume_step = -1
   config.profile_steps = 0  # >0: jax.profiler trace of that many steps.
   config.profile_start_step = 10
   return config

@@ -1,0 +1,432 @@
+"""Orbax checkpoints of the train state: save, resume, preemption, validation.
+
+`Checkpointer` wraps one `orbax.checkpoint.CheckpointManager` whose step
+directories hold two items:
+
+  state/   the TrainState pytree (StandardSave: arrays written by TensorStore)
+  extra/   a small JSON dict: the caller's data position and notes, the run's
+           `fingerprint` (model description) and per-leaf sums of the state
+           used to detect silently damaged files.
+
+What it guarantees (each point has a test in tests/test_checkpoints.py):
+- Orbax writes a step into a temporary directory and renames it when every
+  file is written, so a process killed mid-save (kill -9) leaves the previous
+  step as the latest; the half-written directory is removed on the next start.
+- Restoring checks the stored tree against the target (leaf paths, shapes,
+  dtypes) and the fingerprint before reading any array, and the leaf sums
+  after; any mismatch, missing or truncated file raises `CheckpointError`
+  naming the step directory and the problem. Nothing is deleted or written
+  by a failed restore; `restore(target, step=k)` falls back to an earlier
+  step (`--config.resume_step=k` in train.py), and `set_aside_steps_after(k)`
+  moves the later steps out of the way without deleting them.
+- An unwritable directory fails in `__init__`; a save that would not fit on
+  the disk fails before writing, and one that fails while writing raises
+  `CheckpointError`; earlier steps are kept either way.
+- A state with NaN or infinite values is never saved.
+- Checkpoints are arrays and JSON only: nothing is ever unpickled.
+"""
+
+import json
+import math
+import os
+import shutil
+import signal
+import threading
+import uuid
+from typing import Any, Mapping, Optional
+
+from absl import logging
+from etils import epath
+import jax
+from jax.experimental import multihost_utils
+import numpy as np
+import orbax.checkpoint as ocp
+
+from mixer_jax import checkpoint_checks as checks
+
+CheckpointError = checks.CheckpointError
+model_fingerprint = checks.model_fingerprint
+
+STATE_ITEM = 'state'
+EXTRA_ITEM = 'extra'
+BEST_METRIC = 'eval_accuracy'
+# Fraction of headroom required on the disk above the state's size.
+_SPACE_MARGIN = 1.1
+_PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _best_metric(metrics) -> float:
+  return float(metrics[BEST_METRIC])
+
+
+def _abstract(leaf):
+  """A restore target leaf: arrays become shape/dtype/sharding structs."""
+  if isinstance(leaf, jax.Array):
+    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
+  return leaf
+
+
+class Checkpointer:
+  """Saves and restores the train state in `directory` with Orbax.
+
+  Keeps the `keep` most recent steps and, with `keep_best`, also the step
+  with the highest `metrics['eval_accuracy']`. Every process of a multi-host
+  run must make the same calls (Orbax synchronises them).
+  """
+
+  def __init__(self, directory, *, keep: int, keep_best: bool,
+               async_save: bool = True,
+               fingerprint: Optional[Mapping[str, Any]] = None,
+               read_only: bool = False):
+    """Opens (creating if needed) the checkpoint directory.
+
+    Args:
+      directory: where step directories are written (local path or gs://).
+      keep: number of most recent steps to keep (>= 1).
+      keep_best: also keep the step with the best eval accuracy.
+      async_save: write arrays in a background thread after `save` returns.
+      fingerprint: JSON dict describing the model (`model_fingerprint`);
+        saved with every step and compared on restore.
+      read_only: only restore (evaluation): nothing in `directory` is
+        created, cleaned up or written, so a running job's saves are safe.
+
+    Raises:
+      CheckpointError: bad `keep`, a directory that cannot be written, or
+        (read_only) one that does not exist.
+    """
+    if not isinstance(keep, int) or keep < 1:
+      raise CheckpointError(f'keep={keep!r} must be an integer >= 1 (the '
+                            'number of recent checkpoints kept).')
+    self.directory = epath.Path(os.fspath(directory))
+    if not str(self.directory).startswith(('gs://', '/')):
+      self.directory = epath.Path(os.path.abspath(os.fspath(directory)))
+    self.fingerprint = (checks.jsonable(dict(fingerprint)) if fingerprint
+                        else None)
+    self.read_only = read_only
+    if not read_only:
+      self.check_writable()
+    elif not self.directory.is_dir():
+      raise CheckpointError(f'Checkpoint directory {self.directory} does not '
+                            'exist.')
+    policies = [ocp.checkpoint_managers.LatestN(n=keep)]
+    best_fn = None
+    if keep_best:
+      best_fn = _best_metric
+      policies.append(ocp.checkpoint_managers.BestN(
+          get_metric_fn=best_fn, n=1, keep_checkpoints_without_metrics=False))
+    options = ocp.CheckpointManagerOptions(
+        best_fn=best_fn, best_mode='max',
+        preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(
+            policies),
+        cleanup_tmp_directories=True,  # Remove saves cut short by a kill.
+        enable_async_checkpointing=async_save, read_only=read_only)
+    # Naming the handlers lets a fresh manager read metadata before any save.
+    registry = ocp.handlers.create_default_handler_registry(**{
+        STATE_ITEM: ocp.StandardCheckpointHandler(),
+        EXTRA_ITEM: ocp.JsonCheckpointHandler()})
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options, handler_registry=registry)
+    self._signal = None  # Name of the preemption signal received, if any.
+    self._old_handlers = {}
+    self._writing = None  # Step of the latest save started.
+
+  # ------------------------------------------------------------ Queries.
+  def latest_step(self) -> Optional[int]:
+    """The newest complete step, or None if there is none."""
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list:
+    """Every complete step in the directory, ascending."""
+    return sorted(self._manager.all_steps())
+
+  def best_step(self) -> Optional[int]:
+    """The kept step with the best eval accuracy (latest if none has one)."""
+    return self._manager.best_step()
+
+  def check_writable(self) -> None:
+    """Creates the directory, then writes and deletes a probe file in it.
+
+    Raises:
+      CheckpointError: naming the directory and the OS error.
+    """
+    probe = self.directory / (
+        f'.write_probe.{jax.process_index()}.{uuid.uuid4().hex[:8]}')
+    try:
+      self.directory.mkdir(parents=True, exist_ok=True)
+      probe.write_text('mixer_jax write probe\n')
+      probe.unlink()
+    except (OSError, ValueError) as e:
+      raise CheckpointError(
+          f'Checkpoint directory {self.directory} is not writable ({e}). '
+          'Fix its permissions, free space, or choose another --workdir; '
+          'no training was started.') from e
+
+  # --------------------------------------------------------------- Save.
+  def save(self, step: int, state, *, metrics=None, extra=None,
+           force: bool = False) -> bool:
+    """Saves `state` as `step` (asynchronously unless async_save=False).
+
+    Args:
+      step: the training step; steps already saved are never overwritten.
+      state: the TrainState (or any pytree of arrays).
+      metrics: optional dict; `metrics['eval_accuracy']` ranks the best step.
+      extra: optional JSON-serialisable dict (data position, ...), returned
+        by `restore`.
+      force: save even when `step` is not newer than the latest one.
+
+    Returns:
+      True if a save was started, False if Orbax skipped it (an older step).
+
+    Raises:
+      CheckpointError: non-finite state, not enough disk space, an existing
+        step with force=True, a non-JSON `extra`, or a failed write; the
+        steps already on disk are kept in every case.
+    """
+    if self.read_only:
+      raise CheckpointError(f'{self.directory} was opened read-only.')
+    sums = checks.state_sums(state)
+    bad = [path for path, (_, _, finite) in sums.items() if finite < 1]
+    if bad:
+      raise CheckpointError(
+          f'Refusing to save step {step} to {self.directory}: non-finite '
+          f'values in {", ".join(bad[:5])}. The last good checkpoint is step '
+          f'{self.latest_step()}.')
+    payload = dict(checks.jsonable(extra or {}))
+    payload.update(step=int(step), fingerprint=self.fingerprint,
+                   leaf_sums={k: v[:2] for k, v in sums.items()})
+    try:
+      json.dumps(payload, allow_nan=False)
+    except (TypeError, ValueError) as e:
+      raise CheckpointError(f'extra for step {step} is not plain JSON: {e}.')
+    self._check_space(step, state)
+    ranked = None
+    if metrics is not None and BEST_METRIC in metrics:
+      value = float(np.asarray(metrics[BEST_METRIC]))
+      if math.isfinite(value):
+        ranked = {k: float(np.asarray(v)) for k, v in metrics.items()}
+    try:
+      started = self._manager.save(
+          int(step), force=force, metrics=ranked,
+          args=ocp.args.Composite(**{
+              STATE_ITEM: ocp.args.StandardSave(state),
+              EXTRA_ITEM: ocp.args.JsonSave(payload)}))
+    except ocp.checkpoint_manager.StepAlreadyExistsError as e:
+      raise CheckpointError(
+          f'Step {step} already exists in {self.directory}; it is not '
+          'overwritten. Resume from it, or use another workdir.') from e
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._write_error(self._writing or step, e) from e
+    if started:
+      self._writing = int(step)
+    return started
+
+  def _check_space(self, step, state):
+    """Fails early when the state would not fit on the local disk."""
+    if str(self.directory).startswith('gs://'):
+      return
+    need = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+               for x in jax.tree.leaves(state) if hasattr(x, 'shape'))
+    free = shutil.disk_usage(self.directory).free
+    if free < need * _SPACE_MARGIN:
+      raise CheckpointError(
+          f'Not enough disk space to save step {step} in {self.directory}: '
+          f'needs about {need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free. '
+          f'Kept steps {self.all_steps()} are untouched; free space or lower '
+          '--config.keep_checkpoints, then restart to resume.')
+
+  def _write_error(self, step, error):
+    return CheckpointError(
+        f'Saving step {step} to {self.directory} failed: '
+        f'{checks.short_error(error)}. Earlier steps {self.all_steps()} '
+        'are kept (the partial write is discarded); check the disk, then '
+        'restart to resume from the latest of them.')
+
+  # ------------------------------------------------------------ Restore.
+  def restore(self, target, step: Optional[int] = None):
+    """Restores `step` (default: the latest) into the structure of `target`.
+
+    Args:
+      target: a TrainState (or pytree) of arrays, or of `jax.ShapeDtypeStruct`
+        with shardings (e.g. from `jax.eval_shape`); arrays are restored with
+        the target's shardings, so a run may resume on another device count.
+      step: the step to restore; an earlier one is the fallback when the
+        latest is damaged.
+
+    Returns:
+      (state, extra): the restored state and the JSON dict given to `save`
+      (plus 'step', 'fingerprint' and 'leaf_sums').
+
+    Raises:
+      CheckpointError: no such step; unreadable, corrupt or truncated files;
+        or a checkpoint written for another model or config. The message names
+        the step directory, the mismatch and the steps to fall back to.
+    """
+    step, where, hint, extra, stored = self._open(step)
+    checks.check_tree(stored, checks.flat(target), where, self._unchanged)
+    abstract = jax.tree.map(_abstract, target)
+    try:
+      state = self._manager.restore(step, args=ocp.args.Composite(**{
+          STATE_ITEM: ocp.args.StandardRestore(abstract)}))[STATE_ITEM]
+    except Exception as e:  # pylint: disable=broad-except
+      raise checks.read_error(where, e, hint) from e
+    checks.check_sums(checks.state_sums(state), extra.get('leaf_sums'), where,
+                      hint)
+    return state, extra
+
+  def restore_params(self, params, step: Optional[int] = None):
+    """Restores only `state.params` of a saved TrainState (for evaluation).
+
+    Reads neither the optimizer state nor anything else, with the same checks
+    as `restore`.
+
+    Args:
+      params: target parameter tree (arrays or sharded ShapeDtypeStructs).
+      step: the step to read (default: the latest).
+
+    Returns:
+      (params, extra).
+    """
+    step, where, hint, extra, stored = self._open(step)
+    stored = {k: v for k, v in stored.items() if k.startswith('params/')}
+    wanted = {f'params/{k}': v for k, v in checks.flat(params).items()}
+    checks.check_tree(stored, wanted, where, self._unchanged)
+    item = {'params': jax.tree.map(_abstract, params)}
+    try:
+      with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as reader:
+        restored = reader.restore(
+            where / STATE_ITEM, args=ocp.args.PyTreeRestore(
+                item=item, partial_restore=True,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(item)))
+    except Exception as e:  # pylint: disable=broad-except
+      raise checks.read_error(where, e, hint) from e
+    checks.check_sums(checks.state_sums(restored), extra.get('leaf_sums'),
+                      where, hint)
+    return restored['params'], extra
+
+  def _open(self, step):
+    """Resolves `step`, reads its JSON and array metadata and fingerprint."""
+    steps = self.all_steps()
+    if step is None:
+      step = self.latest_step()
+      if step is None:
+        raise CheckpointError(f'No checkpoint to restore in {self.directory}.')
+    elif int(step) not in steps:
+      raise CheckpointError(f'Step {step} is not in {self.directory}; '
+                            f'the complete steps there are {steps}.')
+    step = int(step)
+    where = self.directory / str(step)
+    earlier = [s for s in steps if s < step]
+    hint = self._unchanged
+    if earlier:
+      hint += (' To fall back to an earlier step, restart with '
+               '--config.resume_step=K (or --step=K for evaluate), K one of '
+               f'{earlier}.')
+    try:
+      extra = self._manager.restore(step, args=ocp.args.Composite(**{
+          EXTRA_ITEM: ocp.args.JsonRestore()}))[EXTRA_ITEM]
+      stored = self._manager.item_metadata(step)[STATE_ITEM]
+      stored = checks.flat(getattr(stored, 'tree', stored))
+      if not isinstance(extra, dict) or not stored:
+        raise ValueError('missing state metadata or extra JSON')
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(
+          f'Checkpoint {where} cannot be read (corrupt, truncated or not a '
+          f'mixer_jax checkpoint): {checks.short_error(e)}.{hint}') from e
+    checks.check_fingerprint(self.fingerprint, extra.get('fingerprint'), where,
+                             self._unchanged)
+    return step, where, hint, extra, stored
+
+  @property
+  def _unchanged(self) -> str:
+    return f' Nothing in {self.directory} was changed.'
+
+  def set_aside_steps_after(self, step: int) -> list:
+    """Moves steps newer than `step` to `<directory>.set_aside/` (kept).
+
+    Used after falling back to an earlier step, so that the newer (damaged)
+    steps neither shadow the resumed run's saves nor get deleted.
+
+    Returns:
+      The new paths of the moved step directories.
+    """
+    self.wait_until_finished()
+    later = [s for s in self.all_steps() if s > step]
+    aside = epath.Path(str(self.directory).rstrip('/') + '.set_aside')
+    moved = []
+    for s in later:
+      dest = aside / str(s)
+      if dest.exists():
+        dest = aside / f'{s}.{uuid.uuid4().hex[:8]}'
+      moved.append(str(dest))
+      if jax.process_index() == 0:
+        aside.mkdir(parents=True, exist_ok=True)
+        (self.directory / str(s)).rename(dest)
+    if later:
+      if jax.process_count() > 1:
+        multihost_utils.sync_global_devices('mixer_jax_set_aside')
+      self._manager.reload()
+      logging.warning('Set aside steps %s of %s in %s.', later,
+                      self.directory, aside)
+    return moved
+
+  # ---------------------------------------------------------- Preemption.
+  def reached_preemption(self, step: int) -> bool:
+    """True when training should save `step` and stop (call every step).
+
+    Multi-host runs ask Orbax, which uses JAX's preemption sync service: a
+    SIGTERM on any host makes every host return True at the same step. A
+    single process (where that service is not running) also handles SIGTERM
+    and SIGINT itself; a second signal interrupts at once.
+    """
+    if self._manager.reached_preemption(step):
+      return True
+    if jax.process_count() > 1:
+      return False
+    if (not self._old_handlers and
+        threading.current_thread() is threading.main_thread()):
+      for signum in _PREEMPTION_SIGNALS:
+        self._old_handlers[signum] = signal.signal(signum, self._on_signal)
+    return self._signal is not None
+
+  @property
+  def preemption_signal(self) -> Optional[str]:
+    """Name of the signal that requested the stop ('SIGTERM'), or None."""
+    return self._signal
+
+  def _on_signal(self, signum, frame):
+    del frame
+    if self._signal is not None:  # Asked twice: stop now, default behaviour.
+      self._restore_handlers()
+      signal.raise_signal(signum)
+      return
+    self._signal = signal.Signals(signum).name
+    logging.warning('Received %s: saving a checkpoint at the next step and '
+                    'stopping (send it again to stop immediately).',
+                    self._signal)
+
+  def _restore_handlers(self):
+    for signum, handler in self._old_handlers.items():
+      # None: the old handler was not set from Python; use the default.
+      signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+    self._old_handlers = {}
+
+  def wait_until_finished(self) -> None:
+    """Blocks until background writes end; CheckpointError if one failed."""
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._write_error(self._writing, e) from e
+
+  def close(self) -> None:
+    """Finishes pending writes, releases Orbax and the signal handlers."""
+    self._restore_handlers()
+    try:
+      self._manager.close()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._write_error(self._writing, e) from e
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()

@@ -1,0 +1,236 @@
+"""Evaluates a trained or published Mixer: `python -m mixer_jax.evaluate`.
+
+  python -m mixer_jax.evaluate --config=configs/quickstart.py \
+      --checkpoint=/tmp/qs
+  python -m mixer_jax.evaluate --config=configs/finetune_cifar10.py \
+      --checkpoint=/path/to/Mixer-B_16.npz
+
+Reports top-1 and top-5 accuracy and the mean loss over `config.eval_split`,
+each example counted exactly once (the eval pipeline pads the last batch and
+masks the padding), with the batch sharded over every device of every host
+(`sharding.create_mesh`).
+
+`--checkpoint` is one of:
+- a training workdir (its `checkpoints/` are used), an Orbax checkpoint
+  directory, or one step directory in it (`.../checkpoints/2000`). The
+  newest step is used unless `--step=K` names another, which is also the way
+  to fall back when the newest is damaged. Only the parameters are read, and
+  nothing in the directory is written, so a running job can be evaluated.
+- an official-format `.npz` file or a registry name
+  ("imagenet1k/Mixer-B_16"), loaded by `pretrained.load_pretrained`.
+"""
+
+import functools
+import json
+import math
+import os
+import time
+from typing import Any, Dict, Optional
+
+from absl import app
+from absl import flags
+from absl import logging
+from etils import epath
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+
+from mixer_jax import checkpoints
+from mixer_jax import config_validation
+from mixer_jax import models
+from mixer_jax import reporting
+from mixer_jax import sharding
+from mixer_jax import train_steps
+
+FLAGS = flags.FLAGS
+_TOP_K = 5
+_TRAIN_CHECKPOINT_DIR = 'checkpoints'  # Subdirectory of a training workdir.
+
+
+def resolve_checkpoint(path: str, step: Optional[int] = None):
+  """Classifies `--checkpoint`.
+
+  Args:
+    path: workdir, Orbax directory, step directory, .npz path or registry
+      name.
+    step: the `--step` flag, if given.
+
+  Returns:
+    ('orbax', checkpoint_directory, step) or ('pretrained', path, None).
+  """
+  location = epath.Path(path)
+  if str(path).endswith('.npz') or not location.is_dir():
+    return 'pretrained', str(path), None
+  if (location / _TRAIN_CHECKPOINT_DIR).is_dir():
+    return 'orbax', str(location / _TRAIN_CHECKPOINT_DIR), step
+  if location.name.isdigit() and (location / checkpoints.STATE_ITEM).is_dir():
+    if step is not None and step != int(location.name):
+      raise checkpoints.CheckpointError(
+          f'--checkpoint names step {location.name} but --step={step}.')
+    return 'orbax', str(location.parent), int(location.name)
+  return 'orbax', str(location), step
+
+
+def load_params(config, checkpoint: str, num_classes: int, mesh,
+                step: Optional[int] = None):
+  """Loads the model and replicated parameters to evaluate.
+
+  Args:
+    config: the run's config (model fields, image_size).
+    checkpoint: see `resolve_checkpoint`.
+    num_classes: classes of the eval data; the checkpoint's head must match.
+    mesh: the device mesh; parameters are replicated over it.
+    step: Orbax step to read (default: the newest).
+
+  Returns:
+    (model, params, description): description names what was loaded.
+
+  Raises:
+    checkpoints.CheckpointError: unusable Orbax checkpoint (names the step
+      directory and the mismatch).
+    ValueError: a pretrained checkpoint whose head does not fit the data.
+  """
+  kind, location, step = resolve_checkpoint(checkpoint, step)
+  if kind == 'orbax':
+    model = train_steps.create_model(config, num_classes)
+    replicated = sharding.replicated(mesh)
+    target = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+        models.param_shapes(model, config.image_size))
+    reader = checkpoints.Checkpointer(
+        location, keep=1, keep_best=False, async_save=False, read_only=True,
+        fingerprint=checkpoints.model_fingerprint(config, num_classes))
+    try:
+      params, extra = reader.restore_params(target, step=step)
+    finally:
+      reader.close()
+    return model, params, f'{location} step {extra["step"]}'
+  from mixer_jax import pretrained  # pylint: disable=g-import-not-at-top
+  model, params = pretrained.load_pretrained(
+      location, image_size=config.image_size, dtype=config.model.dtype,
+      gelu_approximate=config.model.gelu_approximate)
+  if model.num_classes != num_classes:
+    raise ValueError(
+        f'{location} has a {model.num_classes}-class head but '
+        f'{config.dataset} has {num_classes} classes; fine-tune it first '
+        f'(train with --config.init_from={location}) and evaluate that run.')
+  return model, sharding.replicate(params, mesh), location
+
+
+def eval_sums(params, batch, *, apply_fn, loss: str) -> Dict[str, jax.Array]:
+  """Masked sums of top-1/top-5 hits, loss and examples in one batch."""
+  logits = apply_fn({'params': params}, batch['image'], train=False)
+  mask = batch['mask'].astype(jnp.float32)
+  labels = jnp.argmax(batch['label'], axis=-1)
+  k = min(_TOP_K, logits.shape[-1])
+  top_k = jax.lax.top_k(logits, k)[1]
+  hit_1 = (top_k[:, 0] == labels).astype(jnp.float32)
+  hit_k = jnp.any(top_k == labels[:, None], axis=-1).astype(jnp.float32)
+  losses = train_steps.per_example_loss(logits, batch['label'], loss)
+  return {'top1': jnp.sum(hit_1 * mask), 'top5': jnp.sum(hit_k * mask),
+          'loss': jnp.sum(losses * mask), 'count': jnp.sum(mask)}
+
+
+def evaluate(config, checkpoint: str, *, step: Optional[int] = None,
+             progress_every_s: float = 10.0) -> Dict[str, Any]:
+  """Evaluates `checkpoint` on `config.eval_split` over all devices.
+
+  Args:
+    config: the run's ConfigDict (data, model and batch size).
+    checkpoint: workdir, Orbax directory or step directory, .npz path or
+      registry name (see the module docstring).
+    step: Orbax step to evaluate (default: the newest).
+    progress_every_s: seconds between progress lines.
+
+  Returns:
+    Dict with 'top1', 'top5', 'loss', 'examples', 'checkpoint', 'seconds'.
+  """
+  config_validation.validate_config(config, num_devices=jax.device_count(),
+                                    num_processes=jax.process_count())
+  from mixer_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  start = time.time()
+  mesh = sharding.create_mesh()
+  info = input_pipeline.dataset_info(config)
+  num_classes = (info.num_classes if config.num_classes == -1
+                 else config.num_classes)
+  model, params, loaded = load_params(config, checkpoint, num_classes, mesh,
+                                      step)
+  p_eval = jax.jit(
+      functools.partial(eval_sums, apply_fn=model.apply, loss=config.loss),
+      in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
+      out_shardings=sharding.replicated(mesh))
+  batches = input_pipeline.eval_dataset(config).as_numpy_iterator()
+  total_batches = math.ceil(info.eval_examples / config.batch_size)
+  totals, last_report = None, time.time()
+  for i, batch in enumerate(
+      sharding.prefetch(batches, mesh, config.prefetch_batches), 1):
+    sums = p_eval(params, batch)
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    if time.time() - last_report >= progress_every_s:
+      last_report = time.time()
+      rate = i * config.batch_size / (last_report - start)
+      reporting.log_and_print(f'eval: batch {i}/~{total_batches}, '
+                              f'{rate:.0f} images/s')
+  if totals is None:
+    raise ValueError(f'{config.eval_split!r} yielded no batch.')
+  totals = sharding.to_host(totals)
+  count = float(totals['count'])
+  return {'top1': float(totals['top1']) / count,
+          'top5': float(totals['top5']) / count,
+          'loss': float(totals['loss']) / count,
+          'examples': int(count), 'checkpoint': loaded,
+          'eval_split': config.eval_split, 'seconds': time.time() - start}
+
+
+def main(argv):
+  """Command-line entry point."""
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}; set config '
+                         'values with --config.FIELD=VALUE.')
+  if FLAGS.coordinator_address or FLAGS.multihost:
+    sharding.initialize_distributed(FLAGS.coordinator_address,
+                                    FLAGS.num_processes, FLAGS.process_id)
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.config.set_visible_devices([], 'GPU')  # TF only reads data here.
+  try:
+    result = evaluate(FLAGS.config, FLAGS.checkpoint, step=FLAGS.step)
+  except (config_validation.ConfigError, checkpoints.CheckpointError,
+          ValueError, FileNotFoundError) as e:
+    raise app.UsageError(str(e)) from None
+  text = (f'{result["checkpoint"]} on {result["eval_split"]}: '
+          f'top-1 {result["top1"]:.4f}, top-5 {result["top5"]:.4f}, '
+          f'loss {result["loss"]:.4f} ({result["examples"]} examples, '
+          f'{result["seconds"]:.1f} s)')
+  logging.info(text)
+  if jax.process_index() == 0:
+    print(text)
+    if FLAGS.output:
+      with open(FLAGS.output, 'w') as f:
+        json.dump(result, f, indent=2)
+
+
+def _define_flags():
+  """Defines the command-line flags (only when run as a program)."""
+  config_flags.DEFINE_config_file(
+      'config', None, 'Config file describing the model and eval data, e.g. '
+      'configs/quickstart.py.', lock_config=True)
+  flags.DEFINE_string('checkpoint', None, 'Training workdir, Orbax checkpoint '
+                      '(step) directory, official .npz or registry name.')
+  flags.DEFINE_integer('step', None, 'Orbax step to evaluate (default: the '
+                       'newest); the fallback when the newest is damaged.')
+  flags.DEFINE_string('output', None, 'Also write the results to this JSON '
+                      'file.')
+  flags.DEFINE_bool('multihost', False, 'Call jax.distributed.initialize() '
+                    'with cluster auto-detection (TPU pods, SLURM, ...).')
+  flags.DEFINE_string('coordinator_address', None,
+                      'host:port of process 0, for a manual multi-host start.')
+  flags.DEFINE_integer('num_processes', None, 'Processes (with '
+                       '--coordinator_address).')
+  flags.DEFINE_integer('process_id', None, 'This process (with '
+                       '--coordinator_address).')
+  flags.mark_flags_as_required(['config', 'checkpoint'])
+
+
+if __name__ == '__main__':
+  _define_flags()
+  app.run(main)

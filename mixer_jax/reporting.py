@@ -1,0 +1,187 @@
+"""Metrics output of a training run: TensorBoard, JSON lines, progress line.
+
+`create_writer` returns one clu `MetricWriter` that sends scalars both to
+TensorBoard event files and to `metrics.jsonl` in the workdir (one JSON
+object per line: {"step": 100, "train_loss": 0.31, ...}), which is easy to
+read back with pandas or a few lines of Python. Only process 0 writes files;
+other processes just log.
+"""
+
+import json
+import math
+import os
+import time
+from typing import Any, Mapping, Optional
+
+from absl import logging
+from clu import metric_writers
+import jax
+import numpy as np
+import tensorflow as tf
+
+METRICS_FILE = 'metrics.jsonl'
+
+
+def _to_python(value):
+  value = np.asarray(value)
+  return value.item() if value.ndim == 0 else value.tolist()
+
+
+class JsonLinesWriter(metric_writers.MetricWriter):
+  """Appends scalars to a JSON-lines file; other summary kinds are ignored.
+
+  The file is opened in append mode so a resumed run continues the same
+  file; readers should keep the last line of each (step, key) pair.
+  """
+
+  def __init__(self, path: str):
+    self._path = path
+    self._file = tf.io.gfile.GFile(path, 'a')
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+    record = {'step': int(step)}
+    record.update({k: _to_python(v) for k, v in scalars.items()})
+    self._file.write(json.dumps(record) + '\n')
+    self._file.flush()
+
+  def write_summaries(self, step, values, metadata=None):
+    del step, values, metadata
+
+  def write_images(self, step, images):
+    del step, images
+
+  def write_videos(self, step, videos):
+    del step, videos
+
+  def write_audios(self, step, audios, *, sample_rate):
+    del step, audios, sample_rate
+
+  def write_texts(self, step, texts):
+    del step, texts
+
+  def write_histograms(self, step, arrays, num_buckets=None):
+    del step, arrays, num_buckets
+
+  def write_hparams(self, hparams):
+    record = {'hparams': {k: _to_python(v) if v is not None else None
+                          for k, v in hparams.items()}}
+    self._file.write(json.dumps(record) + '\n')
+    self._file.flush()
+
+  def flush(self):
+    self._file.flush()
+
+  def close(self):
+    self._file.close()
+
+
+def create_writer(workdir: str) -> metric_writers.MetricWriter:
+  """TensorBoard + JSON lines on process 0; logging only elsewhere."""
+  if jax.process_index() > 0:
+    return metric_writers.create_default_writer(workdir, just_logging=True)
+  tf.io.gfile.makedirs(workdir)
+  return metric_writers.MultiWriter([
+      metric_writers.create_default_writer(workdir),
+      JsonLinesWriter(os.path.join(workdir, METRICS_FILE)),
+  ])
+
+
+def read_metrics(workdir: str):
+  """Reads `metrics.jsonl` back as a list of dicts (hparams lines skipped)."""
+  with tf.io.gfile.GFile(os.path.join(workdir, METRICS_FILE)) as f:
+    records = [json.loads(line) for line in f if line.strip()]
+  return [r for r in records if 'step' in r]
+
+
+def _format_duration(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return '?'
+  seconds = int(round(seconds))
+  hours, rest = divmod(seconds, 3600)
+  minutes, secs = divmod(rest, 60)
+  if hours:
+    return f'{hours}h{minutes:02d}m'
+  return f'{minutes}m{secs:02d}s' if minutes else f'{secs}s'
+
+
+class Progress:
+  """Measures training speed between log points and formats a status line.
+
+  Time spent in evaluation and checkpointing is excluded via `pause()` /
+  `resume()`, so steps/s reflects training alone while the ETA uses it.
+  """
+
+  def __init__(self, start_step: int, num_train_steps: int, batch_size: int):
+    self.num_train_steps = num_train_steps
+    self.batch_size = batch_size
+    self._last_step = start_step
+    self._last_time = time.perf_counter()
+    self._paused = 0.0
+    self._pause_start: Optional[float] = None
+
+  def restart(self, step: int) -> float:
+    """Restarts the clock at `step`; returns seconds since the last start."""
+    now = time.perf_counter()
+    elapsed = now - self._last_time
+    self._last_step, self._last_time, self._paused = step, now, 0.0
+    return elapsed
+
+  def pause(self):
+    self._pause_start = time.perf_counter()
+
+  def resume(self):
+    if self._pause_start is not None:
+      self._paused += time.perf_counter() - self._pause_start
+      self._pause_start = None
+
+  def measure(self, step: int) -> dict:
+    """Returns steps/s and images/s since the previous call."""
+    now = time.perf_counter()
+    elapsed = max(now - self._last_time - self._paused, 1e-9)
+    steps = step - self._last_step
+    self._last_step, self._last_time, self._paused = step, now, 0.0
+    steps_per_sec = steps / elapsed
+    return {'steps_per_sec': steps_per_sec,
+            'images_per_sec': steps_per_sec * self.batch_size}
+
+  def line(self, step: int, speed: Mapping[str, float],
+           metrics: Mapping[str, float]) -> str:
+    remaining = self.num_train_steps - step
+    eta = (remaining / speed['steps_per_sec'] if speed['steps_per_sec'] > 0
+           else float('inf'))
+    parts = [f'step {step}/{self.num_train_steps} '
+             f'({100.0 * step / self.num_train_steps:.1f}%)']
+    parts += [f'{k} {v:.4g}' for k, v in metrics.items()]
+    parts += [f'{speed["steps_per_sec"]:.2f} steps/s',
+              f'{speed["images_per_sec"]:.0f} img/s',
+              f'ETA {_format_duration(eta)}']
+    return ' | '.join(parts)
+
+
+def format_summary(summary: Mapping[str, Any]) -> str:
+  """Multi-line, human-readable version of the final summary dict."""
+  lines = ['Training summary:']
+  width = max(len(k) for k in summary)
+  for key, value in summary.items():
+    if isinstance(value, float):
+      value = f'{value:.4f}'
+    lines.append(f'  {key.ljust(width)}  {value}')
+  return '\n'.join(lines)
+
+
+# Library use (tests, notebooks) shows absl INFO logs nowhere, so progress
+# is also printed; the command line shows the logs and turns printing off.
+_print_progress = True
+
+
+def set_print_progress(enabled: bool) -> None:
+  """Whether `log_and_print` also prints to stdout (default True)."""
+  global _print_progress
+  _print_progress = enabled
+
+
+def log_and_print(text: str) -> None:
+  """Logs `text` and, on process 0, prints it unless turned off."""
+  logging.info('%s', text)
+  if _print_progress and jax.process_index() == 0:
+    print(text, flush=True)

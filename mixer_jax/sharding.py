@@ -1,0 +1,141 @@
+"""Where arrays live: the device mesh, shardings and the multi-host start.
+
+mixer_jax uses `jax.jit` over a one-axis `jax.sharding.Mesh` named 'data'
+instead of `jax.pmap`: the global batch is sharded along its first axis over
+every device of every host, parameters and optimizer state are replicated,
+and XLA inserts the gradient all-reduce itself. The same program then runs on
+one CPU, eight GPUs or a multi-host TPU pod; each host feeds only its own
+slice of the batch (`shard_batch`). This module is the one place that decides
+placement; the training loop only asks it for shardings.
+"""
+
+import collections
+from typing import Iterable, Iterator, Optional, Sequence
+
+from absl import logging
+import jax
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
+import numpy as np
+
+DATA_AXIS = 'data'
+
+
+def initialize_distributed(coordinator_address: Optional[str] = None,
+                           num_processes: Optional[int] = None,
+                           process_id: Optional[int] = None) -> None:
+  """Starts JAX's multi-host runtime; call before any other JAX use.
+
+  With no arguments JAX detects the cluster itself (TPU pods, SLURM, Open
+  MPI, Kubernetes); on a workstation pass all three arguments, e.g.
+  coordinator '127.0.0.1:1234' with 2 processes. Calling it twice is a no-op.
+
+  Args:
+    coordinator_address: 'host:port' of process 0.
+    num_processes: total number of processes.
+    process_id: index of this process, 0 <= process_id < num_processes.
+  """
+  if jax.distributed.is_initialized():
+    return
+  kwargs = {}
+  if coordinator_address:
+    if num_processes is None or process_id is None:
+      raise ValueError('With a coordinator address also give num_processes '
+                       'and process_id (or neither, to let JAX detect them).')
+    kwargs = dict(coordinator_address=coordinator_address,
+                  num_processes=num_processes, process_id=process_id)
+  # CPU processes exchange collectives through gloo; the setting only
+  # affects the CPU backend, so it is harmless on GPU and TPU hosts.
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(**kwargs)
+  logging.info('jax.distributed: process %d of %d, %d local / %d devices.',
+               jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count())
+
+
+def create_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+  """A one-axis ('data') mesh over `devices` (default: all, every host)."""
+  devices = jax.devices() if devices is None else list(devices)
+  return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """Sharding that keeps a full copy on every device (params, opt state)."""
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Sharding that splits the leading (batch) axis over the 'data' axis."""
+  return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
+  """Examples this process feeds per step, checking divisibility."""
+  num_devices = mesh.devices.size
+  if global_batch_size % num_devices:
+    raise ValueError(f'Batch size {global_batch_size} is not divisible by '
+                     f'the {num_devices} devices of the mesh.')
+  return global_batch_size // jax.process_count()
+
+
+def replicate(tree, mesh: Mesh):
+  """Places a host pytree (identical on every process) on all devices."""
+  sharding = replicated(mesh)
+
+  def put(x):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+  return jax.tree.map(put, tree)
+
+
+def to_host(tree):
+  """Copies replicated global arrays to numpy, also on multi-host meshes.
+
+  Each process holds a full copy of a replicated array, so reading its first
+  local shard avoids a cross-host gather.
+  """
+  def get(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return np.asarray(x.addressable_data(0))
+    return np.asarray(x)
+  return jax.tree.map(get, tree)
+
+
+def shard_batch(batch, mesh: Mesh):
+  """Turns this host's numpy batch into global arrays sharded on 'data'.
+
+  Args:
+    batch: pytree of arrays whose leading axis is this process's share of
+      the global batch (global batch // process count examples).
+    mesh: the mesh from `create_mesh`.
+
+  Returns:
+    The same pytree of global `jax.Array`s, leading axis = global batch.
+  """
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+      batch)
+
+
+def prefetch(batches: Iterable, mesh: Mesh, size: int = 2) -> Iterator:
+  """Yields `shard_batch(b)` for each b, keeping `size` transfers in flight.
+
+  Device transfers are asynchronous, so starting them a few steps ahead
+  overlaps host->device copies with computation.
+  """
+  queue = collections.deque()
+  iterator = iter(batches)
+
+  def enqueue(n):
+    for _ in range(n):
+      try:
+        queue.append(shard_batch(next(iterator), mesh))
+      except StopIteration:
+        return
+
+  enqueue(max(size, 1))
+  while queue:
+    yield queue.popleft()
+    enqueue(1)

@@ -1,0 +1,173 @@
+"""The train state and the pure per-step functions of Mixer training.
+
+Everything here is a pure function of explicit inputs, so `train.py` can jit
+it over any mesh and tests can call it directly. `train.py` re-exports these
+names (`train.TrainState`, `train.train_step`, ...).
+"""
+
+from typing import Any, Callable, Optional
+
+from flax.training import train_state
+import jax
+import jax.numpy as jnp
+import optax
+
+from mixer_jax import models
+
+
+class TrainState(train_state.TrainState):
+  """Flax TrainState plus the base rng of the run.
+
+  The rng never changes: step t uses `fold_in(rng, t)`, so a run resumed at
+  step t draws exactly the random numbers an uninterrupted run would.
+  """
+  rng: jax.Array
+
+
+def create_model(config, num_classes: int) -> models.MlpMixer:
+  """The Mixer described by `config.model` with `num_classes` outputs."""
+  m = config.model
+  sizes = dict(num_blocks=m.num_blocks, hidden_dim=m.hidden_dim,
+               tokens_mlp_dim=m.tokens_mlp_dim,
+               channels_mlp_dim=m.channels_mlp_dim)
+  return models.create_model(
+      m.variant, num_classes, dtype=m.dtype,
+      stochastic_depth=m.stochastic_depth,
+      gelu_approximate=m.gelu_approximate, head_bias_init=m.head_bias_init,
+      **{k: v for k, v in sizes.items() if v is not None})
+
+
+def create_train_state(model: models.MlpMixer, tx: optax.GradientTransformation,
+                       rng: jax.Array, image_size: int) -> TrainState:
+  """Initialises parameters, optimizer state, step 0 and the run's rng.
+
+  Args:
+    model: the Mixer module.
+    tx: the optax optimizer.
+    rng: a `jax.random.PRNGKey`; split into parameter and dropout keys.
+    image_size: side of the square training images.
+
+  Returns:
+    A TrainState with an int32 step (not weakly typed, so the jitted step
+    sees the same input types on every call and compiles once).
+  """
+  params_rng, dropout_rng = jax.random.split(rng)
+  params = models.init_params(model, params_rng, image_size)
+  state = TrainState.create(apply_fn=model.apply, params=params, tx=tx,
+                            rng=dropout_rng)
+  return state.replace(step=jnp.zeros((), jnp.int32))
+
+
+def per_example_loss(logits: jax.Array, labels: jax.Array, loss: str,
+                     label_smoothing: float = 0.0) -> jax.Array:
+  """Cross-entropy of each example, in float32.
+
+  Args:
+    logits: (batch, classes).
+    labels: (batch, classes) one-hot or mixup-mixed targets.
+    loss: 'softmax' (categorical) or 'sigmoid' (independent binary, summed
+      over classes as in big_vision's `sigmoid_xent`).
+    label_smoothing: eps; targets become (1 - eps) * labels + eps / classes.
+
+  Returns:
+    (batch,) losses.
+  """
+  logits = logits.astype(jnp.float32)
+  labels = labels.astype(jnp.float32)
+  if label_smoothing:
+    labels = optax.smooth_labels(labels, label_smoothing)
+  if loss == 'softmax':
+    return optax.softmax_cross_entropy(logits, labels)
+  if loss == 'sigmoid':
+    return optax.sigmoid_binary_cross_entropy(logits, labels).sum(axis=-1)
+  raise ValueError(f'Unknown loss {loss!r}: use "softmax" or "sigmoid".')
+
+
+def _correct(logits, labels):
+  return (jnp.argmax(logits, -1) == jnp.argmax(labels, -1)).astype(jnp.float32)
+
+
+def train_step(state: TrainState, batch, *, loss: str = 'softmax',
+               label_smoothing: float = 0.0, grad_accum_steps: int = 1,
+               learning_rate_fn: Optional[Callable[[Any], Any]] = None):
+  """One optimizer update on a global batch, optionally in micro-batches.
+
+  With grad_accum_steps = k the batch is split into k equal micro-batches
+  whose gradients are averaged by a `lax.scan`, so memory is that of one
+  micro-batch and the update equals a single step on the whole batch (the
+  mean loss of equal-sized parts is the mean over the whole). Micro-batch j
+  takes examples j, j + k, j + 2k, ...: with the batch sharded in contiguous
+  blocks, every micro-batch then still spans all devices.
+
+  Args:
+    state: the current TrainState.
+    batch: dict with 'image' (B, H, W, 3) and 'label' (B, classes).
+    loss: 'softmax' or 'sigmoid'.
+    label_smoothing: see `per_example_loss`.
+    grad_accum_steps: number of micro-batches k; B must be divisible by k.
+    learning_rate_fn: optional schedule, only to report the learning rate.
+
+  Returns:
+    (new_state, metrics) with scalar 'loss', 'accuracy' (top-1 against the
+    argmax of the targets), 'grad_norm' and, if given, 'learning_rate'.
+  """
+  rng = jax.random.fold_in(state.rng, state.step)
+
+  def loss_fn(params, images, labels, key):
+    logits = state.apply_fn({'params': params}, images, train=True,
+                            rngs={'dropout': key})
+    losses = per_example_loss(logits, labels, loss, label_smoothing)
+    return losses.mean(), _correct(logits, labels).mean()
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  images, labels = batch['image'], batch['label']
+  k = grad_accum_steps
+  if k == 1:
+    (loss_value, accuracy), grads = grad_fn(state.params, images, labels, rng)
+  else:
+    def split(x):
+      if x.shape[0] % k:
+        raise ValueError(f'Batch of {x.shape[0]} is not divisible by '
+                         f'grad_accum_steps={k}.')
+      x = x.reshape((x.shape[0] // k, k) + x.shape[1:])
+      return jnp.swapaxes(x, 0, 1)
+
+    def accumulate(carry, inputs):
+      index, micro_images, micro_labels = inputs
+      (value, acc), grad = grad_fn(state.params, micro_images, micro_labels,
+                                   jax.random.fold_in(rng, index))
+      sums = jax.tree.map(jnp.add, carry, (grad, value, acc))
+      return sums, None
+
+    zeros = (jax.tree.map(jnp.zeros_like, state.params),
+             jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+    (grads, loss_value, accuracy), _ = jax.lax.scan(
+        accumulate, zeros, (jnp.arange(k), split(images), split(labels)))
+    grads, loss_value, accuracy = jax.tree.map(
+        lambda x: x / k, (grads, loss_value, accuracy))
+  metrics = {'loss': loss_value, 'accuracy': accuracy,
+             'grad_norm': optax.global_norm(grads)}
+  if learning_rate_fn is not None:
+    metrics['learning_rate'] = learning_rate_fn(state.step)
+  return state.apply_gradients(grads=grads), metrics
+
+
+def eval_step(params, batch, *, apply_fn: Callable[..., Any],
+              loss: str = 'softmax'):
+  """Sums of correct predictions, loss and real examples in one eval batch.
+
+  Args:
+    params: the model parameters.
+    batch: dict with 'image', 'label' and 'mask' (1 real, 0 padding).
+    apply_fn: the model's apply function.
+    loss: 'softmax' or 'sigmoid' (no label smoothing at evaluation).
+
+  Returns:
+    Dict of scalars 'correct', 'loss_sum', 'count'; padding contributes 0.
+  """
+  logits = apply_fn({'params': params}, batch['image'], train=False)
+  mask = batch['mask'].astype(jnp.float32)
+  losses = per_example_loss(logits, batch['label'], loss)
+  return {'correct': jnp.sum(_correct(logits, batch['label']) * mask),
+          'loss_sum': jnp.sum(losses * mask),
+          'count': jnp.sum(mask)}

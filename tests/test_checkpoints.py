@@ -1,0 +1,288 @@
+"""Tests for mixer_jax.checkpoints: each fault is injected for real.
+
+Saves and restores a small Flax TrainState (tiny Mixer + Adam) built here,
+truncates, garbles and swaps checkpoint files, changes the model, makes the
+directory unwritable and sends SIGTERM/SIGINT, and checks that the errors name
+the step directory and that earlier steps survive. Faults that need other
+processes (kill -9, full disk, two hosts, training) are in
+test_reliability.py.
+"""
+
+import functools
+import glob
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
+import numpy as np
+import optax
+from flax.training import train_state
+import pytest
+
+from mixer_jax import checkpoints
+from mixer_jax import models
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CheckpointError = checkpoints.CheckpointError
+
+
+@functools.lru_cache(maxsize=None)
+def _initial_state(hidden_dim):
+  model = models.create_model('S_4', 10, num_blocks=2, hidden_dim=hidden_dim,
+                              tokens_mlp_dim=16, channels_mlp_dim=64)
+
+  def create():  # Jitted: eager Flax init compiles op by op, which is slow.
+    params = models.init_params(model, jax.random.PRNGKey(0), 16)
+    return train_state.TrainState.create(
+        apply_fn=model.apply, params=params, tx=optax.adam(1e-3))
+
+  return jax.jit(create)()
+
+
+def tiny_state(hidden_dim=32, offset=0):
+  """A TrainState of a 2-block Mixer on 16x16 images, params + offset."""
+  state = _initial_state(hidden_dim)
+  return state.replace(params=jax.tree.map(lambda x: x + offset, state.params),
+                       step=jnp.asarray(offset, jnp.int32))
+
+
+def assert_trees_equal(a, b):
+  jax.tree.map(lambda x, y: np.testing.assert_array_equal(
+      np.asarray(x), np.asarray(y)), a, b)
+
+
+def snapshot(directory):
+  """{relative path: bytes} of every file under `directory`."""
+  out = {}
+  for path in glob.glob(os.path.join(directory, '**'), recursive=True):
+    if os.path.isfile(path):
+      with open(path, 'rb') as f:
+        out[os.path.relpath(path, directory)] = f.read()
+  return out
+
+
+def save_steps(directory, steps, keep=3, **kwargs):
+  ckpt = checkpoints.Checkpointer(directory, keep=keep, keep_best=False,
+                                  **kwargs)
+  for step in steps:
+    assert ckpt.save(step, tiny_state(offset=step), extra={'pos': step * 10})
+  ckpt.wait_until_finished()
+  return ckpt
+
+
+def test_roundtrip_concrete_abstract_and_resharded(tmp_path):
+  mesh8 = Mesh(np.asarray(jax.devices()), ('data',))
+  state = jax.device_put(tiny_state(offset=5),
+                         NamedSharding(mesh8, PartitionSpec()))
+  ckpt = checkpoints.Checkpointer(tmp_path / 'ck', keep=2, keep_best=False)
+  assert ckpt.latest_step() is None
+  assert ckpt.save(5, state, extra={'data_step': 5, 'note': 'x'})
+  ckpt.close()  # Async: close waits for the write.
+
+  ckpt = checkpoints.Checkpointer(tmp_path / 'ck', keep=2, keep_best=False)
+  assert ckpt.latest_step() == 5
+  restored, extra = ckpt.restore(tiny_state())  # Concrete target.
+  assert_trees_equal(restored.params, state.params)
+  assert_trees_equal(restored.opt_state, state.opt_state)
+  assert int(restored.step) == 5
+  assert extra['data_step'] == 5 and extra['note'] == 'x' and extra['step'] == 5
+
+  # Abstract target on another mesh (4 devices): resumes on a new topology.
+  mesh4 = Mesh(np.asarray(jax.devices()[:4]), ('data',))
+  sharding = NamedSharding(mesh4, PartitionSpec())
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+      jax.eval_shape(tiny_state))
+  restored, _ = ckpt.restore(abstract)
+  assert_trees_equal(restored.params, state.params)
+  leaf = restored.params['stem']['kernel']
+  assert isinstance(leaf, jax.Array) and leaf.sharding == sharding
+  ckpt.close()
+
+
+def test_keeps_last_n_plus_best(tmp_path):
+  ckpt = checkpoints.Checkpointer(tmp_path, keep=2, keep_best=True,
+                                  async_save=False)
+  accuracies = {1: 0.3, 2: 0.9, 3: 0.2, 4: None, 5: 0.5, 6: 0.4}
+  for step, acc in accuracies.items():
+    metrics = None if acc is None else {'eval_accuracy': acc, 'loss': 1.0}
+    ckpt.save(step, tiny_state(offset=step), metrics=metrics)
+  # The two latest (5, 6) plus the best (2, accuracy 0.9).
+  assert ckpt.all_steps() == [2, 5, 6]
+  assert ckpt.best_step() == 2
+  restored, _ = ckpt.restore(tiny_state(), step=2)
+  assert int(restored.step) == 2
+  ckpt.close()
+
+
+def test_existing_step_is_never_overwritten(tmp_path):
+  ckpt = save_steps(tmp_path, [1, 2])
+  before = snapshot(tmp_path)
+  assert not ckpt.save(2, tiny_state(offset=7))  # Not newer: skipped.
+  with pytest.raises(CheckpointError, match='already exists'):
+    ckpt.save(2, tiny_state(offset=7), force=True)
+  ckpt.wait_until_finished()
+  assert snapshot(tmp_path) == before
+
+
+# Orbax leaves the reads of the other arrays un-awaited when one fails.
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
+def test_truncated_file_errors_and_falls_back(tmp_path):
+  save_steps(tmp_path, [1, 2]).close()
+  data = sorted(glob.glob(str(tmp_path / '2/state/**/d/*'), recursive=True),
+                key=os.path.getsize)[-1]
+  with open(data, 'r+b') as f:
+    f.truncate(os.path.getsize(data) // 2)
+  before = snapshot(tmp_path)
+  ckpt = checkpoints.Checkpointer(tmp_path, keep=3, keep_best=False)
+  with pytest.raises(CheckpointError) as error:
+    ckpt.restore(tiny_state())
+  message = str(error.value)
+  assert str(tmp_path / '2') in message and 'corrupt' in message
+  assert 'resume_step=K' in message and '[1]' in message
+  # The documented fallback: the earlier step restores; nothing was touched.
+  restored, extra = ckpt.restore(tiny_state(), step=1)
+  assert_trees_equal(restored.params, tiny_state(offset=1).params)
+  assert extra['pos'] == 10
+  ckpt.close()
+  assert snapshot(tmp_path) == before
+
+
+def test_garbage_metadata_is_a_clear_error(tmp_path):
+  save_steps(tmp_path, [1]).close()
+  with open(tmp_path / '1' / 'state' / '_METADATA', 'wb') as f:
+    f.write(b'\x00garbage{')
+  ckpt = checkpoints.Checkpointer(tmp_path, keep=3, keep_best=False)
+  with pytest.raises(CheckpointError, match=f'{tmp_path / "1"}.*cannot be read'):
+    ckpt.restore(tiny_state())
+
+
+def test_swapped_array_files_are_detected(tmp_path):
+  # Files that TensorStore reads without complaint but hold another step's
+  # values: caught by the per-leaf sums stored at save time.
+  save_steps(tmp_path, [1, 2]).close()
+  shutil.rmtree(tmp_path / '2' / 'state')
+  shutil.copytree(tmp_path / '1' / 'state', tmp_path / '2' / 'state')
+  ckpt = checkpoints.Checkpointer(tmp_path, keep=3, keep_best=False)
+  with pytest.raises(CheckpointError, match=r'/2 is corrupt.*params/'):
+    ckpt.restore(tiny_state())
+
+
+def test_other_variant_names_leaf_and_shapes(tmp_path):
+  save_steps(tmp_path, [1, 2]).close()
+  ckpt = checkpoints.Checkpointer(tmp_path, keep=3, keep_best=False)
+  with pytest.raises(CheckpointError) as error:
+    ckpt.restore(tiny_state(hidden_dim=48))
+  message = str(error.value)
+  assert str(tmp_path / '2') in message, message
+  assert ('params/MixerBlock_0/channel_mixing/Dense_0/kernel: checkpoint '
+          '(32, 64) float32, this run (48, 64) float32') in message, message
+
+
+def test_fingerprint_mismatch(tmp_path):
+  save_steps(tmp_path, [3], fingerprint={'variant': 'S_4',
+                                         'gelu_approximate': True}).close()
+  ckpt = checkpoints.Checkpointer(
+      tmp_path, keep=3, keep_best=False,
+      fingerprint={'variant': 'S_4', 'gelu_approximate': False})
+  with pytest.raises(CheckpointError,
+                     match='gelu_approximate: checkpoint True, this run False'):
+    ckpt.restore(tiny_state())
+
+
+def test_set_aside_later_steps(tmp_path):
+  ckpt = save_steps(tmp_path / 'ck', [1, 2, 3])
+  kept = snapshot(tmp_path / 'ck' / '3')
+  moved = ckpt.set_aside_steps_after(1)
+  assert moved == [str(tmp_path / 'ck.set_aside' / '2'),
+                   str(tmp_path / 'ck.set_aside' / '3')]
+  assert ckpt.all_steps() == [1]
+  assert snapshot(tmp_path / 'ck.set_aside' / '3') == kept  # Not deleted.
+  assert ckpt.save(2, tiny_state(offset=20))  # The resumed run saves again.
+  ckpt.close()
+
+
+def test_non_finite_state_is_not_saved(tmp_path):
+  ckpt = save_steps(tmp_path, [1])
+  bad = tiny_state(offset=2)
+  bad = bad.replace(params={**bad.params, 'head': {
+      'kernel': bad.params['head']['kernel'].at[0, 0].set(jnp.nan),
+      'bias': bad.params['head']['bias']}})
+  with pytest.raises(CheckpointError, match='step 2.*params/head/kernel.*'
+                     'last good checkpoint is step 1'):
+    ckpt.save(2, bad)
+  assert ckpt.all_steps() == [1]
+  ckpt.close()
+
+
+def test_unwritable_directory_fails_in_init(tmp_path):
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('not a directory')
+  with pytest.raises(CheckpointError, match='a_file/ck is not writable'):
+    checkpoints.Checkpointer(blocker / 'ck', keep=1, keep_best=False)
+  if os.geteuid() == 0:  # Root ignores permissions: use a read-only mount.
+    ro = tmp_path / 'ro'
+    ro.mkdir()
+    if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'ro,size=64k', 'tmpfs',
+                       str(ro)], capture_output=True).returncode:
+      return
+    try:
+      with pytest.raises(CheckpointError, match='not writable'):
+        checkpoints.Checkpointer(ro, keep=1, keep_best=False)
+    finally:
+      subprocess.run(['umount', str(ro)], check=True)
+  else:
+    ro = tmp_path / 'ro'
+    ro.mkdir(mode=0o555)
+    with pytest.raises(CheckpointError, match='not writable'):
+      checkpoints.Checkpointer(ro, keep=1, keep_best=False)
+
+
+def test_sigterm_and_sigint_request_a_save(tmp_path):
+  ckpt = checkpoints.Checkpointer(tmp_path, keep=1, keep_best=False)
+  before = signal.getsignal(signal.SIGTERM)
+  try:
+    assert not ckpt.reached_preemption(1)
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert ckpt.reached_preemption(2)
+    assert ckpt.preemption_signal == 'SIGTERM'
+  finally:
+    ckpt.close()
+  assert signal.getsignal(signal.SIGTERM) is before
+  ckpt = checkpoints.Checkpointer(tmp_path, keep=1, keep_best=False)
+  try:
+    assert not ckpt.reached_preemption(1)
+    os.kill(os.getpid(), signal.SIGINT)  # No KeyboardInterrupt: a request.
+    assert ckpt.reached_preemption(2) and ckpt.preemption_signal == 'SIGINT'
+    with pytest.raises(KeyboardInterrupt):  # A second one stops at once.
+      os.kill(os.getpid(), signal.SIGINT)
+  finally:
+    ckpt.close()
+
+
+def test_restore_never_unpickles(tmp_path, monkeypatch):
+  save_steps(tmp_path, [1]).close()
+
+  def refuse(*args, **kwargs):
+    raise AssertionError('pickle used while restoring a checkpoint')
+
+  monkeypatch.setattr(pickle, 'load', refuse)
+  monkeypatch.setattr(pickle, 'loads', refuse)
+  monkeypatch.setattr(pickle, 'Unpickler', refuse)
+  monkeypatch.setattr(np, 'load', refuse)
+  ckpt = checkpoints.Checkpointer(tmp_path, keep=1, keep_best=False)
+  restored, _ = ckpt.restore(tiny_state())
+  assert int(restored.step) == 1
+  ckpt.close()
+
+
+def test_bad_keep_is_rejected(tmp_path):
+  with pytest.raises(CheckpointError, match='keep=0'):
+    checkpoints.Checkpointer(tmp_path, keep=0, keep_best=True)

@@ -1,0 +1,64 @@
+"""Tests of mixer_jax.reporting: JSON-lines metrics and the progress line."""
+
+import json
+import os
+
+import numpy as np
+
+from mixer_jax import reporting
+
+
+def test_json_lines_writer_appends_scalars(tmp_path):
+  path = str(tmp_path / 'metrics.jsonl')
+  writer = reporting.JsonLinesWriter(path)
+  writer.write_hparams({'batch_size': 64, 'data_dir': None})
+  writer.write_scalars(10, {'train_loss': np.float32(0.5), 'lr': 1e-3})
+  writer.write_images(10, {'x': np.zeros((1, 2, 2, 3))})  # Ignored.
+  writer.close()
+  writer = reporting.JsonLinesWriter(path)  # A resumed run appends.
+  writer.write_scalars(20, {'eval_accuracy': 0.75})
+  writer.close()
+  with open(path) as f:
+    lines = [json.loads(line) for line in f]
+  assert lines[0] == {'hparams': {'batch_size': 64, 'data_dir': None}}
+  assert lines[1] == {'step': 10, 'train_loss': 0.5, 'lr': 1e-3}
+  assert reporting.read_metrics(str(tmp_path)) == lines[1:]
+
+
+def test_create_writer_writes_tensorboard_and_json(tmp_path):
+  writer = reporting.create_writer(str(tmp_path))
+  writer.write_scalars(1, {'train_loss': 2.0})
+  writer.close()
+  assert any('tfevents' in name for name in os.listdir(tmp_path))
+  assert reporting.read_metrics(str(tmp_path)) == [{'step': 1,
+                                                    'train_loss': 2.0}]
+
+
+def test_progress_line_reports_speed_and_eta():
+  progress = reporting.Progress(start_step=0, num_train_steps=1000,
+                                batch_size=64)
+  progress._last_time -= 10.0  # pylint: disable=protected-access
+  speed = progress.measure(100)
+  assert abs(speed['steps_per_sec'] - 10.0) < 0.1
+  assert abs(speed['images_per_sec'] - 640.0) < 10
+  line = progress.line(100, speed, {'loss': 0.25})
+  assert line.startswith('step 100/1000 (10.0%) | loss 0.25 | 10.0')
+  assert 'img/s' in line and line.endswith('ETA 1m30s')
+
+
+def test_paused_time_is_not_counted():
+  progress = reporting.Progress(0, 10, 1)
+  progress.pause()
+  progress._pause_start -= 100.0  # pylint: disable=protected-access
+  progress.resume()
+  # 101 s have passed since the start, 100 of them paused.
+  progress._last_time -= 101.0  # pylint: disable=protected-access
+  speed = progress.measure(5)
+  assert 4.0 < speed['steps_per_sec'] < 5.1  # 5 steps in ~1 s of training.
+
+
+def test_summary_is_readable():
+  text = reporting.format_summary({'steps': 10, 'best_eval_accuracy': 0.98,
+                                   'workdir': '/tmp/x'})
+  assert text.splitlines()[0] == 'Training summary:'
+  assert '  best_eval_accuracy  0.9800' in text

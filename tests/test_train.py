@@ -1,0 +1,231 @@
+"""End-to-end tests of train_and_evaluate on the built-in digits data."""
+
+import copy
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import quickstart
+from mixer_jax import checkpoints
+from mixer_jax import config_validation
+from mixer_jax import models
+from mixer_jax import pretrained
+from mixer_jax import reporting
+from mixer_jax import train
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('tfds'))
+
+
+def small_config(data_dir, **overrides):
+  """Quick-start data and recipe with a smaller model and fewer steps."""
+  config = quickstart.get_config()
+  config.data_dir = data_dir
+  config.model.num_blocks, config.model.hidden_dim = 2, 32
+  config.model.tokens_mlp_dim, config.model.channels_mlp_dim = 16, 64
+  config.num_train_steps, config.warmup_steps = 20, 2
+  config.log_every_steps, config.eval_every_steps = 2, 100
+  config.checkpoint_every_steps, config.keep_checkpoints = 100, 5
+  config.update(overrides)
+  return config
+
+
+def params_of(config, workdir, step=None):
+  state, extra = train.load_train_state(config, str(workdir), step)
+  return jax.device_get(state.params), extra
+
+
+def assert_params_equal(a, b):
+  for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0],
+                          jax.tree.leaves(b)):
+    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7, err_msg=str(path))
+
+
+def test_shortened_quickstart_learns(data_dir, tmp_path):
+  config = quickstart.get_config()
+  config.data_dir = data_dir
+  config.num_train_steps, config.warmup_steps = 100, 10
+  config.log_every_steps, config.eval_every_steps = 25, 50
+  config.checkpoint_every_steps = 50
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  assert summary['steps'] == 100 and not summary['preempted']
+  assert summary['last_eval_accuracy'] > 0.8  # Chance is 0.1.
+  assert summary['best_eval_accuracy'] >= summary['last_eval_accuracy']
+  assert summary['train_step_compilations'] == 1
+  assert summary['last_checkpoint_step'] == 100
+  records = reporting.read_metrics(str(tmp_path))
+  train_steps = [r['step'] for r in records if 'train_loss' in r]
+  eval_steps = [r['step'] for r in records if 'eval_accuracy' in r]
+  assert train_steps == [25, 50, 75, 100] and eval_steps == [50, 100]
+  first, last = records[0], [r for r in records if 'train_loss' in r][-1]
+  assert last['train_loss'] < first['train_loss']
+  assert first['images_per_sec'] > 0 and 'train_learning_rate' in first
+  final_eval = [r for r in records if r['step'] == 100 and
+                'eval_accuracy' in r][0]
+  assert final_eval['eval_examples'] == 359  # Every test image, once.
+  assert final_eval['eval_accuracy'] == summary['last_eval_accuracy']
+  events = [f for f in os.listdir(tmp_path) if 'tfevents' in f]
+  assert events, os.listdir(tmp_path)
+  assert {'50', '100'} <= set(os.listdir(tmp_path / 'checkpoints'))
+
+
+@pytest.fixture(scope='module')
+def reference(data_dir, tmp_path_factory):
+  """An uninterrupted 12-step run saving steps 4, 8 and 12."""
+  config = small_config(data_dir, num_train_steps=12,
+                        checkpoint_every_steps=4)
+  workdir = tmp_path_factory.mktemp('reference')
+  summary = train.train_and_evaluate(config, str(workdir))
+  assert summary['steps'] == 12 and summary['last_checkpoint_step'] == 12
+  params, _ = params_of(config, workdir)
+  return config, workdir, summary, params
+
+
+def test_preemption_then_restart_equals_uninterrupted(reference, tmp_path):
+  config, _, ref_summary, ref_params = reference
+  workdir = tmp_path / 'preempted'
+  metrics_file = workdir / reporting.METRICS_FILE
+
+  def send_sigterm_after_first_log():
+    deadline = time.time() + 300
+    while time.time() < deadline:
+      if metrics_file.exists() and 'train_loss' in metrics_file.read_text():
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+      time.sleep(0.01)
+
+  killer = threading.Thread(target=send_sigterm_after_first_log, daemon=True)
+  killer.start()
+  first = train.train_and_evaluate(config, str(workdir))
+  killer.join()
+  assert first['preempted'], first
+  stopped = first['steps']
+  assert 2 <= stopped < 12 and first['last_checkpoint_step'] == stopped
+  # The handler is released after the run.
+  assert signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None)
+
+  second = train.train_and_evaluate(config, str(workdir))
+  assert second['start_step'] == stopped and second['steps'] == 12
+  assert not second['preempted']
+  assert second['train_step_compilations'] == 1
+  resumed_params, extra = params_of(config, workdir)
+  assert extra['step'] == 12
+  assert_params_equal(ref_params, resumed_params)
+  assert second['last_eval_accuracy'] == ref_summary['last_eval_accuracy']
+
+
+def test_restart_from_an_earlier_step_equals_uninterrupted(reference,
+                                                           tmp_path):
+  config, ref_workdir, _, ref_params = reference
+  workdir = tmp_path / 'run'
+  shutil.copytree(ref_workdir, workdir)
+  # Fall back to step 4 (as if 8 and 12 were damaged) and train again.
+  config = copy.deepcopy(config)
+  config.resume_step = 4
+  summary = train.train_and_evaluate(config, str(workdir))
+  assert summary['start_step'] == 4 and summary['steps'] == 12
+  again, _ = params_of(config, workdir, step=12)
+  assert_params_equal(ref_params, again)
+  aside = workdir / 'checkpoints.set_aside'
+  assert sorted(os.listdir(aside)) == ['12', '8']  # Moved, not deleted.
+
+
+def test_checkpoint_of_another_model_is_refused(reference, tmp_path):
+  config, ref_workdir, _, _ = reference
+  workdir = tmp_path / 'run'
+  shutil.copytree(ref_workdir, workdir)
+  config = copy.deepcopy(config)
+  config.model.hidden_dim = 48
+  with pytest.raises(checkpoints.CheckpointError, match='hidden_dim'):
+    train.train_and_evaluate(config, str(workdir))
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['12', '4', '8']
+
+
+def test_nan_loss_stops_naming_the_step(data_dir, tmp_path):
+  config = small_config(data_dir, optimizer='sgd', b1=0.0, learning_rate=1e9,
+                        warmup_steps=0, grad_clip_norm=0.0, weight_decay=0.0,
+                        end_learning_rate=1e9, checkpoint_every_steps=1,
+                        log_every_steps=1)
+  with pytest.raises(train.NonFiniteLossError) as info:
+    train.train_and_evaluate(config, str(tmp_path))
+  message = str(info.value)
+  bad_step = int(re.search(r'at step (\d+)', message).group(1))
+  assert 'was not saved' in message
+  saved = sorted(int(s) for s in os.listdir(tmp_path / 'checkpoints')
+                 if s.isdigit())
+  assert all(s < bad_step for s in saved), (saved, bad_step)
+  if saved:
+    assert f'checkpoint is step {saved[-1]}' in message
+    params, _ = params_of(config, tmp_path)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
+
+
+def test_bad_config_fails_before_anything_is_written(data_dir, tmp_path):
+  config = small_config(data_dir, batch_size=60)  # 60 % 8 devices != 0.
+  with pytest.raises(config_validation.ConfigError, match='batch_size=60'):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()
+
+
+def test_init_from_an_official_npz_replaces_the_head(data_dir, tmp_path):
+  config = small_config(data_dir, num_train_steps=2, warmup_steps=1,
+                        checkpoint_every_steps=1)
+  source_model = train.create_model(config, 5)  # Another class count.
+  source = models.init_params(source_model, jax.random.PRNGKey(7), 8)
+  npz = str(tmp_path / 'source.npz')
+  pretrained.export_official(source, npz)
+  config.init_from = npz
+  train.train_and_evaluate(config, str(tmp_path / 'run'))
+  # The first update uses learning rate 0 (warmup), so step 1 holds the
+  # initial parameters: the checkpoint's, with a fresh 10-class zero head.
+  params, _ = params_of(config, tmp_path / 'run', step=1)
+  assert params['head']['kernel'].shape == (32, 10)
+  assert not np.any(params['head']['kernel'])
+  np.testing.assert_array_equal(params['stem']['kernel'],
+                                source['stem']['kernel'])
+  np.testing.assert_array_equal(
+      params['MixerBlock_1']['channel_mixing']['Dense_0']['kernel'],
+      source['MixerBlock_1']['channel_mixing']['Dense_0']['kernel'])
+
+
+def test_unwritable_workdir_fails_before_training(data_dir, tmp_path):
+  blocker = tmp_path / 'not_a_directory'
+  blocker.write_text('a file where the workdir should be')
+  config = small_config(data_dir)
+  with pytest.raises(checkpoints.CheckpointError, match='not writable'):
+    train.train_and_evaluate(config, str(blocker / 'run'))
+
+
+@pytest.mark.slow
+def test_command_line_sigterm_saves_and_exits_cleanly(data_dir, tmp_path):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  command = [sys.executable, '-m', 'mixer_jax.train',
+             '--config=configs/quickstart.py', f'--workdir={tmp_path}',
+             f'--config.data_dir={data_dir}', '--config.num_train_steps=3000',
+             '--config.log_every_steps=10']
+  env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS='cpu')
+  process = subprocess.Popen(command, cwd=root, env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  output = []
+  for line in process.stdout:  # Wait until training runs, then preempt.
+    output.append(line)
+    if 'step 10/3000' in line:
+      process.send_signal(signal.SIGTERM)
+      break
+  output.append(process.communicate(timeout=300)[0])
+  text = ''.join(output)
+  assert process.returncode == 0, text[-3000:]
+  assert 'Received SIGTERM' in text and 'preempted                True' in text
+  saved = [int(s) for s in os.listdir(tmp_path / 'checkpoints') if s.isdigit()]
+  assert len(saved) == 1 and 10 <= saved[0] < 3000

@@ -1,0 +1,166 @@
+"""Tests of the jitted train/eval steps: devices, accumulation, compile once."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from sklearn import datasets as sk_datasets
+
+from configs import quickstart
+from mixer_jax import optim
+from mixer_jax import sharding
+from mixer_jax import train
+
+
+def tiny_config(**overrides):
+  config = quickstart.get_config()
+  config.model.num_blocks, config.model.hidden_dim = 1, 16
+  config.model.tokens_mlp_dim, config.model.channels_mlp_dim = 8, 32
+  config.batch_size, config.num_train_steps, config.warmup_steps = 32, 10, 1
+  # SGD keeps float rounding at float level; Adam's g / sqrt(v) would blow
+  # up rounding noise of near-zero gradients and hide real differences.
+  config.optimizer, config.b1, config.learning_rate = 'sgd', 0.9, 0.1
+  config.update(overrides)
+  return config
+
+
+@pytest.fixture(scope='module')
+def digits():
+  data = sk_datasets.load_digits()
+  images = np.round(data.images * 255 / 16) / 127.5 - 1.0
+  images = np.repeat(images[..., None], 3, axis=-1).astype(np.float32)
+  labels = np.eye(10, dtype=np.float32)[data.target]
+  return images, labels
+
+
+def batches(digits, batch_size, count):
+  images, labels = digits
+  return [{'image': images[i * batch_size:(i + 1) * batch_size],
+           'label': labels[i * batch_size:(i + 1) * batch_size]}
+          for i in range(count)]
+
+
+def run_steps(config, data, devices=None):
+  """Trains on `data`; returns (state, host metrics, extras)."""
+  mesh = sharding.create_mesh(devices)
+  model = train.create_model(config, 10)
+  tx = optim.create_optimizer(config, config.num_train_steps)
+  init_fn, p_train, p_eval, _ = train.make_step_functions(
+      config, model, tx, mesh, config.num_train_steps)
+  state = init_fn(jax.random.PRNGKey(config.seed))
+  first_params = state.params
+  metrics = []
+  for batch in data:
+    state, m = p_train(state, sharding.shard_batch(batch, mesh))
+    metrics.append(jax.device_get(m))
+  extras = dict(p_train=p_train, p_eval=p_eval, mesh=mesh,
+                first_params=first_params)
+  return state, metrics, extras
+
+
+@pytest.fixture(scope='module')
+def base_run(digits):
+  return run_steps(tiny_config(), batches(digits, 32, 3))
+
+
+def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
+  for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0],
+                          jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol,
+                               atol=atol, err_msg=str(path))
+
+
+def test_first_loss_is_log_num_classes(base_run):
+  # The head starts at zero, so every class gets logit 0 at step 0.
+  _, metrics, _ = base_run
+  assert metrics[0]['loss'] == pytest.approx(math.log(10), rel=1e-5)
+  assert metrics[0]['learning_rate'] == 0.0  # First warmup step.
+  assert metrics[1]['learning_rate'] == pytest.approx(0.1)
+  assert metrics[2]['loss'] < metrics[0]['loss']
+  zeros = jnp.zeros((2, 10))
+  sigmoid = train.train_steps.per_example_loss(zeros, jnp.eye(10)[:2],
+                                                'sigmoid')
+  np.testing.assert_allclose(sigmoid, [10 * math.log(2)] * 2, rtol=1e-6)
+
+
+def test_eight_devices_match_one_device(digits):
+  # Same global batch, stochastic depth on: only the placement differs.
+  config = tiny_config(grad_accum_steps=2)
+  config.model.stochastic_depth = 0.3
+  data = batches(digits, 32, 3)
+  state8, m8, _ = run_steps(config, data)
+  state1, m1, _ = run_steps(config, data, jax.devices()[:1])
+  assert_trees_close(state8.params, state1.params)
+  np.testing.assert_allclose([m['loss'] for m in m8],
+                             [m['loss'] for m in m1], rtol=1e-5)
+  assert not np.allclose(jax.device_get(state8.params['head']['kernel']), 0)
+
+
+def test_gradient_accumulation_equals_full_batch(digits, base_run):
+  full, m_full, _ = base_run
+  accum, m_accum, _ = run_steps(tiny_config(grad_accum_steps=4),
+                                batches(digits, 32, 3))
+  assert_trees_close(full.params, accum.params, rtol=1e-4, atol=1e-6)
+  for a, b in zip(m_full, m_accum):
+    assert a['loss'] == pytest.approx(b['loss'], rel=1e-5)
+    assert a['grad_norm'] == pytest.approx(b['grad_norm'], rel=1e-4)
+
+
+def test_compiles_once_and_donates_state(base_run):
+  state, _, extras = base_run
+  assert extras['p_train']._cache_size() == 1  # pylint: disable=protected-access
+  assert jax.tree.leaves(extras['first_params'])[0].is_deleted()  # Donated.
+  assert state.step.dtype == jnp.int32 and int(state.step) == 3
+
+
+def test_eval_step_ignores_padding(digits, base_run):
+  state, _, extras = base_run
+  p_eval, mesh = extras['p_eval'], extras['mesh']
+  images, labels = digits
+  mask = np.zeros(32, np.float32)
+  mask[:20] = 1.0
+  padded = {'image': images[:32].copy(), 'label': labels[:32].copy(),
+            'mask': mask}
+  padded['image'][20:] = 0.0  # Padding content must not matter.
+  padded['label'][20:] = 0.0
+  sums = jax.device_get(p_eval(state.params, sharding.shard_batch(padded,
+                                                                  mesh)))
+  logits = state.apply_fn({'params': jax.device_get(state.params)},
+                          images[:20], train=False)
+  correct = np.sum(np.argmax(logits, -1) == np.argmax(labels[:20], -1))
+  assert sums['count'] == 20 and sums['correct'] == correct
+  expected_loss = -np.sum(labels[:20] * jax.nn.log_softmax(logits))
+  assert sums['loss_sum'] == pytest.approx(float(expected_loss), rel=1e-4)
+
+
+def test_label_smoothing_loss():
+  logits = jnp.array([[2.0, 0.0, -1.0]])
+  labels = jnp.array([[1.0, 0.0, 0.0]])
+  log_p = np.asarray(jax.nn.log_softmax(logits))[0]
+  smoothed = np.array([0.9 + 0.1 / 3, 0.1 / 3, 0.1 / 3])
+  expected = -np.sum(smoothed * log_p)
+  loss = train.train_steps.per_example_loss(logits, labels, 'softmax', 0.1)
+  assert float(loss[0]) == pytest.approx(expected, rel=1e-6)
+
+
+def test_bfloat16_compute_keeps_float32_params(digits, base_run):
+  config = tiny_config()
+  config.model.dtype = 'bfloat16'
+  state, metrics, _ = run_steps(config, batches(digits, 32, 3))
+  dtypes = {x.dtype for x in jax.tree.leaves(state.params)}
+  assert dtypes == {jnp.dtype('float32')}
+  _, metrics32, _ = base_run
+  # Same start (zero head), bfloat16 rounding only: close but not equal.
+  assert metrics[0]['loss'] == pytest.approx(math.log(10), rel=1e-3)
+  losses = np.array([m['loss'] for m in metrics])
+  losses32 = np.array([m['loss'] for m in metrics32])
+  np.testing.assert_allclose(losses, losses32, rtol=0.05)
+  assert not np.array_equal(losses, losses32)
+
+
+def test_num_train_steps_from_epochs():
+  config = tiny_config(num_train_steps=-1, num_epochs=2.5, batch_size=64)
+  assert train.num_train_steps_for(config, 1438) == 57  # ceil(56.17).
+  assert train.num_train_steps_for(tiny_config(), 1438) == 10
