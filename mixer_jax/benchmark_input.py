@@ -33,22 +33,23 @@ import tensorflow as tf
 
 from mixer_jax import input_pipeline
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', 'configs/common.py', 'Base config file.', lock_config=False)
+FLAGS = flags.FLAGS
 
-_RECIPE = flags.DEFINE_enum('recipe', 'both', ['both', 'finetune',
-                                               'inception'],
-                            'Training preprocessing to time.')
-_NUM_IMAGES = flags.DEFINE_integer('num_images', 256, 'JPEG files to make.')
-_WIDTH = flags.DEFINE_integer('width', 500, 'Width of the made images.')
-_HEIGHT = flags.DEFINE_integer('height', 375, 'Height of the made images.')
-_IMAGE_SIZE = flags.DEFINE_integer('image_size', 224, 'Training image side.')
-_BATCH_SIZE = flags.DEFINE_integer('batch_size', 64, 'Batch size.')
-_NUM_BATCHES = flags.DEFINE_integer('num_batches', 20, 'Batches timed.')
-_WARMUP = flags.DEFINE_integer('warmup_batches', 3,
-                               'Batches run before timing starts.')
-_DATA = flags.DEFINE_string('data', '', 'Folder for the images; default a '
-                            'temporary one, deleted afterwards.')
+def _define_flags():
+  """Defines the command-line flags (only when run as a program)."""
+  config_flags.DEFINE_config_file(
+      'config', 'configs/common.py', 'Base config file.', lock_config=False)
+  flags.DEFINE_enum('recipe', 'both', ['both', 'finetune', 'inception'],
+                    'Training preprocessing to time.')
+  flags.DEFINE_integer('num_images', 256, 'JPEG files to make.')
+  flags.DEFINE_integer('width', 500, 'Width of the made images.')
+  flags.DEFINE_integer('height', 375, 'Height of the made images.')
+  flags.DEFINE_integer('image_size', 224, 'Training image side.')
+  flags.DEFINE_integer('batch_size', 64, 'Batch size.')
+  flags.DEFINE_integer('num_batches', 20, 'Batches timed.')
+  flags.DEFINE_integer('warmup_batches', 3, 'Batches run before timing starts.')
+  flags.DEFINE_string('data', '', 'Folder for the images; default a '
+                      'temporary one, deleted afterwards.')
 
 
 def make_jpegs(root, num_images, width, height, num_classes=10, seed=0):
@@ -109,22 +110,23 @@ def images_per_second(config, num_batches, warmup_batches):
 
 def main(argv):
   del argv
-  recipes = (['finetune', 'inception'] if _RECIPE.value == 'both'
-             else [_RECIPE.value])
+  recipes = (['finetune', 'inception'] if FLAGS.recipe == 'both'
+             else [FLAGS.recipe])
   with tempfile.TemporaryDirectory() as tmp:
-    root = _DATA.value or tmp
+    root = FLAGS.data or tmp
     if not os.path.isdir(os.path.join(root, 'train')):
-      size = make_jpegs(root, _NUM_IMAGES.value, _WIDTH.value, _HEIGHT.value)
-      print(f'Made {_NUM_IMAGES.value} JPEGs of {_WIDTH.value}x'
-            f'{_HEIGHT.value}, {size / 1024:.0f} KiB each, in {root}')
+      size = make_jpegs(root, FLAGS.num_images, FLAGS.width, FLAGS.height)
+      print(f'Made {FLAGS.num_images} JPEGs of {FLAGS.width}x'
+            f'{FLAGS.height}, {size / 1024:.0f} KiB each, in {root}')
     for recipe in recipes:
-      config = recipe_config(_CONFIG.value, recipe, root, _IMAGE_SIZE.value,
-                             _BATCH_SIZE.value)
-      rate = images_per_second(config, _NUM_BATCHES.value, _WARMUP.value)
-      print(f'{recipe:>9}: {rate:7.1f} images/s  ({_IMAGE_SIZE.value}x'
-            f'{_IMAGE_SIZE.value}, batch {_BATCH_SIZE.value}, '
+      config = recipe_config(FLAGS.config, recipe, root, FLAGS.image_size,
+                             FLAGS.batch_size)
+      rate = images_per_second(config, FLAGS.num_batches, FLAGS.warmup_batches)
+      print(f'{recipe:>9}: {rate:7.1f} images/s  ({FLAGS.image_size}x'
+            f'{FLAGS.image_size}, batch {FLAGS.batch_size}, '
             f'{os.cpu_count()} CPUs)', flush=True)
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)

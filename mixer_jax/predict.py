@@ -139,22 +139,27 @@ def format_prediction(prediction: Prediction,
   return '\n'.join(lines)
 
 
-_CHECKPOINT = flags.DEFINE_string(
-    'checkpoint', None, 'Registry name (e.g. imagenet1k/Mixer-B_16) or path '
-    'to an official-format .npz.', required=True)
-_IMAGE_SIZE = flags.DEFINE_integer(
-    'image_size', 0, 'Input side; 0 uses the checkpoint\'s own resolution.')
-_CROP = flags.DEFINE_enum(
-    'crop', 'resize_crop', ['resize_crop', 'resize'],
-    'resize_crop: short side to --resize_size, central crop (ImageNet '
-    'eval); resize: plain resize (fine-tuning eval).')
-_RESIZE_SIZE = flags.DEFINE_integer(
-    'resize_size', 0, 'Short side before the central crop; 0 means '
-    'image_size * 256 / 224.')
-_TOP_K = flags.DEFINE_integer('top_k', 5, 'Classes printed per image.')
-_LABELS = flags.DEFINE_string(
-    'labels', 'auto', "'auto', 'imagenet2012', 'none' (indices) or a text "
-    'file with one class name per line.')
+FLAGS = flags.FLAGS
+
+
+def _define_flags():
+  """Defines the command-line flags (only when run as a program)."""
+  flags.DEFINE_string(
+      'checkpoint', None, 'Registry name (e.g. imagenet1k/Mixer-B_16) or path '
+      'to an official-format .npz.', required=True)
+  flags.DEFINE_integer(
+      'image_size', 0, 'Input side; 0 uses the checkpoint\'s own resolution.')
+  flags.DEFINE_enum(
+      'crop', 'resize_crop', ['resize_crop', 'resize'],
+      'resize_crop: short side to --resize_size, central crop (ImageNet '
+      'eval); resize: plain resize (fine-tuning eval).')
+  flags.DEFINE_integer(
+      'resize_size', 0, 'Short side before the central crop; 0 means '
+      'image_size * 256 / 224.')
+  flags.DEFINE_integer('top_k', 5, 'Classes printed per image.')
+  flags.DEFINE_string(
+      'labels', 'auto', "'auto', 'imagenet2012', 'none' (indices) or a text "
+      'file with one class name per line.')
 
 
 def main(argv):
@@ -162,21 +167,21 @@ def main(argv):
   if not paths:
     raise app.UsageError('Give one or more image files after the flags.')
   try:
-    _, entry = registry.resolve(_CHECKPOINT.value)
+    _, entry = registry.resolve(FLAGS.checkpoint)
     model, params = pretrained.load_pretrained(
-        _CHECKPOINT.value, image_size=_IMAGE_SIZE.value or None)
+        FLAGS.checkpoint, image_size=FLAGS.image_size or None)
     if not model.num_classes:
-      raise ValueError(f'{_CHECKPOINT.value} has no classification head.')
-    names = class_names(_LABELS.value, model.num_classes, entry)
+      raise ValueError(f'{FLAGS.checkpoint} has no classification head.')
+    names = class_names(FLAGS.labels, model.num_classes, entry)
   except (FileNotFoundError, ValueError) as e:
     # Checkpoint problems are the user's to fix: a message, not a traceback.
-    print(f'Cannot use --checkpoint={_CHECKPOINT.value}: {e}', file=sys.stderr)
+    print(f'Cannot use --checkpoint={FLAGS.checkpoint}: {e}', file=sys.stderr)
     return 2
-  image_size = _IMAGE_SIZE.value or pretrained.infer_architecture(
+  image_size = FLAGS.image_size or pretrained.infer_architecture(
       pretrained.flatten(params)).image_size
   results = classify_files(model, params, paths, image_size=image_size,
-                           crop=_CROP.value, resize_size=_RESIZE_SIZE.value,
-                           top_k=_TOP_K.value)
+                           crop=FLAGS.crop, resize_size=FLAGS.resize_size,
+                           top_k=FLAGS.top_k)
   for result in results:
     print(format_prediction(result, names))
   failed = [r.path for r in results if r.error]
@@ -188,4 +193,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)
