@@ -10,6 +10,7 @@ or checkpoint files.
 """
 
 import dataclasses
+import functools
 import re
 from typing import Any, Optional
 
@@ -84,24 +85,105 @@ def get_spec(variant: str, **overrides: int) -> MixerSpec:
   return MixerSpec(**fields)
 
 
+_SQRT_2_OVER_PI = float(np.sqrt(2.0 / np.pi))
+
+
+def _gelu_derivative(z, approximate):
+  """d gelu(z) / dz for float32 `z` (tanh or exact form)."""
+  if approximate:
+    t = jnp.tanh(_SQRT_2_OVER_PI * (z + 0.044715 * z ** 3))
+    return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * _SQRT_2_OVER_PI * (
+        1.0 + 3.0 * 0.044715 * z * z)
+  cdf = 0.5 * (1.0 + jax.lax.erf(z * float(1.0 / np.sqrt(2.0))))
+  return cdf + z * jnp.exp(-0.5 * z * z) * float(1.0 / np.sqrt(2.0 * np.pi))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _bias_gelu(h, bias, approximate):
+  """gelu(h + bias), keeping only `h` for the backward pass."""
+  return jax.nn.gelu(h + bias, approximate=approximate)
+
+
+def _bias_gelu_fwd(h, bias, approximate):
+  return _bias_gelu(h, bias, approximate), (h, bias)
+
+
+def _bias_gelu_bwd(approximate, residuals, grad):
+  # Autodiff would store tanh(...) of the widest activation for the backward
+  # pass (one more write and read of the MLP's hidden tensor per layer); the
+  # derivative is recomputed from h instead, fused into the one loop that
+  # reads the incoming gradient. The barrier keeps XLA from merging this
+  # recomputation with the forward's tanh, which would store it again.
+  h, bias = jax.lax.optimization_barrier(residuals)
+  z = (h + bias).astype(jnp.float32)
+  dz = grad.astype(jnp.float32) * _gelu_derivative(z, approximate)
+  axes = tuple(i for i, n in enumerate(bias.shape) if n == 1 < h.shape[i])
+  dbias = jnp.sum(dz, axis=axes, keepdims=True).astype(bias.dtype)
+  return dz.astype(h.dtype), dbias
+
+
+_bias_gelu.defvjp(_bias_gelu_fwd, _bias_gelu_bwd)
+
+
+class DenseParams(nn.Module):
+  """The `kernel` and `bias` of an `nn.Dense`, without applying them.
+
+  Same names, shapes, dtype (float32) and initialisers as `nn.Dense`, so the
+  parameter tree and its initial values match the official layout, while
+  `MlpBlock` chooses how to multiply.
+
+  Attributes:
+    in_features: rows of the kernel.
+    features: columns of the kernel, size of the bias.
+  """
+  in_features: int
+  features: int
+
+  @nn.compact
+  def __call__(self):
+    kernel = self.param('kernel', nn.linear.default_kernel_init,
+                        (self.in_features, self.features), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros_init(), (self.features,),
+                      jnp.float32)
+    return kernel, bias
+
+
 class MlpBlock(nn.Module):
-  """Dense -> GELU -> Dense over the last axis, back to the input width.
+  """Dense -> GELU -> Dense along one axis, back to the input width.
+
+  Parameters are `Dense_0/{kernel,bias}` and `Dense_1/{kernel,bias}` with
+  kernels (width, mlp_dim) and (mlp_dim, width), whichever axis is mixed.
 
   Attributes:
     mlp_dim: hidden width.
     gelu_approximate: tanh GELU (as the official weights were trained) when
       True, exact erf GELU (PyTorch/timm) when False.
     dtype: computation dtype; parameters stay float32.
+    axis: -1 mixes along the last axis; 0 along the first, computed as
+      kernel^T @ x on x viewed as (width, everything else), so the caller
+      needs no transpose (how token mixing runs on tokens-major activations).
   """
   mlp_dim: int
   gelu_approximate: bool = True
   dtype: Any = jnp.float32
+  axis: int = -1
 
   @nn.compact
   def __call__(self, x):
-    y = nn.Dense(self.mlp_dim, dtype=self.dtype)(x)
-    y = nn.gelu(y, approximate=self.gelu_approximate)
-    return nn.Dense(x.shape[-1], dtype=self.dtype)(y)
+    if self.axis not in (0, -1):
+      raise ValueError(f'MlpBlock axis must be 0 or -1, got {self.axis}.')
+    width = x.shape[self.axis]
+    k0, b0 = DenseParams(width, self.mlp_dim, name='Dense_0')()
+    k1, b1 = DenseParams(self.mlp_dim, width, name='Dense_1')()
+    k0, b0, k1, b1, x2 = (a.astype(self.dtype) for a in (k0, b0, k1, b1, x))
+    # Every product below is a plain 2-D matmul over contiguous memory.
+    if self.axis == -1:
+      x2 = x2.reshape(-1, width)
+      y = _bias_gelu(x2 @ k0, b0[None, :], self.gelu_approximate)
+      return (y @ k1 + b1[None, :]).reshape(x.shape)
+    x2 = x2.reshape(width, -1)
+    y = _bias_gelu(k0.T @ x2, b0[:, None], self.gelu_approximate)
+    return (k1.T @ y + b1[:, None]).reshape(x.shape)
 
 
 class MixerBlock(nn.Module):
@@ -115,35 +197,75 @@ class MixerBlock(nn.Module):
       rescaled by 1/(1-p), so the paper's rate (0.1) means what it meant there.
     gelu_approximate: see `MlpBlock`.
     dtype: computation dtype.
+    tokens_major: input layout. False: (batch, tokens, channels), the
+      paper's. True: (tokens, batch, channels), which `MlpMixer` uses inside
+      so that token mixing needs no transposes (see `MlpMixer`).
   """
   tokens_mlp_dim: int
   channels_mlp_dim: int
   stochastic_depth: float = 0.0
   gelu_approximate: bool = True
   dtype: Any = jnp.float32
+  tokens_major: bool = False
 
   def _keep_mask(self, x, train):
     """Per-example 0/1 multiplier for a residual branch, or 1 if inactive."""
     if not train or self.stochastic_depth <= 0.0:
       return 1.0
-    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    # x is (tokens, batch, channels) here; one draw per example.
     drop = jax.random.bernoulli(
-        self.make_rng('dropout'), self.stochastic_depth, shape)
+        self.make_rng('dropout'), self.stochastic_depth, (1, x.shape[1], 1))
     return 1.0 - drop.astype(x.dtype)
 
   @nn.compact
   def __call__(self, x, *, train=False):
-    # x: (batch, tokens, channels).
+    if not self.tokens_major:
+      x = jnp.swapaxes(x, 0, 1)
     y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='LayerNorm_0')(x)
-    y = jnp.swapaxes(y, 1, 2)  # Mix along tokens: tokens become the last axis.
     y = MlpBlock(self.tokens_mlp_dim, self.gelu_approximate, self.dtype,
-                 name='token_mixing')(y)
-    y = jnp.swapaxes(y, 1, 2)
+                 axis=0, name='token_mixing')(y)
     x = x + y * self._keep_mask(x, train)
     y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='LayerNorm_1')(x)
     y = MlpBlock(self.channels_mlp_dim, self.gelu_approximate, self.dtype,
                  name='channel_mixing')(y)
-    return x + y * self._keep_mask(x, train)
+    x = x + y * self._keep_mask(x, train)
+    return x if self.tokens_major else jnp.swapaxes(x, 0, 1)
+
+
+class PatchStem(nn.Module):
+  """Per-patch linear projection: what the stride-P, P x P convolution does.
+
+  Parameters `kernel` (P, P, 3, C) and `bias` (C,) have the names, shapes and
+  initialisers of the official `nn.Conv` stem, so checkpoints load unchanged;
+  computing it as one matmul over flattened patches avoids the convolution
+  (and, when training, its kernel-gradient convolution and input transposes).
+
+  Attributes:
+    hidden_dim: output channels C.
+    patch_size: P.
+    dtype: computation dtype.
+  """
+  hidden_dim: int
+  patch_size: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images):
+    """Returns (tokens, batch, C) with the tokens in row-major patch order."""
+    batch, height, width, chans = images.shape
+    p = self.patch_size
+    rows, cols = height // p, width // p
+    kernel = self.param('kernel', nn.linear.default_kernel_init,
+                        (p, p, chans, self.hidden_dim), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros_init(),
+                      (self.hidden_dim,), jnp.float32)
+    x = images.astype(self.dtype).reshape(batch, rows, p, cols, p, chans)
+    # (row, col, batch, p, p, chans): patch pixels flatten in the kernel's
+    # (kh, kw, cin) order.
+    x = x.transpose(1, 3, 0, 2, 4, 5).reshape(rows * cols * batch, -1)
+    x = x @ kernel.astype(self.dtype).reshape(-1, self.hidden_dim)
+    x = x + bias.astype(self.dtype)
+    return x.reshape(rows * cols, batch, self.hidden_dim)
 
 
 class MlpMixer(nn.Module):
@@ -152,6 +274,18 @@ class MlpMixer(nn.Module):
   Input: NHWC float images scaled to [-1, 1], height and width divisible by
   `patch_size`. Output: float32 logits (batch, num_classes), or the pooled
   (batch, hidden_dim) features when `num_classes` is None or 0.
+
+  The function is the paper's; the layout is chosen for speed. Activations
+  are kept tokens-major, (tokens, batch, channels): channel mixing is then a
+  matmul over (tokens * batch, channels) and token mixing a matmul of the
+  transposed (small) kernel with (tokens, batch * channels), so no
+  activation is transposed inside the blocks, forward or backward (only the
+  input images, once, into patches). The stem is the patch matmul that its
+  stride-P convolution amounts to. GELU and its bias run as
+  one function whose backward recomputes the activation rather than storing
+  it (a `jax.custom_vjp`: reverse-mode gradients only, so no `jax.jvp` or
+  `jax.hessian` through the model). `reference_model.py` is the plain
+  version the tests compare this one with.
 
   Attributes:
     num_classes: size of the head; None or 0 for no head (features).
@@ -186,19 +320,16 @@ class MlpMixer(nn.Module):
       raise ValueError(
           f'Image size {height}x{width} is not divisible by the patch size '
           f'{self.patch_size}; resize or crop the images to a multiple of it.')
-    x = nn.Conv(self.hidden_dim, (self.patch_size, self.patch_size),
-                strides=(self.patch_size, self.patch_size), padding='VALID',
-                dtype=self.dtype, name='stem')(images)
-    batch, rows, cols, channels = x.shape
-    x = x.reshape(batch, rows * cols, channels)  # Row-major patch order.
+    x = PatchStem(self.hidden_dim, self.patch_size, self.dtype,
+                  name='stem')(images)
     for i in range(self.num_blocks):
       rate = self.stochastic_depth * i / max(self.num_blocks - 1, 1)
       x = MixerBlock(self.tokens_mlp_dim, self.channels_mlp_dim, rate,
-                     self.gelu_approximate, self.dtype,
+                     self.gelu_approximate, self.dtype, tokens_major=True,
                      name=f'MixerBlock_{i}')(x, train=train)
     x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype,
                      name='pre_head_layer_norm')(x)
-    x = jnp.mean(x.astype(jnp.float32), axis=1)
+    x = jnp.mean(x.astype(jnp.float32), axis=0)  # Over tokens.
     if not self.num_classes:
       return x
     return nn.Dense(self.num_classes, dtype=jnp.float32, name='head',
