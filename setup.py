@@ -23,9 +23,11 @@ INSTALL_REQUIRES = [
     'tensorboard>=2.21',  # clu's metric writers import it.
 ]
 
+_NOTEBOOKS = ['matplotlib>=3.8']
 EXTRAS_REQUIRE = {
+    'notebooks': _NOTEBOOKS,
     'test': ['pytest>=8.0', 'nbclient>=0.10', 'papermill>=2.6',
-             'ipykernel>=6.29', 'nbformat>=5.10'],
+             'ipykernel>=6.29', 'nbformat>=5.10'] + _NOTEBOOKS,
 }
 
 setuptools.setup(

@@ -51,6 +51,9 @@ FAMILIES = {
 }
 PAPER_PATCH_SIZES = {'S': (32, 16, 8), 'B': (32, 16), 'L': (32, 16), 'H': (14,)}
 # Variant names as the official checkpoints spell them (`Mixer-B_16.npz`).
+# Computation dtypes the model supports; parameters are always float32.
+COMPUTE_DTYPES = (jnp.dtype('float32'), jnp.dtype('bfloat16'),
+                  jnp.dtype('float16'))
 PAPER_VARIANTS = tuple(f'{family}_{patch}'
                        for family, patches in PAPER_PATCH_SIZES.items()
                        for patch in patches)
@@ -210,7 +213,9 @@ class MixerBlock(nn.Module):
 
   def _keep_mask(self, x, train):
     """Per-example 0/1 multiplier for a residual branch, or 1 if inactive."""
-    if not train or self.stochastic_depth <= 0.0:
+    # Inference, a zero rate, or no 'dropout' rng: the branch is always kept.
+    if (not train or self.stochastic_depth <= 0.0 or
+        not self.has_rng('dropout')):
       return 1.0
     # x is (tokens, batch, channels) here; one draw per example.
     drop = jax.random.bernoulli(
@@ -360,16 +365,32 @@ def create_model(variant: str, num_classes: Optional[int] = 1000, *,
   rate = options.get('stochastic_depth', 0.0)
   if not 0.0 <= rate < 1.0:
     raise ValueError(f'stochastic_depth={rate} must be in [0, 1).')
-  return MlpMixer(num_classes=num_classes, dtype=jnp.dtype(dtype),
+  if not isinstance(options.get('gelu_approximate', True), bool):
+    raise TypeError('gelu_approximate must be True (tanh GELU, official) or '
+                    'False (exact GELU, timm).')
+  try:
+    compute_dtype = jnp.dtype(dtype)
+  except TypeError:
+    compute_dtype = None
+  if compute_dtype not in COMPUTE_DTYPES:
+    raise ValueError(f'dtype={dtype!r} is not a computation dtype of the '
+                     f'model; use one of {[d.name for d in COMPUTE_DTYPES]}.')
+  if num_classes is not None and (not isinstance(num_classes, (int, np.integer))
+                                  or num_classes < 0):
+    raise ValueError(f'num_classes={num_classes!r} must be an int >= 0 (0 or '
+                     'None: no head, pooled features).')
+  return MlpMixer(num_classes=num_classes, dtype=compute_dtype,
                   **dataclasses.asdict(spec), **options)
 
 
-def num_tokens(model: MlpMixer, image_size: int) -> int:
-  """Tokens per image for a square `image_size`, checking divisibility."""
-  if image_size % model.patch_size:
-    raise ValueError(f'image_size={image_size} is not divisible by the patch '
-                     f'size {model.patch_size}.')
-  return (image_size // model.patch_size) ** 2
+def num_tokens(model: MlpMixer, image_size) -> int:
+  """Tokens per image of side `image_size` or size (height, width)."""
+  height, width = ((image_size, image_size) if np.ndim(image_size) == 0
+                   else image_size)
+  if height % model.patch_size or width % model.patch_size:
+    raise ValueError(f'image size {height}x{width} is not divisible by the '
+                     f'patch size {model.patch_size}.')
+  return (height // model.patch_size) * (width // model.patch_size)
 
 
 def count_params(params) -> int:
@@ -377,8 +398,10 @@ def count_params(params) -> int:
   return int(sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(params)))
 
 
-def flops_per_image(model: MlpMixer, image_size: int) -> int:
-  """Forward-pass FLOPs of one square image, counting 2 per multiply-add.
+def flops_per_image(model: MlpMixer, image_size) -> int:
+  """Forward-pass FLOPs of one image, counting 2 per multiply-add.
+
+  `image_size` is the side of a square image or its (height, width).
 
   Only the matrix products are counted (stem, the two MLPs of every block,
   head); LayerNorm, GELU, residual adds and pooling are a fraction of a

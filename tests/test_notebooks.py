@@ -1,0 +1,318 @@
+"""The Colab notebooks: committed clean, and run end to end offline on a CPU.
+
+Each notebook's `parameters` cell holds the Colab defaults (real checkpoint,
+real data set, TPU-sized model). Here papermill replaces it with a tiny
+variant, the built-in `digits` data and a random official-format checkpoint
+that the notebook writes into a temporary directory, then executes every cell
+in a Jupyter kernel running this interpreter (`python3` kernel spec, which
+jupyter_client starts with `sys.executable`, i.e. the `.venv` of CI). Any cell
+that raises fails the test.
+
+Run just these:  .venv/bin/python -m pytest -q tests/test_notebooks.py
+Strip outputs before committing a notebook run by hand:
+  .venv/bin/python tests/test_notebooks.py notebooks/*.ipynb
+"""
+
+import ast
+import json
+import os
+import pathlib
+import re
+
+import nbformat
+import numpy as np
+import papermill
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+NOTEBOOKS = REPO / 'notebooks'
+NAMES = ('quickstart.ipynb', 'finetune.ipynb')
+# Colab opens a notebook straight from GitHub at this address (OWNER is the
+# GitHub account or organisation hosting the repository).
+COLAB_URL = (r'https://colab\.research\.google\.com/github/[\w.-]+/mixer_jax/'
+             r'blob/main/notebooks/{name}')
+
+# A model small enough to train for a few steps on a shared 2-core CPU:
+# 16x16 images in 4x4 patches give 16 tokens.
+TINY_MODEL = {'num_blocks': 2, 'hidden_dim': 32, 'tokens_mlp_dim': 16,
+              'channels_mlp_dim': 64}
+TINY_SIZE = 16
+
+
+def strip_outputs(nb):
+  """Removes everything an execution adds: outputs, counts, papermill cells.
+
+  Args:
+    nb: a notebook (nbformat NotebookNode), changed in place.
+
+  Returns:
+    `nb`.
+  """
+  nb.cells = [c for c in nb.cells
+              if 'injected-parameters' not in c.metadata.get('tags', [])]
+  for cell in nb.cells:
+    if cell.cell_type == 'code':
+      cell.outputs = []
+      cell.execution_count = None
+    for key in ('execution', 'papermill'):
+      cell.metadata.pop(key, None)
+    if cell.metadata.get('tags') == []:  # Papermill adds empty tag lists.
+      del cell.metadata['tags']
+  for key in ('papermill', 'widgets'):
+    nb.metadata.pop(key, None)
+  return nb
+
+
+def _read(name):
+  return nbformat.read(NOTEBOOKS / name, as_version=4)
+
+
+def _code(cell):
+  """Cell source with IPython escapes (`!cmd`, `%magic`) made plain Python."""
+  return re.sub(r'^(\s*)[!%].*$', r'\1pass', cell.source, flags=re.M)
+
+
+def _parameters_cell(nb):
+  tagged = [c for c in nb.cells if 'parameters' in c.metadata.get('tags', [])]
+  assert len(tagged) == 1, 'need exactly one cell tagged "parameters"'
+  return tagged[0]
+
+
+def _parameter_defaults(nb):
+  """Name -> default value of every assignment in the parameters cell."""
+  tree = ast.parse(_parameters_cell(nb).source)
+  defaults = {}
+  for node in tree.body:
+    assert isinstance(node, ast.Assign), ast.dump(node)
+    (target,) = node.targets
+    defaults[target.id] = ast.literal_eval(node.value)
+  return defaults
+
+
+def _offline_parameters(name, tmp_path):
+  """The overrides that make `name` run offline on the CPU."""
+  if name == 'quickstart.ipynb':
+    return {
+        'install': False,
+        'checkpoint': str(tmp_path / 'random_mixer_s4.npz'),
+        'random_checkpoint_model': dict(variant='S_4', **TINY_MODEL),
+        'image_size': TINY_SIZE,
+        'image_urls': [p.as_uri() for p in _write_digit_jpegs(tmp_path)],
+        'batch_per_device': 2,
+        'timing_repeats': 2,
+    }
+  return {
+      'install': False,
+      'init_from': str(tmp_path / 'random_mixer_s4.npz'),
+      'make_random_checkpoint': True,
+      'variant': 'S_4',
+      'dataset': 'digits',
+      'image_size': TINY_SIZE,
+      'batch_size': 16,
+      'num_train_steps': 6,
+      'eval_every_steps': 3,
+      'workdir': str(tmp_path / 'workdir'),
+      'config_overrides': {
+          **{f'model.{k}': v for k, v in TINY_MODEL.items()},
+          'warmup_steps': 2, 'grad_accum_steps': 2, 'log_every_steps': 1,
+          'shuffle_buffer': 100},
+  }
+
+
+def _write_digit_jpegs(tmp_path, count=3):
+  """Writes a few of scikit-learn's 8x8 digits as 48x64 RGB JPEG files."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from sklearn import datasets  # pylint: disable=g-import-not-at-top
+
+  digits = datasets.load_digits()
+  paths = []
+  for i in range(count):
+    gray = (digits.images[i] * (255.0 / 16.0)).astype(np.uint8)
+    rgb = np.stack([gray, 255 - gray, gray // 2], axis=-1)  # Not square:
+    image = Image.fromarray(rgb).resize((64, 48))  # exercises the crop.
+    paths.append(tmp_path / f'digit_{i}.jpg')
+    image.save(paths[-1])
+  return paths
+
+
+def _stdout(nb):
+  text = []
+  for cell in nb.cells:
+    for output in cell.get('outputs', []):
+      if output.get('name') == 'stdout':
+        text.append(output['text'])
+  return ''.join(text)
+
+
+def _images(nb):
+  return [o for c in nb.cells for o in c.get('outputs', [])
+          if 'image/png' in o.get('data', {})]
+
+
+# ----------------------------------------------------- Committed notebooks.
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_committed_without_outputs(name):
+  nb = _read(name)
+  nbformat.validate(nb)
+  for i, cell in enumerate(nb.cells):
+    if cell.cell_type == 'code':
+      assert cell.outputs == [], (
+          f'{name} cell {i} has outputs; clear them before committing: '
+          f'python tests/test_notebooks.py notebooks/{name}')
+      assert cell.execution_count is None, f'{name} cell {i} execution_count'
+  # Nothing else an execution leaves behind either.
+  assert nb == strip_outputs(_read(name)), f'{name} is not stripped'
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_opens_with_text_and_colab_link(name):
+  nb = _read(name)
+  first = nb.cells[0]
+  assert first.cell_type == 'markdown'
+  assert first.source.startswith('# ')
+  assert re.search(COLAB_URL.format(name=re.escape(name)), first.source)
+  assert 'colab-badge.svg' in first.source
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_every_code_cell_is_valid_python(name):
+  for i, cell in enumerate(_read(name).cells):
+    if cell.cell_type == 'code':
+      try:
+        ast.parse(_code(cell))
+      except SyntaxError as e:
+        raise AssertionError(f'{name} cell {i}: {e}') from e
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_parameters_cell_defaults_are_colab_settings(name, tmp_path):
+  nb = _read(name)
+  defaults = _parameter_defaults(nb)
+  assert defaults['install'] is True
+  # The offline run overrides only parameters the notebook defines, so a typo
+  # in a name cannot silently leave the Colab default in place.
+  unknown = set(_offline_parameters(name, tmp_path)) - set(defaults)
+  assert not unknown, f'{name} has no parameters {sorted(unknown)}'
+  if name == 'quickstart.ipynb':
+    assert defaults['checkpoint'] == 'imagenet1k/Mixer-B_16'
+    assert defaults['image_size'] == 224
+    assert not defaults['random_checkpoint_model']
+    assert all(u.startswith('https://') for u in defaults['image_urls'])
+  else:
+    assert defaults['init_from'] == 'imagenet1k/Mixer-B_16'
+    assert defaults['make_random_checkpoint'] is False
+    assert defaults['dataset'] == 'cifar10'
+    assert defaults['variant'] == 'B_16'
+    assert defaults['config_overrides'] == {}
+    assert defaults['image_size'] == 224
+  # The install cell is the only one with shell commands (the only one that
+  # reaches the network) and is skipped when `install` is False.
+  shell = [c for c in nb.cells if c.cell_type == 'code' and
+           re.search(r'^\s*[!%]', c.source, flags=re.M)]
+  assert len(shell) == 1
+  assert shell[0].source.startswith('if install:\n')
+  assert 'pip install' in shell[0].source
+
+
+# ------------------------------------------------------- Offline execution.
+
+
+def _execute(name, tmp_path, monkeypatch):
+  """Runs notebook `name` with the offline parameters; returns the result."""
+  # The kernel inherits this environment: XLA_FLAGS from conftest (8 CPU
+  # devices), the working tree on the path, private checkpoint and data
+  # directories.
+  monkeypatch.setenv('PYTHONPATH', os.pathsep.join(
+      [str(REPO)] + [p for p in os.environ.get('PYTHONPATH', '').split(
+          os.pathsep) if p]))
+  monkeypatch.setenv('MIXER_JAX_CACHE', str(tmp_path / 'cache'))
+  monkeypatch.setenv('TFDS_DATA_DIR', str(tmp_path / 'tensorflow_datasets'))
+  monkeypatch.setenv('MPLBACKEND', 'module://matplotlib_inline.backend_inline')
+  # Compiling dominates a few steps of a tiny model; optimise less.
+  monkeypatch.setenv('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
+  output = tmp_path / f'executed_{name}'
+  papermill.execute_notebook(
+      str(NOTEBOOKS / name), str(output),
+      parameters=_offline_parameters(name, tmp_path),
+      kernel_name='python3', cwd=str(REPO), progress_bar=False,
+      execution_timeout=600)
+  return nbformat.read(output, as_version=4)
+
+
+def _npz_size(path):
+  with np.load(path, allow_pickle=False) as arrays:
+    return sum(arrays[k].size for k in arrays.files)
+
+
+def test_quickstart_runs_offline(tmp_path, monkeypatch):
+  nb = _execute('quickstart.ipynb', tmp_path, monkeypatch)
+  stdout = _stdout(nb)
+  # The count printed is the number of values in the file it loaded.
+  expected = _npz_size(tmp_path / 'random_mixer_s4.npz')
+  assert f'{expected:,} parameters' in stdout
+  # Top-5 labels of each of the three images, from the ImageNet class list.
+  class_names = (REPO / 'mixer_jax' / 'data' /
+                 'imagenet2012_classes.txt').read_text().splitlines()
+  top5 = re.findall(r'^image (\d): (.*)$', stdout, flags=re.M)
+  assert [i for i, _ in top5] == ['0', '1', '2']
+  for _, labels in top5:
+    names = [n.split(' (')[0] for n in labels.split(' | ')]
+    assert len(names) == 5 and set(names) <= set(class_names), labels
+  assert len(_images(nb)) == 1  # The figure with the pictures and labels.
+  speed = re.search(r'([\d,]+) images/s', stdout)
+  assert speed and int(speed.group(1).replace(',', '')) > 0
+  # Stripping the executed notebook gives back the committed cells.
+  committed = _read('quickstart.ipynb')
+  stripped = strip_outputs(nb)
+  assert stripped.cells == committed.cells
+
+
+@pytest.mark.slow  # About a minute on a 2-core CPU, mostly compiling.
+def test_finetune_runs_offline(tmp_path, monkeypatch):
+  nb = _execute('finetune.ipynb', tmp_path, monkeypatch)
+  workdir = tmp_path / 'workdir'
+  with open(workdir / 'metrics.jsonl') as f:
+    records = [json.loads(line) for line in f if line.strip()]
+  steps = {r['step'] for r in records if 'train_loss' in r}
+  assert steps == set(range(1, 7))
+  assert {r['step'] for r in records if 'eval_accuracy' in r} == {3, 6}
+  assert len(_images(nb)) == 1  # Loss and accuracy curves.
+  # The notebook's own evaluation of the weights restored from Orbax agrees
+  # with the training loop's evaluation of the same step, on every image.
+  stdout = _stdout(nb)
+  assert 'restored step 6' in stdout
+  match = re.search(r'test accuracy ([\d.]+)% on (\d+) images \(training run '
+                    r'at its last step: ([\d.]+)%\)', stdout)
+  assert match, stdout
+  assert match.group(1) == match.group(3)
+  assert int(match.group(2)) == 359  # The whole digits test split.
+  last_eval = [r for r in records if 'eval_accuracy' in r][-1]
+  assert float(match.group(1)) == pytest.approx(
+      100 * last_eval['eval_accuracy'], abs=0.005)
+  # The exported file is an official-format checkpoint of the tiny model
+  # with a 10-class digits head.
+  with np.load(workdir / 'finetuned.npz', allow_pickle=False) as f:
+    exported = dict(f)
+  with np.load(tmp_path / 'random_mixer_s4.npz', allow_pickle=False) as f:
+    initial = dict(f)
+  assert exported['head/kernel'].shape == (TINY_MODEL['hidden_dim'], 10)
+  assert initial['head/kernel'].shape == (TINY_MODEL['hidden_dim'], 1000)
+  assert set(exported) == set(initial)  # 2 + 12 per block + 2 + 2 leaves.
+  assert len(exported) == 2 + 12 * TINY_MODEL['num_blocks'] + 4
+  # Training started from the checkpoint (not a fresh initialisation) and
+  # moved every weight: a few small SGD steps keep them close to it.
+  for key in exported:
+    if key.startswith('head/') or not key.endswith('kernel'):
+      continue
+    before, after = initial[key].ravel(), exported[key].ravel()
+    assert not np.array_equal(before, after), key
+    assert np.corrcoef(before, after)[0, 1] > 0.9, key
+
+
+if __name__ == '__main__':
+  import sys  # pylint: disable=g-import-not-at-top
+  for path in sys.argv[1:]:
+    nbformat.write(strip_outputs(nbformat.read(path, as_version=4)), path)
+    print('stripped', path)
