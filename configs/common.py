@@ -98,7 +98,10 @@ def get_config():
   config.keep_best_checkpoint = True  # ...plus the best by eval accuracy.
   # -1 resumes from the newest checkpoint in workdir/checkpoints. K >= 0
   # resumes from step K instead (the fallback when the newest is damaged);
-  # newer steps are moved to checkpoints.set_aside/, never deleted.
+  # newer steps are moved to checkpoints.set_aside/, never deleted. It applies
+  # once: the marker file workdir/resume_step_K.applied makes later starts
+  # with the same flag resume from the newest checkpoint; delete the marker
+  # to fall back to K again.
   config.resume_step = -1
   config.profile_steps = 0  # >0: jax.profiler trace of that many steps.
   config.profile_start_step = 10

@@ -38,9 +38,12 @@ from ml_collections import config_flags
 from mixer_jax import checkpoints
 from mixer_jax import config_validation
 from mixer_jax import models
+from mixer_jax import official_format
+from mixer_jax import registry
 from mixer_jax import reporting
 from mixer_jax import sharding
 from mixer_jax import train_steps
+from mixer_jax.datasets import sources
 
 FLAGS = flags.FLAGS
 _TOP_K = 5
@@ -92,6 +95,8 @@ def load_params(config, checkpoint: str, num_classes: int, mesh,
   """
   kind, location, step = resolve_checkpoint(checkpoint, step)
   if kind == 'orbax':
+    # A run fine-tuned at a higher resolution derived its token-mixing width.
+    config = config_validation.resolve_init_from(config, resuming=True)
     model = train_steps.create_model(config, num_classes)
     replicated = sharding.replicated(mesh)
     target = jax.tree.map(
@@ -195,7 +200,12 @@ def main(argv):
   try:
     result = evaluate(FLAGS.config, FLAGS.checkpoint, step=FLAGS.step)
   except (config_validation.ConfigError, checkpoints.CheckpointError,
-          ValueError, FileNotFoundError) as e:
+          sources.DatasetUnavailableError, sources.BadImagesError,
+          official_format.PretrainedError,
+          registry.CheckpointNotFoundError) as e:
+    # Expected failures: the message says what to do; no traceback (exit 1).
+    raise SystemExit(f'{type(e).__name__}: {e}') from None
+  except (ValueError, FileNotFoundError) as e:
     raise app.UsageError(str(e)) from None
   text = (f'{result["checkpoint"]} on {result["eval_split"]}: '
           f'top-1 {result["top1"]:.4f}, top-5 {result["top5"]:.4f}, '
@@ -220,14 +230,7 @@ def _define_flags():
                        'newest); the fallback when the newest is damaged.')
   flags.DEFINE_string('output', None, 'Also write the results to this JSON '
                       'file.')
-  flags.DEFINE_bool('multihost', False, 'Call jax.distributed.initialize() '
-                    'with cluster auto-detection (TPU pods, SLURM, ...).')
-  flags.DEFINE_string('coordinator_address', None,
-                      'host:port of process 0, for a manual multi-host start.')
-  flags.DEFINE_integer('num_processes', None, 'Processes (with '
-                       '--coordinator_address).')
-  flags.DEFINE_integer('process_id', None, 'This process (with '
-                       '--coordinator_address).')
+  sharding.define_multihost_flags()
   flags.mark_flags_as_required(['config', 'checkpoint'])
 
 

@@ -8,6 +8,7 @@ other processes just log.
 """
 
 import json
+import logging as pylogging
 import math
 import os
 import time
@@ -185,3 +186,28 @@ def log_and_print(text: str) -> None:
   logging.info('%s', text)
   if _print_progress and jax.process_index() == 0:
     print(text, flush=True)
+
+
+class _DropLibraryInfo(pylogging.Filter):
+  """Drops INFO (and lower) records logged from inside noisy libraries."""
+
+  _NOISY = tuple(os.sep + name + os.sep for name in (
+      'orbax', 'etils', 'tensorflow_datasets', 'clu'))
+
+  def filter(self, record):
+    return (record.levelno > pylogging.INFO or
+            not any(part in record.pathname for part in self._NOISY))
+
+
+def quiet_library_logs() -> None:
+  """Keeps library INFO lines out of the progress output.
+
+  Orbax (per save), TFDS (per eval pass) and clu (a copy of every metric,
+  also in metrics.jsonl and TensorBoard) log through absl like this package,
+  so the level cannot be lowered for them alone; a filter on the absl
+  handler drops INFO records whose source file is in one of them. Warnings
+  and errors still show.
+  """
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _DropLibraryInfo) for f in handler.filters):
+    handler.addFilter(_DropLibraryInfo())

@@ -12,6 +12,7 @@ placement; the training loop only asks it for shardings.
 import collections
 from typing import Iterable, Iterator, Optional, Sequence
 
+from absl import flags
 from absl import logging
 import jax
 from jax.sharding import Mesh
@@ -139,3 +140,20 @@ def prefetch(batches: Iterable, mesh: Mesh, size: int = 2) -> Iterator:
   while queue:
     yield queue.popleft()
     enqueue(1)
+
+
+def define_multihost_flags():
+  """Defines the multi-host start flags shared by the command-line programs.
+
+  Read by `initialize_distributed(FLAGS.coordinator_address,
+  FLAGS.num_processes, FLAGS.process_id)` when `--multihost` or
+  `--coordinator_address` is given.
+  """
+  flags.DEFINE_bool('multihost', False, 'Call jax.distributed.initialize() '
+                    'with cluster auto-detection (TPU pods, SLURM, ...).')
+  flags.DEFINE_string('coordinator_address', None,
+                      'host:port of process 0, for a manual multi-host start.')
+  flags.DEFINE_integer('num_processes', None, 'Processes (with '
+                       '--coordinator_address).')
+  flags.DEFINE_integer('process_id', None, 'This process (with '
+                       '--coordinator_address).')

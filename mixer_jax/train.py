@@ -24,6 +24,7 @@ from typing import Any, Dict, Optional
 from absl import app
 from absl import flags
 from absl import logging
+from etils import epath
 import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
@@ -33,11 +34,14 @@ from mixer_jax import checkpoints
 from mixer_jax import config_validation
 from mixer_jax import input_pipeline
 from mixer_jax import models
+from mixer_jax import official_format
 from mixer_jax import optim
 from mixer_jax import pretrained
+from mixer_jax import registry
 from mixer_jax import reporting
 from mixer_jax import sharding
 from mixer_jax import train_steps
+from mixer_jax.datasets import sources
 
 # The public step API lives in train_steps.py; these names are the contract.
 TrainState = train_steps.TrainState
@@ -52,6 +56,14 @@ FLAGS = flags.FLAGS
 
 class NonFiniteLossError(FloatingPointError):
   """The training loss or gradient became NaN or infinite."""
+
+
+# Failures whose message says what to do: the programs print it without a
+# traceback. Anything else is a bug and keeps its traceback.
+EXPECTED_ERRORS = (config_validation.ConfigError, checkpoints.CheckpointError,
+                   NonFiniteLossError, sources.DatasetUnavailableError,
+                   sources.BadImagesError, official_format.PretrainedError,
+                   registry.CheckpointNotFoundError)
 
 
 def num_train_steps_for(config, train_examples: int) -> int:
@@ -143,10 +155,15 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     config_validation.ConfigError: invalid config (before any compilation).
     NonFiniteLossError: the loss became NaN/inf (names the step).
     checkpoints.CheckpointError: unusable workdir or checkpoint.
+    Errors of `config.init_from` (ConfigError when it does not fit the
+    model, CheckpointNotFoundError, PretrainedError) are raised before
+    anything is compiled or written.
   """
   start_time = time.time()
   config_validation.validate_config(config, num_devices=jax.device_count(),
                                     num_processes=jax.process_count())
+  checkpoint_dir = os.path.join(workdir, CHECKPOINT_DIR)
+  config = _resolve_init_from(config, checkpoint_dir)
   mesh = sharding.create_mesh()
   info = input_pipeline.dataset_info(config)
   num_classes = (info.num_classes if config.num_classes == -1
@@ -158,7 +175,6 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   init_fn, p_train_step, p_eval_step, abstract_state = make_step_functions(
       config, model, tx, mesh, num_train_steps)
 
-  checkpoint_dir = os.path.join(workdir, CHECKPOINT_DIR)
   checkpointer = checkpoints.Checkpointer(
       checkpoint_dir, keep=config.keep_checkpoints,
       keep_best=config.keep_best_checkpoint,
@@ -171,7 +187,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
       f'{config.batch_size} on {jax.device_count()} device(s), '
       f'{jax.process_count()} process(es); workdir {workdir}')
   try:
-    state, extra = _restore_or_init(config, checkpointer, init_fn,
+    state, extra = _restore_or_init(config, workdir, checkpointer, init_fn,
                                     abstract_state, mesh)
     return _train_loop(config, workdir, mesh, state, extra, checkpointer,
                        writer, p_train_step, p_eval_step, num_train_steps,
@@ -179,6 +195,27 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   finally:
     writer.close()
     checkpointer.close()
+
+
+def _has_saved_steps(checkpoint_dir: str) -> bool:
+  path = epath.Path(checkpoint_dir)
+  return path.is_dir() and any(p.name.isdigit() for p in path.iterdir())
+
+
+def _resolve_init_from(config, checkpoint_dir: str):
+  """Checks config.init_from before anything is compiled or written.
+
+  With a resolution change and `model.tokens_mlp_dim` None, returns a copy
+  of the config using K^2 * D_S of the checkpoint (paper, Appendix C).
+  """
+  resuming = config.resume_step >= 0 or _has_saved_steps(checkpoint_dir)
+  resolved = config_validation.resolve_init_from(config, resuming=resuming)
+  if resolved is not config:
+    reporting.log_and_print(
+        f'model.tokens_mlp_dim={resolved.model.tokens_mlp_dim} from '
+        f'{config.init_from} at image_size {config.image_size} (K^2 * D_S, '
+        'paper Appendix C).')
+  return resolved
 
 
 def load_train_state(config, workdir: str, step: Optional[int] = None):
@@ -192,6 +229,7 @@ def load_train_state(config, workdir: str, step: Optional[int] = None):
   Returns:
     (state, extra): the replicated TrainState and the checkpoint's JSON dict.
   """
+  config = config_validation.resolve_init_from(config, resuming=True)
   info = input_pipeline.dataset_info(config)
   num_classes = (info.num_classes if config.num_classes == -1
                  else config.num_classes)
@@ -211,13 +249,37 @@ def load_train_state(config, workdir: str, step: Optional[int] = None):
     checkpointer.close()
 
 
-def _restore_or_init(config, checkpointer, init_fn, abstract_state, mesh):
-  """Latest (or config.resume_step) checkpoint, else init / init_from."""
+def _resume_marker(workdir: str, step: int) -> epath.Path:
+  return epath.Path(workdir) / f'resume_step_{step}.applied'
+
+
+def _restore_or_init(config, workdir, checkpointer, init_fn, abstract_state,
+                     mesh):
+  """Latest (or config.resume_step) checkpoint, else init / init_from.
+
+  `config.resume_step=K` applies once per workdir: the first start restores
+  step K, sets the newer steps aside and writes the marker file
+  `workdir/resume_step_K.applied`. Later starts with the same flag (e.g.
+  the same command after a preemption) see the marker and resume from the
+  newest checkpoint, keeping the progress made since K. Delete the marker to
+  fall back to K again.
+  """
   resume_step = config.resume_step if config.resume_step >= 0 else None
+  marker = None if resume_step is None else _resume_marker(workdir,
+                                                           resume_step)
+  if marker is not None and marker.exists():
+    logging.info('resume_step=%d was applied before (%s); resuming from the '
+                 'newest checkpoint.', resume_step, marker)
+    resume_step = None
   if checkpointer.latest_step() is not None or resume_step is not None:
     state, extra = checkpointer.restore(abstract_state, step=resume_step)
     if resume_step is not None:
       checkpointer.set_aside_steps_after(resume_step)
+      if jax.process_index() == 0:
+        marker.write_text(f'Resumed from step {resume_step} and set the '
+                          'newer steps aside; later starts resume from the '
+                          'newest checkpoint. Delete this file to fall back '
+                          f'to step {resume_step} again.\n')
     reporting.log_and_print(f'Resumed from step {int(extra["step"])} in '
                             f'{checkpointer.directory}.')
     return state, extra
@@ -267,8 +329,7 @@ def _train_loop(config, workdir, mesh, state, extra, checkpointer, writer,
     preempted = checkpointer.reached_preemption(step)
     last = step == num_train_steps
     do_eval = step % config.eval_every_steps == 0 or last
-    do_save = (step % config.checkpoint_every_steps == 0 or last or preempted
-               or (do_eval and config.keep_best_checkpoint))
+    do_save = step % config.checkpoint_every_steps == 0 or last or preempted
     if not (step % config.log_every_steps == 0 or do_eval or do_save):
       continue
     # Fetching the metrics waits for the step; done only at these points.
@@ -290,7 +351,10 @@ def _train_loop(config, workdir, mesh, state, extra, checkpointer, writer,
     if do_eval:
       eval_batches = input_pipeline.eval_dataset(config).as_numpy_iterator()
       last_eval = evaluate(p_eval_step, state.params, eval_batches, mesh)
+      improved = best is None or last_eval['eval_accuracy'] > best
       best = max(best or 0.0, last_eval['eval_accuracy'])
+      # keep_best: also save a step that is the best so far (only those).
+      do_save = do_save or (improved and config.keep_best_checkpoint)
       writer.write_scalars(step, last_eval)
       reporting.log_and_print(
           f'step {step}: eval accuracy {last_eval["eval_accuracy"]:.4f}, '
@@ -334,14 +398,13 @@ def main(argv):
     sharding.initialize_distributed(FLAGS.coordinator_address,
                                     FLAGS.num_processes, FLAGS.process_id)
   reporting.set_print_progress(False)  # absl already logs to stderr.
+  reporting.quiet_library_logs()
   config = FLAGS.config
   try:
     train_and_evaluate(config, FLAGS.workdir)
-  except (config_validation.ConfigError, checkpoints.CheckpointError,
-          NonFiniteLossError) as e:
+  except EXPECTED_ERRORS as e:
     # Expected failures: the message says what to do; no traceback (exit 1).
     raise SystemExit(f'{type(e).__name__}: {e}') from None
-
 
 
 def _define_flags():
@@ -350,14 +413,7 @@ def _define_flags():
       'config', None, 'Training config file, e.g. configs/quickstart.py.',
       lock_config=True)
   flags.DEFINE_string('workdir', None, 'Directory for checkpoints and logs.')
-  flags.DEFINE_bool('multihost', False, 'Call jax.distributed.initialize() '
-                    'with cluster auto-detection (TPU pods, SLURM, ...).')
-  flags.DEFINE_string('coordinator_address', None,
-                      'host:port of process 0, for a manual multi-host start.')
-  flags.DEFINE_integer('num_processes', None, 'Processes (with '
-                       '--coordinator_address).')
-  flags.DEFINE_integer('process_id', None, 'This process (with '
-                       '--coordinator_address).')
+  sharding.define_multihost_flags()
   flags.mark_flags_as_required(['config', 'workdir'])
 
 

@@ -1,6 +1,7 @@
 """End-to-end tests of train_and_evaluate on the built-in digits data."""
 
 import copy
+import logging as pylogging
 import os
 import re
 import shutil
@@ -10,6 +11,7 @@ import sys
 import threading
 import time
 
+from absl import logging as absl_logging
 import jax
 import numpy as np
 import pytest
@@ -139,6 +141,12 @@ def test_restart_from_an_earlier_step_equals_uninterrupted(reference,
   assert_params_equal(ref_params, again)
   aside = workdir / 'checkpoints.set_aside'
   assert sorted(os.listdir(aside)) == ['12', '8']  # Moved, not deleted.
+  # The same command again (e.g. after a preemption) keeps the progress
+  # made since step 4: resume_step applies once.
+  again = train.train_and_evaluate(config, str(workdir))
+  assert again['start_step'] == 12 and again['steps'] == 12
+  assert sorted(os.listdir(aside)) == ['12', '8']
+  assert '12' in os.listdir(workdir / 'checkpoints')
 
 
 def test_checkpoint_of_another_model_is_refused(reference, tmp_path):
@@ -229,3 +237,106 @@ def test_command_line_sigterm_saves_and_exits_cleanly(data_dir, tmp_path):
   assert 'Received SIGTERM' in text and 'preempted                True' in text
   saved = [int(s) for s in os.listdir(tmp_path / 'checkpoints') if s.isdigit()]
   assert len(saved) == 1 and 10 <= saved[0] < 3000
+
+
+def _export_small(config, path, image_size=8, **sizes):
+  """Writes an official-format npz of a small Mixer; returns its params."""
+  m = config.model
+  sizes = {**dict(num_blocks=m.num_blocks, hidden_dim=m.hidden_dim,
+                  tokens_mlp_dim=16, channels_mlp_dim=m.channels_mlp_dim),
+           **sizes}
+  model = models.create_model(m.variant, 10, **sizes)
+  params = models.init_params(model, jax.random.PRNGKey(3), image_size)
+  pretrained.export_official(params, path)
+  return params
+
+
+def test_init_from_that_does_not_fit_fails_before_anything_is_written(
+    data_dir, tmp_path):
+  config = small_config(data_dir)
+  config.init_from = str(tmp_path / 'other.npz')
+  _export_small(config, config.init_from, hidden_dim=48)
+  with pytest.raises(config_validation.ConfigError,
+                     match=r'hidden_dim: checkpoint 48, config 32'):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()
+  config.init_from = str(tmp_path / 'missing.npz')
+  with pytest.raises(FileNotFoundError, match='missing.npz'):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()
+
+
+def test_init_from_at_twice_the_resolution_derives_tokens_mlp_dim(
+    data_dir, tmp_path):
+  config = small_config(data_dir, num_train_steps=2, warmup_steps=1,
+                        checkpoint_every_steps=1, image_size=16)
+  config.model.tokens_mlp_dim = None
+  config.init_from = str(tmp_path / 'source.npz')
+  source = _export_small(config, config.init_from, image_size=8)
+  train.train_and_evaluate(config, str(tmp_path / 'run'))
+  # Step 1 holds the initial parameters (learning rate 0 in warmup).
+  params, _ = params_of(config, tmp_path / 'run', step=1)
+  expected = pretrained.expand_token_mixing(source, 2)
+  for block in ('MixerBlock_0', 'MixerBlock_1'):
+    for layer in ('Dense_0', 'Dense_1'):
+      got = params[block]['token_mixing'][layer]
+      want = expected[block]['token_mixing'][layer]
+      assert got['kernel'].shape == want['kernel'].shape
+      np.testing.assert_array_equal(got['kernel'], want['kernel'])
+      np.testing.assert_array_equal(got['bias'], want['bias'])
+  assert params['MixerBlock_0']['token_mixing']['Dense_0']['kernel'].shape == (
+      64, 4 * 16)
+
+
+def test_keep_best_saves_only_improving_evals(data_dir, tmp_path):
+  config = small_config(data_dir, num_train_steps=16, eval_every_steps=2,
+                        checkpoint_every_steps=100, keep_checkpoints=20,
+                        keep_best_checkpoint=True)
+  train.train_and_evaluate(config, str(tmp_path))
+  evals = [(r['step'], r['eval_accuracy'])
+           for r in reporting.read_metrics(str(tmp_path))
+           if 'eval_accuracy' in r]
+  assert [s for s, _ in evals] == list(range(2, 17, 2))
+  improving, best = {16}, None
+  for step, accuracy in evals:
+    if best is None or accuracy > best:
+      improving.add(step)
+      best = accuracy
+  assert len(improving) < len(evals), evals  # Else the test shows nothing.
+  saved = {int(s) for s in os.listdir(tmp_path / 'checkpoints')
+           if s.isdigit()}
+  assert saved == improving, evals
+
+
+def test_command_line_error_has_no_traceback(data_dir, tmp_path):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  command = [sys.executable, '-m', 'mixer_jax.train',
+             '--config=configs/quickstart.py', f'--workdir={tmp_path}/run',
+             f'--config.data_dir={data_dir}',
+             '--config.init_from=/nonexistent.npz']
+  env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS='cpu')
+  run = subprocess.run(command, cwd=root, env=env, text=True,
+                       capture_output=True, timeout=300)
+  assert run.returncode != 0
+  assert 'CheckpointNotFoundError' in run.stderr, run.stderr[-3000:]
+  assert '/nonexistent.npz' in run.stderr
+  assert 'Traceback' not in run.stderr, run.stderr[-3000:]
+  assert not (tmp_path / 'run').exists()
+
+
+def test_library_info_logs_are_dropped_but_warnings_kept():
+  reporting.quiet_library_logs()
+  reporting.quiet_library_logs()  # Idempotent: one filter.
+  handler = absl_logging.get_absl_handler()
+  filters = [f for f in handler.filters
+             if isinstance(f, reporting._DropLibraryInfo)]  # pylint: disable=protected-access
+  assert len(filters) == 1
+
+  def record(path, level):
+    return pylogging.LogRecord('absl', level, path, 1, 'msg', None, None)
+
+  orbax_file = os.path.join(os.sep, 'venv', 'orbax', 'checkpoint', 'x.py')
+  ours = os.path.join(os.sep, 'repo', 'mixer_jax', 'reporting.py')
+  assert not handler.filter(record(orbax_file, pylogging.INFO))
+  assert handler.filter(record(orbax_file, pylogging.WARNING))
+  assert handler.filter(record(ours, pylogging.INFO))
