@@ -192,9 +192,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}; set config '
                          'values with --config.FIELD=VALUE.')
-  if FLAGS.coordinator_address or FLAGS.multihost:
-    sharding.initialize_distributed(FLAGS.coordinator_address,
-                                    FLAGS.num_processes, FLAGS.process_id)
+  sharding.initialize_from_flags()
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')  # TF only reads data here.
   try:

@@ -157,3 +157,12 @@ def define_multihost_flags():
                        '--coordinator_address).')
   flags.DEFINE_integer('process_id', None, 'This process (with '
                        '--coordinator_address).')
+
+
+def initialize_from_flags():
+  """Starts jax.distributed when `--multihost` or `--coordinator_address`
+  (flags of `define_multihost_flags`) ask for it; else does nothing."""
+  f = flags.FLAGS
+  if f.coordinator_address or f.multihost:
+    initialize_distributed(f.coordinator_address, f.num_processes,
+                           f.process_id)

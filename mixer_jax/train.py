@@ -394,9 +394,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}; set config '
                          'values with --config.FIELD=VALUE.')
-  if FLAGS.coordinator_address or FLAGS.multihost:
-    sharding.initialize_distributed(FLAGS.coordinator_address,
-                                    FLAGS.num_processes, FLAGS.process_id)
+  sharding.initialize_from_flags()
   reporting.set_print_progress(False)  # absl already logs to stderr.
   reporting.quiet_library_logs()
   config = FLAGS.config
