@@ -1,27 +1,37 @@
-r"""Measures Mixer speed against the machine's own matmul peak.
+r"""Measures Mixer speed against the machine's own matmul peak, and how a
+step's work, communication and state split over N devices.
 
   python -m mixer_jax.benchmark --variant=B_16 --mode=infer --batch_size=16
   python -m mixer_jax.benchmark --mode=train --batch_size=8 --optimizer=sgd
-  python -m mixer_jax.benchmark --mode=compare --batch_size=8,16 --json
+  python -m mixer_jax.benchmark --variant=L_16 --mode=train --devices=8 \
+      --sharding=fsdp --remat --batch_size=64 --optimizer=adam --repeats=0
 
 Per configuration it reports images/s (median over timed repeats, after
 compilation), compile time, the achieved FLOP/s from
 `models.flops_per_image` (a training step counts 3x the forward pass), the
 fraction of the machine's peak and the memory used. The peak is the FLOP/s of
 a large square matmul of the same dtype, timed in the same run and
-interleaved with the model's steps (model step, matmuls, model step, ...), so
-that both see the same load on a shared machine.
+interleaved with the model's steps, so that both see the same load on a
+shared machine.
 
-`--mode=compare` runs the straightforward implementation in
-`mixer_jax.reference_model` and the package model on the same parameters and
-prints the package's speed-up. `--json` prints one JSON object per
-configuration (one line each) instead of the table.
+The step runs on a one-axis mesh of `--devices` devices (fake CPU devices
+when the machine has fewer real ones), batch split over it, parameters and
+optimizer state placed by `--sharding` as in training. Read from the
+compiled executable, every row also has `flops_per_device_fraction`
+(compiled FLOPs of one device over the model FLOPs of the whole step: 1/N
+is a perfect split, remat adds about a third in training), `collectives`
+(count and result bytes per kind in the optimized HLO) and
+`state_bytes_per_device` (parameters, plus optimizer state in training).
+`--repeats=0` compiles and reports these without running (large variants
+on a CPU). `--json` prints one JSON object per configuration.
 """
 
+import collections
 import functools
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import time
@@ -35,10 +45,11 @@ import numpy as np
 import optax
 
 from mixer_jax import models
-from mixer_jax import reference_model
+from mixer_jax import sharding
 
 MODES = ('infer', 'train')
-IMPLS = ('package', 'reference')
+COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all',
+               'collective-permute')
 SIZE_FLAGS = ('num_blocks', 'hidden_dim', 'tokens_mlp_dim',
               'channels_mlp_dim')
 
@@ -55,11 +66,11 @@ def processor_name() -> str:
   return platform.processor() or platform.machine()
 
 
-def device_name() -> str:
+def device_name(device=None) -> str:
   """What runs the computation: the CPU model, or the accelerator's kind."""
-  device = jax.devices()[0]
+  device = device or jax.devices()[0]
   if device.platform == 'cpu':
-    return (f'{processor_name()} ({jax.local_device_count()} JAX devices, '
+    return (f'{processor_name()} ({len(jax.devices("cpu"))} JAX devices, '
             f'{len(os.sched_getaffinity(0))} cores)')
   return device.device_kind
 
@@ -80,39 +91,95 @@ def make_peak_fn(size: int, dtype: Any) -> tuple[Callable[[], Any], float]:
   return functools.partial(matmul, a, b), 2.0 * size ** 3
 
 
-def build_model(impl: str, variant: str, num_classes: int, dtype: str,
-                sizes: dict[str, Optional[int]]):
-  """The package model or the reference model with the given sizes."""
+def build_model(variant: str, num_classes: int, dtype: str,
+                sizes: dict[str, Optional[int]], remat: bool = False):
+  """The package model with the given sizes."""
   sizes = {k: v for k, v in sizes.items() if v is not None}
-  if impl == 'package':
-    return models.create_model(variant, num_classes, dtype=dtype, **sizes)
-  if impl == 'reference':
-    return reference_model.create_reference_model(
-        variant, num_classes, dtype=dtype, **sizes)
-  raise ValueError(f'Unknown implementation {impl!r}; use one of {IMPLS}.')
+  return models.create_model(variant, num_classes, dtype=dtype, remat=remat,
+                             **sizes)
+
+
+def benchmark_devices(count: int) -> list:
+  """`count` devices: real ones when there are enough, else CPU devices.
+
+  Fake CPU devices exist only if `jax_num_cpu_devices` (or XLA_FLAGS) was
+  set before JAX started; `main` does that for `--devices`.
+  """
+  devices = jax.devices()
+  if len(devices) < count:
+    devices = jax.devices('cpu')
+  if len(devices) < count:
+    raise ValueError(f'--devices={count}, but JAX sees only {len(devices)} '
+                     'device(s); run as a command (it sets '
+                     'jax_num_cpu_devices) or set XLA_FLAGS='
+                     f'--xla_force_host_platform_device_count={count}.')
+  return devices[:count]
+
+
+_RESULT_RE = re.compile(r' = (.+?) (' + '|'.join(COLLECTIVES) +
+                        r')(?:-start)?\(')
+_SHAPE_RE = re.compile(r'\b([a-z]\w*)\[([\d,]*)\]')
+
+
+def collective_stats(hlo_text: str) -> dict[str, dict[str, int]]:
+  """Count and total result bytes of each collective in optimized HLO text.
+
+  An asynchronous pair (`all-reduce-start` / `-done`) counts once; a
+  combined collective with a tuple result counts once with all its bytes.
+  """
+  stats = collections.defaultdict(lambda: {'count': 0, 'bytes': 0})
+  for line in hlo_text.splitlines():
+    match = _RESULT_RE.search(line)
+    if not match:
+      continue
+    nbytes = 0
+    for dtype, dims in _SHAPE_RE.findall(match.group(1)):
+      # HLO names types by their bits: f32, bf16, s8, f8e4m3fn; pred is 1 byte.
+      bits = re.match(r'[a-z]+(\d+)', dtype)
+      itemsize = int(bits.group(1)) // 8 if bits else 1
+      nbytes += itemsize * int(np.prod([int(d) for d in dims.split(',')
+                                        if d]))
+    stats[match.group(2)]['count'] += 1
+    stats[match.group(2)]['bytes'] += nbytes
+  return {kind: dict(stats[kind]) for kind in COLLECTIVES if kind in stats}
+
+
+def state_bytes_per_device(tree) -> int:
+  """Bytes one device holds of a tree of placed arrays (or sharded structs)."""
+  return int(sum(np.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+                 for x in jax.tree.leaves(tree)))
 
 
 def make_step(model, mode: str, optimizer: str, params, batch_size: int,
-              image_size: int, num_classes: int):
-  """Compiles one inference or training step and returns a runner for it.
+              image_size: int, num_classes: int,
+              devices: Optional[Sequence[Any]] = None,
+              strategy: str = 'replicate'):
+  """Compiles one inference or training step over a mesh of `devices`.
+
+  The default mesh is the first device alone.
 
   Returns:
-    (run, compile_seconds, memory): `run()` performs one step and returns its
-    output (the state is carried inside, donated from step to step in
-    training); `memory` is XLA's compile-time memory analysis in bytes.
+    (run, compiled, compile_seconds, state_bytes): `run()` performs one step
+    and returns its output (the state is carried inside, donated from step
+    to step in training); `compiled` is the executable.
   """
+  mesh = sharding.create_mesh(devices or jax.devices()[:1])
+  data = sharding.batch_sharding(mesh)
   rng = jax.random.PRNGKey(2)
-  images = jax.random.uniform(rng, (batch_size, image_size, image_size, 3),
-                              jnp.float32, -1.0, 1.0)
+  images = jax.device_put(
+      jax.random.uniform(rng, (batch_size, image_size, image_size, 3),
+                         jnp.float32, -1.0, 1.0), data)
   if mode == 'infer':
-    fn = jax.jit(lambda p, x: model.apply({'params': p}, x))
-    args = (params, images)
+    state_sharding = sharding.state_shardings(params, mesh, strategy)
+    fn = jax.jit(lambda p, x: model.apply({'params': p}, x),
+                 in_shardings=(state_sharding, data))
+    args = (sharding.put(params, state_sharding), images)
   elif mode == 'train':
     tx = optax.sgd(0.01, momentum=0.9) if optimizer == 'sgd' else optax.adam(
         1e-3)
-    labels = jax.nn.one_hot(
+    labels = jax.device_put(jax.nn.one_hot(
         jax.random.randint(rng, (batch_size,), 0, max(num_classes, 1)),
-        max(num_classes, 1))
+        max(num_classes, 1)), data)
 
     def train_step(state, x, y):
       p, opt_state = state
@@ -127,81 +194,112 @@ def make_step(model, mode: str, optimizer: str, params, batch_size: int,
       updates, opt_state = tx.update(grads, opt_state, p)
       return (optax.apply_updates(p, updates), opt_state), loss
 
-    fn = jax.jit(train_step, donate_argnums=0)
-    params = jax.tree.map(jnp.copy, params)  # Donated: keep caller's intact.
-    args = ((params, tx.init(params)), images, labels)
+    state = (params, tx.init(params))
+    state_sharding = sharding.state_shardings(state, mesh, strategy)
+    fn = jax.jit(train_step, donate_argnums=0,
+                 in_shardings=(state_sharding, data, data),
+                 out_shardings=(state_sharding, sharding.replicated(mesh)))
+    # A placed copy: donated, so the caller's parameters stay intact.
+    args = (sharding.put(state, state_sharding), images, labels)
   else:
     raise ValueError(f'Unknown mode {mode!r}; use one of {MODES}.')
   start = time.perf_counter()
   compiled = fn.lower(*args).compile()
   compile_s = time.perf_counter() - start
-  memory = compiled.memory_analysis()
-  mem = None
-  if memory is not None:
-    mem = (memory.argument_size_in_bytes + memory.output_size_in_bytes +
-           memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+  state_bytes = state_bytes_per_device(args[0])
 
   if mode == 'infer':
-    return (lambda: compiled(*args)), compile_s, mem
+    return (lambda: compiled(*args)), compiled, compile_s, state_bytes
   carry = {'state': args[0]}
 
   def run():
     carry['state'], loss = compiled(carry['state'], *args[1:])
     return loss
-  return run, compile_s, mem
+  return run, compiled, compile_s, state_bytes
 
 
-def benchmark_configs(*, impls: Sequence[str], variant: str, mode: str,
-                      batch_size: int, image_size: int, dtype: str,
-                      repeats: int, optimizer: str = 'sgd',
-                      num_classes: int = 1000, peak_size: int = 2048,
-                      params=None,
-                      sizes: Optional[dict[str, Optional[int]]] = None
-                      ) -> list[dict[str, Any]]:
-  """Times one configuration for each implementation; one row per impl.
+def _compiled_memory(compiled) -> Optional[int]:
+  memory = compiled.memory_analysis()
+  if memory is None:
+    return None
+  return (memory.argument_size_in_bytes + memory.output_size_in_bytes +
+          memory.temp_size_in_bytes - memory.alias_size_in_bytes)
 
-  The implementations and the peak matmul are timed interleaved (impl A
-  step, impl B step, matmuls, impl B step, impl A step, ...), so on a shared machine they
-  all see the same varying load and their ratios stay meaningful. Each
+
+def _compiled_flops(compiled) -> float:
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get('flops', 0.0))
+
+
+def benchmark_config(*, variant: str, mode: str, batch_size: int,
+                     image_size: int, dtype: str, repeats: int,
+                     optimizer: str = 'sgd', num_classes: int = 1000,
+                     peak_size: int = 2048, params=None,
+                     sizes: Optional[dict[str, Optional[int]]] = None,
+                     devices: int = 1, strategy: str = 'replicate',
+                     remat: bool = False) -> dict[str, Any]:
+  """Compiles and times one configuration; returns its row.
+
+  Model steps and the peak matmul are timed interleaved (step, matmuls,
+  step, ...), so on a shared machine both see the same varying load. Each
   round's peak is the faster of two timed matmuls (after an untimed one);
-  `peak_fraction` is the median over rounds of step rate / that round's peak,
-  `peak_gflops` the median of the rounds' peaks.
+  `peak_fraction` is the median over rounds of step rate / that round's
+  peak, `peak_gflops` the median of the rounds' peaks.
 
   Args:
-    impls: 'package' (mixer_jax.models) and/or 'reference'.
     variant, mode, batch_size, image_size, dtype, optimizer, num_classes:
       what to run (mode 'infer' or 'train').
-    repeats: timed steps per implementation.
+    repeats: timed steps; 0 compiles only (no timing fields).
     peak_size: side of the square matmul that defines the peak.
     params: float32 parameters to use (initialised when None).
     sizes: model size overrides (`num_blocks`, ...).
+    devices: mesh size; the batch is split over it.
+    strategy: 'replicate' or 'fsdp' placement of parameters and state.
+    remat: rematerialise each block in the backward pass.
 
   Returns:
-    JSON-serialisable dicts, one per implementation.
+    A JSON-serialisable dict.
   """
-  if batch_size <= 0 or repeats <= 0:
-    raise ValueError(f'batch_size={batch_size} and repeats={repeats} must be '
-                     'positive.')
-  built = []
-  for impl in impls:
-    model = build_model(impl, variant, num_classes, dtype, sizes or {})
-    if params is None:
-      params = models.init_params(model, jax.random.PRNGKey(0), image_size)
-    run, compile_s, mem = make_step(model, mode, optimizer, params,
-                                    batch_size, image_size, num_classes)
-    _timed(run)  # First execution: allocation and thread-pool warm-up.
-    built.append((impl, model, run, compile_s, mem))
+  if batch_size <= 0 or repeats < 0 or devices <= 0:
+    raise ValueError(f'batch_size={batch_size}, repeats={repeats} and '
+                     f'devices={devices} must be positive (repeats >= 0).')
+  if batch_size % devices:
+    raise ValueError(f'batch_size={batch_size} must be divisible by '
+                     f'devices={devices}.')
+  model = build_model(variant, num_classes, dtype, sizes or {}, remat)
+  if params is None:
+    params = models.param_shapes(model, image_size)
+    params = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), params)
+  mesh_devices = benchmark_devices(devices)
+  run, compiled, compile_s, state_bytes = make_step(
+      model, mode, optimizer, params, batch_size, image_size, num_classes,
+      mesh_devices, strategy)
+  flops = models.flops_per_image(model, image_size) * (
+      3 if mode == 'train' else 1) * batch_size
+  mem = _compiled_memory(compiled)
+  row = {
+      'variant': variant, 'mode': mode, 'batch_size': batch_size,
+      'image_size': image_size, 'dtype': dtype,
+      'optimizer': optimizer if mode == 'train' else None,
+      'devices': devices, 'sharding': strategy, 'remat': remat,
+      'compile_s': compile_s,
+      'gflop_per_image': flops / batch_size / 1e9,
+      'flops_per_device_fraction': _compiled_flops(compiled) / flops,
+      'collectives': collective_stats(compiled.as_text()),
+      'state_bytes_per_device': state_bytes,
+      'compiled_memory_mb': None if mem is None else mem / 2 ** 20,
+      'device': device_name(mesh_devices[0]),
+  }
+  if not repeats:
+    return row
+  _timed(run)  # First execution: allocation and thread-pool warm-up.
   peak_fn, peak_flops = make_peak_fn(peak_size, jnp.dtype(dtype))
-  times = {impl: [] for impl in impls}
-  cpu_times = {impl: [] for impl in impls}
-  peaks, peaks_cpu = [], []  # One peak rate per round, FLOP/s.
-  for i in range(repeats):
-    # Alternate the order so that neither implementation always runs just
-    # after the matmuls (or just after the other one).
-    for impl, _, run, _, _ in (built if i % 2 == 0 else built[::-1]):
-      cpu = time.process_time()
-      times[impl].append(_timed(run))
-      cpu_times[impl].append(time.process_time() - cpu)
+  times, cpu_times, peaks, peaks_cpu = [], [], [], []
+  for _ in range(repeats):
+    cpu = time.process_time()
+    times.append(_timed(run))
+    cpu_times.append(time.process_time() - cpu)
     # The first matmul after a model step runs cold (its operands were
     # evicted from the caches, its output pages are fresh), typically 10-30%
     # below the steady rate a peak should describe: it is not timed.
@@ -213,69 +311,48 @@ def benchmark_configs(*, impls: Sequence[str], variant: str, mode: str,
       cpu_s.append(time.process_time() - cpu)
     peaks.append(peak_flops / min(wall))
     peaks_cpu.append(peak_flops / min(cpu_s))
-  rows = []
-  for impl, model, _, compile_s, mem in built:
-    step_s = statistics.median(times[impl])
-    flops = models.flops_per_image(model, image_size) * (
-        3 if mode == 'train' else 1) * batch_size
-    # Each step is compared with the peak of its own round, so a change of
-    # load on a shared machine between rounds cancels out of the fraction.
-    fractions = [flops / t / p for t, p in zip(times[impl], peaks)]
-    fractions_cpu = [flops / t / p for t, p in zip(cpu_times[impl],
-                                                   peaks_cpu)]
-    rows.append({
-        'variant': variant, 'mode': mode, 'impl': impl,
-        'batch_size': batch_size, 'image_size': image_size, 'dtype': dtype,
-        'optimizer': optimizer if mode == 'train' else None,
-        'images_per_sec': batch_size / step_s,
-        'images_per_sec_best': batch_size / min(times[impl]),
-        'step_time_s': step_s,
-        'step_time_spread': (max(times[impl]) - min(times[impl])) / step_s,
-        'compile_s': compile_s,
-        'gflop_per_image': flops / batch_size / 1e9,
-        'achieved_gflops': flops / step_s / 1e9,
-        'peak_gflops': statistics.median(peaks) / 1e9,
-        'peak_fraction': statistics.median(fractions),
-        # The same ratio in FLOPs per CPU-second of this process: less
-        # sensitive to other processes taking the cores for a while.
-        'peak_fraction_cpu_time': statistics.median(fractions_cpu),
-        'compiled_memory_mb': None if mem is None else mem / 2 ** 20,
-        # ru_maxrss is in KiB on Linux; it is the process maximum so far.
-        'max_rss_mb': resource.getrusage(
-            resource.RUSAGE_SELF).ru_maxrss / 1024,
-        'device': device_name(),
-    })
-  return rows
-
-
-def add_ratios(rows: Sequence[dict[str, Any]]) -> None:
-  """Adds `speedup_vs_reference` to package rows with a reference twin."""
-  ref = {(r['mode'], r['batch_size']): r for r in rows
-         if r['impl'] == 'reference'}
-  for row in rows:
-    twin = ref.get((row['mode'], row['batch_size']))
-    if row['impl'] == 'package' and twin is not None:
-      row['speedup_vs_reference'] = (row['images_per_sec'] /
-                                     twin['images_per_sec'])
-      row['peak_fraction_vs_reference'] = (row['peak_fraction'] /
-                                           twin['peak_fraction'])
+  step_s = statistics.median(times)
+  # Each step is compared with the peak of its own round, so a change of
+  # load on a shared machine between rounds cancels out of the fraction.
+  row.update({
+      'images_per_sec': batch_size / step_s,
+      'images_per_sec_best': batch_size / min(times),
+      'step_time_s': step_s,
+      'step_time_spread': (max(times) - min(times)) / step_s,
+      'achieved_gflops': flops / step_s / 1e9,
+      'peak_gflops': statistics.median(peaks) / 1e9,
+      'peak_fraction': statistics.median(
+          [flops / t / p for t, p in zip(times, peaks)]),
+      # The same ratio in FLOPs per CPU-second of this process: less
+      # sensitive to other processes taking the cores for a while.
+      'peak_fraction_cpu_time': statistics.median(
+          [flops / t / p for t, p in zip(cpu_times, peaks_cpu)]),
+      # ru_maxrss is in KiB on Linux; it is the process maximum so far.
+      'max_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+  })
+  return row
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
   """A fixed-width table of the rows, headed by the device name."""
-  cols = [('impl', '{}'), ('mode', '{}'), ('batch', '{}'), ('img/s', '{:.2f}'),
-          ('step s', '{:.4g}'), ('spread', '{:.0%}'), ('compile s', '{:.1f}'),
-          ('GFLOP/s', '{:.1f}'), ('peak GFLOP/s', '{:.1f}'),
-          ('of peak', '{:.1%}'), ('(cpu s)', '{:.1%}'), ('XLA MiB', '{:.1f}'),
-          ('RSS MiB', '{:.0f}'),
-          ('vs ref', '{:.2f}x')]
-  keys = ['impl', 'mode', 'batch_size', 'images_per_sec', 'step_time_s',
-          'step_time_spread', 'compile_s', 'achieved_gflops', 'peak_gflops',
-          'peak_fraction', 'peak_fraction_cpu_time', 'compiled_memory_mb',
-          'max_rss_mb',
-          'speedup_vs_reference']
-  body = [[fmt.format(r[k]) if r.get(k) is not None else '-'
-           for (_, fmt), k in zip(cols, keys)] for r in rows]
+  cols = [('mode', '{}'), ('batch', '{}'), ('devices', '{}'),
+          ('sharding', '{}'), ('img/s', '{:.2f}'), ('step s', '{:.4g}'),
+          ('spread', '{:.0%}'), ('compile s', '{:.1f}'),
+          ('GFLOP/s', '{:.1f}'), ('of peak', '{:.1%}'), ('(cpu s)', '{:.1%}'),
+          ('FLOPs/dev', '{:.3f}'), ('comm MiB', '{:.1f}'),
+          ('state MiB/dev', '{:.1f}'), ('XLA MiB', '{:.1f}')]
+  keys = ['mode', 'batch_size', 'devices', 'sharding', 'images_per_sec',
+          'step_time_s', 'step_time_spread', 'compile_s', 'achieved_gflops',
+          'peak_fraction', 'peak_fraction_cpu_time',
+          'flops_per_device_fraction', 'comm_mib', 'state_mib',
+          'compiled_memory_mb']
+  body = []
+  for r in rows:
+    r = dict(r, comm_mib=sum(c['bytes'] for c in r['collectives'].values())
+             / 2 ** 20, state_mib=r['state_bytes_per_device'] / 2 ** 20,
+             sharding=r['sharding'] + ('+remat' if r['remat'] else ''))
+    body.append([fmt.format(r[k]) if r.get(k) is not None else '-'
+                 for (_, fmt), k in zip(cols, keys)])
   widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h)
             for i, (h, _) in enumerate(cols)]
   lines = []
@@ -288,61 +365,64 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
   lines.append('Median of repeats. Training counts 3x the forward FLOPs; '
                '"of peak" divides by a square matmul of the same dtype timed '
                'between the steps; "(cpu s)" is the same ratio per CPU-second '
-               'of this process.')
+               'of this process. FLOPs/dev: compiled FLOPs of one device over '
+               'the whole step\'s; comm: bytes of all collectives per step.')
   return '\n'.join(lines)
 
 
 def run_benchmark(*, variant: str, mode: str, batch_sizes: Sequence[int],
                   **kwargs) -> list[dict[str, Any]]:
-  """Runs every configuration of one command; 'compare' runs both impls.
+  """Runs every configuration of one command.
 
   Args:
     variant: model variant.
-    mode: 'infer', 'train' or 'compare' (both modes, both implementations).
+    mode: 'infer', 'train' or 'both'.
     batch_sizes: batch sizes to run.
-    **kwargs: passed to `benchmark_configs` (image_size, dtype, repeats, ...).
+    **kwargs: passed to `benchmark_config` (image_size, dtype, repeats, ...).
 
   Returns:
-    One dict per configuration, package rows carrying the speed-up over the
-    reference when both ran.
+    One dict per configuration.
   """
-  if mode not in MODES + ('compare',):
-    raise ValueError(f'Unknown mode {mode!r}; use infer, train or compare.')
-  modes = MODES if mode == 'compare' else (mode,)
-  impls = IMPLS[::-1] if mode == 'compare' else ('package',)
-  rows = []
-  model = build_model('package', variant, kwargs.get('num_classes', 1000),
+  if mode not in MODES + ('both',):
+    raise ValueError(f'Unknown mode {mode!r}; use infer, train or both.')
+  modes = MODES if mode == 'both' else (mode,)
+  model = build_model(variant, kwargs.get('num_classes', 1000),
                       kwargs['dtype'], kwargs.get('sizes') or {})
-  # The same parameters for every configuration and implementation.
-  params = models.init_params(model, jax.random.PRNGKey(0),
-                              kwargs['image_size'])
-  for batch_size in batch_sizes:
-    for m in modes:
-      rows.extend(benchmark_configs(impls=impls, variant=variant, mode=m,
-                                    batch_size=batch_size, params=params,
-                                    **kwargs))
-  add_ratios(rows)
-  return rows
+  # The same parameters for every configuration (random, so timings see
+  # real values; all zeros when only compiling).
+  params = None
+  if kwargs.get('repeats', 1):
+    params = models.init_params(model, jax.random.PRNGKey(0),
+                                kwargs['image_size'])
+  return [benchmark_config(variant=variant, mode=m, batch_size=batch_size,
+                           params=params, **kwargs)
+          for batch_size in batch_sizes for m in modes]
 
 
 def define_flags() -> None:
   """Defines the command's flags (only when run as a command, so importing
   this module next to other commands never redefines a flag)."""
   flags.DEFINE_string('variant', 'B_16', 'Mixer variant, e.g. B_16.')
-  flags.DEFINE_enum('mode', 'infer', ('infer', 'train', 'compare'),
+  flags.DEFINE_enum('mode', 'infer', ('infer', 'train', 'both'),
                     'infer: forward pass; train: forward + backward + '
-                    'optimizer update; compare: both modes for the '
-                    'reference and the package implementation.')
-  flags.DEFINE_list('batch_size', ['16'], 'Batch size(s), comma separated.')
+                    'optimizer update; both: one row of each.')
+  flags.DEFINE_list('batch_size', ['16'], 'Global batch size(s), comma '
+                    'separated.')
   flags.DEFINE_integer('image_size', 224, 'Square image side.')
   flags.DEFINE_enum('dtype', 'float32', ('float32', 'bfloat16'),
                     'Computation dtype of the model and the peak matmul.')
-  flags.DEFINE_integer('repeats', 5, 'Timed steps per configuration.')
+  flags.DEFINE_integer('repeats', 5, 'Timed steps per configuration; 0 '
+                       'compiles only.')
   flags.DEFINE_enum('optimizer', 'sgd', ('sgd', 'adam'),
                     'Optimizer of the training step.')
   flags.DEFINE_integer('num_classes', 1000, 'Head size.')
   flags.DEFINE_integer('peak_size', 2048,
                        'Side of the square matmul giving the peak.')
+  flags.DEFINE_integer('devices', 1, 'Devices of the mesh; fake CPU devices '
+                       'when the machine has fewer.')
+  flags.DEFINE_enum('sharding', 'replicate', sharding.STRATEGIES,
+                    'Placement of parameters and optimizer state.')
+  flags.DEFINE_bool('remat', False, 'Rematerialise each block in training.')
   flags.DEFINE_bool('json', False, 'One JSON object per line, no table.')
   for name in SIZE_FLAGS:
     flags.DEFINE_integer(name, None, f'Override the variant\'s {name}.')
@@ -356,11 +436,19 @@ def main(argv: Sequence[str]) -> None:
     batch_sizes = [int(b) for b in f.batch_size]
   except ValueError as e:
     raise app.UsageError(f'--batch_size must be integers, e.g. 8,16: {e}')
-  rows = run_benchmark(
-      variant=f.variant, mode=f.mode, batch_sizes=batch_sizes,
-      image_size=f.image_size, dtype=f.dtype, repeats=f.repeats,
-      optimizer=f.optimizer, num_classes=f.num_classes,
-      peak_size=f.peak_size, sizes={k: f[k].value for k in SIZE_FLAGS})
+  if f.devices < 1:
+    raise app.UsageError('--devices must be >= 1.')
+  # Only takes effect before JAX starts its CPU backend, hence first.
+  jax.config.update('jax_num_cpu_devices', max(f.devices, 1))
+  try:
+    rows = run_benchmark(
+        variant=f.variant, mode=f.mode, batch_sizes=batch_sizes,
+        image_size=f.image_size, dtype=f.dtype, repeats=f.repeats,
+        optimizer=f.optimizer, num_classes=f.num_classes,
+        peak_size=f.peak_size, sizes={k: f[k].value for k in SIZE_FLAGS},
+        devices=f.devices, strategy=f.sharding, remat=f.remat)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   if f.json:
     for row in rows:
       print(json.dumps(row), flush=True)

@@ -10,7 +10,6 @@ or checkpoint files.
 """
 
 import dataclasses
-import functools
 import re
 from typing import Any, Optional
 
@@ -88,109 +87,32 @@ def get_spec(variant: str, **overrides: int) -> MixerSpec:
   return MixerSpec(**fields)
 
 
-_SQRT_2_OVER_PI = float(np.sqrt(2.0 / np.pi))
-
-
-def _gelu_derivative(z, approximate):
-  """d gelu(z) / dz for float32 `z` (tanh or exact form)."""
-  if approximate:
-    t = jnp.tanh(_SQRT_2_OVER_PI * (z + 0.044715 * z ** 3))
-    return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * _SQRT_2_OVER_PI * (
-        1.0 + 3.0 * 0.044715 * z * z)
-  cdf = 0.5 * (1.0 + jax.lax.erf(z * float(1.0 / np.sqrt(2.0))))
-  return cdf + z * jnp.exp(-0.5 * z * z) * float(1.0 / np.sqrt(2.0 * np.pi))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _bias_gelu(h, bias, approximate):
-  """gelu(h + bias), keeping only `h` for the backward pass."""
-  return jax.nn.gelu(h + bias, approximate=approximate)
-
-
-def _bias_gelu_fwd(h, bias, approximate):
-  return _bias_gelu(h, bias, approximate), (h, bias)
-
-
-def _bias_gelu_bwd(approximate, residuals, grad):
-  # Autodiff would store tanh(...) of the widest activation for the backward
-  # pass (one more write and read of the MLP's hidden tensor per layer); the
-  # derivative is recomputed from h instead, fused into the one loop that
-  # reads the incoming gradient. The barrier keeps XLA from merging this
-  # recomputation with the forward's tanh, which would store it again.
-  h, bias = jax.lax.optimization_barrier(residuals)
-  z = (h + bias).astype(jnp.float32)
-  dz = grad.astype(jnp.float32) * _gelu_derivative(z, approximate)
-  axes = tuple(i for i, n in enumerate(bias.shape) if n == 1 < h.shape[i])
-  dbias = jnp.sum(dz, axis=axes, keepdims=True).astype(bias.dtype)
-  return dz.astype(h.dtype), dbias
-
-
-_bias_gelu.defvjp(_bias_gelu_fwd, _bias_gelu_bwd)
-
-
-class DenseParams(nn.Module):
-  """The `kernel` and `bias` of an `nn.Dense`, without applying them.
-
-  Same names, shapes, dtype (float32) and initialisers as `nn.Dense`, so the
-  parameter tree and its initial values match the official layout, while
-  `MlpBlock` chooses how to multiply.
-
-  Attributes:
-    in_features: rows of the kernel.
-    features: columns of the kernel, size of the bias.
-  """
-  in_features: int
-  features: int
-
-  @nn.compact
-  def __call__(self):
-    kernel = self.param('kernel', nn.linear.default_kernel_init,
-                        (self.in_features, self.features), jnp.float32)
-    bias = self.param('bias', nn.initializers.zeros_init(), (self.features,),
-                      jnp.float32)
-    return kernel, bias
-
-
 class MlpBlock(nn.Module):
-  """Dense -> GELU -> Dense along one axis, back to the input width.
-
-  Parameters are `Dense_0/{kernel,bias}` and `Dense_1/{kernel,bias}` with
-  kernels (width, mlp_dim) and (mlp_dim, width), whichever axis is mixed.
+  """Dense -> GELU -> Dense over the last axis, back to the input width.
 
   Attributes:
     mlp_dim: hidden width.
     gelu_approximate: tanh GELU (as the official weights were trained) when
       True, exact erf GELU (PyTorch/timm) when False.
     dtype: computation dtype; parameters stay float32.
-    axis: -1 mixes along the last axis; 0 along the first, computed as
-      kernel^T @ x on x viewed as (width, everything else), so the caller
-      needs no transpose (how token mixing runs on tokens-major activations).
   """
   mlp_dim: int
   gelu_approximate: bool = True
   dtype: Any = jnp.float32
-  axis: int = -1
 
   @nn.compact
   def __call__(self, x):
-    if self.axis not in (0, -1):
-      raise ValueError(f'MlpBlock axis must be 0 or -1, got {self.axis}.')
-    width = x.shape[self.axis]
-    k0, b0 = DenseParams(width, self.mlp_dim, name='Dense_0')()
-    k1, b1 = DenseParams(self.mlp_dim, width, name='Dense_1')()
-    k0, b0, k1, b1, x2 = (a.astype(self.dtype) for a in (k0, b0, k1, b1, x))
-    # Every product below is a plain 2-D matmul over contiguous memory.
-    if self.axis == -1:
-      x2 = x2.reshape(-1, width)
-      y = _bias_gelu(x2 @ k0, b0[None, :], self.gelu_approximate)
-      return (y @ k1 + b1[None, :]).reshape(x.shape)
-    x2 = x2.reshape(width, -1)
-    y = _bias_gelu(k0.T @ x2, b0[:, None], self.gelu_approximate)
-    return (k1.T @ y + b1[:, None]).reshape(x.shape)
+    y = nn.Dense(self.mlp_dim, dtype=self.dtype)(x)
+    y = nn.gelu(y, approximate=self.gelu_approximate)
+    return nn.Dense(x.shape[-1], dtype=self.dtype)(y)
 
 
 class MixerBlock(nn.Module):
-  """One token-mixing and one channel-mixing MLP, each with its own LayerNorm.
+  """Token mixing then channel mixing, each after its own LayerNorm.
+
+  Input and output are (batch, tokens, channels). Every product contracts a
+  non-batch axis of a 3-D array, so a batch sharded over devices stays
+  sharded through the block (no reshape merges the batch axis).
 
   Attributes:
     tokens_mlp_dim: hidden width of the token-mixing MLP (D_S).
@@ -200,16 +122,12 @@ class MixerBlock(nn.Module):
       rescaled by 1/(1-p), so the paper's rate (0.1) means what it meant there.
     gelu_approximate: see `MlpBlock`.
     dtype: computation dtype.
-    tokens_major: input layout. False: (batch, tokens, channels), the
-      paper's. True: (tokens, batch, channels), which `MlpMixer` uses inside
-      so that token mixing needs no transposes (see `MlpMixer`).
   """
   tokens_mlp_dim: int
   channels_mlp_dim: int
   stochastic_depth: float = 0.0
   gelu_approximate: bool = True
   dtype: Any = jnp.float32
-  tokens_major: bool = False
 
   def _keep_mask(self, x, train):
     """Per-example 0/1 multiplier for a residual branch, or 1 if inactive."""
@@ -217,60 +135,22 @@ class MixerBlock(nn.Module):
     if (not train or self.stochastic_depth <= 0.0 or
         not self.has_rng('dropout')):
       return 1.0
-    # x is (tokens, batch, channels) here; one draw per example.
-    drop = jax.random.bernoulli(
-        self.make_rng('dropout'), self.stochastic_depth, (1, x.shape[1], 1))
+    drop = jax.random.bernoulli(self.make_rng('dropout'),
+                                self.stochastic_depth, (x.shape[0], 1, 1))
     return 1.0 - drop.astype(x.dtype)
 
+  # `train` is positional so that `nn.remat` can mark it static.
   @nn.compact
-  def __call__(self, x, *, train=False):
-    if not self.tokens_major:
-      x = jnp.swapaxes(x, 0, 1)
+  def __call__(self, x, train=False):
     y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='LayerNorm_0')(x)
+    y = jnp.swapaxes(y, 1, 2)
     y = MlpBlock(self.tokens_mlp_dim, self.gelu_approximate, self.dtype,
-                 axis=0, name='token_mixing')(y)
-    x = x + y * self._keep_mask(x, train)
+                 name='token_mixing')(y)
+    x = x + jnp.swapaxes(y, 1, 2) * self._keep_mask(x, train)
     y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='LayerNorm_1')(x)
     y = MlpBlock(self.channels_mlp_dim, self.gelu_approximate, self.dtype,
                  name='channel_mixing')(y)
-    x = x + y * self._keep_mask(x, train)
-    return x if self.tokens_major else jnp.swapaxes(x, 0, 1)
-
-
-class PatchStem(nn.Module):
-  """Per-patch linear projection: what the stride-P, P x P convolution does.
-
-  Parameters `kernel` (P, P, 3, C) and `bias` (C,) have the names, shapes and
-  initialisers of the official `nn.Conv` stem, so checkpoints load unchanged;
-  computing it as one matmul over flattened patches avoids the convolution
-  (and, when training, its kernel-gradient convolution and input transposes).
-
-  Attributes:
-    hidden_dim: output channels C.
-    patch_size: P.
-    dtype: computation dtype.
-  """
-  hidden_dim: int
-  patch_size: int
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, images):
-    """Returns (tokens, batch, C) with the tokens in row-major patch order."""
-    batch, height, width, chans = images.shape
-    p = self.patch_size
-    rows, cols = height // p, width // p
-    kernel = self.param('kernel', nn.linear.default_kernel_init,
-                        (p, p, chans, self.hidden_dim), jnp.float32)
-    bias = self.param('bias', nn.initializers.zeros_init(),
-                      (self.hidden_dim,), jnp.float32)
-    x = images.astype(self.dtype).reshape(batch, rows, p, cols, p, chans)
-    # (row, col, batch, p, p, chans): patch pixels flatten in the kernel's
-    # (kh, kw, cin) order.
-    x = x.transpose(1, 3, 0, 2, 4, 5).reshape(rows * cols * batch, -1)
-    x = x @ kernel.astype(self.dtype).reshape(-1, self.hidden_dim)
-    x = x + bias.astype(self.dtype)
-    return x.reshape(rows * cols, batch, self.hidden_dim)
+    return x + y * self._keep_mask(x, train)
 
 
 class MlpMixer(nn.Module):
@@ -280,17 +160,9 @@ class MlpMixer(nn.Module):
   `patch_size`. Output: float32 logits (batch, num_classes), or the pooled
   (batch, hidden_dim) features when `num_classes` is None or 0.
 
-  The function is the paper's; the layout is chosen for speed. Activations
-  are kept tokens-major, (tokens, batch, channels): channel mixing is then a
-  matmul over (tokens * batch, channels) and token mixing a matmul of the
-  transposed (small) kernel with (tokens, batch * channels), so no
-  activation is transposed inside the blocks, forward or backward (only the
-  input images, once, into patches). The stem is the patch matmul that its
-  stride-P convolution amounts to. GELU and its bias run as
-  one function whose backward recomputes the activation rather than storing
-  it (a `jax.custom_vjp`: reverse-mode gradients only, so no `jax.jvp` or
-  `jax.hessian` through the model). `reference_model.py` is the plain
-  version the tests compare this one with.
+  Intermediate outputs are sown into the 'intermediates' collection as
+  `stem_out` and `block_{i}` (batch, tokens, channels), `pre_logits` (batch,
+  channels) and `logits`; `intermediate_outputs` returns them as a dict.
 
   Attributes:
     num_classes: size of the head; None or 0 for no head (features).
@@ -304,6 +176,8 @@ class MlpMixer(nn.Module):
       sigmoid-loss ImageNet recipe); the head kernel starts at zero.
     dtype: computation dtype (float32, or bfloat16 on accelerators);
       parameters are always float32.
+    remat: recompute each block's activations in the backward pass instead
+      of storing them (`nn.remat`): less memory for about one more forward.
   """
   num_classes: Optional[int]
   patch_size: int
@@ -315,6 +189,7 @@ class MlpMixer(nn.Module):
   gelu_approximate: bool = True
   head_bias_init: float = 0.0
   dtype: Any = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, images, *, train=False):
@@ -325,21 +200,44 @@ class MlpMixer(nn.Module):
       raise ValueError(
           f'Image size {height}x{width} is not divisible by the patch size '
           f'{self.patch_size}; resize or crop the images to a multiple of it.')
-    x = PatchStem(self.hidden_dim, self.patch_size, self.dtype,
-                  name='stem')(images)
+    p = self.patch_size
+    x = nn.Conv(self.hidden_dim, (p, p), strides=(p, p), padding='VALID',
+                dtype=self.dtype, name='stem')(images)
+    x = x.reshape(x.shape[0], -1, x.shape[-1])  # Row-major patch order.
+    # Sown as 'stem_out': 'stem' is the name of the convolution's scope.
+    self.sow('intermediates', 'stem_out', x)
+    block = (nn.remat(MixerBlock, static_argnums=(2,)) if self.remat
+             else MixerBlock)
     for i in range(self.num_blocks):
       rate = self.stochastic_depth * i / max(self.num_blocks - 1, 1)
-      x = MixerBlock(self.tokens_mlp_dim, self.channels_mlp_dim, rate,
-                     self.gelu_approximate, self.dtype, tokens_major=True,
-                     name=f'MixerBlock_{i}')(x, train=train)
+      x = block(self.tokens_mlp_dim, self.channels_mlp_dim, rate,
+                self.gelu_approximate, self.dtype,
+                name=f'MixerBlock_{i}')(x, train)
+      self.sow('intermediates', f'block_{i}', x)
     x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype,
                      name='pre_head_layer_norm')(x)
-    x = jnp.mean(x.astype(jnp.float32), axis=0)  # Over tokens.
+    x = jnp.mean(x.astype(jnp.float32), axis=1)  # Over tokens.
+    self.sow('intermediates', 'pre_logits', x)
     if not self.num_classes:
       return x
-    return nn.Dense(self.num_classes, dtype=jnp.float32, name='head',
-                    kernel_init=nn.initializers.zeros,
-                    bias_init=nn.initializers.constant(self.head_bias_init))(x)
+    x = nn.Dense(self.num_classes, dtype=jnp.float32, name='head',
+                 kernel_init=nn.initializers.zeros,
+                 bias_init=nn.initializers.constant(self.head_bias_init))(x)
+    self.sow('intermediates', 'logits', x)
+    return x
+
+
+def intermediate_outputs(model: MlpMixer, params, images, **kwargs):
+  """Runs the model and returns its intermediate outputs by name.
+
+  Returns:
+    Dict with `stem`, `block_0` ... `block_{N-1}` (batch, tokens, channels),
+    `pre_logits` (batch, channels) and, with a head, `logits`.
+  """
+  _, state = model.apply({'params': params}, images,
+                         mutable=['intermediates'], **kwargs)
+  return {'stem' if name == 'stem_out' else name: values[0]
+          for name, values in state['intermediates'].items()}
 
 
 def create_model(variant: str, num_classes: Optional[int] = 1000, *,
@@ -352,12 +250,13 @@ def create_model(variant: str, num_classes: Optional[int] = 1000, *,
     dtype: computation dtype, a name ("float32", "bfloat16") or a jnp dtype.
     **options: size overrides accepted by `get_spec` (`num_blocks=2`, ...)
       and module options that keep the parameter tree unchanged:
-      `stochastic_depth`, `gelu_approximate`, `head_bias_init`.
+      `stochastic_depth`, `gelu_approximate`, `head_bias_init`, `remat`.
   """
   size_fields = {f.name for f in dataclasses.fields(MixerSpec)}
   sizes = {k: options.pop(k) for k in list(options) if k in size_fields}
   spec = get_spec(variant, **sizes)
-  allowed = {'stochastic_depth', 'gelu_approximate', 'head_bias_init'}
+  allowed = {'stochastic_depth', 'gelu_approximate', 'head_bias_init',
+             'remat'}
   unknown = set(options) - allowed
   if unknown:
     raise TypeError(f'create_model got unknown option(s) {sorted(unknown)}; '

@@ -2,11 +2,21 @@
 
 mixer_jax uses `jax.jit` over a one-axis `jax.sharding.Mesh` named 'data'
 instead of `jax.pmap`: the global batch is sharded along its first axis over
-every device of every host, parameters and optimizer state are replicated,
-and XLA inserts the gradient all-reduce itself. The same program then runs on
-one CPU, eight GPUs or a multi-host TPU pod; each host feeds only its own
-slice of the batch (`shard_batch`). This module is the one place that decides
-placement; the training loop only asks it for shardings.
+every device of every host and XLA inserts the collectives itself. The same
+program then runs on one CPU, eight GPUs or a multi-host TPU pod; each host
+feeds only its own slice of the batch (`shard_batch`).
+
+Parameters and optimizer state follow one of two strategies
+(`config.sharding`):
+- 'replicate': a full copy on every device; the step's only collective is
+  the gradient all-reduce.
+- 'fsdp': every array is split along its largest axis that the device count
+  divides (big_vision's fsdp rule); XLA all-gathers each layer's kernel when
+  the layer runs and reduce-scatters its gradient, so a device holds 1/N of
+  the parameters, gradients and Adam moments.
+
+This module is the one place that decides placement; the training loop only
+asks it for shardings.
 """
 
 import collections
@@ -15,12 +25,14 @@ from typing import Iterable, Iterator, Optional, Sequence
 from absl import flags
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 import numpy as np
 
 DATA_AXIS = 'data'
+STRATEGIES = ('replicate', 'fsdp')
 
 
 def initialize_distributed(coordinator_address: Optional[str] = None,
@@ -71,35 +83,70 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
 
 
-def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
-  """Examples this process feeds per step, checking divisibility."""
-  num_devices = mesh.devices.size
-  if global_batch_size % num_devices:
-    raise ValueError(f'Batch size {global_batch_size} is not divisible by '
-                     f'the {num_devices} devices of the mesh.')
-  return global_batch_size // jax.process_count()
+def fsdp_spec(shape: Sequence[int], num_shards: int) -> PartitionSpec:
+  """Splits the largest axis of `shape` that `num_shards` divides.
+
+  Arrays with no such axis (scalars, odd sizes) stay replicated.
+  """
+  if num_shards > 1:
+    for axis in sorted(range(len(shape)), key=lambda i: -shape[i]):
+      if shape[axis] % num_shards == 0:
+        spec = [None] * len(shape)
+        spec[axis] = DATA_AXIS
+        return PartitionSpec(*spec)
+  return PartitionSpec()
+
+
+def state_shardings(tree, mesh: Mesh, strategy: str):
+  """The sharding of every leaf of a state (or params) tree under `strategy`.
+
+  Args:
+    tree: pytree of arrays or `jax.ShapeDtypeStruct`s.
+    mesh: the mesh from `create_mesh`.
+    strategy: 'replicate' or 'fsdp' (see the module docstring).
+
+  Returns:
+    A tree of `NamedSharding`s with the structure of `tree`.
+  """
+  if strategy not in STRATEGIES:
+    raise ValueError(f'Unknown sharding strategy {strategy!r}; use one of '
+                     f'{STRATEGIES}.')
+  num_shards = mesh.shape[DATA_AXIS]
+  if strategy == 'replicate':
+    return jax.tree.map(lambda _: replicated(mesh), tree)
+  return jax.tree.map(
+      lambda x: NamedSharding(mesh, fsdp_spec(x.shape, num_shards)), tree)
+
+
+def put(tree, shardings):
+  """Places a host pytree (identical on every process) with `shardings`.
+
+  Each process fills only the shards of its own devices, so this works on
+  multi-host meshes without a cross-host transfer.
+  """
+  def place(x, sharding):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+  return jax.tree.map(place, tree, shardings)
 
 
 def replicate(tree, mesh: Mesh):
-  """Places a host pytree (identical on every process) on all devices."""
-  sharding = replicated(mesh)
-
-  def put(x):
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
-  return jax.tree.map(put, tree)
+  """`put` with a full copy on every device of `mesh`."""
+  return put(tree, state_shardings(tree, mesh, 'replicate'))
 
 
 def to_host(tree):
-  """Copies replicated global arrays to numpy, also on multi-host meshes.
+  """Copies global arrays (replicated or sharded) to numpy on every host.
 
-  Each process holds a full copy of a replicated array, so reading its first
-  local shard avoids a cross-host gather.
+  A replicated array is read from its first local shard (no transfer); an
+  array split over several hosts is gathered from all of them.
   """
   def get(x):
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+      return np.asarray(x)
+    if x.is_fully_replicated:
       return np.asarray(x.addressable_data(0))
-    return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return jax.tree.map(get, tree)
 
 

@@ -1,8 +1,7 @@
 """The train state and the pure per-step functions of Mixer training.
 
 Everything here is a pure function of explicit inputs, so `train.py` can jit
-it over any mesh and tests can call it directly. `train.py` re-exports these
-names (`train.TrainState`, `train.train_step`, ...).
+it over any mesh and tests can call it directly.
 """
 
 from typing import Any, Callable, Optional
@@ -34,7 +33,7 @@ def create_model(config, num_classes: int) -> models.MlpMixer:
       m.variant, num_classes, dtype=m.dtype,
       stochastic_depth=m.stochastic_depth,
       gelu_approximate=m.gelu_approximate, head_bias_init=m.head_bias_init,
-      **{k: v for k, v in sizes.items() if v is not None})
+      remat=m.remat, **{k: v for k, v in sizes.items() if v is not None})
 
 
 def create_train_state(model: models.MlpMixer, tx: optax.GradientTransformation,
@@ -83,12 +82,47 @@ def per_example_loss(logits: jax.Array, labels: jax.Array, loss: str,
   raise ValueError(f'Unknown loss {loss!r}: use "softmax" or "sigmoid".')
 
 
+def mixup(rng: jax.Array, images: jax.Array, labels: jax.Array, *,
+          alpha: float, prob: float):
+  """big_vision's mixup with one weight for the whole global batch.
+
+  With probability `prob`, lam ~ Beta(alpha, alpha) is drawn once from `rng`
+  (the step's key, so every host and device uses the same lam) and each
+  example is mixed with its pair partner: examples 2k and 2k+1 swap,
+  x <- lam * x + (1 - lam) * partner, labels likewise. big_vision mixes with
+  the batch rolled by one; pairing neighbours instead keeps every partner on
+  the same device (each device's slice of the batch has even length), so
+  mixup needs no communication, and the result does not depend on the
+  number of devices.
+
+  Args:
+    rng: this step's key.
+    images: (B, H, W, C), B even.
+    labels: (B, classes) one-hot.
+    alpha: Beta concentration (> 0).
+    prob: probability that this batch is mixed.
+
+  Returns:
+    (images, labels), same shapes and dtypes.
+  """
+  lam_rng, apply_rng = jax.random.split(rng)
+  lam = jax.random.beta(lam_rng, alpha, alpha)
+  lam = jnp.where(jax.random.bernoulli(apply_rng, prob), lam, 1.0)
+
+  def mix(x):
+    # Splitting the batch axis as (B/2, 2) keeps B/2 the sharded major part.
+    partner = x.reshape((-1, 2) + x.shape[1:])[:, ::-1].reshape(x.shape)
+    return (lam * x + (1.0 - lam) * partner).astype(x.dtype)
+  return mix(images), mix(labels)
+
+
 def _correct(logits, labels):
   return (jnp.argmax(logits, -1) == jnp.argmax(labels, -1)).astype(jnp.float32)
 
 
 def train_step(state: TrainState, batch, *, loss: str = 'softmax',
                label_smoothing: float = 0.0, grad_accum_steps: int = 1,
+               mixup_alpha: float = 0.0, mixup_prob: float = 0.0,
                learning_rate_fn: Optional[Callable[[Any], Any]] = None):
   """One optimizer update on a global batch, optionally in micro-batches.
 
@@ -105,13 +139,15 @@ def train_step(state: TrainState, batch, *, loss: str = 'softmax',
     loss: 'softmax' or 'sigmoid'.
     label_smoothing: see `per_example_loss`.
     grad_accum_steps: number of micro-batches k; B must be divisible by k.
+    mixup_alpha, mixup_prob: `mixup` of the whole batch before the step
+      (off when either is 0).
     learning_rate_fn: optional schedule, only to report the learning rate.
 
   Returns:
     (new_state, metrics) with scalar 'loss', 'accuracy' (top-1 against the
     argmax of the targets), 'grad_norm' and, if given, 'learning_rate'.
   """
-  rng = jax.random.fold_in(state.rng, state.step)
+  rng, mixup_rng = jax.random.split(jax.random.fold_in(state.rng, state.step))
 
   def loss_fn(params, images, labels, key):
     logits = state.apply_fn({'params': params}, images, train=True,
@@ -121,6 +157,9 @@ def train_step(state: TrainState, batch, *, loss: str = 'softmax',
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   images, labels = batch['image'], batch['label']
+  if mixup_alpha > 0 and mixup_prob > 0:
+    images, labels = mixup(mixup_rng, images, labels, alpha=mixup_alpha,
+                           prob=mixup_prob)
   k = grad_accum_steps
   if k == 1:
     (loss_value, accuracy), grads = grad_fn(state.params, images, labels, rng)

@@ -280,3 +280,49 @@ def test_stochastic_depth_ramp_per_example_and_no_rescaling():
   # (no 1/(1-p) factor); with p=0.5 on two branches some were not.
   matches_full = np.isclose(out, full, rtol=1e-5, atol=1e-5).all(axis=-1)
   assert matches_full.any() and not matches_full.all()
+
+
+def test_remat_changes_memory_not_values():
+  images = jax.random.uniform(jax.random.PRNGKey(10), (4, 8, 8, 3), minval=-1)
+  labels = jax.nn.one_hot(jnp.arange(4), 10)
+  results = []
+  for remat in (False, True):
+    model = models.create_model('S_4', 10, stochastic_depth=0.3, remat=remat,
+                                **TINY)
+    params = _random_params(model, 8)
+
+    def loss(p, model=model):
+      logits = model.apply({'params': p}, images, train=True,
+                           rngs={'dropout': jax.random.PRNGKey(1)})
+      return -jnp.mean(jnp.sum(labels * jax.nn.log_softmax(logits), -1))
+    results.append(jax.jit(jax.value_and_grad(loss))(params))
+    # nn.remat wraps each block in one rematerialised call (jax.checkpoint).
+    jaxpr = str(jax.make_jaxpr(loss)(params))
+    assert jaxpr.count('remat2[') == (TINY['num_blocks'] if remat else 0)
+  (loss_a, grads_a), (loss_b, grads_b) = results
+  np.testing.assert_allclose(loss_a, loss_b, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_intermediate_outputs_are_the_model_stages():
+  model = models.create_model('S_4', 10, **TINY)
+  params = _random_params(model, 8)
+  images = jax.random.uniform(jax.random.PRNGKey(11), (3, 8, 8, 3), minval=-1)
+  out = models.intermediate_outputs(model, params, images)
+  blocks = TINY['num_blocks']
+  assert list(out) == (['stem'] + [f'block_{i}' for i in range(blocks)] +
+                       ['pre_logits', 'logits'])
+  assert out['stem'].shape == (3, 4, TINY['hidden_dim'])
+  np.testing.assert_allclose(out['logits'],
+                             model.apply({'params': params}, images),
+                             rtol=1e-6)
+  features = models.create_model('S_4', None, **TINY)
+  np.testing.assert_allclose(out['pre_logits'],
+                             features.apply({'params': params}, images),
+                             rtol=1e-6)
+  # Each block's output is the next block's input.
+  block = models.MixerBlock(TINY['tokens_mlp_dim'], TINY['channels_mlp_dim'])
+  np.testing.assert_allclose(
+      block.apply({'params': params['MixerBlock_1']}, out['block_0']),
+      out['block_1'], rtol=1e-5, atol=1e-6)

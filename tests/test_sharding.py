@@ -1,17 +1,94 @@
-"""Tests of mixer_jax.sharding on 8 fake CPU devices."""
+"""Tests of mixer_jax.sharding on 8 fake CPU devices.
+
+The work-split tests compile the real jitted train and eval steps that
+`train.make_step_functions` builds and read the compiled executables: the
+FLOPs one device runs (against the same step compiled for one device) and
+the collectives in the optimized HLO.
+"""
+
+import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import quickstart
+from mixer_jax import checkpoints
+from mixer_jax import optim
 from mixer_jax import sharding
+from mixer_jax import train
+
+N = 8
+IMAGE = 8
+
+
+def tiny_config(**overrides):
+  """A 1-block Mixer on 8x8 images whose every size is a multiple of 8."""
+  config = quickstart.get_config()
+  config.model.num_blocks, config.model.hidden_dim = 1, 32
+  config.model.tokens_mlp_dim, config.model.channels_mlp_dim = 16, 64
+  config.model.stochastic_depth = 0.1
+  # Batch 256: enough work per device that the replicated optimizer update
+  # (the same on every device, as in any data-parallel step) stays small.
+  config.batch_size, config.grad_accum_steps = 256, 2
+  config.pp.mixup_alpha, config.pp.mixup_prob = 0.5, 1.0
+  config.optimizer, config.learning_rate, config.warmup_steps = 'sgd', 0.1, 1
+  config.update(overrides)
+  return config
+
+
+def build(config, devices=None):
+  mesh = sharding.create_mesh(devices)
+  model = train.create_model(config, 10)
+  tx = optim.create_optimizer(config, 100)
+  return (mesh,) + tuple(train.make_step_functions(config, model, tx, mesh,
+                                                   100))
+
+
+def abstract_batch(mesh, batch_size, eval_mask=False):
+  data = sharding.batch_sharding(mesh)
+  batch = {'image': jax.ShapeDtypeStruct((batch_size, IMAGE, IMAGE, 3),
+                                         jnp.float32, sharding=data),
+           'label': jax.ShapeDtypeStruct((batch_size, 10), jnp.float32,
+                                         sharding=data)}
+  if eval_mask:
+    batch['mask'] = jax.ShapeDtypeStruct((batch_size,), jnp.float32,
+                                         sharding=data)
+  return batch
+
+
+def compiled_steps(config, devices=None):
+  mesh, _, p_train, p_eval, abstract = build(config, devices)
+  train_exe = p_train.lower(abstract, abstract_batch(
+      mesh, config.batch_size)).compile()
+  eval_exe = p_eval.lower(abstract.params, abstract_batch(
+      mesh, config.batch_size, eval_mask=True)).compile()
+  return train_exe, eval_exe
+
+
+def flops(executable):
+  cost = executable.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost['flops'])
+
+
+def collective_shapes(executable, kind):
+  """Result shapes of every `kind` collective in the optimized HLO."""
+  shapes = []
+  for line in executable.as_text().splitlines():
+    match = re.search(r' = (.+?) ' + kind + r'(?:-start)?\(', line)
+    if match:  # One result, or a tuple of them when XLA combined several.
+      for dims in re.findall(r'[a-z]\w*\[([\d,]*)\]', match.group(1)):
+        shapes.append(tuple(int(d) for d in dims.split(',') if d))
+  return shapes
 
 
 def test_mesh_spans_all_devices_on_one_data_axis():
   mesh = sharding.create_mesh()
-  assert jax.device_count() == 8
+  assert jax.device_count() == N
   assert mesh.axis_names == ('data',)
-  assert mesh.devices.shape == (8,)
+  assert mesh.devices.shape == (N,)
   assert sharding.create_mesh(jax.devices()[:1]).devices.size == 1
 
 
@@ -22,29 +99,133 @@ def test_shard_batch_splits_the_leading_axis():
   assert batch['image'].shape == (16, 3)
   shards = sorted(batch['image'].addressable_shards,
                   key=lambda s: s.index[0].start)
-  assert len(shards) == 8
+  assert len(shards) == N
   for i, shard in enumerate(shards):
     np.testing.assert_array_equal(shard.data, images[2 * i:2 * i + 2])
   np.testing.assert_array_equal(np.asarray(batch['label']), np.arange(16))
 
 
-def test_replicate_and_to_host_round_trip():
+def test_put_replicate_and_to_host_round_trip():
   mesh = sharding.create_mesh()
-  tree = {'w': np.random.RandomState(0).randn(3, 4).astype(np.float32),
+  tree = {'w': np.random.RandomState(0).randn(16, 3).astype(np.float32),
           'step': np.int32(7)}
   placed = sharding.replicate(tree, mesh)
   assert placed['w'].sharding.is_fully_replicated
-  assert len(placed['w'].addressable_shards) == 8
-  back = sharding.to_host(placed)
-  np.testing.assert_array_equal(back['w'], tree['w'])
-  assert int(back['step']) == 7
+  assert len(placed['w'].addressable_shards) == N
+  split = sharding.put(tree, sharding.state_shardings(tree, mesh, 'fsdp'))
+  assert split['w'].addressable_shards[0].data.shape == (2, 3)
+  for placed_tree in (placed, split):
+    back = sharding.to_host(placed_tree)
+    np.testing.assert_array_equal(back['w'], tree['w'])
+    assert int(back['step']) == 7
 
 
-def test_local_batch_size_checks_divisibility():
-  mesh = sharding.create_mesh()
-  assert sharding.local_batch_size(64, mesh) == 64  # One process.
-  with pytest.raises(ValueError, match='not divisible by the 8 devices'):
-    sharding.local_batch_size(12, mesh)
+def test_fsdp_splits_the_largest_divisible_axis():
+  spec = lambda shape: tuple(sharding.fsdp_spec(shape, N))
+  assert spec((768, 3072)) == (None, 'data')
+  assert spec((3072, 768)) == ('data', None)
+  assert spec((196, 384)) == (None, 'data')  # 196 = 8 * 24.5.
+  assert spec((16, 16, 3, 768)) == (None, None, None, 'data')
+  assert spec((1000,)) == ('data',)
+  assert spec((10,)) == ()  # Not divisible: replicated.
+  assert spec(()) == ()
+  assert tuple(sharding.fsdp_spec((768, 3072), 1)) == ()
+  with pytest.raises(ValueError, match='Unknown sharding strategy'):
+    sharding.state_shardings({}, sharding.create_mesh(), 'zero3')
+
+
+def test_data_parallel_steps_split_the_work_without_gathering_activations():
+  # Mixup, stochastic depth and gradient accumulation are all on.
+  config = tiny_config()
+  train8, eval8 = compiled_steps(config)
+  train1, eval1 = compiled_steps(config, jax.devices()[:1])
+  assert flops(train8) <= 1.05 * flops(train1) / N
+  assert flops(eval8) <= 1.05 * flops(eval1) / N
+  for exe in (train8, eval8):
+    for kind in ('all-gather', 'all-to-all', 'collective-permute',
+                 'reduce-scatter'):
+      assert not collective_shapes(exe, kind), kind
+  # The only communication: gradients (and metrics) summed over devices.
+  assert collective_shapes(train8, 'all-reduce')
+
+
+def _state_bytes_per_device(abstract_state):
+  return sum(np.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+             for x in jax.tree.leaves(abstract_state))
+
+
+def _state_bytes(abstract_state):
+  return sum(np.prod(x.shape) * x.dtype.itemsize
+             for x in jax.tree.leaves(abstract_state))
+
+
+def test_fsdp_divides_state_and_gathers_only_parameters():
+  config = tiny_config(optimizer='adam', sharding='fsdp')
+  mesh, _, p_train, _, abstract = build(config)
+  replicated_abstract = build(tiny_config(optimizer='adam'))[-1]
+  assert (_state_bytes_per_device(abstract) <=
+          1.1 / N * _state_bytes_per_device(replicated_abstract))
+  assert _state_bytes(abstract) == _state_bytes(replicated_abstract)
+  train8 = p_train.lower(abstract, abstract_batch(mesh, 256)).compile()
+  train1 = compiled_steps(tiny_config(optimizer='adam'),
+                          jax.devices()[:1])[0]
+  assert flops(train8) <= 1.05 * flops(train1) / N
+  # Every gathered array is a whole parameter, never an activation.
+  param_shapes = {tuple(x.shape) for x in jax.tree.leaves(abstract.params)}
+  gathered = collective_shapes(train8, 'all-gather')
+  assert gathered and set(gathered) <= param_shapes
+  assert not collective_shapes(train8, 'all-to-all')
+
+
+def _random_batches(count, batch_size=256):
+  rng = np.random.RandomState(0)
+  return [{'image': rng.uniform(-1, 1, (batch_size, IMAGE, IMAGE, 3))
+                      .astype(np.float32),
+           'label': np.eye(10, dtype=np.float32)[rng.randint(0, 10,
+                                                             batch_size)]}
+          for _ in range(count)]
+
+
+def _train(config, batches, devices=None, state=None, built=None):
+  mesh, init_fn, p_train, _, _ = built or build(config, devices)
+  if state is None:
+    state = init_fn(jax.random.PRNGKey(0))
+  for batch in batches:
+    state, _ = p_train(state, sharding.shard_batch(batch, mesh))
+  return state
+
+
+def _assert_close(a, b):
+  for x, y in zip(jax.tree.leaves(sharding.to_host(a)),
+                  jax.tree.leaves(sharding.to_host(b))):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_fsdp_trains_like_replicated():
+  batches = _random_batches(3)
+  fsdp = _train(tiny_config(sharding='fsdp'), batches)
+  kernel = fsdp.params['MixerBlock_0']['channel_mixing']['Dense_0']['kernel']
+  assert kernel.addressable_shards[0].data.shape == (32, 8)
+  _assert_close(fsdp, _train(tiny_config(), batches))
+
+
+def test_fsdp_checkpoint_restores_replicated_on_one_device(tmp_path):
+  batches = _random_batches(4)
+  fsdp = build(tiny_config(sharding='fsdp'))
+  state = _train(None, batches[:2], built=fsdp)
+  saver = checkpoints.Checkpointer(tmp_path, keep=1, keep_best=False)
+  saver.save(2, state)
+  saver.wait_until_finished()
+  saver.close()
+  one = build(tiny_config(), jax.devices()[:1])
+  loader = checkpoints.Checkpointer(tmp_path, keep=1, keep_best=False)
+  restored, _ = loader.restore(one[-1])
+  loader.close()
+  leaf = restored.params['stem']['kernel']
+  assert leaf.sharding.is_fully_replicated and len(leaf.devices()) == 1
+  _assert_close(restored, state)
+  _assert_close(_train(None, batches[2:], state=restored, built=one),
+                _train(None, batches[2:], state=state, built=fsdp))
 
 
 def test_prefetch_keeps_order_and_yields_everything():

@@ -12,6 +12,7 @@ from configs import quickstart
 from mixer_jax import optim
 from mixer_jax import sharding
 from mixer_jax import train
+from mixer_jax import train_steps
 
 
 def tiny_config(**overrides):
@@ -164,3 +165,44 @@ def test_num_train_steps_from_epochs():
   config = tiny_config(num_train_steps=-1, num_epochs=2.5, batch_size=64)
   assert train.num_train_steps_for(config, 1438) == 57  # ceil(56.17).
   assert train.num_train_steps_for(tiny_config(), 1438) == 10
+
+
+def test_mixup_one_weight_per_global_batch_pairs_neighbours():
+  images = jnp.arange(8, dtype=jnp.float32).reshape(8, 1, 1, 1) * jnp.ones(
+      (8, 2, 2, 3))
+  labels = jax.nn.one_hot(jnp.arange(8) % 4, 4)
+  lams = []
+  for seed in range(200):
+    out_images, out_labels = train_steps.mixup(
+        jax.random.PRNGKey(seed), images, labels, alpha=0.5, prob=0.5)
+    lam = 1.0 - float(out_images[0, 0, 0, 0])  # Example 0 = (1 - lam) * 1.
+    partner = np.array([1, 0, 3, 2, 5, 4, 7, 6])
+    np.testing.assert_allclose(
+        out_images[:, 0, 0, 0], lam * np.arange(8) + (1 - lam) * partner,
+        atol=1e-5)
+    np.testing.assert_allclose(
+        out_labels, lam * labels + (1 - lam) * labels[partner], atol=1e-6)
+    lams.append(lam)
+  lams = np.array(lams)
+  mixed = lams[np.abs(lams - 1) > 1e-6]
+  assert 0.35 < len(mixed) / len(lams) < 0.65  # prob = 0.5.
+  # Beta(0.5, 0.5): mean 1/2, most of its mass near 0 and 1.
+  assert abs(mixed.mean() - 0.5) < 0.1
+  assert np.mean((mixed < 0.2) | (mixed > 0.8)) > 0.45
+
+
+def test_mixup_step_on_eight_devices_equals_one(digits):
+  config = tiny_config(num_train_steps=3)
+  config.pp.mixup_alpha, config.pp.mixup_prob = 0.5, 1.0
+  data = batches(digits, 32, 3)
+  state8, metrics8, _ = run_steps(config, data)
+  state1, metrics1, _ = run_steps(config, data, jax.devices()[:1])
+  for m8, m1 in zip(metrics8, metrics1):
+    np.testing.assert_allclose(m8['loss'], m1['loss'], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(state8.params),
+                  jax.tree.leaves(state1.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
+                               atol=1e-6)
+  # The zero head makes every first loss log(10); later ones see mixup.
+  no_mixup = run_steps(tiny_config(num_train_steps=3), data)[1]
+  assert not np.allclose(metrics8[-1]['loss'], no_mixup[-1]['loss'])
