@@ -31,9 +31,14 @@ def get_config():
   config.model.gelu_approximate = True  # tanh GELU, as the official weights.
   config.model.stochastic_depth = 0.0  # Rate of the last block (linear ramp).
   config.model.head_bias_init = 0.0  # -6.9 for the sigmoid ImageNet recipe.
+  # Recompute each block in the backward pass instead of storing its
+  # activations: about 1/3 more compute for far less memory (large variants).
+  config.model.remat = False
 
-  # Weights to start from: a registry name ("imagenet21k/Mixer-B_16"), a path
-  # to an official .npz, or '' to train from scratch. The head is replaced
+  # Weights to start from: a registry name ("imagenet21k/Mixer-B_16"), a Hub
+  # name ("hf-hub:timm/mixer_b16_224.goog_in21k[@revision]"), a path to an
+  # official .npz or timm .safetensors, another run's workdir, or '' to train
+  # from scratch. The head is replaced
   # (zero-initialised) when the class count differs; the token-mixing weights
   # are expanded when image_size is an integer multiple of the checkpoint's.
   config.init_from = ''
@@ -46,8 +51,11 @@ def get_config():
   config.eval_split = 'train[99%:]'  # The official minival.
   config.num_classes = -1  # -1: read from the data set's metadata.
   config.image_size = 224
-  config.shuffle_buffer = 10_000
+  config.shuffle_buffer = 10_000  # Examples per host (big_vision: 250k).
   config.cache = False  # Cache decoded examples in memory (small data sets).
+  # Cache the raw (still encoded) training records in memory, so later epochs
+  # read no files (big_vision's cache_raw; ImageNet needs ~120 GB per host).
+  config.cache_raw = False
   config.prefetch_batches = 2  # Batches prefetched to the devices.
   config.bad_images = 'error'  # 'error' stops; 'skip' drops and counts them.
 
@@ -65,12 +73,25 @@ def get_config():
   config.pp.mixup_alpha = 0.5
   config.pp.mixup_prob = 1.0  # Fraction of batches mixed; 0 disables mixup.
   # 'resize_crop': resize the short side to eval_resize, centre crop;
-  # 'resize': plain resize to image_size (the fine-tuning eval).
+  # 'resize': plain resize to image_size (the fine-tuning eval);
+  # 'squash_crop': resize to eval_resize square, centre crop.
   config.pp.eval_crop = 'resize_crop'
   config.pp.eval_resize = 256
+  # Method of the 'resize_crop' short-side resize: 'area' (big_vision's
+  # resize_small default), 'bilinear', 'bicubic' or 'nearest'.
+  config.pp.eval_resize_method = 'area'
+
+  # Further evaluations besides eval_split (which always runs and picks the
+  # best checkpoint): name -> eval_entry(...) below, logged as
+  # `<name>/accuracy` etc. None by default.
+  config.evals = ml_collections.ConfigDict()
 
   # -------------------------------------------------------------- Training.
   config.batch_size = 4096  # Global, over all devices and hosts.
+  # Where parameters and optimizer state live: 'replicate' (a copy on every
+  # device) or 'fsdp' (each array split over the devices along its largest
+  # divisible axis, gathered per layer by XLA; for L/16 and H/14).
+  config.sharding = 'replicate'
   config.grad_accum_steps = 1  # Micro-batches per optimizer step.
   config.num_epochs = 300.0  # Used when num_train_steps is -1.
   config.num_train_steps = -1
@@ -106,3 +127,45 @@ def get_config():
   config.profile_steps = 0  # >0: jax.profiler trace of that many steps.
   config.profile_start_step = 10
   return config
+
+
+def eval_entry(kind='classification', *, dataset='', split='',
+               label_key='label', every_steps=0, crop='', resize=0,
+               resize_method='', fewshot_datasets=None,
+               shots=(1, 5, 10, 25), l2_reg=2.0**10, num_seeds=3):
+  """One entry of config.evals; every field is in the returned ConfigDict.
+
+  Args:
+    kind: 'classification' (top-1/top-5 accuracy and loss of the model's
+      head), 'real' (ImageNet ReaL: top-1 is correct when it is in the
+      image's set of labels `label_key`; images with an empty set are left
+      out) or 'fewshot' (linear probes on frozen pre-logits, see
+      mixer_jax/fewshot.py).
+    dataset: TFDS name ('' = config.dataset); not used by 'fewshot'.
+    split: split to score ('' = config.eval_split); not used by 'fewshot'.
+    label_key: feature holding the label(s) ('real_label' for ReaL).
+    every_steps: run every N training steps and at the last step
+      (0 = config.eval_every_steps).
+    crop, resize, resize_method: eval preprocessing as config.pp.eval_crop,
+      eval_resize, eval_resize_method ('' or 0 = the config.pp value).
+    fewshot_datasets: 'fewshot' only: {name: (tfds_name, train_split,
+      test_split)}.
+    shots: 'fewshot': examples per class drawn from the train split.
+    l2_reg: 'fewshot': the least-squares L2 regulariser (big_vision
+      common_fewshot.get_fewshot_lsr: 2**10, fixed).
+    num_seeds: 'fewshot': draws of the shots, each reported and averaged.
+  """
+  entry = ml_collections.ConfigDict()
+  entry.kind = kind
+  entry.dataset = dataset
+  entry.split = split
+  entry.label_key = label_key
+  entry.every_steps = every_steps
+  entry.crop = crop
+  entry.resize = resize
+  entry.resize_method = resize_method
+  entry.fewshot_datasets = dict(fewshot_datasets or {})
+  entry.shots = tuple(shots)
+  entry.l2_reg = float(l2_reg)
+  entry.num_seeds = num_seeds
+  return entry

@@ -5,7 +5,7 @@
   evals = eval_dataset(config)                 # One pass, padded, 'mask'.
 
 Batches are dicts of tensors: 'image' float32 (B, H, W, 3) in [-1, 1],
-'label' float32 (B, num_classes) (one-hot, or mixed by mixup) and, for eval,
+'label' float32 (B, num_classes) (one-hot; mixup is applied in the step) and, for eval,
 'mask' float32 (B,), 1 for real examples. B = config.batch_size //
 process_count: each process reads only its own shard of the split and yields
 its part of the global batch (see datasets/sources.py).
@@ -42,7 +42,7 @@ from mixer_jax.datasets import sources
 # Largest int64 epoch index: the training stream never ends.
 _FOREVER = 2**62
 # Salts that keep the per-purpose random streams independent.
-_SHUFFLE, _AUGMENT, _MIXUP = 1, 2, 3
+_SHUFFLE, _AUGMENT = 1, 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,8 +136,15 @@ def _randaugment(config):
                                 config.pp.randaugment_magnitude)
 
 
-def _maybe_cache(config, examples):
-  """Caches decoded images in memory when config.cache (small data sets)."""
+def _maybe_cache(config, examples, *, raw=False):
+  """Caches examples in memory: decoded (config.cache) or raw (cache_raw).
+
+  `raw=True` (training only) keeps the still-encoded records of
+  config.cache_raw, as big_vision: no file is read after the first epoch,
+  and decoding and augmentation still differ per epoch.
+  """
+  if raw and config.cache_raw and not config.cache:
+    return examples.cache()
   if not config.cache:
     return examples
   decode = lambda ex: {'image': preprocess.decode(ex['image']),
@@ -178,7 +185,7 @@ def train_dataset(config, *, start_step=0, process_index=None,
     raise ValueError(
         f'Process {index} of {count} gets no examples of {split!r} in '
         f'{source.name}; use a larger split or fewer processes.')
-  examples = _maybe_cache(config, source.read(split, index, count))
+  examples = _maybe_cache(config, source.read(split, index, count), raw=True)
 
   shuffle_seed = _seed(config, index, _SHUFFLE)
   buffer_size = min(config.shuffle_buffer, n)
@@ -211,19 +218,8 @@ def train_dataset(config, *, start_step=0, process_index=None,
   ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(batch_size, drop_remainder=True)
 
-  mixup_seed = _seed(config, index, _MIXUP)
-
-  def to_batch(step, images, labels):
-    if pp.mixup_prob > 0:
-      seed = tf.random.experimental.stateless_fold_in(mixup_seed, step)
-      images, labels = preprocess.mixup(images, labels, seed,
-                                        alpha=pp.mixup_alpha,
-                                        prob=pp.mixup_prob)
-    return {'image': images, 'label': labels}
-
-  ds = ds.enumerate(start=start_step).map(
-      lambda step, batch: to_batch(step, *batch),
-      num_parallel_calls=tf.data.AUTOTUNE)
+  # mixup runs in the train step on the global batch (train_steps.mixup).
+  ds = ds.map(lambda images, labels: {'image': images, 'label': labels})
   return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
 
 
@@ -244,27 +240,66 @@ def eval_dataset(config, *, process_index=None, process_count=None):
     B = config.batch_size // process_count.
   """
   index, count = _processes(process_index, process_count)
-  batch_size = _local_batch_size(config, count)
   source = sources.get_source(config)
   num_classes = _num_classes(config, source)
   split = config.eval_split
   largest = max(source.shard_size(split, i, count) for i in range(count))
   if largest <= 0:
     raise ValueError(f'Split {split!r} of {source.name} is empty.')
-  num_batches = math.ceil(largest / batch_size)
+  pp = config.pp
+  return padded_eval_dataset(
+      _maybe_cache(config, source.read(split, index, count)), largest,
+      batch_size=config.batch_size, image_size=config.image_size,
+      num_classes=num_classes, crop=pp.eval_crop, resize=pp.eval_resize,
+      resize_method=pp.eval_resize_method, process_count=count)
 
-  ds = _maybe_cache(config, source.read(split, index, count))
-  size, pp = config.image_size, config.pp
+
+def padded_eval_dataset(examples, largest, *, batch_size, image_size,
+                        num_classes, crop, resize, resize_method,
+                        multi_label=False, process_count=1):
+  """Eval batches of {'image', 'label', 'mask'} from one process's examples.
+
+  Args:
+    examples: this process's {'image', 'label'} examples (encoded or uint8
+      images; int labels, or int label sets when multi_label).
+    largest: the most examples any process has: all processes yield
+      ceil(largest / B) batches, the last ones padded with mask 0.
+    num_classes: label vector size.
+    batch_size: the global batch size (over all processes).
+    image_size: output side.
+    crop, resize, resize_method: see preprocess.eval_image.
+    multi_label: labels are sets (e.g. ImageNet ReaL's `real_label`): the
+      'label' is their multi-hot vector, and an example with an empty set
+      gets mask 0 (it is left out of every metric).
+    process_count: processes sharing the global batch.
+
+  Returns:
+    tf.data.Dataset of batches of B = batch_size // process_count.
+  """
+  if batch_size <= 0 or batch_size % process_count:
+    raise ValueError(f'The eval batch size {batch_size} must be a positive '
+                     f'multiple of the number of processes ({process_count}).')
+  batch_size //= process_count
+  num_batches = math.ceil(largest / batch_size)
+  size = image_size
 
   def prepare(ex):
+    if multi_label:
+      labels = tf.reshape(tf.cast(ex['label'], tf.int32), [-1])
+      label = tf.minimum(tf.reduce_sum(
+          tf.one_hot(labels, num_classes, dtype=tf.float32), axis=0), 1.0)
+      mask = tf.cast(tf.size(labels) > 0, tf.float32)
+    else:
+      label = preprocess.one_hot(ex['label'], num_classes)
+      mask = tf.constant(1.0, tf.float32)
     return {
-        'image': preprocess.eval_image(ex['image'], size, pp.eval_crop,
-                                       pp.eval_resize),
-        'label': preprocess.one_hot(ex['label'], num_classes),
-        'mask': tf.constant(1.0, tf.float32),
+        'image': preprocess.eval_image(ex['image'], size, crop, resize,
+                                       resize_method),
+        'label': label,
+        'mask': mask,
     }
 
-  ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = examples.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
   padding = tf.data.Dataset.from_tensors({
       'image': tf.zeros([size, size, 3], tf.float32),
       'label': tf.zeros([num_classes], tf.float32),

@@ -14,10 +14,9 @@ All outputs are float32 in [-1, 1]: `(x - 127.5) / 127.5`, as the official
 Mixer code.
 """
 
-import contextlib
-import functools
-
 import tensorflow as tf
+
+from mixer_jax import randaugment as randaugment_lib
 
 # TensorFlow only preprocesses here: keep it on the CPU so that it takes no
 # accelerator memory from JAX. Only possible before TF has touched a GPU.
@@ -28,6 +27,14 @@ except RuntimeError:
 
 # Aspect ratios of random crops (Inception / vit_jax defaults).
 _ASPECT_RATIO_RANGE = (3 / 4, 4 / 3)
+# Resize methods `resize_small` accepts (tf.image.resize names); big_vision's
+# `resize_small` defaults to 'area'.
+RESIZE_METHODS = ('area', 'bilinear', 'bicubic', 'nearest')
+
+# RandAugment (TF-TPU semantics), see randaugment.py: the 16 op names in the
+# reference order, and the augmenter class (uint8 in, uint8 out).
+RANDAUGMENT_OPS = randaugment_lib.OPS
+RandAugment = randaugment_lib.RandAugment
 
 
 def normalize(image):
@@ -156,13 +163,22 @@ def resize(image, image_size):
   return image
 
 
-def resize_small(image, size):
-  """Resizes so that the shorter side is `size`, keeping the aspect ratio."""
+def resize_small(image, size, method='area'):
+  """Resizes so that the shorter side is `size`, keeping the aspect ratio.
+
+  `method` is a tf.image.resize method; 'area' (big_vision's default for
+  `resize_small`) averages the source pixels each output pixel covers.
+  """
+  if method not in RESIZE_METHODS:
+    raise ValueError(f'Unknown resize method {method!r}: use one of '
+                     f'{RESIZE_METHODS} (config.pp.eval_resize_method).')
   shape = tf.cast(tf.shape(image)[:2], tf.float32)
   scale = tf.cast(size, tf.float32) / tf.reduce_min(shape)
   new = tf.cast(tf.round(shape * scale), tf.int32)
   new = tf.maximum(new, size)  # Guards the short side against rounding.
-  return tf.image.resize(image, new, method='bilinear')
+  resized = tf.image.resize(tf.cast(image, tf.float32), new, method=method)
+  # Area sums may round a hair past 255 (and bicubic overshoots).
+  return tf.clip_by_value(resized, 0.0, 255.0)
 
 
 def central_crop(image, size):
@@ -192,8 +208,8 @@ def train_image(image, seed, *, image_size, crop='inception',
       (no crop).
     area_min: smallest crop area (fraction), for the random crops.
     flip: random left-right flip.
-    randaugment: None or a `RandAugment`, applied to the resized image in
-      0..255.
+    randaugment: None or a `RandAugment`, applied to the resized image
+      rounded to uint8 (the TF-TPU ops work on uint8 images).
 
   Returns:
     float32 (image_size, image_size, 3) in [-1, 1].
@@ -212,11 +228,16 @@ def train_image(image, seed, *, image_size, crop='inception',
   if flip:
     image = random_flip(image, seeds[1])
   if randaugment is not None:
+    image = tf.cast(tf.round(tf.clip_by_value(image, 0.0, 255.0)), tf.uint8)
     image = randaugment(image, seeds[2])
   return normalize(image)
 
 
-def eval_image(image, image_size, crop='resize', resize_size=256):
+EVAL_CROPS = ('resize', 'resize_crop', 'squash_crop')
+
+
+def eval_image(image, image_size, crop='resize', resize_size=256,
+               resize_method='area'):
   """Deterministic evaluation preprocessing of one image.
 
   Args:
@@ -224,162 +245,36 @@ def eval_image(image, image_size, crop='resize', resize_size=256):
     image_size: output side.
     crop: 'resize' resizes the whole image to image_size (the official
       fine-tuning eval); 'resize_crop' resizes the short side to
-      resize_size and takes the central image_size crop (ImageNet eval).
-    resize_size: short side before the central crop ('resize_crop' only).
+      resize_size and takes the central image_size crop (ImageNet eval,
+      big_vision `resize_small(256)|central_crop(224)`); 'squash_crop'
+      resizes the whole image to resize_size x resize_size (bilinear) and
+      takes the central crop (big_vision's few-shot
+      `resize(256)|central_crop(224)`).
+    resize_size: side before the central crop (the crop modes only).
+    resize_method: tf.image.resize method of 'resize_crop'.
 
   Returns:
     float32 (image_size, image_size, 3) in [-1, 1].
   """
   image = decode(image)
+  if crop not in EVAL_CROPS:
+    raise ValueError(
+        f'Unknown eval crop {crop!r}: use one of {EVAL_CROPS} '
+        '(config.pp.eval_crop).')
+  if crop != 'resize' and resize_size < image_size:
+    raise ValueError(
+        f'eval resize size {resize_size} is smaller than the crop '
+        f'{image_size}; set config.pp.eval_resize >= config.image_size.')
   if crop == 'resize':
     image = resize(image, image_size)
   elif crop == 'resize_crop':
-    if resize_size < image_size:
-      raise ValueError(
-          f'eval resize size {resize_size} is smaller than the crop '
-          f'{image_size}; set config.pp.eval_resize >= config.image_size.')
-    image = central_crop(resize_small(image, resize_size), image_size)
+    image = central_crop(resize_small(image, resize_size, resize_method),
+                         image_size)
   else:
-    raise ValueError(
-        f"Unknown eval crop {crop!r}: use 'resize' or 'resize_crop' "
-        '(config.pp.eval_crop).')
+    image = central_crop(resize(image, resize_size), image_size)
   return normalize(image)
 
 
 def one_hot(label, num_classes):
   """Integer label -> float32 one-hot vector."""
   return tf.one_hot(label, num_classes, dtype=tf.float32)
-
-
-def mixup(images, labels, seed, *, alpha, prob):
-  """Mixup of one batch with itself rolled by one example.
-
-  With probability `prob` the batch is mixed: lam ~ Beta(alpha, alpha),
-  images = lam * x + (1 - lam) * roll(x), labels likewise; otherwise it is
-  returned unchanged. One lam per batch, as big_vision.
-
-  Args:
-    images: float (B, H, W, C).
-    labels: float (B, num_classes), one-hot.
-    seed: int tensor of shape (2,), this batch's randomness.
-    alpha: Beta concentration (> 0).
-    prob: probability that the batch is mixed.
-
-  Returns:
-    (images, labels), same shapes and dtypes.
-  """
-  if alpha <= 0:
-    raise ValueError(f'mixup alpha must be > 0, got {alpha} '
-                     '(config.pp.mixup_alpha).')
-  seeds = tf.random.experimental.stateless_split(seed, 3)
-  g1 = tf.random.stateless_gamma([], seeds[0], alpha=alpha)
-  g2 = tf.random.stateless_gamma([], seeds[1], alpha=alpha)
-  lam = g1 / (g1 + g2)
-  mix = tf.random.stateless_uniform([], seeds[2]) < prob
-  lam = tf.where(mix, lam, 1.0)
-  mixed_images = lam * images + (1.0 - lam) * tf.roll(images, 1, axis=0)
-  mixed_labels = lam * labels + (1.0 - lam) * tf.roll(labels, 1, axis=0)
-  return (tf.cast(mixed_images, images.dtype),
-          tf.cast(mixed_labels, labels.dtype))
-
-
-@functools.cache
-def _keras_rand_augment_class():
-  """Builds the RandAugment class on first use (importing Keras is slow)."""
-  import keras  # pylint: disable=g-import-not-at-top
-
-  class _PerExampleSeeds(keras.random.SeedGenerator):
-    """Keras seed source that derives every draw from one seed tensor.
-
-    Keras random ops accept a SeedGenerator and call `next()` once per draw.
-    The stock generator keeps its state in a variable, which makes results
-    depend on the order in which parallel tf.data calls run. This one folds
-    a draw counter into the example's seed instead; the counter advances
-    while the map function is traced, so each draw site gets a fixed, distinct
-    seed. No variable is created, so the base constructor is not called.
-    """
-
-    def __init__(self, seed):  # pylint: disable=super-init-not-called
-      self._seed = tf.cast(seed, tf.int64)
-      self._draws = 0
-
-    def next(self, ordered=True):
-      del ordered
-      self._draws += 1
-      return tf.random.experimental.stateless_fold_in(self._seed, self._draws)
-
-  class SeededRandAugment(keras.layers.RandAugment):
-    """keras.layers.RandAugment with per-example stateless seeds."""
-
-    def _get_seed_generator(self, backend=None):
-      del backend
-      return self.__dict__['_example_seeds']
-
-    def transform_images(self, images, transformation, training=True):
-      # Keras computes all 11 candidate ops and keeps one with `where`; a
-      # switch runs only the chosen op. Same ops and parameters, about 5x
-      # less work on CPU.
-      if not training:
-        return tf.cast(images, self.compute_dtype)
-      images = tf.cast(images, self.compute_dtype)
-      transforms = transformation['transforms']
-      for i in range(self.num_ops):
-        branches = [
-            functools.partial(
-                lambda name, x: tf.cast(getattr(self, name).transform_images(
-                    x, transforms[name]), self.compute_dtype), name, images)
-            for name in self._AUGMENT_LAYERS
-        ]
-        images = tf.switch_case(transformation['layer_idxes'][i], branches)
-      return images
-
-    @contextlib.contextmanager
-    def seeded(self, seed):
-      """Within the block, the layer draws its randomness from `seed`."""
-      # Keras layers refuse new tracked attributes once built; the seeds are
-      # per call, not state, so they bypass tracking.
-      self.__dict__['_example_seeds'] = _PerExampleSeeds(seed)
-      try:
-        yield self
-      finally:
-        self.__dict__['_example_seeds'] = None
-
-    def augment(self, image, seed):
-      with self.seeded(seed):
-        return self(image, training=True)
-
-  return SeededRandAugment
-
-
-class RandAugment:
-  """RandAugment(num_ops, magnitude) from Keras, seeded per example.
-
-  Uses `keras.layers.RandAugment` (Keras 3): a maintained implementation
-  that documents itself as safe inside tf.data with any Keras backend, and
-  which builds on Keras's own preprocessing layers (shear, translation,
-  rotation, brightness, colour, contrast, sharpness, posterize, solarize,
-  auto-contrast, equalize). Two changes, both outside Keras's maths: its
-  randomness is drawn from the example's seed (so pipelines are
-  reproducible and resumable), and only the chosen op is computed.
-
-  Keras takes a strength `factor` in [0, 1]; the RandAugment paper's
-  magnitude runs 0..30 (ImageNet recipes use 9-15 on that scale), so
-  factor = magnitude / 30 (15 -> 0.5, Keras's default). The op list and
-  strength scaling follow Keras, not big_vision's TF1 autoaugment port, so
-  the augmentation is close to, not identical with, the paper's recipe.
-  """
-
-  def __init__(self, num_ops=2, magnitude=15):
-    if num_ops < 1 or not 0 <= magnitude <= 30:
-      raise ValueError(
-          f'RandAugment needs num_ops >= 1 and magnitude in [0, 30], got '
-          f'{num_ops}, {magnitude} (config.pp.randaugment_*).')
-    self.num_ops = num_ops
-    self.magnitude = magnitude
-    self._layer = _keras_rand_augment_class()(
-        value_range=(0, 255), num_ops=num_ops, factor=magnitude / 30)
-
-  def __call__(self, image, seed):
-    """Augments one float HxWx3 image in 0..255 with its (2,) seed."""
-    image = self._layer.augment(tf.cast(image, tf.float32), seed)
-    return tf.clip_by_value(image, 0.0, 255.0)

@@ -23,6 +23,14 @@ def load(name, *args):
   return module.get_config(*args)
 
 
+def load_common_module():
+  path = os.path.join(ROOT, 'configs', 'common.py')
+  spec = importlib.util.spec_from_file_location('_cfg_common_module', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 def flat_keys(config, prefix=''):
   keys = set()
   for key, value in config.items():
@@ -44,7 +52,13 @@ def test_config_is_valid_and_defines_only_common_fields(path):
   name = os.path.basename(path)[:-3]
   config = load(name)
   config_validation.validate_config(config, num_devices=8, num_processes=2)
-  extra = flat_keys(config) - flat_keys(load('common'))
+  # config.evals entries are named by each config; their fields must be
+  # exactly those of common.eval_entry (fewshot_datasets names are free).
+  entry_fields = set(load_common_module().eval_entry().keys())
+  for entry_name, entry in config.get('evals', {}).items():
+    assert set(entry.keys()) == entry_fields, (name, entry_name)
+  extra = {k for k in flat_keys(config) - flat_keys(load('common'))
+           if not k.startswith('evals.')}
   assert not extra, f'{name} sets fields missing from common.py: {extra}'
 
 

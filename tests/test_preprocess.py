@@ -1,6 +1,5 @@
 """Tests of mixer_jax.preprocess: every op eagerly and inside tf.data."""
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -168,87 +167,49 @@ def test_eval_image_accepts_encoded_and_rejects_bad_options():
     preprocess.eval_image(png, 8, 'bogus')
 
 
-def _ramp_batch(batch=6, classes=4):
-  # Image i is constant i, label i % classes: the mix weight is readable.
-  images = tf.reshape(tf.repeat(tf.range(batch, dtype=tf.float32), 12),
-                      [batch, 2, 2, 3])
-  labels = tf.one_hot(tf.range(batch) % classes, classes)
-  return images, labels
+def test_train_image_with_randaugment_is_seeded_per_example():
+  # RandAugment itself is tested in test_randaugment.py; here its place in
+  # train_image: after the resize, on uint8, before normalisation.
+  image = tf.constant(_noise((30, 30, 3)))
+  augment = preprocess.RandAugment(2, 15)
+  fn = lambda im, s: preprocess.train_image(
+      im, s, image_size=24, crop='resize', flip=False, randaugment=augment)
+  first = fn(image, _seed(5)).numpy()
+  assert first.shape == (24, 24, 3) and -1 <= first.min() <= first.max() <= 1
+  np.testing.assert_array_equal(fn(image, _seed(5)), first)
+  np.testing.assert_array_equal(_in_tf_data(fn, image, _seed(5)), first)
+  plain = preprocess.resize(preprocess.decode(image), 24)
+  uint8 = tf.cast(tf.round(plain), tf.uint8)
+  seeds = tf.random.experimental.stateless_split(_seed(5), 3)
+  np.testing.assert_array_equal(
+      first, preprocess.normalize(augment(uint8, seeds[2])))
+  changed = [not np.array_equal(fn(image, _seed(i)), first)
+             for i in range(6, 14)]
+  assert sum(changed) >= 6
 
 
-def test_mixup_mixes_images_and_labels_alike():
-  images, labels = _ramp_batch()
-  lams = []
-  for i in range(300):
-    out_images, out_labels = preprocess.mixup(images, labels, _seed(i),
-                                              alpha=0.5, prob=0.5)
-    # Image 0 = lam * 0 + (1 - lam) * 5 (rolled from the last one).
-    lam = 1 - out_images[0, 0, 0, 0].numpy() / 5
-    lams.append(lam)
-    expected = lam * labels + (1 - lam) * tf.roll(labels, 1, axis=0)
-    np.testing.assert_allclose(out_labels, expected, atol=1e-5)
-    np.testing.assert_allclose(tf.reduce_sum(out_labels, 1), 1.0, atol=1e-5)
-  lams = np.array(lams)
-  mixed = lams[np.abs(lams - 1) > 1e-6]
-  assert 0.35 < len(mixed) / len(lams) < 0.65  # prob = 0.5.
-  # Beta(0.5, 0.5): mean 1/2, U-shaped (most mass near 0 and 1).
-  assert abs(mixed.mean() - 0.5) < 0.1
-  assert np.mean((mixed < 0.2) | (mixed > 0.8)) > 0.45
+def test_resize_small_area_averages_blocks():
+  # 3x3 blocks of a 9x12 image: 'area' to short side 3 gives block means;
+  # bilinear (no antialiasing) samples only each block's centre pixel.
+  image = _noise((9, 12, 3))
+  out = preprocess.resize_small(tf.constant(image), 3, 'area').numpy()
+  assert out.shape == (3, 4, 3)
+  means = image.astype(np.float64).reshape(3, 3, 4, 3, 3).mean(axis=(1, 3))
+  np.testing.assert_allclose(out, means, atol=1e-3)
+  bilinear = preprocess.resize_small(tf.constant(image), 3, 'bilinear')
+  np.testing.assert_allclose(bilinear, image[1::3, 1::3], atol=1e-3)
+  with pytest.raises(ValueError, match='eval_resize_method'):
+    preprocess.resize_small(tf.constant(image), 3, 'lanczos9')
 
 
-def test_mixup_in_tf_data_equals_eager_and_prob_zero_is_identity():
-  images, labels = _ramp_batch()
-  fn = lambda x, y, s: preprocess.mixup(x, y, s, alpha=0.2, prob=1.0)
-  eager = fn(images, labels, _seed(4))
-  graph = _in_tf_data(fn, images, labels, _seed(4))
-  np.testing.assert_allclose(graph[0], eager[0], atol=1e-6)
-  np.testing.assert_allclose(graph[1], eager[1], atol=1e-6)
-  same = preprocess.mixup(images, labels, _seed(4), alpha=0.2, prob=0.0)
-  np.testing.assert_array_equal(same[0], images)
-  np.testing.assert_array_equal(same[1], labels)
-  with pytest.raises(ValueError, match='alpha'):
-    preprocess.mixup(images, labels, _seed(0), alpha=0.0, prob=1.0)
-
-
-@pytest.fixture(scope='module')
-def randaugment():
-  return preprocess.RandAugment(num_ops=2, magnitude=15)
-
-
-def test_randaugment_is_seeded_per_example(randaugment):
-  image = tf.constant(_noise((24, 24, 3)).astype(np.float32))
-  first = randaugment(image, _seed(5)).numpy()
-  assert first.shape == (24, 24, 3)
-  assert 0 <= first.min() and first.max() <= 255
-  np.testing.assert_array_equal(randaugment(image, _seed(5)), first)
-  np.testing.assert_allclose(
-      _in_tf_data(randaugment, image, _seed(5)), first, atol=1e-3)
-  changed = [not np.array_equal(randaugment(image, _seed(i)), image)
-             for i in range(10)]
-  assert sum(changed) >= 7
-  # Parallel tf.data calls give the same result per seed as sequential ones.
-  ds = tf.data.Dataset.range(8).map(
-      lambda i: randaugment(image, tf.stack([i, i])), num_parallel_calls=4)
-  for i, out in enumerate(ds.as_numpy_iterator()):
-    np.testing.assert_allclose(
-        out, randaugment(image, tf.constant([i, i], tf.int64)), atol=1e-3)
-
-
-def test_randaugment_equals_keras_computation(randaugment):
-  # The switch-based transform must match Keras's own (compute all ops,
-  # keep the chosen one) for the same random draws.
-  image = tf.constant(_noise((20, 20, 3), 3).astype(np.float32))
-  layer = randaugment._layer  # pylint: disable=protected-access
-  for i in range(12):
-    with layer.seeded(_seed(i)):
-      transformation = layer.get_random_transformation(image)
-    reference = keras.layers.RandAugment.transform_images(
-        layer, image[None], transformation)[0]
-    np.testing.assert_allclose(
-        randaugment(image, _seed(i)),
-        tf.clip_by_value(reference, 0, 255), atol=1e-3)
-
-
-def test_randaugment_rejects_bad_settings():
-  with pytest.raises(ValueError, match='randaugment'):
-    preprocess.RandAugment(num_ops=2, magnitude=31)
+def test_eval_squash_crop_resizes_the_whole_image_then_crops():
+  image = _framed(400, 72)
+  # 400 -> 200 square; the central 100 lie inside the white 128 centre.
+  out = preprocess.eval_image(tf.constant(image), 100, 'squash_crop', 200)
+  np.testing.assert_allclose(out, 1.0, atol=1e-5)
+  wide = np.zeros((100, 300, 3), np.uint8)
+  wide[:, 100:200] = 255  # Squashed to 60 x 60, the white band is 20 wide.
+  out = preprocess.eval_image(tf.constant(wide), 40, 'squash_crop', 60)
+  assert out.shape == (40, 40, 3)
+  np.testing.assert_allclose(out[:, 12:18], 1.0, atol=1e-5)
+  np.testing.assert_allclose(out[:, :8], -1.0, atol=1e-5)

@@ -1,0 +1,165 @@
+"""The further evaluations of a training run: `config.evals`.
+
+`config.evals` maps a name to a `configs/common.eval_entry(...)`; the
+training loop calls `Evaluations.run(step, params)` after each step, and
+each entry that is due (every `every_steps` steps, and at the last step)
+returns metrics named `<name>/...`, written to TensorBoard and
+metrics.jsonl like every other metric:
+
+  classification  `<name>/accuracy` (top-1), `<name>/top5`, `<name>/loss`,
+                  `<name>/examples` of the model's head on (dataset, split);
+  real            `<name>/accuracy`, `<name>/examples`: ImageNet ReaL, where
+                  the top-1 class is correct when it is in the image's set of
+                  labels (`label_key`, 'real_label' for imagenet2012_real);
+                  images with an empty set are left out;
+  fewshot         `<name>/<set>_<k>shot_accuracy` (mean over seeds) for each
+                  set of `fewshot_datasets` and each k of `shots`: linear
+                  probes on the frozen pre-logits (mixer_jax/fewshot.py).
+
+Batches are padded with mask 0, so every example is scored exactly once.
+"""
+
+import functools
+from typing import Dict
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tensorflow_datasets as tfds
+
+from mixer_jax import evaluate
+from mixer_jax import fewshot
+from mixer_jax import input_pipeline
+from mixer_jax import sharding
+from mixer_jax.datasets import sources
+
+
+def real_sums(params, batch, *, apply_fn) -> Dict[str, jax.Array]:
+  """Masked ReaL hits (top-1 in the label set) and counts of one batch."""
+  logits = apply_fn({'params': params}, batch['image'], train=False)
+  top1 = jnp.argmax(logits, axis=-1)
+  hit = jnp.take_along_axis(batch['label'], top1[:, None], axis=-1)[:, 0]
+  mask = batch['mask'].astype(jnp.float32)
+  return {'correct': jnp.sum(hit * mask), 'count': jnp.sum(mask)}
+
+
+def _read(config, entry, index, count):
+  """(this process's examples, size of the largest shard, class count)."""
+  dataset = entry.dataset or config.dataset
+  split = entry.split or config.eval_split
+  if dataset == config.dataset and entry.label_key == 'label':
+    source = sources.get_source(config)  # Folders and TFDS alike.
+    examples = source.read(split, index, count)
+    num_classes = source.num_classes
+  else:
+    source = sources.TfdsSource(dataset, config.data_dir)
+    builder = source.builder
+    features = builder.info.features
+    if entry.label_key not in features:
+      raise ValueError(f'{dataset} has no feature {entry.label_key!r} '
+                       f'(config.evals label_key); it has {list(features)}.')
+    label = features[entry.label_key]
+    label = getattr(label, 'feature', label)  # Sequence(ClassLabel).
+    num_classes = getattr(label, 'num_classes', -1)
+    shard = split if count == 1 else tfds.even_splits(split, n=count)[index]
+    decoders = ({'image': tfds.decode.SkipDecoding()} if isinstance(
+        features['image'], tfds.features.Image) else None)
+    examples = builder.as_dataset(
+        split=shard, shuffle_files=False, decoders=decoders,
+        read_config=tfds.ReadConfig(try_autocache=False)).map(
+            lambda ex: {'image': ex['image'], 'label': ex[entry.label_key]})
+  largest = max(source.shard_size(split, i, count) for i in range(count))
+  if largest <= 0:
+    raise ValueError(f'Split {split!r} of {dataset} is empty.')
+  return examples, largest, num_classes
+
+
+class Evaluations:
+  """Runs the entries of config.evals that are due at a step."""
+
+  def __init__(self, config, model, mesh, num_train_steps: int):
+    self.config = config
+    self.model = model
+    self.mesh = mesh
+    self.num_train_steps = num_train_steps
+    self.entries = dict(config.evals.items()) if 'evals' in config else {}
+    data = sharding.batch_sharding(mesh)
+    replicated = sharding.replicated(mesh)
+    self._classification = jax.jit(
+        functools.partial(evaluate.eval_sums, apply_fn=model.apply,
+                          loss=config.loss),
+        in_shardings=(replicated, data), out_shardings=replicated)
+    self._real = jax.jit(functools.partial(real_sums, apply_fn=model.apply),
+                         in_shardings=(replicated, data),
+                         out_shardings=replicated)
+
+  def _every(self, entry) -> int:
+    return entry.every_steps or self.config.eval_every_steps
+
+  def due(self, step: int):
+    """Names of the entries to run after `step`."""
+    last = step == self.num_train_steps
+    return [name for name, entry in self.entries.items()
+            if last or step % self._every(entry) == 0]
+
+  def run(self, step: int, params) -> Dict[str, float]:
+    """Metrics of every entry due at `step` ({} when none is)."""
+    metrics = {}
+    for name in self.due(step):
+      metrics.update(self.run_one(name, params))
+    return metrics
+
+  def _pp(self, entry):
+    pp = self.config.pp
+    return dict(crop=entry.crop or pp.eval_crop,
+                resize=entry.resize or pp.eval_resize,
+                resize_method=entry.resize_method or pp.eval_resize_method)
+
+  def run_one(self, name: str, params) -> Dict[str, float]:
+    """Runs entry `name` now; its metrics, prefixed `name/`."""
+    entry = self.entries[name]
+    if entry.kind == 'fewshot':
+      return self._fewshot(name, entry, params)
+    index, count = jax.process_index(), jax.process_count()
+    examples, largest, data_classes = _read(self.config, entry, index, count)
+    num_classes = self.model.num_classes
+    if data_classes > num_classes:
+      raise ValueError(f'config.evals.{name}: {data_classes} classes in the '
+                       f'data but the head has {num_classes}.')
+    batches = input_pipeline.padded_eval_dataset(
+        examples, largest, batch_size=self.config.batch_size,
+        image_size=self.config.image_size, num_classes=num_classes,
+        multi_label=entry.kind == 'real', process_count=count,
+        **self._pp(entry))
+    step_fn = self._real if entry.kind == 'real' else self._classification
+    totals = None
+    for batch in sharding.prefetch(batches.as_numpy_iterator(), self.mesh,
+                                   self.config.prefetch_batches):
+      sums = step_fn(params, batch)
+      totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    totals = sharding.to_host(totals)
+    count = float(totals['count'])
+    denominator = max(count, 1.0)
+    if entry.kind == 'real':
+      return {f'{name}/accuracy': float(totals['correct']) / denominator,
+              f'{name}/examples': int(count)}
+    return {f'{name}/accuracy': float(totals['top1']) / denominator,
+            f'{name}/top5': float(totals['top5']) / denominator,
+            f'{name}/loss': float(totals['loss']) / denominator,
+            f'{name}/examples': int(count)}
+
+  def _fewshot(self, name, entry, params) -> Dict[str, float]:
+    features_model = self.model.clone(num_classes=None)
+    # The head is not part of the feature model.
+    params = {k: v for k, v in params.items() if k != 'head'}
+    results = fewshot.evaluate_datasets(
+        features_model, params, dict(entry.fewshot_datasets.items()),
+        mesh=self.mesh, data_dir=self.config.data_dir,
+        batch_size=self.config.batch_size, image_size=self.config.image_size,
+        shots=entry.shots, l2_reg=entry.l2_reg, num_seeds=entry.num_seeds,
+        seed=0, **self._pp(entry))
+    metrics = {}
+    for dataset, by_shots in results.items():
+      for k, accs in by_shots.items():
+        metrics[f'{name}/{dataset}_{k}shot_accuracy'] = float(np.mean(accs))
+    return metrics

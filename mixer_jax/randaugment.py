@@ -1,0 +1,370 @@
+"""RandAugment with the semantics of the TF-TPU reference, as stateless TF ops.
+
+big_vision's `randaug(2, 15)` (the Mixer ImageNet-1k recipe) is the
+RandAugment of `tensorflow/tpu`, `models/official/efficientnet/
+autoaugment.py` (`distort_image_with_randaugment`). This module rewrites
+that behaviour for TF2 `tf.data`:
+
+* 16 ops (`OPS`, in the reference's order); each of `num_layers` layers
+  picks one uniformly (with replacement: the same op may be picked twice);
+* every op runs at the one fixed `magnitude`, on a level scale whose top is
+  `MAX_LEVEL = 10` (so the recipe's 15 goes past it: rotations of 45
+  degrees, shears of 0.45, translations of 150 px, a 6-bit posterize);
+* the geometric ops (Rotate, ShearX/Y, TranslateX/Y) get a random sign;
+* empty pixels are filled with grey 128, Cutout included;
+* images are uint8 HxWx3 in and out, as in the reference.
+
+Randomness is stateless: `layer_draws(seed, ...)` derives every choice
+(ops, signs, Cutout centres) from one (2,) seed, so a given example gets
+the same augmentation on every run and in every parallel map call. It also
+lets callers see which ops were applied (`augment_with_ops`).
+"""
+
+import math
+
+import tensorflow as tf
+
+# The op names, in the order of the reference's `available_ops` list; an op's
+# index is its position here.
+OPS = ('AutoContrast', 'Equalize', 'Invert', 'Rotate', 'Posterize',
+       'Solarize', 'Color', 'Contrast', 'Brightness', 'Sharpness', 'ShearX',
+       'ShearY', 'TranslateX', 'TranslateY', 'Cutout', 'SolarizeAdd')
+# The ops whose argument gets a random sign (reference:
+# `_randomly_negate_tensor` in the rotate, shear and translate level rules).
+SIGNED_OPS = ('Rotate', 'ShearX', 'ShearY', 'TranslateX', 'TranslateY')
+
+# Top of the level scale (reference: `_MAX_LEVEL = 10.`).
+MAX_LEVEL = 10.0
+# Translation in pixels at level MAX_LEVEL (reference: randaugment's
+# `HParams(translate_const=100)`).
+TRANSLATE_CONST = 100
+# Cutout half-side in pixels at level MAX_LEVEL (reference:
+# `HParams(cutout_const=40)`).
+CUTOUT_CONST = 40
+# Grey for pixels a geometric op or Cutout empties (reference:
+# `replace_value = [128] * 3`).
+FILL_VALUE = 128
+# Sharpness's smoothing kernel, divided by 13 (reference `sharpness`, the
+# same as PIL's ImageFilter.SMOOTH).
+_SMOOTH = ((1, 1, 1), (1, 5, 1), (1, 1, 1))
+
+
+def op_argument(name, magnitude):
+  """The unsigned argument op `name` gets at `magnitude` (a Python number).
+
+  Level rules of the reference (`level_to_arg`): Rotate level/10 * 30
+  degrees; Posterize int(level/10 * 4) bits; Solarize threshold
+  int(level/10 * 256); SolarizeAdd int(level/10 * 110); Color, Contrast,
+  Brightness and Sharpness factor level/10 * 1.8 + 0.1; ShearX/Y
+  level/10 * 0.3; TranslateX/Y level/10 * 100 px; Cutout half-side
+  int(level/10 * 40) px; AutoContrast, Equalize and Invert take none (None).
+  """
+  level = float(magnitude) / MAX_LEVEL
+  if name in ('AutoContrast', 'Equalize', 'Invert'):
+    return None
+  if name == 'Rotate':
+    return level * 30.0
+  if name == 'Posterize':
+    return int(level * 4)
+  if name == 'Solarize':
+    return int(level * 256)
+  if name == 'SolarizeAdd':
+    return int(level * 110)
+  if name in ('Color', 'Contrast', 'Brightness', 'Sharpness'):
+    return level * 1.8 + 0.1
+  if name in ('ShearX', 'ShearY'):
+    return level * 0.3
+  if name in ('TranslateX', 'TranslateY'):
+    return level * float(TRANSLATE_CONST)
+  if name == 'Cutout':
+    return int(level * CUTOUT_CONST)
+  raise ValueError(f'Unknown RandAugment op {name!r}; known: {OPS}.')
+
+
+# ------------------------------------------------------------- The ops.
+# All take and return uint8 (H, W, 3) tensors.
+
+
+def _blend(image1, image2, factor):
+  """image1 + factor * (image2 - image1), clipped, truncated to uint8.
+
+  The reference's `blend`: interpolates for factor in [0, 1], extrapolates
+  (then clips) beyond; the float result is truncated, not rounded.
+  """
+  image1 = tf.cast(image1, tf.float32)
+  image2 = tf.cast(image2, tf.float32)
+  out = image1 + factor * (image2 - image1)
+  return tf.cast(tf.clip_by_value(out, 0.0, 255.0), tf.uint8)
+
+
+def _grey(image):
+  """One-channel luma of a uint8 image, as `tf.image.rgb_to_grayscale`."""
+  return tf.image.rgb_to_grayscale(image)
+
+
+def auto_contrast(image):
+  """Stretches each channel to 0..255 (a flat channel is left as is)."""
+  def channel(x):
+    x = tf.cast(x, tf.float32)
+    lo, hi = tf.reduce_min(x), tf.reduce_max(x)
+    scale = 255.0 / tf.maximum(hi - lo, 1.0)
+    # x * scale - lo * scale, in the reference's order of float operations.
+    stretched = tf.clip_by_value(x * scale + (-lo * scale), 0.0, 255.0)
+    return tf.where(hi > lo, stretched, x)
+  out = tf.stack([channel(image[..., c]) for c in range(3)], axis=-1)
+  return tf.cast(out, tf.uint8)
+
+
+def equalize(image):
+  """Histogram equalisation per channel, PIL's ImageOps.equalize rule.
+
+  step = (pixels - count of the brightest present value) // 255; value v
+  maps to (step // 2 + pixels below v) // step; a channel with step 0 is
+  left unchanged.
+  """
+  def channel(x):
+    x = tf.cast(x, tf.int32)
+    hist = tf.math.bincount(tf.reshape(x, [-1]), minlength=256, maxlength=256)
+    present = tf.boolean_mask(hist, hist > 0)
+    step = (tf.reduce_sum(present) - present[-1]) // 255
+    below = tf.cumsum(hist, exclusive=True)
+    lut = tf.clip_by_value((below + step // 2) // tf.maximum(step, 1), 0, 255)
+    return tf.where(step > 0, tf.gather(lut, x), x)
+  out = tf.stack([channel(image[..., c]) for c in range(3)], axis=-1)
+  return tf.cast(out, tf.uint8)
+
+
+def invert(image):
+  return 255 - image
+
+
+def posterize(image, bits):
+  """Keeps the `bits` high bits of every value."""
+  # Magnitudes past 20 would ask for more than 8 bits, which the reference
+  # leaves undefined (a negative shift); they keep all 8 here.
+  shift = max(0, 8 - int(bits))
+  return tf.bitwise.left_shift(tf.bitwise.right_shift(image, shift), shift)
+
+
+def solarize(image, threshold):
+  """Inverts the values >= threshold (none when threshold > 255)."""
+  return tf.where(tf.cast(image, tf.int32) < threshold, image, 255 - image)
+
+
+def solarize_add(image, addition, threshold=128):
+  """Adds `addition` (clipped to 0..255) to the values below threshold."""
+  added = tf.clip_by_value(tf.cast(image, tf.int32) + addition, 0, 255)
+  return tf.where(tf.cast(image, tf.int32) < threshold,
+                  tf.cast(added, tf.uint8), image)
+
+
+def color(image, factor):
+  """Blends the image with its grey version (factor 1: unchanged)."""
+  return _blend(tf.image.grayscale_to_rgb(_grey(image)), image, factor)
+
+
+def contrast(image, factor):
+  """Blends the image with a flat grey image (factor 1: unchanged).
+
+  As in the reference, the grey level is the sum of the grey histogram
+  divided by 256, i.e. (height * width) / 256 clipped to 255, not the mean
+  luma that PIL's ImageEnhance.Contrast uses: a known quirk of the TF-TPU
+  code, kept here because the published recipe trained with it.
+  """
+  shape = tf.shape(image)
+  pixels = tf.cast(shape[0] * shape[1], tf.float32)
+  level = tf.cast(tf.clip_by_value(pixels / 256.0, 0.0, 255.0), tf.uint8)
+  degenerate = tf.fill(shape, level)
+  return _blend(degenerate, image, factor)
+
+
+def brightness(image, factor):
+  """Blends the image with black (factor 1: unchanged)."""
+  return _blend(tf.zeros_like(image), image, factor)
+
+
+def sharpness(image, factor):
+  """Blends with a 3x3-smoothed copy (the border pixels stay unsmoothed)."""
+  x = tf.cast(image, tf.float32)[None]
+  kernel = tf.constant(_SMOOTH, tf.float32) / 13.0
+  kernel = tf.tile(kernel[:, :, None, None], [1, 1, 3, 1])
+  smooth = tf.nn.depthwise_conv2d(x, kernel, [1, 1, 1, 1], 'VALID')[0]
+  smooth = tf.cast(tf.clip_by_value(smooth, 0.0, 255.0), tf.uint8)
+  inner = tf.pad(tf.ones_like(smooth[..., :1], tf.bool),
+                 [[1, 1], [1, 1], [0, 0]])
+  degenerate = tf.where(inner, tf.pad(smooth, [[1, 1], [1, 1], [0, 0]]),
+                        image)
+  return _blend(degenerate, image, factor)
+
+
+def _transform(image, matrix):
+  """Applies a projective transform, nearest pixel, grey fill.
+
+  `matrix` [a0, a1, a2, b0, b1, b2, c0, c1] maps each output pixel (x, y)
+  to the input point ((a0 x + a1 y + a2) / k, (b0 x + b1 y + b2) / k),
+  k = c0 x + c1 y + 1, as `tf.contrib.image.transform` that the reference
+  calls. The reference marks emptied pixels with an extra channel and then
+  writes 128 into them; with nearest sampling that equals filling with 128.
+  """
+  matrix = tf.cast(tf.stack(matrix), tf.float32)[None]
+  out = tf.raw_ops.ImageProjectiveTransformV3(
+      images=image[None], transforms=matrix,
+      output_shape=tf.shape(image)[:2],
+      fill_value=tf.constant(FILL_VALUE, tf.float32),
+      interpolation='NEAREST', fill_mode='CONSTANT')
+  return out[0]
+
+
+def rotate(image, degrees):
+  """Rotates about the image centre by `degrees` (positive: clockwise)."""
+  radians = tf.cast(degrees, tf.float32) * (math.pi / 180.0)
+  shape = tf.cast(tf.shape(image), tf.float32)
+  h, w = shape[0] - 1.0, shape[1] - 1.0
+  cos, sin = tf.cos(radians), tf.sin(radians)
+  # tf.contrib.image.rotate's matrix: the centre ((w, h) / 2) stays put.
+  x_offset = (w - (cos * w - sin * h)) / 2.0
+  y_offset = (h - (sin * w + cos * h)) / 2.0
+  return _transform(image, [cos, -sin, x_offset, sin, cos, y_offset, 0., 0.])
+
+
+def shear_x(image, level):
+  """Output pixel (x, y) is input pixel (x + level * y, y)."""
+  return _transform(image, [1., level, 0., 0., 1., 0., 0., 0.])
+
+
+def shear_y(image, level):
+  """Output pixel (x, y) is input pixel (x, y + level * x)."""
+  return _transform(image, [1., 0., 0., level, 1., 0., 0., 0.])
+
+
+def translate_x(image, pixels):
+  """Output pixel (x, y) is input pixel (x + pixels, y): content moves left."""
+  return _transform(image, [1., 0., pixels, 0., 1., 0., 0., 0.])
+
+
+def translate_y(image, pixels):
+  """Output pixel (x, y) is input pixel (x, y + pixels): content moves up."""
+  return _transform(image, [1., 0., 0., 0., 1., pixels, 0., 0.])
+
+
+def cutout(image, pad_size, center):
+  """Greys the square [cy - pad, cy + pad) x [cx - pad, cx + pad) (clipped).
+
+  Args:
+    image: uint8 (H, W, 3).
+    pad_size: half-side in pixels.
+    center: int32 (2,) [cy, cx], in [0, H) x [0, W).
+  """
+  shape = tf.shape(image)
+  rows = tf.range(shape[0])[:, None]
+  cols = tf.range(shape[1])[None, :]
+  inside = ((rows >= center[0] - pad_size) & (rows < center[0] + pad_size) &
+            (cols >= center[1] - pad_size) & (cols < center[1] + pad_size))
+  return tf.where(inside[..., None], tf.constant(FILL_VALUE, tf.uint8), image)
+
+
+def apply_op(image, name, magnitude, *, negate=False, cutout_center=None):
+  """Applies one op at `magnitude` to a uint8 (H, W, 3) image.
+
+  Args:
+    image: uint8 (H, W, 3).
+    name: one of OPS.
+    magnitude: the RandAugment magnitude (level), e.g. 15.
+    negate: bool (or bool tensor); flips the sign of a SIGNED_OPS argument.
+    cutout_center: int32 (2,) [cy, cx] for Cutout; default the centre.
+
+  Returns:
+    uint8 (H, W, 3).
+  """
+  image = tf.convert_to_tensor(image)
+  arg = op_argument(name, magnitude)
+  if name in SIGNED_OPS:
+    arg = tf.where(negate, -arg, arg)
+  if name == 'Cutout':
+    if cutout_center is None:
+      cutout_center = tf.shape(image)[:2] // 2
+    return cutout(image, arg, tf.cast(cutout_center, tf.int32))
+  fn = {
+      'AutoContrast': lambda x, _: auto_contrast(x),
+      'Equalize': lambda x, _: equalize(x),
+      'Invert': lambda x, _: invert(x),
+      'Rotate': rotate, 'Posterize': posterize, 'Solarize': solarize,
+      'Color': color, 'Contrast': contrast, 'Brightness': brightness,
+      'Sharpness': sharpness, 'ShearX': shear_x, 'ShearY': shear_y,
+      'TranslateX': translate_x, 'TranslateY': translate_y,
+      'SolarizeAdd': solarize_add,
+  }[name]
+  out = fn(image, arg)
+  out.set_shape(image.shape)
+  return out
+
+
+# ---------------------------------------------------------- RandAugment.
+
+
+def layer_draws(seed, num_layers, image_shape):
+  """Every random choice RandAugment makes for one image, from its seed.
+
+  Args:
+    seed: int tensor (2,).
+    num_layers: number of ops applied.
+    image_shape: int tensor [H, W, ...] (Cutout centres lie inside).
+
+  Returns:
+    dict of 'ops' int32 (num_layers,): indices into OPS; 'negate' bool
+    (num_layers,): sign flips of the geometric ops; 'cutout_center' int32
+    (num_layers, 2): [cy, cx] per layer, uniform over the image.
+  """
+  seeds = tf.random.experimental.stateless_split(
+      tf.cast(seed, tf.int64), 4)
+  ops = tf.random.stateless_uniform([num_layers], seeds[0], maxval=len(OPS),
+                                    dtype=tf.int32)
+  negate = tf.random.stateless_uniform([num_layers], seeds[1]) < 0.5
+  hw = tf.cast(image_shape[:2], tf.int32)
+  cy = tf.random.stateless_uniform([num_layers], seeds[2], maxval=hw[0],
+                                   dtype=tf.int32)
+  cx = tf.random.stateless_uniform([num_layers], seeds[3], maxval=hw[1],
+                                   dtype=tf.int32)
+  return {'ops': ops, 'negate': negate,
+          'cutout_center': tf.stack([cy, cx], axis=-1)}
+
+
+def chosen_ops(seed, num_layers, image_shape=(224, 224)):
+  """Names of the ops RandAugment applies, in order, for this seed."""
+  ops = layer_draws(seed, num_layers, tf.constant(image_shape))['ops']
+  return tuple(OPS[i] for i in ops.numpy())
+
+
+class RandAugment:
+  """RandAugment(num_layers, magnitude), TF-TPU semantics, seeded per image.
+
+  Call it on a uint8 (H, W, 3) image and a (2,) int seed, eagerly or in a
+  tf.data map; it returns a uint8 image. Each layer runs only its chosen op
+  (`tf.switch_case`).
+  """
+
+  def __init__(self, num_layers=2, magnitude=15):
+    if num_layers < 1 or not 0 <= magnitude <= 30:
+      raise ValueError(
+          f'RandAugment needs num_layers >= 1 and magnitude in [0, 30], got '
+          f'{num_layers}, {magnitude} (config.pp.randaugment_*).')
+    self.num_layers = int(num_layers)
+    self.magnitude = magnitude
+
+  def augment_with_ops(self, image, seed):
+    """Returns (augmented uint8 image, int32 (num_layers,) op indices)."""
+    image = tf.convert_to_tensor(image)
+    if image.dtype != tf.uint8:
+      raise ValueError(f'RandAugment takes uint8 images, got {image.dtype}.')
+    draws = layer_draws(seed, self.num_layers, tf.shape(image))
+    for layer in range(self.num_layers):
+      branches = [
+          (lambda name=name, layer=layer, x=image: apply_op(
+              x, name, self.magnitude, negate=draws['negate'][layer],
+              cutout_center=draws['cutout_center'][layer]))
+          for name in OPS]
+      image = tf.switch_case(draws['ops'][layer], branches)
+    return image, draws['ops']
+
+  def __call__(self, image, seed):
+    return self.augment_with_ops(image, seed)[0]
