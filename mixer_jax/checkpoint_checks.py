@@ -2,12 +2,15 @@
 
 Used by `checkpoints.Checkpointer`: the model fingerprint stored with every
 step, the comparison of the stored tree (leaf paths, shapes, dtypes) with
-the restore target, and per-leaf sums taken at save time and compared after
-reading, which catch files that decode without error but hold other values.
-Also refuses non-finite states before they are written.
+the restore target, and per-leaf checksums of the values taken at save time
+and compared after reading, which catch files that decode without error but
+hold other values (bit rot, swapped files). Also refuses non-finite states,
+before they are written and after they are read.
 """
 
 import dataclasses
+import sys
+import traceback
 from typing import Mapping
 
 import jax
@@ -65,25 +68,82 @@ def flat(tree) -> dict:
   return {'/'.join(_key_name(k) for k in path): leaf for path, leaf in leaves}
 
 
+# Constants of the checksum (golden-ratio multiplier, murmur3 finaliser).
+_GOLDEN = 0x9E3779B9
+_MIX_1, _MIX_2 = 0x85EBCA6B, 0xC2B2AE35
+
+
+def _words(x):
+  """The bits of `x` as a flat uint32 vector (one or more words per value)."""
+  x = jnp.ravel(x)
+  if x.dtype == jnp.bool_:
+    x = x.astype(jnp.uint8)
+  size = x.dtype.itemsize
+  if size == 4:
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)
+  if size < 4:
+    unsigned = {1: jnp.uint8, 2: jnp.uint16}[size]
+    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+  return jnp.ravel(jax.lax.bitcast_convert_type(x, jnp.uint32))
+
+
+def _mix(h):
+  """murmur3's 32-bit finaliser: a bijection of uint32 that spreads bits."""
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(_MIX_1)
+  h = h ^ (h >> 13)
+  h = h * jnp.uint32(_MIX_2)
+  return h ^ (h >> 16)
+
+
+def _checksum(x):
+  """Two 32-bit sums of hashed (word, position) pairs, modulo 2**32.
+
+  Word i contributes h_i = mix(word_i + i * GOLDEN); the sums are sum(h_i)
+  and sum(h_i * (2i + 1)). `mix` is a bijection and 2i + 1 is odd, so a
+  change confined to one word always changes both sums; other changes go
+  undetected with a chance of about 2**-64. Integer sums do not depend on
+  the reduction order, so the result is exact on any device and sharding.
+  """
+  words = _words(x)
+  index = jnp.arange(words.size, dtype=jnp.uint32)
+  h = _mix(words + index * jnp.uint32(_GOLDEN))
+  return jnp.stack([jnp.sum(h, dtype=jnp.uint32),
+                    jnp.sum(h * (2 * index + 1), dtype=jnp.uint32)])
+
+
 @jax.jit
-def _leaf_sums(leaves):
-  """Per-leaf (sum, sum of |x|, all finite) in float32, one device pass."""
+def _leaf_digests(leaves):
+  """Per leaf: (checksum word 1, checksum word 2, all finite) as uint32."""
   out = []
   for x in leaves:
-    x = jnp.asarray(x, jnp.float32)
-    out.append(jnp.stack([jnp.sum(x), jnp.sum(jnp.abs(x)),
-                          jnp.all(jnp.isfinite(x)).astype(jnp.float32)]))
-  return jnp.stack(out) if out else jnp.zeros((0, 3), jnp.float32)
+    x = jnp.asarray(x)
+    finite = (jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact)
+              else jnp.asarray(True))
+    out.append(jnp.concatenate([_checksum(x),
+                                finite.astype(jnp.uint32)[None]]))
+  return jnp.stack(out) if out else jnp.zeros((0, 3), jnp.uint32)
 
 
-def state_sums(state) -> dict:
-  """{path: (sum, sum|x|, finite)} over the numeric leaves of `state`."""
-  numeric = {k: v for k, v in flat(state).items()
-             if jnp.issubdtype(_dtype(v), jnp.number)}
-  sums = _leaf_sums(list(numeric.values()))
-  if hasattr(sums, 'addressable_data') and not sums.is_fully_addressable:
-    sums = sums.addressable_data(0)  # Replicated: every host holds it all.
-  return dict(zip(numeric, np.asarray(sums, np.float64).tolist()))
+def _numeric(state) -> dict:
+  return {k: v for k, v in flat(state).items()
+          if jnp.issubdtype(_dtype(v), jnp.number)}
+
+
+def state_digests(state) -> dict:
+  """{path: (checksum hex string, all finite)} over the numeric leaves.
+
+  The checksum (16 hex digits) covers every bit of the leaf's values, so a
+  restored leaf that differs from the saved one in any value is caught.
+  Computed in one jitted pass where the arrays live (device, any sharding).
+  """
+  numeric = _numeric(state)
+  digests = _leaf_digests(list(numeric.values()))
+  if hasattr(digests, 'addressable_data') and not digests.is_fully_addressable:
+    digests = digests.addressable_data(0)  # Replicated: every host has it.
+  rows = np.asarray(digests).tolist()
+  return {path: (f'{a:08x}{b:08x}', bool(finite))
+          for path, (a, b, finite) in zip(numeric, rows)}
 
 
 def short_error(error) -> str:
@@ -101,6 +161,39 @@ def jsonable(value):
   if hasattr(value, 'tolist'):
     return np.asarray(value).tolist()
   return value
+
+
+def _is_closed_loop_noise(unraisable) -> bool:
+  """A TensorStore read finishing after Orbax closed its event loop."""
+  if (unraisable.exc_type is not RuntimeError or
+      str(unraisable.exc_value) != 'Event loop is closed'):
+    return False
+  frames = traceback.extract_tb(unraisable.exc_traceback)
+  return any(f.name == 'call_soon_threadsafe' for f in frames)
+
+
+def _quiet_unraisable_hook(unraisable):
+  if not _is_closed_loop_noise(unraisable):
+    _previous_unraisable_hook(unraisable)
+
+
+_previous_unraisable_hook = None
+
+
+def quiet_failed_read_noise() -> None:
+  """Drops the echoes of a failed read that follow its clear error.
+
+  When one array of a checkpoint fails to read, Orbax raises at once and
+  closes its asyncio loop while TensorStore still completes the other reads;
+  each completion then reports 'RuntimeError: Event loop is closed' through
+  `sys.unraisablehook` (thousands of traceback lines for a large state).
+  This wraps the hook so that exactly those reports are dropped; every
+  other unraisable exception is passed on. Idempotent.
+  """
+  global _previous_unraisable_hook
+  if sys.unraisablehook is not _quiet_unraisable_hook:
+    _previous_unraisable_hook = sys.unraisablehook
+    sys.unraisablehook = _quiet_unraisable_hook
 
 
 def read_error(where, error, hint):
@@ -136,23 +229,32 @@ def check_tree(stored: dict, wanted: dict, where, hint):
         f'or another workdir.{hint}')
 
 
-def check_sums(restored: dict, saved, where, hint):
-  """Compares per-leaf sums after a restore with those taken at save."""
-  if not saved:
+def check_digests(restored: dict, saved, where, hint):
+  """Compares checksums after a restore with those taken at save time.
+
+  Also refuses non-finite values (which a save never writes), naming the
+  leaves. `saved` is None for checkpoints written before checksums were
+  stored; those get only the finiteness check.
+  """
+  bad_values = [p for p, (_, finite) in restored.items() if not finite]
+  if bad_values:
+    raise CheckpointError(
+        f'Checkpoint {where} holds NaN or infinite values in '
+        f'{", ".join(sorted(bad_values, key=_params_first)[:8])}; it cannot '
+        f'be used.{hint}')
+  if saved is None:
     return
-  bad = []
-  for path, (total, magnitude) in saved.items():
-    if path not in restored:
-      continue
-    got_total, got_magnitude, _ = restored[path]
-    tol = 1e-3 * magnitude + 1e-6
-    if not (abs(got_total - total) <= tol and
-            abs(got_magnitude - magnitude) <= tol):
-      bad.append(f'{path} (sum {got_total:.6g}, saved {total:.6g})')
-  if bad:
+  bad = [p for p, (digest, _) in restored.items()
+         if p in saved and saved[p] != digest]
+  missing = [p for p in restored if p not in saved]
+  if bad or missing:
+    names = sorted(bad, key=_params_first) + [
+        f'{p} (no checksum stored)' for p in missing]
     raise CheckpointError(
         f'Checkpoint {where} is corrupt: the values read differ from those '
-        f'saved in {", ".join(bad[:5])}.{hint}')
+        f'saved (checksum mismatch) in {", ".join(names[:5])}'
+        f'{f" and {len(names) - 5} more leaves" if len(names) > 5 else ""}.'
+        f'{hint}')
 
 
 def check_fingerprint(expected, stored, where, hint):

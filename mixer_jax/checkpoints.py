@@ -5,16 +5,17 @@ directories hold two items:
 
   state/   the TrainState pytree (StandardSave: arrays written by TensorStore)
   extra/   a small JSON dict: the caller's data position and notes, the run's
-           `fingerprint` (model description) and per-leaf sums of the state
-           used to detect silently damaged files.
+           `fingerprint` (model description) and a per-leaf checksum of the
+           state's values (64 bits, see checkpoint_checks) that detects
+           silently damaged files.
 
 What it guarantees (each point has a test in tests/test_checkpoints.py):
 - Orbax writes a step into a temporary directory and renames it when every
   file is written, so a process killed mid-save (kill -9) leaves the previous
   step as the latest; the half-written directory is removed on the next start.
 - Restoring checks the stored tree against the target (leaf paths, shapes,
-  dtypes) and the fingerprint before reading any array, and the leaf sums
-  after; any mismatch, missing or truncated file raises `CheckpointError`
+  dtypes) and the fingerprint before reading any array, and the leaf
+  checksums and finiteness after; any mismatch, missing or truncated file raises `CheckpointError`
   naming the step directory and the problem. Nothing is deleted or written
   by a failed restore; `restore(target, step=k)` falls back to an earlier
   step (`--config.resume_step=k` in train.py), and `set_aside_steps_after(k)`
@@ -26,6 +27,7 @@ What it guarantees (each point has a test in tests/test_checkpoints.py):
 - Checkpoints are arrays and JSON only: nothing is ever unpickled.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -57,6 +59,74 @@ _PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 def _best_metric(metrics) -> float:
   return float(metrics[BEST_METRIC])
+
+
+class PreemptionSignals:
+  """Records SIGTERM/SIGINT as a request to save and stop (one process).
+
+  `install()` replaces the handlers (main thread only); the first signal is
+  recorded in `received` ('SIGTERM'), a second one restores the previous
+  handlers and is re-raised, so it stops the process at once.
+  """
+
+  def __init__(self):
+    self.received = None  # Name of the first signal, if any.
+    self._old = {}
+
+  @property
+  def installed(self) -> bool:
+    return bool(self._old)
+
+  def install(self) -> None:
+    if (self._old or jax.process_count() > 1 or
+        threading.current_thread() is not threading.main_thread()):
+      return  # Multi-host runs use JAX's preemption sync service.
+    for signum in _PREEMPTION_SIGNALS:
+      self._old[signum] = signal.signal(signum, self._on_signal)
+
+  def restore(self) -> None:
+    for signum, handler in self._old.items():
+      # None: the old handler was not set from Python; use the default.
+      signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+    self._old = {}
+
+  def _on_signal(self, signum, frame):
+    del frame
+    if self.received is not None:  # Asked twice: stop now, default behaviour.
+      self.restore()
+      signal.raise_signal(signum)
+      return
+    self.received = signal.Signals(signum).name
+    logging.warning('Received %s: saving a checkpoint at the next step and '
+                    'stopping (send it again to stop immediately).',
+                    self.received)
+
+
+# The PreemptionSignals of the innermost `watch_preemption` in progress.
+_watching = []
+
+
+@contextlib.contextmanager
+def watch_preemption():
+  """Records SIGTERM/SIGINT from now on, for the Checkpointers made inside.
+
+  Without it a Checkpointer installs its handlers at its first
+  `reached_preemption` call (the first training step), and a signal during
+  compilation or restore would end the process (exit 143). Inside it, such
+  a signal is recorded and the first `reached_preemption` returns True.
+  Also a decorator (`@watch_preemption()`).
+
+  Yields:
+    The PreemptionSignals (its `received` names the signal, if any).
+  """
+  signals = PreemptionSignals()
+  signals.install()
+  _watching.append(signals)
+  try:
+    yield signals
+  finally:
+    _watching.remove(signals)
+    signals.restore()
 
 
 def _abstract(leaf):
@@ -126,8 +196,9 @@ class Checkpointer:
         EXTRA_ITEM: ocp.JsonCheckpointHandler()})
     self._manager = ocp.CheckpointManager(
         self.directory, options=options, handler_registry=registry)
-    self._signal = None  # Name of the preemption signal received, if any.
-    self._old_handlers = {}
+    # The signals of an enclosing watch_preemption, else this one's own.
+    self._own_signals = not _watching
+    self._signals = _watching[-1] if _watching else PreemptionSignals()
     self._writing = None  # Step of the latest save started.
 
   # ------------------------------------------------------------ Queries.
@@ -184,8 +255,8 @@ class Checkpointer:
     """
     if self.read_only:
       raise CheckpointError(f'{self.directory} was opened read-only.')
-    sums = checks.state_sums(state)
-    bad = [path for path, (_, _, finite) in sums.items() if finite < 1]
+    digests = checks.state_digests(state)
+    bad = [path for path, (_, finite) in digests.items() if not finite]
     if bad:
       raise CheckpointError(
           f'Refusing to save step {step} to {self.directory}: non-finite '
@@ -193,7 +264,7 @@ class Checkpointer:
           f'{self.latest_step()}.')
     payload = dict(checks.jsonable(extra or {}))
     payload.update(step=int(step), fingerprint=self.fingerprint,
-                   leaf_sums={k: v[:2] for k, v in sums.items()})
+                   leaf_checksums={k: v[0] for k, v in digests.items()})
     try:
       json.dumps(payload, allow_nan=False)
     except (TypeError, ValueError) as e:
@@ -235,9 +306,13 @@ class Checkpointer:
           '--config.keep_checkpoints, then restart to resume.')
 
   def _write_error(self, step, error):
+    try:
+      kept = [s for s in self.all_steps() if s != step]
+    except Exception:  # pylint: disable=broad-except
+      kept = '(unknown)'
     return CheckpointError(
         f'Saving step {step} to {self.directory} failed: '
-        f'{checks.short_error(error)}. Earlier steps {self.all_steps()} '
+        f'{checks.short_error(error)}. Earlier steps {kept} '
         'are kept (the partial write is discarded); check the disk, then '
         'restart to resume from the latest of them.')
 
@@ -254,7 +329,7 @@ class Checkpointer:
 
     Returns:
       (state, extra): the restored state and the JSON dict given to `save`
-      (plus 'step', 'fingerprint' and 'leaf_sums').
+      (plus 'step', 'fingerprint' and 'leaf_checksums').
 
     Raises:
       CheckpointError: no such step; unreadable, corrupt or truncated files;
@@ -269,8 +344,8 @@ class Checkpointer:
           STATE_ITEM: ocp.args.StandardRestore(abstract)}))[STATE_ITEM]
     except Exception as e:  # pylint: disable=broad-except
       raise checks.read_error(where, e, hint) from e
-    checks.check_sums(checks.state_sums(state), extra.get('leaf_sums'), where,
-                      hint)
+    checks.check_digests(checks.state_digests(state),
+                         extra.get('leaf_checksums'), where, hint)
     return state, extra
 
   def restore_params(self, params, step: Optional[int] = None):
@@ -299,12 +374,13 @@ class Checkpointer:
                 restore_args=ocp.checkpoint_utils.construct_restore_args(item)))
     except Exception as e:  # pylint: disable=broad-except
       raise checks.read_error(where, e, hint) from e
-    checks.check_sums(checks.state_sums(restored), extra.get('leaf_sums'),
-                      where, hint)
+    checks.check_digests(checks.state_digests(restored),
+                         extra.get('leaf_checksums'), where, hint)
     return restored['params'], extra
 
   def _open(self, step):
     """Resolves `step`, reads its JSON and array metadata and fingerprint."""
+    checks.quiet_failed_read_noise()
     steps = self.all_steps()
     if step is None:
       step = self.latest_step()
@@ -320,7 +396,9 @@ class Checkpointer:
     if earlier:
       hint += (' To fall back to an earlier step, restart with '
                '--config.resume_step=K (or --step=K for evaluate), K one of '
-               f'{earlier}.')
+               f'{earlier}; a resume_step already applied in this workdir '
+               'is recorded in its resume_step_K.applied file and not '
+               'applied again: delete that file to reuse the same K.')
     try:
       extra = self._manager.restore(step, args=ocp.args.Composite(**{
           EXTRA_ITEM: ocp.args.JsonRestore()}))[EXTRA_ITEM]
@@ -382,33 +460,17 @@ class Checkpointer:
       return True
     if jax.process_count() > 1:
       return False
-    if (not self._old_handlers and
-        threading.current_thread() is threading.main_thread()):
-      for signum in _PREEMPTION_SIGNALS:
-        self._old_handlers[signum] = signal.signal(signum, self._on_signal)
-    return self._signal is not None
+    self._signals.install()  # No-op when installed (watch_preemption).
+    return self._signals.received is not None
 
   @property
   def preemption_signal(self) -> Optional[str]:
     """Name of the signal that requested the stop ('SIGTERM'), or None."""
-    return self._signal
-
-  def _on_signal(self, signum, frame):
-    del frame
-    if self._signal is not None:  # Asked twice: stop now, default behaviour.
-      self._restore_handlers()
-      signal.raise_signal(signum)
-      return
-    self._signal = signal.Signals(signum).name
-    logging.warning('Received %s: saving a checkpoint at the next step and '
-                    'stopping (send it again to stop immediately).',
-                    self._signal)
+    return self._signals.received
 
   def _restore_handlers(self):
-    for signum, handler in self._old_handlers.items():
-      # None: the old handler was not set from Python; use the default.
-      signal.signal(signum, signal.SIG_DFL if handler is None else handler)
-    self._old_handlers = {}
+    if self._own_signals:  # An enclosing watch_preemption restores its own.
+      self._signals.restore()
 
   def wait_until_finished(self) -> None:
     """Blocks until background writes end; CheckpointError if one failed."""

@@ -27,6 +27,8 @@ from mixer_jax import models
 from mixer_jax import registry
 
 BLOCK_RE = re.compile(r'^MixerBlock_(\d+)/')
+# The first bytes of a zip archive without entries (np.savez() of nothing).
+_EMPTY_ZIP = b'PK\x05\x06'
 
 
 class PretrainedError(ValueError):
@@ -86,13 +88,17 @@ def load_npz(path: Union[str, os.PathLike]) -> Dict[str, np.ndarray]:
     raise registry.CheckpointNotFoundError(f'No checkpoint file at {path}.')
   flat = {}
   with tf.io.gfile.GFile(path, 'rb') as f:
+    if f.read(4) == _EMPTY_ZIP:  # What np.savez() with no arrays writes.
+      raise PretrainedError(f'{path} is an empty .npz archive: it holds no '
+                            'arrays.')
+    f.seek(0)
     try:
       archive = np.load(f, allow_pickle=False)
     except ValueError as e:  # Not a zip: NumPy would fall back to pickle.
       raise PretrainedError(
           f'{path} is not an .npz archive ({e}). Official checkpoints are '
           f'.npz files of float32 arrays; pickled files are refused.') from e
-    except (zipfile.BadZipFile, EOFError, OSError) as e:
+    except (zipfile.BadZipFile, EOFError, OSError, tf.errors.OpError) as e:
       raise PretrainedError(
           f'{path} is truncated or corrupt ({type(e).__name__}: {e}); '
           f'download it again.') from e
@@ -122,12 +128,34 @@ def load_npz(path: Union[str, os.PathLike]) -> Dict[str, np.ndarray]:
         flat[key] = value
   if not flat:
     raise PretrainedError(f'{path} is an empty .npz archive.')
+  check_finite(flat, path)
   if any(k.startswith('Mixer/') or 'encoderblock_' in k for k in flat):
     raise PretrainedError(
         f'{path} uses the older internal key layout (Mixer/encoderblock_i/'
         f'...). No published Mixer checkpoint uses it and it is not '
         f'supported; convert the keys to the layout in the README.')
   return flat
+
+
+def check_finite(flat: Mapping[str, Any], source) -> None:
+  """Refuses NaN or infinite weights, naming the leaves that hold them.
+
+  Raises:
+    PretrainedError: listing the leaves (and how many bad values each has).
+  """
+  bad = []
+  for key, value in flat.items():
+    value = np.asarray(value)
+    if np.issubdtype(value.dtype, np.inexact):
+      count = int(value.size - np.count_nonzero(np.isfinite(value)))
+      if count:
+        bad.append(f'{key} ({count} of {value.size} values)')
+  if bad:
+    more = f' and {len(bad) - 8} more' if len(bad) > 8 else ''
+    raise PretrainedError(
+        f'{source} holds NaN or infinite weights in {", ".join(bad[:8])}'
+        f'{more}; the file is damaged or came from a diverged run, and is '
+        'refused.')
 
 
 # ------------------------------------------------------------- Architecture.

@@ -199,6 +199,23 @@ class _DropLibraryInfo(pylogging.Filter):
             not any(part in record.pathname for part in self._NOISY))
 
 
+class _ShortLibraryErrors(pylogging.Filter):
+  """Cuts library errors to their first line, without the traceback.
+
+  Orbax logs each failed background write several times with the full
+  traceback before our own `CheckpointError` says what failed and what is
+  kept; one line of each is enough.
+  """
+
+  def filter(self, record):
+    if (record.levelno >= pylogging.ERROR and
+        any(part in record.pathname for part in _DropLibraryInfo._NOISY)):  # pylint: disable=protected-access
+      text = record.getMessage().strip().split('\n', 1)[0]
+      record.msg, record.args = text[:300], None
+      record.exc_info, record.exc_text, record.stack_info = None, None, None
+    return True
+
+
 def quiet_library_logs() -> None:
   """Keeps library INFO lines out of the progress output.
 
@@ -206,8 +223,11 @@ def quiet_library_logs() -> None:
   also in metrics.jsonl and TensorBoard) log through absl like this package,
   so the level cannot be lowered for them alone; a filter on the absl
   handler drops INFO records whose source file is in one of them. Warnings
-  and errors still show.
+  and errors still show, errors as one line without the traceback.
   """
   handler = logging.get_absl_handler()
   if not any(isinstance(f, _DropLibraryInfo) for f in handler.filters):
     handler.addFilter(_DropLibraryInfo())
+  logger = pylogging.getLogger('absl')
+  if not any(isinstance(f, _ShortLibraryErrors) for f in logger.filters):
+    logger.addFilter(_ShortLibraryErrors())

@@ -118,7 +118,8 @@ def test_full_disk_before_save_keeps_previous(tmp_path):
 FULL_CHILD = textwrap.dedent('''
     import resource, signal, sys
     import numpy as np
-    from mixer_jax import checkpoints
+    from mixer_jax import checkpoints, reporting
+    reporting.quiet_library_logs()  # As the programs do.
     ckpt = checkpoints.Checkpointer(sys.argv[1], keep=3, keep_best=False)
     ckpt.save(1, {'w': np.ones((1000,), np.float32)})
     ckpt.wait_until_finished()
@@ -139,7 +140,11 @@ def test_failed_write_keeps_previous_steps(tmp_path):
   out = subprocess.run([sys.executable, '-c', FULL_CHILD, str(tmp_path)],
                        capture_output=True, text=True, env=env, timeout=120)
   assert 'ERROR Saving step' in out.stdout, out.stdout + out.stderr[-2000:]
+  assert 'Earlier steps [1] are kept' in out.stdout  # Not the failed one.
   assert 'STEPS [1]' in out.stdout
+  # Orbax's own reports are one line each, without tracebacks.
+  assert 'Traceback' not in out.stderr, out.stderr[-3000:]
+  assert len(out.stderr.splitlines()) < 30, out.stderr[-3000:]
   ckpt = checkpoints.Checkpointer(tmp_path, keep=3, keep_best=False)
   assert ckpt.all_steps() == [1]
   restored, _ = ckpt.restore({'w': np.zeros((1000,), np.float32)})
@@ -296,3 +301,156 @@ def test_training_falls_back_to_an_earlier_step(tmp_path):
   # The damaged step was moved aside byte for byte, not deleted.
   assert snapshot(tmp_path / 'checkpoints.set_aside' / '20') == damaged
   assert final_params(tmp_path)[0] == 20
+
+
+ZERO_CHILD = textwrap.dedent('''
+    import glob, os, sys
+    sys.path.insert(0, os.path.join(sys.argv[2], 'tests'))
+    from test_checkpoints import save_steps, tiny_state
+    from mixer_jax import checkpoints
+    save_steps(sys.argv[1], [1, 2]).close()
+    for path in glob.glob(os.path.join(sys.argv[1], '2/state/ocdbt.*/d/*')):
+      open(path, 'w').close()  # Zero-length array files.
+    ckpt = checkpoints.Checkpointer(sys.argv[1], keep=3, keep_best=False)
+    try:
+      ckpt.restore(tiny_state())
+    except checkpoints.CheckpointError as e:
+      print('ERROR', e, flush=True)
+''')
+
+
+def test_zero_length_array_files_give_only_the_clear_error(tmp_path):
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu')
+  out = subprocess.run([sys.executable, '-c', ZERO_CHILD, str(tmp_path), REPO],
+                       capture_output=True, text=True, env=env, timeout=120)
+  assert f'ERROR Reading the arrays of checkpoint {tmp_path}/2' in out.stdout, (
+      out.stdout + out.stderr[-2000:])
+  assert 'resume_step=K' in out.stdout and '[1]' in out.stdout
+  # Without the fix: thousands of 'Event loop is closed' traceback lines.
+  assert 'Traceback' not in out.stderr, out.stderr[-3000:]
+  assert 'Event loop is closed' not in out.stderr
+
+
+@pytest.mark.slow
+def test_predict_user_errors_have_no_traceback(tmp_path):
+  from mixer_jax import pretrained  # pylint: disable=g-import-not-at-top
+  model = models.create_model('S_4', 10, num_blocks=1, hidden_dim=8,
+                              tokens_mlp_dim=8, channels_mlp_dim=8)
+  npz = str(tmp_path / 'tiny.npz')
+  pretrained.export_official(
+      models.init_params(model, jax.random.PRNGKey(0), 8), npz)
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu')
+  for flag, expected in [('--top_k=0', 'top_k'),
+                         ('--labels=/missing/labels.txt',
+                          '/missing/labels.txt: no such file')]:
+    run = subprocess.run(
+        [sys.executable, '-m', 'mixer_jax.predict', f'--checkpoint={npz}',
+         flag, str(tmp_path / 'image.png')], cwd=REPO, env=env,
+        capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0, run.stdout
+    assert expected in run.stderr, run.stderr[-3000:]
+    assert 'Traceback' not in run.stderr, run.stderr[-3000:]
+
+
+def test_training_refuses_a_workdir_held_by_a_live_job(tmp_path):
+  from test_train import small_config  # pylint: disable=g-import-not-at-top
+  from test_workdir_lock import start_holder  # pylint: disable=g-import-not-at-top
+  from mixer_jax import train  # pylint: disable=g-import-not-at-top
+  from mixer_jax import workdir_lock  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / 'run'
+  holder = start_holder(workdir)
+  try:
+    with pytest.raises(workdir_lock.WorkdirLockedError,
+                       match=f'in use by process {holder.pid} on host'):
+      train.train_and_evaluate(small_config(str(tmp_path / 'tfds')),
+                               str(workdir))
+  finally:
+    holder.kill()
+    holder.wait(30)
+  assert os.listdir(workdir) == [workdir_lock.LOCK_FILE]  # Nothing written.
+
+
+class _Guard:
+  """A SIGTERM handler that records the signal instead of ending pytest."""
+
+  def __init__(self):
+    self.calls = 0
+
+  def __call__(self, signum, frame):
+    del signum, frame
+    self.calls += 1
+
+
+def _sigterm_inside(monkeypatch, owner, name):
+  """Makes owner.name send this process SIGTERM, then run as before."""
+  original = getattr(owner, name)
+
+  def sending(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(owner, name, sending)
+
+
+def test_sigterm_before_the_loop_stops_cleanly_in_process(tmp_path,
+                                                          monkeypatch):
+  from test_train import small_config  # pylint: disable=g-import-not-at-top
+  from mixer_jax import train  # pylint: disable=g-import-not-at-top
+  guard = _Guard()
+  before = signal.signal(signal.SIGTERM, guard)
+  try:
+    data_dir, workdir = str(tmp_path / 'tfds'), str(tmp_path / 'run')
+    config = small_config(data_dir, num_train_steps=4, log_every_steps=4)
+    config.model.num_blocks, config.model.hidden_dim = 1, 16
+    # During the jit set-up of a fresh run: stops at step 0, saves nothing.
+    with monkeypatch.context() as patch:
+      _sigterm_inside(patch, train, 'make_step_functions')
+      summary = train.train_and_evaluate(config, workdir)
+    assert summary['preempted'] and summary['steps'] == 0
+    assert summary['last_checkpoint_step'] is None
+    assert not glob.glob(os.path.join(workdir, 'checkpoints', '[0-9]*'))
+    summary = train.train_and_evaluate(config, workdir)  # Not stuck.
+    assert summary['steps'] == 4 and not summary['preempted']
+    saved = snapshot(os.path.join(workdir, 'checkpoints', '4'))
+    # During the restore of a resumed run: stops where it was, loses nothing.
+    config.num_train_steps = 8
+    with monkeypatch.context() as patch:
+      _sigterm_inside(patch, checkpoints.Checkpointer, 'restore')
+      summary = train.train_and_evaluate(config, workdir)
+    assert summary['preempted'] and summary['start_step'] == 4
+    assert summary['steps'] == 4 and summary['last_checkpoint_step'] == 4
+    ckpt = checkpoints.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                    keep=5, keep_best=False, read_only=True)
+    assert ckpt.all_steps() == [4]
+    ckpt.close()
+    assert snapshot(os.path.join(workdir, 'checkpoints', '4')) == saved
+    assert guard.calls == 0  # The run took the signal, not the old handler.
+    assert signal.getsignal(signal.SIGTERM) is guard  # And gave it back.
+  finally:
+    signal.signal(signal.SIGTERM, before)
+
+
+def test_command_line_sigterm_before_the_loop_exits_0(tmp_path):
+  workdir = tmp_path / 'run'
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu')
+  child = subprocess.Popen(
+      [sys.executable, '-m', 'mixer_jax.train', f'--workdir={workdir}'] +
+      TRAIN_FLAGS + [f'--config.data_dir={tmp_path / "tfds"}'], cwd=REPO,
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  lines = []
+  try:
+    for line in child.stdout:  # Printed before restore/init and compiling.
+      lines.append(line)
+      if ' parameters, ' in line and 'workdir' in line:
+        child.send_signal(signal.SIGTERM)
+        break
+    lines.append(child.communicate(timeout=300)[0])
+  finally:
+    if child.poll() is None:
+      child.kill()
+  output = ''.join(lines)
+  assert child.returncode == 0, output[-3000:]
+  assert 'Received SIGTERM' in output, output[-3000:]
+  assert re.search(r'preempted +True', output), output[-3000:]
+  assert re.search(r'\n +steps +0\n', output), output[-3000:]
+  assert 'First step' not in output  # The loop never ran a step.

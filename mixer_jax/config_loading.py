@@ -1,0 +1,200 @@
+"""Loads `--config` files for the programs, with one-line errors.
+
+`parse_flags` is the `flags_parser` that train and evaluate give to
+`absl.app.run`. Before absl parses the flags (and ml_collections runs the
+config file), it loads the file named by `--config` itself and checks it:
+
+- a file that is missing, has a syntax error, raises, has no `get_config`,
+  or whose `get_config()` does not return a ConfigDict is reported with the
+  file and line, in one message and without a traceback;
+- every field of the returned config must exist in configs/common.py (a
+  config file can create fields, since its ConfigDict is not locked yet:
+  `c.learning_rat = 5.0` would otherwise train with the default rate);
+- every `--config.FIELD=VALUE` flag must name a field of the config.
+
+Unknown fields are named with the closest valid name (difflib). The config
+itself is then built by ml_collections as usual (locked).
+"""
+
+import difflib
+import importlib
+import importlib.util
+import os
+import sys
+import traceback
+from typing import List, Sequence
+
+from absl import flags
+import ml_collections
+
+from mixer_jax import config_validation
+
+ConfigError = config_validation.ConfigError
+
+
+def _where(error: BaseException, path: str) -> str:
+  """'FILE, line N' of the deepest frame of `error` inside `path`."""
+  if isinstance(error, SyntaxError) and error.filename:
+    return f'{error.filename}, line {error.lineno}'
+  line = None
+  real = os.path.realpath(path)
+  for frame in traceback.extract_tb(error.__traceback__):
+    if os.path.realpath(frame.filename) == real:
+      line = frame.lineno
+  return f'{path}, line {line}' if line else path
+
+
+def load_config_file(path: str):
+  """Runs `path`'s get_config() and returns its ConfigDict.
+
+  Raises:
+    ConfigError: naming the file (and line) when it cannot be loaded.
+  """
+  if not os.path.isfile(path):
+    raise ConfigError(f'Config file {path} does not exist.')
+  name = '_mixer_jax_config_' + os.path.splitext(os.path.basename(path))[0]
+  try:
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ConfigError(f'Config file {_where(e, path)}: cannot be loaded: '
+                      f'{type(e).__name__}: {e}') from None
+  if not callable(getattr(module, 'get_config', None)):
+    raise ConfigError(f'Config file {path} defines no get_config() '
+                      'function.')
+  try:
+    config = module.get_config()
+  except Exception as e:  # pylint: disable=broad-except
+    raise ConfigError(f'Config file {_where(e, path)}: get_config() raised '
+                      f'{type(e).__name__}: {e}') from None
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(
+        f'Config file {path}: get_config() returned {config!r} '
+        f'({type(config).__name__}), not an ml_collections.ConfigDict (start '
+        'from configs/common.get_config()).')
+  return config
+
+
+def _reference_module():
+  """configs/common.py as the config files import it, or None."""
+  module = sys.modules.get('configs.common')
+  if module is None:
+    try:
+      module = importlib.import_module('configs.common')
+    except ImportError:
+      return None
+  return module
+
+
+def _fields(config, prefix='') -> List[str]:
+  out = []
+  for key, value in config.items():
+    out.append(prefix + key)
+    if isinstance(value, ml_collections.ConfigDict):
+      out += _fields(value, f'{prefix}{key}.')
+  return out
+
+
+def _unknown(config, reference, prefix, eval_reference, problems):
+  valid = list(reference.keys())
+  for key, value in config.items():
+    name = prefix + key
+    if key not in reference:
+      problems.append((name, [prefix + k for k in valid]))
+      continue
+    ref = reference[key]
+    if name == 'evals' and eval_reference is not None:
+      for entry_name, entry in value.items():
+        if isinstance(entry, ml_collections.ConfigDict):
+          _unknown(entry, eval_reference, f'evals.{entry_name}.', None,
+                   problems)
+    elif (isinstance(value, ml_collections.ConfigDict) and
+          isinstance(ref, ml_collections.ConfigDict) and len(ref)):
+      # An empty reference (a name -> entry map) holds user-chosen names.
+      _unknown(value, ref, f'{name}.', eval_reference, problems)
+
+
+def _unknown_message(name: str, valid: Sequence[str], source: str) -> str:
+  close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
+  if not close:  # e.g. 'model.hiden' against leaf names only.
+    leaf = name.rsplit('.', 1)[-1]
+    leaves = {v.rsplit('.', 1)[-1]: v for v in valid}
+    close = [leaves[m] for m in difflib.get_close_matches(leaf, leaves, n=1)]
+  hint = f'; did you mean {close[0]}?' if close else '.'
+  return f'Unknown config field {name} ({source}){hint}'
+
+
+def check_known_fields(config, source: str = 'config') -> None:
+  """Raises ConfigError for fields that configs/common.py does not define.
+
+  Does nothing when configs/common.py cannot be imported (the repository's
+  configs/ is not on the path).
+  """
+  common = _reference_module()
+  if common is None:
+    return
+  problems = []
+  _unknown(config, common.get_config(), '',
+           common.eval_entry() if hasattr(common, 'eval_entry') else None,
+           problems)
+  if problems:
+    raise ConfigError('\n'.join(
+        _unknown_message(name, valid, f'set in {source}')
+        for name, valid in problems))
+
+
+def _config_flag_values(argv: Sequence[str], flag: str):
+  """(config file or None, [(field, flag text)]) from the command line."""
+  path, overrides = None, []
+  args = list(argv[1:])
+  for i, arg in enumerate(args):
+    if arg == '--':
+      break
+    if arg.startswith(f'--{flag}='):
+      path = arg.split('=', 1)[1]
+    elif arg == f'--{flag}' and i + 1 < len(args):
+      path = args[i + 1]
+    elif arg.startswith(f'--{flag}.'):
+      overrides.append((arg[len(flag) + 3:].split('=', 1)[0], arg))
+  return path, overrides
+
+
+def check_command_line(argv: Sequence[str], flag: str = 'config') -> None:
+  """Loads and checks `--config` and its `--config.FIELD` overrides.
+
+  Raises:
+    ConfigError: one line per problem.
+  """
+  path, overrides = _config_flag_values(argv, flag)
+  if not path:
+    return  # absl reports the missing required flag.
+  config = load_config_file(path)
+  check_known_fields(config, source=path)
+  valid = _fields(config)
+  problems = [_unknown_message(name, valid, f'flag {text.split("=")[0]}')
+              for name, text in overrides if name not in valid]
+  if problems:
+    raise ConfigError('\n'.join(problems))
+
+
+def parse_flags(argv: Sequence[str]) -> List[str]:
+  """`flags_parser` for `absl.app.run`: config problems without tracebacks.
+
+  Exits with status 1 and a short message on an invalid config file or
+  config flag; other flag errors are absl's usual one-line message.
+  """
+  try:
+    check_command_line(argv)
+  except ConfigError as e:
+    raise SystemExit(f'ConfigError: {e}') from None
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    raise SystemExit(f'FATAL Flags parsing error: {e}\nPass --helpshort or '
+                     '--helpfull to see help on flags.') from None
+  except Exception as e:  # pylint: disable=broad-except
+    # A value ml_collections cannot parse (e.g. a string for an int field).
+    raise SystemExit(f'ConfigError: {type(e).__name__}: '
+                     f'{str(e).strip().splitlines()[0]}') from None
+

@@ -1,0 +1,104 @@
+"""Tests for mixer_jax.config_loading: config files and flags, clear errors."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from mixer_jax import config_loading
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ConfigError = config_loading.ConfigError
+QUICKSTART = os.path.join(REPO, 'configs', 'quickstart.py')
+
+
+def write(tmp_path, text, name='cfg.py'):
+  path = tmp_path / name
+  path.write_text(textwrap.dedent(text))
+  return str(path)
+
+
+@pytest.mark.parametrize('text,expected', [
+    ('def get_config(:\n  pass\n', r'cfg.py, line 1: cannot be loaded: '
+     'SyntaxError'),
+    ('import os\n\ndef get_config():\n  raise RuntimeError("boom")\n',
+     r'cfg.py, line 4: get_config\(\) raised RuntimeError: boom'),
+    ('def get_config():\n  return 42\n',
+     r'cfg.py: get_config\(\) returned 42 \(int\), not an'),
+    ('X = 1\n', r'cfg.py defines no get_config'),
+    ('import no_such_module_here\n', r'cfg.py, line 1: cannot be loaded: '
+     'ModuleNotFoundError'),
+])
+def test_a_config_file_that_fails_to_load_names_file_and_line(
+    tmp_path, text, expected):
+  path = write(tmp_path, text)
+  with pytest.raises(ConfigError, match=expected):
+    config_loading.check_command_line(['prog', f'--config={path}'])
+
+
+def test_missing_config_file(tmp_path):
+  with pytest.raises(ConfigError, match='missing.py does not exist'):
+    config_loading.check_command_line(['prog', '--config',
+                                       str(tmp_path / 'missing.py')])
+
+
+def test_a_field_created_by_the_config_file_is_refused(tmp_path):
+  path = write(tmp_path, f'''
+      import sys
+      sys.path.insert(0, {REPO!r})
+      from configs import quickstart
+      def get_config():
+        c = quickstart.get_config()
+        c.learning_rat = 5.0
+        c.model.hiden_dim = 3
+        return c
+  ''')
+  with pytest.raises(ConfigError) as error:
+    config_loading.check_command_line(['prog', f'--config={path}'])
+  lines = str(error.value).splitlines()
+  assert lines == [
+      f'Unknown config field learning_rat (set in {path}); did you mean '
+      'learning_rate?',
+      f'Unknown config field model.hiden_dim (set in {path}); did you mean '
+      'model.hidden_dim?']
+
+
+def test_unknown_override_flags_are_named_with_the_closest_field():
+  with pytest.raises(ConfigError) as error:
+    config_loading.check_command_line([
+        'prog', f'--config={QUICKSTART}', '--config.learning_rate=0.1',
+        '--config.bach_size=8', '--config.pp.mixup_alpa=0.1'])
+  assert str(error.value).splitlines() == [
+      'Unknown config field bach_size (flag --config.bach_size); did you '
+      'mean batch_size?',
+      'Unknown config field pp.mixup_alpa (flag --config.pp.mixup_alpa); '
+      'did you mean pp.mixup_alpha?']
+  # Valid files and flags pass; so do the paper's configs and evals entries.
+  for name in sorted(os.listdir(os.path.join(REPO, 'configs'))):
+    if name.endswith('.py') and name != '__init__.py':
+      config_loading.check_command_line([
+          'prog', f'--config={os.path.join(REPO, "configs", name)}',
+          '--config.model.hidden_dim=8'])
+
+
+@pytest.mark.slow
+def test_command_line_config_errors_have_no_traceback(tmp_path):
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu')
+  bad = write(tmp_path, 'def get_config():\n  return 42\n')
+  for args, expected in [
+      ([f'--config={QUICKSTART}', '--config.learning_rat=1'],
+       'did you mean learning_rate?'),
+      ([f'--config={bad}'], 'returned 42'),
+      ([f'--config={QUICKSTART}', '--workdir='], 'workdir=\'\''),
+  ]:
+    if not any(a.startswith('--workdir') for a in args):
+      args.append(f'--workdir={tmp_path / "run"}')
+    run = subprocess.run([sys.executable, '-m', 'mixer_jax.train'] + args,
+                         cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert expected in run.stderr and 'ConfigError' in run.stderr
+    assert 'Traceback' not in run.stderr, run.stderr[-3000:]
+  assert not (tmp_path / 'run').exists()
