@@ -1,4 +1,7 @@
-"""Install mixer_jax: `pip install -e .` (add `[test]` for the test suite)."""
+"""Install mixer_jax: `pip install -e '.[tf]'` (`[test]` for the test suite).
+
+Where TensorFlow is already installed (Colab), leave out `[tf]`.
+"""
 
 import setuptools
 
@@ -9,7 +12,6 @@ INSTALL_REQUIRES = [
     'flax>=0.12.8',
     'importlib_resources>=6.0',  # Needed by TFDS to build any data set.
     'jax>=0.10.2',
-    'keras>=3.15',  # RandAugment layer used inside tf.data.
     'ml_collections>=1.1.0',
     'numpy>=2.0',
     'optax>=0.2.8',
@@ -17,17 +19,28 @@ INSTALL_REQUIRES = [
     'pillow>=10.0',
     'safetensors>=0.8.0',  # timm-format export, NumPy API (no torch).
     'scikit-learn>=1.5',  # Ships the images of the built-in digits data set.
-    'tensorflow-cpu>=2.21; platform_system == "Linux"',
-    'tensorflow>=2.21; platform_system != "Linux"',
+    'huggingface_hub>=0.24',  # hf-hub: names (download, cache); run with 2.4.
     'tensorflow-datasets>=4.9.10',
     'tensorboard>=2.21',  # clu's metric writers import it.
 ]
 
+# TensorFlow (tf.data, tf.io.gfile, the SavedModel export) is needed, but is
+# an extra so that a runtime that already has one (Colab ships `tensorflow`)
+# keeps it: tensorflow-cpu installed beside tensorflow would be a second
+# distribution owning the same `tensorflow` package. `pip install
+# mixer_jax[tf]` on a fresh machine; plain `pip install mixer_jax` where a
+# TensorFlow is installed (the notebooks' install cell decides).
+_TENSORFLOW = [
+    'tensorflow-cpu>=2.21; platform_system == "Linux"',
+    'tensorflow>=2.21; platform_system != "Linux"',
+]
 _NOTEBOOKS = ['matplotlib>=3.8']
 EXTRAS_REQUIRE = {
+    'tf': _TENSORFLOW,
     'notebooks': _NOTEBOOKS,
     'test': ['pytest>=8.0', 'nbclient>=0.10', 'papermill>=2.6',
-             'ipykernel>=6.29', 'nbformat>=5.10'] + _NOTEBOOKS,
+             'ipykernel>=6.29', 'nbformat>=5.10', 'scipy>=1.11'
+             ] + _NOTEBOOKS + _TENSORFLOW,
 }
 
 setuptools.setup(

@@ -16,8 +16,12 @@ masks the padding), with the batch sharded over every device of every host
   newest step is used unless `--step=K` names another, which is also the way
   to fall back when the newest is damaged. Only the parameters are read, and
   nothing in the directory is written, so a running job can be evaluated.
-- an official-format `.npz` file or a registry name
-  ("imagenet1k/Mixer-B_16"), loaded by `pretrained.load_pretrained`.
+- an official-format `.npz` file, a registry name
+  ("imagenet1k/Mixer-B_16"), a Hub name
+  ("hf-hub:timm/mixer_b16_224.goog_in21k_ft_in1k[@revision]") or a timm
+  `.safetensors`, loaded by `pretrained.load_pretrained`.
+With a workdir, `--config` may be left out: the run's own config
+(`run_info.json`, written by mixer_jax.train) is used.
 """
 
 import functools
@@ -36,6 +40,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 
 from mixer_jax import checkpoints
+from mixer_jax import config_loading
 from mixer_jax import config_validation
 from mixer_jax import models
 from mixer_jax import official_format
@@ -111,9 +116,10 @@ def load_params(config, checkpoint: str, num_classes: int, mesh,
       reader.close()
     return model, params, f'{location} step {extra["step"]}'
   from mixer_jax import pretrained  # pylint: disable=g-import-not-at-top
+  # Any weight file or name (registry, hf-hub:, .npz, .safetensors), run with
+  # the GELU form its weights were trained with (see mixer_jax.hub).
   model, params = pretrained.load_pretrained(
-      location, image_size=config.image_size, dtype=config.model.dtype,
-      gelu_approximate=config.model.gelu_approximate)
+      location, image_size=config.image_size, dtype=config.model.dtype)
   if model.num_classes != num_classes:
     raise ValueError(
         f'{location} has a {model.num_classes}-class head but '
@@ -196,7 +202,15 @@ def main(argv):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')  # TF only reads data here.
   try:
-    result = evaluate(FLAGS.config, FLAGS.checkpoint, step=FLAGS.step)
+    config = FLAGS.config
+    if config is None:  # A workdir's run_info.json holds the run's config.
+      from mixer_jax import any_checkpoint  # pylint: disable=g-import-not-at-top
+      if not any_checkpoint.is_directory(FLAGS.checkpoint):
+        raise app.UsageError('--config is required unless --checkpoint is a '
+                             'training workdir.')
+      config = any_checkpoint.read_run_info(any_checkpoint.locate_workdir(
+          FLAGS.checkpoint)[0])['config']
+    result = evaluate(config, FLAGS.checkpoint, step=FLAGS.step)
   except (config_validation.ConfigError, checkpoints.CheckpointError,
           sources.DatasetUnavailableError, sources.BadImagesError,
           official_format.PretrainedError,
@@ -221,7 +235,8 @@ def _define_flags():
   """Defines the command-line flags (only when run as a program)."""
   config_flags.DEFINE_config_file(
       'config', None, 'Config file describing the model and eval data, e.g. '
-      'configs/quickstart.py.', lock_config=True)
+      'configs/quickstart.py. Optional for a training workdir: the config '
+      'saved with the run (run_info.json) is used.', lock_config=True)
   flags.DEFINE_string('checkpoint', None, 'Training workdir, Orbax checkpoint '
                       '(step) directory, official .npz or registry name.')
   flags.DEFINE_integer('step', None, 'Orbax step to evaluate (default: the '
@@ -229,9 +244,10 @@ def _define_flags():
   flags.DEFINE_string('output', None, 'Also write the results to this JSON '
                       'file.')
   sharding.define_multihost_flags()
-  flags.mark_flags_as_required(['config', 'checkpoint'])
+  flags.mark_flags_as_required(['checkpoint'])
 
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main)
+  # Config file problems: one line naming the file/field, no traceback.
+  app.run(main, flags_parser=config_loading.parse_flags)

@@ -2,11 +2,19 @@
 
   python -m mixer_jax.predict --checkpoint=imagenet1k/Mixer-B_16 cat.jpg dog.png
 
-`--checkpoint` is a registry name (see `mixer_jax.registry`) or a path to an
-official-format `.npz` (e.g. written by `pretrained.export_official`). Prints
-the top-5 classes per image, with human-readable names for ImageNet-1k heads
-and class indices otherwise. Images of any size are preprocessed as in the
-official evaluation (`preprocess.eval_image`). A file that cannot be read or
+  python -m mixer_jax.predict --checkpoint=workdirs/quickstart digit.png
+  python -m mixer_jax.predict \
+      --checkpoint=hf-hub:timm/mixer_b16_224.goog_in21k_ft_in1k cat.jpg
+
+`--checkpoint` is any checkpoint `mixer_jax.any_checkpoint.load` accepts: a
+training workdir (newest step, or `--step=K`), an official-format `.npz`, a
+registry name (see `mixer_jax.registry`), a Hub name (`hf-hub:OWNER/NAME
+[@REVISION]`) or a timm-format `.safetensors`. Prints the top-5 classes per
+image, with the class names the checkpoint brings (a workdir's data set, a
+Hub config's label names), ImageNet names for ImageNet-1k heads, and class
+indices otherwise. Images of any size are preprocessed as the checkpoint's
+evaluation (`preprocess.eval_image`: a workdir's config.pp.eval_crop, the
+ImageNet resize-and-crop otherwise). A file that cannot be read or
 decoded is reported and skipped; the exit status is 1 if any file failed.
 """
 
@@ -68,6 +76,10 @@ def class_names(spec: str, num_classes: int,
     names = imagenet_class_names()
   else:
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    if not tf.io.gfile.exists(spec) or tf.io.gfile.isdir(spec):
+      raise FileNotFoundError(f'--labels={spec}: no such file (give a text '
+                              "file with one class name per line, 'auto', "
+                              "'imagenet2012' or 'none').")
     with tf.io.gfile.GFile(spec, 'r') as f:
       names = f.read().splitlines()
   if len(names) != num_classes:
@@ -145,18 +157,23 @@ FLAGS = flags.FLAGS
 def _define_flags():
   """Defines the command-line flags (only when run as a program)."""
   flags.DEFINE_string(
-      'checkpoint', None, 'Registry name (e.g. imagenet1k/Mixer-B_16) or path '
-      'to an official-format .npz.', required=True)
+      'checkpoint', None, 'Training workdir, registry name (e.g. '
+      'imagenet1k/Mixer-B_16), hf-hub:OWNER/NAME[@REVISION], official .npz '
+      'or timm .safetensors.', required=True)
+  flags.DEFINE_integer('step', None, 'Orbax step of a workdir (default: the '
+                       'newest).')
   flags.DEFINE_integer(
       'image_size', 0, 'Input side; 0 uses the checkpoint\'s own resolution.')
   flags.DEFINE_enum(
-      'crop', 'resize_crop', ['resize_crop', 'resize'],
+      'crop', None, ['resize_crop', 'resize'],
       'resize_crop: short side to --resize_size, central crop (ImageNet '
-      'eval); resize: plain resize (fine-tuning eval).')
+      'eval); resize: plain resize (fine-tuning eval). Default: the '
+      'checkpoint\'s own eval preprocessing.')
   flags.DEFINE_integer(
-      'resize_size', 0, 'Short side before the central crop; 0 means '
-      'image_size * 256 / 224.')
-  flags.DEFINE_integer('top_k', 5, 'Classes printed per image.')
+      'resize_size', 0, 'Short side before the central crop; 0 uses the '
+      'checkpoint\'s (image_size * 256 / 224 for ImageNet weights).')
+  flags.DEFINE_integer('top_k', 5, 'Classes printed per image.',
+                       lower_bound=1)
   flags.DEFINE_string(
       'labels', 'auto', "'auto', 'imagenet2012', 'none' (indices) or a text "
       'file with one class name per line.')
@@ -166,22 +183,25 @@ def main(argv):
   paths = argv[1:]
   if not paths:
     raise app.UsageError('Give one or more image files after the flags.')
+  from mixer_jax import any_checkpoint  # pylint: disable=g-import-not-at-top
   try:
-    _, entry = registry.resolve(FLAGS.checkpoint)
-    model, params = pretrained.load_pretrained(
-        FLAGS.checkpoint, image_size=FLAGS.image_size or None)
+    loaded = any_checkpoint.load(FLAGS.checkpoint, step=FLAGS.step,
+                                 image_size=FLAGS.image_size or None)
+    model, params = loaded.model, loaded.params
     if not model.num_classes:
       raise ValueError(f'{FLAGS.checkpoint} has no classification head.')
-    names = class_names(FLAGS.labels, model.num_classes, entry)
+    if FLAGS.labels == 'auto' and loaded.class_names:
+      names = loaded.class_names
+    else:
+      names = class_names(FLAGS.labels, model.num_classes, loaded.entry)
   except (FileNotFoundError, ValueError) as e:
     # Checkpoint problems are the user's to fix: a message, not a traceback.
     print(f'Cannot use --checkpoint={FLAGS.checkpoint}: {e}', file=sys.stderr)
     return 2
-  image_size = FLAGS.image_size or pretrained.infer_architecture(
-      pretrained.flatten(params)).image_size
-  results = classify_files(model, params, paths, image_size=image_size,
-                           crop=FLAGS.crop, resize_size=FLAGS.resize_size,
-                           top_k=FLAGS.top_k)
+  results = classify_files(
+      model, params, paths, image_size=loaded.image_size,
+      crop=FLAGS.crop or loaded.eval_crop,
+      resize_size=FLAGS.resize_size or loaded.eval_resize, top_k=FLAGS.top_k)
   for result in results:
     print(format_prediction(result, names))
   failed = [r.path for r in results if r.error]

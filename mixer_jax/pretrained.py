@@ -52,9 +52,71 @@ from mixer_jax.official_format import unwrap
 _TOKEN_KEY = 'MixerBlock_0/token_mixing/Dense_0/kernel'
 
 
+@dataclasses.dataclass
+class SourceFile:
+  """One weight file read into the official flat tree.
+
+  Attributes:
+    flat: {'stem/kernel': array, ...}; always takes [-1, 1] inputs.
+    source: what to call it in messages (a path or a name).
+    entry: the registry entry, for registry names.
+    hub: the converted timm checkpoint (config.json facts), for Hub names
+      and `.safetensors` files.
+  """
+  flat: Dict[str, np.ndarray]
+  source: str
+  entry: Optional[registry.Checkpoint] = None
+  hub: Optional[Any] = None  # hub.HubCheckpoint
+  trained_gelu_approximate: Optional[bool] = None  # A workdir's model's.
+
+  @property
+  def gelu_approximate(self) -> bool:
+    """The GELU form the weights were trained with (see `mixer_jax.hub`)."""
+    if self.trained_gelu_approximate is not None:
+      return self.trained_gelu_approximate
+    return True if self.hub is None else self.hub.gelu_approximate
+
+
+def read_weights(name_or_path) -> SourceFile:
+  """Reads any weight file into the official flat tree.
+
+  Args:
+    name_or_path: a registry name ("imagenet1k/Mixer-B_16"), a Hub name
+      ("hf-hub:timm/mixer_b16_224.goog_in21k_ft_in1k[@revision]", see
+      `mixer_jax.hub`), a timm-format `.safetensors` file (e.g. from
+      `timm_format.export_timm`; a timm `config.json` beside it is read), or
+      an official-format `.npz` (local or `gs://`), or a mixer_jax training
+      workdir (its newest step; see `mixer_jax.any_checkpoint`).
+
+  Raises:
+    registry.CheckpointNotFoundError: nothing readable under that name.
+    PretrainedError: a file that is not a Mixer checkpoint.
+  """
+  from mixer_jax import hub  # pylint: disable=g-import-not-at-top
+  if isinstance(name_or_path, SourceFile):
+    return name_or_path
+  from mixer_jax import any_checkpoint  # pylint: disable=g-import-not-at-top
+  if any_checkpoint.is_directory(name_or_path):
+    loaded = any_checkpoint.load(name_or_path)
+    flat = {k: np.asarray(v) for k, v in flatten(unwrap(loaded.params)).items()}
+    return SourceFile(flat, loaded.source, trained_gelu_approximate=bool(
+        loaded.model.gelu_approximate))
+  if hub.is_hub_name(name_or_path):
+    converted = hub.load(name_or_path)
+    return SourceFile(converted.flat, converted.source, hub=converted)
+  if isinstance(name_or_path, (str, os.PathLike)) and os.fspath(
+      name_or_path).endswith('.safetensors'):
+    path = os.fspath(name_or_path)
+    converted = hub.load_safetensors(path, config_path=hub.sidecar_config(
+        path))
+    return SourceFile(converted.flat, path, hub=converted)
+  path, entry = registry.resolve(name_or_path)
+  return SourceFile(load_npz(path), path, entry=entry)
+
+
 def checkpoint_info(name_or_path: str) -> CheckpointInfo:
-  """The architecture of a registry name or file (reads the file)."""
-  return infer_architecture(load_npz(registry.resolve(name_or_path)[0]))
+  """The architecture of a registry name, Hub name or file (reads it)."""
+  return infer_architecture(read_weights(name_or_path).flat)
 
 
 # ---------------------------------------------------------- Resolution change.
@@ -195,8 +257,8 @@ def _source_flat(source):
   if isinstance(source, Mapping):
     return {k: np.asarray(v) for k, v in flatten(unwrap(source)).items()}, (
         'parameters')
-  path, _ = registry.resolve(source)
-  return load_npz(path), path
+  read = read_weights(source)
+  return read.flat, read.source
 
 
 def init_from_checkpoint(name_or_path, params):
@@ -231,7 +293,10 @@ def load_pretrained(name_or_path, *, num_classes: Optional[int] = None,
 
   Args:
     name_or_path: registry name ("imagenet1k/Mixer-B_16", see
-      `registry.list_checkpoints()`) or path to an official-format `.npz`.
+      `registry.list_checkpoints()`), Hub name
+      ("hf-hub:timm/mixer_b16_224.goog_in21k_ft_in1k[@revision]"), path to
+      an official-format `.npz` or to a timm-format `.safetensors` (see
+      `read_weights`).
     num_classes: head size. None keeps the checkpoint's head; another count
       gives a fresh zero head (for fine-tuning); 0 drops the head so the
       model returns pooled features.
@@ -239,13 +304,18 @@ def load_pretrained(name_or_path, *, num_classes: Optional[int] = None,
       checkpoint's; an integer multiple K of it expands the token mixing
       (Appendix C); anything else raises `PretrainedError`.
     **model_options: passed to `models.create_model` (e.g. dtype,
-      gelu_approximate, stochastic_depth).
+      gelu_approximate, stochastic_depth). gelu_approximate defaults to the
+      form the weights were trained with: tanh for official and goog files,
+      exact for MIIL's and other timm weights (see `mixer_jax.hub`).
 
   Returns:
-    (model, params) for `model.apply({'params': params}, images)`.
+    (model, params) for `model.apply({'params': params}, images)`; images
+    are scaled to [-1, 1] whatever the file (timm normalisations are folded
+    into the stem, see `mixer_jax.hub`).
   """
-  path, entry = registry.resolve(name_or_path)
-  flat = load_npz(path)
+  read = read_weights(name_or_path)
+  flat, path, entry = read.flat, read.source, read.entry
+  model_options.setdefault('gelu_approximate', read.gelu_approximate)
   info = infer_architecture(flat)
   if entry is not None and (info.variant != entry.variant
                             or info.num_classes != entry.num_classes):

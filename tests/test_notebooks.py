@@ -216,6 +216,152 @@ def test_parameters_cell_defaults_are_colab_settings(name, tmp_path):
   assert 'pip install' in shell[0].source
 
 
+# ------------------------------------------- The install cell and TensorFlow.
+
+# Distributions that install the `tensorflow` import package; two of them in
+# one environment overwrite each other's files. The environment's own
+# providers (importlib.metadata) are added to this list in the test.
+TF_DISTRIBUTIONS = {'tensorflow', 'tensorflow-cpu', 'tensorflow-gpu',
+                    'tensorflow-intel', 'tensorflow-macos',
+                    'tensorflow-aarch64', 'intel-tensorflow', 'tf-nightly',
+                    'tf-nightly-cpu', 'tf-nightly-gpu'}
+
+# Runs an install cell (as IPython translates it) and prints the shell
+# commands it would run, expanded as IPython expands `!cmd {name}`.
+_RECORD_COMMANDS = r"""
+import json, string, sys
+commands = []
+class _Shell:
+  def system(self, cmd):
+    frame = sys._getframe(1)
+    commands.append(string.Formatter().vformat(
+        cmd, (), {**frame.f_globals, **frame.f_locals}))
+  def run_line_magic(self, name, line):
+    pass
+def get_ipython():
+  return _Shell()
+namespace = json.loads(sys.argv[1])
+namespace['get_ipython'] = get_ipython
+exec(sys.argv[2], namespace)
+print(json.dumps(commands))
+"""
+
+
+def _install_commands(name, *, python_flags=()):
+  """The shell commands the install cell runs with the Colab parameters.
+
+  The cell runs in a real interpreter: `python_flags=('-S',)` starts this
+  Python without site-packages, i.e. an environment without TensorFlow.
+  """
+  from IPython.core import inputtransformer2  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  nb = _read(name)
+  [cell] = [c for c in nb.cells if c.cell_type == 'code' and
+            c.source.startswith('if install:\n')]
+  code = inputtransformer2.TransformerManager().transform_cell(cell.source)
+  params = _parameter_defaults(nb)
+  proc = subprocess.run(
+      [sys.executable, *python_flags, '-c', _RECORD_COMMANDS,
+       json.dumps(params), code], capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 0, proc.stderr
+  return [c for c in json.loads(proc.stdout) if re.search(r'\bpip install\b',
+                                                          c)]
+
+
+def _project_requirements(tmp_path):
+  """mixer_jax's requirements as setuptools writes them from setup.py."""
+  import importlib.metadata  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from packaging.requirements import Requirement  # pylint: disable=g-import-not-at-top
+  proc = subprocess.run(
+      [sys.executable, 'setup.py', '-q', 'egg_info', '--egg-base',
+       str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  dist = importlib.metadata.PathDistribution(tmp_path / 'mixer_jax.egg-info')
+  return [Requirement(r) for r in dist.requires]
+
+
+def _requested(requirements, extras):
+  """The requirements that apply on this platform with `extras`."""
+  return [r for r in requirements if r.marker is None or any(
+      r.marker.evaluate({'extra': e}) for e in set(extras) | {''})]
+
+
+def _project_extras(command):
+  """Extras of mixer_jax requested by one `pip install ...` command."""
+  import shlex  # pylint: disable=g-import-not-at-top
+  from packaging.requirements import Requirement  # pylint: disable=g-import-not-at-top
+  args = shlex.split(command)
+  targets = [a for a in args[args.index('install') + 1:]
+             if not a.startswith('-')]
+  assert len(targets) == 1, command
+  target = targets[0]
+  if ' @ ' in target:  # PEP 508 direct reference: name[extras] @ url.
+    requirement = Requirement(target)
+    assert requirement.name == 'mixer_jax'
+    return set(requirement.extras)
+  match = re.fullmatch(r'(.*?)(?:\[([\w,\s-]*)\])?', target)
+  return {e.strip() for e in (match.group(2) or '').split(',') if e.strip()}
+
+
+def _tensorflow_requirements(requirements, tf_providers):
+  """Direct and transitive (installed) requirements naming a TensorFlow."""
+  import importlib.metadata  # pylint: disable=g-import-not-at-top
+  from packaging.requirements import Requirement  # pylint: disable=g-import-not-at-top
+  from packaging.utils import canonicalize_name  # pylint: disable=g-import-not-at-top
+  found, seen = [], set()
+  todo = [(r, 'mixer_jax') for r in requirements]
+  while todo:
+    requirement, parent = todo.pop()
+    name = canonicalize_name(requirement.name)
+    if name in tf_providers:
+      found.append(f'{parent} -> {requirement}')
+      continue
+    key = (name, tuple(sorted(requirement.extras)))
+    if key in seen:
+      continue
+    seen.add(key)
+    try:
+      requires = importlib.metadata.requires(requirement.name) or []
+    except importlib.metadata.PackageNotFoundError:
+      continue  # Not installed here: its own requirements are unknown.
+    todo += [(r, requirement.name) for r in _requested(
+        [Requirement(x) for x in requires], requirement.extras)]
+  return found
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_install_cell_keeps_an_installed_tensorflow(name, tmp_path):
+  """Colab has `tensorflow`: the cell must not ask for another TensorFlow.
+
+  The cell runs in this environment, which has TensorFlow; its pip command
+  is resolved against mixer_jax's requirements (from setup.py) and, through
+  the installed packages' metadata, their requirements.
+  """
+  import importlib.metadata  # pylint: disable=g-import-not-at-top
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  from packaging.utils import canonicalize_name  # pylint: disable=g-import-not-at-top
+  assert importlib.util.find_spec('tensorflow') is not None
+  providers = TF_DISTRIBUTIONS | {
+      canonicalize_name(d) for d in
+      importlib.metadata.packages_distributions().get('tensorflow', [])}
+  project = _project_requirements(tmp_path)
+  [command] = _install_commands(name)
+  extras = _project_extras(command)
+  requested = _requested(project, extras)
+  assert not _tensorflow_requirements(requested, providers), (
+      f'{command} would install another TensorFlow beside the runtime\'s: '
+      f'{_tensorflow_requirements(requested, providers)}')
+  # Without a TensorFlow (a fresh machine), the same cell brings one.
+  [command] = _install_commands(name, python_flags=('-S',))
+  requested = _requested(project, _project_extras(command))
+  assert _tensorflow_requirements(requested, providers), command
+  # CI's `pip install -e '.[test]'` brings one too.
+  assert _tensorflow_requirements(_requested(project, {'test'}), providers)
+
+
 # ------------------------------------------------------- Offline execution.
 
 

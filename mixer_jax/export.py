@@ -1,0 +1,187 @@
+"""Serving export: `python -m mixer_jax.export`.
+
+  python -m mixer_jax.export --checkpoint=workdirs/quickstart --out=/tmp/qs \
+      --format=stablehlo
+  python -m mixer_jax.export \
+      --checkpoint=hf-hub:timm/mixer_b16_224.goog_in21k_ft_in1k \
+      --out=/tmp/b16_savedmodel --format=savedmodel
+
+`--checkpoint` is anything `mixer_jax.any_checkpoint.load` accepts. Two
+formats, both with a symbolic (any) batch size:
+
+- `stablehlo`: `DIR/model.jax_export`, a `jax.export` serialized function
+  with the parameters embedded. Reload it in any JAX program without
+  mixer_jax:
+
+    exported = jax.export.deserialize(open('DIR/model.jax_export', 'rb')
+                                      .read())
+    logits = exported.call(images)  # float32 (N, H, W, 3) in [-1, 1]
+
+- `savedmodel`: a TensorFlow SavedModel (converted with
+  `jax.experimental.jax2tf`, native StableHLO serialization; parameters are
+  `tf.Variable`s) for TF Serving, TFLite converters or plain TF. Its
+  signatures:
+  * `serving_default(images)`: uint8 (N, h, w, 3). With `--preprocess` (the
+    default) any h, w: the checkpoint's eval preprocessing (resize or resize
+    and central crop, then scaling to [-1, 1]) runs inside the model;
+    without it, images must already be H x W and are only scaled.
+  * `serving_float(images)`: float32 (N, H, W, 3) already scaled to [-1, 1].
+  Both return `{'logits': float32 (N, classes)}`.
+
+Next to the artifact, `serving_info.json` records the input size, the
+expected input range, the eval preprocessing and the class names.
+"""
+
+import json
+import os
+from typing import Optional
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mixer_jax import any_checkpoint
+
+STABLEHLO_FILE = 'model.jax_export'
+INFO_FILE = 'serving_info.json'
+FORMATS = ('stablehlo', 'savedmodel')
+
+
+def _forward(loaded: any_checkpoint.Loaded):
+  """f(params, images in [-1, 1]) -> float32 logits (features if no head)."""
+  model = loaded.model
+
+  def forward(params, images):
+    return model.apply({'params': params}, images).astype(jnp.float32)
+  return forward
+
+
+def _host_params(loaded):
+  return jax.tree.map(lambda x: np.asarray(x, np.float32), loaded.params)
+
+
+def serving_info(loaded: any_checkpoint.Loaded, fmt: str,
+                 preprocess: bool) -> dict:
+  return {
+      'format': fmt, 'checkpoint': loaded.source,
+      'image_size': loaded.image_size, 'input_range': [-1.0, 1.0],
+      'eval_crop': loaded.eval_crop, 'eval_resize': loaded.eval_resize,
+      'preprocessing_inside': bool(preprocess) if fmt == 'savedmodel'
+                              else False,
+      'num_classes': loaded.num_classes, 'class_names': loaded.class_names,
+  }
+
+
+def export_stablehlo(loaded: any_checkpoint.Loaded, out: str) -> str:
+  """Writes `out/model.jax_export` (batch dimension symbolic); its path."""
+  size = loaded.image_size
+  batch, = jax.export.symbolic_shape('batch')
+  params = _host_params(loaded)
+  forward = _forward(loaded)
+  exported = jax.export.export(jax.jit(lambda x: forward(params, x)))(
+      jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32))
+  os.makedirs(out, exist_ok=True)
+  path = os.path.join(out, STABLEHLO_FILE)
+  with open(path, 'wb') as f:
+    f.write(exported.serialize())
+  return path
+
+
+def export_savedmodel(loaded: any_checkpoint.Loaded, out: str, *,
+                      preprocess: bool = True) -> str:
+  """Writes a TF SavedModel to `out` (see the module docstring); `out`."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
+  from mixer_jax import preprocess as pp  # pylint: disable=g-import-not-at-top
+
+  size = loaded.image_size
+  crop, resize = loaded.eval_crop, loaded.eval_resize
+  converted = jax2tf.convert(
+      _forward(loaded), polymorphic_shapes=[None, f'(b, {size}, {size}, 3)'],
+      with_gradient=False)
+  module = tf.Module()
+  module.params = tf.nest.map_structure(
+      lambda x: tf.Variable(x, trainable=False), _host_params(loaded))
+
+  @tf.function(autograph=False, input_signature=[
+      tf.TensorSpec([None, size, size, 3], tf.float32, name='images')])
+  def serving_float(images):
+    return {'logits': converted(module.params, images)}
+
+  def from_uint8(images):
+    if preprocess:
+      images = tf.map_fn(
+          lambda image: pp.eval_image(image, size, crop=crop,
+                                      resize_size=resize),
+          images, fn_output_signature=tf.TensorSpec([size, size, 3],
+                                                    tf.float32))
+    else:
+      images = pp.normalize(images)
+    return {'logits': converted(module.params, images)}
+
+  shape = [None, None, None, 3] if preprocess else [None, size, size, 3]
+  serving_default = tf.function(from_uint8, autograph=False, input_signature=[
+      tf.TensorSpec(shape, tf.uint8, name='images')])
+  module.serving_float = serving_float
+  module.serving_default = serving_default
+  tf.saved_model.save(module, out, signatures={
+      'serving_default': serving_default.get_concrete_function(),
+      'serving_float': serving_float.get_concrete_function()})
+  return out
+
+
+def export(checkpoint, out: str, fmt: str, *, step: Optional[int] = None,
+           preprocess: bool = True) -> str:
+  """Loads `checkpoint` and writes it to `out` in format `fmt`.
+
+  Returns:
+    The path of the artifact (the SavedModel directory or the
+    `.jax_export` file); `out/serving_info.json` is written beside it.
+  """
+  if fmt not in FORMATS:
+    raise ValueError(f'format {fmt!r}: use one of {FORMATS}.')
+  loaded = any_checkpoint.load(checkpoint, step=step)
+  if fmt == 'stablehlo':
+    path = export_stablehlo(loaded, out)
+  else:
+    path = export_savedmodel(loaded, out, preprocess=preprocess)
+  with open(os.path.join(out, INFO_FILE), 'w', encoding='utf-8') as f:
+    json.dump(serving_info(loaded, fmt, preprocess), f, indent=1)
+  return path
+
+
+FLAGS = flags.FLAGS
+
+
+def _define_flags():
+  flags.DEFINE_string('checkpoint', None, 'Training workdir, registry name, '
+                      'hf-hub:OWNER/NAME[@REVISION], .npz or .safetensors.',
+                      required=True)
+  flags.DEFINE_integer('step', None, 'Orbax step of a workdir (default: the '
+                       'newest).')
+  flags.DEFINE_string('out', None, 'Output directory.', required=True)
+  flags.DEFINE_enum('format', 'savedmodel', list(FORMATS),
+                    'stablehlo: jax.export artifact; savedmodel: TF '
+                    'SavedModel.')
+  flags.DEFINE_bool('preprocess', True, 'savedmodel: run the eval '
+                    'preprocessing inside serving_default (uint8 images of '
+                    'any size).')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}.')
+  try:
+    path = export(FLAGS.checkpoint, FLAGS.out, FLAGS.format, step=FLAGS.step,
+                  preprocess=FLAGS.preprocess)
+  except (FileNotFoundError, ValueError) as e:
+    raise SystemExit(f'Cannot export --checkpoint={FLAGS.checkpoint}: '
+                     f'{e}') from None
+  print(f'Wrote {path}')
+
+
+if __name__ == '__main__':
+  _define_flags()
+  app.run(main)
