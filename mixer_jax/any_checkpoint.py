@@ -24,6 +24,7 @@ import json
 import os
 from typing import Any, List, Optional
 
+from flax import traverse_util
 from mixer_jax import models
 from mixer_jax import official_format
 from mixer_jax import pretrained
@@ -293,7 +294,7 @@ def load(spec, *, step: Optional[int] = None,
   model, params = pretrained.load_pretrained(
       read, num_classes=num_classes, image_size=image_size, **model_options)
   size = image_size or official_format.infer_architecture(
-      official_format.flatten(params)).image_size
+      traverse_util.flatten_dict(params, sep='/')).image_size
   if read.hub is not None:
     hub_info = read.hub.info
     kind = 'hub' if str(read.source).startswith('hf-hub:') else 'timm'

@@ -336,6 +336,34 @@ class Checkpointer:
         or a checkpoint written for another model or config. The message names
         the step directory, the mismatch and the steps to fall back to.
     """
+    return self._newest_if_gone(self._restore, target, step)
+
+  def _newest_if_gone(self, read, target, step):
+    """read(target, step); with step None, retried once on the newest step.
+
+    A running job's retention may delete the newest step this (read-only)
+    reader saw while it reads it: then the reader's list of steps is
+    refreshed and the now newest step is read. An explicit `step` is never
+    replaced by another.
+    """
+    if step is not None:
+      return read(target, step)
+    tried = self.latest_step()
+    try:
+      return read(target, tried)
+    except CheckpointError:
+      if tried is None or (self.directory / str(tried)).exists():
+        raise  # Not a deletion: a real problem of that step.
+      self._manager.reload()
+      newest = self.latest_step()
+      if newest is None or newest == tried:
+        raise
+      logging.warning('Step %d of %s was deleted while being read (the '
+                      "running job's keep_checkpoints); reading the newest "
+                      'step, %d, instead.', tried, self.directory, newest)
+      return read(target, newest)
+
+  def _restore(self, target, step):
     step, where, hint, extra, stored = self._open(step)
     checks.check_tree(stored, checks.flat(target), where, self._unchanged)
     abstract = jax.tree.map(_abstract, target)
@@ -361,6 +389,9 @@ class Checkpointer:
     Returns:
       (params, extra).
     """
+    return self._newest_if_gone(self._restore_params, params, step)
+
+  def _restore_params(self, params, step):
     step, where, hint, extra, stored = self._open(step)
     stored = {k: v for k, v in stored.items() if k.startswith('params/')}
     wanted = {f'params/{k}': v for k, v in checks.flat(params).items()}

@@ -11,13 +11,16 @@ from typing import List, Optional
 
 from mixer_jax import models
 from mixer_jax import pretrained
+from mixer_jax import sharding
 
 DTYPES = ('float32', 'bfloat16')
 OPTIMIZERS = ('adam', 'sgd')
 SCHEDULES = ('linear', 'cosine')
 LOSSES = ('softmax', 'sigmoid')
 TRAIN_CROPS = ('inception', 'finetune', 'resize')
-EVAL_CROPS = ('resize_crop', 'resize')
+EVAL_CROPS = ('resize_crop', 'resize', 'squash_crop')
+RESIZE_METHODS = ('area', 'bilinear', 'bicubic', 'nearest')
+EVAL_KINDS = ('classification', 'real', 'fewshot')
 BAD_IMAGES = ('error', 'skip')
 
 
@@ -151,6 +154,7 @@ def _check_model(c: _Checker) -> None:
   c.boolean('model.gelu_approximate')
   c.number('model.stochastic_depth', low=0.0, high=1.0, high_open=True)
   c.number('model.head_bias_init')
+  c.boolean('model.remat')
   image_size = c.integer('image_size', low=1)
   if spec is not None and image_size and image_size % spec.patch_size:
     patch = spec.patch_size
@@ -177,6 +181,7 @@ def _check_data(c: _Checker) -> None:
   del num_classes
   c.integer('shuffle_buffer', low=1)
   c.boolean('cache')
+  c.boolean('cache_raw')
   c.integer('prefetch_batches', low=0)
   c.enum('bad_images', BAD_IMAGES)
   c.enum('pp.train_crop', TRAIN_CROPS)
@@ -195,6 +200,46 @@ def _check_data(c: _Checker) -> None:
       and _is_int(image_size) and resize < image_size):
     c.fail('pp.eval_resize', resize, f'must be >= image_size ({image_size}) '
            'to centre-crop image_size pixels')
+  c.enum('pp.eval_resize_method', RESIZE_METHODS)
+  _check_evals(c)
+
+
+def _check_evals(c: _Checker) -> None:
+  """config.evals: name -> configs/common.eval_entry(...) fields."""
+  evals = c.get('evals')
+  if evals is None:
+    return
+  for name in evals:
+    if not name.replace('_', '').isalnum():
+      c.fail(f'evals.{name}', name, 'names must be letters, digits or _')
+    field = lambda key, name=name: f'evals.{name}.{key}'
+    kind = c.enum(field('kind'), EVAL_KINDS)
+    c.string(field('dataset'))
+    c.string(field('split'))
+    c.string(field('label_key'))
+    c.integer(field('every_steps'), low=0)
+    if c.get(field('crop')) != '':
+      c.enum(field('crop'), EVAL_CROPS)
+    c.integer(field('resize'), low=0)
+    if c.get(field('resize_method')) != '':
+      c.enum(field('resize_method'), RESIZE_METHODS)
+    if kind != 'fewshot':
+      continue
+    datasets = c.get(field('fewshot_datasets'))
+    if not datasets:
+      c.fail(field('fewshot_datasets'), datasets,
+             'must map a name to (tfds_name, train_split, test_split)')
+    for key, value in (datasets or {}).items():
+      if (not isinstance(value, (tuple, list)) or len(value) != 3 or
+          not all(isinstance(v, str) and v for v in value)):
+        c.fail(field(f'fewshot_datasets.{key}'), value,
+               'must be (tfds_name, train_split, test_split)')
+    shots = c.get(field('shots'))
+    if (not isinstance(shots, (tuple, list)) or not shots or
+        not all(_is_int(k) and k >= 1 for k in shots)):
+      c.fail(field('shots'), shots, 'must be a tuple of integers >= 1')
+    c.number(field('l2_reg'), low=0.0)
+    c.integer(field('num_seeds'), low=1)
 
 
 def _check_training(c: _Checker, num_devices, num_processes) -> None:
@@ -216,6 +261,7 @@ def _check_training(c: _Checker, num_devices, num_processes) -> None:
   epochs = c.get('num_epochs')
   if steps == -1 and (not _is_number(epochs) or epochs <= 0):
     c.fail('num_epochs', epochs, 'must be > 0 when num_train_steps is -1')
+  c.enum('sharding', sharding.STRATEGIES)
   c.enum('optimizer', OPTIMIZERS)
   lr = c.number('learning_rate', low=0.0)
   if lr == 0:

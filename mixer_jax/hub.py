@@ -55,6 +55,7 @@ import json
 import re
 from typing import Any, Dict, List, Optional, Tuple
 
+from flax import traverse_util
 import numpy as np
 
 from mixer_jax import official_format
@@ -234,7 +235,7 @@ def convert_timm(state: Dict[str, np.ndarray], info: TimmInfo, *,
     tree = timm_format.from_timm_state_dict(state)
   except ValueError as e:
     raise official_format.PretrainedError(f'{source}: {e}') from None
-  flat = official_format.flatten(tree)
+  flat = traverse_util.flatten_dict(tree, sep='/')
   official_format.check_finite(flat, source)  # NaN/inf weights are refused.
   if 'stem/kernel' not in flat or 'stem/bias' not in flat:
     raise official_format.PretrainedError(

@@ -35,29 +35,6 @@ class PretrainedError(ValueError):
   """A checkpoint that cannot be read, or does not fit the model."""
 
 
-def flatten(tree: Mapping[str, Any], prefix: str = '') -> Dict[str, Any]:
-  """Nested parameter dict -> {'a/b/c': leaf}, the official key format."""
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, Mapping):
-      flat.update(flatten(value, f'{prefix}{key}/'))
-    else:
-      flat[f'{prefix}{key}'] = value
-  return flat
-
-
-def unflatten(flat: Mapping[str, Any]) -> Dict[str, Any]:
-  """{'a/b/c': leaf} -> nested dict, the tree `model.apply` expects."""
-  tree = {}
-  for path, value in flat.items():
-    node = tree
-    *parents, leaf = path.split('/')
-    for name in parents:
-      node = node.setdefault(name, {})
-    node[leaf] = value
-  return tree
-
-
 def unwrap(params):
   """Accepts `{'params': tree}` (a Flax variables dict) or the tree itself."""
   if isinstance(params, Mapping) and set(params) == {'params'}:

@@ -53,21 +53,14 @@ def schedule_shape(config, num_train_steps: int) -> Schedule:
   warmup = int(config.warmup_steps)
   end = float(config.end_learning_rate) / float(config.learning_rate)
   decay_steps = max(num_train_steps - 1 - warmup, 1)
-  cosine = config.lr_schedule == 'cosine'
-
-  def shape(count):
-    t = jnp.asarray(count, jnp.float32)
-    progress = jnp.clip((t - warmup) / decay_steps, 0.0, 1.0)
-    if cosine:
-      decay = 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
-    else:
-      decay = 1.0 - progress
-    value = end + (1.0 - end) * decay
-    if warmup > 0:
-      value = jnp.where(t < warmup, t / warmup, value)
-    return value
-
-  return shape
+  if config.lr_schedule == 'cosine':
+    decay = optax.cosine_decay_schedule(1.0, decay_steps, alpha=end)
+  else:
+    decay = optax.linear_schedule(1.0, end, decay_steps)
+  if not warmup:
+    return decay
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, 1.0, warmup), decay], [warmup])
 
 
 def learning_rate_fn(config, num_train_steps: int) -> Schedule:

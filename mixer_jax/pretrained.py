@@ -35,18 +35,17 @@ import math
 import os
 from typing import Any, Dict, Mapping, Optional, Union
 
+from flax import traverse_util
 import numpy as np
 
 from mixer_jax import models
 from mixer_jax import registry
 from mixer_jax.official_format import BLOCK_RE
 from mixer_jax.official_format import CheckpointInfo
-from mixer_jax.official_format import flatten
 from mixer_jax.official_format import infer_architecture
 from mixer_jax.official_format import load_npz
 from mixer_jax.official_format import mismatch_error
 from mixer_jax.official_format import PretrainedError
-from mixer_jax.official_format import unflatten
 from mixer_jax.official_format import unwrap
 
 _TOKEN_KEY = 'MixerBlock_0/token_mixing/Dense_0/kernel'
@@ -98,7 +97,8 @@ def read_weights(name_or_path) -> SourceFile:
   from mixer_jax import any_checkpoint  # pylint: disable=g-import-not-at-top
   if any_checkpoint.is_directory(name_or_path):
     loaded = any_checkpoint.load(name_or_path)
-    flat = {k: np.asarray(v) for k, v in flatten(unwrap(loaded.params)).items()}
+    flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(
+        unwrap(loaded.params), sep='/').items()}
     return SourceFile(flat, loaded.source, trained_gelu_approximate=bool(
         loaded.model.gelu_approximate))
   if hub.is_hub_name(name_or_path):
@@ -205,7 +205,9 @@ def expand_token_mixing(params: Mapping[str, Any], factor: int):
     raise PretrainedError(
         f'factor={factor!r}: Appendix C needs a positive integer factor of '
         f'the image side.')
-  return unflatten(_expand_flat(flatten(unwrap(params)), int(factor)))
+  flat = traverse_util.flatten_dict(unwrap(params), sep='/')
+  return traverse_util.unflatten_dict(_expand_flat(flat, int(factor)),
+                                      sep='/')
 
 
 # -------------------------------------------------------------- Restoring.
@@ -213,7 +215,7 @@ def expand_token_mixing(params: Mapping[str, Any], factor: int):
 
 def _restore(flat, target, source, fresh_head):
   """Fills the (abstract or concrete) `target` tree from `flat`."""
-  target_flat = flatten(unwrap(target))
+  target_flat = traverse_util.flatten_dict(unwrap(target), sep='/')
   original = flat
   patch = infer_architecture(flat).patch_size
   hint = ''
@@ -249,14 +251,14 @@ def _restore(flat, target, source, fresh_head):
     token_problem = any('token_mixing' in w[0] for w in wrong)
     raise mismatch_error(source, original, missing, extra, wrong,
                          hint if token_problem else '')
-  return unflatten(out)
+  return traverse_util.unflatten_dict(out, sep='/')
 
 
 def _source_flat(source):
   """(flat dict, description) of a registry name, path or parameter tree."""
   if isinstance(source, Mapping):
-    return {k: np.asarray(v) for k, v in flatten(unwrap(source)).items()}, (
-        'parameters')
+    flat = traverse_util.flatten_dict(unwrap(source), sep='/')
+    return {k: np.asarray(v) for k, v in flat.items()}, 'parameters'
   read = read_weights(source)
   return read.flat, read.source
 
@@ -281,10 +283,11 @@ def init_from_checkpoint(name_or_path, params):
     PretrainedError: listing every mismatched leaf.
   """
   flat, source = _source_flat(name_or_path)
-  target = flatten(unwrap(params))
+  target = traverse_util.flatten_dict(unwrap(params), sep='/')
   fresh = {k: np.asarray(v) for k, v in target.items()
            if k.startswith('head/')}
-  return _restore(flat, unflatten(target), source, fresh)
+  return _restore(flat, traverse_util.unflatten_dict(target, sep='/'), source,
+                  fresh)
 
 
 def load_pretrained(name_or_path, *, num_classes: Optional[int] = None,
@@ -367,7 +370,8 @@ def export_official(params, path: Union[str, os.PathLike]) -> None:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   flat = {k: np.asarray(v, dtype=np.float32)
-          for k, v in flatten(unwrap(params)).items()}
+          for k, v in traverse_util.flatten_dict(unwrap(params),
+                                                 sep='/').items()}
   info = infer_architecture(flat)
   if info.image_size is None or None in dataclasses.astuple(info)[:5]:
     raise mismatch_error('the tree being exported', flat, [], [], [],

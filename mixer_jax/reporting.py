@@ -32,12 +32,54 @@ class JsonLinesWriter(metric_writers.MetricWriter):
   """Appends scalars to a JSON-lines file; other summary kinds are ignored.
 
   The file is opened in append mode so a resumed run continues the same
-  file; readers should keep the last line of each (step, key) pair.
+  file. A run resumed at step K first calls `rewind(K)`: the records of
+  later steps (written after step K was saved, by the run that was killed)
+  are dropped, as is a line cut short by the kill, so every step has one
+  record of each kind in the file.
   """
 
   def __init__(self, path: str):
     self._path = path
     self._file = tf.io.gfile.GFile(path, 'a')
+
+  def rewind(self, step: int) -> int:
+    """Drops the records of steps after `step` and any torn line.
+
+    At step 0 the hparams line goes too (the run writes it again). The file
+    is rewritten to a temporary file that then replaces it, so a kill at any
+    moment leaves either the old or the new file. Nothing is written when
+    nothing is dropped.
+
+    Returns:
+      The number of lines dropped.
+    """
+    self._file.close()
+    try:
+      if not tf.io.gfile.exists(self._path):  # Opened lazily: none yet.
+        return 0
+      with tf.io.gfile.GFile(self._path) as f:
+        lines = f.read().splitlines(keepends=True)
+      kept = []
+      for line in lines:
+        record = _parse(line) if line.endswith('\n') else None
+        if record is None:
+          continue  # Torn (cut by a kill) or not JSON.
+        if 'step' in record and record['step'] > step:
+          continue
+        if 'step' not in record and step == 0:
+          continue
+        kept.append(line)
+      dropped = len(lines) - len(kept)
+      if dropped:
+        temporary = f'{self._path}.rewind.tmp'
+        with tf.io.gfile.GFile(temporary, 'w') as f:
+          f.write(''.join(kept))
+        tf.io.gfile.rename(temporary, self._path, overwrite=True)
+        logging.info('Dropped %d line(s) of %s after step %d (resumed run).',
+                     dropped, self._path, step)
+      return dropped
+    finally:
+      self._file = tf.io.gfile.GFile(self._path, 'a')
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]):
     record = {'step': int(step)}
@@ -76,22 +118,54 @@ class JsonLinesWriter(metric_writers.MetricWriter):
     self._file.close()
 
 
+class _Writers(metric_writers.MultiWriter):
+  """The writers of process 0; `rewind` reaches the JSON-lines one."""
+
+  def __init__(self, writers, json_lines: JsonLinesWriter):
+    super().__init__(writers)
+    self.json_lines = json_lines
+
+
 def create_writer(workdir: str) -> metric_writers.MetricWriter:
   """TensorBoard + JSON lines on process 0; logging only elsewhere."""
   if jax.process_index() > 0:
     return metric_writers.create_default_writer(workdir, just_logging=True)
   tf.io.gfile.makedirs(workdir)
-  return metric_writers.MultiWriter([
-      metric_writers.create_default_writer(workdir),
-      JsonLinesWriter(os.path.join(workdir, METRICS_FILE)),
-  ])
+  json_lines = JsonLinesWriter(os.path.join(workdir, METRICS_FILE))
+  return _Writers([metric_writers.create_default_writer(workdir), json_lines],
+                  json_lines)
+
+
+def rewind(writer, step: int) -> int:
+  """`JsonLinesWriter.rewind(step)` of a `create_writer` writer (else 0)."""
+  target = writer if isinstance(writer, JsonLinesWriter) else getattr(
+      writer, 'json_lines', None)
+  return target.rewind(step) if target is not None else 0
+
+
+def _parse(line: str):
+  """The JSON object of one line, or None if it is not one."""
+  try:
+    record = json.loads(line)
+  except ValueError:
+    return None
+  return record if isinstance(record, dict) else None
 
 
 def read_metrics(workdir: str):
-  """Reads `metrics.jsonl` back as a list of dicts (hparams lines skipped)."""
+  """Reads `metrics.jsonl` back as a list of dicts (hparams lines skipped).
+
+  A line that is not a JSON object (the last line of a run killed while
+  writing it) is skipped with a warning.
+  """
   with tf.io.gfile.GFile(os.path.join(workdir, METRICS_FILE)) as f:
-    records = [json.loads(line) for line in f if line.strip()]
-  return [r for r in records if 'step' in r]
+    lines = [line for line in f if line.strip()]
+  records = [_parse(line) for line in lines]
+  torn = sum(r is None for r in records)
+  if torn:
+    logging.warning('Skipped %d unreadable line(s) of %s (cut short by a '
+                    'kill?).', torn, os.path.join(workdir, METRICS_FILE))
+  return [r for r in records if r is not None and 'step' in r]
 
 
 def _format_duration(seconds: float) -> str:

@@ -35,6 +35,7 @@ import os
 import re
 from typing import Any, Dict, Mapping, Union
 
+from flax import traverse_util
 import numpy as np
 
 from mixer_jax import official_format
@@ -89,7 +90,7 @@ def to_timm_state_dict(params: Mapping[str, Any]) -> Dict[str, np.ndarray]:
   Raises:
     ValueError: a leaf that has no timm counterpart.
   """
-  flat = official_format.flatten(official_format.unwrap(params))
+  flat = traverse_util.flatten_dict(official_format.unwrap(params), sep='/')
   modules = _module_map(_num_blocks(flat, r'^MixerBlock_(\d+)/'))
   state, unknown = {}, []
   for key, value in flat.items():
@@ -137,7 +138,7 @@ def from_timm_state_dict(state: Mapping[str, Any]) -> Dict[str, Any]:
         f'Keys that are not part of timm\'s MlpMixer: {sorted(unknown)}. '
         f'(Checkpoints of timm\'s ResMLP/gMLP models, or with a stem norm, '
         f'are other architectures.)')
-  return official_format.unflatten(flat)
+  return traverse_util.unflatten_dict(flat, sep='/')
 
 
 def export_timm(params: Mapping[str, Any],
@@ -164,4 +165,8 @@ def import_timm(path: Union[str, os.PathLike]) -> Dict[str, Any]:
   writes it as an official `.npz`.
   """
   from safetensors import numpy as st_numpy  # pylint: disable=g-import-not-at-top
-  return from_timm_state_dict(st_numpy.load_file(os.fspath(path)))
+  tree = from_timm_state_dict(st_numpy.load_file(os.fspath(path)))
+  # NaN/inf weights are refused (PretrainedError naming the leaves).
+  official_format.check_finite(traverse_util.flatten_dict(tree, sep='/'),
+                               os.fspath(path))
+  return tree

@@ -30,8 +30,12 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
+from mixer_jax import any_checkpoint
 from mixer_jax import checkpoints
+from mixer_jax import config_loading
 from mixer_jax import config_validation
+from mixer_jax import data_checks
+from mixer_jax import evals
 from mixer_jax import input_pipeline
 from mixer_jax import models
 from mixer_jax import official_format
@@ -41,6 +45,7 @@ from mixer_jax import registry
 from mixer_jax import reporting
 from mixer_jax import sharding
 from mixer_jax import train_steps
+from mixer_jax import workdir_lock
 from mixer_jax.datasets import sources
 
 # The public step API lives in train_steps.py; these names are the contract.
@@ -77,24 +82,28 @@ def num_train_steps_for(config, train_examples: int) -> int:
 def make_step_functions(config, model, tx, mesh, num_train_steps: int):
   """Jits train and eval steps over `mesh` and the abstract sharded state.
 
+  The batch is split over the mesh's 'data' axis; parameters and optimizer
+  state are placed by `config.sharding` (see `sharding.state_shardings`).
+
   Returns:
     (init_fn, p_train_step, p_eval_step, abstract_state): init_fn(rng) makes
-    a replicated TrainState; abstract_state is its ShapeDtypeStruct tree with
-    shardings (the restore target).
+    a TrainState placed by those shardings; abstract_state is its
+    ShapeDtypeStruct tree with shardings (the restore target).
   """
   replicated = sharding.replicated(mesh)
   data = sharding.batch_sharding(mesh)
   init = functools.partial(create_train_state, model, tx,
                            image_size=config.image_size)
   shapes = jax.eval_shape(init, jax.random.PRNGKey(0))
-  state_sharding = jax.tree.map(lambda _: replicated, shapes)
+  state_sharding = sharding.state_shardings(shapes, mesh, config.sharding)
   abstract_state = jax.tree.map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
-      shapes)
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+      shapes, state_sharding)
   init_fn = jax.jit(init, out_shardings=state_sharding)
   step_fn = functools.partial(
       train_step, loss=config.loss, label_smoothing=config.label_smoothing,
       grad_accum_steps=config.grad_accum_steps,
+      mixup_alpha=config.pp.mixup_alpha, mixup_prob=config.pp.mixup_prob,
       learning_rate_fn=optim.learning_rate_fn(config, num_train_steps))
   p_train_step = jax.jit(step_fn, in_shardings=(state_sharding, data),
                          out_shardings=(state_sharding, replicated),
@@ -140,6 +149,8 @@ def _mean_metrics(history) -> Dict[str, float]:
           for k in keys}
 
 
+# SIGTERM/SIGINT from the start (compilation, restore) stop the run cleanly.
+@checkpoints.watch_preemption()
 def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   """Trains `config` in `workdir` (resuming if possible) and evaluates.
 
@@ -160,12 +171,17 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     anything is compiled or written.
   """
   start_time = time.time()
+  if not str(workdir or '').strip():  # '' would train into the current dir.
+    raise config_validation.ConfigError(
+        f'workdir={workdir!r}: pass a directory for checkpoints and logs, '
+        'e.g. --workdir=/tmp/run.')
   config_validation.validate_config(config, num_devices=jax.device_count(),
                                     num_processes=jax.process_count())
   checkpoint_dir = os.path.join(workdir, CHECKPOINT_DIR)
   config = _resolve_init_from(config, checkpoint_dir)
   mesh = sharding.create_mesh()
-  info = input_pipeline.dataset_info(config)
+  # Splits, class count and config.evals data: all checked before step 1.
+  info = data_checks.checked_dataset_info(config)
   num_classes = (info.num_classes if config.num_classes == -1
                  else config.num_classes)
   num_train_steps = num_train_steps_for(config, info.train_examples)
@@ -175,10 +191,15 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   init_fn, p_train_step, p_eval_step, abstract_state = make_step_functions(
       config, model, tx, mesh, num_train_steps)
 
+  # One running job per workdir: refuses a second start (before the
+  # checkpointer, which removes unfinished saves, is opened).
+  lock = workdir_lock.acquire(workdir)
   checkpointer = checkpoints.Checkpointer(
       checkpoint_dir, keep=config.keep_checkpoints,
       keep_best=config.keep_best_checkpoint,
       fingerprint=checkpoints.model_fingerprint(config, num_classes))
+  if jax.process_index() == 0:  # Makes the workdir a checkpoint for predict.
+    any_checkpoint.save_run_info(workdir, config, num_classes)
   writer = reporting.create_writer(workdir)
   reporting.log_and_print(
       f'Mixer {config.model.variant}: '
@@ -191,10 +212,12 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
                                     abstract_state, mesh)
     return _train_loop(config, workdir, mesh, state, extra, checkpointer,
                        writer, p_train_step, p_eval_step, num_train_steps,
-                       start_time)
+                       start_time, evals.Evaluations(config, model, mesh,
+                                                     num_train_steps))
   finally:
     writer.close()
     checkpointer.close()
+    workdir_lock.release(lock)
 
 
 def _has_saved_steps(checkpoint_dir: str) -> bool:
@@ -287,19 +310,27 @@ def _restore_or_init(config, workdir, checkpointer, init_fn, abstract_state,
   if config.init_from:
     params = pretrained.init_from_checkpoint(
         config.init_from, sharding.to_host(state.params))
-    state = state.replace(params=sharding.replicate(params, mesh))
+    shardings = jax.tree.map(lambda x: x.sharding, state.params)
+    state = state.replace(params=sharding.put(params, shardings))
     logging.info('Initialised parameters from %s.', config.init_from)
   return state, {}
 
 
 def _train_loop(config, workdir, mesh, state, extra, checkpointer, writer,
-                p_train_step, p_eval_step, num_train_steps, start_time):
-  """The step loop; returns the summary dict."""
+                p_train_step, p_eval_step, num_train_steps, start_time,
+                evaluations=None):
+  """The step loop; returns the summary dict.
+
+  `evaluations` (an `evals.Evaluations`) runs config.evals when due.
+  """
   step = int(sharding.to_host(state.step))
   start_step = step
   best = extra.get('best_eval_accuracy')
   last_eval = extra.get('last_eval', {})
   last_saved = step if extra else None
+  # Records of steps after the resumed one (and a torn line) are from a
+  # killed run: dropped, so each step is in metrics.jsonl once.
+  reporting.rewind(writer, step)
   if step == 0:
     writer.write_hparams({k: v for k, v in config.to_dict().items()
                           if not isinstance(v, dict)})
@@ -330,7 +361,8 @@ def _train_loop(config, workdir, mesh, state, extra, checkpointer, writer,
     last = step == num_train_steps
     do_eval = step % config.eval_every_steps == 0 or last
     do_save = step % config.checkpoint_every_steps == 0 or last or preempted
-    if not (step % config.log_every_steps == 0 or do_eval or do_save):
+    due = evaluations.due(step) if evaluations is not None else []
+    if not (step % config.log_every_steps == 0 or do_eval or do_save or due):
       continue
     # Fetching the metrics waits for the step; done only at these points.
     fetched = [(s, {k: float(v) for k, v in sharding.to_host(m).items()})
@@ -360,6 +392,11 @@ def _train_loop(config, workdir, mesh, state, extra, checkpointer, writer,
           f'step {step}: eval accuracy {last_eval["eval_accuracy"]:.4f}, '
           f'loss {last_eval["eval_loss"]:.4f} (best {best:.4f})')
       save_metrics = {'eval_accuracy': last_eval['eval_accuracy']}
+    if due:  # config.evals: `<name>/accuracy` etc.
+      more = evaluations.run(step, state.params)
+      writer.write_scalars(step, more)
+      reporting.log_and_print(f'step {step}: ' + ', '.join(
+          f'{k} {v:.4f}' for k, v in more.items() if 'accuracy' in k))
     if do_save:
       checkpointer.save(step, state, metrics=save_metrics, extra={
           'data_position': step, 'best_eval_accuracy': best,
@@ -417,4 +454,5 @@ def _define_flags():
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main)
+  # Config file problems: one line naming the file/field, no traceback.
+  app.run(main, flags_parser=config_loading.parse_flags)

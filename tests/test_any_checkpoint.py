@@ -12,6 +12,7 @@ import pathlib
 import subprocess
 import sys
 
+from flax import traverse_util
 import jax
 import mixer_reference as ref
 import numpy as np
@@ -108,10 +109,10 @@ def test_workdir_describes_itself(trained):
   target = train_steps.create_model(info['config'], 5)
   fresh = jax.tree.map(np.asarray, target.init(jax.random.PRNGKey(3), x)[
       'params'])
-  filled = pretrained.flatten(pretrained.init_from_checkpoint(str(workdir),
-                                                              fresh))
+  filled = traverse_util.flatten_dict(
+      pretrained.init_from_checkpoint(str(workdir), fresh), sep='/')
   np.testing.assert_array_equal(filled['stem/kernel'],
-                                pretrained.flatten(params)['stem/kernel'])
+                                params['stem']['kernel'])
   assert filled['head/kernel'].shape == (16, 5)  # Fresh head for 5 classes.
 
 
@@ -190,7 +191,7 @@ def test_weight_files_of_every_kind(tmp_path, monkeypatch):
   npz = tmp_path / 'ckpt.npz'
   np.savez(npz, **flat)
   st = tmp_path / 'ckpt.safetensors'
-  timm_format.export_timm(pretrained.unflatten(flat), st)
+  timm_format.export_timm(traverse_util.unflatten_dict(flat, sep='/'), st)
   # A registry name resolved from the local cache (no download).
   monkeypatch.setenv(registry.CACHE_ENV, str(tmp_path / 'cache'))
   entry = registry.get('gsam/Mixer-S_8')

@@ -371,3 +371,44 @@ def test_restore_never_unpickles(tmp_path, monkeypatch):
 def test_bad_keep_is_rejected(tmp_path):
   with pytest.raises(CheckpointError, match='keep=0'):
     checkpoints.Checkpointer(tmp_path, keep=0, keep_best=True)
+
+
+def test_reader_of_a_running_job_follows_retention(tmp_path):
+  # A read-only reader (evaluate, predict) opened on a running job; the job
+  # then saves a step and its retention (keep=1) deletes the one the reader
+  # knows as the latest.
+  params = lambda v: {'params': {'w': np.full((3,), v, np.float32)}}
+  writer = checkpoints.Checkpointer(tmp_path, keep=1, keep_best=False,
+                                    async_save=False)
+  writer.save(1, params(1.0))
+  reader = checkpoints.Checkpointer(tmp_path, keep=1, keep_best=False,
+                                    read_only=True)
+  assert reader.latest_step() == 1
+  writer.save(2, params(2.0))
+  assert not (tmp_path / '1').exists()
+  restored, extra = reader.restore_params({'w': np.zeros(3, np.float32)})
+  assert extra['step'] == 2
+  np.testing.assert_array_equal(restored['w'], 2.0)
+  writer.save(3, params(3.0))  # Also for the whole state.
+  state, extra = reader.restore(params(0.0))
+  assert extra['step'] == 3
+  np.testing.assert_array_equal(state['params']['w'], 3.0)
+  # An explicit step is never swapped for another one.
+  writer.save(4, params(4.0))
+  with pytest.raises(CheckpointError, match='/3'):
+    reader.restore_params({'w': np.zeros(3, np.float32)}, step=3)
+  writer.close()
+  reader.close()
+
+
+def test_damaged_latest_is_not_retried_as_another_step(tmp_path):
+  ckpt = save_steps(tmp_path, [1, 2])
+  ckpt.close()
+  for path in glob.glob(str(tmp_path / '2' / 'extra' / '*')):
+    with open(path, 'w') as f:
+      f.write('not json')
+  reader = checkpoints.Checkpointer(tmp_path, keep=3, keep_best=False,
+                                    read_only=True)
+  with pytest.raises(CheckpointError, match=f'{tmp_path}/2 cannot be read'):
+    reader.restore(tiny_state())  # Step 2 exists: its error, no fallback.
+  reader.close()

@@ -43,7 +43,7 @@ def flat_keys(config, prefix=''):
 
 def test_every_config_is_found():
   names = {os.path.basename(p)[:-3] for p in CONFIG_FILES}
-  assert {'common', 'quickstart', 'b16', 's16', 'b32', 'l16',
+  assert {'common', 'quickstart', 'b16', 'mixer_i1k',
           'finetune_cifar10'} <= names
 
 
@@ -75,11 +75,12 @@ def test_b16_is_the_paper_recipe():
   assert c.pp.mixup_prob > 0 and c.dataset == 'imagenet2012'
 
 
-@pytest.mark.parametrize('name, variant', [('s16', 'S_16'), ('b32', 'B_32'),
-                                           ('l16', 'L_16')])
-def test_variants_share_the_recipe(name, variant):
-  config, base = load(name), load('b16')
+@pytest.mark.parametrize('variant', ['S_32', 'S_16', 'S_8', 'B_32', 'B_16',
+                                     'L_32', 'L_16', 'H_14'])
+def test_every_paper_variant_shares_the_recipe(variant):
+  config, base = load('mixer_i1k', variant), load('b16')
   assert config.model.variant == variant
+  config_validation.validate_config(config, num_devices=8, num_processes=2)
   base.model.variant = variant
   assert config.to_dict() == base.to_dict()
 

@@ -184,3 +184,56 @@ def test_folder_source_slices_and_shards(tmp_path):
 def test_folder_source_missing_root(tmp_path):
   with pytest.raises(sources.DatasetUnavailableError, match='does not exist'):
     sources.FolderSource(str(tmp_path / 'nope'))
+
+
+def _png(path):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, 'wb') as f:
+    f.write(tf.io.encode_png(np.zeros((4, 4, 3), np.uint8)).numpy())
+
+
+def test_folder_layout_good_is_accepted(tmp_path):
+  write_folder(str(tmp_path))
+  assert sources.check_folder_layout(str(tmp_path)) == []
+  os.makedirs(tmp_path / 'notes')  # A folder without class folders: no split.
+  assert sources.check_folder_layout(str(tmp_path)) == []
+
+
+def test_folder_with_an_empty_class_folder_is_refused(tmp_path):
+  write_folder(str(tmp_path))
+  os.makedirs(tmp_path / 'train' / 'cow')
+  os.makedirs(tmp_path / 'test' / 'cow')
+  with pytest.raises(sources.FolderLayoutError) as e:
+    sources.FolderSource(str(tmp_path))
+  message = str(e.value)
+  assert f'Class folder {tmp_path}/train/cow has no .jpg/.jpeg/.png' in message
+  assert f'{tmp_path}/test/cow' in message
+  assert 'add images or remove the folder' in message
+  assert isinstance(e.value, sources.DatasetUnavailableError)  # No traceback.
+
+
+def test_folder_with_a_class_only_in_test_is_refused(tmp_path):
+  write_folder(str(tmp_path))
+  _png(str(tmp_path / 'test' / 'cow' / '0.png'))
+  with pytest.raises(sources.FolderLayoutError,
+                     match=r"Class 'cow' has images in test but no folder "
+                     f'{tmp_path}/train/cow') as e:
+    sources.FolderSource(str(tmp_path))
+  assert 'every split must have the same class folders' in str(e.value)
+
+
+def test_folder_with_nested_images_is_refused(tmp_path):
+  write_folder(str(tmp_path))
+  _png(str(tmp_path / 'train' / 'dog' / 'puppies' / 'small' / '0.png'))
+  _png(str(tmp_path / 'train' / 'stray.png'))
+  with pytest.raises(sources.FolderLayoutError) as e:
+    sources.FolderSource(str(tmp_path))
+  message = str(e.value)
+  assert (f'{tmp_path}/train/dog/puppies holds 1 image(s) in a nested '
+          'folder, which would be ignored') in message
+  assert f'move them up into {tmp_path}/train/dog' in message
+  assert f'{tmp_path}/train/stray.png is not in a class folder' in message
+  # A nested folder without images (e.g. notes) is harmless.
+  os.remove(tmp_path / 'train' / 'dog' / 'puppies' / 'small' / '0.png')
+  os.remove(tmp_path / 'train' / 'stray.png')
+  assert sources.FolderSource(str(tmp_path)).class_names == ['cat', 'dog']

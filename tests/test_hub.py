@@ -16,6 +16,7 @@ import pathlib
 import subprocess
 import sys
 
+from flax import traverse_util
 import mixer_reference as ref
 import numpy as np
 from PIL import Image
@@ -284,7 +285,7 @@ def test_init_from_hub_name(tmp_path, hub_cache):
                                channels_mlp_dim=CHANNELS_MLP)
   params = models.init_params(target, jax.random.PRNGKey(0), IMAGE)
   filled = pretrained.init_from_checkpoint(f'hf-hub:{GOOG}', params)
-  flat = pretrained.flatten(filled)
+  flat = traverse_util.flatten_dict(filled, sep='/')
   np.testing.assert_array_equal(flat['head/kernel'], 0)  # Fresh 3-class head.
   np.testing.assert_array_equal(
       flat['MixerBlock_1/channel_mixing/Dense_0/kernel'],
@@ -298,7 +299,7 @@ def test_exported_timm_file_round_trip(tmp_path):
   """A file from export_timm loads with the official file's outputs."""
   flat = ref.official_checkpoint(3, classes=5)
   path = tmp_path / 'exported.safetensors'
-  timm_format.export_timm(pretrained.unflatten(flat), path)
+  timm_format.export_timm(traverse_util.unflatten_dict(flat, sep='/'), path)
   model, params = pretrained.load_pretrained(str(path))
   assert model.gelu_approximate  # Written by mixer_jax: official form.
   x = ref.images(0, 2, 16)

@@ -6,6 +6,7 @@ expected outputs come from the independent NumPy forward in mixer_reference.
 
 import pickle
 
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import mixer_reference as ref
@@ -36,7 +37,7 @@ def test_load_gives_numpy_reference_logits(tmp_path):
   assert (model.patch_size, model.num_blocks, model.hidden_dim,
           model.tokens_mlp_dim, model.channels_mlp_dim, model.num_classes) == (
               4, 2, 32, 16, 64, 10)
-  loaded = pretrained.flatten(params)
+  loaded = traverse_util.flatten_dict(params, sep='/')
   assert set(loaded) == set(flat)
   for key, value in flat.items():
     np.testing.assert_array_equal(loaded[key], value, err_msg=key)
@@ -64,7 +65,7 @@ def test_features_without_head(tmp_path):
 @pytest.mark.parametrize('variant', models.PAPER_VARIANTS)
 def test_infer_architecture_names_paper_variants(variant):
   model = models.create_model(variant, 1000)
-  shapes = pretrained.flatten(models.param_shapes(model, 224))
+  shapes = traverse_util.flatten_dict(models.param_shapes(model, 224), sep='/')
   info = pretrained.infer_architecture(shapes)
   assert info.variant == variant
   assert info.image_size == 224 and info.num_classes == 1000
@@ -157,13 +158,14 @@ def test_export_of_trained_bfloat16_tree_and_bad_tree(tmp_path):
   half = jax.tree.map(lambda v: v.astype(jnp.bfloat16), params)
   out = str(tmp_path / 'half.npz')
   pretrained.export_official({'params': half}, out)
-  reread = pretrained.unflatten(pretrained.load_npz(out))
+  reread = traverse_util.unflatten_dict(pretrained.load_npz(out), sep='/')
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(
       a, np.asarray(b, np.float32)), reread, half)
-  broken = pretrained.flatten(params)
+  broken = traverse_util.flatten_dict(params, sep='/')
   del broken['MixerBlock_0/LayerNorm_1/bias']
   with pytest.raises(pretrained.PretrainedError, match='missing'):
-    pretrained.export_official(pretrained.unflatten(broken), out)
+    pretrained.export_official(
+        traverse_util.unflatten_dict(broken, sep='/'), out)
 
 
 def test_head_replaced_by_fresh_zero_head(tmp_path):
@@ -173,7 +175,7 @@ def test_head_replaced_by_fresh_zero_head(tmp_path):
   assert model.num_classes == 5
   np.testing.assert_array_equal(params['head']['kernel'], np.zeros((32, 5)))
   np.testing.assert_array_equal(params['head']['bias'], np.zeros(5))
-  body = {k: v for k, v in pretrained.flatten(params).items()
+  body = {k: v for k, v in traverse_util.flatten_dict(params, sep='/').items()
           if not k.startswith('head/')}
   for key, value in body.items():
     np.testing.assert_array_equal(value, flat[key])

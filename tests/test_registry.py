@@ -3,6 +3,7 @@
 import dataclasses
 import os
 
+from flax import traverse_util
 import mixer_reference as ref
 import numpy as np
 import pytest
@@ -113,8 +114,8 @@ def test_load_by_name_checks_the_cached_file_is_that_checkpoint():
 def test_load_by_name_of_a_real_size_s32_file():
   # A Mixer-S/32 file of the published shapes (random weights) in the cache.
   entry = registry.get('gsam/Mixer-S_32')
-  shapes = pretrained.flatten(models.param_shapes(
-      models.create_model('S_32', 1000), 224))
+  shapes = traverse_util.flatten_dict(models.param_shapes(
+      models.create_model('S_32', 1000), 224), sep='/')
   rng = np.random.RandomState(0)
   flat = {k: rng.standard_normal(s.shape).astype(np.float32) * 0.02
           for k, s in shapes.items()}

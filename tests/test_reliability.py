@@ -392,42 +392,55 @@ def _sigterm_inside(monkeypatch, owner, name):
   monkeypatch.setattr(owner, name, sending)
 
 
-def test_sigterm_before_the_loop_stops_cleanly_in_process(tmp_path,
-                                                          monkeypatch):
+def _tiny_config(tmp_path, **overrides):
   from test_train import small_config  # pylint: disable=g-import-not-at-top
+  config = small_config(str(tmp_path / 'tfds'), **{
+      'num_train_steps': 4, 'log_every_steps': 4, **overrides})
+  config.model.num_blocks, config.model.hidden_dim = 1, 16
+  return config
+
+
+def test_sigterm_during_setup_of_a_fresh_run_stops_at_step_0(tmp_path,
+                                                             monkeypatch):
   from mixer_jax import train  # pylint: disable=g-import-not-at-top
-  guard = _Guard()
+  guard = _Guard()  # Without the fix the signal lands here and it trains.
   before = signal.signal(signal.SIGTERM, guard)
   try:
-    data_dir, workdir = str(tmp_path / 'tfds'), str(tmp_path / 'run')
-    config = small_config(data_dir, num_train_steps=4, log_every_steps=4)
-    config.model.num_blocks, config.model.hidden_dim = 1, 16
-    # During the jit set-up of a fresh run: stops at step 0, saves nothing.
-    with monkeypatch.context() as patch:
-      _sigterm_inside(patch, train, 'make_step_functions')
-      summary = train.train_and_evaluate(config, workdir)
+    workdir = str(tmp_path / 'run')
+    _sigterm_inside(monkeypatch, train, 'make_step_functions')
+    summary = train.train_and_evaluate(_tiny_config(tmp_path), workdir)
     assert summary['preempted'] and summary['steps'] == 0
     assert summary['last_checkpoint_step'] is None
     assert not glob.glob(os.path.join(workdir, 'checkpoints', '[0-9]*'))
-    summary = train.train_and_evaluate(config, workdir)  # Not stuck.
-    assert summary['steps'] == 4 and not summary['preempted']
-    saved = snapshot(os.path.join(workdir, 'checkpoints', '4'))
-    # During the restore of a resumed run: stops where it was, loses nothing.
-    config.num_train_steps = 8
-    with monkeypatch.context() as patch:
-      _sigterm_inside(patch, checkpoints.Checkpointer, 'restore')
-      summary = train.train_and_evaluate(config, workdir)
-    assert summary['preempted'] and summary['start_step'] == 4
-    assert summary['steps'] == 4 and summary['last_checkpoint_step'] == 4
-    ckpt = checkpoints.Checkpointer(os.path.join(workdir, 'checkpoints'),
-                                    keep=5, keep_best=False, read_only=True)
-    assert ckpt.all_steps() == [4]
-    ckpt.close()
-    assert snapshot(os.path.join(workdir, 'checkpoints', '4')) == saved
     assert guard.calls == 0  # The run took the signal, not the old handler.
     assert signal.getsignal(signal.SIGTERM) is guard  # And gave it back.
   finally:
     signal.signal(signal.SIGTERM, before)
+
+
+def test_sigterm_during_restore_stops_where_it_was(tmp_path, monkeypatch):
+  from mixer_jax import train  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / 'run')
+  config = _tiny_config(tmp_path)
+  assert train.train_and_evaluate(config, workdir)['steps'] == 4
+  saved = snapshot(os.path.join(workdir, 'checkpoints', '4'))
+  guard = _Guard()
+  before = signal.signal(signal.SIGTERM, guard)
+  try:
+    config.num_train_steps = 8
+    _sigterm_inside(monkeypatch, checkpoints.Checkpointer, 'restore')
+    summary = train.train_and_evaluate(config, workdir)
+    assert summary['preempted'] and summary['start_step'] == 4
+    assert summary['steps'] == 4 and summary['last_checkpoint_step'] == 4
+    assert guard.calls == 0
+    assert signal.getsignal(signal.SIGTERM) is guard
+  finally:
+    signal.signal(signal.SIGTERM, before)
+  ckpt = checkpoints.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                  keep=5, keep_best=False, read_only=True)
+  assert ckpt.all_steps() == [4]  # Nothing new saved, nothing lost.
+  ckpt.close()
+  assert snapshot(os.path.join(workdir, 'checkpoints', '4')) == saved
 
 
 def test_command_line_sigterm_before_the_loop_exits_0(tmp_path):
@@ -454,3 +467,27 @@ def test_command_line_sigterm_before_the_loop_exits_0(tmp_path):
   assert re.search(r'preempted +True', output), output[-3000:]
   assert re.search(r'\n +steps +0\n', output), output[-3000:]
   assert 'First step' not in output  # The loop never ran a step.
+
+
+def test_resumed_run_leaves_one_record_per_step(tmp_path):
+  # State after a kill -9: metrics of steps 4-6 written, their checkpoint
+  # not, and the last line cut in the middle.
+  from mixer_jax import reporting  # pylint: disable=g-import-not-at-top
+  from mixer_jax import train  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / 'run')
+  config = _tiny_config(tmp_path, num_train_steps=6, log_every_steps=1,
+                        checkpoint_every_steps=3)
+  train.train_and_evaluate(config, workdir)
+  shutil.rmtree(os.path.join(workdir, 'checkpoints', '6'))
+  with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as f:
+    f.write('{"step": 7, "train_loss": 0.')
+  summary = train.train_and_evaluate(config, workdir)
+  assert summary['start_step'] == 3 and summary['steps'] == 6
+  records = reporting.read_metrics(workdir)
+  assert [r['step'] for r in records if 'train_loss' in r] == [1, 2, 3, 4, 5,
+                                                                6]
+  assert [r['step'] for r in records if 'eval_accuracy' in r] == [6]
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    lines = f.read().splitlines()
+  assert sum('"hparams"' in line for line in lines) == 1
+  assert all(line.startswith('{') and line.endswith('}') for line in lines)

@@ -62,3 +62,66 @@ def test_summary_is_readable():
                                    'workdir': '/tmp/x'})
   assert text.splitlines()[0] == 'Training summary:'
   assert '  best_eval_accuracy  0.9800' in text
+
+
+def _lines(path):
+  with open(path) as f:
+    return f.read()
+
+
+def test_rewind_drops_later_steps_and_a_torn_line(tmp_path):
+  path = str(tmp_path / 'metrics.jsonl')
+  writer = reporting.JsonLinesWriter(path)
+  writer.write_hparams({'batch_size': 8})
+  for step in (10, 20, 30):
+    writer.write_scalars(step, {'train_loss': step / 10})
+  writer.close()
+  with open(path, 'a') as f:  # kill -9 in the middle of a line.
+    f.write('{"step": 40, "train_lo')
+  # The torn line does not break reading.
+  assert [r['step'] for r in reporting.read_metrics(str(tmp_path))] == [
+      10, 20, 30]
+  writer = reporting.JsonLinesWriter(path)  # Resumed from step 20.
+  assert writer.rewind(20) == 2
+  writer.write_scalars(30, {'train_loss': 3.5})
+  writer.close()
+  assert reporting.read_metrics(str(tmp_path)) == [
+      {'step': 10, 'train_loss': 1.0}, {'step': 20, 'train_loss': 2.0},
+      {'step': 30, 'train_loss': 3.5}]
+  assert _lines(path).startswith('{"hparams"')
+  assert not os.path.exists(path + '.rewind.tmp')
+  writer = reporting.JsonLinesWriter(path)  # Nothing to drop: untouched.
+  before = os.stat(path).st_ino
+  assert writer.rewind(30) == 0
+  writer.close()
+  assert os.stat(path).st_ino == before
+  writer = reporting.JsonLinesWriter(path)  # Back to step 0: all goes.
+  assert writer.rewind(0) == 4
+  writer.close()
+  assert _lines(path) == ''
+
+
+def test_a_torn_line_in_the_middle_is_skipped(tmp_path):
+  with open(tmp_path / 'metrics.jsonl', 'w') as f:
+    f.write('{"step": 1, "a": 1}\n{"step": 2, "a{"step": 2, "a": 2}\n'
+            '[1, 2]\n{"step": 3, "a": 3}\n')
+  assert [r['step'] for r in reporting.read_metrics(str(tmp_path))] == [1, 3]
+
+
+def test_create_writer_rewinds_its_json_lines(tmp_path):
+  writer = reporting.create_writer(str(tmp_path))
+  writer.write_scalars(1, {'x': 1.0})
+  writer.write_scalars(2, {'x': 2.0})
+  assert reporting.rewind(writer, 1) == 1
+  writer.write_scalars(2, {'x': 2.5})
+  writer.close()
+  assert reporting.read_metrics(str(tmp_path)) == [{'step': 1, 'x': 1.0},
+                                                   {'step': 2, 'x': 2.5}]
+
+
+def test_rewind_of_a_file_not_yet_written(tmp_path):
+  writer = reporting.JsonLinesWriter(str(tmp_path / 'metrics.jsonl'))
+  assert writer.rewind(0) == 0
+  writer.write_scalars(1, {'x': 1.0})
+  writer.close()
+  assert reporting.read_metrics(str(tmp_path)) == [{'step': 1, 'x': 1.0}]

@@ -7,6 +7,7 @@ computes timm's MlpMixer (NCHW conv weights (out, in, kh, kw), Linear weights
 
 import math
 
+from flax import traverse_util
 import mixer_reference as ref
 import numpy as np
 import pytest
@@ -31,7 +32,7 @@ def _torch_style_forward(state, images_nhwc, approximate):
   channels, _, patch, _ = weight.shape
   batch, _, height, width = x.shape
   rows, cols = height // patch, width // patch
-  # Conv2d with stride = kernel = P, then flatten(2).transpose(1, 2).
+  # Conv2d with stride = kernel = P, then traverse_util.flatten_dict(2, sep='/').transpose(1, 2).
   p = x.reshape(batch, 3, rows, patch, cols, patch)
   out = np.einsum('bcrpkq,ocpq->bork', p, weight)
   out = out + s['stem.proj.bias'][None, :, None, None]
@@ -57,7 +58,8 @@ def _torch_style_forward(state, images_nhwc, approximate):
 
 
 def _params(seed=0, **sizes):
-  return pretrained.unflatten(ref.official_checkpoint(seed, **sizes))
+  return traverse_util.unflatten_dict(ref.official_checkpoint(seed, **sizes),
+                                      sep='/')
 
 
 def test_timm_key_names_and_shapes():
@@ -91,12 +93,13 @@ def test_tokens_and_channels_layouts_are_distinguished():
 @pytest.mark.parametrize('approximate', [True, False])
 def test_exported_weights_compute_the_same_function(approximate):
   flat = ref.official_checkpoint(1, image=16)
-  state = timm_format.to_timm_state_dict(pretrained.unflatten(flat))
+  state = timm_format.to_timm_state_dict(
+      traverse_util.unflatten_dict(flat, sep='/'))
   model = models.create_model('S_4', 10, num_blocks=2, hidden_dim=32,
                               tokens_mlp_dim=16, channels_mlp_dim=64,
                               gelu_approximate=approximate)
   x = ref.images(3, 2, 16)
-  ours = model.apply({'params': pretrained.unflatten(flat)}, x)
+  ours = model.apply({'params': traverse_util.unflatten_dict(flat, sep='/')}, x)
   np.testing.assert_allclose(_torch_style_forward(state, x, approximate),
                              ours, rtol=1e-4, atol=1e-4)
   if approximate:  # The GELU difference is small but real.
@@ -111,12 +114,14 @@ def test_safetensors_round_trip_is_exact(tmp_path):
   on_disk = st_numpy.load_file(path)
   assert 'blocks.1.mlp_channels.fc2.weight' in on_disk
   back = timm_format.import_timm(path)
-  flat, back_flat = pretrained.flatten(params), pretrained.flatten(back)
+  flat = traverse_util.flatten_dict(params, sep='/')
+  back_flat = traverse_util.flatten_dict(back, sep='/')
   assert set(flat) == set(back_flat)
   for key in flat:
     np.testing.assert_array_equal(back_flat[key], flat[key], err_msg=key)
   # The imported tree loads into a model like any checkpoint.
-  target = pretrained.unflatten({k: np.zeros_like(v) for k, v in flat.items()})
+  target = traverse_util.unflatten_dict(
+      {k: np.zeros_like(v) for k, v in flat.items()}, sep='/')
   filled = pretrained.init_from_checkpoint(back, target)
   np.testing.assert_array_equal(filled['stem']['kernel'],
                                 params['stem']['kernel'])

@@ -37,6 +37,91 @@ class BadImagesError(ValueError):
   """Image files that cannot be decoded, with config.bad_images='error'."""
 
 
+class FolderLayoutError(DatasetUnavailableError):
+  """A folder data set whose folders would silently change the classes."""
+
+
+# File endings tfds.ImageFolder reads (case-insensitive).
+IMAGE_ENDINGS = ('.jpg', '.jpeg', '.png')
+_LAYOUT = 'root/split_name/class_name/*.jpg|jpeg|png'
+
+
+def _is_image(name):
+  return name.lower().endswith(IMAGE_ENDINGS)
+
+
+def _images_below(folder):
+  """Number of image files anywhere under `folder` (any depth)."""
+  return sum(sum(_is_image(f) for f in files)
+             for _, _, files in tf.io.gfile.walk(folder))
+
+
+def check_folder_layout(root):
+  """Problems of an image folder data set that ImageFolder ignores.
+
+  tfds.ImageFolder takes the class names from the folders of every split
+  and reads only root/split/class/*.jpg|jpeg|png, so an empty class folder
+  or a class folder in one split only adds a class the model is not
+  trained (or tested) on, and images elsewhere are silently left out.
+
+  Args:
+    root: the data set root (config.folder).
+
+  Returns:
+    A list of messages, one per problem, each naming the folder and what
+    to do (empty when the layout is fine).
+  """
+  problems = []
+  join = os.path.join
+  splits = sorted(d for d in tf.io.gfile.listdir(root)
+                  if tf.io.gfile.isdir(join(root, d.rstrip('/'))))
+  splits = [d.rstrip('/') for d in splits]
+  classes = {}  # split -> class folders with images.
+  real_splits = []  # Split folders with a class folder (ImageFolder's).
+  for split in splits:
+    split_dir = join(root, split)
+    classes[split] = set()
+    for name in sorted(tf.io.gfile.listdir(split_dir)):
+      name = name.rstrip('/')
+      path = join(split_dir, name)
+      if not tf.io.gfile.isdir(path):
+        if _is_image(name):
+          problems.append(
+              f'{path} is not in a class folder and would be ignored: move '
+              f'it into {split_dir}/CLASS_NAME/.')
+        continue
+      if split not in real_splits:
+        real_splits.append(split)
+      entries = [e.rstrip('/') for e in tf.io.gfile.listdir(path)]
+      images = sum(_is_image(e) and not tf.io.gfile.isdir(join(path, e))
+                   for e in entries)
+      for sub in sorted(e for e in entries if tf.io.gfile.isdir(join(path, e))):
+        nested = _images_below(join(path, sub))
+        if nested:
+          problems.append(
+              f'{join(path, sub)} holds {nested} image(s) in a nested folder, '
+              f'which would be ignored (only {_LAYOUT} is read): move them '
+              f'up into {path}, or make {sub} a class folder of {split_dir}.')
+      if images:
+        classes[split].add(name)
+      else:
+        problems.append(
+            f'Class folder {path} has no .jpg/.jpeg/.png images, but would '
+            'still count as a class: add images or remove the folder.')
+  everywhere = set.union(set(), *classes.values())
+  for split in real_splits:
+    for name in sorted(everywhere - classes[split]):
+      present = [s for s in real_splits if name in classes[s]]
+      if not tf.io.gfile.isdir(join(root, split, name)):
+        problems.append(
+            f'Class {name!r} has images in {", ".join(present)} but no '
+            f'folder {join(root, split, name)}: every split must have the '
+            'same class folders (ImageFolder takes the classes of all '
+            f'splits). Add {join(root, split, name)}/ with images, or '
+            f'remove {name!r} from the other splits.')
+  return problems
+
+
 def _unreachable_host(url, timeout=5.0):
   """The host of `url` if no TCP connection to it opens, else None."""
   parsed = urllib.parse.urlparse(url)
@@ -134,6 +219,11 @@ class TfdsSource:
         f'TFDS data set {self.name!r} is not prepared in {where} and could '
         f'not be prepared ({reason}). {how}')
 
+  def split_sizes(self):
+    """{split name: number of examples} of the prepared data set."""
+    return {name: int(info.num_examples)
+            for name, info in self.builder.info.splits.items()}
+
   def num_examples(self, split):
     """Number of examples in a split string such as 'train[:98%]'."""
     return int(self.builder.info.splits[split].num_examples)
@@ -208,6 +298,14 @@ class FolderSource:
     if bad_images not in ('error', 'skip'):
       raise ValueError(f"config.bad_images must be 'error' or 'skip', got "
                        f'{bad_images!r}.')
+    problems = check_folder_layout(root)
+    if problems:
+      shown = '\n  '.join(problems[:_MAX_NAMES_SHOWN])
+      more = len(problems) - _MAX_NAMES_SHOWN
+      raise FolderLayoutError(
+          f'Image folder {root} (config.folder) is not laid out as '
+          f'{_LAYOUT}:\n  {shown}' +
+          (f'\n  ... and {more} more' if more > 0 else ''))
     self.builder = tfds.ImageFolder(root)
     self.name = f'folder:{root}'
     self.root = root
@@ -264,6 +362,10 @@ class FolderSource:
     return [(i.splitname, i.from_ or 0,
              sizes[i.splitname] if i.to is None else i.to)
             for i in spec.to_absolute(_split_dict(sizes))]
+
+  def split_sizes(self):
+    """{split folder name: number of image files in it}."""
+    return dict(self._split_sizes)
 
   def num_examples(self, split):
     """Usable images in a split string, corrupt files left out."""

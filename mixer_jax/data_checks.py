@@ -1,0 +1,167 @@
+"""Checks of the data a training run reads, all before the first step.
+
+`checked_dataset_info(config)` is `input_pipeline.dataset_info` after
+checking everything about the data that would otherwise fail later (after
+compiling, or in the first evaluation after hours of training):
+
+  * config.train_split and config.eval_split name splits of the data set
+    (slices such as 'train[:90%]' included) and select at least one
+    example; with several processes, every process gets a training example;
+  * config.num_classes is -1 or at least the data set's class count (labels
+    of a 10-class data set do not fit a 5-class head);
+  * every entry of config.evals: its data set, split (non-empty), label
+    feature and class count against the head; for 'fewshot' entries both
+    splits of every data set.
+
+Each failure is one `ConfigError` (or the source's DatasetUnavailableError
+/ BadImagesError) naming the field, the value and what the data set has.
+"""
+
+from typing import Optional
+
+from mixer_jax import config_validation
+from mixer_jax import input_pipeline
+from mixer_jax.datasets import sources
+
+ConfigError = config_validation.ConfigError
+
+_SPLIT_HELP = ("Split strings are a split name ('train'), a slice "
+               "('train[:90%]', 'train[100:200]') or a sum ('train+test').")
+
+
+def _sizes(source) -> str:
+  return ', '.join(f'{name} ({n})' for name, n in
+                   sorted(source.split_sizes().items()))
+
+
+def split_size(source, split: str, field: str, *, num_processes: int = 1,
+               training: bool = False) -> int:
+  """Examples of `split` in `source`; ConfigError if unusable.
+
+  Args:
+    source: a sources.TfdsSource or sources.FolderSource.
+    split: the split string.
+    field: the config field it came from (for the message).
+    num_processes: processes that share the split.
+    training: every process must get at least one example (evaluation
+      only needs one in all).
+
+  Returns:
+    The number of examples of the split, over all processes.
+  """
+  try:
+    n = source.num_examples(split)
+    smallest = (min(source.shard_size(split, i, num_processes)
+                    for i in range(num_processes)) if training else n)
+  except (sources.DatasetUnavailableError, sources.BadImagesError):
+    raise
+  except (ValueError, KeyError, AssertionError, TypeError) as e:
+    reason = str(e).strip().split('\n', 1)[0][:200]
+    raise ConfigError(
+        f'{field}={split!r} is not a split of {source.name} ({reason}). Its '
+        f'splits are: {_sizes(source)}. {_SPLIT_HELP}') from None
+  if n <= 0:
+    raise ConfigError(
+        f'{field}={split!r} selects no examples of {source.name} (its '
+        f'splits: {_sizes(source)}); choose a non-empty split or slice.')
+  if smallest <= 0:
+    raise ConfigError(
+        f'{field}={split!r} has {n} example(s) of {source.name}, fewer than '
+        f'the {num_processes} processes that share it; use a larger split.')
+  return n
+
+
+def _head_classes(config, source) -> int:
+  """The head size: config.num_classes, or the data set's; checked."""
+  if config.num_classes == -1:
+    if source.num_classes <= 0:
+      raise ConfigError(
+          f'num_classes=-1 but {source.name} does not say how many classes '
+          'it has; set config.num_classes to the number of labels.')
+    return source.num_classes
+  if 0 < config.num_classes < source.num_classes:
+    raise ConfigError(
+        f'num_classes={config.num_classes} but {source.name} has '
+        f'{source.num_classes} classes, so labels up to '
+        f'{source.num_classes - 1} would not fit the head; use -1 to take '
+        f'the count from the data, or a value >= {source.num_classes}.')
+  return config.num_classes
+
+
+def _label_classes(source, label_key: str) -> int:
+  """Class count of feature `label_key` of a TFDS source (-1: unknown)."""
+  features = source.builder.info.features
+  if label_key not in features:
+    raise ConfigError(
+        f'{source.name} has no feature {label_key!r}; it has '
+        f'{sorted(features)}.')
+  label = features[label_key]
+  label = getattr(label, 'feature', label)  # Sequence(ClassLabel).
+  return int(getattr(label, 'num_classes', -1) or -1)
+
+
+def check_evals(config, head_classes: int, main_source=None) -> None:
+  """Checks every config.evals entry's data (see the module docstring)."""
+  entries = config.evals.items() if 'evals' in config else ()
+  for name, entry in entries:
+    field = f'evals.{name}'
+    try:
+      if entry.kind == 'fewshot':
+        for key, (tfds_name, train_split, test_split) in (
+            entry.fewshot_datasets.items()):
+          source = sources.TfdsSource(tfds_name, config.data_dir)
+          if source.num_classes <= 0:
+            raise ConfigError(f'{field}.fewshot_datasets.{key}: {tfds_name}'
+                              ' has no class label for a few-shot probe.')
+          split_size(source, train_split,
+                     f'{field}.fewshot_datasets.{key} train split')
+          split_size(source, test_split,
+                     f'{field}.fewshot_datasets.{key} test split')
+        continue
+      dataset = entry.dataset or config.dataset
+      split = entry.split or config.eval_split
+      if dataset == config.dataset and entry.label_key == 'label':
+        source = main_source or sources.get_source(config)
+        data_classes = source.num_classes
+      else:
+        source = sources.TfdsSource(dataset, config.data_dir)
+        data_classes = _label_classes(source, entry.label_key)
+      split_size(source, split, f'{field}.split' if entry.split else
+                 f'{field} (eval_split)')
+    except ConfigError as e:
+      if str(e).startswith(field):
+        raise
+      raise ConfigError(f'{field}: {e}') from None
+    except sources.DatasetUnavailableError as e:
+      raise sources.DatasetUnavailableError(f'{field}: {e}') from None
+    if data_classes > head_classes:
+      raise ConfigError(
+          f'{field}: {source.name} has {data_classes} classes but the head '
+          f'has {head_classes} (num_classes); its labels would not fit.')
+
+
+def checked_dataset_info(config, num_processes: Optional[int] = None):
+  """`input_pipeline.dataset_info(config)` after every data check.
+
+  Args:
+    config: the run's ConfigDict (validated).
+    num_processes: processes sharing the data; default jax.process_count().
+
+  Returns:
+    An input_pipeline.DatasetInfo.
+
+  Raises:
+    ConfigError: a split that is unknown, unparsable or empty; a class count
+      that does not fit the data; a bad config.evals entry.
+    sources.DatasetUnavailableError, sources.BadImagesError: as the source.
+  """
+  if num_processes is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    num_processes = jax.process_count()
+  source = sources.get_source(config)
+  split_size(source, config.train_split, 'train_split',
+             num_processes=num_processes, training=True)
+  split_size(source, config.eval_split, 'eval_split')
+  head_classes = _head_classes(config, source)
+  check_evals(config, head_classes, main_source=source)
+  return input_pipeline.dataset_info(config)
