@@ -163,8 +163,17 @@ def jsonable(value):
   return value
 
 
+# Orbax's per-shard read coroutine; when one read fails, the others are
+# garbage-collected unfinished and each reports its own echo of the error.
+_ORBAX_READ_COROUTINE = '_read_array_index_and_device_put'
+
+
 def _is_closed_loop_noise(unraisable) -> bool:
-  """A TensorStore read finishing after Orbax closed its event loop."""
+  """An echo of a failed read: a TensorStore read finishing after Orbax
+  closed its event loop, or an abandoned Orbax read coroutine."""
+  code = getattr(unraisable.object, 'cr_code', None)
+  if code is not None and code.co_name == _ORBAX_READ_COROUTINE:
+    return True
   if (unraisable.exc_type is not RuntimeError or
       str(unraisable.exc_value) != 'Event loop is closed'):
     return False
