@@ -52,7 +52,7 @@ setuptools.setup(
     long_description_content_type='text/markdown',
     python_requires='>=3.10',
     packages=setuptools.find_packages(include=['mixer_jax', 'mixer_jax.*']),
-    package_data={'mixer_jax': ['data/*']},
+    package_data={'mixer_jax.data': ['*.txt']},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
     license='Apache 2.0',

@@ -10,7 +10,7 @@ linear decay to 1e-5, decoupled weight decay 1e-4 on kernels (big_vision's
 convention), global-norm clipping at 1, batch 4096, 300 epochs, stochastic
 depth 0.1, sigmoid cross-entropy with the head bias at -6.9. Input:
 Inception crop + flip + RandAugment(2, 15) (the TF-TPU definition,
-mixer_jax/randaugment.py) + mixup (Beta(0.5, 0.5), one weight per global
+mixer_jax/data/randaugment.py) + mixup (Beta(0.5, 0.5), one weight per global
 batch, in the train step), a 250k-example shuffle buffer per host over raw
 records cached in RAM (cache_raw: ~120 GB per host); eval resizes the short
 side to 256 with 'area' and centre-crops 224. Evaluations: the main eval is

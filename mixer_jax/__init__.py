@@ -13,8 +13,8 @@ from mixer_jax.models import create_model
 from mixer_jax.models import flops_per_image
 from mixer_jax.models import MlpMixer
 from mixer_jax.models import PAPER_VARIANTS
-from mixer_jax.pretrained import expand_token_mixing
-from mixer_jax.pretrained import export_official
-from mixer_jax.pretrained import load_pretrained
+from mixer_jax.weights.pretrained import expand_token_mixing
+from mixer_jax.weights.pretrained import export_official
+from mixer_jax.weights.pretrained import load_pretrained
 
 __version__ = '0.1.0'

@@ -45,7 +45,7 @@ import numpy as np
 import optax
 
 from mixer_jax import models
-from mixer_jax import sharding
+from mixer_jax.training import sharding
 
 MODES = ('infer', 'train')
 COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all',

@@ -31,7 +31,7 @@ from ml_collections import config_flags
 import numpy as np
 import tensorflow as tf
 
-from mixer_jax import input_pipeline
+from mixer_jax.data import input_pipeline
 
 FLAGS = flags.FLAGS
 

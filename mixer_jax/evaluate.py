@@ -39,16 +39,16 @@ import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
 
-from mixer_jax import checkpoints
-from mixer_jax import config_loading
-from mixer_jax import config_validation
+from mixer_jax.checkpointing import checkpoints
+from mixer_jax.training import config_loading
+from mixer_jax.training import config_validation
 from mixer_jax import models
-from mixer_jax import official_format
-from mixer_jax import registry
-from mixer_jax import reporting
-from mixer_jax import sharding
-from mixer_jax import train_steps
-from mixer_jax.datasets import sources
+from mixer_jax.weights import official_format
+from mixer_jax.weights import registry
+from mixer_jax.training import reporting
+from mixer_jax.training import sharding
+from mixer_jax.training import train_steps
+from mixer_jax.data.datasets import sources
 
 FLAGS = flags.FLAGS
 _TOP_K = 5
@@ -115,9 +115,9 @@ def load_params(config, checkpoint: str, num_classes: int, mesh,
     finally:
       reader.close()
     return model, params, f'{location} step {extra["step"]}'
-  from mixer_jax import pretrained  # pylint: disable=g-import-not-at-top
+  from mixer_jax.weights import pretrained  # pylint: disable=g-import-not-at-top
   # Any weight file or name (registry, hf-hub:, .npz, .safetensors), run with
-  # the GELU form its weights were trained with (see mixer_jax.hub).
+  # the GELU form its weights were trained with (see mixer_jax.weights.hub).
   model, params = pretrained.load_pretrained(
       location, image_size=config.image_size, dtype=config.model.dtype)
   if model.num_classes != num_classes:
@@ -158,7 +158,7 @@ def evaluate(config, checkpoint: str, *, step: Optional[int] = None,
   """
   config_validation.validate_config(config, num_devices=jax.device_count(),
                                     num_processes=jax.process_count())
-  from mixer_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from mixer_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   start = time.time()
   mesh = sharding.create_mesh()
   info = input_pipeline.dataset_info(config)
@@ -204,7 +204,7 @@ def main(argv):
   try:
     config = FLAGS.config
     if config is None:  # A workdir's run_info.json holds the run's config.
-      from mixer_jax import any_checkpoint  # pylint: disable=g-import-not-at-top
+      from mixer_jax.weights import any_checkpoint  # pylint: disable=g-import-not-at-top
       if not any_checkpoint.is_directory(FLAGS.checkpoint):
         raise app.UsageError('--config is required unless --checkpoint is a '
                              'training workdir.')

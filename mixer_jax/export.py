@@ -6,7 +6,7 @@
       --checkpoint=hf-hub:timm/mixer_b16_224.goog_in21k_ft_in1k \
       --out=/tmp/b16_savedmodel --format=savedmodel
 
-`--checkpoint` is anything `mixer_jax.any_checkpoint.load` accepts. Two
+`--checkpoint` is anything `mixer_jax.weights.any_checkpoint.load` accepts. Two
 formats, both with a symbolic (any) batch size:
 
 - `stablehlo`: `DIR/model.jax_export`, a `jax.export` serialized function
@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mixer_jax import any_checkpoint
+from mixer_jax.weights import any_checkpoint
 
 STABLEHLO_FILE = 'model.jax_export'
 INFO_FILE = 'serving_info.json'
@@ -94,7 +94,7 @@ def export_savedmodel(loaded: any_checkpoint.Loaded, out: str, *,
   """Writes a TF SavedModel to `out` (see the module docstring); `out`."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
-  from mixer_jax import preprocess as pp  # pylint: disable=g-import-not-at-top
+  from mixer_jax.data import preprocess as pp  # pylint: disable=g-import-not-at-top
 
   size = loaded.image_size
   crop, resize = loaded.eval_crop, loaded.eval_resize

@@ -17,10 +17,10 @@ argmax. The regulariser is fixed at 2**10, as in big_vision (it is not
 tuned per data set). Draws use seeds seed .. seed + num_seeds - 1 (big_vision:
 3 seeds from 0); each is reported and so is their mean.
 
-`--checkpoint` is anything `mixer_jax.any_checkpoint.load` opens: a
+`--checkpoint` is anything `mixer_jax.weights.any_checkpoint.load` opens: a
 training workdir, an official `.npz`, a registry or Hub name. During
 training the same probe runs periodically as the `fewshot` kind of
-`config.evals` (see mixer_jax/evals.py).
+`config.evals` (see mixer_jax/training/evals.py).
 """
 
 import json
@@ -32,7 +32,7 @@ from absl import flags
 import jax
 import numpy as np
 
-from mixer_jax import sharding
+from mixer_jax.training import sharding
 
 # The appended bias feature (big_vision fewshot_lsr.BIAS_CONSTANT).
 BIAS_CONSTANT = 100.0
@@ -154,8 +154,8 @@ def split_batches(dataset: str, split: str, *, data_dir, batch_size: int,
                   image_size: int, crop: str, resize: int,
                   resize_method: str):
   """(padded eval batches of a TFDS split for this process, class count)."""
-  from mixer_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  from mixer_jax.datasets import sources  # pylint: disable=g-import-not-at-top
+  from mixer_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  from mixer_jax.data.datasets import sources  # pylint: disable=g-import-not-at-top
   source = sources.TfdsSource(dataset, data_dir)
   if source.num_classes <= 0:
     raise ValueError(f'{dataset} has no class label for a few-shot probe.')
@@ -210,7 +210,7 @@ def evaluate_datasets(model, params, datasets: Mapping[str, Sequence[str]], *,
 
 def load_features_model(checkpoint: str, image_size=None):
   """(model without head, params, Loaded) of any checkpoint kind."""
-  from mixer_jax import any_checkpoint  # pylint: disable=g-import-not-at-top
+  from mixer_jax.weights import any_checkpoint  # pylint: disable=g-import-not-at-top
   loaded = any_checkpoint.load(checkpoint, image_size=image_size)
   model, params = loaded.features()
   return model, params, loaded
@@ -269,7 +269,7 @@ def main(argv):
 
 def _define_flags():
   flags.DEFINE_string('checkpoint', None, 'Workdir, .npz, registry or Hub '
-                      'name (see mixer_jax.any_checkpoint).')
+                      'name (see mixer_jax.weights.any_checkpoint).')
   flags.DEFINE_string('dataset', 'digits', 'TFDS data set to probe.')
   flags.DEFINE_string('train_split', 'train', 'Split the shots come from.')
   flags.DEFINE_string('test_split', 'test', 'Split the probe is scored on.')

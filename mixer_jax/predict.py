@@ -6,9 +6,9 @@
   python -m mixer_jax.predict \
       --checkpoint=hf-hub:timm/mixer_b16_224.goog_in21k_ft_in1k cat.jpg
 
-`--checkpoint` is any checkpoint `mixer_jax.any_checkpoint.load` accepts: a
+`--checkpoint` is any checkpoint `mixer_jax.weights.any_checkpoint.load` accepts: a
 training workdir (newest step, or `--step=K`), an official-format `.npz`, a
-registry name (see `mixer_jax.registry`), a Hub name (`hf-hub:OWNER/NAME
+registry name (see `mixer_jax.weights.registry`), a Hub name (`hf-hub:OWNER/NAME
 [@REVISION]`) or a timm-format `.safetensors`. Prints the top-5 classes per
 image, with the class names the checkpoint brings (a workdir's data set, a
 Hub config's label names), ImageNet names for ImageNet-1k heads, and class
@@ -29,8 +29,8 @@ from absl import flags
 import jax
 import numpy as np
 
-from mixer_jax import pretrained
-from mixer_jax import registry
+from mixer_jax.weights import pretrained
+from mixer_jax.weights import registry
 
 IMAGENET_CLASSES_FILE = 'imagenet2012_classes.txt'
 
@@ -104,7 +104,7 @@ def classify_files(model, params, paths: Sequence[str], *, image_size: int,
     top_k: classes reported per image.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from mixer_jax import preprocess  # pylint: disable=g-import-not-at-top
+  from mixer_jax.data import preprocess  # pylint: disable=g-import-not-at-top
 
   if not model.num_classes:
     raise ValueError('The model has no head; load it with a class count.')
@@ -183,7 +183,7 @@ def main(argv):
   paths = argv[1:]
   if not paths:
     raise app.UsageError('Give one or more image files after the flags.')
-  from mixer_jax import any_checkpoint  # pylint: disable=g-import-not-at-top
+  from mixer_jax.weights import any_checkpoint  # pylint: disable=g-import-not-at-top
   try:
     loaded = any_checkpoint.load(FLAGS.checkpoint, step=FLAGS.step,
                                  image_size=FLAGS.image_size or None)

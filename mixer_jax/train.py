@@ -30,23 +30,23 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-from mixer_jax import any_checkpoint
-from mixer_jax import checkpoints
-from mixer_jax import config_loading
-from mixer_jax import config_validation
-from mixer_jax import data_checks
-from mixer_jax import evals
-from mixer_jax import input_pipeline
+from mixer_jax.weights import any_checkpoint
+from mixer_jax.checkpointing import checkpoints
+from mixer_jax.training import config_loading
+from mixer_jax.training import config_validation
+from mixer_jax.data import data_checks
+from mixer_jax.training import evals
+from mixer_jax.data import input_pipeline
 from mixer_jax import models
-from mixer_jax import official_format
-from mixer_jax import optim
-from mixer_jax import pretrained
-from mixer_jax import registry
-from mixer_jax import reporting
-from mixer_jax import sharding
-from mixer_jax import train_steps
-from mixer_jax import workdir_lock
-from mixer_jax.datasets import sources
+from mixer_jax.weights import official_format
+from mixer_jax.training import optim
+from mixer_jax.weights import pretrained
+from mixer_jax.weights import registry
+from mixer_jax.training import reporting
+from mixer_jax.training import sharding
+from mixer_jax.training import train_steps
+from mixer_jax.training import workdir_lock
+from mixer_jax.data.datasets import sources
 
 # The public step API lives in train_steps.py; these names are the contract.
 TrainState = train_steps.TrainState

@@ -1,4 +1,4 @@
-"""Tests for mixer_jax.any_checkpoint: one notion of "a checkpoint".
+"""Tests for mixer_jax.weights.any_checkpoint: one notion of "a checkpoint".
 
 A training workdir (trained for two steps on a tiny folder data set, so its
 class names come from the folder names) is used by predict, evaluate and
@@ -21,12 +21,12 @@ from PIL import Image
 import pytest
 
 from configs import quickstart
-from mixer_jax import any_checkpoint
-from mixer_jax import checkpoints
-from mixer_jax import pretrained
-from mixer_jax import registry
-from mixer_jax import timm_format
-from mixer_jax import train_steps
+from mixer_jax.weights import any_checkpoint
+from mixer_jax.checkpointing import checkpoints
+from mixer_jax.weights import pretrained
+from mixer_jax.weights import registry
+from mixer_jax.weights import timm_format
+from mixer_jax.training import train_steps
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CLASSES = ('cat', 'dog', 'zebra')

@@ -1,4 +1,4 @@
-"""Tests for mixer_jax.checkpoints: each fault is injected for real.
+"""Tests for mixer_jax.checkpointing.checkpoints: each fault is injected for real.
 
 Saves and restores a small Flax TrainState (tiny Mixer + Adam) built here,
 truncates, garbles and swaps checkpoint files, changes the model, makes the
@@ -26,8 +26,8 @@ import optax
 from flax.training import train_state
 import pytest
 
-from mixer_jax import checkpoint_checks as checks
-from mixer_jax import checkpoints
+from mixer_jax.checkpointing import checkpoint_checks as checks
+from mixer_jax.checkpointing import checkpoints
 from mixer_jax import models
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

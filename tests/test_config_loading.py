@@ -1,4 +1,4 @@
-"""Tests for mixer_jax.config_loading: config files and flags, clear errors."""
+"""Tests for mixer_jax.training.config_loading: config files and flags, clear errors."""
 
 import os
 import subprocess
@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from mixer_jax import config_loading
+from mixer_jax.training import config_loading
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ConfigError = config_loading.ConfigError

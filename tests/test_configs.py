@@ -1,4 +1,4 @@
-"""Tests of configs/*.py and mixer_jax.config_validation."""
+"""Tests of configs/*.py and mixer_jax.training.config_validation."""
 
 import glob
 import importlib.util
@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from mixer_jax import config_validation
+from mixer_jax.training import config_validation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(glob.glob(os.path.join(ROOT, 'configs', '*.py')))

@@ -7,8 +7,8 @@ import sys
 import pytest
 
 from configs import common
-from mixer_jax import config_validation
-from mixer_jax import data_checks
+from mixer_jax.training import config_validation
+from mixer_jax.data import data_checks
 from mixer_jax import train
 from test_train import small_config
 

@@ -1,4 +1,4 @@
-"""Tests of mixer_jax.datasets: the digits builder and the data sources."""
+"""Tests of mixer_jax.data.datasets: the digits builder and the data sources."""
 
 import os
 
@@ -8,8 +8,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from sklearn import datasets as sk_datasets
 
-from mixer_jax.datasets import digits
-from mixer_jax.datasets import sources
+from mixer_jax.data.datasets import digits
+from mixer_jax.data.datasets import sources
 
 
 @pytest.fixture(scope='module')

@@ -1,4 +1,4 @@
-"""Tests of mixer_jax.fewshot and mixer_jax.evals (config.evals).
+"""Tests of mixer_jax.fewshot and mixer_jax.training.evals (config.evals).
 
 The closed-form probe is checked against NumPy's least squares on the
 same data; the periodic evaluations and the fewshot command run end to end
@@ -19,13 +19,13 @@ import tensorflow_datasets as tfds
 
 from configs import common
 from configs import mixer_i1k
-from mixer_jax import evals
+from mixer_jax.training import evals
 from mixer_jax import fewshot
-from mixer_jax import input_pipeline
-from mixer_jax import reporting
-from mixer_jax import sharding
+from mixer_jax.data import input_pipeline
+from mixer_jax.training import reporting
+from mixer_jax.training import sharding
 from mixer_jax import train
-from mixer_jax import train_steps
+from mixer_jax.training import train_steps
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,4 +1,4 @@
-"""Tests for mixer_jax.hub: timm checkpoints from a Hugging Face Hub cache.
+"""Tests for mixer_jax.weights.hub: timm checkpoints from a Hugging Face Hub cache.
 
 No network: each test writes a Hub cache in huggingface_hub's own layout
 (`models--OWNER--NAME/{blobs,refs,snapshots}`) under a temporary directory,
@@ -24,10 +24,10 @@ import pytest
 from safetensors import numpy as st_numpy
 from scipy import special
 
-from mixer_jax import hub
-from mixer_jax import pretrained
-from mixer_jax import registry
-from mixer_jax import timm_format
+from mixer_jax.weights import hub
+from mixer_jax.weights import pretrained
+from mixer_jax.weights import registry
+from mixer_jax.weights import timm_format
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PATCH, BLOCKS, HIDDEN, TOKENS_MLP, CHANNELS_MLP, IMAGE = 4, 2, 24, 12, 48, 16

@@ -1,4 +1,4 @@
-"""Tests of mixer_jax.input_pipeline on digits, mocked TFDS data and folders."""
+"""Tests of mixer_jax.data.input_pipeline on digits, mocked TFDS data and folders."""
 
 import collections
 import os
@@ -9,8 +9,8 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import common
-from mixer_jax import input_pipeline
-from mixer_jax.datasets import sources
+from mixer_jax.data import input_pipeline
+from mixer_jax.data.datasets import sources
 
 # The folder-of-images fixture is shared with test_datasets.py.
 sys.path.insert(0, os.path.dirname(__file__))

@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 
 from configs import quickstart
-from mixer_jax import input_pipeline
-from mixer_jax import optim
-from mixer_jax import sharding
+from mixer_jax.data import input_pipeline
+from mixer_jax.training import optim
+from mixer_jax.training import sharding
 from mixer_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,7 +31,7 @@ NUM_STEPS = 4
 WORKER = textwrap.dedent('''
     import json, os, sys
     import ml_collections
-    from mixer_jax import sharding
+    from mixer_jax.training import sharding
     process_id, port, config_json, workdir = sys.argv[1:5]
     sharding.initialize_distributed(f'127.0.0.1:{port}', 2, int(process_id))
     from mixer_jax import train

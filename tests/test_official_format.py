@@ -1,9 +1,9 @@
-"""Tests for mixer_jax.official_format.load_npz on damaged or odd files."""
+"""Tests for mixer_jax.weights.official_format.load_npz on damaged or odd files."""
 
 import numpy as np
 import pytest
 
-from mixer_jax import official_format
+from mixer_jax.weights import official_format
 
 PretrainedError = official_format.PretrainedError
 

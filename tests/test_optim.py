@@ -1,4 +1,4 @@
-"""Tests of mixer_jax.optim against hand-computed numbers."""
+"""Tests of mixer_jax.training.optim against hand-computed numbers."""
 
 import math
 
@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from mixer_jax import models
-from mixer_jax import optim
+from mixer_jax.training import optim
 
 
 def make_config(**overrides):

@@ -1,10 +1,10 @@
-"""Tests of mixer_jax.preprocess: every op eagerly and inside tf.data."""
+"""Tests of mixer_jax.data.preprocess: every op eagerly and inside tf.data."""
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from mixer_jax import preprocess
+from mixer_jax.data import preprocess
 
 
 def _in_tf_data(fn, *args):

@@ -1,4 +1,4 @@
-"""Tests for mixer_jax.pretrained: official .npz I/O, checks, head, resolution.
+"""Tests for mixer_jax.weights.pretrained: official .npz I/O, checks, head, resolution.
 
 Checkpoints are tiny official-format files with random non-zero leaves, and
 expected outputs come from the independent NumPy forward in mixer_reference.
@@ -15,7 +15,7 @@ import optax
 import pytest
 
 from mixer_jax import models
-from mixer_jax import pretrained
+from mixer_jax.weights import pretrained
 
 
 def _write(tmp_path, flat, name='ckpt.npz'):

@@ -1,4 +1,4 @@
-"""Tests of mixer_jax.randaugment against PIL and NumPy formulas.
+"""Tests of mixer_jax.data.randaugment against PIL and NumPy formulas.
 
 Each op is checked against an expectation computed another way (PIL's
 ImageOps/ImageEnhance, scipy.ndimage or a NumPy formula of the TF-TPU rule),
@@ -16,8 +16,8 @@ import pytest
 from scipy import ndimage
 import tensorflow as tf
 
-from mixer_jax import preprocess
-from mixer_jax import randaugment as ra
+from mixer_jax.data import preprocess
+from mixer_jax.data import randaugment as ra
 
 
 def _noise(shape, seed=0, low=0, high=256):

@@ -1,4 +1,4 @@
-"""Tests for mixer_jax.registry: names, cache layout, copying, offline errors."""
+"""Tests for mixer_jax.weights.registry: names, cache layout, copying, offline errors."""
 
 import dataclasses
 import os
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from mixer_jax import models
-from mixer_jax import pretrained
-from mixer_jax import registry
+from mixer_jax.weights import pretrained
+from mixer_jax.weights import registry
 
 PUBLISHED = {
     'imagenet1k/Mixer-B_16': ('B_16', 1000),

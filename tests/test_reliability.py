@@ -22,7 +22,7 @@ import jax
 import numpy as np
 import pytest
 
-from mixer_jax import checkpoints
+from mixer_jax.checkpointing import checkpoints
 from mixer_jax import models
 from test_checkpoints import save_steps
 from test_checkpoints import snapshot
@@ -35,7 +35,7 @@ CheckpointError = checkpoints.CheckpointError
 KILL_CHILD = textwrap.dedent('''
     import sys
     import numpy as np
-    from mixer_jax import checkpoints
+    from mixer_jax.checkpointing import checkpoints
     ckpt = checkpoints.Checkpointer(sys.argv[1], keep=100, keep_best=False)
     def state(step):  # ~64 MB, so a save takes a noticeable time.
       return {'w': np.full((4, 2048, 2048), step, np.float32), 'step': step}
@@ -118,7 +118,8 @@ def test_full_disk_before_save_keeps_previous(tmp_path):
 FULL_CHILD = textwrap.dedent('''
     import resource, signal, sys
     import numpy as np
-    from mixer_jax import checkpoints, reporting
+    from mixer_jax.checkpointing import checkpoints
+    from mixer_jax.training import reporting
     reporting.quiet_library_logs()  # As the programs do.
     ckpt = checkpoints.Checkpointer(sys.argv[1], keep=3, keep_best=False)
     ckpt.save(1, {'w': np.ones((1000,), np.float32)})
@@ -160,7 +161,7 @@ MULTIHOST_CHILD = textwrap.dedent('''
                                num_processes=2, process_id=int(sys.argv[2]))
     import numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
-    from mixer_jax import checkpoints
+    from mixer_jax.checkpointing import checkpoints
     ckpt = checkpoints.Checkpointer(sys.argv[3], keep=2, keep_best=False)
     sharding = NamedSharding(Mesh(np.asarray(jax.devices()), ('data',)),
                              PartitionSpec('data'))
@@ -307,7 +308,7 @@ ZERO_CHILD = textwrap.dedent('''
     import glob, os, sys
     sys.path.insert(0, os.path.join(sys.argv[2], 'tests'))
     from test_checkpoints import save_steps, tiny_state
-    from mixer_jax import checkpoints
+    from mixer_jax.checkpointing import checkpoints
     save_steps(sys.argv[1], [1, 2]).close()
     for path in glob.glob(os.path.join(sys.argv[1], '2/state/ocdbt.*/d/*')):
       open(path, 'w').close()  # Zero-length array files.
@@ -333,7 +334,7 @@ def test_zero_length_array_files_give_only_the_clear_error(tmp_path):
 
 @pytest.mark.slow
 def test_predict_user_errors_have_no_traceback(tmp_path):
-  from mixer_jax import pretrained  # pylint: disable=g-import-not-at-top
+  from mixer_jax.weights import pretrained  # pylint: disable=g-import-not-at-top
   model = models.create_model('S_4', 10, num_blocks=1, hidden_dim=8,
                               tokens_mlp_dim=8, channels_mlp_dim=8)
   npz = str(tmp_path / 'tiny.npz')
@@ -356,7 +357,7 @@ def test_training_refuses_a_workdir_held_by_a_live_job(tmp_path):
   from test_train import small_config  # pylint: disable=g-import-not-at-top
   from test_workdir_lock import start_holder  # pylint: disable=g-import-not-at-top
   from mixer_jax import train  # pylint: disable=g-import-not-at-top
-  from mixer_jax import workdir_lock  # pylint: disable=g-import-not-at-top
+  from mixer_jax.training import workdir_lock  # pylint: disable=g-import-not-at-top
   workdir = tmp_path / 'run'
   holder = start_holder(workdir)
   try:
@@ -472,7 +473,7 @@ def test_command_line_sigterm_before_the_loop_exits_0(tmp_path):
 def test_resumed_run_leaves_one_record_per_step(tmp_path):
   # State after a kill -9: metrics of steps 4-6 written, their checkpoint
   # not, and the last line cut in the middle.
-  from mixer_jax import reporting  # pylint: disable=g-import-not-at-top
+  from mixer_jax.training import reporting  # pylint: disable=g-import-not-at-top
   from mixer_jax import train  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path / 'run')
   config = _tiny_config(tmp_path, num_train_steps=6, log_every_steps=1,

@@ -1,11 +1,11 @@
-"""Tests of mixer_jax.reporting: JSON-lines metrics and the progress line."""
+"""Tests of mixer_jax.training.reporting: JSON-lines metrics and the progress line."""
 
 import json
 import os
 
 import numpy as np
 
-from mixer_jax import reporting
+from mixer_jax.training import reporting
 
 
 def test_json_lines_writer_appends_scalars(tmp_path):

@@ -1,4 +1,4 @@
-"""Tests of mixer_jax.sharding on 8 fake CPU devices.
+"""Tests of mixer_jax.training.sharding on 8 fake CPU devices.
 
 The work-split tests compile the real jitted train and eval steps that
 `train.make_step_functions` builds and read the compiled executables: the
@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from configs import quickstart
-from mixer_jax import checkpoints
-from mixer_jax import optim
-from mixer_jax import sharding
+from mixer_jax.checkpointing import checkpoints
+from mixer_jax.training import optim
+from mixer_jax.training import sharding
 from mixer_jax import train
 
 N = 8

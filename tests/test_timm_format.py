@@ -1,4 +1,4 @@
-"""Tests for mixer_jax.timm_format: timm key names, layouts and round trips.
+"""Tests for mixer_jax.weights.timm_format: timm key names, layouts and round trips.
 
 The expected outputs come from a NumPy forward pass written the way PyTorch
 computes timm's MlpMixer (NCHW conv weights (out, in, kh, kw), Linear weights
@@ -14,8 +14,8 @@ import pytest
 from safetensors import numpy as st_numpy
 
 from mixer_jax import models
-from mixer_jax import pretrained
-from mixer_jax import timm_format
+from mixer_jax.weights import pretrained
+from mixer_jax.weights import timm_format
 
 
 def _gelu_exact(x):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from safetensors import numpy as st_numpy
 
-from mixer_jax import official_format
-from mixer_jax import timm_format
+from mixer_jax.weights import official_format
+from mixer_jax.weights import timm_format
 
 
 def test_nonfinite_timm_weights_are_refused_naming_the_leaves(tmp_path):

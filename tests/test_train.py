@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 
 from configs import quickstart
-from mixer_jax import checkpoints
-from mixer_jax import config_validation
+from mixer_jax.checkpointing import checkpoints
+from mixer_jax.training import config_validation
 from mixer_jax import models
-from mixer_jax import pretrained
-from mixer_jax import reporting
+from mixer_jax.weights import pretrained
+from mixer_jax.training import reporting
 from mixer_jax import train
 
 

@@ -9,10 +9,10 @@ import pytest
 from sklearn import datasets as sk_datasets
 
 from configs import quickstart
-from mixer_jax import optim
-from mixer_jax import sharding
+from mixer_jax.training import optim
+from mixer_jax.training import sharding
 from mixer_jax import train
-from mixer_jax import train_steps
+from mixer_jax.training import train_steps
 
 
 def tiny_config(**overrides):

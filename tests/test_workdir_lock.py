@@ -1,4 +1,4 @@
-"""Tests for mixer_jax.workdir_lock with real second processes."""
+"""Tests for mixer_jax.training.workdir_lock with real second processes."""
 
 import os
 import signal
@@ -9,13 +9,13 @@ import textwrap
 
 import pytest
 
-from mixer_jax import workdir_lock
+from mixer_jax.training import workdir_lock
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 HOLDER = textwrap.dedent('''
     import sys, time
-    from mixer_jax import workdir_lock
+    from mixer_jax.training import workdir_lock
     lock = workdir_lock.acquire(sys.argv[1], process_index=0)
     print('LOCKED', flush=True)
     time.sleep(600)

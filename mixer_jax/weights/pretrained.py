@@ -4,7 +4,7 @@ The official format (google-research/vision_transformer, `gs://mixer_models`)
 is a NumPy `.npz` archive of float32 arrays whose keys are the Flax parameter
 paths joined with "/" (`stem/kernel`, `MixerBlock_0/token_mixing/Dense_0/
 kernel`, ..., `head/bias`); `mixer_jax.models` uses the same tree. Reading
-and inspecting files is in `mixer_jax.official_format`; this module adapts
+and inspecting files is in `mixer_jax.weights.official_format`; this module adapts
 them to models and writes them.
 
 * `load_pretrained` reads a file or registry name and returns a ready model
@@ -39,14 +39,14 @@ from flax import traverse_util
 import numpy as np
 
 from mixer_jax import models
-from mixer_jax import registry
-from mixer_jax.official_format import BLOCK_RE
-from mixer_jax.official_format import CheckpointInfo
-from mixer_jax.official_format import infer_architecture
-from mixer_jax.official_format import load_npz
-from mixer_jax.official_format import mismatch_error
-from mixer_jax.official_format import PretrainedError
-from mixer_jax.official_format import unwrap
+from mixer_jax.weights import registry
+from mixer_jax.weights.official_format import BLOCK_RE
+from mixer_jax.weights.official_format import CheckpointInfo
+from mixer_jax.weights.official_format import infer_architecture
+from mixer_jax.weights.official_format import load_npz
+from mixer_jax.weights.official_format import mismatch_error
+from mixer_jax.weights.official_format import PretrainedError
+from mixer_jax.weights.official_format import unwrap
 
 _TOKEN_KEY = 'MixerBlock_0/token_mixing/Dense_0/kernel'
 
@@ -70,7 +70,7 @@ class SourceFile:
 
   @property
   def gelu_approximate(self) -> bool:
-    """The GELU form the weights were trained with (see `mixer_jax.hub`)."""
+    """The GELU form the weights were trained with (see `mixer_jax.weights.hub`)."""
     if self.trained_gelu_approximate is not None:
       return self.trained_gelu_approximate
     return True if self.hub is None else self.hub.gelu_approximate
@@ -82,19 +82,19 @@ def read_weights(name_or_path) -> SourceFile:
   Args:
     name_or_path: a registry name ("imagenet1k/Mixer-B_16"), a Hub name
       ("hf-hub:timm/mixer_b16_224.goog_in21k_ft_in1k[@revision]", see
-      `mixer_jax.hub`), a timm-format `.safetensors` file (e.g. from
+      `mixer_jax.weights.hub`), a timm-format `.safetensors` file (e.g. from
       `timm_format.export_timm`; a timm `config.json` beside it is read), or
       an official-format `.npz` (local or `gs://`), or a mixer_jax training
-      workdir (its newest step; see `mixer_jax.any_checkpoint`).
+      workdir (its newest step; see `mixer_jax.weights.any_checkpoint`).
 
   Raises:
     registry.CheckpointNotFoundError: nothing readable under that name.
     PretrainedError: a file that is not a Mixer checkpoint.
   """
-  from mixer_jax import hub  # pylint: disable=g-import-not-at-top
+  from mixer_jax.weights import hub  # pylint: disable=g-import-not-at-top
   if isinstance(name_or_path, SourceFile):
     return name_or_path
-  from mixer_jax import any_checkpoint  # pylint: disable=g-import-not-at-top
+  from mixer_jax.weights import any_checkpoint  # pylint: disable=g-import-not-at-top
   if any_checkpoint.is_directory(name_or_path):
     loaded = any_checkpoint.load(name_or_path)
     flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(
@@ -309,12 +309,12 @@ def load_pretrained(name_or_path, *, num_classes: Optional[int] = None,
     **model_options: passed to `models.create_model` (e.g. dtype,
       gelu_approximate, stochastic_depth). gelu_approximate defaults to the
       form the weights were trained with: tanh for official and goog files,
-      exact for MIIL's and other timm weights (see `mixer_jax.hub`).
+      exact for MIIL's and other timm weights (see `mixer_jax.weights.hub`).
 
   Returns:
     (model, params) for `model.apply({'params': params}, images)`; images
     are scaled to [-1, 1] whatever the file (timm normalisations are folded
-    into the stem, see `mixer_jax.hub`).
+    into the stem, see `mixer_jax.weights.hub`).
   """
   read = read_weights(name_or_path)
   flat, path, entry = read.flat, read.source, read.entry

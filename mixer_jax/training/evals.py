@@ -29,9 +29,9 @@ import tensorflow_datasets as tfds
 
 from mixer_jax import evaluate
 from mixer_jax import fewshot
-from mixer_jax import input_pipeline
-from mixer_jax import sharding
-from mixer_jax.datasets import sources
+from mixer_jax.data import input_pipeline
+from mixer_jax.training import sharding
+from mixer_jax.data.datasets import sources
 
 
 def real_sums(params, batch, *, apply_fn) -> Dict[str, jax.Array]:

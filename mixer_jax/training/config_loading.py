@@ -27,7 +27,7 @@ from typing import List, Sequence
 from absl import flags
 import ml_collections
 
-from mixer_jax import config_validation
+from mixer_jax.training import config_validation
 
 ConfigError = config_validation.ConfigError
 

@@ -8,9 +8,9 @@
   (the run's config, class count and class names) when it starts, so the
   image size, eval preprocessing and class names come with it;
 - an official-format `.npz` (local or `gs://`);
-- a registry name ("imagenet1k/Mixer-B_16", see `mixer_jax.registry`);
+- a registry name ("imagenet1k/Mixer-B_16", see `mixer_jax.weights.registry`);
 - a Hub name ("hf-hub:timm/mixer_b16_224.goog_in21k_ft_in1k[@revision]",
-  see `mixer_jax.hub`);
+  see `mixer_jax.weights.hub`);
 - a timm-format `.safetensors` file (`timm_format.export_timm`, or timm's).
 
 `load` returns a `Loaded`: the model and parameters plus what a command
@@ -26,9 +26,9 @@ from typing import Any, List, Optional
 
 from flax import traverse_util
 from mixer_jax import models
-from mixer_jax import official_format
-from mixer_jax import pretrained
-from mixer_jax import registry
+from mixer_jax.weights import official_format
+from mixer_jax.weights import pretrained
+from mixer_jax.weights import registry
 
 RUN_INFO_FILE = 'run_info.json'
 CHECKPOINT_DIR = 'checkpoints'  # Subdirectory of a training workdir.
@@ -92,7 +92,7 @@ class Loaded:
 
 def _class_names_of(config) -> Optional[List[str]]:
   """Class names from the TFDS features of the run's data set, if named."""
-  from mixer_jax.datasets import sources  # pylint: disable=g-import-not-at-top
+  from mixer_jax.data.datasets import sources  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   source = sources.get_source(config)
   names = getattr(source, 'class_names', None)
@@ -225,8 +225,8 @@ def _load_workdir(spec, step, image_size, model_options):
   """Restores the parameters of a workdir's Orbax step (read-only)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from mixer_jax import checkpoints  # pylint: disable=g-import-not-at-top
-  from mixer_jax import train_steps  # pylint: disable=g-import-not-at-top
+  from mixer_jax.checkpointing import checkpoints  # pylint: disable=g-import-not-at-top
+  from mixer_jax.training import train_steps  # pylint: disable=g-import-not-at-top
 
   workdir, directory, step = locate_workdir(spec, step)
   info = read_run_info(workdir)

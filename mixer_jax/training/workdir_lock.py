@@ -20,7 +20,7 @@ from typing import Optional
 from absl import logging
 import jax
 
-from mixer_jax import checkpoint_checks
+from mixer_jax.checkpointing import checkpoint_checks
 
 LOCK_FILE = '.lock'
 

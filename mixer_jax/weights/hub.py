@@ -58,9 +58,9 @@ from typing import Any, Dict, List, Optional, Tuple
 from flax import traverse_util
 import numpy as np
 
-from mixer_jax import official_format
-from mixer_jax import registry
-from mixer_jax import timm_format
+from mixer_jax.weights import official_format
+from mixer_jax.weights import registry
+from mixer_jax.weights import timm_format
 
 PREFIXES = ('hf-hub:', 'hf_hub:')
 WEIGHTS_FILE = 'model.safetensors'

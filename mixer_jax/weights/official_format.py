@@ -9,7 +9,7 @@ paths joined with "/": `stem/kernel`, `MixerBlock_0/LayerNorm_0/scale`,
 This module reads such files safely (`allow_pickle=False`, through
 `tf.io.gfile` so `gs://` paths work), converts between flat and nested trees,
 reads the architecture back from the shapes, and formats the per-leaf
-mismatch errors. `mixer_jax.pretrained` builds on it.
+mismatch errors. `mixer_jax.weights.pretrained` builds on it.
 """
 
 import collections
@@ -24,7 +24,7 @@ import zlib
 import numpy as np
 
 from mixer_jax import models
-from mixer_jax import registry
+from mixer_jax.weights import registry
 
 BLOCK_RE = re.compile(r'^MixerBlock_(\d+)/')
 # The first bytes of a zip archive without entries (np.savez() of nothing).

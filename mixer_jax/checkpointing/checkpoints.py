@@ -44,7 +44,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
-from mixer_jax import checkpoint_checks as checks
+from mixer_jax.checkpointing import checkpoint_checks as checks
 
 CheckpointError = checks.CheckpointError
 model_fingerprint = checks.model_fingerprint

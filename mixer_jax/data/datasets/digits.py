@@ -13,7 +13,7 @@ Splits (fixed, by position in scikit-learn's order, so they never change):
   train: the other 1,438 images.
 
 Build it with `tfds.builder('digits', data_dir=...).download_and_prepare()`
-after `import mixer_jax.datasets`; the input pipeline does this itself.
+after `import mixer_jax.data.datasets`; the input pipeline does this itself.
 """
 
 import numpy as np

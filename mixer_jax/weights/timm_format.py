@@ -38,7 +38,7 @@ from typing import Any, Dict, Mapping, Union
 from flax import traverse_util
 import numpy as np
 
-from mixer_jax import official_format
+from mixer_jax.weights import official_format
 
 # (Flax module path suffix, timm module path suffix) inside a block.
 _BLOCK_MODULES = (

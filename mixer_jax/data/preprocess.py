@@ -16,7 +16,7 @@ Mixer code.
 
 import tensorflow as tf
 
-from mixer_jax import randaugment as randaugment_lib
+from mixer_jax.data import randaugment as randaugment_lib
 
 # TensorFlow only preprocesses here: keep it on the CPU so that it takes no
 # accelerator memory from JAX. Only possible before TF has touched a GPU.

@@ -19,9 +19,9 @@ Each failure is one `ConfigError` (or the source's DatasetUnavailableError
 
 from typing import Optional
 
-from mixer_jax import config_validation
-from mixer_jax import input_pipeline
-from mixer_jax.datasets import sources
+from mixer_jax.training import config_validation
+from mixer_jax.data import input_pipeline
+from mixer_jax.data.datasets import sources
 
 ConfigError = config_validation.ConfigError
 

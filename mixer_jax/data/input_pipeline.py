@@ -36,8 +36,8 @@ import math
 
 import tensorflow as tf
 
-from mixer_jax import preprocess
-from mixer_jax.datasets import sources
+from mixer_jax.data import preprocess
+from mixer_jax.data.datasets import sources
 
 # Largest int64 epoch index: the training stream never ends.
 _FOREVER = 2**62

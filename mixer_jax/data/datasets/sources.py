@@ -23,7 +23,7 @@ import urllib.request
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from mixer_jax.datasets import digits  # pylint: disable=unused-import
+from mixer_jax.data.datasets import digits  # pylint: disable=unused-import
 
 # How many corrupt file names an error message lists.
 _MAX_NAMES_SHOWN = 10

@@ -10,8 +10,8 @@ import math
 from typing import List, Optional
 
 from mixer_jax import models
-from mixer_jax import pretrained
-from mixer_jax import sharding
+from mixer_jax.weights import pretrained
+from mixer_jax.training import sharding
 
 DTYPES = ('float32', 'bfloat16')
 OPTIMIZERS = ('adam', 'sgd')

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mixer_jax import config_validation
+from mixer_jax.training import config_validation
 
 OPTIMIZERS = config_validation.OPTIMIZERS
 SCHEDULES = config_validation.SCHEDULES

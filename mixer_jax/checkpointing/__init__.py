@@ -1,0 +1,2 @@
+"""Orbax checkpoints of training runs: saving, resuming, preemption, integrity checks.
+"""
