@@ -26,12 +26,10 @@ is a perfect split, remat adds about a third in training), `collectives`
 on a CPU). `--json` prints one JSON object per configuration.
 """
 
-import collections
 import functools
 import json
 import os
 import platform
-import re
 import resource
 import statistics
 import time
@@ -45,11 +43,10 @@ import numpy as np
 import optax
 
 from mixer_jax import models
+from mixer_jax.training import cost
 from mixer_jax.training import sharding
 
 MODES = ('infer', 'train')
-COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all',
-               'collective-permute')
 SIZE_FLAGS = ('num_blocks', 'hidden_dim', 'tokens_mlp_dim',
               'channels_mlp_dim')
 
@@ -116,40 +113,6 @@ def benchmark_devices(count: int) -> list:
   return devices[:count]
 
 
-_RESULT_RE = re.compile(r' = (.+?) (' + '|'.join(COLLECTIVES) +
-                        r')(?:-start)?\(')
-_SHAPE_RE = re.compile(r'\b([a-z]\w*)\[([\d,]*)\]')
-
-
-def collective_stats(hlo_text: str) -> dict[str, dict[str, int]]:
-  """Count and total result bytes of each collective in optimized HLO text.
-
-  An asynchronous pair (`all-reduce-start` / `-done`) counts once; a
-  combined collective with a tuple result counts once with all its bytes.
-  """
-  stats = collections.defaultdict(lambda: {'count': 0, 'bytes': 0})
-  for line in hlo_text.splitlines():
-    match = _RESULT_RE.search(line)
-    if not match:
-      continue
-    nbytes = 0
-    for dtype, dims in _SHAPE_RE.findall(match.group(1)):
-      # HLO names types by their bits: f32, bf16, s8, f8e4m3fn; pred is 1 byte.
-      bits = re.match(r'[a-z]+(\d+)', dtype)
-      itemsize = int(bits.group(1)) // 8 if bits else 1
-      nbytes += itemsize * int(np.prod([int(d) for d in dims.split(',')
-                                        if d]))
-    stats[match.group(2)]['count'] += 1
-    stats[match.group(2)]['bytes'] += nbytes
-  return {kind: dict(stats[kind]) for kind in COLLECTIVES if kind in stats}
-
-
-def state_bytes_per_device(tree) -> int:
-  """Bytes one device holds of a tree of placed arrays (or sharded structs)."""
-  return int(sum(np.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
-                 for x in jax.tree.leaves(tree)))
-
-
 def make_step(model, mode: str, optimizer: str, params, batch_size: int,
               image_size: int, num_classes: int,
               devices: Optional[Sequence[Any]] = None,
@@ -206,7 +169,7 @@ def make_step(model, mode: str, optimizer: str, params, batch_size: int,
   start = time.perf_counter()
   compiled = fn.lower(*args).compile()
   compile_s = time.perf_counter() - start
-  state_bytes = state_bytes_per_device(args[0])
+  state_bytes = cost.state_bytes_per_device(args[0])
 
   if mode == 'infer':
     return (lambda: compiled(*args)), compiled, compile_s, state_bytes
@@ -216,20 +179,6 @@ def make_step(model, mode: str, optimizer: str, params, batch_size: int,
     carry['state'], loss = compiled(carry['state'], *args[1:])
     return loss
   return run, compiled, compile_s, state_bytes
-
-
-def _compiled_memory(compiled) -> Optional[int]:
-  memory = compiled.memory_analysis()
-  if memory is None:
-    return None
-  return (memory.argument_size_in_bytes + memory.output_size_in_bytes +
-          memory.temp_size_in_bytes - memory.alias_size_in_bytes)
-
-
-def _compiled_flops(compiled) -> float:
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost.get('flops', 0.0))
 
 
 def benchmark_config(*, variant: str, mode: str, batch_size: int,
@@ -277,7 +226,7 @@ def benchmark_config(*, variant: str, mode: str, batch_size: int,
       mesh_devices, strategy)
   flops = models.flops_per_image(model, image_size) * (
       3 if mode == 'train' else 1) * batch_size
-  mem = _compiled_memory(compiled)
+  mem = cost.compiled_memory(compiled)
   row = {
       'variant': variant, 'mode': mode, 'batch_size': batch_size,
       'image_size': image_size, 'dtype': dtype,
@@ -285,8 +234,8 @@ def benchmark_config(*, variant: str, mode: str, batch_size: int,
       'devices': devices, 'sharding': strategy, 'remat': remat,
       'compile_s': compile_s,
       'gflop_per_image': flops / batch_size / 1e9,
-      'flops_per_device_fraction': _compiled_flops(compiled) / flops,
-      'collectives': collective_stats(compiled.as_text()),
+      'flops_per_device_fraction': cost.compiled_flops(compiled) / flops,
+      'collectives': cost.collective_stats(compiled.as_text()),
       'state_bytes_per_device': state_bytes,
       'compiled_memory_mb': None if mem is None else mem / 2 ** 20,
       'device': device_name(mesh_devices[0]),

@@ -36,19 +36,20 @@ from absl import flags
 from absl import logging
 from etils import epath
 import jax
-import jax.numpy as jnp
 from ml_collections import config_flags
 
+from mixer_jax.checkpointing import checkpoint_checks
 from mixer_jax.checkpointing import checkpoints
+from mixer_jax.data import input_pipeline
 from mixer_jax.training import config_loading
 from mixer_jax.training import config_validation
 from mixer_jax import models
-from mixer_jax.weights import official_format
-from mixer_jax.weights import registry
+from mixer_jax.training import errors
+from mixer_jax.training import evals
 from mixer_jax.training import reporting
 from mixer_jax.training import sharding
 from mixer_jax.training import train_steps
-from mixer_jax.data.datasets import sources
+from mixer_jax.training import trainer
 
 FLAGS = flags.FLAGS
 _TOP_K = 5
@@ -73,7 +74,7 @@ def resolve_checkpoint(path: str, step: Optional[int] = None):
     return 'orbax', str(location / _TRAIN_CHECKPOINT_DIR), step
   if location.name.isdigit() and (location / checkpoints.STATE_ITEM).is_dir():
     if step is not None and step != int(location.name):
-      raise checkpoints.CheckpointError(
+      raise checkpoint_checks.CheckpointError(
           f'--checkpoint names step {location.name} but --step={step}.')
     return 'orbax', str(location.parent), int(location.name)
   return 'orbax', str(location), step
@@ -94,7 +95,7 @@ def load_params(config, checkpoint: str, num_classes: int, mesh,
     (model, params, description): description names what was loaded.
 
   Raises:
-    checkpoints.CheckpointError: unusable Orbax checkpoint (names the step
+    checkpoint_checks.CheckpointError: unusable Orbax checkpoint (names the step
       directory and the mismatch).
     ValueError: a pretrained checkpoint whose head does not fit the data.
   """
@@ -109,7 +110,7 @@ def load_params(config, checkpoint: str, num_classes: int, mesh,
         models.param_shapes(model, config.image_size))
     reader = checkpoints.Checkpointer(
         location, keep=1, keep_best=False, async_save=False, read_only=True,
-        fingerprint=checkpoints.model_fingerprint(config, num_classes))
+        fingerprint=checkpoint_checks.model_fingerprint(config, num_classes))
     try:
       params, extra = reader.restore_params(target, step=step)
     finally:
@@ -128,20 +129,6 @@ def load_params(config, checkpoint: str, num_classes: int, mesh,
   return model, sharding.replicate(params, mesh), location
 
 
-def eval_sums(params, batch, *, apply_fn, loss: str) -> Dict[str, jax.Array]:
-  """Masked sums of top-1/top-5 hits, loss and examples in one batch."""
-  logits = apply_fn({'params': params}, batch['image'], train=False)
-  mask = batch['mask'].astype(jnp.float32)
-  labels = jnp.argmax(batch['label'], axis=-1)
-  k = min(_TOP_K, logits.shape[-1])
-  top_k = jax.lax.top_k(logits, k)[1]
-  hit_1 = (top_k[:, 0] == labels).astype(jnp.float32)
-  hit_k = jnp.any(top_k == labels[:, None], axis=-1).astype(jnp.float32)
-  losses = train_steps.per_example_loss(logits, batch['label'], loss)
-  return {'top1': jnp.sum(hit_1 * mask), 'top5': jnp.sum(hit_k * mask),
-          'loss': jnp.sum(losses * mask), 'count': jnp.sum(mask)}
-
-
 def evaluate(config, checkpoint: str, *, step: Optional[int] = None,
              progress_every_s: float = 10.0) -> Dict[str, Any]:
   """Evaluates `checkpoint` on `config.eval_split` over all devices.
@@ -158,39 +145,34 @@ def evaluate(config, checkpoint: str, *, step: Optional[int] = None,
   """
   config_validation.validate_config(config, num_devices=jax.device_count(),
                                     num_processes=jax.process_count())
-  from mixer_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   start = time.time()
   mesh = sharding.create_mesh()
   info = input_pipeline.dataset_info(config)
-  num_classes = (info.num_classes if config.num_classes == -1
-                 else config.num_classes)
+  num_classes = trainer.num_classes_for(config, info)
   model, params, loaded = load_params(config, checkpoint, num_classes, mesh,
                                       step)
   p_eval = jax.jit(
-      functools.partial(eval_sums, apply_fn=model.apply, loss=config.loss),
+      functools.partial(train_steps.eval_step, apply_fn=model.apply,
+                        loss=config.loss, top_k=_TOP_K),
       in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
       out_shardings=sharding.replicated(mesh))
-  batches = input_pipeline.eval_dataset(config).as_numpy_iterator()
   total_batches = math.ceil(info.eval_examples / config.batch_size)
-  totals, last_report = None, time.time()
-  for i, batch in enumerate(
-      sharding.prefetch(batches, mesh, config.prefetch_batches), 1):
-    sums = p_eval(params, batch)
-    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    if time.time() - last_report >= progress_every_s:
-      last_report = time.time()
-      rate = i * config.batch_size / (last_report - start)
+  last_report = [time.time()]
+
+  def report(i):
+    if time.time() - last_report[0] >= progress_every_s:
+      last_report[0] = time.time()
+      rate = i * config.batch_size / (last_report[0] - start)
       reporting.log_and_print(f'eval: batch {i}/~{total_batches}, '
                               f'{rate:.0f} images/s')
-  if totals is None:
-    raise ValueError(f'{config.eval_split!r} yielded no batch.')
-  totals = sharding.to_host(totals)
-  count = float(totals['count'])
-  return {'top1': float(totals['top1']) / count,
-          'top5': float(totals['top5']) / count,
-          'loss': float(totals['loss']) / count,
-          'examples': int(count), 'checkpoint': loaded,
-          'eval_split': config.eval_split, 'seconds': time.time() - start}
+
+  result = evals.evaluate_dataset(
+      p_eval, params, input_pipeline.eval_dataset(config).as_numpy_iterator(),
+      mesh, prefetch=config.prefetch_batches, on_batch=report)
+  return {'top1': result['accuracy'], 'top5': result['top5'],
+          'loss': result['loss'], 'examples': result['examples'],
+          'checkpoint': loaded, 'eval_split': config.eval_split,
+          'seconds': time.time() - start}
 
 
 def main(argv):
@@ -211,10 +193,7 @@ def main(argv):
       config = any_checkpoint.read_run_info(any_checkpoint.locate_workdir(
           FLAGS.checkpoint)[0])['config']
     result = evaluate(config, FLAGS.checkpoint, step=FLAGS.step)
-  except (config_validation.ConfigError, checkpoints.CheckpointError,
-          sources.DatasetUnavailableError, sources.BadImagesError,
-          official_format.PretrainedError,
-          registry.CheckpointNotFoundError) as e:
+  except errors.EXPECTED_ERRORS as e:
     # Expected failures: the message says what to do; no traceback (exit 1).
     raise SystemExit(f'{type(e).__name__}: {e}') from None
   except (ValueError, FileNotFoundError) as e:

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mixer_jax.weights import any_checkpoint
+from mixer_jax.training import errors
 
 STABLEHLO_FILE = 'model.jax_export'
 INFO_FILE = 'serving_info.json'
@@ -176,7 +177,7 @@ def main(argv):
   try:
     path = export(FLAGS.checkpoint, FLAGS.out, FLAGS.format, step=FLAGS.step,
                   preprocess=FLAGS.preprocess)
-  except (FileNotFoundError, ValueError) as e:
+  except errors.EXPECTED_ERRORS + (FileNotFoundError, ValueError) as e:
     raise SystemExit(f'Cannot export --checkpoint={FLAGS.checkpoint}: '
                      f'{e}') from None
   print(f'Wrote {path}')

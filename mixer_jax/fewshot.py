@@ -252,11 +252,16 @@ def main(argv):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')  # TF only reads data here.
   shots = tuple(int(k) for k in FLAGS.shots.split(',') if k)
-  rows = run(FLAGS.checkpoint, FLAGS.dataset, shots=shots,
-             train_split=FLAGS.train_split, test_split=FLAGS.test_split,
-             data_dir=FLAGS.data_dir, batch_size=FLAGS.batch_size,
-             image_size=FLAGS.image_size, l2_reg=FLAGS.l2_reg,
-             num_seeds=FLAGS.num_seeds, seed=FLAGS.seed)
+  from mixer_jax.training import errors  # pylint: disable=g-import-not-at-top
+  try:
+    rows = run(FLAGS.checkpoint, FLAGS.dataset, shots=shots,
+               train_split=FLAGS.train_split, test_split=FLAGS.test_split,
+               data_dir=FLAGS.data_dir, batch_size=FLAGS.batch_size,
+               image_size=FLAGS.image_size, l2_reg=FLAGS.l2_reg,
+               num_seeds=FLAGS.num_seeds, seed=FLAGS.seed)
+  except errors.EXPECTED_ERRORS as e:
+    # Expected failures: the message says what to do; no traceback (exit 1).
+    raise SystemExit(f'{type(e).__name__}: {e}') from None
   if jax.process_index() != 0:
     return
   for row in rows:

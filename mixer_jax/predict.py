@@ -31,6 +31,7 @@ import numpy as np
 
 from mixer_jax.weights import pretrained
 from mixer_jax.weights import registry
+from mixer_jax.training import errors
 
 IMAGENET_CLASSES_FILE = 'imagenet2012_classes.txt'
 
@@ -194,7 +195,7 @@ def main(argv):
       names = loaded.class_names
     else:
       names = class_names(FLAGS.labels, model.num_classes, loaded.entry)
-  except (FileNotFoundError, ValueError) as e:
+  except errors.EXPECTED_ERRORS + (FileNotFoundError, ValueError) as e:
     # Checkpoint problems are the user's to fix: a message, not a traceback.
     print(f'Cannot use --checkpoint={FLAGS.checkpoint}: {e}', file=sys.stderr)
     return 2

@@ -22,7 +22,9 @@ import pytest
 
 from configs import quickstart
 from mixer_jax.weights import any_checkpoint
+from mixer_jax.checkpointing import checkpoint_checks
 from mixer_jax.checkpointing import checkpoints
+from mixer_jax.weights import official_format
 from mixer_jax.weights import pretrained
 from mixer_jax.weights import registry
 from mixer_jax.weights import timm_format
@@ -65,7 +67,7 @@ def _tiny_config(**overrides):
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
   """A real two-step training run on a folder data set."""
-  from mixer_jax import train  # pylint: disable=g-import-not-at-top
+  from mixer_jax.training import trainer  # pylint: disable=g-import-not-at-top
   root = tmp_path_factory.mktemp('data')
   config = _tiny_config(
       dataset='folder', folder=str(_folder(root)), train_split='train',
@@ -73,7 +75,7 @@ def trained(tmp_path_factory):
       eval_every_steps=2, checkpoint_every_steps=1, log_every_steps=1,
       shuffle_buffer=20)
   workdir = tmp_path_factory.mktemp('run')
-  train.train_and_evaluate(config, str(workdir))
+  trainer.train_and_evaluate(config, str(workdir))
   return workdir, root
 
 
@@ -174,7 +176,7 @@ def test_saved_state_without_training(tmp_path):
   state = state.replace(params=jax.tree.unflatten(tree, leaves))
   ckpt = checkpoints.Checkpointer(
       tmp_path / 'checkpoints', keep=2, keep_best=False,
-      fingerprint=checkpoints.model_fingerprint(config, 10))
+      fingerprint=checkpoint_checks.model_fingerprint(config, 10))
   ckpt.save(7, state.replace(step=np.int32(7)))
   ckpt.close()
   any_checkpoint.save_run_info(str(tmp_path), config, 10)
@@ -208,7 +210,7 @@ def test_weight_files_of_every_kind(tmp_path, monkeypatch):
                                                   x), want, rtol=1e-4,
                                atol=1e-4)
   # The registry entry is checked against the file: a mismatch is reported.
-  with pytest.raises(pretrained.PretrainedError, match='should hold'):
+  with pytest.raises(official_format.PretrainedError, match='should hold'):
     any_checkpoint.load('gsam/Mixer-S_8')
   with pytest.raises(ValueError, match='training workdirs only'):
     any_checkpoint.load(str(npz), step=3)

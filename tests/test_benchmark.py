@@ -18,6 +18,7 @@ import pytest
 
 from mixer_jax import benchmark
 from mixer_jax import models
+from mixer_jax.training import cost
 
 TINY = dict(num_blocks=2, hidden_dim=32, tokens_mlp_dim=16,
             channels_mlp_dim=64)
@@ -59,7 +60,7 @@ def test_collective_stats_reads_hlo_lines():
       '  %c = f32[16]{0} all-gather-done(%b)',
       '  %d = f32[3]{0} add(%e, %f)',
   ])
-  assert benchmark.collective_stats(hlo) == {
+  assert cost.collective_stats(hlo) == {
       'all-reduce': {'count': 1, 'bytes': 8 * 4 * 4},
       'all-gather': {'count': 1, 'bytes': 16 * 4 + 4 * 2}}
 

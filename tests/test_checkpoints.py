@@ -31,7 +31,7 @@ from mixer_jax.checkpointing import checkpoints
 from mixer_jax import models
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CheckpointError = checkpoints.CheckpointError
+CheckpointError = checks.CheckpointError
 
 
 @functools.lru_cache(maxsize=None)

@@ -8,9 +8,10 @@ import textwrap
 import pytest
 
 from mixer_jax.training import config_loading
+from mixer_jax.training import config_validation
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ConfigError = config_loading.ConfigError
+ConfigError = config_validation.ConfigError
 QUICKSTART = os.path.join(REPO, 'configs', 'quickstart.py')
 
 

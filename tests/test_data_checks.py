@@ -8,8 +8,8 @@ import pytest
 
 from configs import common
 from mixer_jax.training import config_validation
-from mixer_jax.data import data_checks
-from mixer_jax import train
+from mixer_jax.training import data_checks
+from mixer_jax.training import trainer
 from test_train import small_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,7 +41,7 @@ def test_bad_split_or_class_count_fails_before_anything(data_dir, tmp_path,
                                                          overrides, expected):
   workdir = tmp_path / 'run'
   with pytest.raises(ConfigError, match=expected):
-    train.train_and_evaluate(small_config(data_dir, **overrides), str(workdir))
+    trainer.train_and_evaluate(small_config(data_dir, **overrides), str(workdir))
   assert not workdir.exists()  # Nothing compiled, trained or written.
 
 
@@ -59,7 +59,7 @@ def test_bad_evals_entry_fails_before_anything(data_dir, tmp_path, fields,
   workdir = tmp_path / 'run'
   config = _with_eval(small_config(data_dir), **fields)
   with pytest.raises(ConfigError, match=expected):
-    train.train_and_evaluate(config, str(workdir))
+    trainer.train_and_evaluate(config, str(workdir))
   assert not workdir.exists()
 
 

@@ -17,6 +17,7 @@ import optax
 import pytest
 
 from configs import quickstart
+from mixer_jax.checkpointing import checkpoint_checks
 from mixer_jax.checkpointing import checkpoints
 from mixer_jax import evaluate
 from mixer_jax.data import input_pipeline
@@ -74,7 +75,7 @@ def workdir(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('run')
   ckpt = checkpoints.Checkpointer(
       workdir / 'checkpoints', keep=3, keep_best=False,
-      fingerprint=checkpoints.model_fingerprint(config, 10))
+      fingerprint=checkpoint_checks.model_fingerprint(config, 10))
   ckpt.save(100, state.replace(step=np.int32(100)))
   ckpt.save(200, state.replace(step=np.int32(200)))
   ckpt.close()
@@ -126,12 +127,12 @@ def test_npz_with_other_head_is_rejected(tmp_path):
 def test_checkpoint_of_another_config_is_a_clear_error(workdir):
   config = small_config()
   config.model.hidden_dim = 48
-  with pytest.raises(checkpoints.CheckpointError,
+  with pytest.raises(checkpoint_checks.CheckpointError,
                      match=r'checkpoints/200 .*hidden_dim: checkpoint 32, '
                      'this run 48'):
     evaluate.evaluate(config, str(workdir))
   config = small_config()
-  with pytest.raises(checkpoints.CheckpointError, match=r'Step 7 is not in'):
+  with pytest.raises(checkpoint_checks.CheckpointError, match=r'Step 7 is not in'):
     evaluate.evaluate(config, str(workdir), step=7)
 
 

@@ -24,7 +24,7 @@ from mixer_jax import fewshot
 from mixer_jax.data import input_pipeline
 from mixer_jax.training import reporting
 from mixer_jax.training import sharding
-from mixer_jax import train
+from mixer_jax.training import trainer
 from mixer_jax.training import train_steps
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -132,7 +132,7 @@ def digits_run(tmp_path_factory):
   config.evals.fewshot = common.eval_entry(
       'fewshot', fewshot_datasets={'digits': ('digits', 'train', 'test')},
       shots=(1, 5), num_seeds=2, every_steps=30)
-  summary = train.train_and_evaluate(config, workdir)
+  summary = trainer.train_and_evaluate(config, workdir)
   return config, workdir, summary
 
 

@@ -25,6 +25,7 @@ from safetensors import numpy as st_numpy
 from scipy import special
 
 from mixer_jax.weights import hub
+from mixer_jax.weights import official_format
 from mixer_jax.weights import pretrained
 from mixer_jax.weights import registry
 from mixer_jax.weights import timm_format
@@ -257,19 +258,19 @@ def test_not_cached_offline(hub_cache):
 def test_files_that_do_not_belong_together(tmp_path, hub_cache):
   cfg = timm_config('goog_in21k', [0.5] * 3, [0.5] * 3, classes=1000)
   write_cached_repo(hub_cache, GOOG, repo_files(tmp_path, timm_state(0), cfg))
-  with pytest.raises(pretrained.PretrainedError,
+  with pytest.raises(official_format.PretrainedError,
                      match='num_classes=1000 but the head has 7'):
     pretrained.load_pretrained(f'hf-hub:{GOOG}')
   state = dict(timm_state(0), **{'stem.norm.weight': np.ones(3, np.float32)})
   write_cached_repo(hub_cache, 'x/y', repo_files(tmp_path, state, timm_config(
       'goog', [0.5] * 3, [0.5] * 3)))
-  with pytest.raises(pretrained.PretrainedError, match='stem.norm.weight'):
+  with pytest.raises(official_format.PretrainedError, match='stem.norm.weight'):
     pretrained.load_pretrained('hf-hub:x/y')
   state = timm_state(0)
   state['blocks.1.norm2.bias'][3] = np.nan
   write_cached_repo(hub_cache, 'x/nan', repo_files(tmp_path, state, timm_config(
       'goog', [0.5] * 3, [0.5] * 3)))
-  with pytest.raises(pretrained.PretrainedError,
+  with pytest.raises(official_format.PretrainedError,
                      match='NaN or infinite .*MixerBlock_1/LayerNorm_1/bias'):
     pretrained.load_pretrained('hf-hub:x/nan')
 

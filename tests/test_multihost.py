@@ -23,7 +23,8 @@ from configs import quickstart
 from mixer_jax.data import input_pipeline
 from mixer_jax.training import optim
 from mixer_jax.training import sharding
-from mixer_jax import train
+from mixer_jax.training import train_steps
+from mixer_jax.training import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 4
@@ -34,9 +35,9 @@ WORKER = textwrap.dedent('''
     from mixer_jax.training import sharding
     process_id, port, config_json, workdir = sys.argv[1:5]
     sharding.initialize_distributed(f'127.0.0.1:{port}', 2, int(process_id))
-    from mixer_jax import train
+    from mixer_jax.training import trainer
     config = ml_collections.ConfigDict(json.loads(config_json))
-    summary = train.train_and_evaluate(config, workdir)
+    summary = trainer.train_and_evaluate(config, workdir)
     with open(os.path.join(workdir, f'summary_{process_id}.json'), 'w') as f:
       json.dump(summary, f)
 ''')
@@ -65,10 +66,10 @@ def make_config(data_dir):
 def reference_run(config):
   """Single process, 8 devices, the 2-process run's global batches."""
   mesh = sharding.create_mesh()
-  model = train.create_model(config, 10)
+  model = train_steps.create_model(config, 10)
   tx = optim.create_optimizer(config, NUM_STEPS)
-  init_fn, p_train, p_eval, _ = train.make_step_functions(
-      config, model, tx, mesh, NUM_STEPS)
+  steps = trainer.make_step_functions(config, model, tx, mesh, NUM_STEPS)
+  init_fn, p_train, p_eval = steps.init_fn, steps.train_step, steps.eval_step
   state = init_fn(jax.random.PRNGKey(config.seed))
   streams = [input_pipeline.train_dataset(
       config, process_index=i, process_count=2).as_numpy_iterator()
@@ -119,7 +120,7 @@ def test_two_processes_agree_with_one(tmp_path):
       'last_eval_accuracy']
 
   ref_params, ref_accuracy = reference_run(config)
-  state, extra = train.load_train_state(ml_collections.ConfigDict(
+  state, extra = trainer.load_train_state(ml_collections.ConfigDict(
       config.to_dict()), str(workdir))
   assert extra['step'] == NUM_STEPS
   for (path, x), y in zip(

@@ -5,6 +5,7 @@ import pytest
 import tensorflow as tf
 
 from mixer_jax.data import preprocess
+from mixer_jax.data import randaugment
 
 
 def _in_tf_data(fn, *args):
@@ -171,7 +172,7 @@ def test_train_image_with_randaugment_is_seeded_per_example():
   # RandAugment itself is tested in test_randaugment.py; here its place in
   # train_image: after the resize, on uint8, before normalisation.
   image = tf.constant(_noise((30, 30, 3)))
-  augment = preprocess.RandAugment(2, 15)
+  augment = randaugment.RandAugment(2, 15)
   fn = lambda im, s: preprocess.train_image(
       im, s, image_size=24, crop='resize', flip=False, randaugment=augment)
   first = fn(image, _seed(5)).numpy()

@@ -15,6 +15,7 @@ import optax
 import pytest
 
 from mixer_jax import models
+from mixer_jax.weights import official_format
 from mixer_jax.weights import pretrained
 
 
@@ -66,7 +67,7 @@ def test_features_without_head(tmp_path):
 def test_infer_architecture_names_paper_variants(variant):
   model = models.create_model(variant, 1000)
   shapes = traverse_util.flatten_dict(models.param_shapes(model, 224), sep='/')
-  info = pretrained.infer_architecture(shapes)
+  info = official_format.infer_architecture(shapes)
   assert info.variant == variant
   assert info.image_size == 224 and info.num_classes == 1000
   assert info.describe().startswith(f'Mixer-{variant} at 224x224 with 1000')
@@ -77,7 +78,7 @@ def test_missing_extra_and_wrong_leaves_all_listed(tmp_path):
   del flat['MixerBlock_1/LayerNorm_0/scale']
   flat['MixerBlock_0/unknown/kernel'] = np.ones((3, 3), np.float32)
   flat['MixerBlock_1/channel_mixing/Dense_1/bias'] = np.ones(7, np.float32)
-  with pytest.raises(pretrained.PretrainedError) as e:
+  with pytest.raises(official_format.PretrainedError) as e:
     pretrained.load_pretrained(_write(tmp_path, flat))
   message = str(e.value)
   assert '3 mismatched leaves' in message
@@ -91,7 +92,7 @@ def test_missing_extra_and_wrong_leaves_all_listed(tmp_path):
 def test_other_variant_lists_leaves_and_names_the_file(tmp_path):
   path = _write(tmp_path, ref.official_checkpoint(3, hidden=48))
   target = models.init_params(_tiny_model(), jax.random.PRNGKey(0), 16)
-  with pytest.raises(pretrained.PretrainedError) as e:
+  with pytest.raises(official_format.PretrainedError) as e:
     pretrained.init_from_checkpoint(path, target)
   message = str(e.value)
   assert 'wrong shape: stem/kernel: file (4, 4, 3, 48), model (4, 4, 3, 32)' in (
@@ -103,7 +104,7 @@ def test_other_variant_lists_leaves_and_names_the_file(tmp_path):
 def test_fewer_blocks_in_model_reports_extra_leaves(tmp_path):
   path = _write(tmp_path, ref.official_checkpoint(4, blocks=3))
   target = models.init_params(_tiny_model(), jax.random.PRNGKey(0), 16)
-  with pytest.raises(pretrained.PretrainedError, match='extra in the file: '
+  with pytest.raises(official_format.PretrainedError, match='extra in the file: '
                      'MixerBlock_2/'):
     pretrained.init_from_checkpoint(path, target)
 
@@ -113,7 +114,7 @@ def test_truncated_file(tmp_path):
   data = open(path, 'rb').read()
   with open(path, 'wb') as f:
     f.write(data[:len(data) * 2 // 3])
-  with pytest.raises(pretrained.PretrainedError, match='truncated or corrupt'):
+  with pytest.raises(official_format.PretrainedError, match='truncated or corrupt'):
     pretrained.load_pretrained(path)
 
 
@@ -121,21 +122,21 @@ def test_pickled_object_array_refused(tmp_path):
   flat = ref.official_checkpoint(6)
   flat['head/bias'] = np.array([{'evil': 1}], dtype=object)
   path = _write(tmp_path, flat)
-  with pytest.raises(pretrained.PretrainedError,
+  with pytest.raises(official_format.PretrainedError,
                      match="'head/bias' is a pickled object array"):
-    pretrained.load_npz(path)
+    official_format.load_npz(path)
 
 
 def test_pickle_and_non_float_files_refused(tmp_path):
   path = tmp_path / 'p.npz'
   path.write_bytes(pickle.dumps(ref.official_checkpoint(7)))
-  with pytest.raises(pretrained.PretrainedError, match='not an .npz archive'):
-    pretrained.load_npz(str(path))
+  with pytest.raises(official_format.PretrainedError, match='not an .npz archive'):
+    official_format.load_npz(str(path))
   ints = _write(tmp_path, {'stem/kernel': np.ones((2, 2), np.int32)}, 'i.npz')
-  with pytest.raises(pretrained.PretrainedError, match='dtype int32'):
-    pretrained.load_npz(ints)
+  with pytest.raises(official_format.PretrainedError, match='dtype int32'):
+    official_format.load_npz(ints)
   with pytest.raises(FileNotFoundError, match='No checkpoint file'):
-    pretrained.load_npz(str(tmp_path / 'absent.npz'))
+    official_format.load_npz(str(tmp_path / 'absent.npz'))
 
 
 def test_export_round_trip_is_exact(tmp_path):
@@ -143,7 +144,7 @@ def test_export_round_trip_is_exact(tmp_path):
   _, params = pretrained.load_pretrained(_write(tmp_path, flat))
   out = str(tmp_path / 'sub' / 'exported.npz')
   pretrained.export_official(params, out)
-  reread = pretrained.load_npz(out)
+  reread = official_format.load_npz(out)
   assert set(reread) == set(flat)
   for key in flat:
     assert reread[key].dtype == np.float32
@@ -158,12 +159,12 @@ def test_export_of_trained_bfloat16_tree_and_bad_tree(tmp_path):
   half = jax.tree.map(lambda v: v.astype(jnp.bfloat16), params)
   out = str(tmp_path / 'half.npz')
   pretrained.export_official({'params': half}, out)
-  reread = traverse_util.unflatten_dict(pretrained.load_npz(out), sep='/')
+  reread = traverse_util.unflatten_dict(official_format.load_npz(out), sep='/')
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(
       a, np.asarray(b, np.float32)), reread, half)
   broken = traverse_util.flatten_dict(params, sep='/')
   del broken['MixerBlock_0/LayerNorm_1/bias']
-  with pytest.raises(pretrained.PretrainedError, match='missing'):
+  with pytest.raises(official_format.PretrainedError, match='missing'):
     pretrained.export_official(
         traverse_util.unflatten_dict(broken, sep='/'), out)
 
@@ -268,7 +269,7 @@ def test_resolution_change_of_a_model_trained_here():
 @pytest.mark.parametrize('image_size', [24, 8])
 def test_non_integer_ratio_explained(tmp_path, image_size):
   path = _write(tmp_path, ref.official_checkpoint(12))
-  with pytest.raises(pretrained.PretrainedError) as e:
+  with pytest.raises(official_format.PretrainedError) as e:
     pretrained.load_pretrained(path, image_size=image_size)
   assert 'not an integer' in str(e.value)
   assert 'Appendix C' in str(e.value) and '224 -> 384' in str(e.value)
@@ -277,7 +278,7 @@ def test_non_integer_ratio_explained(tmp_path, image_size):
 def test_unexpanded_hidden_width_gets_a_hint(tmp_path):
   path = _write(tmp_path, ref.official_checkpoint(13))
   target = models.init_params(_tiny_model(10), jax.random.PRNGKey(0), 32)
-  with pytest.raises(pretrained.PretrainedError,
+  with pytest.raises(official_format.PretrainedError,
                      match='K\\^2 \\* D_S = 64'):
     pretrained.init_from_checkpoint(path, target)
 

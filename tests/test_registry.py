@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from mixer_jax import models
+from mixer_jax.weights import official_format
 from mixer_jax.weights import pretrained
 from mixer_jax.weights import registry
 
@@ -104,7 +105,7 @@ def test_load_by_name_checks_the_cached_file_is_that_checkpoint():
   entry = registry.get('gsam/Mixer-S_32')
   os.makedirs(os.path.dirname(registry.local_path(entry)))
   np.savez(registry.local_path(entry), **ref.official_checkpoint(3))
-  with pytest.raises(pretrained.PretrainedError) as e:
+  with pytest.raises(official_format.PretrainedError) as e:
     pretrained.load_pretrained('gsam/Mixer-S_32')
   assert 'should hold gsam/Mixer-S_32 (Mixer-S_32, 1000 classes)' in str(
       e.value)

@@ -23,13 +23,14 @@ import numpy as np
 import pytest
 
 from mixer_jax.checkpointing import checkpoints
+from mixer_jax.checkpointing import checkpoint_checks
 from mixer_jax import models
 from test_checkpoints import save_steps
 from test_checkpoints import snapshot
 from test_checkpoints import tiny_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CheckpointError = checkpoints.CheckpointError
+CheckpointError = checkpoint_checks.CheckpointError
 
 
 KILL_CHILD = textwrap.dedent('''
@@ -118,6 +119,7 @@ def test_full_disk_before_save_keeps_previous(tmp_path):
 FULL_CHILD = textwrap.dedent('''
     import resource, signal, sys
     import numpy as np
+    from mixer_jax.checkpointing import checkpoint_checks
     from mixer_jax.checkpointing import checkpoints
     from mixer_jax.training import reporting
     reporting.quiet_library_logs()  # As the programs do.
@@ -130,7 +132,7 @@ FULL_CHILD = textwrap.dedent('''
     try:
       ckpt.save(2, {'w': np.random.rand(1_000_000).astype(np.float32)})
       ckpt.wait_until_finished()
-    except checkpoints.CheckpointError as e:
+    except checkpoint_checks.CheckpointError as e:
       print('ERROR', e)
     print('STEPS', ckpt.all_steps())
 ''')
@@ -222,10 +224,10 @@ TRAIN_FLAGS = ['--config=configs/quickstart.py', '--config.num_train_steps=60',
 def final_params(workdir):
   """Parameters of the last step saved in a quick-start workdir."""
   from configs import quickstart  # pylint: disable=g-import-not-at-top
-  from mixer_jax import train  # pylint: disable=g-import-not-at-top
+  from mixer_jax.training import train_steps  # pylint: disable=g-import-not-at-top
   config = quickstart.get_config()
   config.model.num_blocks, config.model.hidden_dim = 1, 16
-  shapes = models.param_shapes(train.create_model(config, 10), 8)
+  shapes = models.param_shapes(train_steps.create_model(config, 10), 8)
   ckpt = checkpoints.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                   keep=1, keep_best=False, read_only=True)
   params, extra = ckpt.restore_params(shapes)
@@ -309,13 +311,14 @@ ZERO_CHILD = textwrap.dedent('''
     sys.path.insert(0, os.path.join(sys.argv[2], 'tests'))
     from test_checkpoints import save_steps, tiny_state
     from mixer_jax.checkpointing import checkpoints
+    from mixer_jax.checkpointing import checkpoint_checks
     save_steps(sys.argv[1], [1, 2]).close()
     for path in glob.glob(os.path.join(sys.argv[1], '2/state/ocdbt.*/d/*')):
       open(path, 'w').close()  # Zero-length array files.
     ckpt = checkpoints.Checkpointer(sys.argv[1], keep=3, keep_best=False)
     try:
       ckpt.restore(tiny_state())
-    except checkpoints.CheckpointError as e:
+    except checkpoint_checks.CheckpointError as e:
       print('ERROR', e, flush=True)
 ''')
 
@@ -356,14 +359,14 @@ def test_predict_user_errors_have_no_traceback(tmp_path):
 def test_training_refuses_a_workdir_held_by_a_live_job(tmp_path):
   from test_train import small_config  # pylint: disable=g-import-not-at-top
   from test_workdir_lock import start_holder  # pylint: disable=g-import-not-at-top
-  from mixer_jax import train  # pylint: disable=g-import-not-at-top
+  from mixer_jax.training import trainer  # pylint: disable=g-import-not-at-top
   from mixer_jax.training import workdir_lock  # pylint: disable=g-import-not-at-top
   workdir = tmp_path / 'run'
   holder = start_holder(workdir)
   try:
     with pytest.raises(workdir_lock.WorkdirLockedError,
                        match=f'in use by process {holder.pid} on host'):
-      train.train_and_evaluate(small_config(str(tmp_path / 'tfds')),
+      trainer.train_and_evaluate(small_config(str(tmp_path / 'tfds')),
                                str(workdir))
   finally:
     holder.kill()
@@ -403,13 +406,13 @@ def _tiny_config(tmp_path, **overrides):
 
 def test_sigterm_during_setup_of_a_fresh_run_stops_at_step_0(tmp_path,
                                                              monkeypatch):
-  from mixer_jax import train  # pylint: disable=g-import-not-at-top
+  from mixer_jax.training import trainer  # pylint: disable=g-import-not-at-top
   guard = _Guard()  # Without the fix the signal lands here and it trains.
   before = signal.signal(signal.SIGTERM, guard)
   try:
     workdir = str(tmp_path / 'run')
     _sigterm_inside(monkeypatch, train, 'make_step_functions')
-    summary = train.train_and_evaluate(_tiny_config(tmp_path), workdir)
+    summary = trainer.train_and_evaluate(_tiny_config(tmp_path), workdir)
     assert summary['preempted'] and summary['steps'] == 0
     assert summary['last_checkpoint_step'] is None
     assert not glob.glob(os.path.join(workdir, 'checkpoints', '[0-9]*'))
@@ -420,17 +423,17 @@ def test_sigterm_during_setup_of_a_fresh_run_stops_at_step_0(tmp_path,
 
 
 def test_sigterm_during_restore_stops_where_it_was(tmp_path, monkeypatch):
-  from mixer_jax import train  # pylint: disable=g-import-not-at-top
+  from mixer_jax.training import trainer  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path / 'run')
   config = _tiny_config(tmp_path)
-  assert train.train_and_evaluate(config, workdir)['steps'] == 4
+  assert trainer.train_and_evaluate(config, workdir)['steps'] == 4
   saved = snapshot(os.path.join(workdir, 'checkpoints', '4'))
   guard = _Guard()
   before = signal.signal(signal.SIGTERM, guard)
   try:
     config.num_train_steps = 8
     _sigterm_inside(monkeypatch, checkpoints.Checkpointer, 'restore')
-    summary = train.train_and_evaluate(config, workdir)
+    summary = trainer.train_and_evaluate(config, workdir)
     assert summary['preempted'] and summary['start_step'] == 4
     assert summary['steps'] == 4 and summary['last_checkpoint_step'] == 4
     assert guard.calls == 0
@@ -474,15 +477,15 @@ def test_resumed_run_leaves_one_record_per_step(tmp_path):
   # State after a kill -9: metrics of steps 4-6 written, their checkpoint
   # not, and the last line cut in the middle.
   from mixer_jax.training import reporting  # pylint: disable=g-import-not-at-top
-  from mixer_jax import train  # pylint: disable=g-import-not-at-top
+  from mixer_jax.training import trainer  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path / 'run')
   config = _tiny_config(tmp_path, num_train_steps=6, log_every_steps=1,
                         checkpoint_every_steps=3)
-  train.train_and_evaluate(config, workdir)
+  trainer.train_and_evaluate(config, workdir)
   shutil.rmtree(os.path.join(workdir, 'checkpoints', '6'))
   with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as f:
     f.write('{"step": 7, "train_loss": 0.')
-  summary = train.train_and_evaluate(config, workdir)
+  summary = trainer.train_and_evaluate(config, workdir)
   assert summary['start_step'] == 3 and summary['steps'] == 6
   records = reporting.read_metrics(workdir)
   assert [r['step'] for r in records if 'train_loss' in r] == [1, 2, 3, 4, 5,

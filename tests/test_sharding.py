@@ -1,7 +1,7 @@
 """Tests of mixer_jax.training.sharding on 8 fake CPU devices.
 
 The work-split tests compile the real jitted train and eval steps that
-`train.make_step_functions` builds and read the compiled executables: the
+`trainer.make_step_functions` builds and read the compiled executables: the
 FLOPs one device runs (against the same step compiled for one device) and
 the collectives in the optimized HLO.
 """
@@ -17,7 +17,8 @@ from configs import quickstart
 from mixer_jax.checkpointing import checkpoints
 from mixer_jax.training import optim
 from mixer_jax.training import sharding
-from mixer_jax import train
+from mixer_jax.training import train_steps
+from mixer_jax.training import trainer
 
 N = 8
 IMAGE = 8
@@ -40,10 +41,11 @@ def tiny_config(**overrides):
 
 def build(config, devices=None):
   mesh = sharding.create_mesh(devices)
-  model = train.create_model(config, 10)
+  model = train_steps.create_model(config, 10)
   tx = optim.create_optimizer(config, 100)
-  return (mesh,) + tuple(train.make_step_functions(config, model, tx, mesh,
-                                                   100))
+  steps = trainer.make_step_functions(config, model, tx, mesh, 100)
+  return (mesh, steps.init_fn, steps.train_step, steps.eval_step,
+          steps.abstract_state)
 
 
 def abstract_batch(mesh, batch_size, eval_mask=False):

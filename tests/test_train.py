@@ -17,12 +17,15 @@ import numpy as np
 import pytest
 
 from configs import quickstart
+from mixer_jax.checkpointing import checkpoint_checks
 from mixer_jax.checkpointing import checkpoints
 from mixer_jax.training import config_validation
 from mixer_jax import models
 from mixer_jax.weights import pretrained
 from mixer_jax.training import reporting
-from mixer_jax import train
+from mixer_jax.training import errors
+from mixer_jax.training import train_steps
+from mixer_jax.training import trainer
 
 
 @pytest.fixture(scope='module')
@@ -44,7 +47,7 @@ def small_config(data_dir, **overrides):
 
 
 def params_of(config, workdir, step=None):
-  state, extra = train.load_train_state(config, str(workdir), step)
+  state, extra = trainer.load_train_state(config, str(workdir), step)
   return jax.device_get(state.params), extra
 
 
@@ -60,7 +63,7 @@ def test_shortened_quickstart_learns(data_dir, tmp_path):
   config.num_train_steps, config.warmup_steps = 100, 10
   config.log_every_steps, config.eval_every_steps = 25, 50
   config.checkpoint_every_steps = 50
-  summary = train.train_and_evaluate(config, str(tmp_path))
+  summary = trainer.train_and_evaluate(config, str(tmp_path))
   assert summary['steps'] == 100 and not summary['preempted']
   assert summary['last_eval_accuracy'] > 0.8  # Chance is 0.1.
   assert summary['best_eval_accuracy'] >= summary['last_eval_accuracy']
@@ -88,7 +91,7 @@ def reference(data_dir, tmp_path_factory):
   config = small_config(data_dir, num_train_steps=12,
                         checkpoint_every_steps=4)
   workdir = tmp_path_factory.mktemp('reference')
-  summary = train.train_and_evaluate(config, str(workdir))
+  summary = trainer.train_and_evaluate(config, str(workdir))
   assert summary['steps'] == 12 and summary['last_checkpoint_step'] == 12
   params, _ = params_of(config, workdir)
   return config, workdir, summary, params
@@ -109,7 +112,7 @@ def test_preemption_then_restart_equals_uninterrupted(reference, tmp_path):
 
   killer = threading.Thread(target=send_sigterm_after_first_log, daemon=True)
   killer.start()
-  first = train.train_and_evaluate(config, str(workdir))
+  first = trainer.train_and_evaluate(config, str(workdir))
   killer.join()
   assert first['preempted'], first
   stopped = first['steps']
@@ -117,7 +120,7 @@ def test_preemption_then_restart_equals_uninterrupted(reference, tmp_path):
   # The handler is released after the run.
   assert signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None)
 
-  second = train.train_and_evaluate(config, str(workdir))
+  second = trainer.train_and_evaluate(config, str(workdir))
   assert second['start_step'] == stopped and second['steps'] == 12
   assert not second['preempted']
   assert second['train_step_compilations'] == 1
@@ -135,7 +138,7 @@ def test_restart_from_an_earlier_step_equals_uninterrupted(reference,
   # Fall back to step 4 (as if 8 and 12 were damaged) and train again.
   config = copy.deepcopy(config)
   config.resume_step = 4
-  summary = train.train_and_evaluate(config, str(workdir))
+  summary = trainer.train_and_evaluate(config, str(workdir))
   assert summary['start_step'] == 4 and summary['steps'] == 12
   again, _ = params_of(config, workdir, step=12)
   assert_params_equal(ref_params, again)
@@ -143,7 +146,7 @@ def test_restart_from_an_earlier_step_equals_uninterrupted(reference,
   assert sorted(os.listdir(aside)) == ['12', '8']  # Moved, not deleted.
   # The same command again (e.g. after a preemption) keeps the progress
   # made since step 4: resume_step applies once.
-  again = train.train_and_evaluate(config, str(workdir))
+  again = trainer.train_and_evaluate(config, str(workdir))
   assert again['start_step'] == 12 and again['steps'] == 12
   assert sorted(os.listdir(aside)) == ['12', '8']
   assert '12' in os.listdir(workdir / 'checkpoints')
@@ -155,8 +158,8 @@ def test_checkpoint_of_another_model_is_refused(reference, tmp_path):
   shutil.copytree(ref_workdir, workdir)
   config = copy.deepcopy(config)
   config.model.hidden_dim = 48
-  with pytest.raises(checkpoints.CheckpointError, match='hidden_dim'):
-    train.train_and_evaluate(config, str(workdir))
+  with pytest.raises(checkpoint_checks.CheckpointError, match='hidden_dim'):
+    trainer.train_and_evaluate(config, str(workdir))
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['12', '4', '8']
 
 
@@ -165,8 +168,8 @@ def test_nan_loss_stops_naming_the_step(data_dir, tmp_path):
                         warmup_steps=0, grad_clip_norm=0.0, weight_decay=0.0,
                         end_learning_rate=1e9, checkpoint_every_steps=1,
                         log_every_steps=1)
-  with pytest.raises(train.NonFiniteLossError) as info:
-    train.train_and_evaluate(config, str(tmp_path))
+  with pytest.raises(errors.NonFiniteLossError) as info:
+    trainer.train_and_evaluate(config, str(tmp_path))
   message = str(info.value)
   bad_step = int(re.search(r'at step (\d+)', message).group(1))
   assert 'was not saved' in message
@@ -182,19 +185,19 @@ def test_nan_loss_stops_naming_the_step(data_dir, tmp_path):
 def test_bad_config_fails_before_anything_is_written(data_dir, tmp_path):
   config = small_config(data_dir, batch_size=60)  # 60 % 8 devices != 0.
   with pytest.raises(config_validation.ConfigError, match='batch_size=60'):
-    train.train_and_evaluate(config, str(tmp_path / 'run'))
+    trainer.train_and_evaluate(config, str(tmp_path / 'run'))
   assert not (tmp_path / 'run').exists()
 
 
 def test_init_from_an_official_npz_replaces_the_head(data_dir, tmp_path):
   config = small_config(data_dir, num_train_steps=2, warmup_steps=1,
                         checkpoint_every_steps=1)
-  source_model = train.create_model(config, 5)  # Another class count.
+  source_model = train_steps.create_model(config, 5)  # Another class count.
   source = models.init_params(source_model, jax.random.PRNGKey(7), 8)
   npz = str(tmp_path / 'source.npz')
   pretrained.export_official(source, npz)
   config.init_from = npz
-  train.train_and_evaluate(config, str(tmp_path / 'run'))
+  trainer.train_and_evaluate(config, str(tmp_path / 'run'))
   # The first update uses learning rate 0 (warmup), so step 1 holds the
   # initial parameters: the checkpoint's, with a fresh 10-class zero head.
   params, _ = params_of(config, tmp_path / 'run', step=1)
@@ -211,8 +214,8 @@ def test_unwritable_workdir_fails_before_training(data_dir, tmp_path):
   blocker = tmp_path / 'not_a_directory'
   blocker.write_text('a file where the workdir should be')
   config = small_config(data_dir)
-  with pytest.raises(checkpoints.CheckpointError, match='not writable'):
-    train.train_and_evaluate(config, str(blocker / 'run'))
+  with pytest.raises(checkpoint_checks.CheckpointError, match='not writable'):
+    trainer.train_and_evaluate(config, str(blocker / 'run'))
 
 
 @pytest.mark.slow
@@ -258,11 +261,11 @@ def test_init_from_that_does_not_fit_fails_before_anything_is_written(
   _export_small(config, config.init_from, hidden_dim=48)
   with pytest.raises(config_validation.ConfigError,
                      match=r'hidden_dim: checkpoint 48, config 32'):
-    train.train_and_evaluate(config, str(tmp_path / 'run'))
+    trainer.train_and_evaluate(config, str(tmp_path / 'run'))
   assert not (tmp_path / 'run').exists()
   config.init_from = str(tmp_path / 'missing.npz')
   with pytest.raises(FileNotFoundError, match='missing.npz'):
-    train.train_and_evaluate(config, str(tmp_path / 'run'))
+    trainer.train_and_evaluate(config, str(tmp_path / 'run'))
   assert not (tmp_path / 'run').exists()
 
 
@@ -273,7 +276,7 @@ def test_init_from_at_twice_the_resolution_derives_tokens_mlp_dim(
   config.model.tokens_mlp_dim = None
   config.init_from = str(tmp_path / 'source.npz')
   source = _export_small(config, config.init_from, image_size=8)
-  train.train_and_evaluate(config, str(tmp_path / 'run'))
+  trainer.train_and_evaluate(config, str(tmp_path / 'run'))
   # Step 1 holds the initial parameters (learning rate 0 in warmup).
   params, _ = params_of(config, tmp_path / 'run', step=1)
   expected = pretrained.expand_token_mixing(source, 2)
@@ -292,7 +295,7 @@ def test_keep_best_saves_only_improving_evals(data_dir, tmp_path):
   config = small_config(data_dir, num_train_steps=16, eval_every_steps=2,
                         checkpoint_every_steps=100, keep_checkpoints=20,
                         keep_best_checkpoint=True)
-  train.train_and_evaluate(config, str(tmp_path))
+  trainer.train_and_evaluate(config, str(tmp_path))
   evals = [(r['step'], r['eval_accuracy'])
            for r in reporting.read_metrics(str(tmp_path))
            if 'eval_accuracy' in r]

@@ -11,7 +11,7 @@ from sklearn import datasets as sk_datasets
 from configs import quickstart
 from mixer_jax.training import optim
 from mixer_jax.training import sharding
-from mixer_jax import train
+from mixer_jax.training import trainer
 from mixer_jax.training import train_steps
 
 
@@ -46,17 +46,18 @@ def batches(digits, batch_size, count):
 def run_steps(config, data, devices=None):
   """Trains on `data`; returns (state, host metrics, extras)."""
   mesh = sharding.create_mesh(devices)
-  model = train.create_model(config, 10)
+  model = train_steps.create_model(config, 10)
   tx = optim.create_optimizer(config, config.num_train_steps)
-  init_fn, p_train, p_eval, _ = train.make_step_functions(
-      config, model, tx, mesh, config.num_train_steps)
+  steps = trainer.make_step_functions(config, model, tx, mesh,
+                                      config.num_train_steps)
+  init_fn, p_train, p_eval = steps.init_fn, steps.train_step, steps.eval_step
   state = init_fn(jax.random.PRNGKey(config.seed))
   first_params = state.params
   metrics = []
   for batch in data:
     state, m = p_train(state, sharding.shard_batch(batch, mesh))
     metrics.append(jax.device_get(m))
-  extras = dict(p_train=p_train, p_eval=p_eval, mesh=mesh,
+  extras = dict(p_train=p_train, train_traces=steps.train_traces, p_eval=p_eval, mesh=mesh,
                 first_params=first_params)
   return state, metrics, extras
 
@@ -81,7 +82,7 @@ def test_first_loss_is_log_num_classes(base_run):
   assert metrics[1]['learning_rate'] == pytest.approx(0.1)
   assert metrics[2]['loss'] < metrics[0]['loss']
   zeros = jnp.zeros((2, 10))
-  sigmoid = train.train_steps.per_example_loss(zeros, jnp.eye(10)[:2],
+  sigmoid = train_steps.per_example_loss(zeros, jnp.eye(10)[:2],
                                                 'sigmoid')
   np.testing.assert_allclose(sigmoid, [10 * math.log(2)] * 2, rtol=1e-6)
 
@@ -111,7 +112,7 @@ def test_gradient_accumulation_equals_full_batch(digits, base_run):
 
 def test_compiles_once_and_donates_state(base_run):
   state, _, extras = base_run
-  assert extras['p_train']._cache_size() == 1  # pylint: disable=protected-access
+  assert extras['train_traces'].count == 1  # Traced (compiled) once.
   assert jax.tree.leaves(extras['first_params'])[0].is_deleted()  # Donated.
   assert state.step.dtype == jnp.int32 and int(state.step) == 3
 
@@ -142,7 +143,7 @@ def test_label_smoothing_loss():
   log_p = np.asarray(jax.nn.log_softmax(logits))[0]
   smoothed = np.array([0.9 + 0.1 / 3, 0.1 / 3, 0.1 / 3])
   expected = -np.sum(smoothed * log_p)
-  loss = train.train_steps.per_example_loss(logits, labels, 'softmax', 0.1)
+  loss = train_steps.per_example_loss(logits, labels, 'softmax', 0.1)
   assert float(loss[0]) == pytest.approx(expected, rel=1e-6)
 
 
@@ -163,8 +164,8 @@ def test_bfloat16_compute_keeps_float32_params(digits, base_run):
 
 def test_num_train_steps_from_epochs():
   config = tiny_config(num_train_steps=-1, num_epochs=2.5, batch_size=64)
-  assert train.num_train_steps_for(config, 1438) == 57  # ceil(56.17).
-  assert train.num_train_steps_for(tiny_config(), 1438) == 10
+  assert trainer.num_train_steps_for(config, 1438) == 57  # ceil(56.17).
+  assert trainer.num_train_steps_for(tiny_config(), 1438) == 10
 
 
 def test_mixup_one_weight_per_global_batch_pairs_neighbours():

@@ -9,6 +9,8 @@ before they are written and after they are read.
 """
 
 import dataclasses
+import json
+import shutil
 import sys
 import traceback
 from typing import Mapping
@@ -63,7 +65,11 @@ def _dtype(leaf):
 
 
 def flat(tree) -> dict:
-  """{'params/stem/kernel': leaf} for any pytree (dataclass, dict, tuple)."""
+  """{'params/stem/kernel': leaf} for any pytree (dataclass, dict, tuple).
+
+  Not `flax.traverse_util.flatten_dict`: that takes nested dicts only, and
+  a TrainState (with optax's tuple states inside) is a general pytree.
+  """
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
   return {'/'.join(_key_name(k) for k in path): leaf for path, leaf in leaves}
 
@@ -161,6 +167,47 @@ def jsonable(value):
   if hasattr(value, 'tolist'):
     return np.asarray(value).tolist()
   return value
+
+
+# Fraction of headroom required on the disk above the state's size.
+_SPACE_MARGIN = 1.1
+
+
+def save_payload(state, step, extra, fingerprint, directory, latest_step):
+  """The `extra` JSON saved with `step`; CheckpointError if not savable.
+
+  Refuses a state with non-finite values (`latest_step()` names the last
+  good step) and an `extra` that is not plain JSON.
+  """
+  digests = state_digests(state)
+  bad = [path for path, (_, finite) in digests.items() if not finite]
+  if bad:
+    raise CheckpointError(
+        f'Refusing to save step {step} to {directory}: non-finite '
+        f'values in {", ".join(bad[:5])}. The last good checkpoint is step '
+        f'{latest_step()}.')
+  payload = dict(jsonable(extra or {}))
+  payload.update(step=int(step), fingerprint=fingerprint,
+                 leaf_checksums={k: v[0] for k, v in digests.items()})
+  try:
+    json.dumps(payload, allow_nan=False)
+  except (TypeError, ValueError) as e:
+    raise CheckpointError(
+        f'extra for step {step} is not plain JSON: {e}.')
+  return payload
+
+
+def check_space(state, step, directory, all_steps):
+  """Fails early when `state` would not fit on the local disk."""
+  need = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+             for x in jax.tree.leaves(state) if hasattr(x, 'shape'))
+  free = shutil.disk_usage(directory).free
+  if free < need * _SPACE_MARGIN:
+    raise CheckpointError(
+        f'Not enough disk space to save step {step} in {directory}: '
+        f'needs about {need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free. '
+        f'Kept steps {all_steps()} are untouched; free space or lower '
+        '--config.keep_checkpoints, then restart to resume.')
 
 
 # Orbax's per-shard read coroutine; when one read fails, the others are

@@ -27,13 +27,8 @@ What it guarantees (each point has a test in tests/test_checkpoints.py):
 - Checkpoints are arrays and JSON only: nothing is ever unpickled.
 """
 
-import contextlib
-import json
 import math
 import os
-import shutil
-import signal
-import threading
 import uuid
 from typing import Any, Mapping, Optional
 
@@ -45,88 +40,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from mixer_jax.checkpointing import checkpoint_checks as checks
-
-CheckpointError = checks.CheckpointError
-model_fingerprint = checks.model_fingerprint
+from mixer_jax.checkpointing import preemption
 
 STATE_ITEM = 'state'
 EXTRA_ITEM = 'extra'
 BEST_METRIC = 'eval_accuracy'
-# Fraction of headroom required on the disk above the state's size.
-_SPACE_MARGIN = 1.1
-_PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def _best_metric(metrics) -> float:
   return float(metrics[BEST_METRIC])
-
-
-class PreemptionSignals:
-  """Records SIGTERM/SIGINT as a request to save and stop (one process).
-
-  `install()` replaces the handlers (main thread only); the first signal is
-  recorded in `received` ('SIGTERM'), a second one restores the previous
-  handlers and is re-raised, so it stops the process at once.
-  """
-
-  def __init__(self):
-    self.received = None  # Name of the first signal, if any.
-    self._old = {}
-
-  @property
-  def installed(self) -> bool:
-    return bool(self._old)
-
-  def install(self) -> None:
-    if (self._old or jax.process_count() > 1 or
-        threading.current_thread() is not threading.main_thread()):
-      return  # Multi-host runs use JAX's preemption sync service.
-    for signum in _PREEMPTION_SIGNALS:
-      self._old[signum] = signal.signal(signum, self._on_signal)
-
-  def restore(self) -> None:
-    for signum, handler in self._old.items():
-      # None: the old handler was not set from Python; use the default.
-      signal.signal(signum, signal.SIG_DFL if handler is None else handler)
-    self._old = {}
-
-  def _on_signal(self, signum, frame):
-    del frame
-    if self.received is not None:  # Asked twice: stop now, default behaviour.
-      self.restore()
-      signal.raise_signal(signum)
-      return
-    self.received = signal.Signals(signum).name
-    logging.warning('Received %s: saving a checkpoint at the next step and '
-                    'stopping (send it again to stop immediately).',
-                    self.received)
-
-
-# The PreemptionSignals of the innermost `watch_preemption` in progress.
-_watching = []
-
-
-@contextlib.contextmanager
-def watch_preemption():
-  """Records SIGTERM/SIGINT from now on, for the Checkpointers made inside.
-
-  Without it a Checkpointer installs its handlers at its first
-  `reached_preemption` call (the first training step), and a signal during
-  compilation or restore would end the process (exit 143). Inside it, such
-  a signal is recorded and the first `reached_preemption` returns True.
-  Also a decorator (`@watch_preemption()`).
-
-  Yields:
-    The PreemptionSignals (its `received` names the signal, if any).
-  """
-  signals = PreemptionSignals()
-  signals.install()
-  _watching.append(signals)
-  try:
-    yield signals
-  finally:
-    _watching.remove(signals)
-    signals.restore()
 
 
 def _abstract(leaf):
@@ -165,8 +87,9 @@ class Checkpointer:
         (read_only) one that does not exist.
     """
     if not isinstance(keep, int) or keep < 1:
-      raise CheckpointError(f'keep={keep!r} must be an integer >= 1 (the '
-                            'number of recent checkpoints kept).')
+      raise checks.CheckpointError(
+          f'keep={keep!r} must be an integer >= 1 (the number of recent '
+          'checkpoints kept).')
     self.directory = epath.Path(os.fspath(directory))
     if not str(self.directory).startswith(('gs://', '/')):
       self.directory = epath.Path(os.path.abspath(os.fspath(directory)))
@@ -176,8 +99,8 @@ class Checkpointer:
     if not read_only:
       self.check_writable()
     elif not self.directory.is_dir():
-      raise CheckpointError(f'Checkpoint directory {self.directory} does not '
-                            'exist.')
+      raise checks.CheckpointError(
+          f'Checkpoint directory {self.directory} does not exist.')
     policies = [ocp.checkpoint_managers.LatestN(n=keep)]
     best_fn = None
     if keep_best:
@@ -197,8 +120,10 @@ class Checkpointer:
     self._manager = ocp.CheckpointManager(
         self.directory, options=options, handler_registry=registry)
     # The signals of an enclosing watch_preemption, else this one's own.
-    self._own_signals = not _watching
-    self._signals = _watching[-1] if _watching else PreemptionSignals()
+    watching = preemption.innermost()
+    self._own_signals = watching is None
+    self._signals = (preemption.PreemptionSignals() if watching is None
+                     else watching)
     self._writing = None  # Step of the latest save started.
 
   # ------------------------------------------------------------ Queries.
@@ -227,7 +152,7 @@ class Checkpointer:
       probe.write_text('mixer_jax write probe\n')
       probe.unlink()
     except (OSError, ValueError) as e:
-      raise CheckpointError(
+      raise checks.CheckpointError(
           f'Checkpoint directory {self.directory} is not writable ({e}). '
           'Fix its permissions, free space, or choose another --workdir; '
           'no training was started.') from e
@@ -254,22 +179,12 @@ class Checkpointer:
         steps already on disk are kept in every case.
     """
     if self.read_only:
-      raise CheckpointError(f'{self.directory} was opened read-only.')
-    digests = checks.state_digests(state)
-    bad = [path for path, (_, finite) in digests.items() if not finite]
-    if bad:
-      raise CheckpointError(
-          f'Refusing to save step {step} to {self.directory}: non-finite '
-          f'values in {", ".join(bad[:5])}. The last good checkpoint is step '
-          f'{self.latest_step()}.')
-    payload = dict(checks.jsonable(extra or {}))
-    payload.update(step=int(step), fingerprint=self.fingerprint,
-                   leaf_checksums={k: v[0] for k, v in digests.items()})
-    try:
-      json.dumps(payload, allow_nan=False)
-    except (TypeError, ValueError) as e:
-      raise CheckpointError(f'extra for step {step} is not plain JSON: {e}.')
-    self._check_space(step, state)
+      raise checks.CheckpointError(f'{self.directory} was opened read-only.')
+    payload = checks.save_payload(
+        state, step, extra, self.fingerprint, self.directory,
+        self.latest_step)
+    if not str(self.directory).startswith('gs://'):
+      checks.check_space(state, step, self.directory, self.all_steps)
     ranked = None
     if metrics is not None and BEST_METRIC in metrics:
       value = float(np.asarray(metrics[BEST_METRIC]))
@@ -282,7 +197,7 @@ class Checkpointer:
               STATE_ITEM: ocp.args.StandardSave(state),
               EXTRA_ITEM: ocp.args.JsonSave(payload)}))
     except ocp.checkpoint_manager.StepAlreadyExistsError as e:
-      raise CheckpointError(
+      raise checks.CheckpointError(
           f'Step {step} already exists in {self.directory}; it is not '
           'overwritten. Resume from it, or use another workdir.') from e
     except Exception as e:  # pylint: disable=broad-except
@@ -291,26 +206,12 @@ class Checkpointer:
       self._writing = int(step)
     return started
 
-  def _check_space(self, step, state):
-    """Fails early when the state would not fit on the local disk."""
-    if str(self.directory).startswith('gs://'):
-      return
-    need = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
-               for x in jax.tree.leaves(state) if hasattr(x, 'shape'))
-    free = shutil.disk_usage(self.directory).free
-    if free < need * _SPACE_MARGIN:
-      raise CheckpointError(
-          f'Not enough disk space to save step {step} in {self.directory}: '
-          f'needs about {need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free. '
-          f'Kept steps {self.all_steps()} are untouched; free space or lower '
-          '--config.keep_checkpoints, then restart to resume.')
-
   def _write_error(self, step, error):
     try:
       kept = [s for s in self.all_steps() if s != step]
     except Exception:  # pylint: disable=broad-except
       kept = '(unknown)'
-    return CheckpointError(
+    return checks.CheckpointError(
         f'Saving step {step} to {self.directory} failed: '
         f'{checks.short_error(error)}. Earlier steps {kept} '
         'are kept (the partial write is discarded); check the disk, then '
@@ -351,7 +252,7 @@ class Checkpointer:
     tried = self.latest_step()
     try:
       return read(target, tried)
-    except CheckpointError:
+    except checks.CheckpointError:
       if tried is None or (self.directory / str(tried)).exists():
         raise  # Not a deletion: a real problem of that step.
       self._manager.reload()
@@ -416,10 +317,11 @@ class Checkpointer:
     if step is None:
       step = self.latest_step()
       if step is None:
-        raise CheckpointError(f'No checkpoint to restore in {self.directory}.')
+        raise checks.CheckpointError(
+            f'No checkpoint to restore in {self.directory}.')
     elif int(step) not in steps:
-      raise CheckpointError(f'Step {step} is not in {self.directory}; '
-                            f'the complete steps there are {steps}.')
+      raise checks.CheckpointError(f'Step {step} is not in {self.directory}; '
+                                   f'the complete steps there are {steps}.')
     step = int(step)
     where = self.directory / str(step)
     earlier = [s for s in steps if s < step]
@@ -438,7 +340,7 @@ class Checkpointer:
       if not isinstance(extra, dict) or not stored:
         raise ValueError('missing state metadata or extra JSON')
     except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointError(
+      raise checks.CheckpointError(
           f'Checkpoint {where} cannot be read (corrupt, truncated or not a '
           f'mixer_jax checkpoint): {checks.short_error(e)}.{hint}') from e
     checks.check_fingerprint(self.fingerprint, extra.get('fingerprint'), where,

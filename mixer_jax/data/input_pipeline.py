@@ -37,6 +37,7 @@ import math
 import tensorflow as tf
 
 from mixer_jax.data import preprocess
+from mixer_jax.data import randaugment
 from mixer_jax.data.datasets import sources
 
 # Largest int64 epoch index: the training stream never ends.
@@ -132,7 +133,7 @@ def _seed(config, process_index, salt):
 def _randaugment(config):
   if config.pp.randaugment_layers <= 0:
     return None
-  return preprocess.RandAugment(config.pp.randaugment_layers,
+  return randaugment.RandAugment(config.pp.randaugment_layers,
                                 config.pp.randaugment_magnitude)
 
 

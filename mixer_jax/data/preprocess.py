@@ -16,7 +16,6 @@ Mixer code.
 
 import tensorflow as tf
 
-from mixer_jax.data import randaugment as randaugment_lib
 
 # TensorFlow only preprocesses here: keep it on the CPU so that it takes no
 # accelerator memory from JAX. Only possible before TF has touched a GPU.
@@ -30,12 +29,6 @@ _ASPECT_RATIO_RANGE = (3 / 4, 4 / 3)
 # Resize methods `resize_small` accepts (tf.image.resize names); big_vision's
 # `resize_small` defaults to 'area'.
 RESIZE_METHODS = ('area', 'bilinear', 'bicubic', 'nearest')
-
-# RandAugment (TF-TPU semantics), see randaugment.py: the 16 op names in the
-# reference order, and the augmenter class (uint8 in, uint8 out).
-RANDAUGMENT_OPS = randaugment_lib.OPS
-RandAugment = randaugment_lib.RandAugment
-
 
 def normalize(image):
   """Maps pixel values 0..255 (any dtype) to float32 [-1, 1]."""

@@ -27,9 +27,8 @@ from typing import List, Sequence
 from absl import flags
 import ml_collections
 
-from mixer_jax.training import config_validation
+from mixer_jax.training.config_validation import ConfigError
 
-ConfigError = config_validation.ConfigError
 
 
 def _where(error: BaseException, path: str) -> str:

@@ -10,6 +10,7 @@ import math
 from typing import List, Optional
 
 from mixer_jax import models
+from mixer_jax.weights import official_format
 from mixer_jax.weights import pretrained
 from mixer_jax.training import sharding
 
@@ -340,7 +341,7 @@ def check_init_from(config) -> Optional[int]:
     factor = pretrained.resolution_factor(
         info.num_tokens, (config.image_size // spec.patch_size)**2,
         spec.patch_size)
-  except pretrained.PretrainedError as e:
+  except official_format.PretrainedError as e:
     raise ConfigError(f'{what}; image_size={config.image_size}: {e}') from None
   expected = info.tokens_mlp_dim * factor**2
   if m.tokens_mlp_dim is not None and m.tokens_mlp_dim != expected:

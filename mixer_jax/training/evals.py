@@ -20,18 +20,55 @@ Batches are padded with mask 0, so every example is scored exactly once.
 """
 
 import functools
-from typing import Dict
+from typing import Callable, Dict, Iterable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import tensorflow_datasets as tfds
 
-from mixer_jax import evaluate
 from mixer_jax import fewshot
 from mixer_jax.data import input_pipeline
 from mixer_jax.training import sharding
+from mixer_jax.training import train_steps
 from mixer_jax.data.datasets import sources
+
+
+def evaluate_dataset(p_eval_step, params, batches: Iterable, mesh, *,
+                     prefetch: int = 2,
+                     on_batch: Optional[Callable[[int], None]] = None
+                     ) -> Dict[str, float]:
+  """Top-1, top-5, mean loss and example count over one pass of `batches`.
+
+  The one evaluation of the head: used by the training loop and by
+  `python -m mixer_jax.evaluate`.
+
+  Args:
+    p_eval_step: `train_steps.eval_step` jitted over `mesh`.
+    params: the model parameters (placed for p_eval_step).
+    batches: host batches with 'image', 'label' and 'mask' (padding 0, so
+      every example is counted once).
+    mesh: the device mesh the batches are sharded over.
+    prefetch: batches in flight (`sharding.prefetch`).
+    on_batch: called with the number of batches done after each one.
+
+  Returns:
+    Dict with 'accuracy', 'top5', 'loss' and 'examples'.
+  """
+  totals = None
+  for i, batch in enumerate(sharding.prefetch(batches, mesh, prefetch), 1):
+    sums = p_eval_step(params, batch)
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    if on_batch is not None:
+      on_batch(i)
+  if totals is None:
+    raise ValueError('The eval data set yielded no batch; check eval_split.')
+  totals = sharding.to_host(totals)
+  count = max(float(totals['count']), 1.0)
+  return {'accuracy': float(totals['correct']) / count,
+          'top5': float(totals['top5']) / count,
+          'loss': float(totals['loss_sum']) / count,
+          'examples': int(totals['count'])}
 
 
 def real_sums(params, batch, *, apply_fn) -> Dict[str, jax.Array]:
@@ -86,7 +123,7 @@ class Evaluations:
     data = sharding.batch_sharding(mesh)
     replicated = sharding.replicated(mesh)
     self._classification = jax.jit(
-        functools.partial(evaluate.eval_sums, apply_fn=model.apply,
+        functools.partial(train_steps.eval_step, apply_fn=model.apply,
                           loss=config.loss),
         in_shardings=(replicated, data), out_shardings=replicated)
     self._real = jax.jit(functools.partial(real_sums, apply_fn=model.apply),
@@ -131,21 +168,20 @@ class Evaluations:
         image_size=self.config.image_size, num_classes=num_classes,
         multi_label=entry.kind == 'real', process_count=count,
         **self._pp(entry))
-    step_fn = self._real if entry.kind == 'real' else self._classification
+    if entry.kind != 'real':
+      result = evaluate_dataset(self._classification, params,
+                                batches.as_numpy_iterator(), self.mesh,
+                                prefetch=self.config.prefetch_batches)
+      return {f'{name}/{k}': v for k, v in result.items()}
     totals = None
     for batch in sharding.prefetch(batches.as_numpy_iterator(), self.mesh,
                                    self.config.prefetch_batches):
-      sums = step_fn(params, batch)
+      sums = self._real(params, batch)
       totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = sharding.to_host(totals)
     count = float(totals['count'])
     denominator = max(count, 1.0)
-    if entry.kind == 'real':
-      return {f'{name}/accuracy': float(totals['correct']) / denominator,
-              f'{name}/examples': int(count)}
-    return {f'{name}/accuracy': float(totals['top1']) / denominator,
-            f'{name}/top5': float(totals['top5']) / denominator,
-            f'{name}/loss': float(totals['loss']) / denominator,
+    return {f'{name}/accuracy': float(totals['correct']) / denominator,
             f'{name}/examples': int(count)}
 
   def _fewshot(self, name, entry, params) -> Dict[str, float]:

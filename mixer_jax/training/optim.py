@@ -20,9 +20,6 @@ import optax
 
 from mixer_jax.training import config_validation
 
-OPTIMIZERS = config_validation.OPTIMIZERS
-SCHEDULES = config_validation.SCHEDULES
-MOMENTUM_DTYPES = config_validation.DTYPES
 
 
 Schedule = Callable[[jax.Array], jax.Array]
@@ -47,9 +44,9 @@ def schedule_shape(config, num_train_steps: int) -> Schedule:
   Returns:
     A jittable function of the update count.
   """
-  if config.lr_schedule not in SCHEDULES:
+  if config.lr_schedule not in config_validation.SCHEDULES:
     raise ValueError(f'config.lr_schedule={config.lr_schedule!r} is not one '
-                     f'of {SCHEDULES}.')
+                     f'of {config_validation.SCHEDULES}.')
   warmup = int(config.warmup_steps)
   end = float(config.end_learning_rate) / float(config.learning_rate)
   decay_steps = max(num_train_steps - 1 - warmup, 1)
@@ -95,12 +92,12 @@ def create_optimizer(config,
     An `optax.GradientTransformation`; apply the updates with
     `optax.apply_updates` (they already carry the minus sign).
   """
-  if config.optimizer not in OPTIMIZERS:
+  if config.optimizer not in config_validation.OPTIMIZERS:
     raise ValueError(f'config.optimizer={config.optimizer!r} is not one of '
-                     f'{OPTIMIZERS}.')
-  if config.momentum_dtype not in MOMENTUM_DTYPES:
+                     f'{config_validation.OPTIMIZERS}.')
+  if config.momentum_dtype not in config_validation.DTYPES:
     raise ValueError(f'config.momentum_dtype={config.momentum_dtype!r} is not '
-                     f'one of {MOMENTUM_DTYPES}.')
+                     f'one of {config_validation.DTYPES}.')
   momentum_dtype = jnp.dtype(config.momentum_dtype)
   chain = []
   if config.grad_clip_norm > 0:

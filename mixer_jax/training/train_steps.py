@@ -1,6 +1,6 @@
 """The train state and the pure per-step functions of Mixer training.
 
-Everything here is a pure function of explicit inputs, so `train.py` can jit
+Everything here is a pure function of explicit inputs, so `trainer.py` can jit
 it over any mesh and tests can call it directly.
 """
 
@@ -192,21 +192,27 @@ def train_step(state: TrainState, batch, *, loss: str = 'softmax',
 
 
 def eval_step(params, batch, *, apply_fn: Callable[..., Any],
-              loss: str = 'softmax'):
-  """Sums of correct predictions, loss and real examples in one eval batch.
+              loss: str = 'softmax', top_k: int = 5):
+  """Masked sums of top-1 and top-k hits, loss and examples in one batch.
 
   Args:
     params: the model parameters.
     batch: dict with 'image', 'label' and 'mask' (1 real, 0 padding).
     apply_fn: the model's apply function.
     loss: 'softmax' or 'sigmoid' (no label smoothing at evaluation).
+    top_k: k of 'top5' (at most the class count).
 
   Returns:
-    Dict of scalars 'correct', 'loss_sum', 'count'; padding contributes 0.
+    Dict of scalars 'correct' (top-1), 'top5', 'loss_sum', 'count';
+    padding contributes 0.
   """
   logits = apply_fn({'params': params}, batch['image'], train=False)
   mask = batch['mask'].astype(jnp.float32)
+  labels = jnp.argmax(batch['label'], axis=-1)
+  top = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[1]
+  hit_k = jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
   losses = per_example_loss(logits, batch['label'], loss)
   return {'correct': jnp.sum(_correct(logits, batch['label']) * mask),
+          'top5': jnp.sum(hit_k * mask),
           'loss_sum': jnp.sum(losses * mask),
           'count': jnp.sum(mask)}

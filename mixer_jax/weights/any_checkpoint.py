@@ -225,6 +225,7 @@ def _load_workdir(spec, step, image_size, model_options):
   """Restores the parameters of a workdir's Orbax step (read-only)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from mixer_jax.checkpointing import checkpoint_checks  # pylint: disable=g-import-not-at-top
   from mixer_jax.checkpointing import checkpoints  # pylint: disable=g-import-not-at-top
   from mixer_jax.training import train_steps  # pylint: disable=g-import-not-at-top
 
@@ -243,7 +244,7 @@ def _load_workdir(spec, step, image_size, model_options):
       models.param_shapes(model, config.image_size))
   reader = checkpoints.Checkpointer(
       directory, keep=1, keep_best=False, async_save=False, read_only=True,
-      fingerprint=checkpoints.model_fingerprint(config, num_classes))
+      fingerprint=checkpoint_checks.model_fingerprint(config, num_classes))
   try:
     params, extra = reader.restore_params(target, step=step)
   finally:

@@ -138,7 +138,10 @@ def _unreachable_host(url, timeout=5.0):
 def shard_range(num_examples, index, count):
   """[start, end) of process `index` of `count` in a split of num_examples.
 
-  Shards are contiguous and differ in size by at most one example.
+  Shards are contiguous and differ in size by at most one example. Used for
+  folder data sets only: their splits are read after bad files are filtered
+  out, so TFDS's `even_splits` (which the TFDS sources use) would count the
+  wrong sizes.
   """
   return num_examples * index // count, num_examples * (index + 1) // count
 

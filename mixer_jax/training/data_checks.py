@@ -19,11 +19,10 @@ Each failure is one `ConfigError` (or the source's DatasetUnavailableError
 
 from typing import Optional
 
-from mixer_jax.training import config_validation
+from mixer_jax.training.config_validation import ConfigError
 from mixer_jax.data import input_pipeline
 from mixer_jax.data.datasets import sources
 
-ConfigError = config_validation.ConfigError
 
 _SPLIT_HELP = ("Split strings are a split name ('train'), a slice "
                "('train[:90%]', 'train[100:200]') or a sum ('train+test').")

@@ -1,0 +1,431 @@
+"""The training job: `train_and_evaluate(config, workdir)`.
+
+It validates the config, builds the model, optimizer and data, resumes from
+the newest checkpoint in `workdir/checkpoints` when there is one (else
+initialises, optionally from `config.init_from`), then trains with one
+jitted step over a device mesh (see `sharding.py`), evaluating, logging and
+checkpointing periodically. A run stopped by SIGTERM/SIGINT saves its
+current step and can be restarted with the same command; it then continues
+exactly (same data order and random numbers). A non-finite loss stops the
+run, naming the step, without saving the bad state.
+"""
+
+import dataclasses
+import functools
+import math
+import os
+import time
+from typing import Any, Callable, Dict, Optional
+
+from absl import logging
+from etils import epath
+import jax
+import numpy as np
+import optax
+
+from mixer_jax import models
+from mixer_jax.checkpointing import checkpoint_checks
+from mixer_jax.checkpointing import checkpoints
+from mixer_jax.checkpointing import preemption
+from mixer_jax.data import input_pipeline
+from mixer_jax.training import config_validation
+from mixer_jax.training import data_checks
+from mixer_jax.training import errors
+from mixer_jax.training import evals
+from mixer_jax.training import optim
+from mixer_jax.training import reporting
+from mixer_jax.training import sharding
+from mixer_jax.training import train_steps
+from mixer_jax.training import workdir_lock
+from mixer_jax.weights import any_checkpoint
+from mixer_jax.weights import pretrained
+
+CHECKPOINT_DIR = 'checkpoints'
+
+def num_train_steps_for(config, train_examples: int) -> int:
+  """config.num_train_steps, or num_epochs over the data when it is -1."""
+  if config.num_train_steps > 0:
+    return int(config.num_train_steps)
+  return max(1, math.ceil(config.num_epochs * train_examples /
+                          config.batch_size))
+
+
+def num_classes_for(config, info) -> int:
+  """config.num_classes, or the data set's (`info.num_classes`) when -1."""
+  return info.num_classes if config.num_classes == -1 else config.num_classes
+
+
+class _TraceCount:
+  """How often a function was traced: jit traces once per compilation."""
+
+  def __init__(self, fn: Callable[..., Any]):
+    self.count = 0
+    self._fn = fn
+
+  def __call__(self, *args, **kwargs):
+    self.count += 1  # A Python side effect: runs only while jit traces.
+    return self._fn(*args, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFunctions:
+  """The jitted functions of a run (see `make_step_functions`)."""
+  init_fn: Callable[..., Any]
+  train_step: Callable[..., Any]
+  eval_step: Callable[..., Any]
+  abstract_state: Any
+  train_traces: _TraceCount
+
+
+def make_step_functions(config, model, tx, mesh, num_train_steps: int):
+  """Jits train and eval steps over `mesh` and the abstract sharded state.
+
+  The batch is split over the mesh's 'data' axis; parameters and optimizer
+  state are placed by `config.sharding` (see `sharding.state_shardings`).
+
+  Returns:
+    StepFunctions: init_fn(rng) makes a TrainState placed by those
+    shardings; abstract_state is its ShapeDtypeStruct tree with shardings
+    (the restore target); train_traces.count is how often the train step
+    compiled (1 unless its input shapes or types changed).
+  """
+  replicated = sharding.replicated(mesh)
+  data = sharding.batch_sharding(mesh)
+  init = functools.partial(train_steps.create_train_state, model, tx,
+                           image_size=config.image_size)
+  shapes = jax.eval_shape(init, jax.random.PRNGKey(0))
+  state_sharding = sharding.state_shardings(shapes, mesh, config.sharding)
+  abstract_state = jax.tree.map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+      shapes, state_sharding)
+  init_fn = jax.jit(init, out_shardings=state_sharding)
+  step_fn = _TraceCount(functools.partial(
+      train_steps.train_step, loss=config.loss, label_smoothing=config.label_smoothing,
+      grad_accum_steps=config.grad_accum_steps,
+      mixup_alpha=config.pp.mixup_alpha, mixup_prob=config.pp.mixup_prob,
+      learning_rate_fn=optim.learning_rate_fn(config, num_train_steps)))
+  p_train_step = jax.jit(step_fn, in_shardings=(state_sharding, data),
+                         out_shardings=(state_sharding, replicated),
+                         donate_argnums=(0,))
+  p_eval_step = jax.jit(
+      functools.partial(train_steps.eval_step, apply_fn=model.apply, loss=config.loss),
+      in_shardings=(state_sharding.params, data), out_shardings=replicated)
+  return StepFunctions(init_fn, p_train_step, p_eval_step, abstract_state,
+                       step_fn)
+
+
+def _check_finite(history, checkpoint_dir, last_saved):
+  """Raises NonFiniteLossError at the first step with a bad loss or gradient."""
+  for step, metrics in history:
+    bad = {k: v for k, v in metrics.items()
+           if k in ('loss', 'grad_norm') and not math.isfinite(v)}
+    if bad:
+      raise errors.NonFiniteLossError(
+          f'Training stopped: {", ".join(f"{k}={v}" for k, v in bad.items())}'
+          f' at step {step}. That state was not saved; the last good '
+          f'checkpoint is step {last_saved} in {checkpoint_dir}. Lower '
+          'config.learning_rate, raise warmup_steps or enable grad_clip_norm, '
+          'then restart (it resumes from that checkpoint).')
+
+
+def _mean_metrics(history) -> Dict[str, float]:
+  keys = history[-1][1].keys()
+  return {f'train_{k}': float(np.mean([m[k] for _, m in history]))
+          for k in keys}
+
+
+# SIGTERM/SIGINT from the start (compilation, restore) stop the run cleanly.
+@preemption.watch_preemption()
+def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
+  """Trains `config` in `workdir` (resuming if possible) and evaluates.
+
+  Args:
+    config: a ConfigDict from configs/ (see configs/common.py).
+    workdir: directory for checkpoints, TensorBoard events, metrics.jsonl.
+
+  Returns:
+    Summary dict: steps, best/last eval accuracy and loss, whether the run
+    was preempted, wall time and where everything was written.
+
+  Raises:
+    config_validation.ConfigError: invalid config (before any compilation).
+    errors.NonFiniteLossError: the loss became NaN/inf (names the step).
+    checkpoint_checks.CheckpointError: unusable workdir or checkpoint.
+    Errors of `config.init_from` (ConfigError when it does not fit the
+    model, CheckpointNotFoundError, PretrainedError) are raised before
+    anything is compiled or written.
+  """
+  start_time = time.time()
+  if not str(workdir or '').strip():  # '' would train into the current dir.
+    raise config_validation.ConfigError(
+        f'workdir={workdir!r}: pass a directory for checkpoints and logs, '
+        'e.g. --workdir=/tmp/run.')
+  config_validation.validate_config(config, num_devices=jax.device_count(),
+                                    num_processes=jax.process_count())
+  checkpoint_dir = os.path.join(workdir, CHECKPOINT_DIR)
+  config = _resolve_init_from(config, checkpoint_dir)
+  # Splits, class count and config.evals data: all checked before step 1.
+  run = _build(config, data_checks.checked_dataset_info(config))
+
+  # One running job per workdir: refuses a second start (before the
+  # checkpointer, which removes unfinished saves, is opened).
+  lock = workdir_lock.acquire(workdir)
+  checkpointer = _checkpointer(config, workdir, run.num_classes)
+  if jax.process_index() == 0:  # Makes the workdir a checkpoint for predict.
+    any_checkpoint.save_run_info(workdir, config, run.num_classes)
+  writer = reporting.create_writer(workdir)
+  reporting.log_and_print(
+      f'Mixer {config.model.variant}: '
+      f'{models.count_params(run.steps.abstract_state.params):,} parameters, '
+      f'{run.num_classes} classes; {run.num_train_steps} steps of batch '
+      f'{config.batch_size} on {jax.device_count()} device(s), '
+      f'{jax.process_count()} process(es); workdir {workdir}')
+  try:
+    state, extra = _restore_or_init(config, workdir, checkpointer,
+                                    run.steps.init_fn,
+                                    run.steps.abstract_state)
+    return _train_loop(
+        config=config, workdir=workdir, run=run, state=state, extra=extra,
+        checkpointer=checkpointer, writer=writer, start_time=start_time,
+        evaluations=evals.Evaluations(config, run.model, run.mesh,
+                                      run.num_train_steps))
+  finally:
+    writer.close()
+    checkpointer.close()
+    workdir_lock.release(lock)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+  """What `train_and_evaluate` and `load_train_state` both build."""
+  num_classes: int
+  num_train_steps: int
+  model: models.MlpMixer
+  tx: optax.GradientTransformation
+  mesh: Any
+  steps: StepFunctions
+
+
+def _build(config, info) -> _Run:
+  """Model, optimizer, mesh and step functions of `config` on `info`'s data."""
+  num_classes = num_classes_for(config, info)
+  num_train_steps = num_train_steps_for(config, info.train_examples)
+  config_validation.check_schedule(config, num_train_steps)
+  model = train_steps.create_model(config, num_classes)
+  tx = optim.create_optimizer(config, num_train_steps)
+  mesh = sharding.create_mesh()
+  return _Run(num_classes, num_train_steps, model, tx, mesh,
+              make_step_functions(config, model, tx, mesh, num_train_steps))
+
+
+def _checkpointer(config, workdir: str, num_classes: int):
+  return checkpoints.Checkpointer(
+      os.path.join(workdir, CHECKPOINT_DIR), keep=config.keep_checkpoints,
+      keep_best=config.keep_best_checkpoint,
+      fingerprint=checkpoint_checks.model_fingerprint(config, num_classes))
+
+
+def _has_saved_steps(checkpoint_dir: str) -> bool:
+  path = epath.Path(checkpoint_dir)
+  return path.is_dir() and any(p.name.isdigit() for p in path.iterdir())
+
+
+def _resolve_init_from(config, checkpoint_dir: str):
+  """Checks config.init_from before anything is compiled or written.
+
+  With a resolution change and `model.tokens_mlp_dim` None, returns a copy
+  of the config using K^2 * D_S of the checkpoint (paper, Appendix C).
+  """
+  resuming = config.resume_step >= 0 or _has_saved_steps(checkpoint_dir)
+  resolved = config_validation.resolve_init_from(config, resuming=resuming)
+  if resolved is not config:
+    reporting.log_and_print(
+        f'model.tokens_mlp_dim={resolved.model.tokens_mlp_dim} from '
+        f'{config.init_from} at image_size {config.image_size} (K^2 * D_S, '
+        'paper Appendix C).')
+  return resolved
+
+
+def load_train_state(config, workdir: str, step: Optional[int] = None):
+  """Restores the TrainState that `train_and_evaluate` saved in `workdir`.
+
+  Args:
+    config: the run's config (model, optimizer and data fields must match).
+    workdir: the run's workdir.
+    step: the step to load; default the latest.
+
+  Returns:
+    (state, extra): the replicated TrainState and the checkpoint's JSON dict.
+  """
+  config = config_validation.resolve_init_from(config, resuming=True)
+  run = _build(config, input_pipeline.dataset_info(config))
+  checkpointer = _checkpointer(config, workdir, run.num_classes)
+  try:
+    return checkpointer.restore(run.steps.abstract_state, step=step)
+  finally:
+    checkpointer.close()
+
+
+def _resume_marker(workdir: str, step: int) -> epath.Path:
+  return epath.Path(workdir) / f'resume_step_{step}.applied'
+
+
+def _restore_or_init(config, workdir, checkpointer, init_fn, abstract_state):
+  """Latest (or config.resume_step) checkpoint, else init / init_from.
+
+  `config.resume_step=K` applies once per workdir: the first start restores
+  step K, sets the newer steps aside and writes the marker file
+  `workdir/resume_step_K.applied`. Later starts with the same flag (e.g.
+  the same command after a preemption) see the marker and resume from the
+  newest checkpoint, keeping the progress made since K. Delete the marker to
+  fall back to K again.
+  """
+  resume_step = config.resume_step if config.resume_step >= 0 else None
+  marker = None if resume_step is None else _resume_marker(workdir,
+                                                           resume_step)
+  if marker is not None and marker.exists():
+    logging.info('resume_step=%d was applied before (%s); resuming from the '
+                 'newest checkpoint.', resume_step, marker)
+    resume_step = None
+  if checkpointer.latest_step() is not None or resume_step is not None:
+    state, extra = checkpointer.restore(abstract_state, step=resume_step)
+    if resume_step is not None:
+      checkpointer.set_aside_steps_after(resume_step)
+      if jax.process_index() == 0:
+        marker.write_text(f'Resumed from step {resume_step} and set the '
+                          'newer steps aside; later starts resume from the '
+                          'newest checkpoint. Delete this file to fall back '
+                          f'to step {resume_step} again.\n')
+    reporting.log_and_print(f'Resumed from step {int(extra["step"])} in '
+                            f'{checkpointer.directory}.')
+    return state, extra
+  state = init_fn(jax.random.PRNGKey(config.seed))
+  if config.init_from:
+    params = pretrained.init_from_checkpoint(
+        config.init_from, sharding.to_host(state.params))
+    shardings = jax.tree.map(lambda x: x.sharding, state.params)
+    state = state.replace(params=sharding.put(params, shardings))
+    logging.info('Initialised parameters from %s.', config.init_from)
+  return state, {}
+
+
+def _train_loop(*, config, workdir, run: _Run, state, extra, checkpointer,
+                writer, start_time: float,
+                evaluations: Optional[evals.Evaluations] = None):
+  """The step loop; returns the summary dict.
+
+  `evaluations` runs config.evals when due.
+  """
+  mesh, num_train_steps = run.mesh, run.num_train_steps
+  p_train_step = run.steps.train_step
+  step = int(sharding.to_host(state.step))
+  start_step = step
+  best = extra.get('best_eval_accuracy')
+  last_eval = extra.get('last_eval', {})
+  last_saved = step if extra else None
+  # Records of steps after the resumed one (and a torn line) are from a
+  # killed run: dropped, so each step is in metrics.jsonl once.
+  reporting.rewind(writer, step)
+  if step == 0:
+    writer.write_hparams({k: v for k, v in config.to_dict().items()
+                          if not isinstance(v, dict)})
+  train_batches = input_pipeline.train_dataset(config, start_step=step)
+  batches = sharding.prefetch(train_batches.as_numpy_iterator(), mesh,
+                              config.prefetch_batches)
+  # Not clu's ReportProgress: its steps/s counts eval, checkpoint and compile
+  # time, while steps/s and ETA here are of training alone (pause/resume).
+  progress = reporting.Progress(step, num_train_steps, config.batch_size)
+  history, pending = [], []
+  preempted = checkpointer.reached_preemption(step)  # Installs the handlers.
+  # Not clu's Profile: its first call never starts a trace (so a run resumed
+  # at profile_start_step would not profile), it keeps tracing at least 3 s
+  # and does not stop a trace open when the loop ends.
+  profiling = False
+  while step < num_train_steps and not preempted:
+    if (config.profile_steps and step == config.profile_start_step and
+        jax.process_index() == 0):
+      jax.profiler.start_trace(os.path.join(workdir, 'profile'))
+      profiling = True
+    state, metrics = p_train_step(state, next(batches))
+    step += 1
+    pending.append((step, metrics))
+    if step == start_step + 1:  # Keep compilation out of steps/s and ETA.
+      jax.block_until_ready(metrics)
+      reporting.log_and_print(f'First step (with compilation) took '
+                              f'{progress.restart(step):.1f} s.')
+    if profiling and step >= config.profile_start_step + config.profile_steps:
+      jax.block_until_ready(state)
+      jax.profiler.stop_trace()
+      profiling = False
+    preempted = checkpointer.reached_preemption(step)
+    last = step == num_train_steps
+    do_eval = step % config.eval_every_steps == 0 or last
+    do_save = step % config.checkpoint_every_steps == 0 or last or preempted
+    due = evaluations.due(step) if evaluations is not None else []
+    if not (step % config.log_every_steps == 0 or do_eval or do_save or due):
+      continue
+    # Fetching the metrics waits for the step; done only at these points.
+    fetched = [(s, {k: float(v) for k, v in sharding.to_host(m).items()})
+               for s, m in pending]
+    pending = []
+    _check_finite(fetched, checkpoint_dir=checkpointer.directory,
+                  last_saved=last_saved)
+    history += fetched
+    if step % config.log_every_steps == 0 or last:
+      speed = progress.measure(step)
+      train_metrics = _mean_metrics(history)
+      history = []
+      writer.write_scalars(step, {**train_metrics, **speed})
+      reporting.log_and_print(progress.line(
+          step, speed, {'loss': train_metrics['train_loss']}))
+    progress.pause()
+    save_metrics = None
+    if do_eval:
+      result = evals.evaluate_dataset(
+          run.steps.eval_step, state.params,
+          input_pipeline.eval_dataset(config).as_numpy_iterator(), mesh,
+          prefetch=config.prefetch_batches)
+      last_eval = {'eval_accuracy': result['accuracy'],
+                   'eval_loss': result['loss'],
+                   'eval_examples': result['examples']}
+      improved = best is None or last_eval['eval_accuracy'] > best
+      best = max(best or 0.0, last_eval['eval_accuracy'])
+      # keep_best: also save a step that is the best so far (only those).
+      do_save = do_save or (improved and config.keep_best_checkpoint)
+      writer.write_scalars(step, last_eval)
+      reporting.log_and_print(
+          f'step {step}: eval accuracy {last_eval["eval_accuracy"]:.4f}, '
+          f'loss {last_eval["eval_loss"]:.4f} (best {best:.4f})')
+      save_metrics = {'eval_accuracy': last_eval['eval_accuracy']}
+    if due:  # config.evals: `<name>/accuracy` etc.
+      more = evaluations.run(step, state.params)
+      writer.write_scalars(step, more)
+      reporting.log_and_print(f'step {step}: ' + ', '.join(
+          f'{k} {v:.4f}' for k, v in more.items() if 'accuracy' in k))
+    if do_save:
+      checkpointer.save(step, state, metrics=save_metrics, extra={
+          'best_eval_accuracy': best,
+          'last_eval': last_eval, 'num_train_steps': num_train_steps})
+      last_saved = step
+    writer.flush()
+    progress.resume()
+  if profiling:
+    jax.profiler.stop_trace()
+  checkpointer.wait_until_finished()
+  summary = {
+      'steps': step, 'num_train_steps': num_train_steps,
+      'start_step': start_step, 'preempted': bool(preempted),
+      'last_eval_accuracy': last_eval.get('eval_accuracy'),
+      'last_eval_loss': last_eval.get('eval_loss'),
+      'best_eval_accuracy': best, 'last_checkpoint_step': last_saved,
+      'wall_time_s': time.time() - start_time, 'workdir': str(workdir),
+      'checkpoint_dir': str(checkpointer.directory),
+      'metrics_file': os.path.join(workdir, reporting.METRICS_FILE),
+      # 1 unless something made the step recompile (shapes, dtypes, ...).
+      'train_step_compilations': run.steps.train_traces.count,
+  }
+  if preempted:
+    logging.warning('Stopped at step %d on request (%s); restart the same '
+                    'command to resume.', step, checkpointer.preemption_signal)
+  reporting.log_and_print(reporting.format_summary(summary))
+  return summary
