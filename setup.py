@@ -38,9 +38,9 @@ _NOTEBOOKS = ['matplotlib>=3.8']
 EXTRAS_REQUIRE = {
     'tf': _TENSORFLOW,
     'notebooks': _NOTEBOOKS,
-    'test': ['pytest>=8.0', 'nbclient>=0.10', 'papermill>=2.6',
-             'ipykernel>=6.29', 'nbformat>=5.10', 'scipy>=1.11'
-             ] + _NOTEBOOKS + _TENSORFLOW,
+    'test': ['pytest>=8.0', 'pytest-xdist>=3.8', 'nbclient>=0.10',
+             'papermill>=2.6', 'ipykernel>=6.29', 'nbformat>=5.10',
+             'scipy>=1.11'] + _NOTEBOOKS + _TENSORFLOW,
 }
 
 setuptools.setup(

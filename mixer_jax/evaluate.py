@@ -43,13 +43,13 @@ from mixer_jax.checkpointing import checkpoints
 from mixer_jax.data import input_pipeline
 from mixer_jax.training import config_loading
 from mixer_jax.training import config_validation
-from mixer_jax import models
 from mixer_jax.training import errors
 from mixer_jax.training import evals
 from mixer_jax.training import reporting
 from mixer_jax.training import sharding
 from mixer_jax.training import train_steps
 from mixer_jax.training import trainer
+from mixer_jax.weights import any_checkpoint
 
 FLAGS = flags.FLAGS
 _TOP_K = 5
@@ -103,18 +103,8 @@ def load_params(config, checkpoint: str, num_classes: int, mesh,
   if kind == 'orbax':
     # A run fine-tuned at a higher resolution derived its token-mixing width.
     config = config_validation.resolve_init_from(config, resuming=True)
-    model = train_steps.create_model(config, num_classes)
-    replicated = sharding.replicated(mesh)
-    target = jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
-        models.param_shapes(model, config.image_size))
-    reader = checkpoints.Checkpointer(
-        location, keep=1, keep_best=False, async_save=False, read_only=True,
-        fingerprint=checkpoint_checks.model_fingerprint(config, num_classes))
-    try:
-      params, extra = reader.restore_params(target, step=step)
-    finally:
-      reader.close()
+    model, params, extra = any_checkpoint.restore_params(
+        location, config, num_classes, step, sharding.replicated(mesh))
     return model, params, f'{location} step {extra["step"]}'
   from mixer_jax.weights import pretrained  # pylint: disable=g-import-not-at-top
   # Any weight file or name (registry, hf-hub:, .npz, .safetensors), run with
@@ -186,7 +176,6 @@ def main(argv):
   try:
     config = FLAGS.config
     if config is None:  # A workdir's run_info.json holds the run's config.
-      from mixer_jax.weights import any_checkpoint  # pylint: disable=g-import-not-at-top
       if not any_checkpoint.is_directory(FLAGS.checkpoint):
         raise app.UsageError('--config is required unless --checkpoint is a '
                              'training workdir.')

@@ -42,8 +42,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mixer_jax.weights import any_checkpoint
 from mixer_jax.training import errors
+from mixer_jax.weights import any_checkpoint
 
 STABLEHLO_FILE = 'model.jax_export'
 INFO_FILE = 'serving_info.json'

@@ -29,9 +29,9 @@ from absl import flags
 import jax
 import numpy as np
 
+from mixer_jax.training import errors
 from mixer_jax.weights import pretrained
 from mixer_jax.weights import registry
-from mixer_jax.training import errors
 
 IMAGENET_CLASSES_FILE = 'imagenet2012_classes.txt'
 

@@ -21,14 +21,14 @@ from PIL import Image
 import pytest
 
 from configs import quickstart
-from mixer_jax.weights import any_checkpoint
 from mixer_jax.checkpointing import checkpoint_checks
 from mixer_jax.checkpointing import checkpoints
+from mixer_jax.training import train_steps
+from mixer_jax.weights import any_checkpoint
 from mixer_jax.weights import official_format
 from mixer_jax.weights import pretrained
 from mixer_jax.weights import registry
 from mixer_jax.weights import timm_format
-from mixer_jax.training import train_steps
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CLASSES = ('cat', 'dog', 'zebra')

@@ -26,9 +26,9 @@ import optax
 from flax.training import train_state
 import pytest
 
+from mixer_jax import models
 from mixer_jax.checkpointing import checkpoint_checks as checks
 from mixer_jax.checkpointing import checkpoints
-from mixer_jax import models
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CheckpointError = checks.CheckpointError

@@ -17,12 +17,12 @@ import optax
 import pytest
 
 from configs import quickstart
+from mixer_jax import evaluate
 from mixer_jax.checkpointing import checkpoint_checks
 from mixer_jax.checkpointing import checkpoints
-from mixer_jax import evaluate
 from mixer_jax.data import input_pipeline
-from mixer_jax.weights import pretrained
 from mixer_jax.training import train_steps
+from mixer_jax.weights import pretrained
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

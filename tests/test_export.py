@@ -16,8 +16,8 @@ import mixer_reference as ref
 import numpy as np
 import pytest  # pylint: disable=unused-import
 
-from mixer_jax.weights import pretrained
 from mixer_jax.data import preprocess
+from mixer_jax.weights import pretrained
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS='cpu')

@@ -19,13 +19,13 @@ import tensorflow_datasets as tfds
 
 from configs import common
 from configs import mixer_i1k
-from mixer_jax.training import evals
 from mixer_jax import fewshot
 from mixer_jax.data import input_pipeline
+from mixer_jax.training import evals
 from mixer_jax.training import reporting
 from mixer_jax.training import sharding
-from mixer_jax.training import trainer
 from mixer_jax.training import train_steps
+from mixer_jax.training import trainer
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

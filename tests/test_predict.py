@@ -11,8 +11,8 @@ import pytest
 import tensorflow as tf
 
 from mixer_jax import predict
-from mixer_jax.weights import pretrained
 from mixer_jax.data import preprocess
+from mixer_jax.weights import pretrained
 from mixer_jax.weights import registry
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

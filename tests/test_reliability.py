@@ -22,9 +22,9 @@ import jax
 import numpy as np
 import pytest
 
-from mixer_jax.checkpointing import checkpoints
-from mixer_jax.checkpointing import checkpoint_checks
 from mixer_jax import models
+from mixer_jax.checkpointing import checkpoint_checks
+from mixer_jax.checkpointing import checkpoints
 from test_checkpoints import save_steps
 from test_checkpoints import snapshot
 from test_checkpoints import tiny_state
@@ -411,7 +411,7 @@ def test_sigterm_during_setup_of_a_fresh_run_stops_at_step_0(tmp_path,
   before = signal.signal(signal.SIGTERM, guard)
   try:
     workdir = str(tmp_path / 'run')
-    _sigterm_inside(monkeypatch, train, 'make_step_functions')
+    _sigterm_inside(monkeypatch, trainer, 'make_step_functions')
     summary = trainer.train_and_evaluate(_tiny_config(tmp_path), workdir)
     assert summary['preempted'] and summary['steps'] == 0
     assert summary['last_checkpoint_step'] is None

@@ -17,15 +17,15 @@ import numpy as np
 import pytest
 
 from configs import quickstart
+from mixer_jax import models
 from mixer_jax.checkpointing import checkpoint_checks
 from mixer_jax.checkpointing import checkpoints
 from mixer_jax.training import config_validation
-from mixer_jax import models
-from mixer_jax.weights import pretrained
-from mixer_jax.training import reporting
 from mixer_jax.training import errors
+from mixer_jax.training import reporting
 from mixer_jax.training import train_steps
 from mixer_jax.training import trainer
+from mixer_jax.weights import pretrained
 
 
 @pytest.fixture(scope='module')

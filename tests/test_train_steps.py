@@ -11,8 +11,8 @@ from sklearn import datasets as sk_datasets
 from configs import quickstart
 from mixer_jax.training import optim
 from mixer_jax.training import sharding
-from mixer_jax.training import trainer
 from mixer_jax.training import train_steps
+from mixer_jax.training import trainer
 
 
 def tiny_config(**overrides):

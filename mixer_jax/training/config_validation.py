@@ -10,9 +10,9 @@ import math
 from typing import List, Optional
 
 from mixer_jax import models
+from mixer_jax.training import sharding
 from mixer_jax.weights import official_format
 from mixer_jax.weights import pretrained
-from mixer_jax.training import sharding
 
 DTYPES = ('float32', 'bfloat16')
 OPTIMIZERS = ('adam', 'sgd')

@@ -19,9 +19,9 @@ Each failure is one `ConfigError` (or the source's DatasetUnavailableError
 
 from typing import Optional
 
-from mixer_jax.training.config_validation import ConfigError
 from mixer_jax.data import input_pipeline
 from mixer_jax.data.datasets import sources
+from mixer_jax.training.config_validation import ConfigError
 
 
 _SPLIT_HELP = ("Split strings are a split name ('train'), a slice "

@@ -29,9 +29,9 @@ import tensorflow_datasets as tfds
 
 from mixer_jax import fewshot
 from mixer_jax.data import input_pipeline
+from mixer_jax.data.datasets import sources
 from mixer_jax.training import sharding
 from mixer_jax.training import train_steps
-from mixer_jax.data.datasets import sources
 
 
 def evaluate_dataset(p_eval_step, params, batches: Iterable, mesh, *,

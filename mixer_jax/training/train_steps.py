@@ -206,11 +206,17 @@ def eval_step(params, batch, *, apply_fn: Callable[..., Any],
     Dict of scalars 'correct' (top-1), 'top5', 'loss_sum', 'count';
     padding contributes 0.
   """
+  # Plain masked sums, not clu.metrics: clu has no top-k metric, and a dict
+  # of sums merges over batches (and devices) with one tree add.
   logits = apply_fn({'params': params}, batch['image'], train=False)
   mask = batch['mask'].astype(jnp.float32)
   labels = jnp.argmax(batch['label'], axis=-1)
-  top = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[1]
-  hit_k = jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
+  # In the top k when fewer than k classes score higher. Counting keeps the
+  # batch sharded; `lax.top_k` would make XLA gather the logits.
+  label_logit = jnp.sum(logits * jax.nn.one_hot(labels, logits.shape[-1]),
+                        axis=-1, keepdims=True)
+  hit_k = (jnp.sum(logits > label_logit, axis=-1) < top_k).astype(
+      jnp.float32)
   losses = per_example_loss(logits, batch['label'], loss)
   return {'correct': jnp.sum(_correct(logits, batch['label']) * mask),
           'top5': jnp.sum(hit_k * mask),

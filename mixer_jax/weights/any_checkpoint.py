@@ -221,13 +221,40 @@ def is_directory(spec) -> bool:
     return False
 
 
+def restore_params(directory, config, num_classes: int,
+                   step: Optional[int], sharding):
+  """(model, params, extra) of an Orbax step of `directory`, read-only.
+
+  Args:
+    directory: the run's checkpoint directory.
+    config: the run's config (the model it describes is rebuilt).
+    num_classes: the run's head size.
+    step: the step; None for the newest.
+    sharding: where every parameter is placed.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from mixer_jax.checkpointing import checkpoint_checks  # pylint: disable=g-import-not-at-top
+  from mixer_jax.checkpointing import checkpoints  # pylint: disable=g-import-not-at-top
+  from mixer_jax.training import train_steps  # pylint: disable=g-import-not-at-top
+
+  model = train_steps.create_model(config, num_classes)
+  target = jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+      models.param_shapes(model, config.image_size))
+  reader = checkpoints.Checkpointer(
+      directory, keep=1, keep_best=False, async_save=False, read_only=True,
+      fingerprint=checkpoint_checks.model_fingerprint(config, num_classes))
+  try:
+    params, extra = reader.restore_params(target, step=step)
+  finally:
+    reader.close()
+  return model, params, extra
+
+
 def _load_workdir(spec, step, image_size, model_options):
   """Restores the parameters of a workdir's Orbax step (read-only)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from mixer_jax.checkpointing import checkpoint_checks  # pylint: disable=g-import-not-at-top
-  from mixer_jax.checkpointing import checkpoints  # pylint: disable=g-import-not-at-top
-  from mixer_jax.training import train_steps  # pylint: disable=g-import-not-at-top
 
   workdir, directory, step = locate_workdir(spec, step)
   info = read_run_info(workdir)
@@ -237,18 +264,9 @@ def _load_workdir(spec, step, image_size, model_options):
         f'{workdir} was trained at image_size={config.image_size}; it cannot '
         f'be loaded at {image_size} (export it with pretrained.'
         'export_official and use load_pretrained for a resolution change).')
-  model = train_steps.create_model(config, num_classes)
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = jax.tree.map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
-      models.param_shapes(model, config.image_size))
-  reader = checkpoints.Checkpointer(
-      directory, keep=1, keep_best=False, async_save=False, read_only=True,
-      fingerprint=checkpoint_checks.model_fingerprint(config, num_classes))
-  try:
-    params, extra = reader.restore_params(target, step=step)
-  finally:
-    reader.close()
+  model, params, extra = restore_params(
+      directory, config, num_classes, step,
+      jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
   options = {k: v for k, v in model_options.items()
              if k in ('dtype', 'gelu_approximate')}
   if options:
