@@ -6,11 +6,13 @@ Public API:
       -> (model, params)
   export_official(params, path)
   count_params(params), flops_per_image(model, image_size)
+  intermediate_outputs(model, params, images) -> {'stem', 'block_i', ...}
 """
 
 from mixer_jax.models import count_params
 from mixer_jax.models import create_model
 from mixer_jax.models import flops_per_image
+from mixer_jax.models import intermediate_outputs
 from mixer_jax.models import MlpMixer
 from mixer_jax.models import PAPER_VARIANTS
 from mixer_jax.weights.pretrained import expand_token_mixing

@@ -15,8 +15,8 @@ Compare the figure with the model's training images/s on the same machine
 (`python -m mixer_jax.benchmark`): if it is lower, input sets the pace.
 
 Recipes: 'finetune' = random crop + resize + flip (official fine-tuning);
-'inception' = the same crop + flip + RandAugment(2, 15) + mixup (ImageNet
-pretraining). Every pipeline step runs, JPEG decoding included (decoded only
+'inception' = the same crop + flip + RandAugment(2, 15) (ImageNet
+pretraining; its mixup runs in the train step, not in the input pipeline). Every pipeline step runs, JPEG decoding included (decoded only
 inside the crop); epochs cycle over the files, so the OS file cache serves
 them after the first pass, as on a machine with enough RAM.
 """
@@ -85,11 +85,9 @@ def recipe_config(base, recipe, folder, image_size, batch_size):
   config.pp.train_crop = recipe
   if recipe == 'finetune':
     config.pp.randaugment_layers = 0
-    config.pp.mixup_prob = 0.0
   else:
     config.pp.randaugment_layers = 2
     config.pp.randaugment_magnitude = 15
-    config.pp.mixup_prob = 0.5
   return config
 
 

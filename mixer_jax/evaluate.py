@@ -48,7 +48,6 @@ from mixer_jax.training import evals
 from mixer_jax.training import reporting
 from mixer_jax.training import sharding
 from mixer_jax.training import train_steps
-from mixer_jax.training import trainer
 from mixer_jax.weights import any_checkpoint
 
 FLAGS = flags.FLAGS
@@ -138,7 +137,7 @@ def evaluate(config, checkpoint: str, *, step: Optional[int] = None,
   start = time.time()
   mesh = sharding.create_mesh()
   info = input_pipeline.dataset_info(config)
-  num_classes = trainer.num_classes_for(config, info)
+  num_classes = info.num_classes
   model, params, loaded = load_params(config, checkpoint, num_classes, mesh,
                                       step)
   p_eval = jax.jit(

@@ -51,7 +51,7 @@ class DatasetInfo:
   """What the trainer needs to know about a data set.
 
   Attributes:
-    num_classes: label count (config.num_classes, or the metadata's).
+    num_classes: the head size (`head_classes`).
     train_examples: examples in config.train_split, over all processes.
     eval_examples: examples in config.eval_split, over all processes.
     skipped_images: corrupt image files left out of both splits (folder data
@@ -85,21 +85,27 @@ def _local_batch_size(config, process_count):
   return config.batch_size // process_count
 
 
-def _num_classes(config, source):
-  """config.num_classes, or the data set's when it is -1; checked."""
+def head_classes(config, source) -> int:
+  """The head size: config.num_classes, or the data set's when it is -1.
+
+  The one place that resolves it; raises ValueError when the data set has
+  no class count or more classes than the head.
+  """
   if config.num_classes == -1:
     if source.num_classes <= 0:
       raise ValueError(
-          f'{source.name} does not say how many classes it has; set '
-          'config.num_classes.')
+          f'num_classes=-1 but {source.name} does not say how many classes '
+          'it has; set config.num_classes to the number of labels.')
     return source.num_classes
   if config.num_classes <= 0:
     raise ValueError(f'config.num_classes must be -1 or positive, got '
                      f'{config.num_classes}.')
-  if 0 < config.num_classes < source.num_classes:
+  if config.num_classes < source.num_classes:
     raise ValueError(
-        f'config.num_classes={config.num_classes} but {source.name} has '
-        f'{source.num_classes} classes; use -1 to take them from the data.')
+        f'num_classes={config.num_classes} but {source.name} has '
+        f'{source.num_classes} classes, so labels up to '
+        f'{source.num_classes - 1} would not fit the head; use -1 to take '
+        f'the count from the data, or a value >= {source.num_classes}.')
   return config.num_classes
 
 
@@ -119,7 +125,7 @@ def dataset_info(config):
     skipped = (source.skipped(config.train_split) +
                source.skipped(config.eval_split))
   return DatasetInfo(
-      num_classes=_num_classes(config, source),
+      num_classes=head_classes(config, source),
       train_examples=source.num_examples(config.train_split),
       eval_examples=source.num_examples(config.eval_split),
       skipped_images=skipped)
@@ -179,7 +185,7 @@ def train_dataset(config, *, start_step=0, process_index=None,
   if start_step < 0:
     raise ValueError(f'start_step must be >= 0, got {start_step}.')
   source = sources.get_source(config)
-  num_classes = _num_classes(config, source)
+  num_classes = head_classes(config, source)
   split = config.train_split
   n = source.shard_size(split, index, count)
   if n <= 0:
@@ -242,7 +248,7 @@ def eval_dataset(config, *, process_index=None, process_count=None):
   """
   index, count = _processes(process_index, process_count)
   source = sources.get_source(config)
-  num_classes = _num_classes(config, source)
+  num_classes = head_classes(config, source)
   split = config.eval_split
   largest = max(source.shard_size(split, i, count) for i in range(count))
   if largest <= 0:

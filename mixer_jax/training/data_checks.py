@@ -71,20 +71,11 @@ def split_size(source, split: str, field: str, *, num_processes: int = 1,
 
 
 def _head_classes(config, source) -> int:
-  """The head size: config.num_classes, or the data set's; checked."""
-  if config.num_classes == -1:
-    if source.num_classes <= 0:
-      raise ConfigError(
-          f'num_classes=-1 but {source.name} does not say how many classes '
-          'it has; set config.num_classes to the number of labels.')
-    return source.num_classes
-  if 0 < config.num_classes < source.num_classes:
-    raise ConfigError(
-        f'num_classes={config.num_classes} but {source.name} has '
-        f'{source.num_classes} classes, so labels up to '
-        f'{source.num_classes - 1} would not fit the head; use -1 to take '
-        f'the count from the data, or a value >= {source.num_classes}.')
-  return config.num_classes
+  """`input_pipeline.head_classes`, its problems as a ConfigError."""
+  try:
+    return input_pipeline.head_classes(config, source)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
 
 def _label_classes(source, label_key: str) -> int:

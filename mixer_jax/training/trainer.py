@@ -50,11 +50,6 @@ def num_train_steps_for(config, train_examples: int) -> int:
                           config.batch_size))
 
 
-def num_classes_for(config, info) -> int:
-  """config.num_classes, or the data set's (`info.num_classes`) when -1."""
-  return info.num_classes if config.num_classes == -1 else config.num_classes
-
-
 class _TraceCount:
   """How often a function was traced: jit traces once per compilation."""
 
@@ -208,7 +203,7 @@ class _Run:
 
 def _build(config, info) -> _Run:
   """Model, optimizer, mesh and step functions of `config` on `info`'s data."""
-  num_classes = num_classes_for(config, info)
+  num_classes = info.num_classes
   num_train_steps = num_train_steps_for(config, info.train_examples)
   config_validation.check_schedule(config, num_train_steps)
   model = train_steps.create_model(config, num_classes)
