@@ -27,7 +27,6 @@ With a workdir, `--config` may be left out: the run's own config
 import functools
 import json
 import math
-import os
 import time
 from typing import Any, Dict, Optional
 

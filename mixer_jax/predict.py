@@ -30,7 +30,6 @@ import jax
 import numpy as np
 
 from mixer_jax.training import errors
-from mixer_jax.weights import pretrained
 from mixer_jax.weights import registry
 
 IMAGENET_CLASSES_FILE = 'imagenet2012_classes.txt'
