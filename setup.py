@@ -38,6 +38,9 @@ _NOTEBOOKS = ['matplotlib>=3.8']
 EXTRAS_REQUIRE = {
     'tf': _TENSORFLOW,
     'notebooks': _NOTEBOOKS,
+    # Real timm (PyTorch) for the tests that compare our timm-format weights
+    # with timm's own MlpMixer; not in `test`: torch is a multi-GB install.
+    'timm': ['torch>=2.4', 'timm>=1.0'],
     'test': ['pytest>=8.0', 'pytest-xdist>=3.8', 'nbclient>=0.10',
              'papermill>=2.6', 'ipykernel>=6.29', 'nbformat>=5.10',
              'scipy>=1.11'] + _NOTEBOOKS + _TENSORFLOW,

@@ -88,12 +88,13 @@ def test_auto_contrast_matches_pil():
   image = _noise((16, 12, 3), low=40, high=200)
   image[..., 2] = 77  # A flat channel is left as it is.
   out = _both('AutoContrast', image)
-  # The TF-TPU rule in float32: x * scale + offset, truncated.
-  x = image.astype(np.float32)
+  # The TF-TPU rule: (x - lo) * 255 / (hi - lo), truncated; computed in
+  # integers, with only the CPU-dependent float rounding allowed.
+  x = image.astype(np.int64)
   lo, hi = x.min(axis=(0, 1)), x.max(axis=(0, 1))
-  scale = np.float32(255) / np.maximum(hi - lo, 1)
-  stretched = np.floor(np.clip(x * scale + (-lo * scale), 0, 255))
-  np.testing.assert_array_equal(out, np.where(hi > lo, stretched, x))
+  stretched = _truncations((x - lo) * 255, np.maximum(hi - lo, 1))
+  flat = hi == lo
+  _assert_one_of(out, *(np.where(flat, x, s) for s in stretched))
   # PIL computes in float64: the same up to float32 rounding (at most 1).
   expected = np.asarray(ImageOps.autocontrast(_pil(image)))
   np.testing.assert_allclose(out, expected, atol=1)
@@ -122,6 +123,40 @@ def _blend(degenerate, image, factor):
   return np.floor(np.clip(out, 0, 255)).astype(np.uint8)
 
 
+def _truncations(numerator, denominator):
+  """The uint8 values a float kernel may give for trunc(n / d), n, d ints.
+
+  Exactly: floor(n / d), clipped to 0..255. Where n / d is a whole number a
+  float kernel may land just below it (which rounding it sees depends on
+  the CPU: FMA, vector width), so k - 1 is allowed there too; elsewhere the
+  exact value is at least 1/d from a whole number, far beyond float error.
+  Returns (floor, also_allowed) int arrays; also_allowed is -1 where only
+  the floor is right.
+  """
+  numerator = np.asarray(numerator, np.int64)
+  exact = np.clip(numerator // denominator, 0, 255)
+  whole = (numerator % denominator == 0) & (numerator > 0) & (
+      numerator <= 255 * denominator)
+  return exact, np.where(whole, exact - 1, -1)
+
+
+def _blend_exact(degenerate, image):
+  """Both truncations of d + 2.8 (x - d) = (5 d + 14 (x - d)) / 5."""
+  d = np.asarray(degenerate, np.int64)
+  return _truncations(5 * d + 14 * (image.astype(np.int64) - d), 5)
+
+
+def _assert_one_of(out, *allowed):
+  """Each pixel of `out` equals the same pixel of one of `allowed`."""
+  ok = np.zeros(out.shape, bool)
+  for values in allowed:
+    ok |= out.astype(np.int64) == values
+  assert ok.all(), (
+      f'{np.sum(~ok)} pixels differ from the reference, first at '
+      f'{np.argwhere(~ok)[0].tolist()}: {out[tuple(np.argwhere(~ok)[0])]} '
+      f'not in {[v[tuple(np.argwhere(~ok)[0])] for v in allowed]}')
+
+
 def test_color_brightness_contrast_formulas_and_pil():
   image = _noise((16, 16, 3))
   factor = 2.8
@@ -137,31 +172,69 @@ def test_color_brightness_contrast_formulas_and_pil():
   np.testing.assert_allclose(brightness, pil_bright, atol=1)
   # The TF-TPU contrast target: (height * width) / 256 grey, not the mean.
   contrast = _both('Contrast', image)
-  target = np.full_like(image, 16 * 16 // 256, np.float64)
-  np.testing.assert_array_equal(contrast, _blend(target, image, factor))
+  target = np.full(image.shape, 16 * 16 // 256)
+  _assert_one_of(contrast, *_blend_exact(target, image))
+  # A wrong factor or target fails: 2.7, or the mean luma PIL would use.
+  assert not np.array_equal(contrast, _blend(target, image, 2.7))
+  mean_target = np.full(image.shape, int(_grey(image).mean()))
+  assert np.mean(contrast != _blend_exact(mean_target, image)[0]) > 0.5
+
+
+def _smoothed_sums(image):
+  """Integer 3x3 sums with weights 1 (ring) and 5 (centre), inner pixels."""
+  x = image.astype(np.int64)
+  h, w = x.shape[:2]
+  sums = np.zeros((h - 2, w - 2, x.shape[2]), np.int64)
+  for dy in range(3):
+    for dx in range(3):
+      weight = 5 if (dy, dx) == (1, 1) else 1
+      sums += weight * x[dy:dy + h - 2, dx:dx + w - 2]
+  return sums
 
 
 def test_sharpness_formula_and_pil():
   image = _noise((10, 9, 3))
   out = _both('Sharpness', image)
-  x = image.astype(np.float64)
-  kernel = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]]) / 13
-  smooth = x.copy()
-  for y in range(1, 9):
-    for xx in range(1, 8):
-      window = x[y - 1:y + 2, xx - 1:xx + 2]
-      smooth[y, xx] = np.floor(np.clip(
-          np.einsum('ij,ijc->c', kernel, window), 0, 255))
-  np.testing.assert_allclose(out, _blend(smooth, image, 2.8), atol=1)
+  # The reference: degenerate = trunc(sum / 13) inside, the image on the
+  # border; then blend with factor 2.8, truncated. Computed in integers,
+  # allowing only the float rounding a CPU may differ in (see _truncations).
+  smooth_floor, smooth_low = _truncations(_smoothed_sums(image), 13)
+  allowed = []
+  for smooth in (smooth_floor, smooth_low):
+    degenerate = image.astype(np.int64)
+    degenerate[1:-1, 1:-1] = np.where(smooth >= 0, smooth,
+                                      degenerate[1:-1, 1:-1])
+    allowed.extend(_blend_exact(degenerate, image))
+  _assert_one_of(out, *allowed)
+  # The border is never smoothed: there the blend gives the image back.
+  border = np.ones(image.shape[:2], bool)
+  border[1:-1, 1:-1] = False
+  np.testing.assert_array_equal(out[border], image[border])
+  # What a wrong op gives is far outside that allowance: the plain box
+  # kernel (centre weight 1) or factor 1.8 change most inner pixels.
+  box = np.floor(_smoothed_sums(image) - 4 * image[1:-1, 1:-1].astype(
+      np.int64)) // 9
+  wrong_kernel = image.astype(np.int64)
+  wrong_kernel[1:-1, 1:-1] = box
+  assert np.mean(_blend_exact(wrong_kernel, image)[0][1:-1, 1:-1] !=
+                 out[1:-1, 1:-1]) > 0.5
+  degenerate = image.astype(np.int64)
+  degenerate[1:-1, 1:-1] = smooth_floor
+  assert np.mean(_blend(degenerate, image, 1.8) != out) > 0.3
   pil = np.asarray(ImageEnhance.Sharpness(_pil(image)).enhance(2.8))
   assert np.mean(np.abs(out.astype(int) - pil) <= 3) > 0.9
 
 
-def _nearest_warp(image, src_x, src_y):
-  """Output[y, x] = image[round(src_y), round(src_x)] or 128 outside."""
+def _nearest_warp(image, src_x, src_y, half=0.5):
+  """Output[y, x] = image[round(src_y), round(src_x)] or 128 outside.
+
+  Ties (a source point exactly between two pixels, e.g. 0.45 * 10) round
+  away from zero with half=0.5; half just below 0.5 rounds them towards
+  zero, which is what a kernel computing the point with an FMA gives.
+  """
   h, w = image.shape[:2]
-  rx = (np.sign(src_x) * np.floor(np.abs(src_x) + 0.5)).astype(int)
-  ry = (np.sign(src_y) * np.floor(np.abs(src_y) + 0.5)).astype(int)
+  rx = (np.sign(src_x) * np.floor(np.abs(src_x) + half)).astype(int)
+  ry = (np.sign(src_y) * np.floor(np.abs(src_y) + half)).astype(int)
   inside = (rx >= 0) & (rx < w) & (ry >= 0) & (ry < h)
   out = np.full_like(image, 128)
   out[inside] = image[ry[inside], rx[inside]]
@@ -172,12 +245,13 @@ def test_shear_and_translate_formulas():
   image = _noise((14, 18, 3))
   y, x = np.mgrid[0:14, 0:18].astype(np.float64)
   for negate, sign in ((False, 1), (True, -1)):
-    np.testing.assert_array_equal(
-        _both('ShearX', image, negate=negate),
-        _nearest_warp(image, x + sign * 0.45 * y, y))
-    np.testing.assert_array_equal(
-        _both('ShearY', image, negate=negate),
-        _nearest_warp(image, x, y + sign * 0.45 * x))
+    for name, src in (('ShearX', (x + sign * 0.45 * y, y)),
+                      ('ShearY', (x, y + sign * 0.45 * x))):
+      out = _both(name, image, negate=negate)
+      # Either rounding of an exact tie is the reference on some CPU.
+      _assert_one_of(out, _nearest_warp(image, *src),
+                     _nearest_warp(image, *src, half=0.5 - 1e-9))
+      assert np.mean(np.all(out == _nearest_warp(image, *src), -1)) > 0.9
   # Magnitude 15: 150 pixels, the content moves left (or right if negated).
   wide = _noise((3, 170, 3))
   expected = np.full_like(wide, 128)

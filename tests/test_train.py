@@ -66,7 +66,6 @@ def test_shortened_quickstart_learns(data_dir, tmp_path):
   summary = trainer.train_and_evaluate(config, str(tmp_path))
   assert summary['steps'] == 100 and not summary['preempted']
   assert summary['last_eval_accuracy'] > 0.8  # Chance is 0.1.
-  assert summary['best_eval_accuracy'] >= summary['last_eval_accuracy']
   assert summary['train_step_compilations'] == 1
   assert summary['last_checkpoint_step'] == 100
   records = reporting.read_metrics(str(tmp_path))
@@ -80,6 +79,9 @@ def test_shortened_quickstart_learns(data_dir, tmp_path):
                 'eval_accuracy' in r][0]
   assert final_eval['eval_examples'] == 359  # Every test image, once.
   assert final_eval['eval_accuracy'] == summary['last_eval_accuracy']
+  # The best is the highest of the evaluations the run wrote down.
+  assert summary['best_eval_accuracy'] == max(
+      r['eval_accuracy'] for r in records if 'eval_accuracy' in r)
   events = [f for f in os.listdir(tmp_path) if 'tfevents' in f]
   assert events, os.listdir(tmp_path)
   assert {'50', '100'} <= set(os.listdir(tmp_path / 'checkpoints'))
