@@ -138,9 +138,17 @@ class TimmInfo:
   input_size: Optional[int] = None
   interpolation: Optional[str] = None
   label_names: Optional[List[str]] = None
+  stated_gelu_approximate: Optional[bool] = None
 
   def gelu_approximate(self, repo_id: str = '') -> bool:
-    """tanh GELU for Google's JAX-trained weights, exact GELU otherwise."""
+    """The GELU form the weights were trained with.
+
+    As the file states it (`mixer_jax.gelu_approximate`, written by
+    `hub_publish`), else tanh for Google's JAX-trained weights and exact
+    (timm's) otherwise.
+    """
+    if self.stated_gelu_approximate is not None:
+      return self.stated_gelu_approximate
     text = f'{repo_id} {self.tag or ""}'.lower()
     return 'goog' in text
 
@@ -185,7 +193,13 @@ def read_timm_config(data: Dict[str, Any]) -> TimmInfo:
   if not 0 < crop_pct <= 1:
     raise official_format.PretrainedError(
         f'{CONFIG_FILE}: crop_pct={crop_pct} must be in (0, 1].')
+  stated = (data.get('mixer_jax') or {}).get('gelu_approximate')
+  if stated is not None and not isinstance(stated, bool):
+    raise official_format.PretrainedError(
+        f'{CONFIG_FILE}: mixer_jax.gelu_approximate={stated!r} must be true '
+        'or false.')
   return TimmInfo(
+      stated_gelu_approximate=stated,
       architecture=data.get('architecture'), tag=cfg.get('tag'),
       num_classes=int(num_classes) if num_classes is not None else None,
       mean=triple('mean', NATIVE_MEAN), std=std, crop_pct=crop_pct,
