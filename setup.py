@@ -35,15 +35,17 @@ _TENSORFLOW = [
     'tensorflow>=2.21; platform_system != "Linux"',
 ]
 _NOTEBOOKS = ['matplotlib>=3.8']
+_ONNX = ['onnx>=1.17', 'onnxruntime>=1.20']  # `export --format=onnx`.
 EXTRAS_REQUIRE = {
     'tf': _TENSORFLOW,
     'notebooks': _NOTEBOOKS,
     # Real timm (PyTorch) for the tests that compare our timm-format weights
     # with timm's own MlpMixer; not in `test`: torch is a multi-GB install.
     'timm': ['torch>=2.4', 'timm>=1.0'],
+    'onnx': _ONNX,
     'test': ['pytest>=8.0', 'pytest-xdist>=3.8', 'nbclient>=0.10',
              'papermill>=2.6', 'ipykernel>=6.29', 'nbformat>=5.10',
-             'scipy>=1.11'] + _NOTEBOOKS + _TENSORFLOW,
+             'scipy>=1.11'] + _NOTEBOOKS + _TENSORFLOW + _ONNX,
 }
 
 setuptools.setup(
