@@ -207,3 +207,33 @@ def test_mixup_step_on_eight_devices_equals_one(digits):
   # The zero head makes every first loss log(10); later ones see mixup.
   no_mixup = run_steps(tiny_config(num_train_steps=3), data)[1]
   assert not np.allclose(metrics8[-1]['loss'], no_mixup[-1]['loss'])
+
+
+def test_ema_is_the_running_average_of_the_parameters(digits):
+  config = tiny_config()
+  model = train_steps.create_model(config, 10)
+  tx = optim.create_optimizer(config, config.num_train_steps)
+  rng = jax.random.PRNGKey(0)
+  state = train_steps.create_train_state(model, tx, rng, 8, ema=True)
+  plain = train_steps.create_train_state(model, tx, rng, 8)
+  assert plain.ema_params is None  # Off: the state's tree is as before.
+  step = jax.jit(lambda s, b: train_steps.train_step(s, b, ema_decay=0.9))
+  seen = [jax.device_get(state.params)]
+  for batch in batches(digits, 32, 3):
+    state, _ = step(state, batch)
+    plain, _ = step(plain, batch)
+    seen.append(jax.device_get(state.params))
+  # e0 = p0, e_t = 0.9 e_(t-1) + 0.1 p_t, written out after three steps:
+  # e3 = 0.729 p0 + 0.081 p1 + 0.09 p2 + 0.1 p3.
+  weights = (0.729, 0.081, 0.09, 0.1)
+  expected = jax.tree.map(
+      lambda *ps: sum(w * np.asarray(p, np.float64)
+                      for w, p in zip(weights, ps)), *seen)
+  for got, want in zip(jax.tree.leaves(state.ema_params),
+                       jax.tree.leaves(expected)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  # The EMA only watches: the parameters train exactly as without it.
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(plain.params)):
+    np.testing.assert_array_equal(a, b)
+  assert not np.allclose(jax.tree.leaves(state.ema_params)[0],
+                         jax.tree.leaves(state.params)[0])

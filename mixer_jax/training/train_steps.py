@@ -15,12 +15,16 @@ from mixer_jax import models
 
 
 class TrainState(train_state.TrainState):
-  """Flax TrainState plus the base rng of the run.
+  """Flax TrainState plus the base rng of the run and the weights' EMA.
 
   The rng never changes: step t uses `fold_in(rng, t)`, so a run resumed at
   step t draws exactly the random numbers an uninterrupted run would.
+  `ema_params` is the exponential moving average of the parameters
+  (`config.ema_decay` > 0; see `train_step`), None when it is off, so a run
+  without it has the same tree (and checkpoints) as before it existed.
   """
   rng: jax.Array
+  ema_params: Any = None
 
 
 def create_model(config, num_classes: int) -> models.MlpMixer:
@@ -37,7 +41,8 @@ def create_model(config, num_classes: int) -> models.MlpMixer:
 
 
 def create_train_state(model: models.MlpMixer, tx: optax.GradientTransformation,
-                       rng: jax.Array, image_size: int) -> TrainState:
+                       rng: jax.Array, image_size: int, *,
+                       ema: bool = False) -> TrainState:
   """Initialises parameters, optimizer state, step 0 and the run's rng.
 
   Args:
@@ -45,6 +50,8 @@ def create_train_state(model: models.MlpMixer, tx: optax.GradientTransformation,
     tx: the optax optimizer.
     rng: a `jax.random.PRNGKey`; split into parameter and dropout keys.
     image_size: side of the square training images.
+    ema: keep an EMA of the parameters, starting from the initial ones
+      (as timm's ModelEma starts from a copy of the model).
 
   Returns:
     A TrainState with an int32 step (not weakly typed, so the jitted step
@@ -52,9 +59,16 @@ def create_train_state(model: models.MlpMixer, tx: optax.GradientTransformation,
   """
   params_rng, dropout_rng = jax.random.split(rng)
   params = models.init_params(model, params_rng, image_size)
-  state = TrainState.create(apply_fn=model.apply, params=params, tx=tx,
-                            rng=dropout_rng)
+  state = TrainState.create(
+      apply_fn=model.apply, params=params, tx=tx, rng=dropout_rng,
+      ema_params=jax.tree.map(jnp.copy, params) if ema else None)
   return state.replace(step=jnp.zeros((), jnp.int32))
+
+
+def update_ema(ema_params, params, decay: float):
+  """decay * ema + (1 - decay) * params, leaf by leaf (same placement)."""
+  return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p,
+                      ema_params, params)
 
 
 def per_example_loss(logits: jax.Array, labels: jax.Array, loss: str,
@@ -123,7 +137,8 @@ def _correct(logits, labels):
 def train_step(state: TrainState, batch, *, loss: str = 'softmax',
                label_smoothing: float = 0.0, grad_accum_steps: int = 1,
                mixup_alpha: float = 0.0, mixup_prob: float = 0.0,
-               learning_rate_fn: Optional[Callable[[Any], Any]] = None):
+               learning_rate_fn: Optional[Callable[[Any], Any]] = None,
+               ema_decay: float = 0.0):
   """One optimizer update on a global batch, optionally in micro-batches.
 
   With grad_accum_steps = k the batch is split into k equal micro-batches
@@ -142,6 +157,8 @@ def train_step(state: TrainState, batch, *, loss: str = 'softmax',
     mixup_alpha, mixup_prob: `mixup` of the whole batch before the step
       (off when either is 0).
     learning_rate_fn: optional schedule, only to report the learning rate.
+    ema_decay: with a state that keeps `ema_params`, their update after this
+      step's parameters: ema <- ema_decay * ema + (1 - ema_decay) * params.
 
   Returns:
     (new_state, metrics) with scalar 'loss', 'accuracy' (top-1 against the
@@ -188,7 +205,11 @@ def train_step(state: TrainState, batch, *, loss: str = 'softmax',
              'grad_norm': optax.global_norm(grads)}
   if learning_rate_fn is not None:
     metrics['learning_rate'] = learning_rate_fn(state.step)
-  return state.apply_gradients(grads=grads), metrics
+  new_state = state.apply_gradients(grads=grads)
+  if state.ema_params is not None:
+    new_state = new_state.replace(ema_params=update_ema(
+        state.ema_params, new_state.params, ema_decay))
+  return new_state, metrics
 
 
 def eval_step(params, batch, *, apply_fn: Callable[..., Any],
