@@ -99,7 +99,11 @@ def get_config():
   config.learning_rate = 1e-3  # Peak, reached after the warmup.
   config.lr_schedule = 'linear'  # 'linear' or 'cosine' decay after warmup.
   config.warmup_steps = 10_000
-  config.end_learning_rate = 1e-5  # Learning rate at the last step.
+  # Relative end of the decay (big_vision's linear_end): the schedule's
+  # multiplier of learning_rate and of weight_decay at step num_train_steps,
+  # one past the last update (see mixer_jax/training/optim.py). 1e-5 ends at
+  # 1e-3 x 1e-5 = 1e-8 for the ImageNet recipe; 0 is the references' cosine.
+  config.end_learning_rate_multiplier = 1e-5
   config.b1 = 0.9  # Adam beta1, or the SGD momentum.
   config.b2 = 0.999
   config.momentum_dtype = 'float32'  # SGD/Adam first moment: or bfloat16.

@@ -6,7 +6,8 @@
 The text after ':' is the variant (default B_16; configs/b16.py is the same
 as `mixer_i1k.py:B_16`). Follows big_vision's `configs/mlp_mixer_i1k.py`:
 Adam (0.9, 0.999), peak learning rate 1e-3 with 10k linear warmup steps then
-linear decay to 1e-5, decoupled weight decay 1e-4 on kernels (big_vision's
+linear decay to the multiplier 1e-5 (big_vision's relative linear_end,
+reached one step past the last update), decoupled weight decay 1e-4 on kernels (big_vision's
 convention), global-norm clipping at 1, batch 4096, 300 epochs, stochastic
 depth 0.1, sigmoid cross-entropy with the head bias at -6.9. Input:
 Inception crop + flip + RandAugment(2, 15) (the TF-TPU definition,
@@ -72,7 +73,7 @@ def get_config(variant: str = 'B_16'):
   config.learning_rate = 1e-3
   config.lr_schedule = 'linear'
   config.warmup_steps = 10_000
-  config.end_learning_rate = 1e-5
+  config.end_learning_rate_multiplier = 1e-5  # big_vision's linear_end.
   config.b1, config.b2 = 0.9, 0.999
   config.weight_decay = 1e-4
   config.grad_clip_norm = 1.0

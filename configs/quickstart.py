@@ -47,7 +47,7 @@ def get_config():
   config.learning_rate = 2e-3
   config.lr_schedule = 'cosine'
   config.warmup_steps = 100
-  config.end_learning_rate = 1e-5
+  config.end_learning_rate_multiplier = 0.0
   config.loss = 'softmax'
 
   config.log_every_steps = 100

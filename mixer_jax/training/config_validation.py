@@ -272,9 +272,8 @@ def _check_training(c: _Checker, num_devices, num_processes) -> None:
   if _is_int(steps) and steps > 0 and _is_int(warmup) and warmup >= steps:
     c.fail('warmup_steps', warmup, f'must be smaller than num_train_steps '
            f'({steps})')
-  end = c.number('end_learning_rate', low=0.0)
-  if end is not None and lr and end > lr:
-    c.fail('end_learning_rate', end, f'must not exceed learning_rate ({lr})')
+  # A multiplier of learning_rate (big_vision's relative linear_end).
+  c.number('end_learning_rate_multiplier', low=0.0, high=1.0)
   c.number('b1', low=0.0, high=1.0, high_open=True)
   c.number('b2', low=0.0, high=1.0, high_open=True)
   c.enum('momentum_dtype', DTYPES)
