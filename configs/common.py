@@ -48,7 +48,9 @@ def get_config():
   config.data_dir = ml_collections.FieldReference(None, field_type=str)
   config.folder = ''  # Root of class_name/*.jpg folders when dataset=folder.
   config.train_split = 'train[:99%]'
-  config.eval_split = 'train[99%:]'  # The official minival.
+  # Scored every eval_every_steps; it picks the best checkpoint, so it must be
+  # held out of train (never the test split): here the official minival.
+  config.eval_split = 'train[99%:]'
   config.num_classes = -1  # -1: read from the data set's metadata.
   config.image_size = 224
   config.shuffle_buffer = 10_000  # Examples per host (big_vision: 250k).
@@ -83,7 +85,8 @@ def get_config():
 
   # Further evaluations besides eval_split (which always runs and picks the
   # best checkpoint): name -> eval_entry(...) below, logged as
-  # `<name>/accuracy` etc. None by default.
+  # `<name>/accuracy` etc. None by default. A test split belongs here, with
+  # every_steps=-1 (scored once, on the final model).
   config.evals = ml_collections.ConfigDict()
 
   # -------------------------------------------------------------- Training.
@@ -149,7 +152,9 @@ def eval_entry(kind='classification', *, dataset='', split='',
     split: split to score ('' = config.eval_split); not used by 'fewshot'.
     label_key: feature holding the label(s) ('real_label' for ReaL).
     every_steps: run every N training steps and at the last step
-      (0 = config.eval_every_steps).
+      (0 = config.eval_every_steps; -1 = only at the last step, for a figure
+      reported once, such as the test split of a run that selects its
+      checkpoint on eval_split).
     crop, resize, resize_method: eval preprocessing as config.pp.eval_crop,
       eval_resize, eval_resize_method ('' or 0 = the config.pp value).
     fewshot_datasets: 'fewshot' only: {name: (tfds_name, train_split,

@@ -31,8 +31,12 @@ def get_config(dataset: str = 'cifar10'):
   config.model.head_bias_init = 0.0
 
   config.dataset = dataset
+  # vit_jax's splits: train on train[:98%]; the 2% held out (1,000 CIFAR
+  # images) is the eval_split that picks the best checkpoint.
   config.train_split = 'train[:98%]'
-  config.eval_split = 'test'
+  config.eval_split = 'train[98%:]'
+  # The test split: scored once, on the final model (test/accuracy).
+  config.evals.test = common.eval_entry(split='test', every_steps=-1)
   config.image_size = 224
   config.pp.train_crop = 'finetune'
   config.pp.crop_area_min = 0.05

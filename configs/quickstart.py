@@ -30,8 +30,14 @@ def get_config():
   config.model.channels_mlp_dim = 128
 
   config.dataset = 'digits'
-  config.train_split = 'train'
-  config.eval_split = 'test'
+  # Checkpoints are compared (and the best kept) on images held out of train,
+  # never on test. 10% of train (144 images, ~14 per class) rather than
+  # vit_jax's 2% for CIFAR: 2% would be 29 images, where one image moves the
+  # accuracy by 3.4 points, too coarse to rank checkpoints.
+  config.train_split = 'train[:90%]'
+  config.eval_split = 'train[90%:]'
+  # The test split: scored once, on the final model (test/accuracy).
+  config.evals.test = common.eval_entry(split='test', every_steps=-1)
   config.image_size = 8  # The images' own size: no upsampling needed.
   config.shuffle_buffer = 2_000  # Whole training split.
   config.cache = True
@@ -47,7 +53,7 @@ def get_config():
   config.learning_rate = 2e-3
   config.lr_schedule = 'cosine'
   config.warmup_steps = 100
-  config.end_learning_rate_multiplier = 0.0
+  config.end_learning_rate_multiplier = 0.0  # Cosine to 0.
   config.loss = 'softmax'
 
   config.log_every_steps = 100

@@ -78,7 +78,7 @@ def test_shortened_quickstart_learns(data_dir, tmp_path):
   assert first['images_per_sec'] > 0 and 'train_learning_rate' in first
   final_eval = [r for r in records if r['step'] == 100 and
                 'eval_accuracy' in r][0]
-  assert final_eval['eval_examples'] == 359  # Every test image, once.
+  assert final_eval['eval_examples'] == 144  # Every held-out image, once.
   assert final_eval['eval_accuracy'] == summary['last_eval_accuracy']
   events = [f for f in os.listdir(tmp_path) if 'tfevents' in f]
   assert events, os.listdir(tmp_path)

@@ -218,7 +218,7 @@ def _check_evals(c: _Checker) -> None:
     c.string(field('dataset'))
     c.string(field('split'))
     c.string(field('label_key'))
-    c.integer(field('every_steps'), low=0)
+    c.integer(field('every_steps'), low=0, allow=(-1,))
     if c.get(field('crop')) != '':
       c.enum(field('crop'), EVAL_CROPS)
     c.integer(field('resize'), low=0)
