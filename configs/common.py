@@ -48,7 +48,9 @@ def get_config():
   config.data_dir = ml_collections.FieldReference(None, field_type=str)
   config.folder = ''  # Root of class_name/*.jpg folders when dataset=folder.
   config.train_split = 'train[:99%]'
-  config.eval_split = 'train[99%:]'  # The official minival.
+  # Scored every eval_every_steps; it picks the best checkpoint, so it must be
+  # held out of train (never the test split): here the official minival.
+  config.eval_split = 'train[99%:]'
   config.num_classes = -1  # -1: read from the data set's metadata.
   config.image_size = 224
   config.shuffle_buffer = 10_000  # Examples per host (big_vision: 250k).
@@ -83,7 +85,8 @@ def get_config():
 
   # Further evaluations besides eval_split (which always runs and picks the
   # best checkpoint): name -> eval_entry(...) below, logged as
-  # `<name>/accuracy` etc. None by default.
+  # `<name>/accuracy` etc. None by default. A test split belongs here, with
+  # every_steps=-1 (scored once, on the final model).
   config.evals = ml_collections.ConfigDict()
 
   # -------------------------------------------------------------- Training.
@@ -99,7 +102,11 @@ def get_config():
   config.learning_rate = 1e-3  # Peak, reached after the warmup.
   config.lr_schedule = 'linear'  # 'linear' or 'cosine' decay after warmup.
   config.warmup_steps = 10_000
-  config.end_learning_rate = 1e-5  # Learning rate at the last step.
+  # Relative end of the decay (big_vision's linear_end): the schedule's
+  # multiplier of learning_rate and of weight_decay at step num_train_steps,
+  # one past the last update (see mixer_jax/training/optim.py). 1e-5 ends at
+  # 1e-3 x 1e-5 = 1e-8 for the ImageNet recipe; 0 is the references' cosine.
+  config.end_learning_rate_multiplier = 1e-5
   config.b1 = 0.9  # Adam beta1, or the SGD momentum.
   config.b2 = 0.999
   config.momentum_dtype = 'float32'  # SGD/Adam first moment: or bfloat16.
@@ -145,7 +152,9 @@ def eval_entry(kind='classification', *, dataset='', split='',
     split: split to score ('' = config.eval_split); not used by 'fewshot'.
     label_key: feature holding the label(s) ('real_label' for ReaL).
     every_steps: run every N training steps and at the last step
-      (0 = config.eval_every_steps).
+      (0 = config.eval_every_steps; -1 = only at the last step, for a figure
+      reported once, such as the test split of a run that selects its
+      checkpoint on eval_split).
     crop, resize, resize_method: eval preprocessing as config.pp.eval_crop,
       eval_resize, eval_resize_method ('' or 0 = the config.pp value).
     fewshot_datasets: 'fewshot' only: {name: (tfds_name, train_split,

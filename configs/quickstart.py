@@ -3,11 +3,14 @@
   python -m mixer_jax.train --config=configs/quickstart.py --workdir=/tmp/qs
 
 Trains a 4-block Mixer with 2x2 patches (16 tokens of width 64, 73,226
-parameters) on scikit-learn's 8x8 handwritten digits (1,438 training and
-359 test images, no download) for 1,500 steps of batch 64, then reports top-1
-accuracy on the test split: 98.6% with the default seed (97.8-98.6% over
-seeds 0-4), in about 35 s for the whole command on an idle 2-core CPU
-(23 s of it training; see the README).
+parameters) on scikit-learn's 8x8 handwritten digits (no download) for 1,500
+steps of batch 64 on train[:90%] (1,294 images). The held-out train[90%:]
+(144 images) is evaluated every 500 steps and picks the kept checkpoint; the
+359 test images are scored once, after the last step (`test/accuracy`).
+Default seed: validation 95.8%, test 98.6% (seeds 0-4: validation
+95.8-98.6%, test 97.5-98.6%); about a minute for the whole command on a
+busy 2-core CPU, 35 s on an idle one (measured before the held-out
+split; see the README).
 """
 
 import os
@@ -30,8 +33,14 @@ def get_config():
   config.model.channels_mlp_dim = 128
 
   config.dataset = 'digits'
-  config.train_split = 'train'
-  config.eval_split = 'test'
+  # Checkpoints are compared (and the best kept) on images held out of train,
+  # never on test. 10% of train (144 images, ~14 per class) rather than
+  # vit_jax's 2% for CIFAR: 2% would be 29 images, where one image moves the
+  # accuracy by 3.4 points, too coarse to rank checkpoints.
+  config.train_split = 'train[:90%]'
+  config.eval_split = 'train[90%:]'
+  # The test split: scored once, on the final model (test/accuracy).
+  config.evals.test = common.eval_entry(split='test', every_steps=-1)
   config.image_size = 8  # The images' own size: no upsampling needed.
   config.shuffle_buffer = 2_000  # Whole training split.
   config.cache = True
@@ -47,7 +56,7 @@ def get_config():
   config.learning_rate = 2e-3
   config.lr_schedule = 'cosine'
   config.warmup_steps = 100
-  config.end_learning_rate = 1e-5
+  config.end_learning_rate_multiplier = 0.0  # Cosine to 0.
   config.loss = 'softmax'
 
   config.log_every_steps = 100

@@ -55,6 +55,25 @@ def imagenet_class_names() -> List[str]:
   return names
 
 
+_WORDNET_ID = re.compile(r'n\d{8}')
+
+
+def readable_class_names(
+    names: Optional[Sequence[str]]) -> Optional[Sequence[str]]:
+  """ImageNet-1k's readable names in place of its WordNet ids, else `names`.
+
+  TFDS names imagenet2012's labels by WordNet id ('n01440764'), sorted, which
+  is the standard label order of the readable names this package ships
+  ('tench'); a workdir trained on imagenet2012 brings those ids. Any other
+  list (ImageNet-21k's 21,843 ids, a data set's own names) is kept as it is.
+  """
+  if (names is None or len(names) != 1000 or
+      not all(_WORDNET_ID.fullmatch(n) for n in names) or
+      list(names) != sorted(names)):
+    return names
+  return imagenet_class_names()
+
+
 def class_names(spec: str, num_classes: int,
                 entry: Optional[registry.Checkpoint]) -> Optional[List[str]]:
   """Names for the head's classes, or None to print indices.
@@ -141,9 +160,10 @@ def _describe_error(error: Exception) -> str:
 
 def format_prediction(prediction: Prediction,
                       names: Optional[Sequence[str]]) -> str:
-  """Human-readable lines for one file."""
+  """Human-readable lines for one file (ImageNet names, not WordNet ids)."""
   if prediction.error:
     return f'{prediction.path}: ERROR {prediction.error}'
+  names = readable_class_names(names)
   lines = [f'{prediction.path}:']
   for rank, (index, score) in enumerate(prediction.top, 1):
     label = f'{index:5d} {names[index]}' if names else f'{index:5d}'

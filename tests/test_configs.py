@@ -7,9 +7,17 @@ import subprocess
 import sys
 import time
 
+import math
+
 import pytest
 
+from mixer_jax.data.datasets import sources
 from mixer_jax.training import config_validation
+from mixer_jax.training import evals
+from mixer_jax.training import optim
+from mixer_jax.training import sharding
+from mixer_jax.training import train_steps
+from mixer_jax.training import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(glob.glob(os.path.join(ROOT, 'configs', '*.py')))
@@ -62,38 +70,178 @@ def test_config_is_valid_and_defines_only_common_fields(path):
   assert not extra, f'{name} sets fields missing from common.py: {extra}'
 
 
-def test_b16_is_the_paper_recipe():
-  c = load('b16')
-  assert c.model.variant == 'B_16'
-  assert (c.optimizer, c.learning_rate, c.b1, c.b2) == ('adam', 1e-3, 0.9,
-                                                        0.999)
-  assert (c.weight_decay, c.grad_clip_norm) == (1e-4, 1.0)
-  assert (c.warmup_steps, c.lr_schedule) == (10_000, 'linear')
-  assert (c.batch_size, c.num_epochs, c.num_train_steps) == (4096, 300.0, -1)
-  assert (c.model.stochastic_depth, c.model.head_bias_init) == (0.1, -6.9)
-  assert c.loss == 'sigmoid' and c.pp.randaugment_layers == 2
-  assert c.pp.mixup_prob > 0 and c.dataset == 'imagenet2012'
+# big_vision's published ImageNet-1k recipe, read from
+# google-research/big_vision big_vision/configs/mlp_mixer_i1k.py (commit
+# 1c965d15): our field -> the value its field sets (named in the comment).
+BIG_VISION_MLP_MIXER_I1K = {
+    'dataset': 'imagenet2012',  # config.dataset
+    'train_split': 'train[:99%]',  # config.train_split
+    'cache_raw': True,  # config.cache_raw
+    'model.head_bias_init': -6.9,  # config.init_head_bias
+    'loss': 'sigmoid',  # config.loss = 'sigmoid_xent'
+    'image_size': 224,  # decode_jpeg_and_inception_crop(224)
+    'pp.train_crop': 'inception',  # decode_jpeg_and_inception_crop
+    'pp.flip': True,  # flip_lr
+    'pp.randaugment_layers': 2,  # randaug(2,15)
+    'pp.randaugment_magnitude': 15,
+    'pp.eval_crop': 'resize_crop',  # resize_small(256)|central_crop(224)
+    'pp.eval_resize': 256,
+    'batch_size': 4096,  # config.batch_size
+    'num_epochs': 300,  # config.num_epochs
+    'shuffle_buffer': 250_000,  # config.shuffle_buffer_size
+    'model.stochastic_depth': 0.1,  # config.model.stoch_depth
+    'pp.mixup_alpha': 0.5,  # config.mixup = dict(p=0.5): Beta(0.5, 0.5),
+    'pp.mixup_prob': 1.0,  # ... on every batch.
+    'optimizer': 'adam',  # config.optax_name = 'scale_by_adam'
+    'b1': 0.9,  # optax.scale_by_adam defaults
+    'b2': 0.999,
+    'grad_clip_norm': 1.0,  # config.grad_clip_norm
+    'learning_rate': 1e-3,  # config.lr
+    'weight_decay': 1e-4,  # config.wd (decoupled, on kernels)
+    'lr_schedule': 'linear',  # config.schedule.decay_type
+    'warmup_steps': 10_000,  # config.schedule.warmup_steps
+    'end_learning_rate_multiplier': 1e-5,  # config.schedule.linear_end
+    'model.dtype': 'float32',  # big_vision's Mixer has no dtype.
+    'model.gelu_approximate': True,  # nn.gelu's default (tanh).
+}
+# Its evals: split (and dataset) of each, every 2,500 steps (log_steps).
+BIG_VISION_I1K_EVALS = {
+    'minival': ('', 'train[99%:]'), 'val': ('', 'validation'),
+    'v2': ('imagenet_v2', 'test'), 'real': ('imagenet2012_real', 'validation'),
+}
+
+# vit_jax's Mixer-B/16 CIFAR fine-tuning, read from
+# google-research/vision_transformer vit_jax/configs/common.py and
+# configs/mixer_base16_cifar10.py (commit 0f6b288d), optimizer from
+# vit_jax/train.py (optax.sgd, momentum 0.9, no weight decay).
+VIT_JAX_MIXER_CIFAR = {
+    'train_split': 'train[:98%]',  # pp.train
+    'image_size': 224,  # pp.crop
+    'num_train_steps': 10_000,  # total_steps
+    'batch_size': 512,  # batch
+    'grad_accum_steps': 8,  # accum_steps
+    'shuffle_buffer': 50_000,  # shuffle_buffer
+    'learning_rate': 0.03,  # base_lr
+    'lr_schedule': 'cosine',  # decay_type
+    'warmup_steps': 500,  # warmup_steps
+    'end_learning_rate_multiplier': 0.0,  # its cosine ends at 0
+    'grad_clip_norm': 1.0,  # grad_norm_clip
+    'momentum_dtype': 'bfloat16',  # optim_dtype
+    'optimizer': 'sgd', 'b1': 0.9, 'weight_decay': 0.0,
+    'loss': 'softmax',
+    'model.dtype': 'float32',  # vit_jax's Mixer has no dtype.
+    'model.variant': 'B_16',  # get_mixer_b16_config
+    'eval_every_steps': 100,  # eval_every
+}
+
+
+def field(config, dotted):
+  node = config
+  for part in dotted.split('.'):
+    node = node[part]
+  return node
+
+
+def assert_matches(config, reference):
+  wrong = {k: (field(config, k), v) for k, v in reference.items()
+           if field(config, k) != v}
+  assert not wrong, f'(ours, reference): {wrong}'
+
+
+def big_vision_multiplier(step, total, warmup=10_000, linear_end=1e-5):
+  """utils.create_learning_rate_schedule(base=1, decay_type='linear')."""
+  progress = min(max((step - warmup) / (total - warmup), 0.0), 1.0)
+  value = linear_end + (1.0 - linear_end) * (1.0 - progress)
+  return value * min(1.0, step / warmup)
 
 
 @pytest.mark.parametrize('variant', ['S_32', 'S_16', 'S_8', 'B_32', 'B_16',
                                      'L_32', 'L_16', 'H_14'])
-def test_every_paper_variant_shares_the_recipe(variant):
-  config, base = load('mixer_i1k', variant), load('b16')
+def test_every_variant_is_big_visions_recipe(variant):
+  config = load('mixer_i1k', variant)
   assert config.model.variant == variant
+  assert_matches(config, BIG_VISION_MLP_MIXER_I1K)
+  for name, (dataset, split) in BIG_VISION_I1K_EVALS.items():
+    entry = config.evals[name]
+    assert (entry.dataset, entry.split, entry.every_steps) == (
+        dataset, split, 2_500), name
+  assert config.evals.real.label_key == 'real_label'
   config_validation.validate_config(config, num_devices=8, num_processes=2)
-  base.model.variant = variant
-  assert config.to_dict() == base.to_dict()
 
 
-def test_finetune_cifar10_is_the_official_recipe():
-  c = load('finetune_cifar10')
-  assert (c.optimizer, c.b1, c.learning_rate) == ('sgd', 0.9, 0.03)
-  assert (c.lr_schedule, c.warmup_steps, c.num_train_steps) == ('cosine', 500,
-                                                                10_000)
-  assert (c.batch_size, c.grad_accum_steps, c.image_size) == (512, 8, 224)
-  assert (c.grad_clip_norm, c.weight_decay, c.loss) == (1.0, 0.0, 'softmax')
-  assert c.dataset == 'cifar10' and c.init_from.endswith('Mixer-B_16')
-  assert c.pp.train_crop == 'finetune' and c.pp.eval_crop == 'resize'
+def test_b16_is_big_visions_b16():
+  config = load('b16')
+  assert config.model.variant == 'B_16'  # config.model.variant = 'B/16'
+  assert_matches(config, BIG_VISION_MLP_MIXER_I1K)
+
+
+def test_i1k_learning_rate_is_big_visions():
+  # The schedule the config gives, against big_vision's formula worked out
+  # here, over 300 epochs of train[:99%] (1,268,355 images) at batch 4096.
+  config = load('mixer_i1k')
+  total = trainer.num_train_steps_for(config, 1_268_355)
+  assert total in (92_897, 92_898)  # big_vision rounds (92,897.1), we ceil.
+  lr = optim.learning_rate_fn(config, total)
+  for step in (1, 5_000, 10_000, 51_449, total - 1000):
+    assert float(lr(step)) == pytest.approx(
+        1e-3 * big_vision_multiplier(step, total), rel=1e-4), step
+  # The last update is 1 / (T - 10k) above the end, 1e-3 * 1e-5 = 1e-8.
+  last = 1e-3 * big_vision_multiplier(total - 1, total)
+  assert float(lr(total - 1)) == pytest.approx(last, rel=1e-2)
+  assert float(lr(total)) == pytest.approx(1e-8, rel=1e-4)
+
+
+@pytest.mark.parametrize('name, dataset', [('finetune_cifar10', 'cifar10'),
+                                           ('finetune_cifar100', 'cifar100')])
+def test_finetune_is_vit_jax_recipe(name, dataset):
+  config = load(name)
+  assert config.dataset == dataset
+  assert_matches(config, VIT_JAX_MIXER_CIFAR)
+  assert config.pp.train_crop == 'finetune' and config.pp.eval_crop == 'resize'
+  # vit_jax reports the test split; here it is scored once, at the end, and
+  # the checkpoint is picked on the 2% of train vit_jax leaves out.
+  assert config.evals.test.split == 'test'
+  assert config.eval_split == 'train[98%:]'
+  # vit_jax's cosine: 0.03 * (1 + cos(pi p)) / 2, p = (t - 500) / 9,500.
+  lr = optim.learning_rate_fn(config, config.num_train_steps)
+  for step, p in ((500, 0.0), (2_875, 0.25), (7_625, 0.75)):
+    assert float(lr(step)) == pytest.approx(
+        0.03 * 0.5 * (1 + math.cos(math.pi * p)), rel=1e-5)
+
+
+@pytest.mark.parametrize('path', CONFIG_FILES, ids=os.path.basename)
+def test_no_config_selects_on_test_data(path):
+  # The split that picks the best checkpoint is held out of train; a test
+  # split is only scored once, at the last step.
+  config = load(os.path.basename(path)[:-3])
+  assert config.eval_split.startswith('train['), config.eval_split
+  assert config.train_split.startswith('train'), config.train_split
+  for name, entry in config.evals.items():
+    if entry.split == 'test' and entry.dataset in ('', config.dataset):
+      assert entry.every_steps == -1, name
+
+
+def test_quickstart_held_out_split_is_disjoint_from_training(tmp_path):
+  config = load('quickstart')
+  config.data_dir = str(tmp_path)
+  source = sources.get_source(config)
+
+  def images(split):
+    return {bytes(ex['image'].numpy())
+            for ex in source.read(split, 0, 1)}
+
+  train, held_out = images(config.train_split), images(config.eval_split)
+  assert len(held_out) >= 100  # Enough to rank checkpoints (1 image < 1%).
+  assert not train & held_out
+  assert not images('test') & held_out
+
+
+def test_a_test_entry_runs_only_at_the_last_step():
+  config = load('quickstart')
+  model = train_steps.create_model(config, 10)
+  evaluations = evals.Evaluations(config, model, sharding.create_mesh(),
+                                  num_train_steps=1_500)
+  assert [s for s in range(1, 1_501) if evaluations.due(s)] == [1_500]
 
 
 def expect_problems(config, *fragments, **kwargs):
@@ -133,6 +281,8 @@ def test_image_size_not_divisible_by_patch():
     ('num_classes', 0, 'or -1'),
     ('pp.train_crop', 'random', 'inception, finetune, resize'),
     ('model.stochastic_depth', 1.0, '< 1.0'),
+    ('end_learning_rate_multiplier', 1.5, '<= 1'),
+    ('evals.test.every_steps', -2, '(or -1)'),
 ])
 def test_bad_values_are_named(field, value, fragment):
   config = load('quickstart')
@@ -151,6 +301,25 @@ def test_all_problems_are_reported_at_once():
   message = expect_problems(config, 'config.optimizer', 'config.loss',
                             'config.b1')
   assert message.count('\n  ') == 3
+
+
+@pytest.mark.parametrize('batch, devices, fragment, suggestion', [
+    (63, None, 'it must be even', 'try 64'),
+    (24, 8, 'per-device batch 24 / 8 devices = 3 must be even', 'try 32'),
+    (40, 4, None, None)])  # 10 per device: fine.
+def test_mixup_needs_an_even_batch_on_every_device(batch, devices, fragment,
+                                                   suggestion):
+  config = load('quickstart')
+  config.pp.mixup_alpha, config.pp.mixup_prob = 0.5, 1.0
+  config.batch_size = batch
+  if suggestion is None:
+    config_validation.validate_config(config, num_devices=devices)
+    return
+  message = expect_problems(config, f'config.batch_size={batch}', fragment,
+                            'mixup', suggestion, num_devices=devices)
+  assert message.count('\n  ') == 1, message
+  config.pp.mixup_prob = 0.0  # Without mixup the same batch is fine.
+  config_validation.validate_config(config, num_devices=devices)
 
 
 def test_num_epochs_needed_without_steps():

@@ -84,7 +84,7 @@ def test_good_config_passes(data_dir):
   info = data_checks.checked_dataset_info(
       _with_eval(small_config(data_dir, num_classes=12), split='test[:10]'))
   assert (info.num_classes, info.train_examples, info.eval_examples) == (
-      12, 1438, 359)
+      12, 1294, 144)  # train[:90%], train[90%:] of digits' 1,438.
 
 
 def test_empty_eval_split_on_the_command_line(data_dir, tmp_path):

@@ -31,7 +31,7 @@ def small_config():
   config = quickstart.get_config()
   config.model.num_blocks = 2
   config.model.hidden_dim = 32
-  config.batch_size = 32  # 359 test images: the last batch is padded.
+  config.batch_size = 32  # 144 held-out images: the last batch is padded.
   return config
 
 
@@ -83,7 +83,7 @@ def workdir(tmp_path_factory):
 
 
 def assert_matches(result, expected):
-  assert result['examples'] == expected['examples'] == 359
+  assert result['examples'] == expected['examples'] == 144
   for key in ('top1', 'top5', 'loss'):
     np.testing.assert_allclose(result[key], expected[key], rtol=1e-5,
                                err_msg=key)
@@ -141,7 +141,7 @@ def test_evaluating_writes_nothing_and_shows_progress(workdir, capsys):
   evaluate.evaluate(small_config(), str(workdir), step=100,
                     progress_every_s=0)
   assert sorted(p for p in workdir.rglob('*')) == before
-  assert 'eval: batch 12/~12' in capsys.readouterr().out  # 359 / 32.
+  assert 'eval: batch 5/~5' in capsys.readouterr().out  # 144 / 32.
 
 
 def test_command_line(workdir, tmp_path):
@@ -154,5 +154,5 @@ def test_command_line(workdir, tmp_path):
        '--config.batch_size=32', f'--output={output}'],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert run.returncode == 0, run.stderr[-3000:]
-  assert 'top-1' in run.stdout and '359 examples' in run.stdout
+  assert 'top-1' in run.stdout and '144 examples' in run.stdout
   assert output.exists()

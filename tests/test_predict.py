@@ -27,6 +27,50 @@ def test_imagenet_class_names_in_standard_order():
   assert all(n and n == n.strip() for n in names)
 
 
+# ImageNet-1k label -> (WordNet id, readable name), as published with the
+# ILSVRC-2012 synsets (the label order is the sorted WordNet ids).
+IMAGENET_LABELS = {0: ('n01440764', 'tench'), 1: ('n01443537', 'goldfish'),
+                   207: ('n02099601', 'golden retriever'),
+                   281: ('n02123045', 'tabby'),
+                   999: ('n15075141', 'toilet tissue')}
+
+
+def tfds_imagenet_label_ids(tmp_path):
+  """The names a workdir trained on TFDS imagenet2012 brings: WordNet ids."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  builder = tfds.builder('imagenet2012', data_dir=str(tmp_path))
+  return list(builder.info.features['label'].names)  # No data needed.
+
+
+def test_wordnet_ids_print_as_imagenet_names(tmp_path):
+  ids = tfds_imagenet_label_ids(tmp_path)
+  assert {i: ids[i] for i in IMAGENET_LABELS} == {
+      i: wnid for i, (wnid, _) in IMAGENET_LABELS.items()}
+  result = predict.Prediction('dog.jpg', [(207, 0.7), (999, 0.2), (0, 0.1)])
+  text = predict.format_prediction(result, ids)
+  lines = text.splitlines()
+  assert lines[1].endswith('  207 golden retriever'), text
+  assert lines[2].endswith('  999 toilet tissue'), text
+  assert lines[3].endswith('    0 tench'), text
+  assert 'n0' not in text and 'n1' not in text
+  readable = predict.readable_class_names(ids)
+  assert {i: readable[i] for i in IMAGENET_LABELS} == {
+      i: name for i, (_, name) in IMAGENET_LABELS.items()}
+  assert ids[207] == 'n02099601'  # The ids themselves are left unchanged.
+
+
+def test_other_names_are_kept(tmp_path):
+  ids = tfds_imagenet_label_ids(tmp_path)
+  shuffled = ids[1:] + ids[:1]  # Not the standard order: no mapping.
+  assert predict.readable_class_names(shuffled) == shuffled
+  assert predict.readable_class_names(ids[:10]) == ids[:10]
+  digits = [str(i) for i in range(10)]
+  assert predict.readable_class_names(digits) == digits
+  assert predict.readable_class_names(None) is None
+  result = predict.Prediction('x.png', [(3, 1.0)])
+  assert predict.format_prediction(result, digits).endswith('    3 3')
+
+
 def test_class_names_choice():
   entry_21k = registry.get('imagenet21k/Mixer-B_16')
   entry_1k = registry.get('gsam/Mixer-S_8')

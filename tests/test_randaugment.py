@@ -70,11 +70,29 @@ def test_invert_posterize_solarize_match_pil():
                                 np.asarray(ImageOps.invert(_pil(image))))
   np.testing.assert_array_equal(_both('Posterize', image),
                                 np.asarray(ImageOps.posterize(_pil(image), 6)))
-  # Magnitude 15 gives threshold 384: nothing is >= it, nothing changes.
-  np.testing.assert_array_equal(_both('Solarize', image), image)
   np.testing.assert_array_equal(
       _both('Solarize', image, magnitude=5),  # Threshold 128.
       np.asarray(ImageOps.solarize(_pil(image), 128)))
+
+
+@pytest.mark.parametrize('magnitude, executed_threshold', [
+    (15, 128),  # int(1.5 * 256) = 384, as uint8: 384 - 256.
+    (10, 0),  # 256 as uint8: every value is inverted.
+    (5, 128), (3, 76)])  # int(0.3 * 256) = 76, in range: unchanged.
+def test_solarize_is_what_the_reference_executes(magnitude, executed_threshold):
+  # The reference's op, run as written: a uint8 tensor compared with the
+  # Python int of its level rule (TensorFlow converts the int to uint8).
+  image = _noise((12, 10, 3))
+  level_threshold = int(magnitude / 10 * 256)
+  as_written = tf.where(tf.constant(image) < level_threshold,
+                        tf.constant(image), 255 - tf.constant(image)).numpy()
+  out = _both('Solarize', image, magnitude=magnitude)
+  np.testing.assert_array_equal(out, as_written)
+  # The same, from PIL's solarize at the wrapped threshold.
+  np.testing.assert_array_equal(
+      out, np.asarray(ImageOps.solarize(_pil(image), executed_threshold)))
+  if magnitude == 15:  # About half the values (those >= 128) change.
+    assert 0.4 < np.mean(out != image) < 0.6
 
 
 def test_solarize_add_formula():

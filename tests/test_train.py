@@ -77,7 +77,7 @@ def test_shortened_quickstart_learns(data_dir, tmp_path):
   assert first['images_per_sec'] > 0 and 'train_learning_rate' in first
   final_eval = [r for r in records if r['step'] == 100 and
                 'eval_accuracy' in r][0]
-  assert final_eval['eval_examples'] == 359  # Every test image, once.
+  assert final_eval['eval_examples'] == 144  # Every held-out image, once.
   assert final_eval['eval_accuracy'] == summary['last_eval_accuracy']
   # The best is the highest of the evaluations the run wrote down.
   assert summary['best_eval_accuracy'] == max(
@@ -168,7 +168,7 @@ def test_checkpoint_of_another_model_is_refused(reference, tmp_path):
 def test_nan_loss_stops_naming_the_step(data_dir, tmp_path):
   config = small_config(data_dir, optimizer='sgd', b1=0.0, learning_rate=1e9,
                         warmup_steps=0, grad_clip_norm=0.0, weight_decay=0.0,
-                        end_learning_rate=1e9, checkpoint_every_steps=1,
+                        end_learning_rate_multiplier=1.0, checkpoint_every_steps=1,
                         log_every_steps=1)
   with pytest.raises(errors.NonFiniteLossError) as info:
     trainer.train_and_evaluate(config, str(tmp_path))

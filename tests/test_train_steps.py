@@ -237,3 +237,61 @@ def test_ema_is_the_running_average_of_the_parameters(digits):
     np.testing.assert_array_equal(a, b)
   assert not np.allclose(jax.tree.leaves(state.ema_params)[0],
                          jax.tree.leaves(state.params)[0])
+
+
+def logits_as_images(variables, images, train):
+  """A stand-in forward pass whose logits are its input, to set exact ties."""
+  del variables, train
+  return images
+
+
+def eval_sums(logits, labels, top_k=5):
+  logits = jnp.asarray(logits, jnp.float32)
+  batch = {'image': logits,
+           'label': jax.nn.one_hot(jnp.asarray(labels), logits.shape[-1]),
+           'mask': jnp.ones(logits.shape[0])}
+  return jax.device_get(train_steps.eval_step(
+      {}, batch, apply_fn=logits_as_images, top_k=top_k))
+
+
+def test_zero_head_scores_no_hits():
+  # The real model at initialisation: the head is zero, so all 10 logits are
+  # equal. A tie counts against the label: top-1 and top-5 are both 0 (the
+  # old "fewer than k higher" rule gave top-5 = 100%).
+  model = train_steps.create_model(tiny_config(), 10)
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)),
+                      train=False)['params']
+  images = jax.random.uniform(jax.random.PRNGKey(1), (20, 8, 8, 3))
+  batch = {'image': images, 'label': jax.nn.one_hot(jnp.arange(20) % 10, 10),
+           'mask': jnp.ones(20)}
+  sums = jax.device_get(train_steps.eval_step(params, batch,
+                                              apply_fn=model.apply))
+  assert (sums['count'], sums['correct'], sums['top5']) == (20, 0, 0)
+  assert sums['loss_sum'] == pytest.approx(20 * math.log(10), rel=1e-5)
+
+
+def test_ties_count_against_the_label_and_nan_is_a_miss():
+  logits = [[1.0, 2.0, 2.0, 0.0],  # Label 1 ties with class 2.
+            [1.0, 2.0, 2.0, 0.0],  # Label 2: the same, from the other side.
+            [3.0, 1.0, 1.0, 1.0],  # Label 0 alone on top.
+            [0.0, np.nan, 5.0, 1.0],  # A NaN in the row: a miss.
+            [np.nan] * 4,
+            [-np.inf, np.inf, 0.0, 0.0]]  # Label 1 at +inf: a hit.
+  labels = [1, 2, 0, 2, 0, 1]
+  # By hand: rows 0 and 1 have 1 rival >= the label (top-1 miss, top-2 hit);
+  # row 2 none; rows 3, 4 miss whatever k; row 5 none.
+  top1, top2 = eval_sums(logits, labels, 1), eval_sums(logits, labels, 2)
+  assert (top1['correct'], top1['top5']) == (2, 2)
+  assert (top2['correct'], top2['top5']) == (2, 4)
+
+
+def test_top_k_equals_sorting_when_no_logits_tie():
+  # A second way: the label's rank in a descending sort, on random logits.
+  rng = np.random.RandomState(0)
+  logits = rng.randn(64, 10).astype(np.float32)
+  labels = rng.randint(0, 10, 64)
+  ranks = np.argsort(np.argsort(-logits, axis=-1), axis=-1)
+  label_rank = ranks[np.arange(64), labels]
+  sums = eval_sums(logits, labels, top_k=5)
+  assert sums['correct'] == np.sum(label_rank == 0)
+  assert sums['top5'] == np.sum(label_rank < 5)

@@ -12,6 +12,11 @@ that behaviour for TF2 `tf.data`:
   degrees, shears of 0.45, translations of 150 px, a 6-bit posterize);
 * the geometric ops (Rotate, ShearX/Y, TranslateX/Y) get a random sign;
 * empty pixels are filled with grey 128, Cutout included;
+* Solarize does what the reference executes, not what its level rule
+  suggests: the threshold int(level/10 * 256) (384 at magnitude 15) is
+  compared with the uint8 image, and TensorFlow converts that Python int to
+  uint8, wrapping it modulo 256 (384 -> 128, so values >= 128 are inverted;
+  256 at magnitude 10 -> 0, so every value is);
 * images are uint8 HxWx3 in and out, as in the reference.
 
 Randomness is stateless: `layer_draws(seed, ...)` derives every choice
@@ -147,8 +152,14 @@ def posterize(image, bits):
 
 
 def solarize(image, threshold):
-  """Inverts the values >= threshold (none when threshold > 255)."""
-  return tf.where(tf.cast(image, tf.int32) < threshold, image, 255 - image)
+  """Inverts the values >= threshold % 256, as the reference executes.
+
+  The reference's `tf.where(image < threshold, image, 255 - image)` compares
+  a uint8 image with a Python int, which TensorFlow converts to uint8 by
+  wrapping: its level rule's 384 (magnitude 15) acts as 128, 256 as 0.
+  """
+  wrapped = int(threshold) % 256
+  return tf.where(tf.cast(image, tf.int32) < wrapped, image, 255 - image)
 
 
 def solarize_add(image, addition, threshold=128):

@@ -136,8 +136,10 @@ class Evaluations:
   def due(self, step: int):
     """Names of the entries to run after `step`."""
     last = step == self.num_train_steps
+    # every_steps -1: only at the last step (a figure reported once: test).
     return [name for name, entry in self.entries.items()
-            if last or step % self._every(entry) == 0]
+            if last or (entry.every_steps != -1 and
+                        step % self._every(entry) == 0)]
 
   def run(self, step: int, params) -> Dict[str, float]:
     """Metrics of every entry due at `step` ({} when none is)."""

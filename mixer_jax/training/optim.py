@@ -4,9 +4,10 @@ The update follows big_vision's convention, which the paper's numbers assume:
 
   update = -shape(t) * (learning_rate * opt(clip(g)) + weight_decay * param)
 
-where `shape(t)` is the schedule normalised to a peak of 1 (linear warmup from
-0, then linear or cosine decay to end_learning_rate / learning_rate at the
-last step), `opt` is Adam's or SGD-momentum's direction and the weight-decay
+where `shape(t)` is big_vision's `create_learning_rate_schedule` with base 1
+(linear warmup from 0, then linear or cosine decay towards the relative end
+`end_learning_rate_multiplier`, reached at update `num_train_steps`, one past
+the last), `opt` is Adam's or SGD-momentum's direction and the weight-decay
 term applies to kernels only. The decay is therefore decoupled from the
 learning rate (it is not multiplied by it, unlike `optax.adamw`) but follows
 the schedule's shape, so big_vision's `wd=1e-4` is our `weight_decay=1e-4`.
@@ -28,17 +29,22 @@ Schedule = Callable[[jax.Array], jax.Array]
 def schedule_shape(config, num_train_steps: int) -> Schedule:
   """Returns t -> multiplier of the peak learning rate at update `t`.
 
-  Update t (0-based, as optax counts) uses:
-    t < warmup_steps:  t / warmup_steps                (0 at the first update)
-    otherwise:         end + (1 - end) * decay(p),
-                       p = (t - warmup_steps) / (T - 1 - warmup_steps)
-  with end = end_learning_rate / learning_rate, decay(p) = 1 - p (linear) or
-  (1 + cos(pi p)) / 2 (cosine), p clipped to [0, 1] and T = num_train_steps.
-  So the last update, t = T - 1, uses exactly end_learning_rate.
+  big_vision's `create_learning_rate_schedule(base=1)` (vit_jax's is the
+  same), with update t counted from 0 as optax and both references count it:
+    warmup(t) = min(1, t / warmup_steps)        (1 when warmup_steps = 0)
+    p = clip((t - warmup_steps) / (T - warmup_steps), 0, 1)
+    linear: end + (1 - end) * (1 - p)
+    cosine: end + (1 - end) * (1 + cos(pi p)) / 2
+    multiplier(t) = warmup(t) * decay(p)
+  with end = config.end_learning_rate_multiplier and T = num_train_steps. So
+  the first update uses 0 (with warmup) and the end value is reached at
+  t = T, one past the last update (the last update, t = T - 1, still uses
+  end + (1 - end) / (T - warmup_steps) under linear decay). big_vision's
+  `linear_end` is this `end` (its cosine has no end value: end = 0 there).
 
   Args:
-    config: the training config (learning_rate, end_learning_rate,
-      warmup_steps, lr_schedule).
+    config: the training config (end_learning_rate_multiplier, warmup_steps,
+      lr_schedule).
     num_train_steps: total number of optimizer updates.
 
   Returns:
@@ -48,16 +54,26 @@ def schedule_shape(config, num_train_steps: int) -> Schedule:
     raise ValueError(f'config.lr_schedule={config.lr_schedule!r} is not one '
                      f'of {config_validation.SCHEDULES}.')
   warmup = int(config.warmup_steps)
-  end = float(config.end_learning_rate) / float(config.learning_rate)
-  decay_steps = max(num_train_steps - 1 - warmup, 1)
-  if config.lr_schedule == 'cosine':
-    decay = optax.cosine_decay_schedule(1.0, decay_steps, alpha=end)
-  else:
-    decay = optax.linear_schedule(1.0, end, decay_steps)
-  if not warmup:
-    return decay
-  return optax.join_schedules(
-      [optax.linear_schedule(0.0, 1.0, warmup), decay], [warmup])
+  end = float(config.end_learning_rate_multiplier)
+  decay_steps = float(max(num_train_steps - warmup, 1))
+  cosine = config.lr_schedule == 'cosine'
+
+  # Written out rather than joined from optax's schedules: the same formula,
+  # but computed as the reference does (optax's linear warmup is 1 - (1 -
+  # t/w), which loses ~1e-4 relative precision in float32 at t = 1).
+  def multiplier(count):
+    t = jnp.asarray(count, jnp.float32)
+    progress = jnp.clip((t - warmup) / decay_steps, 0.0, 1.0)
+    if cosine:
+      decay = 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+    else:
+      decay = 1.0 - progress
+    value = end + (1.0 - end) * decay
+    if warmup:
+      value = value * jnp.minimum(1.0, t / warmup)
+    return value
+
+  return multiplier
 
 
 def learning_rate_fn(config, num_train_steps: int) -> Schedule:
@@ -84,8 +100,8 @@ def create_optimizer(config,
 
   Args:
     config: training config with optimizer, learning_rate, lr_schedule,
-      warmup_steps, end_learning_rate, b1, b2, momentum_dtype, weight_decay
-      and grad_clip_norm.
+      warmup_steps, end_learning_rate_multiplier, b1, b2, momentum_dtype,
+      weight_decay and grad_clip_norm.
     num_train_steps: total number of optimizer updates (sets the schedule).
 
   Returns:

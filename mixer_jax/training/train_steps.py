@@ -130,8 +130,26 @@ def mixup(rng: jax.Array, images: jax.Array, labels: jax.Array, *,
   return mix(images), mix(labels)
 
 
+def _in_top_k(logits, labels, k: int = 1):
+  """1.0 where the label (argmax of `labels`) is among the top k logits.
+
+  The label is in the top k when fewer than k other classes score at least
+  as high: a tie counts against the label (an all-equal row, e.g. a zero
+  head, is a miss for every k < classes), and a row holding a NaN is a miss.
+  Counting keeps the batch sharded; `lax.top_k` would make XLA gather the
+  logits.
+  """
+  logits = logits.astype(jnp.float32)
+  label = jax.nn.one_hot(jnp.argmax(labels, -1), logits.shape[-1], dtype=bool)
+  # where, not a product with the one-hot: inf * 0 would be NaN.
+  label_logit = jnp.sum(jnp.where(label, logits, 0.0), axis=-1, keepdims=True)
+  rivals = jnp.sum((logits >= label_logit) & ~label, axis=-1)
+  finite = ~jnp.any(jnp.isnan(logits), axis=-1)
+  return ((rivals < k) & finite).astype(jnp.float32)
+
+
 def _correct(logits, labels):
-  return (jnp.argmax(logits, -1) == jnp.argmax(labels, -1)).astype(jnp.float32)
+  return _in_top_k(logits, labels, 1)
 
 
 def train_step(state: TrainState, batch, *, loss: str = 'softmax',
@@ -231,13 +249,7 @@ def eval_step(params, batch, *, apply_fn: Callable[..., Any],
   # of sums merges over batches (and devices) with one tree add.
   logits = apply_fn({'params': params}, batch['image'], train=False)
   mask = batch['mask'].astype(jnp.float32)
-  labels = jnp.argmax(batch['label'], axis=-1)
-  # In the top k when fewer than k classes score higher. Counting keeps the
-  # batch sharded; `lax.top_k` would make XLA gather the logits.
-  label_logit = jnp.sum(logits * jax.nn.one_hot(labels, logits.shape[-1]),
-                        axis=-1, keepdims=True)
-  hit_k = (jnp.sum(logits > label_logit, axis=-1) < top_k).astype(
-      jnp.float32)
+  hit_k = _in_top_k(logits, batch['label'], top_k)
   losses = per_example_loss(logits, batch['label'], loss)
   return {'correct': jnp.sum(_correct(logits, batch['label']) * mask),
           'top5': jnp.sum(hit_k * mask),
