@@ -35,6 +35,9 @@ def tiny_config(**overrides):
   config.batch_size, config.grad_accum_steps = 256, 2
   config.pp.mixup_alpha, config.pp.mixup_prob = 0.5, 1.0
   config.optimizer, config.learning_rate, config.warmup_steps = 'sgd', 0.1, 1
+  # Every array of this tiny model is far below big_vision's 4 MiB: split
+  # them all, so that fsdp has something to split.
+  config.fsdp_min_size_mb = 0.0
   config.update(overrides)
   return config
 
