@@ -129,10 +129,11 @@ def features_of(features_fn, params, batches, mesh, stop_requested=None):
   for batch in sharding.prefetch(batches, mesh):
     if stop_requested is not None and stop_requested():
       return None
-    f, y, m = sharding.to_host(features_fn(params, batch))
+    f, y, m = sharding.to_host((features_fn(params, batch['image']),
+                                batch['label'], batch['mask']))
     keep = m > 0
     feats.append(f[keep])
-    labels.append(y[keep])
+    labels.append(np.argmax(y, -1)[keep])
   if not feats:
     raise ValueError('The few-shot data yielded no batch.')
   return np.concatenate(feats), np.concatenate(labels)

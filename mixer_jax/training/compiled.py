@@ -61,8 +61,9 @@ def predict_function(model) -> Callable[..., jax.Array]:
 def real_sums(params, batch, *, apply_fn) -> Dict[str, jax.Array]:
   """Masked ReaL hits (top-1 in the label set) and counts of one batch."""
   logits = apply_fn({'params': params}, batch['image'], train=False)
-  top1 = jnp.argmax(logits, axis=-1)
-  hit = jnp.take_along_axis(batch['label'], top1[:, None], axis=-1)[:, 0]
+  top1 = jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1])
+  # A masked sum, not take_along_axis (a gather XLA would split all-to-all).
+  hit = jnp.sum(batch['label'] * top1, axis=-1)
   mask = batch['mask'].astype(jnp.float32)
   return {'correct': jnp.sum(hit * mask), 'count': jnp.sum(mask)}
 
@@ -73,22 +74,19 @@ def without_head(tree):
 
 
 def features_function(features_model, mesh, params_sharding):
-  """Jitted (params, batch) -> (pre-logits, labels, mask), all replicated.
+  """Jitted (params, images) -> pre-logits, split over the batch like images.
+
+  Images only (labels stay on the host), so one compilation serves every
+  few-shot data set whatever its class count.
 
   Args:
     features_model: a Mixer returning features (num_classes None or 0).
     mesh: the device mesh; the batch is split over its data axes.
     params_sharding: the placement of the (headless) parameters.
   """
-  apply = forward(features_model)
-
-  def features(params, batch):
-    return (apply(params, batch['image']), jnp.argmax(batch['label'], -1),
-            batch['mask'])
-
-  return jax.jit(features, in_shardings=(params_sharding,
-                                         sharding.batch_sharding(mesh)),
-                 out_shardings=sharding.replicated(mesh))
+  data = sharding.batch_sharding(mesh)
+  return jax.jit(forward(features_model), in_shardings=(params_sharding, data),
+                 out_shardings=data)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,8 +106,8 @@ class RunFunctions:
     eval_step: (params, batch) -> masked sums (`train_steps.eval_step`);
       also the step of `classification` entries of config.evals.
     real_step: (params, batch) -> ReaL sums (`real_sums`).
-    features_step: (headless params, batch) -> (features, labels, mask),
-      the few-shot feature pass (`features_function`).
+    features_step: (headless params, images) -> features, the few-shot
+      feature pass (`features_function`).
     serve_step: (params, images) -> float32 logits, batch split over the
       mesh (`forward`).
     train_traces: train_traces.count is how often the train step was
