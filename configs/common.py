@@ -95,6 +95,15 @@ def get_config():
   # device) or 'fsdp' (each array split over the devices along its largest
   # divisible axis, gathered per layer by XLA; for L/16 and H/14).
   config.sharding = 'replicate'
+  # fsdp leaves arrays of at most this many MiB replicated (big_vision's
+  # fsdp(min_size_to_shard_mb=4)): biases and LayerNorm scales would cost a
+  # collective each for next to no memory.
+  config.fsdp_min_size_mb = 4.0
+  # Device mesh, as big_vision's config.mesh: (axis, size) pairs, one -1 for
+  # the remaining devices. (('data', -1), ('fsdp', 8)) splits parameters
+  # within groups of 8 consecutive devices (a host) under sharding='fsdp' and
+  # replicates them across groups; the batch is split over every axis.
+  config.mesh = (('data', -1),)
   config.grad_accum_steps = 1  # Micro-batches per optimizer step.
   config.num_epochs = 300.0  # Used when num_train_steps is -1.
   config.num_train_steps = -1

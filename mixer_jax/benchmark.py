@@ -6,17 +6,26 @@ step's work, communication and state split over N devices.
   python -m mixer_jax.benchmark --variant=L_16 --mode=train --devices=8 \
       --sharding=fsdp --remat --batch_size=64 --optimizer=adam --repeats=0
 
+The step timed is the trainer's own: `compiled.build` (the builder
+`python -m mixer_jax.train` uses) makes it from a training config, with the
+same shardings and donation. The config is `--config` (default the
+repository's configs/common.py: the ImageNet recipe's loss, mixup,
+clipping and weight decay); the flags set its model, batch, image size,
+optimizer and sharding.
+
 Per configuration it reports images/s (median over timed repeats, after
 compilation), compile time, the achieved FLOP/s from
 `models.flops_per_image` (a training step counts 3x the forward pass), the
-fraction of the machine's peak and the memory used. The peak is the FLOP/s of
-a large square matmul of the same dtype, timed in the same run and
-interleaved with the model's steps, so that both see the same load on a
-shared machine.
+fraction of one device's peak that each device reaches (the step's FLOPs /
+devices / step time / peak) and the memory used. The peak is the FLOP/s of
+a large square matmul of the same dtype on one device, timed in the same
+run and interleaved with the model's steps, so that both see the same load
+on a shared machine.
 
-The step runs on a one-axis mesh of `--devices` devices (fake CPU devices
-when the machine has fewer real ones), batch split over it, parameters and
-optimizer state placed by `--sharding` as in training. Read from the
+The step runs on `--devices` devices (fake CPU devices when the machine has
+fewer real ones; the mesh of the config's `mesh`), batch split over it,
+parameters and optimizer state placed by `--sharding` as in training. Read
+from the
 compiled executable, every row also has `flops_per_device_fraction`
 (compiled FLOPs of one device over the model FLOPs of the whole step: 1/N
 is a perfect split, remat adds about a third in training), `collectives`
@@ -38,13 +47,16 @@ from typing import Any, Callable, Optional, Sequence
 from absl import app
 from absl import flags
 import jax
+from ml_collections import config_flags
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from mixer_jax import models
+from mixer_jax.training import compiled
 from mixer_jax.training import cost
+from mixer_jax.training import optim
 from mixer_jax.training import sharding
+from mixer_jax.training import train_steps
 
 MODES = ('infer', 'train')
 SIZE_FLAGS = ('num_blocks', 'hidden_dim', 'tokens_mlp_dim',
@@ -88,12 +100,46 @@ def make_peak_fn(size: int, dtype: Any) -> tuple[Callable[[], Any], float]:
   return functools.partial(matmul, a, b), 2.0 * size ** 3
 
 
-def build_model(variant: str, num_classes: int, dtype: str,
-                sizes: dict[str, Optional[int]], remat: bool = False):
-  """The package model with the given sizes."""
-  sizes = {k: v for k, v in sizes.items() if v is not None}
-  return models.create_model(variant, num_classes, dtype=dtype, remat=remat,
-                             **sizes)
+REPO_COMMON_CONFIG = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs',
+    'common.py')
+
+
+def run_config(base=None, *, variant: str, num_classes: int, dtype: str,
+               sizes: dict[str, Optional[int]], remat: bool = False,
+               optimizer: str = 'sgd', batch_size: int, image_size: int,
+               strategy: str = 'replicate'):
+  """The training config whose step is timed: `base` with the flags' fields.
+
+  Args:
+    base: a ConfigDict (e.g. `--config`); default the repository's
+      configs/common.py. Its loss, mixup, clipping, weight decay,
+      accumulation, momentum dtype, fsdp threshold and mesh are kept.
+    variant, num_classes, dtype, sizes, remat, optimizer, batch_size,
+      image_size, strategy: set on the copy.
+  """
+  if base is None:
+    from mixer_jax.training import config_loading  # pylint: disable=g-import-not-at-top
+    if not os.path.isfile(REPO_COMMON_CONFIG):
+      raise ValueError('No configs/common.py beside the package; pass '
+                       '--config=FILE.py (a training config).')
+    base = config_loading.load_config_file(REPO_COMMON_CONFIG)
+  config = base.copy_and_resolve_references()
+  config.unlock()
+  config.model.variant, config.model.dtype = variant, dtype
+  config.model.remat = remat
+  for key, value in sizes.items():
+    if value is not None:
+      config.model[key] = value
+  config.num_classes = num_classes
+  config.optimizer, config.batch_size = optimizer, batch_size
+  config.image_size, config.sharding = image_size, strategy
+  return config
+
+
+def build_model(config):
+  """The package model of `config` (`train_steps.create_model`)."""
+  return train_steps.create_model(config, config.num_classes)
 
 
 def benchmark_devices(count: int) -> list:
@@ -113,72 +159,72 @@ def benchmark_devices(count: int) -> list:
   return devices[:count]
 
 
-def make_step(model, mode: str, optimizer: str, params, batch_size: int,
-              image_size: int, num_classes: int,
-              devices: Optional[Sequence[Any]] = None,
-              strategy: str = 'replicate'):
-  """Compiles one inference or training step over a mesh of `devices`.
+def make_step(config, mode: str, params=None,
+              devices: Optional[Sequence[Any]] = None):
+  """Compiles the run's own train step (or forward pass) over `devices`.
 
-  The default mesh is the first device alone.
+  The functions come from `compiled.build`, the trainer's builder: the same
+  train step, shardings (`config.sharding`, `config.mesh`) and donation as
+  `python -m mixer_jax.train` with this config. The default mesh is the
+  first device alone.
+
+  Args:
+    config: the run's config (`run_config`).
+    mode: 'train' or 'infer'.
+    params: float32 parameters to start from (default: initialised).
+    devices: the mesh's devices.
 
   Returns:
     (run, compiled, compile_seconds, state_bytes): `run()` performs one step
     and returns its output (the state is carried inside, donated from step
     to step in training); `compiled` is the executable.
   """
-  mesh = sharding.create_mesh(devices or jax.devices()[:1])
-  data = sharding.batch_sharding(mesh)
-  rng = jax.random.PRNGKey(2)
-  images = jax.device_put(
-      jax.random.uniform(rng, (batch_size, image_size, image_size, 3),
-                         jnp.float32, -1.0, 1.0), data)
-  if mode == 'infer':
-    state_sharding = sharding.state_shardings(params, mesh, strategy)
-    fn = jax.jit(lambda p, x: model.apply({'params': p}, x),
-                 in_shardings=(state_sharding, data))
-    args = (sharding.put(params, state_sharding), images)
-  elif mode == 'train':
-    tx = optax.sgd(0.01, momentum=0.9) if optimizer == 'sgd' else optax.adam(
-        1e-3)
-    labels = jax.device_put(jax.nn.one_hot(
-        jax.random.randint(rng, (batch_size,), 0, max(num_classes, 1)),
-        max(num_classes, 1)), data)
-
-    def train_step(state, x, y):
-      p, opt_state = state
-
-      def loss_fn(p):
-        out = model.apply({'params': p}, x, train=True)
-        if not num_classes:  # Features only: any scalar exercises backprop.
-          return jnp.mean(out ** 2)
-        return optax.softmax_cross_entropy(out, y).mean()
-
-      loss, grads = jax.value_and_grad(loss_fn)(p)
-      updates, opt_state = tx.update(grads, opt_state, p)
-      return (optax.apply_updates(p, updates), opt_state), loss
-
-    state = (params, tx.init(params))
-    state_sharding = sharding.state_shardings(state, mesh, strategy)
-    fn = jax.jit(train_step, donate_argnums=0,
-                 in_shardings=(state_sharding, data, data),
-                 out_shardings=(state_sharding, sharding.replicated(mesh)))
-    # A placed copy: donated, so the caller's parameters stay intact.
-    args = (sharding.put(state, state_sharding), images, labels)
-  else:
+  if mode not in MODES:
     raise ValueError(f'Unknown mode {mode!r}; use one of {MODES}.')
+  mesh = sharding.create_mesh(devices or jax.devices()[:1], axes=config.mesh)
+  model = build_model(config)
+  rng = jax.random.PRNGKey(2)
+  images = jax.random.uniform(
+      rng, (config.batch_size, config.image_size, config.image_size, 3),
+      jnp.float32, -1.0, 1.0)
+  if mode == 'infer':
+    functions = compiled.build(config, model, mesh)
+    if params is None:
+      params = models.init_params(model, jax.random.PRNGKey(0),
+                                  config.image_size)
+    args = (sharding.put(params, functions.params_sharding),
+            sharding.shard_batch(images, mesh))
+    fn = functions.serve_step
+  else:
+    if not config.num_classes or config.num_classes < 0:
+      raise ValueError('--mode=train needs a head: set --num_classes > 0.')
+    # The schedule's length only sets learning-rate values, not the work.
+    num_steps = config.warmup_steps + 1000
+    functions = compiled.build(
+        config, model, mesh, tx=optim.create_optimizer(config, num_steps),
+        num_train_steps=num_steps)
+    state = functions.init_fn(jax.random.PRNGKey(0))
+    if params is not None:  # A placed copy: the steps donate the state.
+      state = state.replace(params=sharding.put(params,
+                                                functions.params_sharding))
+    labels = jax.nn.one_hot(jax.random.randint(
+        rng, (config.batch_size,), 0, config.num_classes), config.num_classes)
+    args = (state, sharding.shard_batch({'image': images, 'label': labels},
+                                        mesh))
+    fn = functions.train_step
   start = time.perf_counter()
-  compiled = fn.lower(*args).compile()
+  executable = fn.lower(*args).compile()
   compile_s = time.perf_counter() - start
   state_bytes = cost.state_bytes_per_device(args[0])
 
   if mode == 'infer':
-    return (lambda: compiled(*args)), compiled, compile_s, state_bytes
+    return (lambda: executable(*args)), executable, compile_s, state_bytes
   carry = {'state': args[0]}
 
   def run():
-    carry['state'], loss = compiled(carry['state'], *args[1:])
-    return loss
-  return run, compiled, compile_s, state_bytes
+    carry['state'], metrics = executable(carry['state'], args[1])
+    return metrics['loss']
+  return run, executable, compile_s, state_bytes
 
 
 def benchmark_config(*, variant: str, mode: str, batch_size: int,
@@ -187,14 +233,16 @@ def benchmark_config(*, variant: str, mode: str, batch_size: int,
                      peak_size: int = 2048, params=None,
                      sizes: Optional[dict[str, Optional[int]]] = None,
                      devices: int = 1, strategy: str = 'replicate',
-                     remat: bool = False) -> dict[str, Any]:
+                     remat: bool = False, base_config=None) -> dict[str, Any]:
   """Compiles and times one configuration; returns its row.
 
   Model steps and the peak matmul are timed interleaved (step, matmuls,
   step, ...), so on a shared machine both see the same varying load. Each
   round's peak is the faster of two timed matmuls (after an untimed one);
-  `peak_fraction` is the median over rounds of step rate / that round's
-  peak, `peak_gflops` the median of the rounds' peaks.
+  `peak_fraction` is the median over rounds of the FLOP/s of one device
+  (the step's FLOPs / devices / step time) over that round's peak (one
+  device's: the matmul runs on one device), `peak_gflops` the median of
+  the rounds' peaks.
 
   Args:
     variant, mode, batch_size, image_size, dtype, optimizer, num_classes:
@@ -206,6 +254,7 @@ def benchmark_config(*, variant: str, mode: str, batch_size: int,
     devices: mesh size; the batch is split over it.
     strategy: 'replicate' or 'fsdp' placement of parameters and state.
     remat: rematerialise each block in the backward pass.
+    base_config: the training config the rest comes from (`run_config`).
 
   Returns:
     A JSON-serialisable dict.
@@ -216,17 +265,20 @@ def benchmark_config(*, variant: str, mode: str, batch_size: int,
   if batch_size % devices:
     raise ValueError(f'batch_size={batch_size} must be divisible by '
                      f'devices={devices}.')
-  model = build_model(variant, num_classes, dtype, sizes or {}, remat)
-  if params is None:
+  config = run_config(base_config, variant=variant, num_classes=num_classes,
+                      dtype=dtype, sizes=sizes or {}, remat=remat,
+                      optimizer=optimizer, batch_size=batch_size,
+                      image_size=image_size, strategy=strategy)
+  model = build_model(config)
+  if params is None and not repeats:  # Compile only: no values needed.
     params = models.param_shapes(model, image_size)
     params = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), params)
   mesh_devices = benchmark_devices(devices)
-  run, compiled, compile_s, state_bytes = make_step(
-      model, mode, optimizer, params, batch_size, image_size, num_classes,
-      mesh_devices, strategy)
+  run, executable, compile_s, state_bytes = make_step(
+      config, mode, params, mesh_devices)
   flops = models.flops_per_image(model, image_size) * (
       3 if mode == 'train' else 1) * batch_size
-  mem = cost.compiled_memory(compiled)
+  mem = cost.compiled_memory(executable)
   row = {
       'variant': variant, 'mode': mode, 'batch_size': batch_size,
       'image_size': image_size, 'dtype': dtype,
@@ -234,8 +286,8 @@ def benchmark_config(*, variant: str, mode: str, batch_size: int,
       'devices': devices, 'sharding': strategy, 'remat': remat,
       'compile_s': compile_s,
       'gflop_per_image': flops / batch_size / 1e9,
-      'flops_per_device_fraction': cost.compiled_flops(compiled) / flops,
-      'collectives': cost.collective_stats(compiled.as_text()),
+      'flops_per_device_fraction': cost.compiled_flops(executable) / flops,
+      'collectives': cost.collective_stats(executable.as_text()),
       'state_bytes_per_device': state_bytes,
       'compiled_memory_mb': None if mem is None else mem / 2 ** 20,
       'device': device_name(mesh_devices[0]),
@@ -270,12 +322,13 @@ def benchmark_config(*, variant: str, mode: str, batch_size: int,
       'step_time_spread': (max(times) - min(times)) / step_s,
       'achieved_gflops': flops / step_s / 1e9,
       'peak_gflops': statistics.median(peaks) / 1e9,
+      # Per device: each device runs 1/devices of the step's FLOPs.
       'peak_fraction': statistics.median(
-          [flops / t / p for t, p in zip(times, peaks)]),
+          [flops / devices / t / p for t, p in zip(times, peaks)]),
       # The same ratio in FLOPs per CPU-second of this process: less
       # sensitive to other processes taking the cores for a while.
       'peak_fraction_cpu_time': statistics.median(
-          [flops / t / p for t, p in zip(cpu_times, peaks_cpu)]),
+          [flops / devices / t / p for t, p in zip(cpu_times, peaks_cpu)]),
       # ru_maxrss is in KiB on Linux; it is the process maximum so far.
       'max_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
   })
@@ -335,8 +388,12 @@ def run_benchmark(*, variant: str, mode: str, batch_sizes: Sequence[int],
   if mode not in MODES + ('both',):
     raise ValueError(f'Unknown mode {mode!r}; use infer, train or both.')
   modes = MODES if mode == 'both' else (mode,)
-  model = build_model(variant, kwargs.get('num_classes', 1000),
-                      kwargs['dtype'], kwargs.get('sizes') or {})
+  config = run_config(
+      kwargs.get('base_config'), variant=variant,
+      num_classes=kwargs.get('num_classes', 1000), dtype=kwargs['dtype'],
+      sizes=kwargs.get('sizes') or {}, batch_size=1,
+      image_size=kwargs['image_size'])
+  model = build_model(config)
   # The same parameters for every configuration (random, so timings see
   # real values; all zeros when only compiling).
   params = None
@@ -351,6 +408,11 @@ def run_benchmark(*, variant: str, mode: str, batch_sizes: Sequence[int],
 def define_flags() -> None:
   """Defines the command's flags (only when run as a command, so importing
   this module next to other commands never redefines a flag)."""
+  config_flags.DEFINE_config_file(
+      'config', None, 'Training config (file.py[:ARG], overrides with '
+      '--config.FIELD=VALUE) whose train step is timed; default '
+      'configs/common.py. The flags below set its model, batch and sharding.',
+      lock_config=False)
   flags.DEFINE_string('variant', 'B_16', 'Mixer variant, e.g. B_16.')
   flags.DEFINE_enum('mode', 'infer', ('infer', 'train', 'both'),
                     'infer: forward pass; train: forward + backward + '
@@ -390,12 +452,14 @@ def main(argv: Sequence[str]) -> None:
   # Only takes effect before JAX starts its CPU backend, hence first.
   jax.config.update('jax_num_cpu_devices', max(f.devices, 1))
   try:
+    base = f.config
     rows = run_benchmark(
         variant=f.variant, mode=f.mode, batch_sizes=batch_sizes,
         image_size=f.image_size, dtype=f.dtype, repeats=f.repeats,
         optimizer=f.optimizer, num_classes=f.num_classes,
         peak_size=f.peak_size, sizes={k: f[k].value for k in SIZE_FLAGS},
-        devices=f.devices, strategy=f.sharding, remat=f.remat)
+        devices=f.devices, strategy=f.sharding, remat=f.remat,
+        base_config=base)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   if f.json:

@@ -24,7 +24,6 @@ With a workdir, `--config` may be left out: the run's own config
 (`run_info.json`, written by mixer_jax.train) is used.
 """
 
-import functools
 import json
 import math
 import time
@@ -40,17 +39,17 @@ from ml_collections import config_flags
 from mixer_jax.checkpointing import checkpoint_checks
 from mixer_jax.checkpointing import checkpoints
 from mixer_jax.data import input_pipeline
+from mixer_jax.training import compiled
 from mixer_jax.training import config_loading
 from mixer_jax.training import config_validation
 from mixer_jax.training import errors
 from mixer_jax.training import evals
 from mixer_jax.training import reporting
 from mixer_jax.training import sharding
-from mixer_jax.training import train_steps
+from mixer_jax.training import trainer
 from mixer_jax.weights import any_checkpoint
 
 FLAGS = flags.FLAGS
-_TOP_K = 5
 _TRAIN_CHECKPOINT_DIR = 'checkpoints'  # Subdirectory of a training workdir.
 
 
@@ -134,16 +133,14 @@ def evaluate(config, checkpoint: str, *, step: Optional[int] = None,
   config_validation.validate_config(config, num_devices=jax.device_count(),
                                     num_processes=jax.process_count())
   start = time.time()
-  mesh = sharding.create_mesh()
+  mesh = trainer.create_mesh(config)
   info = input_pipeline.dataset_info(config)
   num_classes = info.num_classes
   model, params, loaded = load_params(config, checkpoint, num_classes, mesh,
                                       step)
-  p_eval = jax.jit(
-      functools.partial(train_steps.eval_step, apply_fn=model.apply,
-                        loss=config.loss, top_k=_TOP_K),
-      in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
-      out_shardings=sharding.replicated(mesh))
+  # The run's own eval step, parameters placed as in training.
+  functions = compiled.build(config, model, mesh)
+  params = jax.device_put(params, functions.params_sharding)
   total_batches = math.ceil(info.eval_examples / config.batch_size)
   last_report = [time.time()]
 
@@ -155,7 +152,7 @@ def evaluate(config, checkpoint: str, *, step: Optional[int] = None,
                               f'{rate:.0f} images/s')
 
   result = evals.evaluate_dataset(
-      p_eval, params, input_pipeline.eval_dataset(config).as_numpy_iterator(),
+      functions.eval_step, params, input_pipeline.eval_dataset(config).as_numpy_iterator(),
       mesh, prefetch=config.prefetch_batches, on_batch=report)
   return {'top1': result['accuracy'], 'top5': result['top5'],
           'loss': result['loss'], 'examples': result['examples'],

@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mixer_jax.training import compiled
 from mixer_jax.training import errors
 from mixer_jax.weights import any_checkpoint
 
@@ -52,11 +53,7 @@ FORMATS = ('stablehlo', 'savedmodel')
 
 def _forward(loaded: any_checkpoint.Loaded):
   """f(params, images in [-1, 1]) -> float32 logits (features if no head)."""
-  model = loaded.model
-
-  def forward(params, images):
-    return model.apply({'params': params}, images).astype(jnp.float32)
-  return forward
+  return compiled.forward(loaded.model)
 
 
 def _host_params(loaded):

@@ -25,13 +25,14 @@ training the same probe runs periodically as the `fewshot` kind of
 
 import json
 import time
-from typing import Dict, Mapping, Sequence
+from typing import Dict, Mapping, Optional, Sequence
 
 from absl import app
 from absl import flags
 import jax
 import numpy as np
 
+from mixer_jax.training import compiled
 from mixer_jax.training import sharding
 
 # The appended bias feature (big_vision fewshot_lsr.BIAS_CONSTANT).
@@ -119,32 +120,20 @@ def probe_accuracies(train_features, train_labels, test_features, test_labels,
 # ------------------------------------------------------- Features.
 
 
-def make_features_fn(model, mesh):
-  """Jitted (params, batch) -> (pre-logits, labels, mask), all replicated.
+def features_of(features_fn, params, batches, mesh, stop_requested=None):
+  """(features (N, D), labels (N,)) of the real examples of `batches`.
 
-  `model` must return features (num_classes None or 0: see
-  `any_checkpoint.Loaded.features`). Outputs are gathered to every host.
+  None when `stop_requested()` turns True before a batch.
   """
-  replicated = sharding.replicated(mesh)
-
-  def features(params, batch):
-    out = model.apply({'params': params}, batch['image'], train=False)
-    return (out.astype(np.float32), jax.numpy.argmax(batch['label'], -1),
-            batch['mask'])
-
-  return jax.jit(features, in_shardings=(replicated,
-                                         sharding.batch_sharding(mesh)),
-                 out_shardings=replicated)
-
-
-def features_of(features_fn, params, batches, mesh):
-  """(features (N, D), labels (N,)) of the real examples of `batches`."""
   feats, labels = [], []
   for batch in sharding.prefetch(batches, mesh):
-    f, y, m = sharding.to_host(features_fn(params, batch))
+    if stop_requested is not None and stop_requested():
+      return None
+    f, y, m = sharding.to_host((features_fn(params, batch['image']),
+                                batch['label'], batch['mask']))
     keep = m > 0
     feats.append(f[keep])
-    labels.append(y[keep])
+    labels.append(np.argmax(y, -1)[keep])
   if not feats:
     raise ValueError('The few-shot data yielded no batch.')
   return np.concatenate(feats), np.concatenate(labels)
@@ -170,15 +159,19 @@ def split_batches(dataset: str, split: str, *, data_dir, batch_size: int,
   return batches.as_numpy_iterator(), source.num_classes
 
 
-def evaluate_datasets(model, params, datasets: Mapping[str, Sequence[str]], *,
+def evaluate_datasets(features_fn, params,
+                      datasets: Mapping[str, Sequence[str]], *,
                       mesh, data_dir=None, batch_size: int, image_size: int,
                       crop: str, resize: int, resize_method: str,
                       shots: Sequence[int], l2_reg: float, num_seeds: int,
-                      seed: int = 0) -> Dict[str, dict]:
+                      seed: int = 0, stop_requested=None
+                      ) -> Optional[Dict[str, dict]]:
   """Few-shot probes of a feature model on several data sets.
 
   Args:
-    model, params: a model returning pre-logits features, and its params.
+    features_fn: the run's feature pass (`compiled.features_function`,
+      `RunFunctions.features_step`).
+    params: its parameters (no head), placed as features_fn expects.
     datasets: {name: (tfds_name, train_split, test_split)}.
     mesh: device mesh (batches are sharded over it).
     data_dir: TFDS data directory (None: TFDS's default).
@@ -186,19 +179,28 @@ def evaluate_datasets(model, params, datasets: Mapping[str, Sequence[str]], *,
     image_size, crop, resize, resize_method: preprocessing (see
       preprocess.eval_image).
     shots, l2_reg, num_seeds, seed: see `probe_accuracies`.
+    stop_requested: checked between data sets and batches.
 
   Returns:
-    {name: {shots: [accuracy per seed]}}.
+    {name: {shots: [accuracy per seed]}}; None when asked to stop.
   """
-  features_fn = make_features_fn(model, mesh)
   results = {}
   for name, (tfds_name, train_split, test_split) in datasets.items():
+    if stop_requested is not None and stop_requested():
+      return None
     pp = dict(data_dir=data_dir, batch_size=batch_size, image_size=image_size,
               crop=crop, resize=resize, resize_method=resize_method)
     train, num_classes = split_batches(tfds_name, train_split, **pp)
     test, _ = split_batches(tfds_name, test_split, **pp)
-    x_train, y_train = features_of(features_fn, params, train, mesh)
-    x_test, y_test = features_of(features_fn, params, test, mesh)
+    train_features = features_of(features_fn, params, train, mesh,
+                                 stop_requested)
+    if train_features is None:
+      return None
+    test_features = features_of(features_fn, params, test, mesh,
+                                stop_requested)
+    if test_features is None:
+      return None
+    (x_train, y_train), (x_test, y_test) = train_features, test_features
     results[name] = probe_accuracies(
         x_train, y_train, x_test, y_test, num_classes, shots=shots,
         l2_reg=l2_reg, num_seeds=num_seeds, seed=seed)
@@ -231,8 +233,10 @@ def run(checkpoint: str, dataset: str, *, shots=(1, 5, 10), train_split='train',
             else 'area')
   mesh = sharding.create_mesh()
   params = sharding.replicate(params, mesh)
+  features_fn = compiled.features_function(
+      model, mesh, sharding.state_shardings(params, mesh, 'replicate'))
   results = evaluate_datasets(
-      model, params, {dataset: (dataset, train_split, test_split)},
+      features_fn, params, {dataset: (dataset, train_split, test_split)},
       mesh=mesh, data_dir=data_dir, batch_size=batch_size,
       image_size=loaded.image_size, crop=loaded.eval_crop,
       resize=loaded.eval_resize, resize_method=method, shots=shots,

@@ -29,6 +29,7 @@ from absl import flags
 import jax
 import numpy as np
 
+from mixer_jax.training import compiled
 from mixer_jax.training import errors
 from mixer_jax.weights import registry
 
@@ -128,8 +129,7 @@ def classify_files(model, params, paths: Sequence[str], *, image_size: int,
   if not model.num_classes:
     raise ValueError('The model has no head; load it with a class count.')
   resize_size = resize_size or round(image_size * 256 / 224)
-  scores_fn = jax.jit(lambda p, x: jax.nn.softmax(
-      model.apply({'params': p}, x), axis=-1))
+  scores_fn = compiled.predict_function(model)
   k = min(top_k, model.num_classes)
   results = []
   for path in paths:

@@ -7,10 +7,23 @@
 The job itself is `mixer_jax.training.trainer.train_and_evaluate(config,
 workdir)`; this module is its command line. A run stopped by SIGTERM/SIGINT
 saves its current step; the same command resumes it exactly.
+
+With `--check_only` it runs the launch check instead
+(`mixer_jax.training.launch_check`): the config resolved as the run would,
+every function of the run compiled from abstract shapes, one row each
+(FLOPs per device, collectives, memory), nothing read or written;
+`--devices=N` plans on N fake CPU devices, `--device_memory_gib=G` says
+whether each function fits:
+
+  python -m mixer_jax.train --config=configs/mixer_i1k.py:L_16 \
+      --workdir=DIR --check_only --devices=8 --config.sharding=fsdp
 """
+
+import sys
 
 from absl import app
 from absl import flags
+import jax
 from ml_collections import config_flags
 
 from mixer_jax.training import config_loading
@@ -27,6 +40,14 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}; set config '
                          'values with --config.FIELD=VALUE.')
+  if FLAGS.devices:
+    # Before JAX starts a backend: plan on N CPU devices, whatever is here.
+    jax.config.update('jax_platforms', 'cpu')
+    jax.config.update('jax_num_cpu_devices', FLAGS.devices)
+  if FLAGS.check_only:
+    return _check_only()
+  if not FLAGS.workdir and FLAGS.workdir != '':
+    raise app.UsageError('--workdir is required (unless --check_only).')
   sharding.initialize_from_flags()
   reporting.set_print_progress(False)  # absl already logs to stderr.
   reporting.quiet_library_logs()
@@ -37,14 +58,43 @@ def main(argv):
     raise SystemExit(f'{type(e).__name__}: {e}') from None
 
 
+def _check_only():
+  """The launch check: a table on stdout, exit 1 with one line on failure."""
+  from mixer_jax.training import launch_check  # pylint: disable=g-import-not-at-top
+  reporting.quiet_library_logs()
+  try:
+    plan = launch_check.check(FLAGS.config)
+  except errors.EXPECTED_ERRORS + (launch_check.LaunchCheckError,
+                                   ValueError) as e:
+    raise SystemExit(f'Launch check failed: {type(e).__name__}: '
+                     f'{" ".join(str(e).split())}') from None
+  source = next((a.split('=', 1)[1] for a in sys.argv
+                 if a.startswith('--config=')), '')
+  print(launch_check.format_plan(plan, FLAGS.device_memory_gib, source),
+        flush=True)
+  if not launch_check.fits(plan, FLAGS.device_memory_gib):
+    raise SystemExit(f'Launch check failed: a function needs more than '
+                     f'--device_memory_gib={FLAGS.device_memory_gib:g} per '
+                     'device (rows marked NO).')
+
+
 def _define_flags():
   """Defines the command-line flags (only when run as a program)."""
   config_flags.DEFINE_config_file(
       'config', None, 'Training config file, e.g. configs/quickstart.py.',
       lock_config=True)
-  flags.DEFINE_string('workdir', None, 'Directory for checkpoints and logs.')
+  flags.DEFINE_string('workdir', None, 'Directory for checkpoints and logs '
+                      '(required unless --check_only).')
+  flags.DEFINE_bool('check_only', False, 'Launch check: compile every '
+                    'function of the run from abstract shapes and print '
+                    'their costs; reads no data, writes nothing.')
+  flags.DEFINE_integer('devices', 0, 'Plan on this many fake CPU devices '
+                       '(with --check_only).', lower_bound=0)
+  flags.DEFINE_float('device_memory_gib', None, 'With --check_only: say '
+                     'whether each function fits this much memory per '
+                     'device (exit 1 if one does not).')
   sharding.define_multihost_flags()
-  flags.mark_flags_as_required(['config', 'workdir'])
+  flags.mark_flags_as_required(['config'])
 
 
 if __name__ == '__main__':

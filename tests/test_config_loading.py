@@ -103,3 +103,16 @@ def test_command_line_config_errors_have_no_traceback(tmp_path):
     assert expected in run.stderr and 'ConfigError' in run.stderr
     assert 'Traceback' not in run.stderr, run.stderr[-3000:]
   assert not (tmp_path / 'run').exists()
+
+
+def test_config_argument_reaches_get_config(tmp_path):
+  # big_vision / ml_collections form: the text after ':' is get_config's arg.
+  spec = os.path.join(REPO, 'configs', 'mixer_i1k.py') + ':L_16'
+  config = config_loading.load_config_file(spec)
+  assert config.model.variant == 'L_16'
+  config_loading.check_command_line(['prog', f'--config={spec}',
+                                     '--config.batch_size=8'])
+  with pytest.raises(ConfigError, match='takes no argument.*drop ":L_16"'):
+    config_loading.check_command_line(['prog', f'--config={QUICKSTART}:L_16'])
+  with pytest.raises(ConfigError, match='nope.py does not exist'):
+    config_loading.load_config_file(str(tmp_path / 'nope.py') + ':B_16')

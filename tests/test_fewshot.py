@@ -21,6 +21,7 @@ from configs import common
 from configs import mixer_i1k
 from mixer_jax import fewshot
 from mixer_jax.data import input_pipeline
+from mixer_jax.training import compiled
 from mixer_jax.training import evals
 from mixer_jax.training import reporting
 from mixer_jax.training import sharding
@@ -84,7 +85,7 @@ def test_real_sums_counts_top1_in_label_set():
            'label': np.array([[1, 1, 0], [0, 1, 1], [0, 0, 0], [0, 0, 1]],
                              np.float32),
            'mask': np.array([1, 1, 0, 1], np.float32)}
-  sums = evals.real_sums({}, batch, apply_fn=lambda v, x, train: x)
+  sums = compiled.real_sums({}, batch, apply_fn=lambda v, x, train: x)
   assert float(sums['correct']) == 2 and float(sums['count']) == 3
 
 
@@ -219,20 +220,32 @@ def test_imagenet_recipe_evals_under_mock_data(tmp_path):
   config.evals.fewshot.fewshot_datasets = {
       'cifar100': ('cifar100', 'train', 'test')}
   config.evals.fewshot.shots = (1, 2)
+  config.fsdp_min_size_mb = 0.0  # Split even this tiny model's arrays.
   model = train_steps.create_model(config, 1000)
-  mesh = sharding.create_mesh()
   params = jax.tree.map(
       lambda x: x + 0.01 * jax.random.normal(jax.random.PRNGKey(1), x.shape),
       model.init(jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3)))['params'])
-  params = sharding.replicate(params, mesh)
-  runner = evals.Evaluations(config, model, mesh, num_train_steps=5000)
-  assert set(runner.due(2500)) == {'minival', 'val', 'v2', 'real'}
-  with tfds.testing.mock_data(num_examples=24, data_dir=data_dir):
-    metrics = runner.run(25_000, params)  # Every entry is due.
-  for name in ('minival', 'val', 'v2'):
-    assert 0 <= metrics[f'{name}/accuracy'] <= 1
-    assert metrics[f'{name}/examples'] > 0
+  params = jax.tree.map(np.asarray, params)
+  results = {}
+  # 8 devices with fsdp parameters (the placement that crashed at the first
+  # config.evals entry) against one device with replicated ones.
+  for strategy, devices in (('fsdp', jax.devices()), ('replicate',
+                                                       jax.devices()[:1])):
+    config.sharding = strategy
+    functions = compiled.build(config, model, sharding.create_mesh(devices))
+    runner = evals.Evaluations(config, functions, num_train_steps=5000)
+    assert set(runner.due(2500)) == {'minival', 'val', 'v2', 'real'}
+    with tfds.testing.mock_data(num_examples=24, data_dir=data_dir):
+      results[strategy] = runner.run(
+          25_000, sharding.put(params, functions.params_sharding))
+  fsdp, one = results['fsdp'], results['replicate']
+  assert fsdp.keys() == one.keys()
+  for key in fsdp:
+    assert fsdp[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), key
+  # Every example of a whole split is scored once: mock_data's 24.
+  assert (fsdp['val/examples'], fsdp['v2/examples']) == (24, 24)
+  assert fsdp['minival/examples'] > 0
   # Mock ReaL label sets may be empty: those images are left out.
-  assert 0 < metrics['real/examples'] <= 24
-  assert 0 <= metrics['real/accuracy'] <= 1
-  assert 0 <= metrics['fewshot/cifar100_2shot_accuracy'] <= 1
+  assert 0 < fsdp['real/examples'] <= 24
+  assert {k for k in fsdp if k.startswith('fewshot/')} == {
+      'fewshot/cifar100_1shot_accuracy', 'fewshot/cifar100_2shot_accuracy'}

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from configs import quickstart
+from mixer_jax import models
 from mixer_jax.checkpointing import checkpoints
 from mixer_jax.training import optim
 from mixer_jax.training import sharding
@@ -35,6 +36,9 @@ def tiny_config(**overrides):
   config.batch_size, config.grad_accum_steps = 256, 2
   config.pp.mixup_alpha, config.pp.mixup_prob = 0.5, 1.0
   config.optimizer, config.learning_rate, config.warmup_steps = 'sgd', 0.1, 1
+  # Every array of this tiny model is far below big_vision's 4 MiB: split
+  # them all, so that fsdp has something to split.
+  config.fsdp_min_size_mb = 0.0
   config.update(overrides)
   return config
 
@@ -241,3 +245,93 @@ def test_prefetch_keeps_order_and_yields_everything():
 def test_initialize_distributed_needs_all_three_arguments():
   with pytest.raises(ValueError, match='num_processes and process_id'):
     sharding.initialize_distributed('127.0.0.1:1234')
+
+
+def _replica_groups(line):
+  """The device groups of one collective line of optimized HLO."""
+  explicit = re.search(r'replica_groups=\{(\{[\d,]*\}(?:,\{[\d,]*\})*)\}',
+                       line)
+  if explicit:
+    return [[int(d) for d in g.split(',') if d]
+            for g in re.findall(r'\{([\d,]*)\}', explicit.group(1))]
+  # Mesh form: replica_groups=mesh['axis_0'=4,'axis_1'=2],
+  # device_ids=([2,4]T(1,0)) {'axis_0'}: the device ids laid out over the
+  # named axes, grouped along the axes in braces.
+  named = re.search(r"replica_groups=mesh\[([^\]]*)\], device_ids=\(\[([\d,]+)\]"
+                    r"(?:T\(([\d,]+)\))?\) \{([^}]*)\}", line)
+  if named:
+    axes = re.findall(r"'(\w+)'=(\d+)", named.group(1))
+    ids = np.arange(np.prod([int(d) for d in named.group(2).split(',')]))
+    ids = ids.reshape([int(d) for d in named.group(2).split(',')])
+    if named.group(3):
+      ids = ids.transpose([int(p) for p in named.group(3).split(',')])
+    ids = ids.reshape([int(size) for _, size in axes])
+    grouped = [i for i, (name, _) in enumerate(axes)
+               if f"'{name}'" in named.group(4)]
+    others = [i for i in range(len(axes)) if i not in grouped]
+    size = int(np.prod([ids.shape[i] for i in grouped]))
+    return ids.transpose(others + grouped).reshape(-1, size).tolist()
+  # Iota form: [groups,size]<=[dims] with an optional transpose T(perm).
+  iota = re.search(r'replica_groups=\[(\d+),(\d+)\]<=\[([\d,]+)\]'
+                   r'(?:T\(([\d,]+)\))?', line)
+  assert iota, line
+  dims = [int(d) for d in iota.group(3).split(',')]
+  ids = np.arange(np.prod(dims)).reshape(dims)
+  if iota.group(4):
+    ids = ids.transpose([int(p) for p in iota.group(4).split(',')])
+  return ids.reshape(int(iota.group(1)), int(iota.group(2))).tolist()
+
+
+def test_data_by_fsdp_mesh_gathers_parameters_within_groups_of_four():
+  # big_vision's mesh config: 2 groups (e.g. hosts) of 4 devices; parameters
+  # split within a group, replicated across the two.
+  config = tiny_config(optimizer='adam', sharding='fsdp',
+                       mesh=(('data', 2), ('fsdp', 4)))
+  mesh = sharding.create_mesh(axes=config.mesh)
+  assert dict(mesh.shape) == {'data': 2, 'fsdp': 4}
+  model = train_steps.create_model(config, 10)
+  steps = trainer.make_step_functions(config, model,
+                                      optim.create_optimizer(config, 100),
+                                      mesh, 100)
+  abstract = steps.abstract_state
+  train = steps.train_step.lower(abstract, abstract_batch(mesh, 256)).compile()
+  train1 = compiled_steps(tiny_config(optimizer='adam'), jax.devices()[:1])[0]
+  assert flops(train) <= 1.05 * flops(train1) / N  # The batch: 8 ways.
+  # State: 4 ways (not 8, not 1).
+  total = _state_bytes(abstract)
+  assert 0.24 * total <= _state_bytes_per_device(abstract) <= 0.26 * total
+  gathers = [line for line in train.as_text().splitlines()
+             if re.search(r' all-gather(?:-start)?\(', line)]
+  assert gathers
+  param_shapes = {tuple(x.shape) for x in jax.tree.leaves(abstract.params)}
+  assert set(collective_shapes(train, 'all-gather')) <= param_shapes
+  for line in gathers:  # Within {0..3} and {4..7}: the fsdp axis alone.
+    groups = _replica_groups(line)
+    assert sorted(map(sorted, groups)) == [[0, 1, 2, 3], [4, 5, 6, 7]], line
+
+
+def test_bad_mesh_is_a_clear_error():
+  with pytest.raises(ValueError, match='needs a multiple of 3 devices'):
+    sharding.create_mesh(axes=(('data', -1), ('fsdp', 3)))
+  with pytest.raises(ValueError, match="axes named 'data' and 'fsdp'"):
+    sharding.create_mesh(axes=(('model', -1),))
+  with pytest.raises(ValueError, match='at most one -1'):
+    sharding.create_mesh(axes=(('data', -1), ('fsdp', -1)))
+
+
+def test_fsdp_leaves_small_arrays_replicated_as_big_vision():
+  # Mixer-B/16 under big_vision's fsdp(min_size_to_shard_mb=4) on 8
+  # devices: of its 150 float32 leaves only the 24 channel-mixing kernels
+  # (768 x 3072 x 4 B = 9 MiB) exceed 4 MiB; the head (768 x 1000 x 4 B =
+  # 2.9 MiB), stem (2.25 MiB) and token-mixing kernels stay whole.
+  model = models.create_model('B_16', 1000)
+  shapes = models.param_shapes(model, 224)
+  placed = sharding.state_shardings(shapes, sharding.create_mesh(), 'fsdp',
+                                    min_size_mb=4.0)
+  split = {'/'.join(str(k.key) for k in path)
+           for path, s in jax.tree_util.tree_leaves_with_path(placed)
+           if not s.is_fully_replicated}
+  assert len(jax.tree.leaves(shapes)) == 150
+  assert len(split) == 24
+  assert all(re.fullmatch(r'MixerBlock_\d+/channel_mixing/Dense_[01]/kernel',
+                          p) for p in split)

@@ -19,6 +19,7 @@ itself is then built by ml_collections as usual (locked).
 import difflib
 import importlib
 import importlib.util
+import inspect
 import os
 import sys
 import traceback
@@ -43,12 +44,31 @@ def _where(error: BaseException, path: str) -> str:
   return f'{path}, line {line}' if line else path
 
 
-def load_config_file(path: str):
-  """Runs `path`'s get_config() and returns its ConfigDict.
+def split_config_arg(spec: str):
+  """('configs/mixer_i1k.py', ['L_16']) of 'configs/mixer_i1k.py:L_16'.
+
+  The text after the first ':' is passed to get_config(), as
+  ml_collections' `DEFINE_config_file` does (it splits the same way).
+  """
+  path, *arg = spec.split(':', 1)
+  return path, arg
+
+
+def _takes_an_argument(fn) -> bool:
+  try:
+    inspect.signature(fn).bind('arg')
+    return True
+  except TypeError:
+    return False
+
+
+def load_config_file(spec: str):
+  """Runs get_config() of `spec` ('file.py' or 'file.py:ARG'); its ConfigDict.
 
   Raises:
     ConfigError: naming the file (and line) when it cannot be loaded.
   """
+  path, arg = split_config_arg(spec)
   if not os.path.isfile(path):
     raise ConfigError(f'Config file {path} does not exist.')
   name = '_mixer_jax_config_' + os.path.splitext(os.path.basename(path))[0]
@@ -62,8 +82,11 @@ def load_config_file(path: str):
   if not callable(getattr(module, 'get_config', None)):
     raise ConfigError(f'Config file {path} defines no get_config() '
                       'function.')
+  if arg and not _takes_an_argument(module.get_config):
+    raise ConfigError(f'Config file {path}: get_config() takes no argument, '
+                      f'but {spec} passes {arg[0]!r}; drop ":{arg[0]}".')
   try:
-    config = module.get_config()
+    config = module.get_config(*arg)
   except Exception as e:  # pylint: disable=broad-except
     raise ConfigError(f'Config file {_where(e, path)}: get_config() raised '
                       f'{type(e).__name__}: {e}') from None

@@ -17,9 +17,12 @@ metrics.jsonl like every other metric:
                   probes on the frozen pre-logits (mixer_jax/fewshot.py).
 
 Batches are padded with mask 0, so every example is scored exactly once.
+Every step comes from the run's `compiled.RunFunctions`, so it takes the
+parameters as the trainer places them (replicated or fsdp). A stop request
+(`stop_requested()`, SIGTERM) is checked between entries, data sets and
+batches: the evaluation then returns None, and the trainer saves first.
 """
 
-import functools
 from typing import Callable, Dict, Iterable, Optional
 
 import jax
@@ -30,14 +33,31 @@ import tensorflow_datasets as tfds
 from mixer_jax import fewshot
 from mixer_jax.data import input_pipeline
 from mixer_jax.data.datasets import sources
+from mixer_jax.training import compiled
 from mixer_jax.training import sharding
-from mixer_jax.training import train_steps
+
+
+def _sums(step_fn, params, batches, mesh, prefetch, on_batch=None,
+          stop_requested=None):
+  """Summed outputs of `step_fn` over `batches`; None if asked to stop."""
+  totals = None
+  for i, batch in enumerate(sharding.prefetch(batches, mesh, prefetch), 1):
+    if stop_requested is not None and stop_requested():
+      return None
+    sums = step_fn(params, batch)
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    if on_batch is not None:
+      on_batch(i)
+  if totals is None:
+    raise ValueError('The eval data set yielded no batch; check eval_split.')
+  return sharding.to_host(totals)
 
 
 def evaluate_dataset(p_eval_step, params, batches: Iterable, mesh, *,
                      prefetch: int = 2,
-                     on_batch: Optional[Callable[[int], None]] = None
-                     ) -> Dict[str, float]:
+                     on_batch: Optional[Callable[[int], None]] = None,
+                     stop_requested: Optional[Callable[[], bool]] = None
+                     ) -> Optional[Dict[str, float]]:
   """Top-1, top-5, mean loss and example count over one pass of `batches`.
 
   The one evaluation of the head: used by the training loop and by
@@ -51,33 +71,20 @@ def evaluate_dataset(p_eval_step, params, batches: Iterable, mesh, *,
     mesh: the device mesh the batches are sharded over.
     prefetch: batches in flight (`sharding.prefetch`).
     on_batch: called with the number of batches done after each one.
+    stop_requested: checked before each batch; True abandons the pass.
 
   Returns:
-    Dict with 'accuracy', 'top5', 'loss' and 'examples'.
+    Dict with 'accuracy', 'top5', 'loss' and 'examples'; None when stopped.
   """
-  totals = None
-  for i, batch in enumerate(sharding.prefetch(batches, mesh, prefetch), 1):
-    sums = p_eval_step(params, batch)
-    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    if on_batch is not None:
-      on_batch(i)
+  totals = _sums(p_eval_step, params, batches, mesh, prefetch, on_batch,
+                 stop_requested)
   if totals is None:
-    raise ValueError('The eval data set yielded no batch; check eval_split.')
-  totals = sharding.to_host(totals)
+    return None
   count = max(float(totals['count']), 1.0)
   return {'accuracy': float(totals['correct']) / count,
           'top5': float(totals['top5']) / count,
           'loss': float(totals['loss_sum']) / count,
           'examples': int(totals['count'])}
-
-
-def real_sums(params, batch, *, apply_fn) -> Dict[str, jax.Array]:
-  """Masked ReaL hits (top-1 in the label set) and counts of one batch."""
-  logits = apply_fn({'params': params}, batch['image'], train=False)
-  top1 = jnp.argmax(logits, axis=-1)
-  hit = jnp.take_along_axis(batch['label'], top1[:, None], axis=-1)[:, 0]
-  mask = batch['mask'].astype(jnp.float32)
-  return {'correct': jnp.sum(hit * mask), 'count': jnp.sum(mask)}
 
 
 def _read(config, entry, index, count):
@@ -114,21 +121,18 @@ def _read(config, entry, index, count):
 class Evaluations:
   """Runs the entries of config.evals that are due at a step."""
 
-  def __init__(self, config, model, mesh, num_train_steps: int):
+  def __init__(self, config, functions: compiled.RunFunctions,
+               num_train_steps: int,
+               stop_requested: Optional[Callable[[], bool]] = None):
+    """Args: the run's config, its `compiled.build` functions, its length,
+    and a stop-request check (None: never stop)."""
     self.config = config
-    self.model = model
-    self.mesh = mesh
+    self.functions = functions
+    self.model = functions.model
+    self.mesh = functions.mesh
     self.num_train_steps = num_train_steps
+    self.stop_requested = stop_requested or (lambda: False)
     self.entries = dict(config.evals.items()) if 'evals' in config else {}
-    data = sharding.batch_sharding(mesh)
-    replicated = sharding.replicated(mesh)
-    self._classification = jax.jit(
-        functools.partial(train_steps.eval_step, apply_fn=model.apply,
-                          loss=config.loss),
-        in_shardings=(replicated, data), out_shardings=replicated)
-    self._real = jax.jit(functools.partial(real_sums, apply_fn=model.apply),
-                         in_shardings=(replicated, data),
-                         out_shardings=replicated)
 
   def _every(self, entry) -> int:
     return entry.every_steps or self.config.eval_every_steps
@@ -142,10 +146,16 @@ class Evaluations:
                         step % self._every(entry) == 0)]
 
   def run(self, step: int, params) -> Dict[str, float]:
-    """Metrics of every entry due at `step` ({} when none is)."""
+    """Metrics of every entry due at `step` ({} when none is).
+
+    Raises RuntimeError if a stop is requested (use `run_one` to stop).
+    """
     metrics = {}
     for name in self.due(step):
-      metrics.update(self.run_one(name, params))
+      result = self.run_one(name, params)
+      if result is None:
+        raise RuntimeError(f'config.evals.{name} stopped on request.')
+      metrics.update(result)
     return metrics
 
   def _pp(self, entry):
@@ -154,8 +164,11 @@ class Evaluations:
                 resize=entry.resize or pp.eval_resize,
                 resize_method=entry.resize_method or pp.eval_resize_method)
 
-  def run_one(self, name: str, params) -> Dict[str, float]:
-    """Runs entry `name` now; its metrics, prefixed `name/`."""
+  def run_one(self, name: str, params) -> Optional[Dict[str, float]]:
+    """Runs entry `name` now; its metrics, prefixed `name/`.
+
+    None when a stop was requested before it finished.
+    """
     entry = self.entries[name]
     if entry.kind == 'fewshot':
       return self._fewshot(name, entry, params)
@@ -171,31 +184,33 @@ class Evaluations:
         multi_label=entry.kind == 'real', process_count=count,
         **self._pp(entry))
     if entry.kind != 'real':
-      result = evaluate_dataset(self._classification, params,
+      result = evaluate_dataset(self.functions.eval_step, params,
                                 batches.as_numpy_iterator(), self.mesh,
-                                prefetch=self.config.prefetch_batches)
-      return {f'{name}/{k}': v for k, v in result.items()}
-    totals = None
-    for batch in sharding.prefetch(batches.as_numpy_iterator(), self.mesh,
-                                   self.config.prefetch_batches):
-      sums = self._real(params, batch)
-      totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    totals = sharding.to_host(totals)
+                                prefetch=self.config.prefetch_batches,
+                                stop_requested=self.stop_requested)
+      return None if result is None else {f'{name}/{k}': v
+                                          for k, v in result.items()}
+    totals = _sums(self.functions.real_step, params,
+                   batches.as_numpy_iterator(), self.mesh,
+                   self.config.prefetch_batches,
+                   stop_requested=self.stop_requested)
+    if totals is None:
+      return None
     count = float(totals['count'])
     denominator = max(count, 1.0)
     return {f'{name}/accuracy': float(totals['correct']) / denominator,
             f'{name}/examples': int(count)}
 
-  def _fewshot(self, name, entry, params) -> Dict[str, float]:
-    features_model = self.model.clone(num_classes=None)
-    # The head is not part of the feature model.
-    params = {k: v for k, v in params.items() if k != 'head'}
+  def _fewshot(self, name, entry, params) -> Optional[Dict[str, float]]:
     results = fewshot.evaluate_datasets(
-        features_model, params, dict(entry.fewshot_datasets.items()),
+        self.functions.features_step, compiled.without_head(params),
+        dict(entry.fewshot_datasets.items()),
         mesh=self.mesh, data_dir=self.config.data_dir,
         batch_size=self.config.batch_size, image_size=self.config.image_size,
         shots=entry.shots, l2_reg=entry.l2_reg, num_seeds=entry.num_seeds,
-        seed=0, **self._pp(entry))
+        seed=0, stop_requested=self.stop_requested, **self._pp(entry))
+    if results is None:
+      return None
     metrics = {}
     for dataset, by_shots in results.items():
       for k, accs in by_shots.items():

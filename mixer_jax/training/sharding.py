@@ -1,19 +1,30 @@
 """Where arrays live: the device mesh, shardings and the multi-host start.
 
-mixer_jax uses `jax.jit` over a one-axis `jax.sharding.Mesh` named 'data'
-instead of `jax.pmap`: the global batch is sharded along its first axis over
-every device of every host and XLA inserts the collectives itself. The same
-program then runs on one CPU, eight GPUs or a multi-host TPU pod; each host
-feeds only its own slice of the batch (`shard_batch`).
+mixer_jax uses `jax.jit` over a `jax.sharding.Mesh` instead of `jax.pmap`:
+the global batch is sharded along its first axis over every device of every
+host and XLA inserts the collectives itself. The same program then runs on
+one CPU, eight GPUs or a multi-host TPU pod; each host feeds only its own
+slice of the batch (`shard_batch`).
+
+The mesh (`config.mesh`, as big_vision's `config.mesh`) is a sequence of
+(axis name, size) pairs, one size -1 taking the remaining devices. The
+default `(('data', -1),)` is one axis over every device. `(('data', -1),
+('fsdp', 4))` makes groups of 4 consecutive devices (a host, a slice: where
+links are fast): parameters are split within a group and replicated across
+groups. The batch is always split over every axis.
 
 Parameters and optimizer state follow one of two strategies
 (`config.sharding`):
 - 'replicate': a full copy on every device; the step's only collective is
   the gradient all-reduce.
-- 'fsdp': every array is split along its largest axis that the device count
-  divides (big_vision's fsdp rule); XLA all-gathers each layer's kernel when
-  the layer runs and reduce-scatters its gradient, so a device holds 1/N of
-  the parameters, gradients and Adam moments.
+- 'fsdp': big_vision's `fsdp(axis, min_size_to_shard_mb)` rule: an array
+  larger than `config.fsdp_min_size_mb` MiB is split along its largest axis
+  that the fsdp axis size divides ('fsdp' if the mesh has it, else 'data');
+  smaller ones (biases, LayerNorm scales, the rng) stay replicated, since
+  gathering them costs a collective each and saves little memory. XLA
+  all-gathers each layer's kernel when the layer runs and reduce-scatters
+  its gradient, so a device holds about 1/N of the parameters, gradients
+  and Adam moments.
 
 This module is the one place that decides placement; the training loop only
 asks it for shardings.
@@ -32,6 +43,8 @@ from jax.sharding import PartitionSpec
 import numpy as np
 
 DATA_AXIS = 'data'
+FSDP_AXIS = 'fsdp'
+DEFAULT_MESH = ((DATA_AXIS, -1),)
 STRATEGIES = ('replicate', 'fsdp')
 
 
@@ -67,10 +80,50 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
                jax.local_device_count(), jax.device_count())
 
 
-def create_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-  """A one-axis ('data') mesh over `devices` (default: all, every host)."""
+def mesh_shape(axes, num_devices: int):
+  """(names, sizes) of `axes` ((name, size) pairs, one size may be -1).
+
+  Raises:
+    ValueError: unknown axis names, more than one -1, or sizes whose
+      product is not the device count.
+  """
+  axes = [(str(name), int(size)) for name, size in axes]
+  names = [name for name, _ in axes]
+  if not names or len(set(names)) != len(names) or not set(names) <= {
+      DATA_AXIS, FSDP_AXIS}:
+    raise ValueError(f'config.mesh={tuple(axes)}: use distinct axes named '
+                     f"'{DATA_AXIS}' and '{FSDP_AXIS}', e.g. "
+                     "(('data', -1), ('fsdp', 4)).")
+  fixed = int(np.prod([size for _, size in axes if size != -1]))
+  free = [name for name, size in axes if size == -1]
+  if len(free) > 1 or any(size == 0 or size < -1 for _, size in axes):
+    raise ValueError(f'config.mesh={tuple(axes)}: sizes must be positive, '
+                     'with at most one -1 (the remaining devices).')
+  if num_devices % fixed or (not free and fixed != num_devices):
+    raise ValueError(f'config.mesh={tuple(axes)} needs a multiple of {fixed} '
+                     f'devices{"" if free else " exactly"}, but there are '
+                     f'{num_devices}.')
+  sizes = [num_devices // fixed if size == -1 else size for _, size in axes]
+  return tuple(names), tuple(sizes)
+
+
+def create_mesh(devices: Optional[Sequence[jax.Device]] = None,
+                axes=DEFAULT_MESH) -> Mesh:
+  """The mesh of `axes` (see the module docstring) over `devices`.
+
+  Args:
+    devices: default all devices of every host, in JAX's order (devices of
+      one host are consecutive, so the last axis stays within a host).
+    axes: (name, size) pairs, e.g. `config.mesh`.
+  """
   devices = jax.devices() if devices is None else list(devices)
-  return Mesh(np.asarray(devices), (DATA_AXIS,))
+  names, sizes = mesh_shape(axes, len(devices))
+  return Mesh(np.asarray(devices).reshape(sizes), names)
+
+
+def fsdp_axis(mesh: Mesh) -> str:
+  """The axis fsdp splits parameters over: 'fsdp' if present, else 'data'."""
+  return FSDP_AXIS if FSDP_AXIS in mesh.axis_names else DATA_AXIS
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -79,11 +132,12 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Sharding that splits the leading (batch) axis over the 'data' axis."""
-  return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+  """Sharding that splits the leading (batch) axis over every mesh axis."""
+  return NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names)))
 
 
-def fsdp_spec(shape: Sequence[int], num_shards: int) -> PartitionSpec:
+def fsdp_spec(shape: Sequence[int], num_shards: int,
+              axis_name: str = DATA_AXIS) -> PartitionSpec:
   """Splits the largest axis of `shape` that `num_shards` divides.
 
   Arrays with no such axis (scalars, odd sizes) stay replicated.
@@ -92,18 +146,21 @@ def fsdp_spec(shape: Sequence[int], num_shards: int) -> PartitionSpec:
     for axis in sorted(range(len(shape)), key=lambda i: -shape[i]):
       if shape[axis] % num_shards == 0:
         spec = [None] * len(shape)
-        spec[axis] = DATA_AXIS
+        spec[axis] = axis_name
         return PartitionSpec(*spec)
   return PartitionSpec()
 
 
-def state_shardings(tree, mesh: Mesh, strategy: str):
+def state_shardings(tree, mesh: Mesh, strategy: str,
+                    min_size_mb: float = 0.0):
   """The sharding of every leaf of a state (or params) tree under `strategy`.
 
   Args:
     tree: pytree of arrays or `jax.ShapeDtypeStruct`s.
     mesh: the mesh from `create_mesh`.
     strategy: 'replicate' or 'fsdp' (see the module docstring).
+    min_size_mb: fsdp leaves arrays of at most this many MiB replicated
+      (big_vision's min_size_to_shard_mb; `config.fsdp_min_size_mb`).
 
   Returns:
     A tree of `NamedSharding`s with the structure of `tree`.
@@ -111,11 +168,16 @@ def state_shardings(tree, mesh: Mesh, strategy: str):
   if strategy not in STRATEGIES:
     raise ValueError(f'Unknown sharding strategy {strategy!r}; use one of '
                      f'{STRATEGIES}.')
-  num_shards = mesh.shape[DATA_AXIS]
   if strategy == 'replicate':
     return jax.tree.map(lambda _: replicated(mesh), tree)
-  return jax.tree.map(
-      lambda x: NamedSharding(mesh, fsdp_spec(x.shape, num_shards)), tree)
+  axis = fsdp_axis(mesh)
+
+  def place(x):
+    nbytes = np.prod(x.shape) * np.dtype(x.dtype).itemsize
+    if nbytes <= min_size_mb * 2**20:
+      return replicated(mesh)
+    return NamedSharding(mesh, fsdp_spec(x.shape, mesh.shape[axis], axis))
+  return jax.tree.map(place, tree)
 
 
 def put(tree, shardings):

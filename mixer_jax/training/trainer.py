@@ -11,11 +11,10 @@ run, naming the step, without saving the bad state.
 """
 
 import dataclasses
-import functools
 import math
 import os
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Dict, Optional
 
 from absl import logging
 from etils import epath
@@ -28,6 +27,7 @@ from mixer_jax.checkpointing import checkpoint_checks
 from mixer_jax.checkpointing import checkpoints
 from mixer_jax.checkpointing import preemption
 from mixer_jax.data import input_pipeline
+from mixer_jax.training import compiled
 from mixer_jax.training import config_validation
 from mixer_jax.training import data_checks
 from mixer_jax.training import errors
@@ -50,63 +50,25 @@ def num_train_steps_for(config, train_examples: int) -> int:
                           config.batch_size))
 
 
-class _TraceCount:
-  """How often a function was traced: jit traces once per compilation."""
-
-  def __init__(self, fn: Callable[..., Any]):
-    self.count = 0
-    self._fn = fn
-
-  def __call__(self, *args, **kwargs):
-    self.count += 1  # A Python side effect: runs only while jit traces.
-    return self._fn(*args, **kwargs)
-
-
-@dataclasses.dataclass(frozen=True)
-class StepFunctions:
-  """The jitted functions of a run (see `make_step_functions`)."""
-  init_fn: Callable[..., Any]
-  train_step: Callable[..., Any]
-  eval_step: Callable[..., Any]
-  abstract_state: Any
-  train_traces: _TraceCount
-
-
 def make_step_functions(config, model, tx, mesh, num_train_steps: int):
-  """Jits train and eval steps over `mesh` and the abstract sharded state.
-
-  The batch is split over the mesh's 'data' axis; parameters and optimizer
-  state are placed by `config.sharding` (see `sharding.state_shardings`).
+  """The run's jitted functions over `mesh` (`compiled.build`).
 
   Returns:
-    StepFunctions: init_fn(rng) makes a TrainState placed by those
-    shardings; abstract_state is its ShapeDtypeStruct tree with shardings
-    (the restore target); train_traces.count is how often the train step
-    compiled (1 unless its input shapes or types changed).
+    compiled.RunFunctions: init_fn(rng) makes a TrainState placed by the
+    state shardings; abstract_state is its ShapeDtypeStruct tree with
+    shardings (the restore target); train_step, eval_step and the steps of
+    config.evals; train_traces.count is how often the train step compiled.
   """
-  replicated = sharding.replicated(mesh)
-  data = sharding.batch_sharding(mesh)
-  init = functools.partial(train_steps.create_train_state, model, tx,
-                           image_size=config.image_size)
-  shapes = jax.eval_shape(init, jax.random.PRNGKey(0))
-  state_sharding = sharding.state_shardings(shapes, mesh, config.sharding)
-  abstract_state = jax.tree.map(
-      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-      shapes, state_sharding)
-  init_fn = jax.jit(init, out_shardings=state_sharding)
-  step_fn = _TraceCount(functools.partial(
-      train_steps.train_step, loss=config.loss, label_smoothing=config.label_smoothing,
-      grad_accum_steps=config.grad_accum_steps,
-      mixup_alpha=config.pp.mixup_alpha, mixup_prob=config.pp.mixup_prob,
-      learning_rate_fn=optim.learning_rate_fn(config, num_train_steps)))
-  p_train_step = jax.jit(step_fn, in_shardings=(state_sharding, data),
-                         out_shardings=(state_sharding, replicated),
-                         donate_argnums=(0,))
-  p_eval_step = jax.jit(
-      functools.partial(train_steps.eval_step, apply_fn=model.apply, loss=config.loss),
-      in_shardings=(state_sharding.params, data), out_shardings=replicated)
-  return StepFunctions(init_fn, p_train_step, p_eval_step, abstract_state,
-                       step_fn)
+  return compiled.build(config, model, mesh, tx=tx,
+                        num_train_steps=num_train_steps)
+
+
+def create_mesh(config):
+  """The device mesh of `config.mesh`; ConfigError when it does not fit."""
+  try:
+    return sharding.create_mesh(axes=config.mesh)
+  except ValueError as e:
+    raise config_validation.ConfigError(str(e)) from None
 
 
 def _check_finite(history, checkpoint_dir, last_saved):
@@ -182,8 +144,9 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     return _train_loop(
         config=config, workdir=workdir, run=run, state=state, extra=extra,
         checkpointer=checkpointer, writer=writer, start_time=start_time,
-        evaluations=evals.Evaluations(config, run.model, run.mesh,
-                                      run.num_train_steps))
+        evaluations=evals.Evaluations(
+            config, run.steps, run.num_train_steps,
+            stop_requested=lambda: checkpointer.preemption_signal is not None))
   finally:
     writer.close()
     checkpointer.close()
@@ -198,7 +161,7 @@ class _Run:
   model: models.MlpMixer
   tx: optax.GradientTransformation
   mesh: Any
-  steps: StepFunctions
+  steps: compiled.RunFunctions
 
 
 def _build(config, info) -> _Run:
@@ -208,7 +171,7 @@ def _build(config, info) -> _Run:
   config_validation.check_schedule(config, num_train_steps)
   model = train_steps.create_model(config, num_classes)
   tx = optim.create_optimizer(config, num_train_steps)
-  mesh = sharding.create_mesh()
+  mesh = create_mesh(config)
   return _Run(num_classes, num_train_steps, model, tx, mesh,
               make_step_functions(config, model, tx, mesh, num_train_steps))
 
@@ -304,6 +267,50 @@ def _restore_or_init(config, workdir, checkpointer, init_fn, abstract_state):
   return state, {}
 
 
+MAIN_EVAL = ''  # The eval of config.eval_split, among config.evals' names.
+
+
+def _run_evaluations(names, *, step, params, config, run, evaluations,
+                     writer, best, last_eval):
+  """Runs the main eval (MAIN_EVAL) and the config.evals entries `names`.
+
+  Each one's metrics are written as it finishes. A stop request (see
+  `evals.Evaluations.stop_requested`) abandons the rest.
+
+  Returns:
+    (names not run, best eval accuracy, last main eval, whether the main
+    eval improved on the best).
+  """
+  improved = False
+  stop_requested = (evaluations.stop_requested if evaluations is not None
+                    else None)
+  for i, name in enumerate(names):
+    if name == MAIN_EVAL:
+      result = evals.evaluate_dataset(
+          run.steps.eval_step, params,
+          input_pipeline.eval_dataset(config).as_numpy_iterator(), run.mesh,
+          prefetch=config.prefetch_batches, stop_requested=stop_requested)
+      if result is None:
+        return names[i:], best, last_eval, improved
+      last_eval = {'eval_accuracy': result['accuracy'],
+                   'eval_loss': result['loss'],
+                   'eval_examples': result['examples']}
+      improved = best is None or last_eval['eval_accuracy'] > best
+      best = max(best or 0.0, last_eval['eval_accuracy'])
+      writer.write_scalars(step, last_eval)
+      reporting.log_and_print(
+          f'step {step}: eval accuracy {last_eval["eval_accuracy"]:.4f}, '
+          f'loss {last_eval["eval_loss"]:.4f} (best {best:.4f})')
+      continue
+    more = evaluations.run_one(name, params)  # `<name>/accuracy` etc.
+    if more is None:
+      return names[i:], best, last_eval, improved
+    writer.write_scalars(step, more)
+    reporting.log_and_print(f'step {step}: ' + ', '.join(
+        f'{k} {v:.4f}' for k, v in more.items() if 'accuracy' in k))
+  return [], best, last_eval, improved
+
+
 def _train_loop(*, config, workdir, run: _Run, state, extra, checkpointer,
                 writer, start_time: float,
                 evaluations: Optional[evals.Evaluations] = None):
@@ -332,6 +339,15 @@ def _train_loop(*, config, workdir, run: _Run, state, extra, checkpointer,
   progress = reporting.Progress(step, num_train_steps, config.batch_size)
   history, pending = [], []
   preempted = checkpointer.reached_preemption(step)  # Installs the handlers.
+  if extra.get('pending_evals') and not preempted:
+    # The evaluations of the saved step that a stop request interrupted.
+    reporting.log_and_print(f'step {step}: running the evaluations a stop '
+                            'request interrupted.')
+    left, best, last_eval, _ = _run_evaluations(
+        extra['pending_evals'], step=step, params=state.params,
+        config=config, run=run, evaluations=evaluations, writer=writer,
+        best=best, last_eval=last_eval)
+    preempted = bool(left)
   # Not clu's Profile: its first call never starts a trace (so a run resumed
   # at profile_start_step would not profile), it keeps tracing at least 3 s
   # and does not stop a trace open when the loop ends.
@@ -374,33 +390,24 @@ def _train_loop(*, config, workdir, run: _Run, state, extra, checkpointer,
       reporting.log_and_print(progress.line(
           step, speed, {'loss': train_metrics['train_loss']}))
     progress.pause()
-    save_metrics = None
-    if do_eval:
-      result = evals.evaluate_dataset(
-          run.steps.eval_step, state.params,
-          input_pipeline.eval_dataset(config).as_numpy_iterator(), mesh,
-          prefetch=config.prefetch_batches)
-      last_eval = {'eval_accuracy': result['accuracy'],
-                   'eval_loss': result['loss'],
-                   'eval_examples': result['examples']}
-      improved = best is None or last_eval['eval_accuracy'] > best
-      best = max(best or 0.0, last_eval['eval_accuracy'])
-      # keep_best: also save a step that is the best so far (only those).
-      do_save = do_save or (improved and config.keep_best_checkpoint)
-      writer.write_scalars(step, last_eval)
-      reporting.log_and_print(
-          f'step {step}: eval accuracy {last_eval["eval_accuracy"]:.4f}, '
-          f'loss {last_eval["eval_loss"]:.4f} (best {best:.4f})')
+    names = ([MAIN_EVAL] if do_eval else []) + list(due)
+    save_metrics, improved, left = None, False, names
+    if not preempted:  # A stop request saves first; the restart evaluates.
+      left, best, last_eval, improved = _run_evaluations(
+          names, step=step, params=state.params, config=config, run=run,
+          evaluations=evaluations, writer=writer, best=best,
+          last_eval=last_eval)
+    if left:  # Stopped during the evaluations: save now, evaluate later.
+      preempted = do_save = True
+    elif do_eval:
       save_metrics = {'eval_accuracy': last_eval['eval_accuracy']}
-    if due:  # config.evals: `<name>/accuracy` etc.
-      more = evaluations.run(step, state.params)
-      writer.write_scalars(step, more)
-      reporting.log_and_print(f'step {step}: ' + ', '.join(
-          f'{k} {v:.4f}' for k, v in more.items() if 'accuracy' in k))
+    # keep_best: also save a step that is the best so far (only those).
+    do_save = do_save or (improved and config.keep_best_checkpoint)
     if do_save:
       checkpointer.save(step, state, metrics=save_metrics, extra={
           'best_eval_accuracy': best,
-          'last_eval': last_eval, 'num_train_steps': num_train_steps})
+          'last_eval': last_eval, 'num_train_steps': num_train_steps,
+          'pending_evals': left})
       last_saved = step
     writer.flush()
     progress.resume()

@@ -1,0 +1,195 @@
+"""Every jitted function of a run, built in one place from (config, model, mesh).
+
+`build(config, model, mesh, tx=..., num_train_steps=...)` returns the
+`RunFunctions` of a run: initialisation, the train step, the eval step, the
+step of each `config.evals` kind (classification reuses the eval step; ReaL;
+few-shot features) and the forward pass. Each is `jax.jit`ted with the same
+parameter shardings (`sharding.state_shardings(..., config.sharding)`) and
+the batch split over the mesh's data axes, so a function never meets
+parameters placed for another one. The trainer, `training/evals.py`,
+`fewshot.py`, `evaluate.py`, `benchmark.py` and the launch check
+(`training/launch_check.py`) all take their functions from here; predict and
+export serve `forward`.
+"""
+
+import dataclasses
+import functools
+from typing import Any, Callable, Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from mixer_jax import models
+from mixer_jax.training import optim
+from mixer_jax.training import sharding
+from mixer_jax.training import train_steps
+
+
+class TraceCount:
+  """How often a function was traced: jit traces once per compilation."""
+
+  def __init__(self, fn: Callable[..., Any]):
+    self.count = 0
+    self._fn = fn
+
+  def __call__(self, *args, **kwargs):
+    self.count += 1  # A Python side effect: runs only while jit traces.
+    return self._fn(*args, **kwargs)
+
+
+def forward(model) -> Callable[..., jax.Array]:
+  """f(params, images in [-1, 1]) -> float32 logits (features if no head).
+
+  The inference forward pass that predict and export serve.
+  """
+  def apply(params, images):
+    return model.apply({'params': params}, images,
+                       train=False).astype(jnp.float32)
+  return apply
+
+
+def predict_function(model) -> Callable[..., jax.Array]:
+  """Jitted (params, images) -> class probabilities, on the default device.
+
+  Single images of any count: not split over a mesh.
+  """
+  apply = forward(model)
+  return jax.jit(lambda p, x: jax.nn.softmax(apply(p, x), axis=-1))
+
+
+def real_sums(params, batch, *, apply_fn) -> Dict[str, jax.Array]:
+  """Masked ReaL hits (top-1 in the label set) and counts of one batch."""
+  logits = apply_fn({'params': params}, batch['image'], train=False)
+  top1 = jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1])
+  # A masked sum, not take_along_axis (a gather XLA would split all-to-all).
+  hit = jnp.sum(batch['label'] * top1, axis=-1)
+  mask = batch['mask'].astype(jnp.float32)
+  return {'correct': jnp.sum(hit * mask), 'count': jnp.sum(mask)}
+
+
+def without_head(tree):
+  """The parameter (or sharding) tree of the feature model: no 'head'."""
+  return {k: v for k, v in tree.items() if k != 'head'}
+
+
+def features_function(features_model, mesh, params_sharding):
+  """Jitted (params, images) -> pre-logits, split over the batch like images.
+
+  Images only (labels stay on the host), so one compilation serves every
+  few-shot data set whatever its class count.
+
+  Args:
+    features_model: a Mixer returning features (num_classes None or 0).
+    mesh: the device mesh; the batch is split over its data axes.
+    params_sharding: the placement of the (headless) parameters.
+  """
+  data = sharding.batch_sharding(mesh)
+  return jax.jit(forward(features_model), in_shardings=(params_sharding, data),
+                 out_shardings=data)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunFunctions:
+  """The jitted functions of one run (see `build`).
+
+  Attributes:
+    mesh: the device mesh every function is compiled for.
+    model: the Mixer with its head.
+    params_sharding: placement of every parameter (the tree of the params).
+    abstract_params: ShapeDtypeStructs of the parameters, with shardings.
+    abstract_state: the same for the whole TrainState (None without tx):
+      the restore target.
+    init_fn: rng -> TrainState placed by the state shardings (None
+      without tx).
+    train_step: (state, batch) -> (state, metrics); the state is donated.
+    eval_step: (params, batch) -> masked sums (`train_steps.eval_step`);
+      also the step of `classification` entries of config.evals.
+    real_step: (params, batch) -> ReaL sums (`real_sums`).
+    features_step: (headless params, images) -> features, the few-shot
+      feature pass (`features_function`).
+    serve_step: (params, images) -> float32 logits, batch split over the
+      mesh (`forward`).
+    train_traces: train_traces.count is how often the train step was
+      traced (1 unless its input shapes or types changed).
+  """
+  mesh: Any
+  model: models.MlpMixer
+  params_sharding: Any
+  abstract_params: Any
+  abstract_state: Optional[Any]
+  init_fn: Optional[Callable[..., Any]]
+  train_step: Optional[Callable[..., Any]]
+  eval_step: Callable[..., Any]
+  real_step: Callable[..., Any]
+  features_step: Callable[..., Any]
+  serve_step: Callable[..., Any]
+  train_traces: Optional[TraceCount]
+
+
+def _with_shardings(shapes, shardings):
+  return jax.tree.map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+      shapes, shardings)
+
+
+def build(config, model, mesh, *,
+          tx: Optional[optax.GradientTransformation] = None,
+          num_train_steps: Optional[int] = None) -> RunFunctions:
+  """Jits every function of a run over `mesh`.
+
+  Args:
+    config: the run's ConfigDict (image_size, sharding, loss and the train
+      step's fields).
+    model: the Mixer of the run (`train_steps.create_model`).
+    mesh: the device mesh (`sharding.create_mesh`).
+    tx: the optimizer; without it (evaluation only) there is no state,
+      init_fn or train_step.
+    num_train_steps: the schedule's length (reported learning rate).
+
+  Returns:
+    RunFunctions.
+  """
+  replicated = sharding.replicated(mesh)
+  data = sharding.batch_sharding(mesh)
+  min_size = dict(min_size_mb=config.fsdp_min_size_mb)
+  param_shapes = models.param_shapes(model, config.image_size)
+  params_sharding = sharding.state_shardings(param_shapes, mesh,
+                                             config.sharding, **min_size)
+  abstract_state = init_fn = train_step = traces = None
+  if tx is not None:
+    init = functools.partial(train_steps.create_train_state, model, tx,
+                             image_size=config.image_size)
+    state_shapes = jax.eval_shape(init, jax.random.PRNGKey(0))
+    state_sharding = sharding.state_shardings(state_shapes, mesh,
+                                              config.sharding, **min_size)
+    # The params inside the state are placed as the params alone.
+    state_sharding = state_sharding.replace(params=params_sharding)
+    abstract_state = _with_shardings(state_shapes, state_sharding)
+    init_fn = jax.jit(init, out_shardings=state_sharding)
+    traces = TraceCount(functools.partial(
+        train_steps.train_step, loss=config.loss,
+        label_smoothing=config.label_smoothing,
+        grad_accum_steps=config.grad_accum_steps,
+        mixup_alpha=config.pp.mixup_alpha, mixup_prob=config.pp.mixup_prob,
+        learning_rate_fn=optim.learning_rate_fn(config, num_train_steps)))
+    train_step = jax.jit(traces, in_shardings=(state_sharding, data),
+                         out_shardings=(state_sharding, replicated),
+                         donate_argnums=(0,))
+  eval_step = jax.jit(
+      functools.partial(train_steps.eval_step, apply_fn=model.apply,
+                        loss=config.loss),
+      in_shardings=(params_sharding, data), out_shardings=replicated)
+  real_step = jax.jit(functools.partial(real_sums, apply_fn=model.apply),
+                      in_shardings=(params_sharding, data),
+                      out_shardings=replicated)
+  features_step = features_function(model.clone(num_classes=None), mesh,
+                                    without_head(params_sharding))
+  serve_step = jax.jit(forward(model), in_shardings=(params_sharding, data),
+                       out_shardings=data)
+  return RunFunctions(
+      mesh=mesh, model=model, params_sharding=params_sharding,
+      abstract_params=_with_shardings(param_shapes, params_sharding),
+      abstract_state=abstract_state, init_fn=init_fn, train_step=train_step,
+      eval_step=eval_step, real_step=real_step, features_step=features_step,
+      serve_step=serve_step, train_traces=traces)
