@@ -412,3 +412,39 @@ def test_damaged_latest_is_not_retried_as_another_step(tmp_path):
   with pytest.raises(CheckpointError, match=f'{tmp_path}/2 cannot be read'):
     reader.restore(tiny_state())  # Step 2 exists: its error, no fallback.
   reader.close()
+
+
+@pytest.mark.parametrize('damage', [b'{"eval_accuracy": 0.9', b'\xff\n', b''])
+def test_a_damaged_metrics_file_disables_nothing(tmp_path, damage):
+  # Orbax's <step>/metrics/metrics only ranks steps for keep_best.
+  ckpt = checkpoints.Checkpointer(tmp_path, keep=3, keep_best=True,
+                                  async_save=False)
+  for step, accuracy in [(1, 0.9), (2, 0.5), (3, 0.4)]:
+    ckpt.save(step, tiny_state(offset=step),
+              metrics={'eval_accuracy': accuracy})
+  ckpt.close()
+  metrics = tmp_path / '1' / 'metrics' / 'metrics'
+  metrics.write_bytes(damage)
+  before = snapshot(tmp_path)
+  # Readers (evaluate, predict, --step=K) never read it: every step works,
+  # and nothing is changed.
+  reader = checkpoints.Checkpointer(tmp_path, keep=3, keep_best=False,
+                                    read_only=True)
+  assert reader.all_steps() == [1, 2, 3]
+  for step in (1, 3):
+    restored, _ = reader.restore(tiny_state(), step=step)
+    assert int(restored.step) == step
+  reader.close()
+  assert snapshot(tmp_path) == before
+  # A writer (train, resume_step) renames it and goes on; step 1 no longer
+  # counts as the best, so retention keeps only the newest `keep`.
+  writer = checkpoints.Checkpointer(tmp_path, keep=3, keep_best=True,
+                                    async_save=False)
+  assert not metrics.exists()
+  assert (metrics.parent / 'metrics.damaged').read_bytes() == damage
+  assert writer.best_step() == 2
+  restored, _ = writer.restore(tiny_state(), step=1)
+  assert int(restored.step) == 1
+  writer.save(4, tiny_state(offset=4), metrics={'eval_accuracy': 0.1})
+  assert writer.all_steps() == [2, 3, 4]
+  writer.close()

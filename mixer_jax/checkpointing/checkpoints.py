@@ -25,8 +25,13 @@ What it guarantees (each point has a test in tests/test_checkpoints.py):
   `CheckpointError`; earlier steps are kept either way.
 - A state with NaN or infinite values is never saved.
 - Checkpoints are arrays and JSON only: nothing is ever unpickled.
+- A damaged per-step metrics file (Orbax's `<step>/metrics/metrics`, which
+  only ranks steps for keep_best) never makes the directory unusable: a
+  reader skips the metrics altogether, a writer renames the damaged file to
+  `metrics.damaged` (so that step no longer counts as the best) and says so.
 """
 
+import json
 import math
 import os
 import uuid
@@ -45,10 +50,52 @@ from mixer_jax.checkpointing import preemption
 STATE_ITEM = 'state'
 EXTRA_ITEM = 'extra'
 BEST_METRIC = 'eval_accuracy'
+# Orbax's item (and file) name of a step's metrics: `<step>/metrics/metrics`.
+_METRICS_ITEM = ocp.checkpoint_manager.METRIC_ITEM_NAME
 
 
 def _best_metric(metrics) -> float:
   return float(metrics[BEST_METRIC])
+
+
+def _metrics_readable(path: epath.Path) -> bool:
+  """Whether Orbax can read the metrics file `path`: a UTF-8 JSON object."""
+  try:
+    return isinstance(json.loads(path.read_bytes().decode('utf-8')), dict)
+  except (OSError, ValueError):  # UnicodeDecodeError is a ValueError.
+    return False
+
+
+def set_aside_damaged_metrics(directory) -> list:
+  """Renames unreadable `<step>/metrics/metrics` files to `metrics.damaged`.
+
+  Orbax reads the metrics of every step when a writable CheckpointManager
+  opens and fails on the first damaged one, which would stop every start
+  on the directory. The file only ranks its step for keep_best; without it
+  the step is kept or deleted by `keep` alone. Run on process 0 before the
+  manager opens.
+
+  Returns:
+    The renamed files' new paths.
+  """
+  directory = epath.Path(directory)
+  if jax.process_index() > 0 or not directory.is_dir():
+    return []
+  moved = []
+  for step_dir in directory.iterdir():
+    metrics = step_dir / _METRICS_ITEM / _METRICS_ITEM
+    if not step_dir.name.isdigit() or not metrics.exists():
+      continue
+    if _metrics_readable(metrics):
+      continue
+    damaged = metrics.parent / f'{_METRICS_ITEM}.damaged'
+    metrics.rename(damaged)
+    moved.append(str(damaged))
+    logging.warning(
+        'The metrics file of step %s in %s was damaged; renamed it to %s. '
+        'The step itself is intact; it no longer counts for keep_best.',
+        step_dir.name, directory, damaged)
+  return moved
 
 
 def _abstract(leaf):
@@ -101,6 +148,10 @@ class Checkpointer:
     elif not self.directory.is_dir():
       raise checks.CheckpointError(
           f'Checkpoint directory {self.directory} does not exist.')
+    if not read_only:
+      set_aside_damaged_metrics(self.directory)
+      if jax.process_count() > 1:  # The others open after process 0 fixed it.
+        multihost_utils.sync_global_devices('mixer_jax_metrics_checked')
     policies = [ocp.checkpoint_managers.LatestN(n=keep)]
     best_fn = None
     if keep_best:
@@ -112,13 +163,17 @@ class Checkpointer:
         preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(
             policies),
         cleanup_tmp_directories=True,  # Remove saves cut short by a kill.
-        enable_async_checkpointing=async_save, read_only=read_only)
+        enable_async_checkpointing=async_save, read_only=read_only,
+        # A reader needs no step metrics (they only rank steps for keep_best),
+        # so it does not read them: a damaged one cannot stop an evaluation.
+        lightweight_initialize=read_only)
     # Naming the handlers lets a fresh manager read metadata before any save.
     registry = ocp.handlers.create_default_handler_registry(**{
         STATE_ITEM: ocp.StandardCheckpointHandler(),
         EXTRA_ITEM: ocp.JsonCheckpointHandler()})
-    self._manager = ocp.CheckpointManager(
+    self._open_manager = lambda: ocp.CheckpointManager(
         self.directory, options=options, handler_registry=registry)
+    self._manager = self._open_manager()
     # The signals of an enclosing watch_preemption, else this one's own.
     watching = preemption.innermost()
     self._own_signals = watching is None
@@ -255,7 +310,7 @@ class Checkpointer:
     except checks.CheckpointError:
       if tried is None or (self.directory / str(tried)).exists():
         raise  # Not a deletion: a real problem of that step.
-      self._manager.reload()
+      self._reload()
       newest = self.latest_step()
       if newest is None or newest == tried:
         raise
@@ -335,7 +390,9 @@ class Checkpointer:
     try:
       extra = self._manager.restore(step, args=ocp.args.Composite(**{
           EXTRA_ITEM: ocp.args.JsonRestore()}))[EXTRA_ITEM]
-      stored = self._manager.item_metadata(step)[STATE_ITEM]
+      # From the item itself: the manager's item_metadata(step) would also
+      # read the step's metrics file, which is not needed here.
+      stored = ocp.StandardCheckpointHandler().metadata(where / STATE_ITEM)
       stored = checks.flat(getattr(stored, 'tree', stored))
       if not isinstance(extra, dict) or not stored:
         raise ValueError('missing state metadata or extra JSON')
@@ -346,6 +403,18 @@ class Checkpointer:
     checks.check_fingerprint(self.fingerprint, extra.get('fingerprint'), where,
                              self._unchanged)
     return step, where, hint, extra, stored
+
+  def _reload(self):
+    """Re-reads the list of steps (changed by another process or us).
+
+    A reader opens a new lightweight manager: Orbax's `reload` would read
+    every step's metrics file, which a reader never needs.
+    """
+    if self.read_only:
+      self._manager.close()
+      self._manager = self._open_manager()
+    else:
+      self._manager.reload()
 
   @property
   def _unchanged(self) -> str:
@@ -375,7 +444,7 @@ class Checkpointer:
     if later:
       if jax.process_count() > 1:
         multihost_utils.sync_global_devices('mixer_jax_set_aside')
-      self._manager.reload()
+      self._reload()
       logging.warning('Set aside steps %s of %s in %s.', later,
                       self.directory, aside)
     return moved

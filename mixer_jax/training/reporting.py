@@ -57,13 +57,12 @@ class JsonLinesWriter(metric_writers.MetricWriter):
     try:
       if not tf.io.gfile.exists(self._path):  # Opened lazily: none yet.
         return 0
-      with tf.io.gfile.GFile(self._path) as f:
-        lines = f.read().splitlines(keepends=True)
+      lines = _read_lines(self._path)
       kept = []
       for line in lines:
-        record = _parse(line) if line.endswith('\n') else None
+        record = _parse(line) if line.endswith(b'\n') else None
         if record is None:
-          continue  # Torn (cut by a kill) or not JSON.
+          continue  # Torn (cut by a kill), not UTF-8 or not JSON.
         if 'step' in record and record['step'] > step:
           continue
         if 'step' not in record and step == 0:
@@ -72,8 +71,8 @@ class JsonLinesWriter(metric_writers.MetricWriter):
       dropped = len(lines) - len(kept)
       if dropped:
         temporary = f'{self._path}.rewind.tmp'
-        with tf.io.gfile.GFile(temporary, 'w') as f:
-          f.write(''.join(kept))
+        with tf.io.gfile.GFile(temporary, 'wb') as f:
+          f.write(b''.join(kept))
         tf.io.gfile.rename(temporary, self._path, overwrite=True)
         logging.info('Dropped %d line(s) of %s after step %d (resumed run).',
                      dropped, self._path, step)
@@ -143,11 +142,21 @@ def rewind(writer, step: int) -> int:
   return target.rewind(step) if target is not None else 0
 
 
-def _parse(line: str):
+def _read_lines(path: str) -> list:
+  """The lines of `path` as bytes (each with its newline, if it has one).
+
+  Bytes, not text: a damaged file may hold bytes that are not UTF-8, and
+  those lines are skipped like any other unreadable line.
+  """
+  with tf.io.gfile.GFile(path, 'rb') as f:
+    return f.read().splitlines(keepends=True)
+
+
+def _parse(line: bytes):
   """The JSON object of one line, or None if it is not one."""
   try:
-    record = json.loads(line)
-  except ValueError:
+    record = json.loads(line.decode('utf-8'))
+  except ValueError:  # Includes UnicodeDecodeError.
     return None
   return record if isinstance(record, dict) else None
 
@@ -155,16 +164,17 @@ def _parse(line: str):
 def read_metrics(workdir: str):
   """Reads `metrics.jsonl` back as a list of dicts (hparams lines skipped).
 
-  A line that is not a JSON object (the last line of a run killed while
-  writing it) is skipped with a warning.
+  A line that is not a UTF-8 JSON object (the last line of a run killed
+  while writing it, a damaged byte) is skipped with a warning.
   """
-  with tf.io.gfile.GFile(os.path.join(workdir, METRICS_FILE)) as f:
-    lines = [line for line in f if line.strip()]
+  lines = [line for line in _read_lines(os.path.join(workdir, METRICS_FILE))
+           if line.strip()]
   records = [_parse(line) for line in lines]
   torn = sum(r is None for r in records)
   if torn:
     logging.warning('Skipped %d unreadable line(s) of %s (cut short by a '
-                    'kill?).', torn, os.path.join(workdir, METRICS_FILE))
+                    'kill, or damaged).', torn,
+                    os.path.join(workdir, METRICS_FILE))
   return [r for r in records if r is not None and 'step' in r]
 
 
