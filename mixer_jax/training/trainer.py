@@ -163,22 +163,32 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   run = _build(config, data_checks.checked_dataset_info(config))
 
   # One running job per workdir: refuses a second start (before the
-  # checkpointer, which removes unfinished saves, is opened).
+  # checkpointer, which removes unfinished saves, is opened). A start
+  # refused after this point (another model, another schedule) leaves the
+  # workdir as it was: run_info.json and the writers come after the restore.
   lock = workdir_lock.acquire(workdir)
-  checkpointer = _checkpointer(config, workdir, run.num_classes)
-  if jax.process_index() == 0:  # Makes the workdir a checkpoint for predict.
-    any_checkpoint.save_run_info(workdir, config, run.num_classes)
-  writer = reporting.create_writer(workdir)
-  reporting.log_and_print(
-      f'Mixer {config.model.variant}: '
-      f'{models.count_params(run.steps.abstract_state.params):,} parameters, '
-      f'{run.num_classes} classes; {run.num_train_steps} steps of batch '
-      f'{config.batch_size} on {jax.device_count()} device(s), '
-      f'{jax.process_count()} process(es); workdir {workdir}')
+  checkpointer = None
   try:
+    check_schedule_unchanged(config, workdir, run.num_train_steps)
+    checkpointer = _checkpointer(config, workdir, run.num_classes)
+    reporting.log_and_print(
+        f'Mixer {config.model.variant}: '
+        f'{models.count_params(run.steps.abstract_state.params):,} '
+        f'parameters, {run.num_classes} classes; {run.num_train_steps} steps '
+        f'of batch {config.batch_size} on {jax.device_count()} device(s), '
+        f'{jax.process_count()} process(es); workdir {workdir}')
     state, extra = _restore_or_init(config, workdir, checkpointer,
                                     run.steps.init_fn,
                                     run.steps.abstract_state)
+  except BaseException:
+    if checkpointer is not None:
+      checkpointer.close()
+    workdir_lock.release(lock, refused=True)
+    raise
+  if jax.process_index() == 0:  # Makes the workdir a checkpoint for predict.
+    any_checkpoint.save_run_info(workdir, config, run.num_classes)
+  writer = reporting.create_writer(workdir)
+  try:
     return _train_loop(
         config=config, workdir=workdir, run=run, state=state, extra=extra,
         checkpointer=checkpointer, writer=writer, start_time=start_time,
@@ -188,6 +198,43 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     writer.close()
     checkpointer.close()
     workdir_lock.release(lock)
+
+
+def check_schedule_unchanged(config, workdir: str, num_train_steps: int):
+  """Refuses to resume with another batch size or number of steps.
+
+  The data position and the learning-rate schedule of a resumed run are
+  counted in steps, so another batch size or step count silently changes
+  what both mean. The values of the run that wrote the checkpoints are
+  read from its run_info.json (nothing to compare without one).
+
+  Raises:
+    config_validation.ConfigError: unless config.allow_changed_schedule.
+  """
+  if config.allow_changed_schedule or not _has_saved_steps(
+      os.path.join(workdir, CHECKPOINT_DIR)):
+    return
+  try:
+    saved = any_checkpoint.read_run_info(workdir)['config']
+  except (errors.EXPECTED_ERRORS) as e:  # Missing or damaged: rewritten.
+    logging.warning('Cannot compare the schedule with the saved run: %s', e)
+    return
+  saved_steps = (int(saved.num_train_steps) if saved.num_train_steps > 0
+                 else None)  # Epoch-based: compared through num_epochs.
+  changes = []
+  if int(saved.batch_size) != int(config.batch_size):
+    changes.append(f'batch_size {saved.batch_size} -> {config.batch_size}')
+  if saved_steps is not None and saved_steps != num_train_steps:
+    changes.append(f'num_train_steps {saved_steps} -> {num_train_steps}')
+  if saved_steps is None and saved.num_epochs != config.num_epochs:
+    changes.append(f'num_epochs {saved.num_epochs} -> {config.num_epochs}')
+  if changes:
+    raise config_validation.ConfigError(
+        f'{workdir} holds a run with another schedule ({"; ".join(changes)}).'
+        ' Its data position and learning-rate schedule are counted in '
+        'steps, so resuming would change their meaning. Use the same '
+        'values, another --workdir, or --config.allow_changed_schedule=True '
+        'to resume anyway. Nothing in the workdir was changed.')
 
 
 @dataclasses.dataclass(frozen=True)
