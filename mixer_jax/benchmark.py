@@ -26,6 +26,9 @@ is a perfect split, remat adds about a third in training), `collectives`
 on a CPU). `--json` prints one JSON object per configuration.
 """
 
+# First, before TensorFlow loads: it quiets TensorFlow's C++ start-up lines.
+from mixer_jax.training import command_line  # pylint: disable=g-bad-import-order
+
 import functools
 import json
 import os
@@ -44,6 +47,7 @@ import optax
 
 from mixer_jax import models
 from mixer_jax.training import cost
+from mixer_jax.training import errors
 from mixer_jax.training import sharding
 
 MODES = ('infer', 'train')
@@ -106,7 +110,7 @@ def benchmark_devices(count: int) -> list:
   if len(devices) < count:
     devices = jax.devices('cpu')
   if len(devices) < count:
-    raise ValueError(f'--devices={count}, but JAX sees only {len(devices)} '
+    raise errors.UsageError(f'--devices={count}, but JAX sees only {len(devices)} '
                      'device(s); run as a command (it sets '
                      'jax_num_cpu_devices) or set XLA_FLAGS='
                      f'--xla_force_host_platform_device_count={count}.')
@@ -165,7 +169,7 @@ def make_step(model, mode: str, optimizer: str, params, batch_size: int,
     # A placed copy: donated, so the caller's parameters stay intact.
     args = (sharding.put(state, state_sharding), images, labels)
   else:
-    raise ValueError(f'Unknown mode {mode!r}; use one of {MODES}.')
+    raise errors.UsageError(f'Unknown mode {mode!r}; use one of {MODES}.')
   start = time.perf_counter()
   compiled = fn.lower(*args).compile()
   compile_s = time.perf_counter() - start
@@ -211,10 +215,10 @@ def benchmark_config(*, variant: str, mode: str, batch_size: int,
     A JSON-serialisable dict.
   """
   if batch_size <= 0 or repeats < 0 or devices <= 0:
-    raise ValueError(f'batch_size={batch_size}, repeats={repeats} and '
+    raise errors.UsageError(f'batch_size={batch_size}, repeats={repeats} and '
                      f'devices={devices} must be positive (repeats >= 0).')
   if batch_size % devices:
-    raise ValueError(f'batch_size={batch_size} must be divisible by '
+    raise errors.UsageError(f'batch_size={batch_size} must be divisible by '
                      f'devices={devices}.')
   model = build_model(variant, num_classes, dtype, sizes or {}, remat)
   if params is None:
@@ -333,7 +337,7 @@ def run_benchmark(*, variant: str, mode: str, batch_sizes: Sequence[int],
     One dict per configuration.
   """
   if mode not in MODES + ('both',):
-    raise ValueError(f'Unknown mode {mode!r}; use infer, train or both.')
+    raise errors.UsageError(f'Unknown mode {mode!r}; use infer, train or both.')
   modes = MODES if mode == 'both' else (mode,)
   model = build_model(variant, kwargs.get('num_classes', 1000),
                       kwargs['dtype'], kwargs.get('sizes') or {})
@@ -373,36 +377,48 @@ def define_flags() -> None:
                     'Placement of parameters and optimizer state.')
   flags.DEFINE_bool('remat', False, 'Rematerialise each block in training.')
   flags.DEFINE_bool('json', False, 'One JSON object per line, no table.')
+  command_line.define_verbose_flag()
   for name in SIZE_FLAGS:
     flags.DEFINE_integer(name, None, f'Override the variant\'s {name}.')
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  f = flags.FLAGS
-  try:
-    batch_sizes = [int(b) for b in f.batch_size]
-  except ValueError as e:
-    raise app.UsageError(f'--batch_size must be integers, e.g. 8,16: {e}')
-  if f.devices < 1:
-    raise app.UsageError('--devices must be >= 1.')
-  # Only takes effect before JAX starts its CPU backend, hence first.
-  jax.config.update('jax_num_cpu_devices', max(f.devices, 1))
-  try:
-    rows = run_benchmark(
-        variant=f.variant, mode=f.mode, batch_sizes=batch_sizes,
-        image_size=f.image_size, dtype=f.dtype, repeats=f.repeats,
-        optimizer=f.optimizer, num_classes=f.num_classes,
-        peak_size=f.peak_size, sizes={k: f[k].value for k in SIZE_FLAGS},
-        devices=f.devices, strategy=f.sharding, remat=f.remat)
-  except ValueError as e:
-    raise app.UsageError(str(e)) from None
-  if f.json:
+  command_line.set_up_output(flags.FLAGS.verbose)
+  # User errors are one line (exit 1); anything else keeps its traceback.
+  with command_line.user_errors_as_one_line():
+    rows = _run_from_flags(argv, flags.FLAGS)
+  if flags.FLAGS.json:
     for row in rows:
       print(json.dumps(row), flush=True)
   else:
     print(format_table(rows), flush=True)
+
+
+def _run_from_flags(argv, f):
+  """Checks the flags (errors.UsageError) and runs the benchmark."""
+  if len(argv) > 1:
+    raise errors.UsageError(f'Unexpected arguments: {argv[1:]}')
+  try:
+    batch_sizes = [int(b) for b in f.batch_size]
+  except ValueError as e:
+    raise errors.UsageError(
+        f'--batch_size must be integers, e.g. 8,16: {e}') from None
+  if f.devices < 1:
+    raise errors.UsageError('--devices must be >= 1.')
+  sizes = {k: f[k].value for k in SIZE_FLAGS}
+  try:  # The variant and size flags, checked before anything is built.
+    models.get_spec(f.variant, **{k: v for k, v in sizes.items()
+                                  if v is not None})
+  except ValueError as e:
+    raise errors.UsageError(f'--variant={f.variant}: {e}') from None
+  # Only takes effect before JAX starts its CPU backend, hence first.
+  jax.config.update('jax_num_cpu_devices', max(f.devices, 1))
+  return run_benchmark(
+      variant=f.variant, mode=f.mode, batch_sizes=batch_sizes,
+      image_size=f.image_size, dtype=f.dtype, repeats=f.repeats,
+      optimizer=f.optimizer, num_classes=f.num_classes,
+      peak_size=f.peak_size, sizes=sizes, devices=f.devices,
+      strategy=f.sharding, remat=f.remat)
 
 
 if __name__ == '__main__':

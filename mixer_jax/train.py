@@ -9,13 +9,16 @@ workdir)`; this module is its command line. A run stopped by SIGTERM/SIGINT
 saves its current step; the same command resumes it exactly.
 """
 
+# First, before TensorFlow loads: it quiets TensorFlow's C++ start-up lines.
+from mixer_jax.training import command_line  # pylint: disable=g-bad-import-order
+command_line.load_tensorflow_quietly()  # Reads data sets: TF is needed.
+
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
 from mixer_jax.training import config_loading
 from mixer_jax.training import errors
-from mixer_jax.training import reporting
 from mixer_jax.training import sharding
 from mixer_jax.training import trainer
 
@@ -24,17 +27,15 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   """Command-line entry point (flags: see `_define_flags`)."""
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}; set config '
-                         'values with --config.FIELD=VALUE.')
-  sharding.initialize_from_flags()
-  reporting.set_print_progress(False)  # absl already logs to stderr.
-  reporting.quiet_library_logs()
-  try:
+  command_line.set_up_output(FLAGS.verbose)
+  # Progress and the summary go to stdout (reporting.log_and_print); user
+  # errors are one line (exit 1), anything else keeps its traceback.
+  with command_line.user_errors_as_one_line():
+    if len(argv) > 1:
+      raise errors.UsageError(f'Unexpected arguments: {argv[1:]}; set config '
+                              'values with --config.FIELD=VALUE.')
+    sharding.initialize_from_flags()
     trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except errors.EXPECTED_ERRORS as e:
-    # Expected failures: the message says what to do; no traceback (exit 1).
-    raise SystemExit(f'{type(e).__name__}: {e}') from None
 
 
 def _define_flags():
@@ -44,6 +45,7 @@ def _define_flags():
       lock_config=True)
   flags.DEFINE_string('workdir', None, 'Directory for checkpoints and logs.')
   sharding.define_multihost_flags()
+  command_line.define_verbose_flag()
   flags.mark_flags_as_required(['config', 'workdir'])
 
 

@@ -94,3 +94,13 @@ def test_allow_changed_schedule_resumes(finished_run, tmp_path):
   longer = _changed(config, num_train_steps=6, allow_changed_schedule=True)
   summary = trainer.train_and_evaluate(longer, str(copy_dir))
   assert summary['start_step'] == 4 and summary['steps'] == 6
+
+
+def test_a_workdir_that_is_a_file_is_named_as_such(finished_run, tmp_path):
+  config, _ = finished_run
+  path = tmp_path / 'notes.txt'
+  path.write_text('not a workdir')
+  with pytest.raises(checkpoint_checks.CheckpointError,
+                     match='is a file, not a directory'):
+    trainer.train_and_evaluate(config, str(path))
+  assert path.read_text() == 'not a workdir'

@@ -182,10 +182,12 @@ def save_payload(state, step, extra, fingerprint, directory, latest_step):
   digests = state_digests(state)
   bad = [path for path, (_, finite) in digests.items() if not finite]
   if bad:
+    latest = latest_step()
+    last_good = (f'The last good checkpoint is step {latest}.'
+                 if latest is not None else 'No checkpoint was saved before.')
     raise CheckpointError(
         f'Refusing to save step {step} to {directory}: non-finite '
-        f'values in {", ".join(bad[:5])}. The last good checkpoint is step '
-        f'{latest_step()}.')
+        f'values in {", ".join(bad[:5])}. {last_good}')
   payload = dict(jsonable(extra or {}))
   payload.update(step=int(step), fingerprint=fingerprint,
                  leaf_checksums={k: v[0] for k, v in digests.items()})

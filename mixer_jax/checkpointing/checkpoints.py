@@ -180,6 +180,7 @@ class Checkpointer:
     self._signals = (preemption.PreemptionSignals() if watching is None
                      else watching)
     self._writing = None  # Step of the latest save started.
+    self._checked = None  # Step of the latest save known to have succeeded.
 
   # ------------------------------------------------------------ Queries.
   def latest_step(self) -> Optional[int]:
@@ -235,6 +236,8 @@ class Checkpointer:
     """
     if self.read_only:
       raise checks.CheckpointError(f'{self.directory} was opened read-only.')
+    # A write that fails (full disk) leaves the same echoes as a failed read.
+    checks.quiet_failed_read_noise()
     payload = checks.save_payload(
         state, step, extra, self.fingerprint, self.directory,
         self.latest_step)
@@ -261,7 +264,37 @@ class Checkpointer:
       self._writing = int(step)
     return started
 
+  def _check_background_save(self):
+    """CheckpointError if the latest background save has failed.
+
+    Orbax reports a failed background write only when it is waited for;
+    once no save is in progress that wait returns at once, so it is done
+    then (once per save).
+    """
+    if (self._writing is None or self._writing == self._checked or
+        self._manager.is_saving_in_progress()):
+      return
+    self.wait_until_finished()
+    self._checked = self._writing
+
+  def _remove_partial_save(self, step) -> None:
+    """Deletes what a failed save of `step` left (its Orbax temporary).
+
+    Otherwise it stays, filling the disk, until the next start's cleanup.
+    """
+    if step is None or jax.process_index() > 0:
+      return
+    try:
+      for partial in self.directory.glob(f'{int(step)}.orbax-checkpoint-tmp*'):
+        partial.rmtree()
+      self._manager.reload()  # It counted the failed step as saved.
+    except Exception as e:  # pylint: disable=broad-except
+      # The error being reported matters more than this cleanup.
+      logging.warning('Could not remove the partial save of step %s: %s',
+                      step, e)
+
   def _write_error(self, step, error):
+    self._remove_partial_save(step)
     try:
       kept = [s for s in self.all_steps() if s != step]
     except Exception:  # pylint: disable=broad-except
@@ -327,7 +360,7 @@ class Checkpointer:
       state = self._manager.restore(step, args=ocp.args.Composite(**{
           STATE_ITEM: ocp.args.StandardRestore(abstract)}))[STATE_ITEM]
     except Exception as e:  # pylint: disable=broad-except
-      raise checks.read_error(where, e, hint) from e
+      raise self._vanished(where) or checks.read_error(where, e, hint) from e
     checks.check_digests(checks.state_digests(state),
                          extra.get('leaf_checksums'), where, hint)
     return state, extra
@@ -360,7 +393,7 @@ class Checkpointer:
                 item=item, partial_restore=True,
                 restore_args=ocp.checkpoint_utils.construct_restore_args(item)))
     except Exception as e:  # pylint: disable=broad-except
-      raise checks.read_error(where, e, hint) from e
+      raise self._vanished(where) or checks.read_error(where, e, hint) from e
     checks.check_digests(checks.state_digests(restored),
                          extra.get('leaf_checksums'), where, hint)
     return restored['params'], extra
@@ -397,7 +430,7 @@ class Checkpointer:
       if not isinstance(extra, dict) or not stored:
         raise ValueError('missing state metadata or extra JSON')
     except Exception as e:  # pylint: disable=broad-except
-      raise checks.CheckpointError(
+      raise self._vanished(where) or checks.CheckpointError(
           f'Checkpoint {where} cannot be read (corrupt, truncated or not a '
           f'mixer_jax checkpoint): {checks.short_error(e)}.{hint}') from e
     checks.check_fingerprint(self.fingerprint, extra.get('fingerprint'), where,
@@ -415,6 +448,19 @@ class Checkpointer:
       self._manager = self._open_manager()
     else:
       self._manager.reload()
+
+  def _vanished(self, where) -> Optional[checks.CheckpointError]:
+    """The error for a step deleted while it was read, else None.
+
+    A running job's retention (keep_checkpoints) deletes old steps; a reader
+    that was reading one then fails, which is no sign of damage.
+    """
+    if where.exists():
+      return None
+    return checks.CheckpointError(
+        f'Checkpoint {where} was deleted while it was being read (a running '
+        "job's keep_checkpoints removes old steps). Read the newest step, or "
+        f'one the job keeps: {self.all_steps()}.')
 
   @property
   def _unchanged(self) -> str:
@@ -453,11 +499,15 @@ class Checkpointer:
   def reached_preemption(self, step: int) -> bool:
     """True when training should save `step` and stop (call every step).
 
+    Also raises CheckpointError as soon as a background save has failed
+    (not at the next save, many steps later).
+
     Multi-host runs ask Orbax, which uses JAX's preemption sync service: a
     SIGTERM on any host makes every host return True at the same step. A
     single process (where that service is not running) also handles SIGTERM
     and SIGINT itself; a second signal interrupts at once.
     """
+    self._check_background_save()
     if self._manager.reached_preemption(step):
       return True
     if jax.process_count() > 1:

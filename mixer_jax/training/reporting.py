@@ -8,7 +8,6 @@ other processes just log.
 """
 
 import json
-import logging as pylogging
 import math
 import os
 import time
@@ -254,8 +253,9 @@ def format_summary(summary: Mapping[str, Any]) -> str:
   return '\n'.join(lines)
 
 
-# Library use (tests, notebooks) shows absl INFO logs nowhere, so progress
-# is also printed; the command line shows the logs and turns printing off.
+# Progress is printed to stdout (on process 0) as well as logged: library
+# use (tests, notebooks) shows absl INFO logs nowhere, and the programs
+# keep stdout for what the user reads (see command_line.py).
 _print_progress = True
 
 
@@ -270,48 +270,3 @@ def log_and_print(text: str) -> None:
   logging.info('%s', text)
   if _print_progress and jax.process_index() == 0:
     print(text, flush=True)
-
-
-class _DropLibraryInfo(pylogging.Filter):
-  """Drops INFO (and lower) records logged from inside noisy libraries."""
-
-  _NOISY = tuple(os.sep + name + os.sep for name in (
-      'orbax', 'etils', 'tensorflow_datasets', 'clu'))
-
-  def filter(self, record):
-    return (record.levelno > pylogging.INFO or
-            not any(part in record.pathname for part in self._NOISY))
-
-
-class _ShortLibraryErrors(pylogging.Filter):
-  """Cuts library errors to their first line, without the traceback.
-
-  Orbax logs each failed background write several times with the full
-  traceback before our own `CheckpointError` says what failed and what is
-  kept; one line of each is enough.
-  """
-
-  def filter(self, record):
-    if (record.levelno >= pylogging.ERROR and
-        any(part in record.pathname for part in _DropLibraryInfo._NOISY)):  # pylint: disable=protected-access
-      text = record.getMessage().strip().split('\n', 1)[0]
-      record.msg, record.args = text[:300], None
-      record.exc_info, record.exc_text, record.stack_info = None, None, None
-    return True
-
-
-def quiet_library_logs() -> None:
-  """Keeps library INFO lines out of the progress output.
-
-  Orbax (per save), TFDS (per eval pass) and clu (a copy of every metric,
-  also in metrics.jsonl and TensorBoard) log through absl like this package,
-  so the level cannot be lowered for them alone; a filter on the absl
-  handler drops INFO records whose source file is in one of them. Warnings
-  and errors still show, errors as one line without the traceback.
-  """
-  handler = logging.get_absl_handler()
-  if not any(isinstance(f, _DropLibraryInfo) for f in handler.filters):
-    handler.addFilter(_DropLibraryInfo())
-  logger = pylogging.getLogger('absl')
-  if not any(isinstance(f, _ShortLibraryErrors) for f in logger.filters):
-    logger.addFilter(_ShortLibraryErrors())

@@ -117,10 +117,13 @@ def _check_finite(history, checkpoint_dir, last_saved):
     if bad:
       raise errors.NonFiniteLossError(
           f'Training stopped: {", ".join(f"{k}={v}" for k, v in bad.items())}'
-          f' at step {step}. That state was not saved; the last good '
-          f'checkpoint is step {last_saved} in {checkpoint_dir}. Lower '
-          'config.learning_rate, raise warmup_steps or enable grad_clip_norm, '
-          'then restart (it resumes from that checkpoint).')
+          f' at step {step}. That state was not saved; '
+          + (f'the last good checkpoint is step {last_saved} in '
+             f'{checkpoint_dir}' if last_saved is not None else
+             'no checkpoint was saved before (a restart begins at step 0)')
+          + '. Lower config.learning_rate, raise warmup_steps or enable '
+          'grad_clip_norm, then restart (it resumes from the last good '
+          'checkpoint, if any).')
 
 
 def _mean_metrics(history) -> Dict[str, float]:
@@ -160,6 +163,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   checkpoint_dir = os.path.join(workdir, CHECKPOINT_DIR)
   config = _resolve_init_from(config, checkpoint_dir)
   # Splits, class count and config.evals data: all checked before step 1.
+  reporting.log_and_print(f'Checking the data ({config.dataset})...')
   run = _build(config, data_checks.checked_dataset_info(config))
 
   # One running job per workdir: refuses a second start (before the
@@ -188,6 +192,8 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   if jax.process_index() == 0:  # Makes the workdir a checkpoint for predict.
     any_checkpoint.save_run_info(workdir, config, run.num_classes)
   writer = reporting.create_writer(workdir)
+  reporting.log_and_print('Compiling the train step (the first step takes '
+                          'longer)...')
   try:
     return _train_loop(
         config=config, workdir=workdir, run=run, state=state, extra=extra,

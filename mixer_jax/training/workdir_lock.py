@@ -136,6 +136,10 @@ def acquire(workdir: str, process_index: Optional[int] = None
                     'sure no other job uses it.', workdir)
     return None
   path = os.path.join(workdir, LOCK_FILE)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise checkpoint_checks.CheckpointError(
+        f'Workdir {workdir} is a file, not a directory; choose another '
+        '--workdir. Nothing was written.')
   created = _missing_parents(workdir)
   existed = os.path.exists(path)
   try:

@@ -28,21 +28,13 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from mixer_jax.data.datasets import digits  # pylint: disable=unused-import
+# Defined without TensorFlow (see mixer_jax.data.errors); raised here.
+from mixer_jax.data.errors import BadImagesError  # pylint: disable=g-importing-member
+from mixer_jax.data.errors import DatasetUnavailableError  # pylint: disable=g-importing-member
+from mixer_jax.data.errors import FolderLayoutError  # pylint: disable=g-importing-member
 
 # How many corrupt file names an error message lists.
 _MAX_NAMES_SHOWN = 10
-
-
-class DatasetUnavailableError(ValueError):
-  """A data set is unknown, or is not prepared and cannot be prepared."""
-
-
-class BadImagesError(ValueError):
-  """Image files that cannot be decoded, with config.bad_images='error'."""
-
-
-class FolderLayoutError(DatasetUnavailableError):
-  """A folder data set whose folders would silently change the classes."""
 
 
 # File endings tfds.ImageFolder reads (case-insensitive).
