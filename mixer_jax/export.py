@@ -177,7 +177,11 @@ def _define_flags():
 
 def main(argv):
   command_line.set_up_output(FLAGS.verbose)
-  command_line.load_tensorflow_quietly()  # SavedModels and weight files.
+  # TensorFlow writes SavedModels and reads weight files (tf.io.gfile); a
+  # StableHLO export of a workdir needs none.
+  if FLAGS.format == 'savedmodel' or not any_checkpoint.is_directory(
+      FLAGS.checkpoint):
+    command_line.load_tensorflow_quietly()
   if len(argv) > 1:
     raise SystemExit(command_line.one_line(errors.UsageError(
         f'Unexpected arguments: {argv[1:]}.')))

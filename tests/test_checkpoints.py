@@ -448,3 +448,17 @@ def test_a_damaged_metrics_file_disables_nothing(tmp_path, damage):
   writer.save(4, tiny_state(offset=4), metrics={'eval_accuracy': 0.1})
   assert writer.all_steps() == [2, 3, 4]
   writer.close()
+
+
+def test_a_step_deleted_while_read_is_not_called_corrupt(tmp_path):
+  # `evaluate --step=1` racing a job whose retention deletes step 1.
+  save_steps(tmp_path, [1, 2]).close()
+  reader = checkpoints.Checkpointer(tmp_path, keep=3, keep_best=False,
+                                    read_only=True)
+  assert reader.all_steps() == [1, 2]
+  shutil.rmtree(tmp_path / '1')  # The job's keep_checkpoints.
+  with pytest.raises(CheckpointError, match='was deleted while it was being '
+                     r'read .*\[2\]') as error:
+    reader.restore(tiny_state(), step=1)
+  assert 'corrupt' not in str(error.value)
+  reader.close()

@@ -457,6 +457,10 @@ class Checkpointer:
     """
     if where.exists():
       return None
+    try:
+      self._reload()  # The list of steps still holds the deleted one.
+    except Exception:  # pylint: disable=broad-except
+      pass  # The message below matters more than an up-to-date list.
     return checks.CheckpointError(
         f'Checkpoint {where} was deleted while it was being read (a running '
         "job's keep_checkpoints removes old steps). Read the newest step, or "

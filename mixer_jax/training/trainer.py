@@ -34,6 +34,7 @@ from mixer_jax.training import errors
 from mixer_jax.training import evals
 from mixer_jax.training import optim
 from mixer_jax.training import reporting
+from mixer_jax.training import resume_checks
 from mixer_jax.training import sharding
 from mixer_jax.training import train_steps
 from mixer_jax.training import workdir_lock
@@ -173,7 +174,8 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   lock = workdir_lock.acquire(workdir)
   checkpointer = None
   try:
-    check_schedule_unchanged(config, workdir, run.num_train_steps)
+    resume_checks.check_schedule_unchanged(config, workdir, checkpoint_dir,
+                                           run.num_train_steps)
     checkpointer = _checkpointer(config, workdir, run.num_classes)
     reporting.log_and_print(
         f'Mixer {config.model.variant}: '
@@ -206,43 +208,6 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     workdir_lock.release(lock)
 
 
-def check_schedule_unchanged(config, workdir: str, num_train_steps: int):
-  """Refuses to resume with another batch size or number of steps.
-
-  The data position and the learning-rate schedule of a resumed run are
-  counted in steps, so another batch size or step count silently changes
-  what both mean. The values of the run that wrote the checkpoints are
-  read from its run_info.json (nothing to compare without one).
-
-  Raises:
-    config_validation.ConfigError: unless config.allow_changed_schedule.
-  """
-  if config.allow_changed_schedule or not _has_saved_steps(
-      os.path.join(workdir, CHECKPOINT_DIR)):
-    return
-  try:
-    saved = any_checkpoint.read_run_info(workdir)['config']
-  except (errors.EXPECTED_ERRORS) as e:  # Missing or damaged: rewritten.
-    logging.warning('Cannot compare the schedule with the saved run: %s', e)
-    return
-  saved_steps = (int(saved.num_train_steps) if saved.num_train_steps > 0
-                 else None)  # Epoch-based: compared through num_epochs.
-  changes = []
-  if int(saved.batch_size) != int(config.batch_size):
-    changes.append(f'batch_size {saved.batch_size} -> {config.batch_size}')
-  if saved_steps is not None and saved_steps != num_train_steps:
-    changes.append(f'num_train_steps {saved_steps} -> {num_train_steps}')
-  if saved_steps is None and saved.num_epochs != config.num_epochs:
-    changes.append(f'num_epochs {saved.num_epochs} -> {config.num_epochs}')
-  if changes:
-    raise config_validation.ConfigError(
-        f'{workdir} holds a run with another schedule ({"; ".join(changes)}).'
-        ' Its data position and learning-rate schedule are counted in '
-        'steps, so resuming would change their meaning. Use the same '
-        'values, another --workdir, or --config.allow_changed_schedule=True '
-        'to resume anyway. Nothing in the workdir was changed.')
-
-
 @dataclasses.dataclass(frozen=True)
 class _Run:
   """What `train_and_evaluate` and `load_train_state` both build."""
@@ -273,18 +238,14 @@ def _checkpointer(config, workdir: str, num_classes: int):
       fingerprint=checkpoint_checks.model_fingerprint(config, num_classes))
 
 
-def _has_saved_steps(checkpoint_dir: str) -> bool:
-  path = epath.Path(checkpoint_dir)
-  return path.is_dir() and any(p.name.isdigit() for p in path.iterdir())
-
-
 def _resolve_init_from(config, checkpoint_dir: str):
   """Checks config.init_from before anything is compiled or written.
 
   With a resolution change and `model.tokens_mlp_dim` None, returns a copy
   of the config using K^2 * D_S of the checkpoint (paper, Appendix C).
   """
-  resuming = config.resume_step >= 0 or _has_saved_steps(checkpoint_dir)
+  resuming = config.resume_step >= 0 or resume_checks.has_saved_steps(
+      checkpoint_dir)
   resolved = config_validation.resolve_init_from(config, resuming=resuming)
   if resolved is not config:
     reporting.log_and_print(
