@@ -110,10 +110,10 @@ def benchmark_devices(count: int) -> list:
   if len(devices) < count:
     devices = jax.devices('cpu')
   if len(devices) < count:
-    raise errors.UsageError(f'--devices={count}, but JAX sees only {len(devices)} '
-                     'device(s); run as a command (it sets '
-                     'jax_num_cpu_devices) or set XLA_FLAGS='
-                     f'--xla_force_host_platform_device_count={count}.')
+    raise errors.UsageError(
+        f'--devices={count}, but JAX sees only {len(devices)} device(s); run '
+        'as a command (it sets jax_num_cpu_devices) or set XLA_FLAGS='
+        f'--xla_force_host_platform_device_count={count}.')
   return devices[:count]
 
 
@@ -216,10 +216,11 @@ def benchmark_config(*, variant: str, mode: str, batch_size: int,
   """
   if batch_size <= 0 or repeats < 0 or devices <= 0:
     raise errors.UsageError(f'batch_size={batch_size}, repeats={repeats} and '
-                     f'devices={devices} must be positive (repeats >= 0).')
+                            f'devices={devices} must be positive (repeats '
+                            '>= 0).')
   if batch_size % devices:
     raise errors.UsageError(f'batch_size={batch_size} must be divisible by '
-                     f'devices={devices}.')
+                            f'devices={devices}.')
   model = build_model(variant, num_classes, dtype, sizes or {}, remat)
   if params is None:
     params = models.param_shapes(model, image_size)

@@ -462,3 +462,22 @@ def test_a_step_deleted_while_read_is_not_called_corrupt(tmp_path):
     reader.restore(tiny_state(), step=1)
   assert 'corrupt' not in str(error.value)
   reader.close()
+
+
+def test_abandoned_read_tasks_are_not_reported_again(caplog):
+  # asyncio reports each TensorStore read Orbax abandoned after the first
+  # failure ('Task exception was never retrieved'): an echo of the error
+  # already raised. Other never-retrieved errors still show.
+  import logging  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  checks.quiet_failed_read_noise()
+  asyncio_logger = logging.getLogger('asyncio')
+  for text in ('OUT_OF_RANGE: Error opening "zarr" driver: Error reading '
+               '"w/.zarray" in OCDBT database', 'a bug elsewhere'):
+    try:
+      raise ValueError(text)
+    except ValueError:
+      asyncio_logger.error('Task exception was never retrieved\nfuture: '
+                           '<Task finished>', exc_info=sys.exc_info())
+  reported = [r for r in caplog.records if r.name == 'asyncio']
+  assert [str(r.exc_info[1]) for r in reported] == ['a bug elsewhere']

@@ -525,7 +525,8 @@ def test_sigterm_during_restore_stops_where_it_was(tmp_path, monkeypatch):
   guard = _Guard()
   before = signal.signal(signal.SIGTERM, guard)
   try:
-    config.num_train_steps = 8
+    config.num_train_steps = 8  # Train on: a longer schedule, knowingly.
+    config.allow_changed_schedule = True
     _sigterm_inside(monkeypatch, checkpoints.Checkpointer, 'restore')
     summary = trainer.train_and_evaluate(config, workdir)
     assert summary['preempted'] and summary['start_step'] == 4
