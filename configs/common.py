@@ -140,6 +140,10 @@ def get_config():
   # with the same flag resume from the newest checkpoint; delete the marker
   # to fall back to K again.
   config.resume_step = -1
+  # A resume with another batch_size or number of training steps is refused:
+  # the data position and the learning-rate schedule are counted in steps,
+  # so both would change meaning. True resumes anyway (e.g. to train longer).
+  config.allow_changed_schedule = False
   config.profile_steps = 0  # >0: jax.profiler trace of that many steps.
   config.profile_start_step = 10
   return config

@@ -35,6 +35,9 @@ is a perfect split, remat adds about a third in training), `collectives`
 on a CPU). `--json` prints one JSON object per configuration.
 """
 
+# First, before TensorFlow loads: it quiets TensorFlow's C++ start-up lines.
+from mixer_jax.training import command_line  # pylint: disable=g-bad-import-order
+
 import functools
 import json
 import os
@@ -54,6 +57,7 @@ import numpy as np
 from mixer_jax import models
 from mixer_jax.training import compiled
 from mixer_jax.training import cost
+from mixer_jax.training import errors
 from mixer_jax.training import optim
 from mixer_jax.training import sharding
 from mixer_jax.training import train_steps
@@ -121,8 +125,8 @@ def run_config(base=None, *, variant: str, num_classes: int, dtype: str,
   if base is None:
     from mixer_jax.training import config_loading  # pylint: disable=g-import-not-at-top
     if not os.path.isfile(REPO_COMMON_CONFIG):
-      raise ValueError('No configs/common.py beside the package; pass '
-                       '--config=FILE.py (a training config).')
+      raise errors.UsageError('No configs/common.py beside the package; pass '
+                              '--config=FILE.py (a training config).')
     base = config_loading.load_config_file(REPO_COMMON_CONFIG)
   config = base.copy_and_resolve_references()
   config.unlock()
@@ -152,10 +156,10 @@ def benchmark_devices(count: int) -> list:
   if len(devices) < count:
     devices = jax.devices('cpu')
   if len(devices) < count:
-    raise ValueError(f'--devices={count}, but JAX sees only {len(devices)} '
-                     'device(s); run as a command (it sets '
-                     'jax_num_cpu_devices) or set XLA_FLAGS='
-                     f'--xla_force_host_platform_device_count={count}.')
+    raise errors.UsageError(
+        f'--devices={count}, but JAX sees only {len(devices)} device(s); run '
+        'as a command (it sets jax_num_cpu_devices) or set XLA_FLAGS='
+        f'--xla_force_host_platform_device_count={count}.')
   return devices[:count]
 
 
@@ -180,7 +184,7 @@ def make_step(config, mode: str, params=None,
     to step in training); `compiled` is the executable.
   """
   if mode not in MODES:
-    raise ValueError(f'Unknown mode {mode!r}; use one of {MODES}.')
+    raise errors.UsageError(f'Unknown mode {mode!r}; use one of {MODES}.')
   mesh = sharding.create_mesh(devices or jax.devices()[:1], axes=config.mesh)
   model = build_model(config)
   rng = jax.random.PRNGKey(2)
@@ -197,7 +201,7 @@ def make_step(config, mode: str, params=None,
     fn = functions.serve_step
   else:
     if not config.num_classes or config.num_classes < 0:
-      raise ValueError('--mode=train needs a head: set --num_classes > 0.')
+      raise errors.UsageError('--mode=train needs a head: set --num_classes > 0.')
     # The schedule's length only sets learning-rate values, not the work.
     num_steps = config.warmup_steps + 1000
     functions = compiled.build(
@@ -260,11 +264,12 @@ def benchmark_config(*, variant: str, mode: str, batch_size: int,
     A JSON-serialisable dict.
   """
   if batch_size <= 0 or repeats < 0 or devices <= 0:
-    raise ValueError(f'batch_size={batch_size}, repeats={repeats} and '
-                     f'devices={devices} must be positive (repeats >= 0).')
+    raise errors.UsageError(f'batch_size={batch_size}, repeats={repeats} and '
+                            f'devices={devices} must be positive (repeats '
+                            '>= 0).')
   if batch_size % devices:
-    raise ValueError(f'batch_size={batch_size} must be divisible by '
-                     f'devices={devices}.')
+    raise errors.UsageError(f'batch_size={batch_size} must be divisible by '
+                            f'devices={devices}.')
   config = run_config(base_config, variant=variant, num_classes=num_classes,
                       dtype=dtype, sizes=sizes or {}, remat=remat,
                       optimizer=optimizer, batch_size=batch_size,
@@ -386,7 +391,7 @@ def run_benchmark(*, variant: str, mode: str, batch_sizes: Sequence[int],
     One dict per configuration.
   """
   if mode not in MODES + ('both',):
-    raise ValueError(f'Unknown mode {mode!r}; use infer, train or both.')
+    raise errors.UsageError(f'Unknown mode {mode!r}; use infer, train or both.')
   modes = MODES if mode == 'both' else (mode,)
   config = run_config(
       kwargs.get('base_config'), variant=variant,
@@ -435,38 +440,48 @@ def define_flags() -> None:
                     'Placement of parameters and optimizer state.')
   flags.DEFINE_bool('remat', False, 'Rematerialise each block in training.')
   flags.DEFINE_bool('json', False, 'One JSON object per line, no table.')
+  command_line.define_verbose_flag()
   for name in SIZE_FLAGS:
     flags.DEFINE_integer(name, None, f'Override the variant\'s {name}.')
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  f = flags.FLAGS
-  try:
-    batch_sizes = [int(b) for b in f.batch_size]
-  except ValueError as e:
-    raise app.UsageError(f'--batch_size must be integers, e.g. 8,16: {e}')
-  if f.devices < 1:
-    raise app.UsageError('--devices must be >= 1.')
-  # Only takes effect before JAX starts its CPU backend, hence first.
-  jax.config.update('jax_num_cpu_devices', max(f.devices, 1))
-  try:
-    base = f.config
-    rows = run_benchmark(
-        variant=f.variant, mode=f.mode, batch_sizes=batch_sizes,
-        image_size=f.image_size, dtype=f.dtype, repeats=f.repeats,
-        optimizer=f.optimizer, num_classes=f.num_classes,
-        peak_size=f.peak_size, sizes={k: f[k].value for k in SIZE_FLAGS},
-        devices=f.devices, strategy=f.sharding, remat=f.remat,
-        base_config=base)
-  except ValueError as e:
-    raise app.UsageError(str(e)) from None
-  if f.json:
+  command_line.set_up_output(flags.FLAGS.verbose)
+  # User errors are one line (exit 1); anything else keeps its traceback.
+  with command_line.user_errors_as_one_line():
+    rows = _run_from_flags(argv, flags.FLAGS)
+  if flags.FLAGS.json:
     for row in rows:
       print(json.dumps(row), flush=True)
   else:
     print(format_table(rows), flush=True)
+
+
+def _run_from_flags(argv, f):
+  """Checks the flags (errors.UsageError) and runs the benchmark."""
+  if len(argv) > 1:
+    raise errors.UsageError(f'Unexpected arguments: {argv[1:]}')
+  try:
+    batch_sizes = [int(b) for b in f.batch_size]
+  except ValueError as e:
+    raise errors.UsageError(
+        f'--batch_size must be integers, e.g. 8,16: {e}') from None
+  if f.devices < 1:
+    raise errors.UsageError('--devices must be >= 1.')
+  sizes = {k: f[k].value for k in SIZE_FLAGS}
+  try:  # The variant and size flags, checked before anything is built.
+    models.get_spec(f.variant, **{k: v for k, v in sizes.items()
+                                  if v is not None})
+  except ValueError as e:
+    raise errors.UsageError(f'--variant={f.variant}: {e}') from None
+  # Only takes effect before JAX starts its CPU backend, hence first.
+  jax.config.update('jax_num_cpu_devices', max(f.devices, 1))
+  return run_benchmark(
+      variant=f.variant, mode=f.mode, batch_sizes=batch_sizes,
+      image_size=f.image_size, dtype=f.dtype, repeats=f.repeats,
+      optimizer=f.optimizer, num_classes=f.num_classes,
+      peak_size=f.peak_size, sizes=sizes, devices=f.devices,
+      strategy=f.sharding, remat=f.remat, base_config=f.config)
 
 
 if __name__ == '__main__':

@@ -21,6 +21,10 @@ inside the crop); epochs cycle over the files, so the OS file cache serves
 them after the first pass, as on a machine with enough RAM.
 """
 
+# First, before TensorFlow loads: it quiets TensorFlow's C++ start-up lines.
+from mixer_jax.training import command_line  # pylint: disable=g-bad-import-order
+command_line.load_tensorflow_quietly()  # Reads data sets: TF is needed.
+
 import os
 import tempfile
 import time
@@ -32,6 +36,7 @@ import numpy as np
 import tensorflow as tf
 
 from mixer_jax.data import input_pipeline
+from mixer_jax.training import errors
 
 FLAGS = flags.FLAGS
 
@@ -50,6 +55,7 @@ def _define_flags():
   flags.DEFINE_integer('warmup_batches', 3, 'Batches run before timing starts.')
   flags.DEFINE_string('data', '', 'Folder for the images; default a '
                       'temporary one, deleted afterwards.')
+  command_line.define_verbose_flag()
 
 
 def make_jpegs(root, num_images, width, height, num_classes=10, seed=0):
@@ -107,7 +113,10 @@ def images_per_second(config, num_batches, warmup_batches):
 
 
 def main(argv):
-  del argv
+  command_line.set_up_output(FLAGS.verbose)
+  if len(argv) > 1:
+    raise SystemExit(command_line.one_line(errors.UsageError(
+        f'Unexpected arguments: {argv[1:]}.')))
   recipes = (['finetune', 'inception'] if FLAGS.recipe == 'both'
              else [FLAGS.recipe])
   with tempfile.TemporaryDirectory() as tmp:

@@ -24,6 +24,10 @@ With a workdir, `--config` may be left out: the run's own config
 (`run_info.json`, written by mixer_jax.train) is used.
 """
 
+# First, before TensorFlow loads: it quiets TensorFlow's C++ start-up lines.
+from mixer_jax.training import command_line  # pylint: disable=g-bad-import-order
+command_line.load_tensorflow_quietly()  # Reads data sets: TF is needed.
+
 import json
 import math
 import time
@@ -48,6 +52,7 @@ from mixer_jax.training import reporting
 from mixer_jax.training import sharding
 from mixer_jax.training import trainer
 from mixer_jax.weights import any_checkpoint
+from mixer_jax.weights import registry
 
 FLAGS = flags.FLAGS
 _TRAIN_CHECKPOINT_DIR = 'checkpoints'  # Subdirectory of a training workdir.
@@ -93,8 +98,8 @@ def load_params(config, checkpoint: str, num_classes: int, mesh,
 
   Raises:
     checkpoint_checks.CheckpointError: unusable Orbax checkpoint (names the step
-      directory and the mismatch).
-    ValueError: a pretrained checkpoint whose head does not fit the data.
+      directory and the mismatch), or a pretrained checkpoint whose head does
+      not fit the data.
   """
   kind, location, step = resolve_checkpoint(checkpoint, step)
   if kind == 'orbax':
@@ -109,7 +114,7 @@ def load_params(config, checkpoint: str, num_classes: int, mesh,
   model, params = pretrained.load_pretrained(
       location, image_size=config.image_size, dtype=config.model.dtype)
   if model.num_classes != num_classes:
-    raise ValueError(
+    raise checkpoint_checks.CheckpointError(
         f'{location} has a {model.num_classes}-class head but '
         f'{config.dataset} has {num_classes} classes; fine-tune it first '
         f'(train with --config.init_from={location}) and evaluate that run.')
@@ -162,26 +167,19 @@ def evaluate(config, checkpoint: str, *, step: Optional[int] = None,
 
 def main(argv):
   """Command-line entry point."""
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}; set config '
-                         'values with --config.FIELD=VALUE.')
-  sharding.initialize_from_flags()
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tf.config.set_visible_devices([], 'GPU')  # TF only reads data here.
-  try:
+  command_line.set_up_output(FLAGS.verbose)
+  # User errors are one line (exit 1); anything else keeps its traceback.
+  with command_line.user_errors_as_one_line():
+    if len(argv) > 1:
+      raise errors.UsageError(f'Unexpected arguments: {argv[1:]}; set config '
+                              'values with --config.FIELD=VALUE.')
+    sharding.initialize_from_flags()
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    tf.config.set_visible_devices([], 'GPU')  # TF only reads data here.
     config = FLAGS.config
     if config is None:  # A workdir's run_info.json holds the run's config.
-      if not any_checkpoint.is_directory(FLAGS.checkpoint):
-        raise app.UsageError('--config is required unless --checkpoint is a '
-                             'training workdir.')
-      config = any_checkpoint.read_run_info(any_checkpoint.locate_workdir(
-          FLAGS.checkpoint)[0])['config']
+      config = _config_of_workdir(FLAGS.checkpoint)
     result = evaluate(config, FLAGS.checkpoint, step=FLAGS.step)
-  except errors.EXPECTED_ERRORS as e:
-    # Expected failures: the message says what to do; no traceback (exit 1).
-    raise SystemExit(f'{type(e).__name__}: {e}') from None
-  except (ValueError, FileNotFoundError) as e:
-    raise app.UsageError(str(e)) from None
   text = (f'{result["checkpoint"]} on {result["eval_split"]}: '
           f'top-1 {result["top1"]:.4f}, top-5 {result["top5"]:.4f}, '
           f'loss {result["loss"]:.4f} ({result["examples"]} examples, '
@@ -192,6 +190,22 @@ def main(argv):
     if FLAGS.output:
       with open(FLAGS.output, 'w') as f:
         json.dump(result, f, indent=2)
+
+
+def _config_of_workdir(checkpoint: str):
+  """The config saved with a training workdir, for a missing --config."""
+  if any_checkpoint.is_directory(checkpoint):
+    return any_checkpoint.read_run_info(any_checkpoint.locate_workdir(
+        checkpoint)[0])['config']
+  path = epath.Path(checkpoint)
+  # A path (absolute, or in an existing directory) and not a registry name.
+  if not path.exists() and (path.is_absolute() or path.parent.is_dir()):
+    raise registry.CheckpointNotFoundError(
+        f'--checkpoint={checkpoint}: no such file or directory.')
+  raise errors.UsageError(
+      f'--config is required: --checkpoint={checkpoint} is a weight file or '
+      'name, not a training workdir, so it does not say which data to '
+      'evaluate on.')
 
 
 def _define_flags():
@@ -207,6 +221,7 @@ def _define_flags():
   flags.DEFINE_string('output', None, 'Also write the results to this JSON '
                       'file.')
   sharding.define_multihost_flags()
+  command_line.define_verbose_flag()
   flags.mark_flags_as_required(['checkpoint'])
 
 

@@ -32,6 +32,9 @@ Next to the artifact, `serving_info.json` records the input size, the
 expected input range, the eval preprocessing and the class names.
 """
 
+# First, before TensorFlow loads: it quiets TensorFlow's C++ start-up lines.
+from mixer_jax.training import command_line  # pylint: disable=g-bad-import-order
+
 import json
 import os
 from typing import Optional
@@ -166,17 +169,26 @@ def _define_flags():
   flags.DEFINE_bool('preprocess', True, 'savedmodel: run the eval '
                     'preprocessing inside serving_default (uint8 images of '
                     'any size).')
+  command_line.define_verbose_flag()
 
 
 def main(argv):
+  command_line.set_up_output(FLAGS.verbose)
+  # TensorFlow writes SavedModels and reads weight files (tf.io.gfile); a
+  # StableHLO export of a workdir needs none.
+  if FLAGS.format == 'savedmodel' or not any_checkpoint.is_directory(
+      FLAGS.checkpoint):
+    command_line.load_tensorflow_quietly()
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}.')
+    raise SystemExit(command_line.one_line(errors.UsageError(
+        f'Unexpected arguments: {argv[1:]}.')))
   try:
     path = export(FLAGS.checkpoint, FLAGS.out, FLAGS.format, step=FLAGS.step,
                   preprocess=FLAGS.preprocess)
-  except errors.EXPECTED_ERRORS + (FileNotFoundError, ValueError) as e:
+  except errors.EXPECTED_ERRORS as e:
+    # Only the project's user errors: anything else is a bug (traceback).
     raise SystemExit(f'Cannot export --checkpoint={FLAGS.checkpoint}: '
-                     f'{e}') from None
+                     f'{command_line.one_line(e)}') from None
   print(f'Wrote {path}')
 
 

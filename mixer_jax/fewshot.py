@@ -23,16 +23,22 @@ training the same probe runs periodically as the `fewshot` kind of
 `config.evals` (see mixer_jax/training/evals.py).
 """
 
+# First, before TensorFlow loads: it quiets TensorFlow's C++ start-up lines.
+from mixer_jax.training import command_line  # pylint: disable=g-bad-import-order
+command_line.load_tensorflow_quietly()  # Reads data sets: TF is needed.
+
 import json
 import time
 from typing import Dict, Mapping, Optional, Sequence
 
 from absl import app
 from absl import flags
+from absl import logging
 import jax
 import numpy as np
 
 from mixer_jax.training import compiled
+from mixer_jax.training import errors
 from mixer_jax.training import sharding
 
 # The appended bias feature (big_vision fewshot_lsr.BIAS_CONSTANT).
@@ -105,7 +111,20 @@ def probe_accuracies(train_features, train_labels, test_features, test_labels,
                      l2_reg: float = DEFAULT_L2_REG,
                      num_seeds: int = DEFAULT_NUM_SEEDS,
                      seed: int = 0) -> Dict[int, list]:
-  """{shots: [test accuracy of each seed's draw]}."""
+  """{shots: [test accuracy of each seed's draw]}.
+
+  A shot count above a class's number of training examples uses all of that
+  class (with a warning): the result is then not a k-shot number.
+  """
+  if any(int(k) < 1 for k in shots):
+    raise ValueError(f'shots={list(shots)}: each count must be >= 1.')
+  counts = np.bincount(np.asarray(train_labels), minlength=num_classes)
+  for k in shots:
+    if k > counts.min():
+      logging.warning(
+          '%d-shot: %d of %d classes have fewer than %d training examples '
+          '(the smallest has %d); those classes use all they have.', k,
+          int(np.sum(counts < k)), num_classes, k, int(counts.min()))
   results = {k: [] for k in shots}
   for s in range(seed, seed + num_seeds):
     for k in shots:
@@ -249,23 +268,33 @@ def run(checkpoint: str, dataset: str, *, shots=(1, 5, 10), train_split='train',
           for k, accs in results[dataset].items()]
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}.')
-  sharding.initialize_from_flags()
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tf.config.set_visible_devices([], 'GPU')  # TF only reads data here.
-  shots = tuple(int(k) for k in FLAGS.shots.split(',') if k)
-  from mixer_jax.training import errors  # pylint: disable=g-import-not-at-top
+def parse_shots(text: str):
+  """The --shots flag ('1,5,10') as a tuple of counts >= 1."""
   try:
+    shots = tuple(int(k) for k in text.split(',') if k.strip())
+  except ValueError:
+    shots = ()
+  if not shots or min(shots) < 1:
+    raise errors.UsageError(f'--shots={text}: give comma-separated counts '
+                            'of examples per class, each >= 1, e.g. 1,5,10.')
+  return shots
+
+
+def main(argv):
+  command_line.set_up_output(FLAGS.verbose)
+  # User errors are one line (exit 1); anything else keeps its traceback.
+  with command_line.user_errors_as_one_line():
+    if len(argv) > 1:
+      raise errors.UsageError(f'Unexpected arguments: {argv[1:]}.')
+    shots = parse_shots(FLAGS.shots)
+    sharding.initialize_from_flags()
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    tf.config.set_visible_devices([], 'GPU')  # TF only reads data here.
     rows = run(FLAGS.checkpoint, FLAGS.dataset, shots=shots,
                train_split=FLAGS.train_split, test_split=FLAGS.test_split,
                data_dir=FLAGS.data_dir, batch_size=FLAGS.batch_size,
                image_size=FLAGS.image_size, l2_reg=FLAGS.l2_reg,
                num_seeds=FLAGS.num_seeds, seed=FLAGS.seed)
-  except errors.EXPECTED_ERRORS as e:
-    # Expected failures: the message says what to do; no traceback (exit 1).
-    raise SystemExit(f'{type(e).__name__}: {e}') from None
   if jax.process_index() != 0:
     return
   for row in rows:
@@ -292,6 +321,7 @@ def _define_flags():
   flags.DEFINE_string('data_dir', None, 'TFDS data directory.')
   flags.DEFINE_bool('json', False, 'One JSON object per (dataset, shots).')
   sharding.define_multihost_flags()
+  command_line.define_verbose_flag()
   flags.mark_flags_as_required(['checkpoint'])
 
 

@@ -18,6 +18,9 @@ ImageNet resize-and-crop otherwise). A file that cannot be read or
 decoded is reported and skipped; the exit status is 1 if any file failed.
 """
 
+# First, before TensorFlow loads: it quiets TensorFlow's C++ start-up lines.
+from mixer_jax.training import command_line  # pylint: disable=g-bad-import-order
+
 import dataclasses
 import importlib.resources
 import re
@@ -97,13 +100,13 @@ def class_names(spec: str, num_classes: int,
   else:
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     if not tf.io.gfile.exists(spec) or tf.io.gfile.isdir(spec):
-      raise FileNotFoundError(f'--labels={spec}: no such file (give a text '
+      raise errors.UsageError(f'--labels={spec}: no such file (give a text '
                               "file with one class name per line, 'auto', "
                               "'imagenet2012' or 'none').")
     with tf.io.gfile.GFile(spec, 'r') as f:
       names = f.read().splitlines()
   if len(names) != num_classes:
-    raise ValueError(f'--labels={spec} has {len(names)} names but the model '
+    raise errors.UsageError(f'--labels={spec} has {len(names)} names but the model '
                      f'has {num_classes} classes.')
   return names
 
@@ -197,26 +200,33 @@ def _define_flags():
   flags.DEFINE_string(
       'labels', 'auto', "'auto', 'imagenet2012', 'none' (indices) or a text "
       'file with one class name per line.')
+  command_line.define_verbose_flag()
 
 
 def main(argv):
+  command_line.set_up_output(FLAGS.verbose)
+  # Images are decoded and preprocessed by TensorFlow (as in training).
+  command_line.load_tensorflow_quietly()
   paths = argv[1:]
   if not paths:
-    raise app.UsageError('Give one or more image files after the flags.')
+    raise SystemExit(command_line.one_line(errors.UsageError(
+        'Give one or more image files after the flags.')))
   from mixer_jax.weights import any_checkpoint  # pylint: disable=g-import-not-at-top
   try:
     loaded = any_checkpoint.load(FLAGS.checkpoint, step=FLAGS.step,
                                  image_size=FLAGS.image_size or None)
     model, params = loaded.model, loaded.params
     if not model.num_classes:
-      raise ValueError(f'{FLAGS.checkpoint} has no classification head.')
+      raise errors.UsageError(
+          f'{FLAGS.checkpoint} has no classification head.')
     if FLAGS.labels == 'auto' and loaded.class_names:
       names = loaded.class_names
     else:
       names = class_names(FLAGS.labels, model.num_classes, loaded.entry)
-  except errors.EXPECTED_ERRORS + (FileNotFoundError, ValueError) as e:
-    # Checkpoint problems are the user's to fix: a message, not a traceback.
-    print(f'Cannot use --checkpoint={FLAGS.checkpoint}: {e}', file=sys.stderr)
+  except errors.EXPECTED_ERRORS as e:
+    # Only the project's user errors: anything else is a bug (traceback).
+    print(f'Cannot use --checkpoint={FLAGS.checkpoint}: '
+          f'{command_line.one_line(e)}', file=sys.stderr)
     return 2
   results = classify_files(
       model, params, paths, image_size=loaded.image_size,

@@ -21,6 +21,10 @@ whether each function fits:
 
 import sys
 
+# First, before TensorFlow loads: it quiets TensorFlow's C++ start-up lines.
+from mixer_jax.training import command_line  # pylint: disable=g-bad-import-order
+command_line.load_tensorflow_quietly()  # Reads data sets: TF is needed.
+
 from absl import app
 from absl import flags
 import jax
@@ -28,7 +32,6 @@ from ml_collections import config_flags
 
 from mixer_jax.training import config_loading
 from mixer_jax.training import errors
-from mixer_jax.training import reporting
 from mixer_jax.training import sharding
 from mixer_jax.training import trainer
 
@@ -37,31 +40,28 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   """Command-line entry point (flags: see `_define_flags`)."""
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}; set config '
-                         'values with --config.FIELD=VALUE.')
-  if FLAGS.devices:
-    # Before JAX starts a backend: plan on N CPU devices, whatever is here.
-    jax.config.update('jax_platforms', 'cpu')
-    jax.config.update('jax_num_cpu_devices', FLAGS.devices)
-  if FLAGS.check_only:
-    return _check_only()
-  if not FLAGS.workdir and FLAGS.workdir != '':
-    raise app.UsageError('--workdir is required (unless --check_only).')
-  sharding.initialize_from_flags()
-  reporting.set_print_progress(False)  # absl already logs to stderr.
-  reporting.quiet_library_logs()
-  try:
+  command_line.set_up_output(FLAGS.verbose)
+  # Progress and the summary go to stdout (reporting.log_and_print); user
+  # errors are one line (exit 1), anything else keeps its traceback.
+  with command_line.user_errors_as_one_line():
+    if len(argv) > 1:
+      raise errors.UsageError(f'Unexpected arguments: {argv[1:]}; set config '
+                              'values with --config.FIELD=VALUE.')
+    if FLAGS.devices:
+      # Before JAX starts a backend: plan on N CPU devices, whatever is here.
+      jax.config.update('jax_platforms', 'cpu')
+      jax.config.update('jax_num_cpu_devices', FLAGS.devices)
+    if FLAGS.check_only:
+      return _check_only()
+    if FLAGS.workdir is None:
+      raise errors.UsageError('--workdir is required (unless --check_only).')
+    sharding.initialize_from_flags()
     trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except errors.EXPECTED_ERRORS as e:
-    # Expected failures: the message says what to do; no traceback (exit 1).
-    raise SystemExit(f'{type(e).__name__}: {e}') from None
 
 
 def _check_only():
   """The launch check: a table on stdout, exit 1 with one line on failure."""
   from mixer_jax.training import launch_check  # pylint: disable=g-import-not-at-top
-  reporting.quiet_library_logs()
   try:
     plan = launch_check.check(FLAGS.config)
   except errors.EXPECTED_ERRORS + (launch_check.LaunchCheckError,
@@ -94,6 +94,7 @@ def _define_flags():
                      'whether each function fits this much memory per '
                      'device (exit 1 if one does not).')
   sharding.define_multihost_flags()
+  command_line.define_verbose_flag()
   flags.mark_flags_as_required(['config'])
 
 

@@ -412,3 +412,72 @@ def test_damaged_latest_is_not_retried_as_another_step(tmp_path):
   with pytest.raises(CheckpointError, match=f'{tmp_path}/2 cannot be read'):
     reader.restore(tiny_state())  # Step 2 exists: its error, no fallback.
   reader.close()
+
+
+@pytest.mark.parametrize('damage', [b'{"eval_accuracy": 0.9', b'\xff\n', b''])
+def test_a_damaged_metrics_file_disables_nothing(tmp_path, damage):
+  # Orbax's <step>/metrics/metrics only ranks steps for keep_best.
+  ckpt = checkpoints.Checkpointer(tmp_path, keep=3, keep_best=True,
+                                  async_save=False)
+  for step, accuracy in [(1, 0.9), (2, 0.5), (3, 0.4)]:
+    ckpt.save(step, tiny_state(offset=step),
+              metrics={'eval_accuracy': accuracy})
+  ckpt.close()
+  metrics = tmp_path / '1' / 'metrics' / 'metrics'
+  metrics.write_bytes(damage)
+  before = snapshot(tmp_path)
+  # Readers (evaluate, predict, --step=K) never read it: every step works,
+  # and nothing is changed.
+  reader = checkpoints.Checkpointer(tmp_path, keep=3, keep_best=False,
+                                    read_only=True)
+  assert reader.all_steps() == [1, 2, 3]
+  for step in (1, 3):
+    restored, _ = reader.restore(tiny_state(), step=step)
+    assert int(restored.step) == step
+  reader.close()
+  assert snapshot(tmp_path) == before
+  # A writer (train, resume_step) renames it and goes on; step 1 no longer
+  # counts as the best, so retention keeps only the newest `keep`.
+  writer = checkpoints.Checkpointer(tmp_path, keep=3, keep_best=True,
+                                    async_save=False)
+  assert not metrics.exists()
+  assert (metrics.parent / 'metrics.damaged').read_bytes() == damage
+  assert writer.best_step() == 2
+  restored, _ = writer.restore(tiny_state(), step=1)
+  assert int(restored.step) == 1
+  writer.save(4, tiny_state(offset=4), metrics={'eval_accuracy': 0.1})
+  assert writer.all_steps() == [2, 3, 4]
+  writer.close()
+
+
+def test_a_step_deleted_while_read_is_not_called_corrupt(tmp_path):
+  # `evaluate --step=1` racing a job whose retention deletes step 1.
+  save_steps(tmp_path, [1, 2]).close()
+  reader = checkpoints.Checkpointer(tmp_path, keep=3, keep_best=False,
+                                    read_only=True)
+  assert reader.all_steps() == [1, 2]
+  shutil.rmtree(tmp_path / '1')  # The job's keep_checkpoints.
+  with pytest.raises(CheckpointError, match='was deleted while it was being '
+                     r'read .*\[2\]') as error:
+    reader.restore(tiny_state(), step=1)
+  assert 'corrupt' not in str(error.value)
+  reader.close()
+
+
+def test_abandoned_read_tasks_are_not_reported_again(caplog):
+  # asyncio reports each TensorStore read Orbax abandoned after the first
+  # failure ('Task exception was never retrieved'): an echo of the error
+  # already raised. Other never-retrieved errors still show.
+  import logging  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  checks.quiet_failed_read_noise()
+  asyncio_logger = logging.getLogger('asyncio')
+  for text in ('OUT_OF_RANGE: Error opening "zarr" driver: Error reading '
+               '"w/.zarray" in OCDBT database', 'a bug elsewhere'):
+    try:
+      raise ValueError(text)
+    except ValueError:
+      asyncio_logger.error('Task exception was never retrieved\nfuture: '
+                           '<Task finished>', exc_info=sys.exc_info())
+  reported = [r for r in caplog.records if r.name == 'asyncio']
+  assert [str(r.exc_info[1]) for r in reported] == ['a bug elsewhere']

@@ -100,3 +100,22 @@ def test_empty_eval_split_on_the_command_line(data_dir, tmp_path):
       run.stderr), run.stderr[-3000:]
   assert 'Traceback' not in run.stderr, run.stderr[-3000:]
   assert not workdir.exists()
+
+
+def test_bad_images_of_both_splits_are_reported_together(tmp_path):
+  # Without this, a bad test image showed only after the train split was
+  # cleaned up and the run restarted.
+  from test_datasets import write_folder  # pylint: disable=g-import-not-at-top
+  root = str(tmp_path / 'images')
+  write_folder(root, corrupt=True)  # broken.jpg and cut.png in train.
+  with open(os.path.join(root, 'test', 'cat', 'bad.png'), 'wb') as f:
+    f.write(b'\x89PNG\r\n\x1a\n not a png')
+  config = common.get_config()
+  config.dataset, config.folder, config.bad_images = 'folder', root, 'error'
+  config.train_split, config.eval_split = 'train', 'test'
+  from mixer_jax.data.datasets import sources  # pylint: disable=g-import-not-at-top
+  with pytest.raises(sources.BadImagesError) as error:
+    data_checks.checked_dataset_info(config, num_processes=1)
+  message = str(error.value)
+  for name in ('broken.jpg', 'cut.png', 'bad.png'):
+    assert name in message

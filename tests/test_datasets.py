@@ -237,3 +237,36 @@ def test_folder_with_nested_images_is_refused(tmp_path):
   os.remove(tmp_path / 'train' / 'dog' / 'puppies' / 'small' / '0.png')
   os.remove(tmp_path / 'train' / 'stray.png')
   assert sources.FolderSource(str(tmp_path)).class_names == ['cat', 'dog']
+
+
+BUILD_CHILD = '''
+import sys
+from mixer_jax.data.datasets import sources
+source = sources.TfdsSource('digits', sys.argv[1])
+print('SIZES', source.split_sizes(), flush=True)
+'''
+
+
+def test_jobs_started_together_on_a_fresh_data_dir_both_get_the_data(
+    tmp_path):
+  # A seed sweep on a fresh machine: without the build lock, the loser of
+  # the race said the data 'could not be prepared'.
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  data_dir = tmp_path / 'new' / 'tfds'  # Does not exist yet.
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  children = [subprocess.Popen([sys.executable, '-c', BUILD_CHILD,
+                                str(data_dir)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=env)
+              for _ in range(2)]
+  outputs = [child.communicate(timeout=300) for child in children]
+  for child, (out, err) in zip(children, outputs):
+    assert child.returncode == 0, err[-3000:]
+    assert f"SIZES {{'train': {digits.NUM_TRAIN}, 'test': {digits.NUM_TEST}}}" in out or (
+        f"SIZES {{'test': {digits.NUM_TEST}, 'train': {digits.NUM_TRAIN}}}"
+        in out), out
+    # Only the answer on stdout: TFDS's banners and bars are not there.
+    assert out.count('\n') == 1, out
+    assert '\x1b[' not in err  # No escape-code progress bars.
+  errs = ''.join(err for _, err in outputs)
+  assert errs.count('Preparing data set digits') == 1, errs[-3000:]

@@ -125,3 +125,18 @@ def test_rewind_of_a_file_not_yet_written(tmp_path):
   writer.write_scalars(1, {'x': 1.0})
   writer.close()
   assert reporting.read_metrics(str(tmp_path)) == [{'step': 1, 'x': 1.0}]
+
+
+def test_a_line_that_is_not_utf8_is_skipped_by_reading_and_rewind(tmp_path):
+  # `printf '\xff\n' >> metrics.jsonl`: a damaged byte, not a torn line.
+  path = str(tmp_path / 'metrics.jsonl')
+  with open(path, 'wb') as f:
+    f.write(b'{"step": 1, "a": 1}\n\xff\n{"step": 2, "a": 2}\n'
+            b'{"step": 3, "name": "caf\xc3\xa9"}\n')
+  assert reporting.read_metrics(str(tmp_path)) == [
+      {'step': 1, 'a': 1}, {'step': 2, 'a': 2}, {'step': 3, 'name': 'café'}]
+  writer = reporting.JsonLinesWriter(path)  # A resume from step 2.
+  assert writer.rewind(2) == 2  # The bad line and step 3.
+  writer.close()
+  with open(path, 'rb') as f:
+    assert f.read() == b'{"step": 1, "a": 1}\n{"step": 2, "a": 2}\n'

@@ -1,7 +1,6 @@
 """End-to-end tests of train_and_evaluate on the built-in digits data."""
 
 import copy
-import logging as pylogging
 import os
 import re
 import shutil
@@ -11,7 +10,6 @@ import sys
 import threading
 import time
 
-from absl import logging as absl_logging
 import jax
 import numpy as np
 import pytest
@@ -327,21 +325,3 @@ def test_command_line_error_has_no_traceback(data_dir, tmp_path):
   assert '/nonexistent.npz' in run.stderr
   assert 'Traceback' not in run.stderr, run.stderr[-3000:]
   assert not (tmp_path / 'run').exists()
-
-
-def test_library_info_logs_are_dropped_but_warnings_kept():
-  reporting.quiet_library_logs()
-  reporting.quiet_library_logs()  # Idempotent: one filter.
-  handler = absl_logging.get_absl_handler()
-  filters = [f for f in handler.filters
-             if isinstance(f, reporting._DropLibraryInfo)]  # pylint: disable=protected-access
-  assert len(filters) == 1
-
-  def record(path, level):
-    return pylogging.LogRecord('absl', level, path, 1, 'msg', None, None)
-
-  orbax_file = os.path.join(os.sep, 'venv', 'orbax', 'checkpoint', 'x.py')
-  ours = os.path.join(os.sep, 'repo', 'mixer_jax', 'reporting.py')
-  assert not handler.filter(record(orbax_file, pylogging.INFO))
-  assert handler.filter(record(orbax_file, pylogging.WARNING))
-  assert handler.filter(record(ours, pylogging.INFO))

@@ -10,6 +10,7 @@ before they are written and after they are read.
 
 import dataclasses
 import json
+import logging
 import shutil
 import sys
 import traceback
@@ -182,10 +183,12 @@ def save_payload(state, step, extra, fingerprint, directory, latest_step):
   digests = state_digests(state)
   bad = [path for path, (_, finite) in digests.items() if not finite]
   if bad:
+    latest = latest_step()
+    last_good = (f'The last good checkpoint is step {latest}.'
+                 if latest is not None else 'No checkpoint was saved before.')
     raise CheckpointError(
         f'Refusing to save step {step} to {directory}: non-finite '
-        f'values in {", ".join(bad[:5])}. The last good checkpoint is step '
-        f'{latest_step()}.')
+        f'values in {", ".join(bad[:5])}. {last_good}')
   payload = dict(jsonable(extra or {}))
   payload.update(step=int(step), fingerprint=fingerprint,
                  leaf_checksums={k: v[0] for k, v in digests.items()})
@@ -235,6 +238,24 @@ def _quiet_unraisable_hook(unraisable):
 
 _previous_unraisable_hook = None
 
+# Words of TensorStore's errors about Orbax's array files.
+_TENSORSTORE_READ_ERROR = ('"zarr" driver', 'in OCDBT database')
+
+
+class _DropAbandonedReadErrors(logging.Filter):
+  """Drops asyncio's 'Task exception was never retrieved' for array reads.
+
+  The same echo as below, reported by asyncio when it collects an
+  abandoned TensorStore read task: after the first failed read, Orbax
+  raises and never awaits the others.
+  """
+
+  def filter(self, record):
+    if not str(record.msg).startswith('Task exception was never retrieved'):
+      return True
+    error = record.exc_info[1] if record.exc_info else None
+    return not any(word in str(error) for word in _TENSORSTORE_READ_ERROR)
+
 
 def quiet_failed_read_noise() -> None:
   """Drops the echoes of a failed read that follow its clear error.
@@ -244,12 +265,17 @@ def quiet_failed_read_noise() -> None:
   each completion then reports 'RuntimeError: Event loop is closed' through
   `sys.unraisablehook` (thousands of traceback lines for a large state).
   This wraps the hook so that exactly those reports are dropped; every
-  other unraisable exception is passed on. Idempotent.
+  other unraisable exception is passed on; asyncio's reports of the
+  abandoned read tasks are dropped likewise. Idempotent.
   """
   global _previous_unraisable_hook
   if sys.unraisablehook is not _quiet_unraisable_hook:
     _previous_unraisable_hook = sys.unraisablehook
     sys.unraisablehook = _quiet_unraisable_hook
+  asyncio_logger = logging.getLogger('asyncio')
+  if not any(isinstance(f, _DropAbandonedReadErrors)
+             for f in asyncio_logger.filters):
+    asyncio_logger.addFilter(_DropAbandonedReadErrors())
 
 
 def read_error(where, error, hint):

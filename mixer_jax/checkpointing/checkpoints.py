@@ -25,8 +25,13 @@ What it guarantees (each point has a test in tests/test_checkpoints.py):
   `CheckpointError`; earlier steps are kept either way.
 - A state with NaN or infinite values is never saved.
 - Checkpoints are arrays and JSON only: nothing is ever unpickled.
+- A damaged per-step metrics file (Orbax's `<step>/metrics/metrics`, which
+  only ranks steps for keep_best) never makes the directory unusable: a
+  reader skips the metrics altogether, a writer renames the damaged file to
+  `metrics.damaged` (so that step no longer counts as the best) and says so.
 """
 
+import json
 import math
 import os
 import uuid
@@ -45,10 +50,52 @@ from mixer_jax.checkpointing import preemption
 STATE_ITEM = 'state'
 EXTRA_ITEM = 'extra'
 BEST_METRIC = 'eval_accuracy'
+# Orbax's item (and file) name of a step's metrics: `<step>/metrics/metrics`.
+_METRICS_ITEM = ocp.checkpoint_manager.METRIC_ITEM_NAME
 
 
 def _best_metric(metrics) -> float:
   return float(metrics[BEST_METRIC])
+
+
+def _metrics_readable(path: epath.Path) -> bool:
+  """Whether Orbax can read the metrics file `path`: a UTF-8 JSON object."""
+  try:
+    return isinstance(json.loads(path.read_bytes().decode('utf-8')), dict)
+  except (OSError, ValueError):  # UnicodeDecodeError is a ValueError.
+    return False
+
+
+def set_aside_damaged_metrics(directory) -> list:
+  """Renames unreadable `<step>/metrics/metrics` files to `metrics.damaged`.
+
+  Orbax reads the metrics of every step when a writable CheckpointManager
+  opens and fails on the first damaged one, which would stop every start
+  on the directory. The file only ranks its step for keep_best; without it
+  the step is kept or deleted by `keep` alone. Run on process 0 before the
+  manager opens.
+
+  Returns:
+    The renamed files' new paths.
+  """
+  directory = epath.Path(directory)
+  if jax.process_index() > 0 or not directory.is_dir():
+    return []
+  moved = []
+  for step_dir in directory.iterdir():
+    metrics = step_dir / _METRICS_ITEM / _METRICS_ITEM
+    if not step_dir.name.isdigit() or not metrics.exists():
+      continue
+    if _metrics_readable(metrics):
+      continue
+    damaged = metrics.parent / f'{_METRICS_ITEM}.damaged'
+    metrics.rename(damaged)
+    moved.append(str(damaged))
+    logging.warning(
+        'The metrics file of step %s in %s was damaged; renamed it to %s. '
+        'The step itself is intact; it no longer counts for keep_best.',
+        step_dir.name, directory, damaged)
+  return moved
 
 
 def _abstract(leaf):
@@ -101,6 +148,10 @@ class Checkpointer:
     elif not self.directory.is_dir():
       raise checks.CheckpointError(
           f'Checkpoint directory {self.directory} does not exist.')
+    if not read_only:
+      set_aside_damaged_metrics(self.directory)
+      if jax.process_count() > 1:  # The others open after process 0 fixed it.
+        multihost_utils.sync_global_devices('mixer_jax_metrics_checked')
     policies = [ocp.checkpoint_managers.LatestN(n=keep)]
     best_fn = None
     if keep_best:
@@ -112,19 +163,24 @@ class Checkpointer:
         preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(
             policies),
         cleanup_tmp_directories=True,  # Remove saves cut short by a kill.
-        enable_async_checkpointing=async_save, read_only=read_only)
+        enable_async_checkpointing=async_save, read_only=read_only,
+        # A reader needs no step metrics (they only rank steps for keep_best),
+        # so it does not read them: a damaged one cannot stop an evaluation.
+        lightweight_initialize=read_only)
     # Naming the handlers lets a fresh manager read metadata before any save.
     registry = ocp.handlers.create_default_handler_registry(**{
         STATE_ITEM: ocp.StandardCheckpointHandler(),
         EXTRA_ITEM: ocp.JsonCheckpointHandler()})
-    self._manager = ocp.CheckpointManager(
+    self._open_manager = lambda: ocp.CheckpointManager(
         self.directory, options=options, handler_registry=registry)
+    self._manager = self._open_manager()
     # The signals of an enclosing watch_preemption, else this one's own.
     watching = preemption.innermost()
     self._own_signals = watching is None
     self._signals = (preemption.PreemptionSignals() if watching is None
                      else watching)
     self._writing = None  # Step of the latest save started.
+    self._checked = None  # Step of the latest save known to have succeeded.
 
   # ------------------------------------------------------------ Queries.
   def latest_step(self) -> Optional[int]:
@@ -180,6 +236,8 @@ class Checkpointer:
     """
     if self.read_only:
       raise checks.CheckpointError(f'{self.directory} was opened read-only.')
+    # A write that fails (full disk) leaves the same echoes as a failed read.
+    checks.quiet_failed_read_noise()
     payload = checks.save_payload(
         state, step, extra, self.fingerprint, self.directory,
         self.latest_step)
@@ -206,7 +264,37 @@ class Checkpointer:
       self._writing = int(step)
     return started
 
+  def _check_background_save(self):
+    """CheckpointError if the latest background save has failed.
+
+    Orbax reports a failed background write only when it is waited for;
+    once no save is in progress that wait returns at once, so it is done
+    then (once per save).
+    """
+    if (self._writing is None or self._writing == self._checked or
+        self._manager.is_saving_in_progress()):
+      return
+    self.wait_until_finished()
+    self._checked = self._writing
+
+  def _remove_partial_save(self, step) -> None:
+    """Deletes what a failed save of `step` left (its Orbax temporary).
+
+    Otherwise it stays, filling the disk, until the next start's cleanup.
+    """
+    if step is None or jax.process_index() > 0:
+      return
+    try:
+      for partial in self.directory.glob(f'{int(step)}.orbax-checkpoint-tmp*'):
+        partial.rmtree()
+      self._manager.reload()  # It counted the failed step as saved.
+    except Exception as e:  # pylint: disable=broad-except
+      # The error being reported matters more than this cleanup.
+      logging.warning('Could not remove the partial save of step %s: %s',
+                      step, e)
+
   def _write_error(self, step, error):
+    self._remove_partial_save(step)
     try:
       kept = [s for s in self.all_steps() if s != step]
     except Exception:  # pylint: disable=broad-except
@@ -255,7 +343,7 @@ class Checkpointer:
     except checks.CheckpointError:
       if tried is None or (self.directory / str(tried)).exists():
         raise  # Not a deletion: a real problem of that step.
-      self._manager.reload()
+      self._reload()
       newest = self.latest_step()
       if newest is None or newest == tried:
         raise
@@ -272,7 +360,7 @@ class Checkpointer:
       state = self._manager.restore(step, args=ocp.args.Composite(**{
           STATE_ITEM: ocp.args.StandardRestore(abstract)}))[STATE_ITEM]
     except Exception as e:  # pylint: disable=broad-except
-      raise checks.read_error(where, e, hint) from e
+      raise self._vanished(where) or checks.read_error(where, e, hint) from e
     checks.check_digests(checks.state_digests(state),
                          extra.get('leaf_checksums'), where, hint)
     return state, extra
@@ -305,7 +393,7 @@ class Checkpointer:
                 item=item, partial_restore=True,
                 restore_args=ocp.checkpoint_utils.construct_restore_args(item)))
     except Exception as e:  # pylint: disable=broad-except
-      raise checks.read_error(where, e, hint) from e
+      raise self._vanished(where) or checks.read_error(where, e, hint) from e
     checks.check_digests(checks.state_digests(restored),
                          extra.get('leaf_checksums'), where, hint)
     return restored['params'], extra
@@ -335,17 +423,48 @@ class Checkpointer:
     try:
       extra = self._manager.restore(step, args=ocp.args.Composite(**{
           EXTRA_ITEM: ocp.args.JsonRestore()}))[EXTRA_ITEM]
-      stored = self._manager.item_metadata(step)[STATE_ITEM]
+      # From the item itself: the manager's item_metadata(step) would also
+      # read the step's metrics file, which is not needed here.
+      stored = ocp.StandardCheckpointHandler().metadata(where / STATE_ITEM)
       stored = checks.flat(getattr(stored, 'tree', stored))
       if not isinstance(extra, dict) or not stored:
         raise ValueError('missing state metadata or extra JSON')
     except Exception as e:  # pylint: disable=broad-except
-      raise checks.CheckpointError(
+      raise self._vanished(where) or checks.CheckpointError(
           f'Checkpoint {where} cannot be read (corrupt, truncated or not a '
           f'mixer_jax checkpoint): {checks.short_error(e)}.{hint}') from e
     checks.check_fingerprint(self.fingerprint, extra.get('fingerprint'), where,
                              self._unchanged)
     return step, where, hint, extra, stored
+
+  def _reload(self):
+    """Re-reads the list of steps (changed by another process or us).
+
+    A reader opens a new lightweight manager: Orbax's `reload` would read
+    every step's metrics file, which a reader never needs.
+    """
+    if self.read_only:
+      self._manager.close()
+      self._manager = self._open_manager()
+    else:
+      self._manager.reload()
+
+  def _vanished(self, where) -> Optional[checks.CheckpointError]:
+    """The error for a step deleted while it was read, else None.
+
+    A running job's retention (keep_checkpoints) deletes old steps; a reader
+    that was reading one then fails, which is no sign of damage.
+    """
+    if where.exists():
+      return None
+    try:
+      self._reload()  # The list of steps still holds the deleted one.
+    except Exception:  # pylint: disable=broad-except
+      pass  # The message below matters more than an up-to-date list.
+    return checks.CheckpointError(
+        f'Checkpoint {where} was deleted while it was being read (a running '
+        "job's keep_checkpoints removes old steps). Read the newest step, or "
+        f'one the job keeps: {self.all_steps()}.')
 
   @property
   def _unchanged(self) -> str:
@@ -375,7 +494,7 @@ class Checkpointer:
     if later:
       if jax.process_count() > 1:
         multihost_utils.sync_global_devices('mixer_jax_set_aside')
-      self._manager.reload()
+      self._reload()
       logging.warning('Set aside steps %s of %s in %s.', later,
                       self.directory, aside)
     return moved
@@ -384,11 +503,15 @@ class Checkpointer:
   def reached_preemption(self, step: int) -> bool:
     """True when training should save `step` and stop (call every step).
 
+    Also raises CheckpointError as soon as a background save has failed
+    (not at the next save, many steps later).
+
     Multi-host runs ask Orbax, which uses JAX's preemption sync service: a
     SIGTERM on any host makes every host return True at the same step. A
     single process (where that service is not running) also handles SIGTERM
     and SIGINT itself; a second signal interrupts at once.
     """
+    self._check_background_save()
     if self._manager.reached_preemption(step):
       return True
     if jax.process_count() > 1:

@@ -149,9 +149,18 @@ def checked_dataset_info(config, num_processes: Optional[int] = None):
     import jax  # pylint: disable=g-import-not-at-top
     num_processes = jax.process_count()
   source = sources.get_source(config)
-  split_size(source, config.train_split, 'train_split',
-             num_processes=num_processes, training=True)
-  split_size(source, config.eval_split, 'eval_split')
+  # Undecodable images of both splits in one error, not the eval split's
+  # only after the train split was cleaned up.
+  bad_images = []
+  for split, field, training in ((config.train_split, 'train_split', True),
+                                 (config.eval_split, 'eval_split', False)):
+    try:
+      split_size(source, split, field, num_processes=num_processes,
+                 training=training)
+    except sources.BadImagesError as e:
+      bad_images.append(str(e))
+  if bad_images:
+    raise sources.BadImagesError('\n'.join(bad_images))
   head_classes = _head_classes(config, source)
   check_evals(config, head_classes, main_source=source)
   return input_pipeline.dataset_info(config)

@@ -8,7 +8,6 @@ other processes just log.
 """
 
 import json
-import logging as pylogging
 import math
 import os
 import time
@@ -57,13 +56,12 @@ class JsonLinesWriter(metric_writers.MetricWriter):
     try:
       if not tf.io.gfile.exists(self._path):  # Opened lazily: none yet.
         return 0
-      with tf.io.gfile.GFile(self._path) as f:
-        lines = f.read().splitlines(keepends=True)
+      lines = _read_lines(self._path)
       kept = []
       for line in lines:
-        record = _parse(line) if line.endswith('\n') else None
+        record = _parse(line) if line.endswith(b'\n') else None
         if record is None:
-          continue  # Torn (cut by a kill) or not JSON.
+          continue  # Torn (cut by a kill), not UTF-8 or not JSON.
         if 'step' in record and record['step'] > step:
           continue
         if 'step' not in record and step == 0:
@@ -72,8 +70,8 @@ class JsonLinesWriter(metric_writers.MetricWriter):
       dropped = len(lines) - len(kept)
       if dropped:
         temporary = f'{self._path}.rewind.tmp'
-        with tf.io.gfile.GFile(temporary, 'w') as f:
-          f.write(''.join(kept))
+        with tf.io.gfile.GFile(temporary, 'wb') as f:
+          f.write(b''.join(kept))
         tf.io.gfile.rename(temporary, self._path, overwrite=True)
         logging.info('Dropped %d line(s) of %s after step %d (resumed run).',
                      dropped, self._path, step)
@@ -143,11 +141,21 @@ def rewind(writer, step: int) -> int:
   return target.rewind(step) if target is not None else 0
 
 
-def _parse(line: str):
+def _read_lines(path: str) -> list:
+  """The lines of `path` as bytes (each with its newline, if it has one).
+
+  Bytes, not text: a damaged file may hold bytes that are not UTF-8, and
+  those lines are skipped like any other unreadable line.
+  """
+  with tf.io.gfile.GFile(path, 'rb') as f:
+    return f.read().splitlines(keepends=True)
+
+
+def _parse(line: bytes):
   """The JSON object of one line, or None if it is not one."""
   try:
-    record = json.loads(line)
-  except ValueError:
+    record = json.loads(line.decode('utf-8'))
+  except ValueError:  # Includes UnicodeDecodeError.
     return None
   return record if isinstance(record, dict) else None
 
@@ -155,16 +163,17 @@ def _parse(line: str):
 def read_metrics(workdir: str):
   """Reads `metrics.jsonl` back as a list of dicts (hparams lines skipped).
 
-  A line that is not a JSON object (the last line of a run killed while
-  writing it) is skipped with a warning.
+  A line that is not a UTF-8 JSON object (the last line of a run killed
+  while writing it, a damaged byte) is skipped with a warning.
   """
-  with tf.io.gfile.GFile(os.path.join(workdir, METRICS_FILE)) as f:
-    lines = [line for line in f if line.strip()]
+  lines = [line for line in _read_lines(os.path.join(workdir, METRICS_FILE))
+           if line.strip()]
   records = [_parse(line) for line in lines]
   torn = sum(r is None for r in records)
   if torn:
     logging.warning('Skipped %d unreadable line(s) of %s (cut short by a '
-                    'kill?).', torn, os.path.join(workdir, METRICS_FILE))
+                    'kill, or damaged).', torn,
+                    os.path.join(workdir, METRICS_FILE))
   return [r for r in records if r is not None and 'step' in r]
 
 
@@ -244,8 +253,9 @@ def format_summary(summary: Mapping[str, Any]) -> str:
   return '\n'.join(lines)
 
 
-# Library use (tests, notebooks) shows absl INFO logs nowhere, so progress
-# is also printed; the command line shows the logs and turns printing off.
+# Progress is printed to stdout (on process 0) as well as logged: library
+# use (tests, notebooks) shows absl INFO logs nowhere, and the programs
+# keep stdout for what the user reads (see command_line.py).
 _print_progress = True
 
 
@@ -260,48 +270,3 @@ def log_and_print(text: str) -> None:
   logging.info('%s', text)
   if _print_progress and jax.process_index() == 0:
     print(text, flush=True)
-
-
-class _DropLibraryInfo(pylogging.Filter):
-  """Drops INFO (and lower) records logged from inside noisy libraries."""
-
-  _NOISY = tuple(os.sep + name + os.sep for name in (
-      'orbax', 'etils', 'tensorflow_datasets', 'clu'))
-
-  def filter(self, record):
-    return (record.levelno > pylogging.INFO or
-            not any(part in record.pathname for part in self._NOISY))
-
-
-class _ShortLibraryErrors(pylogging.Filter):
-  """Cuts library errors to their first line, without the traceback.
-
-  Orbax logs each failed background write several times with the full
-  traceback before our own `CheckpointError` says what failed and what is
-  kept; one line of each is enough.
-  """
-
-  def filter(self, record):
-    if (record.levelno >= pylogging.ERROR and
-        any(part in record.pathname for part in _DropLibraryInfo._NOISY)):  # pylint: disable=protected-access
-      text = record.getMessage().strip().split('\n', 1)[0]
-      record.msg, record.args = text[:300], None
-      record.exc_info, record.exc_text, record.stack_info = None, None, None
-    return True
-
-
-def quiet_library_logs() -> None:
-  """Keeps library INFO lines out of the progress output.
-
-  Orbax (per save), TFDS (per eval pass) and clu (a copy of every metric,
-  also in metrics.jsonl and TensorBoard) log through absl like this package,
-  so the level cannot be lowered for them alone; a filter on the absl
-  handler drops INFO records whose source file is in one of them. Warnings
-  and errors still show, errors as one line without the traceback.
-  """
-  handler = logging.get_absl_handler()
-  if not any(isinstance(f, _DropLibraryInfo) for f in handler.filters):
-    handler.addFilter(_DropLibraryInfo())
-  logger = pylogging.getLogger('absl')
-  if not any(isinstance(f, _ShortLibraryErrors) for f in logger.filters):
-    logger.addFilter(_ShortLibraryErrors())

@@ -34,6 +34,7 @@ from mixer_jax.training import errors
 from mixer_jax.training import evals
 from mixer_jax.training import optim
 from mixer_jax.training import reporting
+from mixer_jax.training import resume_checks
 from mixer_jax.training import sharding
 from mixer_jax.training import train_steps
 from mixer_jax.training import workdir_lock
@@ -79,10 +80,13 @@ def _check_finite(history, checkpoint_dir, last_saved):
     if bad:
       raise errors.NonFiniteLossError(
           f'Training stopped: {", ".join(f"{k}={v}" for k, v in bad.items())}'
-          f' at step {step}. That state was not saved; the last good '
-          f'checkpoint is step {last_saved} in {checkpoint_dir}. Lower '
-          'config.learning_rate, raise warmup_steps or enable grad_clip_norm, '
-          'then restart (it resumes from that checkpoint).')
+          f' at step {step}. That state was not saved; '
+          + (f'the last good checkpoint is step {last_saved} in '
+             f'{checkpoint_dir}' if last_saved is not None else
+             'no checkpoint was saved before (a restart begins at step 0)')
+          + '. Lower config.learning_rate, raise warmup_steps or enable '
+          'grad_clip_norm, then restart (it resumes from the last good '
+          'checkpoint, if any).')
 
 
 def _mean_metrics(history) -> Dict[str, float]:
@@ -122,25 +126,39 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   checkpoint_dir = os.path.join(workdir, CHECKPOINT_DIR)
   config = _resolve_init_from(config, checkpoint_dir)
   # Splits, class count and config.evals data: all checked before step 1.
+  reporting.log_and_print(f'Checking the data ({config.dataset})...')
   run = _build(config, data_checks.checked_dataset_info(config))
 
   # One running job per workdir: refuses a second start (before the
-  # checkpointer, which removes unfinished saves, is opened).
+  # checkpointer, which removes unfinished saves, is opened). A start
+  # refused after this point (another model, another schedule) leaves the
+  # workdir as it was: run_info.json and the writers come after the restore.
   lock = workdir_lock.acquire(workdir)
-  checkpointer = _checkpointer(config, workdir, run.num_classes)
-  if jax.process_index() == 0:  # Makes the workdir a checkpoint for predict.
-    any_checkpoint.save_run_info(workdir, config, run.num_classes)
-  writer = reporting.create_writer(workdir)
-  reporting.log_and_print(
-      f'Mixer {config.model.variant}: '
-      f'{models.count_params(run.steps.abstract_state.params):,} parameters, '
-      f'{run.num_classes} classes; {run.num_train_steps} steps of batch '
-      f'{config.batch_size} on {jax.device_count()} device(s), '
-      f'{jax.process_count()} process(es); workdir {workdir}')
+  checkpointer = None
   try:
+    resume_checks.check_schedule_unchanged(config, workdir, checkpoint_dir,
+                                           run.num_train_steps)
+    checkpointer = _checkpointer(config, workdir, run.num_classes)
+    reporting.log_and_print(
+        f'Mixer {config.model.variant}: '
+        f'{models.count_params(run.steps.abstract_state.params):,} '
+        f'parameters, {run.num_classes} classes; {run.num_train_steps} steps '
+        f'of batch {config.batch_size} on {jax.device_count()} device(s), '
+        f'{jax.process_count()} process(es); workdir {workdir}')
     state, extra = _restore_or_init(config, workdir, checkpointer,
                                     run.steps.init_fn,
                                     run.steps.abstract_state)
+  except BaseException:
+    if checkpointer is not None:
+      checkpointer.close()
+    workdir_lock.release(lock, refused=True)
+    raise
+  if jax.process_index() == 0:  # Makes the workdir a checkpoint for predict.
+    any_checkpoint.save_run_info(workdir, config, run.num_classes)
+  writer = reporting.create_writer(workdir)
+  reporting.log_and_print('Compiling the train step (the first step takes '
+                          'longer)...')
+  try:
     return _train_loop(
         config=config, workdir=workdir, run=run, state=state, extra=extra,
         checkpointer=checkpointer, writer=writer, start_time=start_time,
@@ -183,18 +201,14 @@ def _checkpointer(config, workdir: str, num_classes: int):
       fingerprint=checkpoint_checks.model_fingerprint(config, num_classes))
 
 
-def _has_saved_steps(checkpoint_dir: str) -> bool:
-  path = epath.Path(checkpoint_dir)
-  return path.is_dir() and any(p.name.isdigit() for p in path.iterdir())
-
-
 def _resolve_init_from(config, checkpoint_dir: str):
   """Checks config.init_from before anything is compiled or written.
 
   With a resolution change and `model.tokens_mlp_dim` None, returns a copy
   of the config using K^2 * D_S of the checkpoint (paper, Appendix C).
   """
-  resuming = config.resume_step >= 0 or _has_saved_steps(checkpoint_dir)
+  resuming = config.resume_step >= 0 or resume_checks.has_saved_steps(
+      checkpoint_dir)
   resolved = config_validation.resolve_init_from(config, resuming=resuming)
   if resolved is not config:
     reporting.log_and_print(

@@ -32,9 +32,33 @@ class WorkdirLockedError(checkpoint_checks.CheckpointError):
 class WorkdirLock:
   """An acquired lock; `release()` (or process exit) frees it."""
 
-  def __init__(self, path: str, fd: int):
+  def __init__(self, path: str, fd: int, previous: Optional[bytes] = None,
+               created: tuple = ()):
     self.path = path
     self._fd = fd
+    self._previous = previous  # The file's bytes before; None: it was new.
+    self._created = created  # Directories `acquire` made, innermost first.
+
+  def undo(self) -> None:
+    """Releases the lock and puts its file back as it was before `acquire`.
+
+    For a start that is refused after taking the lock: it leaves the
+    workdir byte for byte as it found it (a new lock file and the
+    directories made for it are removed again, if still empty).
+    """
+    if self._fd is None:
+      return
+    if self._previous is not None:
+      os.ftruncate(self._fd, 0)
+      os.pwrite(self._fd, self._previous, 0)
+    else:
+      os.unlink(self.path)
+    self.release()
+    for directory in self._created:
+      try:
+        os.rmdir(directory)
+      except OSError:
+        break  # Not empty (something else was written): kept.
 
   def release(self) -> None:
     if self._fd is not None:
@@ -52,10 +76,29 @@ class WorkdirLock:
     self.release()
 
 
-def release(lock: Optional[WorkdirLock]) -> None:
-  """Releases a lock from `acquire` (None: nothing to release)."""
+def release(lock: Optional[WorkdirLock], *, refused: bool = False) -> None:
+  """Releases a lock from `acquire` (None: nothing to release).
+
+  With `refused`, also undoes what `acquire` wrote (`WorkdirLock.undo`).
+  """
   if lock is not None:
-    lock.release()
+    if refused:
+      lock.undo()
+    else:
+      lock.release()
+
+
+def _missing_parents(directory: str) -> tuple:
+  """`directory` and its parents that do not exist yet, innermost first."""
+  missing = []
+  directory = os.path.abspath(directory)
+  while not os.path.exists(directory):
+    missing.append(directory)
+    parent = os.path.dirname(directory)
+    if parent == directory:
+      break
+    directory = parent
+  return tuple(missing)
 
 
 def _describe_owner(text: str) -> str:
@@ -93,6 +136,12 @@ def acquire(workdir: str, process_index: Optional[int] = None
                     'sure no other job uses it.', workdir)
     return None
   path = os.path.join(workdir, LOCK_FILE)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise checkpoint_checks.CheckpointError(
+        f'Workdir {workdir} is a file, not a directory; choose another '
+        '--workdir. Nothing was written.')
+  created = _missing_parents(workdir)
+  existed = os.path.exists(path)
   try:
     os.makedirs(workdir, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -112,6 +161,7 @@ def acquire(workdir: str, process_index: Optional[int] = None
         'written.') from None
   owner = {'pid': os.getpid(), 'host': socket.gethostname(),
            'started': datetime.datetime.now().isoformat(timespec='seconds')}
+  previous = os.pread(fd, os.fstat(fd).st_size, 0) if existed else None
   os.ftruncate(fd, 0)
   os.pwrite(fd, (json.dumps(owner) + '\n').encode(), 0)
-  return WorkdirLock(path, fd)
+  return WorkdirLock(path, fd, previous, created)

@@ -25,7 +25,9 @@ import os
 from typing import Any, List, Optional
 
 from flax import traverse_util
+
 from mixer_jax import models
+from mixer_jax.checkpointing import checkpoint_checks
 from mixer_jax.weights import official_format
 from mixer_jax.weights import pretrained
 from mixer_jax.weights import registry
@@ -187,7 +189,8 @@ def locate_workdir(path: str, step: Optional[int] = None):
 
   Raises:
     registry.CheckpointNotFoundError: not such a directory.
-    ValueError: a step directory together with another `step`.
+    checkpoint_checks.CheckpointError: a step directory together with
+      another `step`.
   """
   from etils import epath  # pylint: disable=g-import-not-at-top
   location = epath.Path(path)
@@ -198,8 +201,8 @@ def locate_workdir(path: str, step: Optional[int] = None):
     return str(location.parent), str(location), step
   if location.name.isdigit() and location.parent.name == CHECKPOINT_DIR:
     if step is not None and step != int(location.name):
-      raise ValueError(f'{path} is step {location.name} but step={step} was '
-                       'asked for.')
+      raise checkpoint_checks.CheckpointError(
+          f'{path} is step {location.name} but step={step} was asked for.')
     return str(location.parent.parent), str(location.parent), int(
         location.name)
   raise registry.CheckpointNotFoundError(
@@ -233,7 +236,6 @@ def restore_params(directory, config, num_classes: int,
     sharding: where every parameter is placed.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  from mixer_jax.checkpointing import checkpoint_checks  # pylint: disable=g-import-not-at-top
   from mixer_jax.checkpointing import checkpoints  # pylint: disable=g-import-not-at-top
   from mixer_jax.training import train_steps  # pylint: disable=g-import-not-at-top
 
@@ -260,7 +262,7 @@ def _load_workdir(spec, step, image_size, model_options):
   info = read_run_info(workdir)
   config, num_classes = info['config'], int(info['num_classes'])
   if image_size not in (None, config.image_size):
-    raise ValueError(
+    raise checkpoint_checks.CheckpointError(
         f'{workdir} was trained at image_size={config.image_size}; it cannot '
         f'be loaded at {image_size} (export it with pretrained.'
         'export_official and use load_pretrained for a resolution change).')
@@ -303,12 +305,14 @@ def load(spec, *, step: Optional[int] = None,
   """
   if is_directory(spec):
     if num_classes is not None:
-      raise ValueError('num_classes applies to weight files; use '
-                       'Loaded.features() for a workdir without its head.')
+      raise checkpoint_checks.CheckpointError(
+          'num_classes applies to weight files; use Loaded.features() for a '
+          'workdir without its head.')
     return _load_workdir(os.fspath(spec), step, image_size, model_options)
   if step is not None:
-    raise ValueError(f'step={step} applies to training workdirs only; '
-                     f'{spec} is a weight file or name.')
+    raise checkpoint_checks.CheckpointError(
+        f'step={step} applies to training workdirs only; {spec} is a weight '
+        'file or name.')
   read = pretrained.read_weights(spec)
   model, params = pretrained.load_pretrained(
       read, num_classes=num_classes, image_size=image_size, **model_options)

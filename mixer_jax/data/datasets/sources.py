@@ -12,10 +12,14 @@ process reads only its own contiguous shard of the split.
                 with corrupt files found up front (`config.bad_images`).
 """
 
+import contextlib
+import fcntl
 import functools
+import io
 import logging
 import os
 import socket
+import sys
 import textwrap
 import urllib.parse
 import urllib.request
@@ -24,21 +28,13 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from mixer_jax.data.datasets import digits  # pylint: disable=unused-import
+# Defined without TensorFlow (see mixer_jax.data.errors); raised here.
+from mixer_jax.data.errors import BadImagesError  # pylint: disable=g-importing-member
+from mixer_jax.data.errors import DatasetUnavailableError  # pylint: disable=g-importing-member
+from mixer_jax.data.errors import FolderLayoutError  # pylint: disable=g-importing-member
 
 # How many corrupt file names an error message lists.
 _MAX_NAMES_SHOWN = 10
-
-
-class DatasetUnavailableError(ValueError):
-  """A data set is unknown, or is not prepared and cannot be prepared."""
-
-
-class BadImagesError(ValueError):
-  """Image files that cannot be decoded, with config.bad_images='error'."""
-
-
-class FolderLayoutError(DatasetUnavailableError):
-  """A folder data set whose folders would silently change the classes."""
 
 
 # File endings tfds.ImageFolder reads (case-insensitive).
@@ -153,6 +149,35 @@ def _split_dict(sizes):
       for name, size in sizes.items()])
 
 
+@contextlib.contextmanager
+def _build_lock(data_dir_root, name):
+  """Holds an exclusive lock on `data_dir_root/.NAME.build.lock`.
+
+  `fcntl.flock`: the kernel frees it when the holder exits in any way, so a
+  killed build never blocks the next one. Paths that are not local (gs://)
+  are not locked.
+  """
+  root = os.fspath(data_dir_root)
+  if '://' in root:
+    yield
+    return
+  if not os.path.isdir(root):
+    logging.warning('data_dir %s does not exist; creating it.', root)
+  os.makedirs(root, exist_ok=True)
+  fd = os.open(os.path.join(root, f'.{name}.build.lock'),
+               os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      print(f'Waiting for another job that is preparing {name} in {root}...',
+            file=sys.stderr, flush=True)
+      fcntl.flock(fd, fcntl.LOCK_EX)
+    yield
+  finally:
+    os.close(fd)  # Also releases the lock.
+
+
 class TfdsSource:
   """A TFDS data set, by name, in `data_dir` (None: TFDS's default)."""
 
@@ -182,10 +207,24 @@ class TfdsSource:
                                     tfds.features.Image) else None)
 
   def _prepare(self):
-    """Downloads and prepares the data set unless it already is."""
-    builder = self.builder
-    if builder.is_prepared():
+    """Downloads and prepares the data set unless it already is.
+
+    Jobs started together on a fresh data_dir (a seed sweep) take turns:
+    the first builds while holding a lock file in data_dir, the others wait
+    for it and then find the data set prepared.
+    """
+    if self.builder.is_prepared():
       return
+    with _build_lock(self.builder.data_dir_root, self.name):
+      # Built by another job while this one waited: read it afresh.
+      self.builder = tfds.builder(self.name,
+                                  data_dir=self.builder.data_dir_root)
+      if self.builder.is_prepared():
+        return
+      self._build()
+
+  def _build(self):
+    builder = self.builder
     # Without a network, TFDS retries each download for minutes; a quick
     # look at the first download host fails at once instead.
     urls = list(builder.url_infos or ())
@@ -193,8 +232,17 @@ class TfdsSource:
       host = _unreachable_host(urls[0])
       if host:
         raise self._unavailable(f'cannot reach {host} to download it')
+    print(f'Preparing data set {self.name} in {builder.data_dir_root} '
+          '(first use only)...', file=sys.stderr, flush=True)
+    tfds.disable_progress_bar()  # Escape-code bars in logs and pipes.
     try:
-      builder.download_and_prepare()
+      # TFDS prints its "Downloading and preparing dataset ..." banners to
+      # stdout, where the programs' answers go; they are logged instead.
+      banners = io.StringIO()
+      with contextlib.redirect_stdout(banners):
+        builder.download_and_prepare()
+      for line in banners.getvalue().splitlines():
+        logging.info('%s', line)
     except Exception as e:  # pylint: disable=broad-except
       # Preparation fails in many ways (no network, missing manual files,
       # full disk); the original error is chained below.

@@ -1,0 +1,154 @@
+"""What every mixer_jax program does alike: quiet output, one-line errors.
+
+- Output: the answer (and train's progress and summary) goes to stdout.
+  Library noise is off by default: absl INFO logs (JAX's "Unable to
+  initialize backend 'tpu'", Orbax's per-save notes, TFDS's per-pass notes)
+  and library warnings are dropped, TensorFlow's C++ start-up lines too;
+  library errors still show, as one line each. `--verbose` brings it all
+  back, on stderr.
+- Errors: the project's own user-error types (`errors.EXPECTED_ERRORS`)
+  end the program with exit status 1 and one line naming the error; no
+  `--help` is printed. Anything else is a bug and keeps its traceback.
+
+Import this module before anything that loads TensorFlow (and call
+`load_tensorflow_quietly` in programs that read data sets): TensorFlow logs
+when it loads, which is before the flags are parsed, so `--verbose` is
+looked for in sys.argv here.
+"""
+
+import contextlib
+import logging as pylogging
+import os
+import sys
+import tempfile
+from typing import Sequence
+
+from absl import flags
+from absl import logging
+
+from mixer_jax.training import errors
+
+# Libraries whose INFO lines (and, by default, warnings) are dropped.
+NOISY_LIBRARIES = ('orbax', 'etils', 'tensorflow_datasets', 'clu')
+_NOISY_PATHS = tuple(os.sep + name + os.sep for name in NOISY_LIBRARIES)
+_VERBOSE_FLAGS = ('--verbose', '--verbose=true', '--verbose=True',
+                  '--verbose=1')
+
+
+def asks_verbose(argv: Sequence[str]) -> bool:
+  """Whether the command line turns --verbose on (before flags are parsed)."""
+  return any(arg in _VERBOSE_FLAGS for arg in argv[1:])
+
+
+if not asks_verbose(sys.argv):  # 2: TensorFlow's C++ INFO and WARNING off.
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+
+def load_tensorflow_quietly() -> None:
+  """Imports TensorFlow with its C++ start-up lines kept off stderr.
+
+  TensorFlow's C++ code logs through absl before absl's logging is set up
+  ("All log messages before absl::InitializeLog() ...", the oneDNN note),
+  and TF_CPP_MIN_LOG_LEVEL does not reach those lines, so the import runs
+  with file descriptor 2 pointed at a temporary file. What it wrote is
+  replayed when --verbose is given or the import fails. For the programs
+  that read data sets; call it before anything else imports TensorFlow.
+  """
+  if 'tensorflow' in sys.modules or asks_verbose(sys.argv):
+    return
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as captured:
+    os.dup2(captured.fileno(), 2)
+    try:
+      import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
+    except BaseException:
+      os.dup2(saved, 2)
+      captured.seek(0)
+      sys.stderr.write(captured.read().decode('utf-8', 'replace'))
+      raise
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
+
+
+def define_verbose_flag() -> None:
+  flags.DEFINE_bool('verbose', False, 'Also show INFO logs and the logs of '
+                    'the libraries (JAX, Orbax, TFDS, TensorFlow) on stderr.')
+
+
+def _from_noisy_library(record) -> bool:
+  return any(part in record.pathname for part in _NOISY_PATHS)
+
+
+class DropLibraryLogs(pylogging.Filter):
+  """Drops records up to `max_level` logged from inside noisy libraries."""
+
+  def __init__(self, max_level: int = pylogging.INFO):
+    super().__init__()
+    self.max_level = max_level
+
+  def filter(self, record):
+    return record.levelno > self.max_level or not _from_noisy_library(record)
+
+
+class ShortLibraryErrors(pylogging.Filter):
+  """Cuts library errors to their first line, without the traceback.
+
+  Orbax logs each failed background write several times with the full
+  traceback before our own `CheckpointError` says what failed and what is
+  kept; one line of each is enough.
+  """
+
+  def filter(self, record):
+    if record.levelno >= pylogging.ERROR and _from_noisy_library(record):
+      text = record.getMessage().strip().split('\n', 1)[0]
+      record.msg, record.args = text[:300], None
+      record.exc_info, record.exc_text, record.stack_info = None, None, None
+    return True
+
+
+def quiet_library_logs(max_level: int = pylogging.INFO) -> None:
+  """Drops library records up to `max_level`; library errors in one line.
+
+  Orbax (per save), TFDS (per eval pass) and clu (a copy of every metric,
+  also in metrics.jsonl and TensorBoard) log through absl like this package,
+  so the level cannot be lowered for them alone; a filter on the absl
+  handler drops their records by source file. Calling it again replaces
+  the level.
+  """
+  handler = logging.get_absl_handler()
+  for old in [f for f in handler.filters if isinstance(f, DropLibraryLogs)]:
+    handler.removeFilter(old)
+  handler.addFilter(DropLibraryLogs(max_level))
+  logger = pylogging.getLogger('absl')
+  if not any(isinstance(f, ShortLibraryErrors) for f in logger.filters):
+    logger.addFilter(ShortLibraryErrors())
+
+
+def set_up_output(verbose: bool) -> None:
+  """Quiet (default) or verbose logs on stderr; see the module docstring."""
+  if verbose:
+    logging.set_verbosity(logging.INFO)
+    return
+  # Also hides JAX's INFO "Unable to initialize backend" lines.
+  logging.set_verbosity(logging.WARNING)
+  quiet_library_logs(pylogging.WARNING)
+
+
+def one_line(error: BaseException) -> str:
+  """'ErrorType: message' of a user error."""
+  return f'{type(error).__name__}: {error}'
+
+
+@contextlib.contextmanager
+def user_errors_as_one_line():
+  """Ends the program with `one_line(e)` (exit 1) for a user error.
+
+  Only `errors.EXPECTED_ERRORS`: any other exception is a bug and
+  propagates with its traceback.
+  """
+  try:
+    yield
+  except errors.EXPECTED_ERRORS as e:
+    raise SystemExit(one_line(e)) from None

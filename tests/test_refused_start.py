@@ -1,0 +1,106 @@
+"""A start of `train` that is refused changes nothing on disk.
+
+Each refused start (another model, another schedule, a held workdir, an
+invalid config) is made on a finished run's workdir, whose every file is
+compared byte for byte before and after; the workdir then still resumes.
+"""
+
+import copy
+import os
+
+import pytest
+
+from mixer_jax.checkpointing import checkpoint_checks
+from mixer_jax.training import config_validation
+from mixer_jax.training import trainer
+from mixer_jax.training import workdir_lock
+from test_checkpoints import snapshot
+from test_train import small_config
+from test_workdir_lock import start_holder
+
+
+@pytest.fixture(scope='module')
+def finished_run(tmp_path_factory):
+  root = tmp_path_factory.mktemp('refused')
+  config = small_config(str(root / 'tfds'), num_train_steps=4,
+                        log_every_steps=4, eval_every_steps=4)
+  config.model.num_blocks, config.model.hidden_dim = 1, 16
+  workdir = root / 'run'
+  assert trainer.train_and_evaluate(config, str(workdir))['steps'] == 4
+  return config, workdir
+
+
+def _changed(config, **fields):
+  config = copy.deepcopy(config)
+  for name, value in fields.items():
+    target = config
+    *parents, leaf = name.split('.')
+    for parent in parents:
+      target = target[parent]
+    target[leaf] = value
+  return config
+
+
+@pytest.mark.parametrize('fields, error, match', [
+    ({'model.hidden_dim': 32}, checkpoint_checks.CheckpointError,
+     'hidden_dim'),
+    ({'batch_size': 32}, config_validation.ConfigError, 'batch_size 64 -> 32'),
+    ({'num_train_steps': 8}, config_validation.ConfigError,
+     'num_train_steps 4 -> 8'),
+    ({'learning_rate': -1.0}, config_validation.ConfigError, 'learning_rate'),
+])
+def test_a_refused_start_changes_nothing(finished_run, fields, error, match):
+  config, workdir = finished_run
+  before = snapshot(workdir)
+  with pytest.raises(error, match=match):
+    trainer.train_and_evaluate(_changed(config, **fields), str(workdir))
+  assert snapshot(workdir) == before
+
+
+def test_a_start_on_a_held_workdir_changes_nothing(finished_run):
+  config, workdir = finished_run
+  holder = start_holder(workdir)
+  try:
+    before = snapshot(workdir)  # With the holder's own lock file.
+    with pytest.raises(workdir_lock.WorkdirLockedError):
+      trainer.train_and_evaluate(config, str(workdir))
+    assert snapshot(workdir) == before
+  finally:
+    holder.kill()
+    holder.wait(30)
+
+
+def test_a_refused_start_in_a_new_directory_leaves_no_directory(tmp_path,
+                                                               finished_run):
+  config, workdir = finished_run
+  # A fresh workdir whose checkpoint directory cannot be made: refused after
+  # the lock was taken; the directories made for the lock go again.
+  workdir_file = tmp_path / 'new' / 'run'
+  workdir_file.parent.mkdir()
+  (workdir_file.parent / 'run').mkdir()
+  (workdir_file / 'checkpoints').write_text('a file, not a directory')
+  before = snapshot(tmp_path)
+  with pytest.raises(checkpoint_checks.CheckpointError, match='not writable'):
+    trainer.train_and_evaluate(config, str(workdir_file))
+  assert snapshot(tmp_path) == before
+  assert sorted(os.listdir(workdir_file)) == ['checkpoints']
+
+
+def test_allow_changed_schedule_resumes(finished_run, tmp_path):
+  config, workdir = finished_run
+  import shutil  # pylint: disable=g-import-not-at-top
+  copy_dir = tmp_path / 'copy'
+  shutil.copytree(workdir, copy_dir)
+  longer = _changed(config, num_train_steps=6, allow_changed_schedule=True)
+  summary = trainer.train_and_evaluate(longer, str(copy_dir))
+  assert summary['start_step'] == 4 and summary['steps'] == 6
+
+
+def test_a_workdir_that_is_a_file_is_named_as_such(finished_run, tmp_path):
+  config, _ = finished_run
+  path = tmp_path / 'notes.txt'
+  path.write_text('not a workdir')
+  with pytest.raises(checkpoint_checks.CheckpointError,
+                     match='is a file, not a directory'):
+    trainer.train_and_evaluate(config, str(path))
+  assert path.read_text() == 'not a workdir'
