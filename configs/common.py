@@ -126,6 +126,12 @@ def get_config():
   config.grad_clip_norm = 1.0  # Global-norm clipping; 0 disables.
   config.loss = 'sigmoid'  # 'softmax' or 'sigmoid' cross-entropy.
   config.label_smoothing = 0.0
+  # Exponential moving average of the parameters, updated inside the train
+  # step (ema <- d * ema + (1 - d) * params, starting from the initial
+  # parameters), saved with the checkpoint and evaluated beside the model as
+  # `ema/eval_*`; `--weights=ema` in predict, evaluate and export uses it.
+  # 0 turns it off (no copy of the parameters is kept). timm's usual: 0.9998.
+  config.ema_decay = 0.0
 
   # ------------------------------------------------- Logging and saving.
   config.log_every_steps = 100

@@ -83,7 +83,7 @@ def resolve_checkpoint(path: str, step: Optional[int] = None):
 
 
 def load_params(config, checkpoint: str, num_classes: int, mesh,
-                step: Optional[int] = None):
+                step: Optional[int] = None, weights: str = 'params'):
   """Loads the model and replicated parameters to evaluate.
 
   Args:
@@ -92,6 +92,7 @@ def load_params(config, checkpoint: str, num_classes: int, mesh,
     num_classes: classes of the eval data; the checkpoint's head must match.
     mesh: the device mesh; parameters are replicated over it.
     step: Orbax step to read (default: the newest).
+    weights: a workdir's 'params' or 'ema' (see `any_checkpoint.WEIGHTS`).
 
   Returns:
     (model, params, description): description names what was loaded.
@@ -106,8 +107,14 @@ def load_params(config, checkpoint: str, num_classes: int, mesh,
     # A run fine-tuned at a higher resolution derived its token-mixing width.
     config = config_validation.resolve_init_from(config, resuming=True)
     model, params, extra = any_checkpoint.restore_params(
-        location, config, num_classes, step, sharding.replicated(mesh))
-    return model, params, f'{location} step {extra["step"]}'
+        location, config, num_classes, step, sharding.replicated(mesh),
+        weights)
+    return model, params, f'{location} step {extra["step"]}' + (
+        ' (EMA weights)' if weights == 'ema' else '')
+  if weights != 'params':
+    raise errors.UsageError(f'--weights={weights} applies to training '
+                            f'workdirs; {checkpoint} holds one set of '
+                            'weights.')
   from mixer_jax.weights import pretrained  # pylint: disable=g-import-not-at-top
   # Any weight file or name (registry, hf-hub:, .npz, .safetensors), run with
   # the GELU form its weights were trained with (see mixer_jax.weights.hub).
@@ -122,6 +129,7 @@ def load_params(config, checkpoint: str, num_classes: int, mesh,
 
 
 def evaluate(config, checkpoint: str, *, step: Optional[int] = None,
+             weights: str = 'params',
              progress_every_s: float = 10.0) -> Dict[str, Any]:
   """Evaluates `checkpoint` on `config.eval_split` over all devices.
 
@@ -130,6 +138,7 @@ def evaluate(config, checkpoint: str, *, step: Optional[int] = None,
     checkpoint: workdir, Orbax directory or step directory, .npz path or
       registry name (see the module docstring).
     step: Orbax step to evaluate (default: the newest).
+    weights: a workdir's 'params' or 'ema' (its EMA of the weights).
     progress_every_s: seconds between progress lines.
 
   Returns:
@@ -142,7 +151,7 @@ def evaluate(config, checkpoint: str, *, step: Optional[int] = None,
   info = input_pipeline.dataset_info(config)
   num_classes = info.num_classes
   model, params, loaded = load_params(config, checkpoint, num_classes, mesh,
-                                      step)
+                                      step, weights)
   # The run's own eval step, parameters placed as in training.
   functions = compiled.build(config, model, mesh)
   params = jax.device_put(params, functions.params_sharding)
@@ -179,7 +188,8 @@ def main(argv):
     config = FLAGS.config
     if config is None:  # A workdir's run_info.json holds the run's config.
       config = _config_of_workdir(FLAGS.checkpoint)
-    result = evaluate(config, FLAGS.checkpoint, step=FLAGS.step)
+    result = evaluate(config, FLAGS.checkpoint, step=FLAGS.step,
+                      weights=FLAGS.weights)
   text = (f'{result["checkpoint"]} on {result["eval_split"]}: '
           f'top-1 {result["top1"]:.4f}, top-5 {result["top5"]:.4f}, '
           f'loss {result["loss"]:.4f} ({result["examples"]} examples, '
@@ -220,6 +230,9 @@ def _define_flags():
                        'newest); the fallback when the newest is damaged.')
   flags.DEFINE_string('output', None, 'Also write the results to this JSON '
                       'file.')
+  flags.DEFINE_enum('weights', 'params', list(any_checkpoint.WEIGHTS),
+                    "A workdir's trained weights, or their EMA (runs with "
+                    'config.ema_decay > 0).')
   sharding.define_multihost_flags()
   command_line.define_verbose_flag()
   flags.mark_flags_as_required(['checkpoint'])

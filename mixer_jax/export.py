@@ -6,8 +6,9 @@
       --checkpoint=hf-hub:timm/mixer_b16_224.goog_in21k_ft_in1k \
       --out=/tmp/b16_savedmodel --format=savedmodel
 
-`--checkpoint` is anything `mixer_jax.weights.any_checkpoint.load` accepts. Two
-formats, both with a symbolic (any) batch size:
+`--checkpoint` is anything `mixer_jax.weights.any_checkpoint.load` accepts
+(`--weights=ema`: a workdir's moving average of the weights). Four formats,
+each with a symbolic (any) batch size:
 
 - `stablehlo`: `DIR/model.jax_export`, a `jax.export` serialized function
   with the parameters embedded. Reload it in any JAX program without
@@ -28,8 +29,15 @@ formats, both with a symbolic (any) batch size:
   * `serving_float(images)`: float32 (N, H, W, 3) already scaled to [-1, 1].
   Both return `{'logits': float32 (N, classes)}`.
 
-Next to the artifact, `serving_info.json` records the input size, the
-expected input range, the eval preprocessing and the class names.
+- `onnx`: `DIR/model.onnx` (`mixer_jax.weights.onnx_format`): input
+  `images` float32 (N, H, W, 3) in [-1, 1], output `logits`.
+- `hub`: a Hugging Face Hub folder that timm and mixer_jax both load
+  (`mixer_jax.weights.hub_publish`): timm's safetensors and config.json,
+  the official .npz and a model card; `--push_to=OWNER/NAME` uploads it.
+
+Next to the stablehlo, savedmodel and onnx artifacts, `serving_info.json`
+records the input size, the expected input range, the eval preprocessing
+and the class names.
 """
 
 # First, before TensorFlow loads: it quiets TensorFlow's C++ start-up lines.
@@ -51,7 +59,8 @@ from mixer_jax.weights import any_checkpoint
 
 STABLEHLO_FILE = 'model.jax_export'
 INFO_FILE = 'serving_info.json'
-FORMATS = ('stablehlo', 'savedmodel')
+FORMATS = ('stablehlo', 'savedmodel', 'onnx', 'hub')
+ONNX_FILE = 'model.onnx'
 
 
 def _forward(loaded: any_checkpoint.Loaded):
@@ -133,19 +142,82 @@ def export_savedmodel(loaded: any_checkpoint.Loaded, out: str, *,
   return out
 
 
+def export_onnx(loaded: any_checkpoint.Loaded, out: str) -> str:
+  """Writes `out/model.onnx` (see `weights.onnx_format`)."""
+  from mixer_jax.weights import onnx_format  # pylint: disable=g-import-not-at-top
+  os.makedirs(out, exist_ok=True)
+  return onnx_format.save_onnx(loaded.model, _host_params(loaded),
+                               loaded.image_size,
+                               os.path.join(out, ONNX_FILE))
+
+
+def _training_text(loaded: any_checkpoint.Loaded,
+                   weights: str) -> Optional[str]:
+  """The model card's training paragraph, from a workdir's config."""
+  config = loaded.config
+  if config is None:
+    return None
+  return (f'Trained with mixer_jax on `{config.dataset}` split '
+          f'`{config.train_split}` at {config.image_size}x{config.image_size}'
+          f' for {loaded.step} steps of batch {config.batch_size} '
+          f'({config.optimizer}, learning rate {config.learning_rate:g}, '
+          f'{config.lr_schedule} schedule, weight decay '
+          f'{config.weight_decay:g}'
+          + (f', initialised from `{config.init_from}`' if config.init_from
+             else '') + ('; these are the EMA weights (decay '
+                         f'{config.ema_decay:g})' if weights == 'ema'
+                         else '') + ').')
+
+
+def export_hub(loaded: any_checkpoint.Loaded, out: str, *,
+               workdir: Optional[str] = None, weights: str = 'params',
+               push_to: Optional[str] = None) -> str:
+  """Writes the Hub folder (and uploads it with `push_to`).
+
+  With the training `workdir`, the card lists the run's evaluations of the
+  trained weights up to the exported step, each with its split.
+  """
+  from mixer_jax.training import reporting  # pylint: disable=g-import-not-at-top
+  from mixer_jax.weights import hub_publish  # pylint: disable=g-import-not-at-top
+  evaluations = []
+  if workdir is not None and weights == 'params':
+    # The run's own records: each value with the split it was measured on.
+    records = [r for r in reporting.read_metrics(workdir)
+               if r.get('step') is None or r['step'] <= loaded.step]
+    evaluations = hub_publish.evaluations_from_records(records, loaded.config)
+  hub_publish.write_folder(loaded, out, repo_id=push_to or 'OWNER/NAME',
+                           evaluations=evaluations,
+                           training=_training_text(loaded, weights))
+  if push_to:
+    print(f'Uploaded to {hub_publish.push_folder(out, push_to)}')
+  return out
+
+
 def export(checkpoint, out: str, fmt: str, *, step: Optional[int] = None,
-           preprocess: bool = True) -> str:
+           preprocess: bool = True, weights: str = 'params',
+           push_to: Optional[str] = None) -> str:
   """Loads `checkpoint` and writes it to `out` in format `fmt`.
 
   Returns:
-    The path of the artifact (the SavedModel directory or the
-    `.jax_export` file); `out/serving_info.json` is written beside it.
+    The path of the artifact (the SavedModel directory, the `.jax_export`
+    or `.onnx` file, or the Hub folder); for all but the Hub folder
+    `out/serving_info.json` is written beside it.
   """
   if fmt not in FORMATS:
-    raise ValueError(f'format {fmt!r}: use one of {FORMATS}.')
-  loaded = any_checkpoint.load(checkpoint, step=step)
+    raise errors.UsageError(f'format {fmt!r}: use one of {FORMATS}.')
+  if push_to and fmt != 'hub':
+    raise errors.UsageError('--push_to uploads a Hub folder: use it with '
+                            '--format=hub.')
+  loaded = any_checkpoint.load(checkpoint, step=step, weights=weights)
+  if fmt == 'hub':
+    workdir = (any_checkpoint.locate_workdir(checkpoint, step)[0]
+               if loaded.kind == 'workdir' else None)
+    return export_hub(loaded, out, workdir=workdir, weights=weights,
+                      push_to=push_to)
   if fmt == 'stablehlo':
     path = export_stablehlo(loaded, out)
+  elif fmt == 'onnx':
+    path = export_onnx(loaded, out)
   else:
     path = export_savedmodel(loaded, out, preprocess=preprocess)
   with open(os.path.join(out, INFO_FILE), 'w', encoding='utf-8') as f:
@@ -165,7 +237,13 @@ def _define_flags():
   flags.DEFINE_string('out', None, 'Output directory.', required=True)
   flags.DEFINE_enum('format', 'savedmodel', list(FORMATS),
                     'stablehlo: jax.export artifact; savedmodel: TF '
-                    'SavedModel.')
+                    'SavedModel; onnx: model.onnx; hub: a Hugging Face Hub '
+                    'folder for timm and mixer_jax.')
+  flags.DEFINE_enum('weights', 'params', list(any_checkpoint.WEIGHTS),
+                    "A workdir's trained weights, or their EMA (runs with "
+                    'config.ema_decay > 0).')
+  flags.DEFINE_string('push_to', None, 'With --format=hub: upload the folder '
+                      'to this Hub model repository (OWNER/NAME).')
   flags.DEFINE_bool('preprocess', True, 'savedmodel: run the eval '
                     'preprocessing inside serving_default (uint8 images of '
                     'any size).')
@@ -176,7 +254,7 @@ def main(argv):
   command_line.set_up_output(FLAGS.verbose)
   # TensorFlow writes SavedModels and reads weight files (tf.io.gfile); a
   # StableHLO export of a workdir needs none.
-  if FLAGS.format == 'savedmodel' or not any_checkpoint.is_directory(
+  if FLAGS.format in ('savedmodel', 'hub') or not any_checkpoint.is_directory(
       FLAGS.checkpoint):
     command_line.load_tensorflow_quietly()
   if len(argv) > 1:
@@ -184,7 +262,8 @@ def main(argv):
         f'Unexpected arguments: {argv[1:]}.')))
   try:
     path = export(FLAGS.checkpoint, FLAGS.out, FLAGS.format, step=FLAGS.step,
-                  preprocess=FLAGS.preprocess)
+                  preprocess=FLAGS.preprocess, weights=FLAGS.weights,
+                  push_to=FLAGS.push_to)
   except errors.EXPECTED_ERRORS as e:
     # Only the project's user errors: anything else is a bug (traceback).
     raise SystemExit(f'Cannot export --checkpoint={FLAGS.checkpoint}: '

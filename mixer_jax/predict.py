@@ -183,6 +183,9 @@ def _define_flags():
       'checkpoint', None, 'Training workdir, registry name (e.g. '
       'imagenet1k/Mixer-B_16), hf-hub:OWNER/NAME[@REVISION], official .npz '
       'or timm .safetensors.', required=True)
+  flags.DEFINE_enum('weights', 'params', ['params', 'ema'],
+                    "A workdir's trained weights, or their EMA (runs with "
+                    'config.ema_decay > 0).')
   flags.DEFINE_integer('step', None, 'Orbax step of a workdir (default: the '
                        'newest).')
   flags.DEFINE_integer(
@@ -214,7 +217,8 @@ def main(argv):
   from mixer_jax.weights import any_checkpoint  # pylint: disable=g-import-not-at-top
   try:
     loaded = any_checkpoint.load(FLAGS.checkpoint, step=FLAGS.step,
-                                 image_size=FLAGS.image_size or None)
+                                 image_size=FLAGS.image_size or None,
+                                 weights=FLAGS.weights)
     model, params = loaded.model, loaded.params
     if not model.num_classes:
       raise errors.UsageError(

@@ -88,13 +88,19 @@ def test_first_loss_is_log_num_classes(base_run):
 
 
 def test_eight_devices_match_one_device(digits):
-  # Same global batch, stochastic depth on: only the placement differs.
-  config = tiny_config(grad_accum_steps=2)
+  # Same global batch, stochastic depth and the weights' EMA on: only the
+  # placement differs.
+  config = tiny_config(grad_accum_steps=2, ema_decay=0.5)
   config.model.stochastic_depth = 0.3
   data = batches(digits, 32, 3)
   state8, m8, _ = run_steps(config, data)
   state1, m1, _ = run_steps(config, data, jax.devices()[:1])
   assert_trees_close(state8.params, state1.params)
+  assert_trees_close(state8.ema_params, state1.ema_params)
+  # The EMA is placed as the parameters are, leaf by leaf.
+  for ema, param in zip(jax.tree.leaves(state8.ema_params),
+                        jax.tree.leaves(state8.params)):
+    assert ema.sharding == param.sharding
   np.testing.assert_allclose([m['loss'] for m in m8],
                              [m['loss'] for m in m1], rtol=1e-5)
   assert not np.allclose(jax.device_get(state8.params['head']['kernel']), 0)

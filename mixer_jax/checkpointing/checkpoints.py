@@ -31,6 +31,7 @@ What it guarantees (each point has a test in tests/test_checkpoints.py):
   `metrics.damaged` (so that step no longer counts as the best) and says so.
 """
 
+import functools
 import json
 import math
 import os
@@ -365,7 +366,8 @@ class Checkpointer:
                          extra.get('leaf_checksums'), where, hint)
     return state, extra
 
-  def restore_params(self, params, step: Optional[int] = None):
+  def restore_params(self, params, step: Optional[int] = None, *,
+                     field: str = 'params'):
     """Restores only `state.params` of a saved TrainState (for evaluation).
 
     Reads neither the optimizer state nor anything else, with the same checks
@@ -374,18 +376,21 @@ class Checkpointer:
     Args:
       params: target parameter tree (arrays or sharded ShapeDtypeStructs).
       step: the step to read (default: the latest).
+      field: the TrainState field to read: 'params', or 'ema_params' (their
+        moving average, in runs with config.ema_decay > 0).
 
     Returns:
       (params, extra).
     """
-    return self._newest_if_gone(self._restore_params, params, step)
+    return self._newest_if_gone(
+        functools.partial(self._restore_params, field=field), params, step)
 
-  def _restore_params(self, params, step):
+  def _restore_params(self, params, step, field='params'):
     step, where, hint, extra, stored = self._open(step)
-    stored = {k: v for k, v in stored.items() if k.startswith('params/')}
-    wanted = {f'params/{k}': v for k, v in checks.flat(params).items()}
+    stored = {k: v for k, v in stored.items() if k.startswith(f'{field}/')}
+    wanted = {f'{field}/{k}': v for k, v in checks.flat(params).items()}
     checks.check_tree(stored, wanted, where, self._unchanged)
-    item = {'params': jax.tree.map(_abstract, params)}
+    item = {field: jax.tree.map(_abstract, params)}
     try:
       with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as reader:
         restored = reader.restore(
@@ -396,7 +401,7 @@ class Checkpointer:
       raise self._vanished(where) or checks.read_error(where, e, hint) from e
     checks.check_digests(checks.state_digests(restored),
                          extra.get('leaf_checksums'), where, hint)
-    return restored['params'], extra
+    return restored[field], extra
 
   def _open(self, step):
     """Resolves `step`, reads its JSON and array metadata and fingerprint."""

@@ -159,12 +159,16 @@ def build(config, model, mesh, *,
   abstract_state = init_fn = train_step = traces = None
   if tx is not None:
     init = functools.partial(train_steps.create_train_state, model, tx,
-                             image_size=config.image_size)
+                             image_size=config.image_size,
+                             ema=config.ema_decay > 0)
     state_shapes = jax.eval_shape(init, jax.random.PRNGKey(0))
     state_sharding = sharding.state_shardings(state_shapes, mesh,
                                               config.sharding, **min_size)
-    # The params inside the state are placed as the params alone.
-    state_sharding = state_sharding.replace(params=params_sharding)
+    # The params inside the state (and their EMA) are placed as the params
+    # alone.
+    state_sharding = state_sharding.replace(
+        params=params_sharding,
+        ema_params=params_sharding if config.ema_decay > 0 else None)
     abstract_state = _with_shardings(state_shapes, state_sharding)
     init_fn = jax.jit(init, out_shardings=state_sharding)
     traces = TraceCount(functools.partial(
@@ -172,7 +176,8 @@ def build(config, model, mesh, *,
         label_smoothing=config.label_smoothing,
         grad_accum_steps=config.grad_accum_steps,
         mixup_alpha=config.pp.mixup_alpha, mixup_prob=config.pp.mixup_prob,
-        learning_rate_fn=optim.learning_rate_fn(config, num_train_steps)))
+        learning_rate_fn=optim.learning_rate_fn(config, num_train_steps),
+        ema_decay=config.ema_decay))
     train_step = jax.jit(traces, in_shardings=(state_sharding, data),
                          out_shardings=(state_sharding, replicated),
                          donate_argnums=(0,))

@@ -282,6 +282,7 @@ def _check_training(c: _Checker, num_devices, num_processes) -> None:
   c.number('grad_clip_norm', low=0.0)
   c.enum('loss', LOSSES)
   c.number('label_smoothing', low=0.0, high=1.0, high_open=True)
+  c.number('ema_decay', low=0.0, high=1.0, high_open=True)
 
 
 def _check_mixup_pairs(c: _Checker, batch, accum, num_devices) -> None:

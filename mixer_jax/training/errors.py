@@ -9,6 +9,7 @@ and a non-zero exit. Importing this module loads no TensorFlow.
 from mixer_jax.checkpointing import checkpoint_checks
 from mixer_jax.data import errors as data_errors
 from mixer_jax.training import config_validation
+from mixer_jax.weights import hub_publish
 from mixer_jax.weights import official_format
 from mixer_jax.weights import registry
 
@@ -25,4 +26,4 @@ EXPECTED_ERRORS = (config_validation.ConfigError, checkpoint_checks.CheckpointEr
                    NonFiniteLossError, UsageError,
                    data_errors.DatasetUnavailableError,
                    data_errors.BadImagesError, official_format.PretrainedError,
-                   registry.CheckpointNotFoundError)
+                   registry.CheckpointNotFoundError, hub_publish.PublishError)

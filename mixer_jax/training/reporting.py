@@ -218,15 +218,22 @@ class Progress:
       self._paused += time.perf_counter() - self._pause_start
       self._pause_start = None
 
-  def measure(self, step: int) -> dict:
-    """Returns steps/s and images/s since the previous call."""
+  def measure(self, step: int, input_wait: Optional[float] = None) -> dict:
+    """Returns steps/s and images/s since the previous call.
+
+    With `input_wait` (seconds the loop waited for input batches in that
+    time), also `input_wait_share`: its share of the training time.
+    """
     now = time.perf_counter()
     elapsed = max(now - self._last_time - self._paused, 1e-9)
     steps = step - self._last_step
     self._last_step, self._last_time, self._paused = step, now, 0.0
     steps_per_sec = steps / elapsed
-    return {'steps_per_sec': steps_per_sec,
-            'images_per_sec': steps_per_sec * self.batch_size}
+    speed = {'steps_per_sec': steps_per_sec,
+             'images_per_sec': steps_per_sec * self.batch_size}
+    if input_wait is not None:
+      speed['input_wait_share'] = min(input_wait / elapsed, 1.0)
+    return speed
 
   def line(self, step: int, speed: Mapping[str, float],
            metrics: Mapping[str, float]) -> str:
@@ -237,8 +244,15 @@ class Progress:
              f'({100.0 * step / self.num_train_steps:.1f}%)']
     parts += [f'{k} {v:.4g}' for k, v in metrics.items()]
     parts += [f'{speed["steps_per_sec"]:.2f} steps/s',
-              f'{speed["images_per_sec"]:.0f} img/s',
-              f'ETA {_format_duration(eta)}']
+              f'{speed["images_per_sec"]:.0f} img/s']
+    if 'tflops_per_device' in speed:
+      parts.append(f'{speed["tflops_per_device"]:.3g} TFLOP/s/device')
+    # Model FLOP utilisation: only where the device's peak is known.
+    parts.append(f'MFU {100 * speed["mfu"]:.1f}%' if 'mfu' in speed
+                 else 'MFU n/a')
+    if 'input_wait_share' in speed:
+      parts.append(f'input wait {100 * speed["input_wait_share"]:.0f}%')
+    parts.append(f'ETA {_format_duration(eta)}')
     return ' | '.join(parts)
 
 

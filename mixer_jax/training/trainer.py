@@ -36,6 +36,7 @@ from mixer_jax.training import optim
 from mixer_jax.training import reporting
 from mixer_jax.training import resume_checks
 from mixer_jax.training import sharding
+from mixer_jax.training import throughput
 from mixer_jax.training import train_steps
 from mixer_jax.training import workdir_lock
 from mixer_jax.weights import any_checkpoint
@@ -285,11 +286,14 @@ MAIN_EVAL = ''  # The eval of config.eval_split, among config.evals' names.
 
 
 def _run_evaluations(names, *, step, params, config, run, evaluations,
-                     writer, best, last_eval):
+                     writer, best, last_eval, ema_params=None):
   """Runs the main eval (MAIN_EVAL) and the config.evals entries `names`.
 
   Each one's metrics are written as it finishes. A stop request (see
-  `evals.Evaluations.stop_requested`) abandons the rest.
+  `evals.Evaluations.stop_requested`) abandons the rest. With `ema_params`
+  (config.ema_decay > 0) the main eval also scores the EMA weights, as
+  `ema/eval_accuracy` and `ema/eval_loss`; best and keep_best follow the
+  trained weights.
 
   Returns:
     (names not run, best eval accuracy, last main eval, whether the main
@@ -315,6 +319,19 @@ def _run_evaluations(names, *, step, params, config, run, evaluations,
       reporting.log_and_print(
           f'step {step}: eval accuracy {last_eval["eval_accuracy"]:.4f}, '
           f'loss {last_eval["eval_loss"]:.4f} (best {best:.4f})')
+      if ema_params is not None:
+        ema = evals.evaluate_dataset(
+            run.steps.eval_step, ema_params,
+            input_pipeline.eval_dataset(config).as_numpy_iterator(),
+            run.mesh, prefetch=config.prefetch_batches,
+            stop_requested=stop_requested)
+        if ema is None:
+          return names[i + 1:], best, last_eval, improved
+        writer.write_scalars(step, {'ema/eval_accuracy': ema['accuracy'],
+                                    'ema/eval_loss': ema['loss']})
+        reporting.log_and_print(
+            f'step {step}: EMA eval accuracy {ema["accuracy"]:.4f}, '
+            f'loss {ema["loss"]:.4f}')
       continue
     more = evaluations.run_one(name, params)  # `<name>/accuracy` etc.
     if more is None:
@@ -346,12 +363,15 @@ def _train_loop(*, config, workdir, run: _Run, state, extra, checkpointer,
     writer.write_hparams({k: v for k, v in config.to_dict().items()
                           if not isinstance(v, dict)})
   train_batches = input_pipeline.train_dataset(config, start_step=step)
-  batches = sharding.prefetch(train_batches.as_numpy_iterator(), mesh,
-                              config.prefetch_batches)
+  # Time spent waiting on tf.data for the next host batch: the input share.
+  input_timer = throughput.InputTimer(train_batches.as_numpy_iterator())
+  batches = sharding.prefetch(input_timer, mesh, config.prefetch_batches)
+  flops_per_image = throughput.train_flops_per_image(run.steps.model,
+                                                     config.image_size)
   # Not clu's ReportProgress: its steps/s counts eval, checkpoint and compile
   # time, while steps/s and ETA here are of training alone (pause/resume).
   progress = reporting.Progress(step, num_train_steps, config.batch_size)
-  history, pending = [], []
+  history, pending, speeds = [], [], []
   preempted = checkpointer.reached_preemption(step)  # Installs the handlers.
   if extra.get('pending_evals') and not preempted:
     # The evaluations of the saved step that a stop request interrupted.
@@ -360,7 +380,7 @@ def _train_loop(*, config, workdir, run: _Run, state, extra, checkpointer,
     left, best, last_eval, _ = _run_evaluations(
         extra['pending_evals'], step=step, params=state.params,
         config=config, run=run, evaluations=evaluations, writer=writer,
-        best=best, last_eval=last_eval)
+        best=best, last_eval=last_eval, ema_params=state.ema_params)
     preempted = bool(left)
   # Not clu's Profile: its first call never starts a trace (so a run resumed
   # at profile_start_step would not profile), it keeps tracing at least 3 s
@@ -378,6 +398,7 @@ def _train_loop(*, config, workdir, run: _Run, state, extra, checkpointer,
       jax.block_until_ready(metrics)
       reporting.log_and_print(f'First step (with compilation) took '
                               f'{progress.restart(step):.1f} s.')
+      input_timer.take_wait()
     if profiling and step >= config.profile_start_step + config.profile_steps:
       jax.block_until_ready(state)
       jax.profiler.stop_trace()
@@ -397,7 +418,12 @@ def _train_loop(*, config, workdir, run: _Run, state, extra, checkpointer,
                   last_saved=last_saved)
     history += fetched
     if step % config.log_every_steps == 0 or last:
-      speed = progress.measure(step)
+      speed = progress.measure(step, input_wait=input_timer.take_wait())
+      speed.update(throughput.speed_metrics(
+          speed['images_per_sec'], flops_per_image=flops_per_image,
+          num_devices=mesh.size, device_kind=mesh.devices.flat[0].device_kind,
+          dtype=config.model.dtype))
+      speeds.append(speed)
       train_metrics = _mean_metrics(history)
       history = []
       writer.write_scalars(step, {**train_metrics, **speed})
@@ -410,7 +436,7 @@ def _train_loop(*, config, workdir, run: _Run, state, extra, checkpointer,
       left, best, last_eval, improved = _run_evaluations(
           names, step=step, params=state.params, config=config, run=run,
           evaluations=evaluations, writer=writer, best=best,
-          last_eval=last_eval)
+          last_eval=last_eval, ema_params=state.ema_params)
     if left:  # Stopped during the evaluations: save now, evaluate later.
       preempted = do_save = True
     elif do_eval:
@@ -439,6 +465,10 @@ def _train_loop(*, config, workdir, run: _Run, state, extra, checkpointer,
       'metrics_file': os.path.join(workdir, reporting.METRICS_FILE),
       # 1 unless something made the step recompile (shapes, dtypes, ...).
       'train_step_compilations': run.steps.train_traces.count,
+      # Means over the logged intervals (compilation, evals and saves out).
+      **{key: float(np.mean([s[key] for s in speeds]))
+         for key in ('images_per_sec', 'tflops_per_device', 'mfu',
+                     'input_wait_share') if speeds and key in speeds[0]},
   }
   if preempted:
     logging.warning('Stopped at step %d on request (%s); restart the same '

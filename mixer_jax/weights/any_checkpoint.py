@@ -33,6 +33,8 @@ from mixer_jax.weights import pretrained
 from mixer_jax.weights import registry
 
 RUN_INFO_FILE = 'run_info.json'
+# Which weights of a training workdir: trained, or their EMA.
+WEIGHTS = ('params', 'ema')
 CHECKPOINT_DIR = 'checkpoints'  # Subdirectory of a training workdir.
 _RUN_INFO_VERSION = 1
 # The official ImageNet evaluation: short side to 256, central 224 crop.
@@ -225,7 +227,7 @@ def is_directory(spec) -> bool:
 
 
 def restore_params(directory, config, num_classes: int,
-                   step: Optional[int], sharding):
+                   step: Optional[int], sharding, weights: str = 'params'):
   """(model, params, extra) of an Orbax step of `directory`, read-only.
 
   Args:
@@ -234,7 +236,15 @@ def restore_params(directory, config, num_classes: int,
     num_classes: the run's head size.
     step: the step; None for the newest.
     sharding: where every parameter is placed.
+    weights: 'params' (the trained weights) or 'ema' (their moving average,
+      kept by runs with config.ema_decay > 0).
   """
+  if weights not in WEIGHTS:
+    raise ValueError(f'weights={weights!r}: use one of {WEIGHTS}.')
+  if weights == 'ema' and not config.get('ema_decay'):
+    raise checkpoint_checks.CheckpointError(
+        f'{directory} was trained without an EMA of the weights '
+        '(config.ema_decay=0): use the trained weights (--weights=params).')
   import jax  # pylint: disable=g-import-not-at-top
   from mixer_jax.checkpointing import checkpoints  # pylint: disable=g-import-not-at-top
   from mixer_jax.training import train_steps  # pylint: disable=g-import-not-at-top
@@ -247,13 +257,15 @@ def restore_params(directory, config, num_classes: int,
       directory, keep=1, keep_best=False, async_save=False, read_only=True,
       fingerprint=checkpoint_checks.model_fingerprint(config, num_classes))
   try:
-    params, extra = reader.restore_params(target, step=step)
+    params, extra = reader.restore_params(
+        target, step=step,
+        field='ema_params' if weights == 'ema' else 'params')
   finally:
     reader.close()
   return model, params, extra
 
 
-def _load_workdir(spec, step, image_size, model_options):
+def _load_workdir(spec, step, image_size, model_options, weights):
   """Restores the parameters of a workdir's Orbax step (read-only)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -268,7 +280,7 @@ def _load_workdir(spec, step, image_size, model_options):
         'export_official and use load_pretrained for a resolution change).')
   model, params, extra = restore_params(
       directory, config, num_classes, step,
-      jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+      jax.sharding.SingleDeviceSharding(jax.local_devices()[0]), weights)
   options = {k: v for k, v in model_options.items()
              if k in ('dtype', 'gelu_approximate')}
   if options:
@@ -278,7 +290,9 @@ def _load_workdir(spec, step, image_size, model_options):
   step = int(extra['step'])
   return Loaded(
       model=model, params=params, kind='workdir',
-      source=f'{workdir} step {step}', image_size=int(config.image_size),
+      source=f'{workdir} step {step}' + (' (EMA weights)'
+                                          if weights == 'ema' else ''),
+      image_size=int(config.image_size),
       eval_crop=config.pp.eval_crop, eval_resize=int(config.pp.eval_resize),
       class_names=info.get('class_names'), dataset=config.dataset, step=step,
       config=config)
@@ -286,7 +300,7 @@ def _load_workdir(spec, step, image_size, model_options):
 
 def load(spec, *, step: Optional[int] = None,
          image_size: Optional[int] = None, num_classes: Optional[int] = None,
-         **model_options) -> Loaded:
+         weights: str = 'params', **model_options) -> Loaded:
   """Loads any kind of checkpoint (see the module docstring).
 
   Args:
@@ -298,6 +312,8 @@ def load(spec, *, step: Optional[int] = None,
       an integer multiple expands the token mixing (paper, Appendix C).
     num_classes: weight files only: None keeps the head, another count
       gives a fresh zero head, 0 drops it (see `load_pretrained`).
+    weights: a workdir's 'params' (trained) or 'ema' (their moving average,
+      config.ema_decay > 0); weight files have only 'params'.
     **model_options: e.g. dtype, gelu_approximate (see `load_pretrained`).
 
   Returns:
@@ -308,7 +324,12 @@ def load(spec, *, step: Optional[int] = None,
       raise checkpoint_checks.CheckpointError(
           'num_classes applies to weight files; use Loaded.features() for a '
           'workdir without its head.')
-    return _load_workdir(os.fspath(spec), step, image_size, model_options)
+    return _load_workdir(os.fspath(spec), step, image_size, model_options,
+                         weights)
+  if weights != 'params':
+    raise checkpoint_checks.CheckpointError(
+        f'weights={weights!r} applies to training workdirs only; {spec} '
+        'holds one set of weights.')
   if step is not None:
     raise checkpoint_checks.CheckpointError(
         f'step={step} applies to training workdirs only; {spec} is a weight '

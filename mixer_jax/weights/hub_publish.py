@@ -59,6 +59,10 @@ MEAN = STD = (0.5, 0.5, 0.5)
 OUR_FIELD = 'mixer_jax'  # Our part of config.json (timm ignores it).
 
 
+class PublishError(RuntimeError):
+  """The folder cannot be written or uploaded (no head, no token, no network)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Evaluation:
   """One measured result for the model card.
@@ -275,8 +279,8 @@ def write_folder(loaded, out: str, *, repo_id: str = 'OWNER/NAME',
     {role: path} of the files written.
   """
   if not loaded.num_classes:
-    raise ValueError(f'{loaded.source} has no classification head; a Hub '
-                     'model for timm needs one.')
+    raise PublishError(f'{loaded.source} has no classification head; a Hub '
+                       'model for timm needs one.')
   params = jax.device_get(official_format.unwrap(loaded.params))
   params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
   architecture, model_args = timm_architecture(loaded.model,
@@ -301,10 +305,6 @@ def write_folder(loaded, out: str, *, repo_id: str = 'OWNER/NAME',
                        training=training,
                        npz_name=os.path.basename(paths['npz'])))
   return paths
-
-
-class PublishError(RuntimeError):
-  """The folder could not be uploaded (no token, no network, refused)."""
 
 
 def push_folder(folder: str, repo_id: str, *, private: bool = False) -> str:
