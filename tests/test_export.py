@@ -107,3 +107,54 @@ def test_savedmodel_float_and_uint8(checkpoint, tmp_path):
     assert got.shape == (len(x), 6)
     np.testing.assert_allclose(got, _flax_logits(checkpoint, pre), rtol=1e-4,
                                atol=1e-4)
+
+
+RELOAD_ONNX = '''
+import sys, numpy as np, onnxruntime
+session = onnxruntime.InferenceSession(sys.argv[1],
+                                       providers=['CPUExecutionProvider'])
+for name in sys.argv[2:]:
+  np.save(name + '.out.npy', session.run(['logits'], {'images': np.load(name)})[0])
+'''
+
+
+def test_onnx_any_batch_size(checkpoint, tmp_path):
+  pytest.importorskip('onnxruntime')
+  out = tmp_path / 'onnx'
+  info = _export(checkpoint, out, 'onnx')
+  assert info['format'] == 'onnx' and info['num_classes'] == 6
+  inputs = [ref.images(4, 1, 16), ref.images(5, 3, 16)]
+  outputs = _reload(RELOAD_ONNX, out / 'model.onnx', inputs, tmp_path)
+  for x, got in zip(inputs, outputs):
+    assert got.shape == (len(x), 6)
+    np.testing.assert_allclose(got, _flax_logits(checkpoint, x), rtol=1e-4,
+                               atol=1e-4)
+
+
+def test_hub_folder_from_the_command_line(checkpoint, tmp_path):
+  out = tmp_path / 'hub'
+  proc = subprocess.run(
+      [sys.executable, '-m', 'mixer_jax.export', f'--checkpoint={checkpoint}',
+       f'--out={out}', '--format=hub'],
+      cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr
+  assert sorted(os.listdir(out)) == [
+      'Mixer-custom_P4_N1_C32_DS16_DC64.npz', 'README.md', 'config.json',
+      'model.safetensors']
+  config = json.loads((out / 'config.json').read_text())
+  assert config['num_classes'] == 6
+  assert config['mixer_jax']['gelu_approximate'] is True
+  # An upload without a token or network says so in one line, exit 1.
+  proc = subprocess.run(
+      [sys.executable, '-m', 'mixer_jax.export', f'--checkpoint={checkpoint}',
+       f'--out={tmp_path / "hub2"}', '--format=hub', '--push_to=me/model'],
+      cwd=REPO, capture_output=True, text=True, timeout=300,
+      env=dict(ENV, HF_HUB_OFFLINE='1', HF_HOME=str(tmp_path / 'hf')))
+  assert proc.returncode == 1, proc.stderr
+  assert 'HF_HUB_OFFLINE' in proc.stderr and 'Traceback' not in proc.stderr
+  # --weights=ema needs a training workdir.
+  proc = subprocess.run(
+      [sys.executable, '-m', 'mixer_jax.export', f'--checkpoint={checkpoint}',
+       f'--out={tmp_path / "x"}', '--format=onnx', '--weights=ema'],
+      cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1 and 'training workdirs only' in proc.stderr

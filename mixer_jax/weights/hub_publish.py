@@ -193,8 +193,8 @@ def model_card(loaded, config: Mapping[str, Any], *, repo_id: str,
       '---', '',
       f'# MLP-Mixer {ours["variant"]} ({size}x{size}, '
       f'{loaded.num_classes} classes)', '',
-      'An MLP-Mixer (Tolstikhin et al., 2021, arXiv 2105.01601) written by '
-      '[mixer_jax](https://github.com/) from `' + str(loaded.source) + '`.',
+      'An MLP-Mixer (Tolstikhin et al., 2021, arXiv 2105.01601), written by '
+      'mixer_jax from `' + str(loaded.source) + '`.',
       '',
       '## Model', '',
       f'- Variant: {ours["variant"]}: patch {loaded.model.patch_size}, '
@@ -256,7 +256,8 @@ def model_card(loaded, config: Mapping[str, Any], *, repo_id: str,
               'weights were trained with the tanh form, so timm computes a '
               'slightly different function.' + measured + ' For the '
               'trained function in timm, pass `act_layer=functools.partial('
-              "torch.nn.GELU, approximate='tanh')` to `timm.create_model`.",
+              "torch.nn.GELU, approximate='tanh')` to `timm.create_model` "
+              '(or to `MlpMixer`).',
               '']
   lines += ['Preprocess as timm\'s `resolve_data_config` reads it from '
             '`config.json` (mean = std = 0.5).', '']
@@ -314,8 +315,9 @@ def push_folder(folder: str, repo_id: str, *, private: bool = False) -> str:
   `hf auth login`); the repository is created if it does not exist.
   """
   import huggingface_hub  # pylint: disable=g-import-not-at-top
+  from huggingface_hub import constants  # pylint: disable=g-import-not-at-top
   hub.parse(f'hf-hub:{repo_id}')  # The same OWNER/NAME rule as loading.
-  if huggingface_hub.constants.HF_HUB_OFFLINE:
+  if constants.HF_HUB_OFFLINE:
     raise PublishError(
         f'Cannot upload to {repo_id}: HF_HUB_OFFLINE is set; unset it on a '
         'machine with network access.')
