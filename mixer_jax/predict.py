@@ -29,6 +29,7 @@ from typing import List, Optional, Sequence, Tuple
 
 from absl import app
 from absl import flags
+from absl import logging
 import jax
 import numpy as np
 
@@ -139,6 +140,9 @@ def classify_files(model, params, paths: Sequence[str], *, image_size: int,
     try:
       with tf.io.gfile.GFile(path, 'rb') as f:
         data = f.read()
+      if preprocess.png_has_alpha(data):  # As in training: read as RGB.
+        logging.warning('%s has an alpha channel; it is ignored (the image '
+                        'is read as RGB, as in training).', path)
       image = preprocess.eval_image(tf.constant(data), image_size, crop=crop,
                                     resize_size=resize_size)
     except (tf.errors.OpError, OSError, ValueError) as e:

@@ -247,6 +247,7 @@ print('SIZES', source.split_sizes(), flush=True)
 '''
 
 
+@pytest.mark.slow  # Two processes importing TensorFlow (~30 s).
 def test_jobs_started_together_on_a_fresh_data_dir_both_get_the_data(
     tmp_path):
   # A seed sweep on a fresh machine: without the build lock, the loser of

@@ -7,6 +7,7 @@ compared byte for byte before and after; the workdir then still resumes.
 
 import copy
 import os
+import shutil
 
 import pytest
 
@@ -88,7 +89,6 @@ def test_a_refused_start_in_a_new_directory_leaves_no_directory(tmp_path,
 
 def test_allow_changed_schedule_resumes(finished_run, tmp_path):
   config, workdir = finished_run
-  import shutil  # pylint: disable=g-import-not-at-top
   copy_dir = tmp_path / 'copy'
   shutil.copytree(workdir, copy_dir)
   longer = _changed(config, num_train_steps=6, allow_changed_schedule=True)

@@ -49,6 +49,23 @@ def _rgb(image):
   return tf.cast(image, tf.uint8) if image.dtype != tf.uint8 else image
 
 
+# PNG's signature, and the IHDR colour types that carry an alpha channel
+# (4: grey + alpha, 6: RGB + alpha); the colour type is byte 25 of the file.
+_PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+_PNG_ALPHA_COLOUR_TYPES = (4, 6)
+_PNG_COLOUR_TYPE_OFFSET = 25
+
+
+def png_has_alpha(encoded: bytes) -> bool:
+  """Whether `encoded` is a PNG with an alpha channel, which `decode` drops.
+
+  Read from the PNG header alone, without decoding the image.
+  """
+  return (encoded[:len(_PNG_SIGNATURE)] == _PNG_SIGNATURE and
+          len(encoded) > _PNG_COLOUR_TYPE_OFFSET and
+          encoded[_PNG_COLOUR_TYPE_OFFSET] in _PNG_ALPHA_COLOUR_TYPES)
+
+
 def decode(image):
   """Decodes an encoded image string, or passes a uint8 image through.
 
