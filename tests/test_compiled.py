@@ -92,18 +92,3 @@ def test_every_eval_kind_on_fsdp_equals_one_device(results):
   # ReaL with one label per image is top-1 accuracy (a second formula).
   assert fsdp['real/accuracy'] == pytest.approx(fsdp['heldout/accuracy'])
   assert 0.05 < fsdp['heldout/accuracy'] < 0.95  # Not a degenerate head.
-
-
-def test_serve_step_on_fsdp_equals_one_device(results):
-  images = np.random.RandomState(2).uniform(-1, 1, (4, 8, 8, 3)).astype(
-      np.float32)
-  outs = []
-  for name in ('fsdp2', 'one'):
-    functions, params, _ = results[name]
-    outs.append(np.asarray(functions.serve_step(
-        params, sharding.shard_batch(images, functions.mesh))))
-  np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)
-  model = results['one'][0].model
-  direct = model.apply({'params': sharding.to_host(results['one'][1])},
-                       images)
-  np.testing.assert_allclose(outs[1], direct, rtol=1e-5, atol=1e-5)
