@@ -89,12 +89,12 @@ def test_the_benchmark_step_is_the_trainers():
                                mesh)
   # The same program (a step of its own, other shardings or no donation
   # would compile to other HLO)...
-  assert _program(executable) == _program(
-      steps.train_step.lower(state, batch).compile())
+  trainer_exe = steps.train_step.lower(state, batch).compile()
+  assert _program(executable) == _program(trainer_exe)
   # ...and the same updates: each loss depends on the previous updates.
   trainer_losses = []
   for _ in range(3):
-    state, metrics = steps.train_step(state, batch)
+    state, metrics = trainer_exe(state, batch)
     trainer_losses.append(float(metrics['loss']))
   np.testing.assert_allclose(losses, trainer_losses, rtol=1e-6)
   # The caller's parameters survive the donated steps unchanged.

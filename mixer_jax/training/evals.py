@@ -1,9 +1,9 @@
 """The further evaluations of a training run: `config.evals`.
 
-`config.evals` maps a name to a `configs/common.eval_entry(...)`; the
-training loop calls `Evaluations.run(step, params)` after each step, and
-each entry that is due (every `every_steps` steps, and at the last step)
-returns metrics named `<name>/...`, written to TensorBoard and
+`config.evals` maps a name to a `configs/common.eval_entry(...)`; after
+each step the training loop runs `Evaluations.run_one(name, params)` for
+each entry that is `due(step)` (every `every_steps` steps, and at the last
+step), which returns metrics named `<name>/...`, written to TensorBoard and
 metrics.jsonl like every other metric:
 
   classification  `<name>/accuracy` (top-1), `<name>/top5`, `<name>/loss`,
