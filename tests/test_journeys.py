@@ -149,6 +149,7 @@ def test_sigterm_during_evaluations_saves_then_resumes_exactly(
   assert resumed['last_eval_accuracy'] == summary['last_eval_accuracy']
 
 
+@pytest.mark.slow  # Also covered: tests/test_fewshot.py (8 fsdp against 1).
 def test_replicated_recipe_scores_as_fsdp(uninterrupted, data_dir, tmp_path):
   config = recipe(data_dir, 'replicate')
   _run(config, str(tmp_path / 'run'))
