@@ -73,6 +73,15 @@ def test_shortened_quickstart_learns(data_dir, tmp_path):
   first, last = records[0], [r for r in records if 'train_loss' in r][-1]
   assert last['train_loss'] < first['train_loss']
   assert first['images_per_sec'] > 0 and 'train_learning_rate' in first
+  # What bounds the run: model FLOP/s per device (3 forward passes an image),
+  # the share of time spent waiting for input, no MFU on a CPU (no peak).
+  assert first['tflops_per_device'] == pytest.approx(
+      first['images_per_sec'] * 3 * models.flops_per_image(
+          models.create_model('S_2', 10, num_blocks=4, hidden_dim=64,
+                              tokens_mlp_dim=32, channels_mlp_dim=128), 8)
+      / jax.device_count() / 1e12)
+  assert 0 <= first['input_wait_share'] <= 1 and 'mfu' not in first
+  assert summary['images_per_sec'] > 0 and 'input_wait_share' in summary
   final_eval = [r for r in records if r['step'] == 100 and
                 'eval_accuracy' in r][0]
   assert final_eval['eval_examples'] == 144  # Every held-out image, once.
