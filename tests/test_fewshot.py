@@ -13,6 +13,7 @@ import sys
 
 import jax
 import numpy as np
+import mock_tfds
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -187,18 +188,6 @@ def test_fewshot_command_on_a_trained_workdir(digits_run):
   assert other[0]['accuracy_per_seed'] != rows[0]['accuracy_per_seed']
 
 
-def _mock_metadata(name, data_dir, splits, num_examples):
-  """Split sizes for mock_data; 'train' is larger so 1% slices are not empty."""
-  builder = tfds.builder(name, data_dir=data_dir)
-  builder.info.set_splits(tfds.core.SplitDict([
-      tfds.core.SplitInfo(
-          name=s, shard_lengths=[num_examples * (10 if s == 'train' else 1)],
-          num_bytes=0)
-      for s in splits]))
-  os.makedirs(builder.data_dir, exist_ok=True)
-  builder.info.write_to_directory(builder.data_dir)
-
-
 def test_imagenet_recipe_evals_under_mock_data(tmp_path):
   config = mixer_i1k.get_config('S_32')
   assert set(config.evals) == {'minival', 'val', 'v2', 'real', 'fewshot'}
@@ -208,7 +197,7 @@ def test_imagenet_recipe_evals_under_mock_data(tmp_path):
                        ('imagenet_v2', ['test']),
                        ('imagenet2012_real', ['validation']),
                        ('cifar100', ['train', 'test'])):
-    _mock_metadata(name, data_dir, splits, 24)
+    mock_tfds.write_split_sizes(name, data_dir, splits, 24)
   config.data_dir = data_dir
   config.image_size, config.batch_size = 32, 8
   config.model.num_blocks, config.model.hidden_dim = 1, 16

@@ -13,6 +13,7 @@ import signal
 
 import jax
 import numpy as np
+import mock_tfds
 import pytest
 import tensorflow_datasets as tfds
 
@@ -24,18 +25,6 @@ from mixer_jax.training import trainer
 COMPARED = ('accuracy', 'loss', 'top5', 'examples')
 
 
-def _mock_metadata(name, data_dir, splits, num_examples):
-  """Split sizes for mock_data; 'train' is larger so 1% slices are not empty."""
-  builder = tfds.builder(name, data_dir=data_dir)
-  builder.info.set_splits(tfds.core.SplitDict([
-      tfds.core.SplitInfo(
-          name=s, shard_lengths=[num_examples * (10 if s == 'train' else 1)],
-          num_bytes=0)
-      for s in splits]))
-  os.makedirs(builder.data_dir, exist_ok=True)
-  builder.info.write_to_directory(builder.data_dir)
-
-
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory):
   path = str(tmp_path_factory.mktemp('tfds'))
@@ -43,7 +32,7 @@ def data_dir(tmp_path_factory):
                        ('imagenet_v2', ['test']),
                        ('imagenet2012_real', ['validation']),
                        ('cifar100', ['train', 'test'])):
-    _mock_metadata(name, path, splits, 16)
+    mock_tfds.write_split_sizes(name, path, splits, 16)
   return path
 
 
