@@ -173,10 +173,11 @@ ENOSPC_CHILD = textwrap.dedent('''
       print('NEVER RAISED')
     except checkpoint_checks.CheckpointError as e:
       print('ERROR', e)
-    print('LEFT', sorted(glob.glob(os.path.join(directory, '*tmp*'))))
     print('STEPS', ckpt.all_steps())
     restored, _ = ckpt.restore({'w': np.zeros((1000,), np.float32)})
     print('RESTORED', float(restored['w'][0]))
+    ckpt.close()  # As the programs do on an error.
+    print('LEFT', sorted(glob.glob(os.path.join(directory, '*tmp*'))))
 ''')
 
 

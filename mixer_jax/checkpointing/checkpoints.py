@@ -35,6 +35,7 @@ import functools
 import json
 import math
 import os
+import time
 import uuid
 from typing import Any, Mapping, Optional
 
@@ -52,6 +53,8 @@ STATE_ITEM = 'state'
 EXTRA_ITEM = 'extra'
 BEST_METRIC = 'eval_accuracy'
 # Orbax's item (and file) name of a step's metrics: `<step>/metrics/metrics`.
+# How long a failed save's leftovers are watched for late writes.
+PARTIAL_SAVE_SETTLE_SECONDS = 5.0
 _METRICS_ITEM = ocp.checkpoint_manager.METRIC_ITEM_NAME
 
 
@@ -182,6 +185,7 @@ class Checkpointer:
                      else watching)
     self._writing = None  # Step of the latest save started.
     self._checked = None  # Step of the latest save known to have succeeded.
+    self._failed_saves = set()  # Steps whose partial writes were removed.
 
   # ------------------------------------------------------------ Queries.
   def latest_step(self) -> Optional[int]:
@@ -282,12 +286,24 @@ class Checkpointer:
     """Deletes what a failed save of `step` left (its Orbax temporary).
 
     Otherwise it stays, filling the disk, until the next start's cleanup.
+    A failed save raises at its first failed write while TensorStore may
+    still finish others, and those recreate the folder (it makes parent
+    folders), so removal repeats until the folder stays gone; `close`
+    removes it once more after Orbax has stopped.
     """
     if step is None or jax.process_index() > 0:
       return
+    self._failed_saves.add(int(step))
     try:
-      for partial in self.directory.glob(f'{int(step)}.orbax-checkpoint-tmp*'):
-        partial.rmtree()
+      quiet_polls = 0
+      deadline = time.monotonic() + PARTIAL_SAVE_SETTLE_SECONDS
+      while quiet_polls < 2 and time.monotonic() < deadline:
+        partials = list(
+            self.directory.glob(f'{int(step)}.orbax-checkpoint-tmp*'))
+        for partial in partials:
+          partial.rmtree()
+        quiet_polls = 0 if partials else quiet_polls + 1
+        time.sleep(0.2)
       self._manager.reload()  # It counted the failed step as saved.
     except Exception as e:  # pylint: disable=broad-except
       # The error being reported matters more than this cleanup.
@@ -547,6 +563,9 @@ class Checkpointer:
       self._manager.close()
     except Exception as e:  # pylint: disable=broad-except
       raise self._write_error(self._writing, e) from e
+    finally:
+      for step in sorted(self._failed_saves):
+        self._remove_partial_save(step)
 
   def __enter__(self):
     return self
