@@ -1,4 +1,4 @@
-"""Tests of mixer_jax.fewshot and mixer_jax.training.evals (config.evals).
+"""Tests of mixer_jax.training.linear_probe, mixer_jax.fewshot and mixer_jax.training.evals (config.evals).
 
 The closed-form probe is checked against NumPy's least squares on the
 same data; the periodic evaluations and the fewshot command run end to end
@@ -21,6 +21,7 @@ import tensorflow_datasets as tfds
 from configs import common
 from configs import mixer_i1k
 from mixer_jax import fewshot
+from mixer_jax.training import linear_probe
 from mixer_jax.data import input_pipeline
 from mixer_jax.training import compiled
 from mixer_jax.training import evals
@@ -49,24 +50,24 @@ def test_fit_linear_equals_lstsq(n, d):
   x = rng.normal(size=(n, d)) * rng.uniform(0.5, 3, size=d) + 2
   y = rng.integers(0, 4, size=n)
   for l2_reg in (1.0, 2.0**10):
-    probe = fewshot.fit_linear(x, y, 4, l2_reg)
+    probe = linear_probe.fit_linear(x, y, 4, l2_reg)
     w, mean, std = _lstsq_probe(x, y, 4, l2_reg)
     np.testing.assert_allclose(probe['w'], w, rtol=1e-6, atol=1e-9)
     x_test = rng.normal(size=(20, d))
     z = np.concatenate([(x_test - mean) / std, np.full((20, 1), 100.0)], 1)
-    np.testing.assert_array_equal(fewshot.predict(probe, x_test),
+    np.testing.assert_array_equal(linear_probe.predict(probe, x_test),
                                   np.argmax(z @ w, 1))
   with pytest.raises(ValueError, match='l2_reg'):
-    fewshot.fit_linear(x, y, 4, 0.0)
+    linear_probe.fit_linear(x, y, 4, 0.0)
 
 
 def test_sample_shots_per_class_nested_and_seeded():
   labels = np.array([0] * 10 + [1] * 3 + [2] * 7)
-  five = fewshot.sample_shots(labels, 3, 5, seed=1)
+  five = linear_probe.sample_shots(labels, 3, 5, seed=1)
   assert np.bincount(labels[five]).tolist() == [5, 3, 5]  # Class 1 has 3.
-  assert set(fewshot.sample_shots(labels, 3, 2, seed=1)) <= set(five)
-  np.testing.assert_array_equal(five, fewshot.sample_shots(labels, 3, 5, 1))
-  assert not np.array_equal(five, fewshot.sample_shots(labels, 3, 5, 2))
+  assert set(linear_probe.sample_shots(labels, 3, 2, seed=1)) <= set(five)
+  np.testing.assert_array_equal(five, linear_probe.sample_shots(labels, 3, 5, 1))
+  assert not np.array_equal(five, linear_probe.sample_shots(labels, 3, 5, 2))
 
 
 def test_probe_separates_clusters():
@@ -74,7 +75,7 @@ def test_probe_separates_clusters():
   centres = rng.normal(size=(5, 16)) * 4
   y = np.repeat(np.arange(5), 40)
   x = centres[y] + rng.normal(size=(200, 16))
-  accs = fewshot.probe_accuracies(x[::2], y[::2], x[1::2], y[1::2], 5,
+  accs = linear_probe.probe_accuracies(x[::2], y[::2], x[1::2], y[1::2], 5,
                                   shots=(1, 10), l2_reg=1.0, num_seeds=2)
   assert len(accs[1]) == 2 and min(accs[10]) > 0.95
 

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from mixer_jax import fewshot
+from mixer_jax.training import linear_probe
 from mixer_jax.training import errors
 
 
@@ -29,7 +30,7 @@ def _clusters(per_class):
 def test_zero_shots_is_refused():
   x, y = _clusters([6, 6, 6])
   with pytest.raises(ValueError, match='>= 1'):
-    fewshot.probe_accuracies(x, y, x, y, 3, shots=(0,), num_seeds=1)
+    linear_probe.probe_accuracies(x, y, x, y, 3, shots=(0,), num_seeds=1)
 
 
 def test_more_shots_than_a_class_has_warns(monkeypatch):
@@ -37,7 +38,7 @@ def test_more_shots_than_a_class_has_warns(monkeypatch):
   warnings = []
   monkeypatch.setattr(absl_logging, 'warning',
                       lambda msg, *args: warnings.append(msg % args))
-  fewshot.probe_accuracies(x, y, x, y, 3, shots=(3, 10), num_seeds=1)
+  linear_probe.probe_accuracies(x, y, x, y, 3, shots=(3, 10), num_seeds=1)
   assert len(warnings) == 1, warnings  # 3-shot fits every class.
   assert warnings[0].startswith('10-shot: 1 of 3 classes have fewer than 10')
   assert 'the smallest has 4' in warnings[0]

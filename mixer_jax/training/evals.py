@@ -14,7 +14,7 @@ metrics.jsonl like every other metric:
                   images with an empty set are left out;
   fewshot         `<name>/<set>_<k>shot_accuracy` (mean over seeds) for each
                   set of `fewshot_datasets` and each k of `shots`: linear
-                  probes on the frozen pre-logits (mixer_jax/fewshot.py).
+                  probes on the frozen pre-logits (mixer_jax/training/linear_probe.py).
 
 Batches are padded with mask 0, so every example is scored exactly once.
 Every step comes from the run's `compiled.RunFunctions`, so it takes the
@@ -30,10 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 import tensorflow_datasets as tfds
 
-from mixer_jax import fewshot
 from mixer_jax.data import input_pipeline
 from mixer_jax.data.datasets import sources
 from mixer_jax.training import compiled
+from mixer_jax.training import linear_probe
 from mixer_jax.training import sharding
 
 
@@ -202,7 +202,7 @@ class Evaluations:
             f'{name}/examples': int(count)}
 
   def _fewshot(self, name, entry, params) -> Optional[Dict[str, float]]:
-    results = fewshot.evaluate_datasets(
+    results = linear_probe.evaluate_datasets(
         self.functions.features_step, compiled.without_head(params),
         dict(entry.fewshot_datasets.items()),
         mesh=self.mesh, data_dir=self.config.data_dir,
