@@ -14,15 +14,13 @@ README.md ("The ImageNet-1k recipe") lists what still differs.
 """
 
 import os
-import sys
 
-try:
-  from configs import mixer_i1k  # pylint: disable=g-import-not-at-top
-except ImportError:  # Loaded by path from outside the repository root.
-  sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from configs import mixer_i1k  # pylint: disable=g-import-not-at-top
+from mixer_jax.training import config_loading
 
 
 def get_config():
   """Mixer-B/16, ImageNet-1k, 300 epochs."""
-  return mixer_i1k.get_config('B_16')
+  # Loaded by path, so this file works from any directory.
+  return config_loading.load_config_file(
+      os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                   'mixer_i1k.py:B_16'))

@@ -15,19 +15,12 @@ once, on the final model (`test/accuracy`). Paper: Mixer-B/16 pretrained on
 ImageNet-21k reaches 96.82% (ImageNet-1k checkpoint: 96.72%).
 """
 
-import os
-import sys
-
-try:
-  from configs import common  # pylint: disable=g-import-not-at-top
-except ImportError:  # Loaded by path from outside the repository root.
-  sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from configs import common  # pylint: disable=g-import-not-at-top
+from mixer_jax import config_defaults
 
 
 def get_config(dataset: str = 'cifar10'):
   """Fine-tuning recipe for a TFDS data set with train/test splits."""
-  config = common.get_config()
+  config = config_defaults.get_config()
   config.init_from = 'imagenet21k/Mixer-B_16'
   config.model.variant = 'B_16'
   config.model.stochastic_depth = 0.0
@@ -39,7 +32,7 @@ def get_config(dataset: str = 'cifar10'):
   config.train_split = 'train[:98%]'
   config.eval_split = 'train[98%:]'
   # The test split: scored once, on the final model (test/accuracy).
-  config.evals.test = common.eval_entry(split='test', every_steps=-1)
+  config.evals.test = config_defaults.eval_entry(split='test', every_steps=-1)
   config.image_size = 224
   # vit_jax's 50,000: all of CIFAR's 49,000 training images, a full shuffle.
   config.shuffle_buffer = 50_000

@@ -8,15 +8,13 @@ The CIFAR-10 recipe of configs/finetune_cifar10.py (SGD momentum 0.9, lr
 """
 
 import os
-import sys
 
-try:
-  from configs import finetune_cifar10  # pylint: disable=g-import-not-at-top
-except ImportError:  # Loaded by path from outside the repository root.
-  sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from configs import finetune_cifar10  # pylint: disable=g-import-not-at-top
+from mixer_jax.training import config_loading
 
 
 def get_config():
   """CIFAR-100 fine-tuning from imagenet21k/Mixer-B_16."""
-  return finetune_cifar10.get_config('cifar100')
+  # Loaded by path, so this file works from any directory.
+  return config_loading.load_config_file(
+      os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                   'finetune_cifar10.py:cifar100'))

@@ -34,19 +34,12 @@ Expected results and hardware, per variant:
         where memory is short).
 README.md ("The ImageNet-1k recipe") lists what still differs.
 """
-import os
-import sys
-
-try:
-  from configs import common  # pylint: disable=g-import-not-at-top
-except ImportError:  # Loaded by path from outside the repository root.
-  sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from configs import common  # pylint: disable=g-import-not-at-top
+from mixer_jax import config_defaults
 
 
 def get_config(variant: str = 'B_16'):
   """The ImageNet-1k recipe for `variant` (e.g. 'B_16', 'S_16', 'L_16')."""
-  config = common.get_config()
+  config = config_defaults.get_config()
   config.model.variant = variant
   config.model.stochastic_depth = 0.1
   config.model.head_bias_init = -6.9  # About log(1/1000): sigmoid prior.
@@ -87,17 +80,17 @@ def get_config(variant: str = 'B_16'):
   # big_vision's evals: classification every 2,500 steps ("very fast"),
   # ReaL with its multi-label rule, few-shot probes every 25,000 steps.
   every = 2_500
-  config.evals.minival = common.eval_entry(split='train[99%:]',
+  config.evals.minival = config_defaults.eval_entry(split='train[99%:]',
                                            every_steps=every)
-  config.evals.val = common.eval_entry(split='validation', every_steps=every)
-  config.evals.v2 = common.eval_entry(dataset='imagenet_v2', split='test',
+  config.evals.val = config_defaults.eval_entry(split='validation', every_steps=every)
+  config.evals.v2 = config_defaults.eval_entry(dataset='imagenet_v2', split='test',
                                       every_steps=every)
-  config.evals.real = common.eval_entry(
+  config.evals.real = config_defaults.eval_entry(
       'real', dataset='imagenet2012_real', split='validation',
       label_key='real_label', every_steps=every)
   # get_fewshot_lsr: resize(256)|central_crop(224), 1/5/10/25 shots,
   # l2_reg 2**10, 3 seeds, on its data sets.
-  config.evals.fewshot = common.eval_entry(
+  config.evals.fewshot = config_defaults.eval_entry(
       'fewshot', every_steps=25_000, crop='squash_crop', resize=256,
       fewshot_datasets={
           'caltech': ('caltech101', 'train', 'test'),

@@ -13,19 +13,12 @@ busy 2-core CPU, 35 s on an idle one (measured before the held-out
 split; see the README).
 """
 
-import os
-import sys
-
-try:
-  from configs import common  # pylint: disable=g-import-not-at-top
-except ImportError:  # Loaded by path from outside the repository root.
-  sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from configs import common  # pylint: disable=g-import-not-at-top
+from mixer_jax import config_defaults
 
 
 def get_config():
   """Small Mixer (S family, patch 2, 4 blocks of width 64) on digits."""
-  config = common.get_config()
+  config = config_defaults.get_config()
   config.model.variant = 'S_2'
   config.model.num_blocks = 4
   config.model.hidden_dim = 64
@@ -40,7 +33,7 @@ def get_config():
   config.train_split = 'train[:90%]'
   config.eval_split = 'train[90%:]'
   # The test split: scored once, on the final model (test/accuracy).
-  config.evals.test = common.eval_entry(split='test', every_steps=-1)
+  config.evals.test = config_defaults.eval_entry(split='test', every_steps=-1)
   config.image_size = 8  # The images' own size: no upsampling needed.
   config.shuffle_buffer = 2_000  # Whole training split.
   config.cache = True

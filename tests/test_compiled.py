@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import common
+from mixer_jax import config_defaults
 from configs import quickstart
 from mixer_jax.training import compiled
 from mixer_jax.training import evals
@@ -27,10 +27,10 @@ def _config(data_dir, **overrides):
   config.model.tokens_mlp_dim, config.model.channels_mlp_dim = 8, 32
   config.data_dir, config.batch_size = data_dir, 32
   config.fsdp_min_size_mb = 0.0  # Split even this tiny model's arrays.
-  config.evals.heldout = common.eval_entry(split='test')
+  config.evals.heldout = config_defaults.eval_entry(split='test')
   # The few-shot kind on fsdp parameters: tests/test_fewshot.py (ImageNet
   # recipe, 8 devices against 1) and tests/test_journeys.py.
-  config.evals.real = common.eval_entry('real', split='test')
+  config.evals.real = config_defaults.eval_entry('real', split='test')
   config.update(overrides)
   return config
 

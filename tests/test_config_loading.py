@@ -45,25 +45,34 @@ def test_missing_config_file(tmp_path):
                                        str(tmp_path / 'missing.py')])
 
 
-def test_a_field_created_by_the_config_file_is_refused(tmp_path):
-  path = write(tmp_path, f'''
-      import sys
-      sys.path.insert(0, {REPO!r})
-      from configs import quickstart
+def test_a_field_the_defaults_do_not_define_is_refused_where_it_is_set(
+    tmp_path):
+  # The config file builds on the package's locked defaults, so the typo
+  # fails on its own line (line 4 below) and nothing is trained.
+  path = write(tmp_path, '''
+      from mixer_jax import config_defaults
       def get_config():
-        c = quickstart.get_config()
+        c = config_defaults.get_config()
         c.learning_rat = 5.0
-        c.model.hiden_dim = 3
         return c
   ''')
   with pytest.raises(ConfigError) as error:
     config_loading.check_command_line(['prog', f'--config={path}'])
-  lines = str(error.value).splitlines()
-  assert lines == [
-      f'Unknown config field learning_rat (set in {path}); did you mean '
-      'learning_rate?',
-      f'Unknown config field model.hiden_dim (set in {path}); did you mean '
-      'model.hidden_dim?']
+  assert str(error.value) == (
+      f'Config file {path}, line 5: get_config() raised unknown config '
+      'field learning_rat; Did you mean "learning_rate" instead of '
+      '"learning_rat"?')
+  nested = write(tmp_path, '''
+      from mixer_jax import config_defaults
+      def get_config():
+        c = config_defaults.get_config()
+        c.evals.test = config_defaults.eval_entry(split='test')
+        c.evals.test.splt = 'x'
+        return c
+  ''', name='nested.py')
+  with pytest.raises(ConfigError, match=r'nested.py, line 6: .*unknown '
+                     'config field splt; Did you mean "split"'):
+    config_loading.check_command_line(['prog', f'--config={nested}'])
 
 
 def test_unknown_override_flags_are_named_with_the_closest_field():

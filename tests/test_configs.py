@@ -11,6 +11,7 @@ import math
 
 import pytest
 
+from mixer_jax import config_defaults
 from mixer_jax.data.datasets import sources
 from mixer_jax.training import compiled
 from mixer_jax.training import config_validation
@@ -30,14 +31,6 @@ def load(name, *args):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(*args)
-
-
-def load_common_module():
-  path = os.path.join(ROOT, 'configs', 'common.py')
-  spec = importlib.util.spec_from_file_location('_cfg_common_module', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def flat_keys(config, prefix=''):
@@ -62,13 +55,13 @@ def test_config_is_valid_and_defines_only_common_fields(path):
   config = load(name)
   config_validation.validate_config(config, num_devices=8, num_processes=2)
   # config.evals entries are named by each config; their fields must be
-  # exactly those of common.eval_entry (fewshot_datasets names are free).
-  entry_fields = set(load_common_module().eval_entry().keys())
+  # exactly those of eval_entry (fewshot_datasets names are free).
+  entry_fields = set(config_defaults.eval_entry().keys())
   for entry_name, entry in config.get('evals', {}).items():
     assert set(entry.keys()) == entry_fields, (name, entry_name)
-  extra = {k for k in flat_keys(config) - flat_keys(load('common'))
-           if not k.startswith('evals.')}
-  assert not extra, f'{name} sets fields missing from common.py: {extra}'
+  extra = {k for k in flat_keys(config) - flat_keys(
+      config_defaults.get_config()) if not k.startswith('evals.')}
+  assert not extra, f'{name} sets fields missing from the defaults: {extra}'
 
 
 # big_vision's published ImageNet-1k recipe, read from

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from configs import common
+from mixer_jax import config_defaults
 from mixer_jax.training import config_validation
 from mixer_jax.training import data_checks
 from mixer_jax.training import trainer
@@ -22,7 +22,7 @@ def data_dir(tmp_path_factory):
 
 
 def _with_eval(config, **fields):
-  config.evals = {'extra': common.eval_entry(**fields)}
+  config.evals = {'extra': config_defaults.eval_entry(**fields)}
   return config
 
 
@@ -110,7 +110,7 @@ def test_bad_images_of_both_splits_are_reported_together(tmp_path):
   write_folder(root, corrupt=True)  # broken.jpg and cut.png in train.
   with open(os.path.join(root, 'test', 'cat', 'bad.png'), 'wb') as f:
     f.write(b'\x89PNG\r\n\x1a\n not a png')
-  config = common.get_config()
+  config = config_defaults.get_config()
   config.dataset, config.folder, config.bad_images = 'folder', root, 'error'
   config.train_split, config.eval_split = 'train', 'test'
   from mixer_jax.data.datasets import sources  # pylint: disable=g-import-not-at-top

@@ -18,7 +18,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from configs import common
+from mixer_jax import config_defaults
 from configs import mixer_i1k
 from mixer_jax import fewshot
 from mixer_jax.training import linear_probe
@@ -112,7 +112,7 @@ def digits_run(tmp_path_factory):
   """A 30-step tiny Mixer on digits, with periodic evals; (config, workdir)."""
   data_dir = str(tmp_path_factory.mktemp('tfds'))
   workdir = str(tmp_path_factory.mktemp('run'))
-  config = common.get_config()
+  config = config_defaults.get_config()
   config.model.variant = 'S_2'
   config.model.num_blocks = 1
   config.model.hidden_dim = 16
@@ -130,9 +130,9 @@ def digits_run(tmp_path_factory):
   config.loss = 'softmax'
   config.log_every_steps = config.eval_every_steps = 15
   config.checkpoint_every_steps = 30
-  config.evals.heldout = common.eval_entry('classification', split='test',
+  config.evals.heldout = config_defaults.eval_entry('classification', split='test',
                                            every_steps=10)
-  config.evals.fewshot = common.eval_entry(
+  config.evals.fewshot = config_defaults.eval_entry(
       'fewshot', fewshot_datasets={'digits': ('digits', 'train', 'test')},
       shots=(1, 5), num_seeds=2, every_steps=30)
   summary = trainer.train_and_evaluate(config, workdir)

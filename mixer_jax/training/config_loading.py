@@ -7,21 +7,20 @@ config file), it loads the file named by `--config` itself and checks it:
 - a file that is missing, has a syntax error, raises, has no `get_config`,
   or whose `get_config()` does not return a ConfigDict is reported with the
   file and line, in one message and without a traceback;
-- every field of the returned config must exist in configs/common.py (a
-  config file can create fields, since its ConfigDict is not locked yet:
-  `c.learning_rat = 5.0` would otherwise train with the default rate);
-- every `--config.FIELD=VALUE` flag must name a field of the config.
+- a field the defaults do not define is refused where the file sets it:
+  config files start from `mixer_jax.config_defaults.get_config()`, a
+  locked ConfigDict (`c.learning_rat = 5.0` raises, so it cannot train with
+  the default rate unnoticed);
+- every `--config.FIELD=VALUE` flag must name a field of the config (named
+  with the closest valid one, by difflib).
 
-Unknown fields are named with the closest valid name (difflib). The config
-itself is then built by ml_collections as usual (locked).
+The config itself is then built by ml_collections as usual (locked).
 """
 
 import difflib
-import importlib
 import importlib.util
 import inspect
 import os
-import sys
 import traceback
 from typing import List, Sequence
 
@@ -78,7 +77,7 @@ def load_config_file(spec: str):
     spec.loader.exec_module(module)
   except Exception as e:  # pylint: disable=broad-except
     raise ConfigError(f'Config file {_where(e, path)}: cannot be loaded: '
-                      f'{type(e).__name__}: {e}') from None
+                      f'{_describe(e)}') from None
   if not callable(getattr(module, 'get_config', None)):
     raise ConfigError(f'Config file {path} defines no get_config() '
                       'function.')
@@ -89,24 +88,13 @@ def load_config_file(spec: str):
     config = module.get_config(*arg)
   except Exception as e:  # pylint: disable=broad-except
     raise ConfigError(f'Config file {_where(e, path)}: get_config() raised '
-                      f'{type(e).__name__}: {e}') from None
+                      f'{_describe(e)}') from None
   if not isinstance(config, ml_collections.ConfigDict):
     raise ConfigError(
         f'Config file {path}: get_config() returned {config!r} '
         f'({type(config).__name__}), not an ml_collections.ConfigDict (start '
-        'from configs/common.get_config()).')
+        'from mixer_jax.config_defaults.get_config()).')
   return config
-
-
-def _reference_module():
-  """configs/common.py as the config files import it, or None."""
-  module = sys.modules.get('configs.common')
-  if module is None:
-    try:
-      module = importlib.import_module('configs.common')
-    except ImportError:
-      return None
-  return module
 
 
 def _fields(config, prefix='') -> List[str]:
@@ -116,25 +104,6 @@ def _fields(config, prefix='') -> List[str]:
     if isinstance(value, ml_collections.ConfigDict):
       out += _fields(value, f'{prefix}{key}.')
   return out
-
-
-def _unknown(config, reference, prefix, eval_reference, problems):
-  valid = list(reference.keys())
-  for key, value in config.items():
-    name = prefix + key
-    if key not in reference:
-      problems.append((name, [prefix + k for k in valid]))
-      continue
-    ref = reference[key]
-    if name == 'evals' and eval_reference is not None:
-      for entry_name, entry in value.items():
-        if isinstance(entry, ml_collections.ConfigDict):
-          _unknown(entry, eval_reference, f'evals.{entry_name}.', None,
-                   problems)
-    elif (isinstance(value, ml_collections.ConfigDict) and
-          isinstance(ref, ml_collections.ConfigDict) and len(ref)):
-      # An empty reference (a name -> entry map) holds user-chosen names.
-      _unknown(value, ref, f'{name}.', eval_reference, problems)
 
 
 def _unknown_message(name: str, valid: Sequence[str], source: str) -> str:
@@ -147,23 +116,21 @@ def _unknown_message(name: str, valid: Sequence[str], source: str) -> str:
   return f'Unknown config field {name} ({source}){hint}'
 
 
-def check_known_fields(config, source: str = 'config') -> None:
-  """Raises ConfigError for fields that configs/common.py does not define.
+def _describe(error: BaseException) -> str:
+  """`error` in one line; a field set on the locked defaults is named.
 
-  Does nothing when configs/common.py cannot be imported (the repository's
-  configs/ is not on the path).
+  ml_collections' own message for that case dumps every field of the
+  ConfigDict; its first sentence names the field and its last line the
+  closest existing one.
   """
-  common = _reference_module()
-  if common is None:
-    return
-  problems = []
-  _unknown(config, common.get_config(), '',
-           common.eval_entry() if hasattr(common, 'eval_entry') else None,
-           problems)
-  if problems:
-    raise ConfigError('\n'.join(
-        _unknown_message(name, valid, f'set in {source}')
-        for name, valid in problems))
+  text = str(error).strip().strip("'\"")
+  if isinstance(error, AttributeError) and 'config is locked' in text:
+    field = text.split('"')[1] if text.count('"') >= 2 else '?'
+    lines = text.replace('\\n', '\n').splitlines()
+    hint = (f'; {lines[-1].strip()}' if lines[-1].startswith('Did you mean')
+            else '')
+    return f'unknown config field {field}{hint}'
+  return f'{type(error).__name__}: {text.splitlines()[0] if text else ""}'
 
 
 def _config_flag_values(argv: Sequence[str], flag: str):
@@ -192,7 +159,6 @@ def check_command_line(argv: Sequence[str], flag: str = 'config') -> None:
   if not path:
     return  # absl reports the missing required flag.
   config = load_config_file(path)
-  check_known_fields(config, source=path)
   valid = _fields(config)
   problems = [_unknown_message(name, valid, f'flag {text.split("=")[0]}')
               for name, text in overrides if name not in valid]

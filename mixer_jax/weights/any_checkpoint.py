@@ -26,6 +26,7 @@ from typing import Any, List, Optional
 
 from flax import traverse_util
 
+from mixer_jax import config_defaults
 from mixer_jax import models
 from mixer_jax.checkpointing import checkpoint_checks
 from mixer_jax.weights import official_format
@@ -147,7 +148,6 @@ def save_run_info(workdir: str, config, num_classes: int,
 def read_run_info(workdir: str) -> dict:
   """The parsed `run_info.json` of a workdir, with `config` a ConfigDict."""
   from etils import epath  # pylint: disable=g-import-not-at-top
-  import ml_collections  # pylint: disable=g-import-not-at-top
   path = epath.Path(workdir) / RUN_INFO_FILE
   if not path.exists():
     raise registry.CheckpointNotFoundError(
@@ -161,24 +161,13 @@ def read_run_info(workdir: str) -> dict:
   except (ValueError, KeyError, TypeError) as e:
     raise official_format.PretrainedError(
         f'{path} is damaged ({type(e).__name__}: {e}).') from e
-  config = _current_defaults()
-  if config is None:
-    config = ml_collections.ConfigDict(saved)
-  else:
-    # Fields added to configs/common.py after the run keep their defaults.
+  config = config_defaults.get_config()
+  # Fields added to the defaults after the run keep their defaults; a field
+  # the run saved that the defaults no longer define is kept as saved.
+  with config.unlocked():
     config.update(saved)
   info['config'] = config
   return info
-
-
-def _current_defaults():
-  """configs/common.py's defaults when the repository's configs/ is on the
-  path (commands run from the repository root), else None."""
-  try:
-    from configs import common  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return None
-  return common.get_config()
 
 
 # -------------------------------------------------------------- Loading.
