@@ -9,7 +9,7 @@ step's work, communication and state split over N devices.
 The step timed is the trainer's own: `compiled.build` (the builder
 `python -m mixer_jax.train` uses) makes it from a training config, with the
 same shardings and donation. The config is `--config` (default the
-repository's configs/common.py: the ImageNet recipe's loss, mixup,
+package's defaults, mixer_jax/config_defaults.py: the ImageNet recipe's loss, mixup,
 clipping and weight decay); the flags set its model, batch, image size,
 optimizer and sharding.
 
@@ -54,6 +54,7 @@ from ml_collections import config_flags
 import jax.numpy as jnp
 import numpy as np
 
+from mixer_jax import config_defaults
 from mixer_jax import models
 from mixer_jax.training import compiled
 from mixer_jax.training import cost
@@ -104,11 +105,6 @@ def make_peak_fn(size: int, dtype: Any) -> tuple[Callable[[], Any], float]:
   return functools.partial(matmul, a, b), 2.0 * size ** 3
 
 
-REPO_COMMON_CONFIG = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs',
-    'common.py')
-
-
 def run_config(base=None, *, variant: str, num_classes: int, dtype: str,
                sizes: dict[str, Optional[int]], remat: bool = False,
                optimizer: str = 'sgd', batch_size: int, image_size: int,
@@ -116,18 +112,14 @@ def run_config(base=None, *, variant: str, num_classes: int, dtype: str,
   """The training config whose step is timed: `base` with the flags' fields.
 
   Args:
-    base: a ConfigDict (e.g. `--config`); default the repository's
-      configs/common.py. Its loss, mixup, clipping, weight decay,
+    base: a ConfigDict (e.g. `--config`); default the package's defaults
+      (mixer_jax/config_defaults.py). Its loss, mixup, clipping, weight decay,
       accumulation, momentum dtype, fsdp threshold and mesh are kept.
     variant, num_classes, dtype, sizes, remat, optimizer, batch_size,
       image_size, strategy: set on the copy.
   """
   if base is None:
-    from mixer_jax.training import config_loading  # pylint: disable=g-import-not-at-top
-    if not os.path.isfile(REPO_COMMON_CONFIG):
-      raise errors.UsageError('No configs/common.py beside the package; pass '
-                              '--config=FILE.py (a training config).')
-    base = config_loading.load_config_file(REPO_COMMON_CONFIG)
+    base = config_defaults.get_config()
   config = base.copy_and_resolve_references()
   config.unlock()
   config.model.variant, config.model.dtype = variant, dtype
@@ -415,8 +407,9 @@ def define_flags() -> None:
   this module next to other commands never redefines a flag)."""
   config_flags.DEFINE_config_file(
       'config', None, 'Training config (file.py[:ARG], overrides with '
-      '--config.FIELD=VALUE) whose train step is timed; default '
-      'configs/common.py. The flags below set its model, batch and sharding.',
+      '--config.FIELD=VALUE) whose train step is timed; default the '
+      'package defaults (mixer_jax/config_defaults.py). The flags below set '
+      'its model, batch and sharding.',
       lock_config=False)
   flags.DEFINE_string('variant', 'B_16', 'Mixer variant, e.g. B_16.')
   flags.DEFINE_enum('mode', 'infer', ('infer', 'train', 'both'),
