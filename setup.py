@@ -5,6 +5,11 @@ Where TensorFlow is already installed (Colab), leave out `[tf]`.
 
 import setuptools
 
+# The version is defined once, in the package (mixer_jax/version.py).
+_VERSION = {}
+with open('mixer_jax/version.py', encoding='utf-8') as _f:
+  exec(_f.read(), _VERSION)  # pylint: disable=exec-used
+
 # Lower bounds are the versions the test suite was run with.
 INSTALL_REQUIRES = [
     'absl-py>=2.1',
@@ -50,7 +55,7 @@ EXTRAS_REQUIRE = {
 
 setuptools.setup(
     name='mixer_jax',
-    version='0.1.0',
+    version=_VERSION['__version__'],
     description='MLP-Mixer in JAX/Flax: official checkpoints, training, '
                 'fine-tuning and serving.',
     long_description=open('README.md', encoding='utf-8').read(),

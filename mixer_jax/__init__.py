@@ -9,6 +9,7 @@ Public API:
   intermediate_outputs(model, params, images) -> {'stem', 'block_i', ...}
 """
 
+from mixer_jax.version import __version__
 from mixer_jax.models import count_params
 from mixer_jax.models import create_model
 from mixer_jax.models import flops_per_image
@@ -18,5 +19,3 @@ from mixer_jax.models import PAPER_VARIANTS
 from mixer_jax.weights.pretrained import expand_token_mixing
 from mixer_jax.weights.pretrained import export_official
 from mixer_jax.weights.pretrained import load_pretrained
-
-__version__ = '0.1.0'

@@ -51,7 +51,8 @@ from mixer_jax.training import evals
 from mixer_jax.training import reporting
 from mixer_jax.training import sharding
 from mixer_jax.training import trainer
-from mixer_jax.weights import any_checkpoint
+from mixer_jax.weights import run_info
+from mixer_jax.weights import workdir_checkpoint
 from mixer_jax.weights import registry
 
 FLAGS = flags.FLAGS
@@ -92,7 +93,7 @@ def load_params(config, checkpoint: str, num_classes: int, mesh,
     num_classes: classes of the eval data; the checkpoint's head must match.
     mesh: the device mesh; parameters are replicated over it.
     step: Orbax step to read (default: the newest).
-    weights: a workdir's 'params' or 'ema' (see `any_checkpoint.WEIGHTS`).
+    weights: a workdir's 'params' or 'ema' (see `workdir_checkpoint.WEIGHTS`).
 
   Returns:
     (model, params, description): description names what was loaded.
@@ -106,7 +107,7 @@ def load_params(config, checkpoint: str, num_classes: int, mesh,
   if kind == 'orbax':
     # A run fine-tuned at a higher resolution derived its token-mixing width.
     config = config_validation.resolve_init_from(config, resuming=True)
-    model, params, extra = any_checkpoint.restore_params(
+    model, params, extra = workdir_checkpoint.restore_params(
         location, config, num_classes, step, sharding.replicated(mesh),
         weights)
     return model, params, f'{location} step {extra["step"]}' + (
@@ -204,8 +205,8 @@ def main(argv):
 
 def _config_of_workdir(checkpoint: str):
   """The config saved with a training workdir, for a missing --config."""
-  if any_checkpoint.is_directory(checkpoint):
-    return any_checkpoint.read_run_info(any_checkpoint.locate_workdir(
+  if workdir_checkpoint.is_directory(checkpoint):
+    return run_info.read_run_info(workdir_checkpoint.locate_workdir(
         checkpoint)[0])['config']
   path = epath.Path(checkpoint)
   # A path (absolute, or in an existing directory) and not a registry name.
@@ -230,7 +231,7 @@ def _define_flags():
                        'newest); the fallback when the newest is damaged.')
   flags.DEFINE_string('output', None, 'Also write the results to this JSON '
                       'file.')
-  flags.DEFINE_enum('weights', 'params', list(any_checkpoint.WEIGHTS),
+  flags.DEFINE_enum('weights', 'params', list(workdir_checkpoint.WEIGHTS),
                     "A workdir's trained weights, or their EMA (runs with "
                     'config.ema_decay > 0).')
   sharding.define_multihost_flags()

@@ -56,6 +56,7 @@ import numpy as np
 from mixer_jax.training import compiled
 from mixer_jax.training import errors
 from mixer_jax.weights import any_checkpoint
+from mixer_jax.weights import workdir_checkpoint
 
 STABLEHLO_FILE = 'model.jax_export'
 INFO_FILE = 'serving_info.json'
@@ -210,7 +211,7 @@ def export(checkpoint, out: str, fmt: str, *, step: Optional[int] = None,
                             '--format=hub.')
   loaded = any_checkpoint.load(checkpoint, step=step, weights=weights)
   if fmt == 'hub':
-    workdir = (any_checkpoint.locate_workdir(checkpoint, step)[0]
+    workdir = (workdir_checkpoint.locate_workdir(checkpoint, step)[0]
                if loaded.kind == 'workdir' else None)
     return export_hub(loaded, out, workdir=workdir, weights=weights,
                       push_to=push_to)
@@ -239,7 +240,7 @@ def _define_flags():
                     'stablehlo: jax.export artifact; savedmodel: TF '
                     'SavedModel; onnx: model.onnx; hub: a Hugging Face Hub '
                     'folder for timm and mixer_jax.')
-  flags.DEFINE_enum('weights', 'params', list(any_checkpoint.WEIGHTS),
+  flags.DEFINE_enum('weights', 'params', list(workdir_checkpoint.WEIGHTS),
                     "A workdir's trained weights, or their EMA (runs with "
                     'config.ema_decay > 0).')
   flags.DEFINE_string('push_to', None, 'With --format=hub: upload the folder '
@@ -254,7 +255,7 @@ def main(argv):
   command_line.set_up_output(FLAGS.verbose)
   # TensorFlow writes SavedModels and reads weight files (tf.io.gfile); a
   # StableHLO export of a workdir needs none.
-  if FLAGS.format in ('savedmodel', 'hub') or not any_checkpoint.is_directory(
+  if FLAGS.format in ('savedmodel', 'hub') or not workdir_checkpoint.is_directory(
       FLAGS.checkpoint):
     command_line.load_tensorflow_quietly()
   if len(argv) > 1:

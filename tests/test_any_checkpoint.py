@@ -25,6 +25,7 @@ from mixer_jax.checkpointing import checkpoint_checks
 from mixer_jax.checkpointing import checkpoints
 from mixer_jax.training import train_steps
 from mixer_jax.weights import any_checkpoint
+from mixer_jax.weights import run_info
 from mixer_jax.weights import official_format
 from mixer_jax.weights import pretrained
 from mixer_jax.weights import registry
@@ -81,7 +82,7 @@ def trained(tmp_path_factory):
 
 def test_workdir_describes_itself(trained):
   workdir, _ = trained
-  info = any_checkpoint.read_run_info(str(workdir))
+  info = run_info.read_run_info(str(workdir))
   assert info['class_names'] == list(CLASSES)  # The folder names.
   assert info['num_classes'] == 3
   assert info['config'].model.hidden_dim == 16
@@ -147,7 +148,7 @@ def test_predict_with_just_the_workdir(trained, tmp_path):
 def test_evaluate_with_the_saved_config(trained):
   from mixer_jax import evaluate  # pylint: disable=g-import-not-at-top
   workdir, _ = trained
-  config = any_checkpoint.read_run_info(str(workdir))['config']
+  config = run_info.read_run_info(str(workdir))['config']
   result = evaluate.evaluate(config, str(workdir))
   assert result['examples'] == 6
   # A second way: the loaded model applied to each test image alone (the
@@ -193,7 +194,7 @@ def test_saved_state_without_training(tmp_path):
       fingerprint=checkpoint_checks.model_fingerprint(config, 10))
   ckpt.save(7, state.replace(step=np.int32(7)))
   ckpt.close()
-  any_checkpoint.save_run_info(str(tmp_path), config, 10)
+  run_info.save_run_info(str(tmp_path), config, 10)
   loaded = any_checkpoint.load(str(tmp_path))
   assert loaded.class_names == [str(i) for i in range(10)]  # digits' labels.
   x = ref.images(1, 3, 8)

@@ -2,7 +2,6 @@
 
 import collections
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -11,10 +10,8 @@ import tensorflow_datasets as tfds
 from configs import common
 from mixer_jax.data import input_pipeline
 from mixer_jax.data.datasets import sources
-
-# The folder-of-images fixture is shared with test_datasets.py.
-sys.path.insert(0, os.path.dirname(__file__))
-# pylint: disable-next=g-import-not-at-top,wrong-import-position
+# The folder-of-images fixture is shared with test_datasets.py (pytest puts
+# the tests' directory on the path).
 from test_datasets import write_folder
 
 

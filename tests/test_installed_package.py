@@ -25,7 +25,7 @@ import venv
 import pytest
 
 from mixer_jax import config_defaults
-from mixer_jax.weights import any_checkpoint
+from mixer_jax.weights import run_info
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,7 +37,7 @@ _PROBE = textwrap.dedent('''
     import mixer_jax
     from mixer_jax.training import config_loading
     from mixer_jax.training import config_validation
-    from mixer_jax.weights import any_checkpoint
+    from mixer_jax.weights import run_info
     typo_file, workdir = sys.argv[1:3]
     try:
       config_loading.check_command_line(['train', '--config=' + typo_file])
@@ -48,7 +48,7 @@ _PROBE = textwrap.dedent('''
         'package': mixer_jax.__file__,
         'configs_importable': importlib.util.find_spec('configs') is not None,
         'typo_error': typo_error,
-        'saved_config': any_checkpoint.read_run_info(workdir)[
+        'saved_config': run_info.read_run_info(workdir)[
             'config'].to_json(sort_keys=True),
     }))
 ''')
@@ -114,13 +114,13 @@ def test_the_installed_package_refuses_typos_and_reads_saved_configs(
   config = config_defaults.get_config()
   config.batch_size = 32
   config.evals.test = config_defaults.eval_entry(split='test')
-  any_checkpoint.save_run_info(str(workdir), config, num_classes=10,
+  run_info.save_run_info(str(workdir), config, num_classes=10,
                                class_names=[str(i) for i in range(10)])
-  info_path = workdir / any_checkpoint.RUN_INFO_FILE
+  info_path = workdir / run_info.RUN_INFO_FILE
   info = json.loads(info_path.read_text())
   del info['config']['ema_decay'], info['config']['pp']['eval_resize_method']
   info_path.write_text(json.dumps(info))
-  in_checkout = any_checkpoint.read_run_info(str(workdir))['config']
+  in_checkout = run_info.read_run_info(str(workdir))['config']
 
   env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
   run = subprocess.run([python, '-c', _PROBE, str(typo_file), str(workdir)],

@@ -30,6 +30,8 @@ from test_checkpoints import snapshot
 from test_checkpoints import tiny_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The child scripts import the tests' helpers (test_checkpoints) as well.
+REPO_AND_TESTS = os.pathsep.join([REPO, os.path.join(REPO, 'tests')])
 CheckpointError = checkpoint_checks.CheckpointError
 
 
@@ -108,7 +110,7 @@ def run_on_a_small_tmpfs(tmp_path, script, size='2m', timeout=180):
   namespace = ['-m'] if os.geteuid() == 0 else ['-r', '-m']
   shell = ('mount -t tmpfs -o size="$1" tmpfs "$2" || exit 99; '
            'exec "$3" -c "$4" "$2"')
-  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu')
+  env = dict(os.environ, PYTHONPATH=REPO_AND_TESTS, JAX_PLATFORMS='cpu')
   out = subprocess.run([unshare] + namespace + [
       'sh', '-c', shell, 'sh', size, str(disk), sys.executable, script],
                        capture_output=True, text=True, env=env,
@@ -120,7 +122,6 @@ def run_on_a_small_tmpfs(tmp_path, script, size='2m', timeout=180):
 
 SPACE_CHECK_CHILD = textwrap.dedent('''
     import os, shutil, sys
-    sys.path.insert(0, os.path.join(os.environ['PYTHONPATH'], 'tests'))
     from test_checkpoints import save_steps, tiny_state
     from mixer_jax.checkpointing import checkpoint_checks
     disk = sys.argv[1]
@@ -403,7 +404,6 @@ def test_training_falls_back_to_an_earlier_step(tmp_path):
 
 ZERO_CHILD = textwrap.dedent('''
     import glob, os, sys
-    sys.path.insert(0, os.path.join(sys.argv[2], 'tests'))
     from test_checkpoints import save_steps, tiny_state
     from mixer_jax.checkpointing import checkpoints
     from mixer_jax.checkpointing import checkpoint_checks
@@ -419,8 +419,8 @@ ZERO_CHILD = textwrap.dedent('''
 
 
 def test_zero_length_array_files_give_only_the_clear_error(tmp_path):
-  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu')
-  out = subprocess.run([sys.executable, '-c', ZERO_CHILD, str(tmp_path), REPO],
+  env = dict(os.environ, PYTHONPATH=REPO_AND_TESTS, JAX_PLATFORMS='cpu')
+  out = subprocess.run([sys.executable, '-c', ZERO_CHILD, str(tmp_path)],
                        capture_output=True, text=True, env=env, timeout=120)
   assert f'ERROR Reading the arrays of checkpoint {tmp_path}/2' in out.stdout, (
       out.stdout + out.stderr[-2000:])

@@ -49,6 +49,8 @@ import orbax.checkpoint as ocp
 from mixer_jax.checkpointing import checkpoint_checks as checks
 from mixer_jax.checkpointing import preemption
 
+# The directory of a training workdir that holds its Orbax steps.
+CHECKPOINT_DIR = 'checkpoints'
 STATE_ITEM = 'state'
 EXTRA_ITEM = 'extra'
 BEST_METRIC = 'eval_accuracy'

@@ -11,7 +11,7 @@ from etils import epath
 
 from mixer_jax.training import config_validation
 from mixer_jax.training import errors
-from mixer_jax.weights import any_checkpoint
+from mixer_jax.weights import run_info
 
 
 def has_saved_steps(checkpoint_dir: str) -> bool:
@@ -40,7 +40,7 @@ def check_schedule_unchanged(config, workdir: str, checkpoint_dir: str,
   if config.allow_changed_schedule or not has_saved_steps(checkpoint_dir):
     return
   try:
-    saved = any_checkpoint.read_run_info(workdir)['config']
+    saved = run_info.read_run_info(workdir)['config']
   except errors.EXPECTED_ERRORS as e:  # Missing or damaged: rewritten.
     logging.warning('Cannot compare the schedule with the saved run: %s', e)
     return

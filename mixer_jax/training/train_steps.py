@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mixer_jax import model_from_config
 from mixer_jax import models
 
 
@@ -27,17 +28,9 @@ class TrainState(train_state.TrainState):
   ema_params: Any = None
 
 
-def create_model(config, num_classes: int) -> models.MlpMixer:
-  """The Mixer described by `config.model` with `num_classes` outputs."""
-  m = config.model
-  sizes = dict(num_blocks=m.num_blocks, hidden_dim=m.hidden_dim,
-               tokens_mlp_dim=m.tokens_mlp_dim,
-               channels_mlp_dim=m.channels_mlp_dim)
-  return models.create_model(
-      m.variant, num_classes, dtype=m.dtype,
-      stochastic_depth=m.stochastic_depth,
-      gelu_approximate=m.gelu_approximate, head_bias_init=m.head_bias_init,
-      remat=m.remat, **{k: v for k, v in sizes.items() if v is not None})
+# Defined with the config it reads; kept under this name for the callers that
+# build a model next to its train state.
+create_model = model_from_config.create_model
 
 
 def create_train_state(model: models.MlpMixer, tx: optax.GradientTransformation,

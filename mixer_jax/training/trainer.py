@@ -39,10 +39,11 @@ from mixer_jax.training import sharding
 from mixer_jax.training import throughput
 from mixer_jax.training import train_steps
 from mixer_jax.training import workdir_lock
-from mixer_jax.weights import any_checkpoint
+from mixer_jax.weights import run_info
 from mixer_jax.weights import pretrained
 
-CHECKPOINT_DIR = 'checkpoints'
+CHECKPOINT_DIR = checkpoints.CHECKPOINT_DIR
+
 
 def num_train_steps_for(config, train_examples: int) -> int:
   """config.num_train_steps, or num_epochs over the data when it is -1."""
@@ -155,7 +156,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     workdir_lock.release(lock, refused=True)
     raise
   if jax.process_index() == 0:  # Makes the workdir a checkpoint for predict.
-    any_checkpoint.save_run_info(workdir, config, run.num_classes)
+    run_info.save_run_info(workdir, config, run.num_classes)
   writer = reporting.create_writer(workdir)
   reporting.log_and_print('Compiling the train step (the first step takes '
                           'longer)...')

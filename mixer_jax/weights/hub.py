@@ -58,6 +58,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from flax import traverse_util
 import numpy as np
 
+from mixer_jax import version
 from mixer_jax.weights import official_format
 from mixer_jax.weights import registry
 from mixer_jax.weights import timm_format
@@ -270,13 +271,11 @@ def convert_timm(state: Dict[str, np.ndarray], info: TimmInfo, *,
 def _download(hub_name: HubName, filename: str) -> str:
   import huggingface_hub  # pylint: disable=g-import-not-at-top
   from huggingface_hub import errors  # pylint: disable=g-import-not-at-top
-
-  import mixer_jax  # pylint: disable=g-import-not-at-top
   try:
     return huggingface_hub.hf_hub_download(
         hub_name.repo_id, filename, revision=hub_name.revision,
         library_name='mixer_jax',
-        library_version=getattr(mixer_jax, '__version__', None))
+        library_version=version.__version__)
   except errors.LocalEntryNotFoundError as e:
     raise registry.CheckpointNotFoundError(
         f'{hub_name}: {filename} is not in the Hugging Face cache and cannot '

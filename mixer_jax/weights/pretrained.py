@@ -85,7 +85,7 @@ def read_weights(name_or_path) -> SourceFile:
       `mixer_jax.weights.hub`), a timm-format `.safetensors` file (e.g. from
       `timm_format.export_timm`; a timm `config.json` beside it is read), or
       an official-format `.npz` (local or `gs://`), or a mixer_jax training
-      workdir (its newest step; see `mixer_jax.weights.any_checkpoint`).
+      workdir (its newest step; see `mixer_jax.weights.workdir_checkpoint`).
 
   Raises:
     registry.CheckpointNotFoundError: nothing readable under that name.
@@ -94,9 +94,10 @@ def read_weights(name_or_path) -> SourceFile:
   from mixer_jax.weights import hub  # pylint: disable=g-import-not-at-top
   if isinstance(name_or_path, SourceFile):
     return name_or_path
-  from mixer_jax.weights import any_checkpoint  # pylint: disable=g-import-not-at-top
-  if any_checkpoint.is_directory(name_or_path):
-    loaded = any_checkpoint.load(name_or_path)
+  from mixer_jax.weights import workdir_checkpoint  # pylint: disable=g-import-not-at-top
+  if workdir_checkpoint.is_directory(name_or_path):
+    loaded = workdir_checkpoint.load(os.fspath(name_or_path), None, None, {},
+                                     'params')
     flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(
         unwrap(loaded.params), sep='/').items()}
     return SourceFile(flat, loaded.source, trained_gelu_approximate=bool(

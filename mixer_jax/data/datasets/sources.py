@@ -24,6 +24,8 @@ import textwrap
 import urllib.parse
 import urllib.request
 
+from typing import List, Optional
+
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
@@ -457,3 +459,16 @@ def get_source(config):
     raise ValueError("config.dataset is empty: name a TFDS data set, "
                      "'digits', or 'folder'.")
   return TfdsSource(config.dataset, config.data_dir)
+
+
+def class_names(config) -> Optional[List[str]]:
+  """Class names from the TFDS features of the run's data set, if named."""
+  source = get_source(config)
+  names = getattr(source, 'class_names', None)
+  if names is None and getattr(source, 'builder', None) is not None:
+    features = source.builder.info.features
+    key = getattr(source, 'label_key', 'label')
+    feature = features[key] if key in features else None
+    if isinstance(feature, tfds.features.ClassLabel):
+      names = feature.names
+  return [str(n) for n in names] if names else None

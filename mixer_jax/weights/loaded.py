@@ -1,0 +1,62 @@
+"""`Loaded`: a checkpoint of any kind, ready to use.
+
+What `any_checkpoint.load` returns: the model and parameters plus what a
+command needs to use them (input size, eval crop, class names).
+"""
+
+import dataclasses
+from typing import Any, List, Optional
+
+from mixer_jax import models
+from mixer_jax.weights import official_format
+from mixer_jax.weights import registry
+
+
+@dataclasses.dataclass
+class Loaded:
+  """A checkpoint ready to use.
+
+  Attributes:
+    model: the Mixer (`model.apply({'params': params}, images)`, images in
+      [-1, 1]).
+    params: its parameters (NumPy or JAX arrays).
+    kind: 'workdir', 'registry', 'hub', 'timm' or 'official'.
+    source: what was loaded, for messages (path or name, and step).
+    image_size: the input side the weights were trained or evaluated at.
+    eval_crop: 'resize' (plain resize) or 'resize_crop' (short side to
+      `eval_resize`, central crop): the evaluation preprocessing that goes
+      with the weights (`preprocess.eval_image`).
+    eval_resize: short side before the central crop.
+    class_names: names of the head's classes when the checkpoint knows them
+      (a workdir's data set, a Hub config's label_names), else None.
+    dataset: what the head predicts, when known ('imagenet2012',
+      'imagenet21k', or the workdir's config.dataset).
+    step: the Orbax step of a workdir.
+    config: the run's config, for a workdir.
+    entry: the registry entry, for registry names.
+  """
+  model: models.MlpMixer
+  params: Any
+  kind: str
+  source: str
+  image_size: int
+  eval_crop: str
+  eval_resize: int
+  class_names: Optional[List[str]] = None
+  dataset: Optional[str] = None
+  step: Optional[int] = None
+  config: Any = None
+  entry: Optional[registry.Checkpoint] = None
+
+  @property
+  def num_classes(self) -> int:
+    return int(self.model.num_classes or 0)
+
+  def features(self):
+    """(model, params) returning the pooled pre-logits features (no head).
+
+    What a linear probe (fewshot) needs.
+    """
+    params = {k: v for k, v in official_format.unwrap(self.params).items()
+              if k != 'head'}
+    return self.model.clone(num_classes=None), params

@@ -1,0 +1,80 @@
+"""`run_info.json`: what a training workdir holds, written when a run starts.
+
+The run's config (to rebuild the model and restore the Orbax state), its
+class count and class names. It is what makes a workdir a checkpoint that
+predict, evaluate, export and fewshot open without being told the config.
+A saved config is read on top of the current defaults
+(mixer_jax/config_defaults.py), so fields added after the run keep their
+defaults, installed package or checkout alike.
+"""
+
+import json
+from typing import List, Optional
+
+from mixer_jax import config_defaults
+from mixer_jax.data.datasets import sources
+from mixer_jax.weights import official_format
+from mixer_jax.weights import registry
+
+RUN_INFO_FILE = 'run_info.json'
+_RUN_INFO_VERSION = 1
+
+
+def save_run_info(workdir: str, config, num_classes: int,
+                  class_names: Optional[List[str]] = None) -> str:
+  """Writes `workdir/run_info.json`, which makes the workdir a checkpoint.
+
+  Called by `mixer_jax.train` at the start of every run (on process 0):
+  the config (to rebuild the model and restore the Orbax state), the class
+  count, and the class names read from the data set's TFDS features (e.g.
+  the folder names of a `folder` data set) unless given.
+
+  Returns:
+    The path written.
+  """
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  if class_names is None:
+    try:
+      class_names = sources.class_names(config)
+    except Exception:  # pylint: disable=broad-except
+      class_names = None  # Names are a convenience; never fail the run.
+  if class_names is not None and len(class_names) != num_classes:
+    class_names = None  # A head larger than the data's labels: indices.
+  info = {
+      'format_version': _RUN_INFO_VERSION,
+      'num_classes': int(num_classes),
+      'class_names': class_names,
+      'config': json.loads(config.to_json_best_effort()),
+  }
+  directory = epath.Path(workdir)
+  directory.mkdir(parents=True, exist_ok=True)
+  path = directory / RUN_INFO_FILE
+  partial = directory / f'.{RUN_INFO_FILE}.partial'
+  partial.write_text(json.dumps(info, indent=1))
+  partial.replace(path)  # Overwrites the file of an earlier start.
+  return str(path)
+
+
+def read_run_info(workdir: str) -> dict:
+  """The parsed `run_info.json` of a workdir, with `config` a ConfigDict."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  path = epath.Path(workdir) / RUN_INFO_FILE
+  if not path.exists():
+    raise registry.CheckpointNotFoundError(
+        f'{workdir} is a directory without {RUN_INFO_FILE}, so it does not '
+        'say which model it holds. mixer_jax.train writes that file when a '
+        'run starts; for a run trained before it did, use mixer_jax.evaluate '
+        '--config=<the run\'s config> --checkpoint=' + str(workdir) + '.')
+  try:
+    info = json.loads(path.read_text())
+    saved = info['config']
+  except (ValueError, KeyError, TypeError) as e:
+    raise official_format.PretrainedError(
+        f'{path} is damaged ({type(e).__name__}: {e}).') from e
+  config = config_defaults.get_config()
+  # Fields added to the defaults after the run keep their defaults; a field
+  # the run saved that the defaults no longer define is kept as saved.
+  with config.unlocked():
+    config.update(saved)
+  info['config'] = config
+  return info

@@ -1,0 +1,136 @@
+"""A training workdir as a checkpoint: where its steps are, and restoring one.
+
+A workdir (`workdirs/quickstart`), its `checkpoints/` directory or one step
+directory in it (`.../checkpoints/500`) is opened read-only, so a running
+job can be used; `run_info.json` (mixer_jax/weights/run_info.py) says which
+model it holds.
+"""
+
+import os
+from typing import Optional
+
+from mixer_jax import model_from_config
+from mixer_jax import models
+from mixer_jax.checkpointing import checkpoint_checks
+from mixer_jax.checkpointing.checkpoints import CHECKPOINT_DIR
+from mixer_jax.weights import hub
+from mixer_jax.weights import registry
+from mixer_jax.weights import run_info
+from mixer_jax.weights.loaded import Loaded
+
+# Which weights of a training workdir: trained, or their EMA.
+WEIGHTS = ('params', 'ema')
+
+
+def locate_workdir(path: str, step: Optional[int] = None):
+  """(workdir, checkpoint directory, step) for a workdir-like directory.
+
+  Accepts a workdir, its `checkpoints/` directory or a step directory.
+
+  Raises:
+    registry.CheckpointNotFoundError: not such a directory.
+    checkpoint_checks.CheckpointError: a step directory together with
+      another `step`.
+  """
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  location = epath.Path(path)
+  if (location / CHECKPOINT_DIR).is_dir() or (location / run_info.RUN_INFO_FILE
+                                              ).exists():
+    return str(location), str(location / CHECKPOINT_DIR), step
+  if location.name == CHECKPOINT_DIR:
+    return str(location.parent), str(location), step
+  if location.name.isdigit() and location.parent.name == CHECKPOINT_DIR:
+    if step is not None and step != int(location.name):
+      raise checkpoint_checks.CheckpointError(
+          f'{path} is step {location.name} but step={step} was asked for.')
+    return str(location.parent.parent), str(location.parent), int(
+        location.name)
+  raise registry.CheckpointNotFoundError(
+      f'{path} is a directory but not a mixer_jax training workdir (no '
+      f'{CHECKPOINT_DIR}/ or {run_info.RUN_INFO_FILE} in it).')
+
+
+def is_directory(spec) -> bool:
+  """Whether `spec` names a directory (a workdir-like one), not a weight
+  file or name."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  if not isinstance(spec, (str, os.PathLike)):
+    return False
+  spec = os.fspath(spec)
+  if hub.is_hub_name(spec) or spec.endswith(('.npz', '.safetensors')):
+    return False
+  try:
+    return epath.Path(spec).is_dir()
+  except Exception:  # pylint: disable=broad-except
+    return False
+
+
+def restore_params(directory, config, num_classes: int,
+                   step: Optional[int], sharding, weights: str = 'params'):
+  """(model, params, extra) of an Orbax step of `directory`, read-only.
+
+  Args:
+    directory: the run's checkpoint directory.
+    config: the run's config (the model it describes is rebuilt).
+    num_classes: the run's head size.
+    step: the step; None for the newest.
+    sharding: where every parameter is placed.
+    weights: 'params' (the trained weights) or 'ema' (their moving average,
+      kept by runs with config.ema_decay > 0).
+  """
+  if weights not in WEIGHTS:
+    raise ValueError(f'weights={weights!r}: use one of {WEIGHTS}.')
+  if weights == 'ema' and not config.get('ema_decay'):
+    raise checkpoint_checks.CheckpointError(
+        f'{directory} was trained without an EMA of the weights '
+        '(config.ema_decay=0): use the trained weights (--weights=params).')
+  import jax  # pylint: disable=g-import-not-at-top
+  from mixer_jax.checkpointing import checkpoints  # pylint: disable=g-import-not-at-top
+
+  model = model_from_config.create_model(config, num_classes)
+  target = jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+      models.param_shapes(model, config.image_size))
+  reader = checkpoints.Checkpointer(
+      directory, keep=1, keep_best=False, async_save=False, read_only=True,
+      fingerprint=checkpoint_checks.model_fingerprint(config, num_classes))
+  try:
+    params, extra = reader.restore_params(
+        target, step=step,
+        field='ema_params' if weights == 'ema' else 'params')
+  finally:
+    reader.close()
+  return model, params, extra
+
+
+def load(spec, step, image_size, model_options, weights) -> Loaded:
+  """Restores the parameters of a workdir's Orbax step (read-only)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  workdir, directory, step = locate_workdir(spec, step)
+  info = run_info.read_run_info(workdir)
+  config, num_classes = info['config'], int(info['num_classes'])
+  if image_size not in (None, config.image_size):
+    raise checkpoint_checks.CheckpointError(
+        f'{workdir} was trained at image_size={config.image_size}; it cannot '
+        f'be loaded at {image_size} (export it with pretrained.'
+        'export_official and use load_pretrained for a resolution change).')
+  model, params, extra = restore_params(
+      directory, config, num_classes, step,
+      jax.sharding.SingleDeviceSharding(jax.local_devices()[0]), weights)
+  options = {k: v for k, v in model_options.items()
+             if k in ('dtype', 'gelu_approximate')}
+  if options:
+    if 'dtype' in options:
+      options['dtype'] = jnp.dtype(options['dtype'])
+    model = model.clone(**options)
+  step = int(extra['step'])
+  return Loaded(
+      model=model, params=params, kind='workdir',
+      source=f'{workdir} step {step}' + (' (EMA weights)'
+                                          if weights == 'ema' else ''),
+      image_size=int(config.image_size),
+      eval_crop=config.pp.eval_crop, eval_resize=int(config.pp.eval_resize),
+      class_names=info.get('class_names'), dataset=config.dataset, step=step,
+      config=config)
