@@ -41,7 +41,6 @@ import jax
 from ml_collections import config_flags
 
 from mixer_jax.checkpointing import checkpoint_checks
-from mixer_jax.checkpointing import checkpoints
 from mixer_jax.data import input_pipeline
 from mixer_jax.training import compiled
 from mixer_jax.training import config_loading
@@ -51,36 +50,28 @@ from mixer_jax.training import evals
 from mixer_jax.training import reporting
 from mixer_jax.training import sharding
 from mixer_jax.training import trainer
+from mixer_jax.weights import registry
 from mixer_jax.weights import run_info
 from mixer_jax.weights import workdir_checkpoint
-from mixer_jax.weights import registry
 
 FLAGS = flags.FLAGS
-_TRAIN_CHECKPOINT_DIR = 'checkpoints'  # Subdirectory of a training workdir.
 
 
 def resolve_checkpoint(path: str, step: Optional[int] = None):
   """Classifies `--checkpoint`.
 
   Args:
-    path: workdir, Orbax directory, step directory, .npz path or registry
-      name.
+    path: a directory (see `workdir_checkpoint.locate_workdir`), or a weight
+      file or name.
     step: the `--step` flag, if given.
 
   Returns:
     ('orbax', checkpoint_directory, step) or ('pretrained', path, None).
   """
-  location = epath.Path(path)
-  if str(path).endswith('.npz') or not location.is_dir():
+  if not workdir_checkpoint.is_directory(path):
     return 'pretrained', str(path), None
-  if (location / _TRAIN_CHECKPOINT_DIR).is_dir():
-    return 'orbax', str(location / _TRAIN_CHECKPOINT_DIR), step
-  if location.name.isdigit() and (location / checkpoints.STATE_ITEM).is_dir():
-    if step is not None and step != int(location.name):
-      raise checkpoint_checks.CheckpointError(
-          f'--checkpoint names step {location.name} but --step={step}.')
-    return 'orbax', str(location.parent), int(location.name)
-  return 'orbax', str(location), step
+  _, directory, step = workdir_checkpoint.locate_workdir(path, step)
+  return 'orbax', directory, step
 
 
 def load_params(config, checkpoint: str, num_classes: int, mesh,
@@ -184,8 +175,6 @@ def main(argv):
       raise errors.UsageError(f'Unexpected arguments: {argv[1:]}; set config '
                               'values with --config.FIELD=VALUE.')
     sharding.initialize_from_flags()
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    tf.config.set_visible_devices([], 'GPU')  # TF only reads data here.
     config = FLAGS.config
     if config is None:  # A workdir's run_info.json holds the run's config.
       config = _config_of_workdir(FLAGS.checkpoint)

@@ -97,8 +97,6 @@ def main(argv):
       raise errors.UsageError(f'Unexpected arguments: {argv[1:]}.')
     shots = parse_shots(FLAGS.shots)
     sharding.initialize_from_flags()
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    tf.config.set_visible_devices([], 'GPU')  # TF only reads data here.
     rows = run(FLAGS.checkpoint, FLAGS.dataset, shots=shots,
                train_split=FLAGS.train_split, test_split=FLAGS.test_split,
                data_dir=FLAGS.data_dir, batch_size=FLAGS.batch_size,

@@ -129,10 +129,12 @@ def classify_files(model, params, paths: Sequence[str], *, image_size: int,
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from mixer_jax.data import preprocess  # pylint: disable=g-import-not-at-top
+  from mixer_jax.data import preprocess_choices  # pylint: disable=g-import-not-at-top
 
   if not model.num_classes:
     raise ValueError('The model has no head; load it with a class count.')
-  resize_size = resize_size or round(image_size * 256 / 224)
+  resize_size = resize_size or preprocess_choices.imagenet_eval_resize(
+      image_size)
   scores_fn = compiled.predict_function(model)
   k = min(top_k, model.num_classes)
   results = []

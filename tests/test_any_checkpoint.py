@@ -21,14 +21,14 @@ from PIL import Image
 import pytest
 
 from configs import quickstart
-from mixer_jax.checkpointing import checkpoint_checks
 from mixer_jax.checkpointing import checkpoints
+from mixer_jax.checkpointing import fingerprint
 from mixer_jax.training import train_steps
 from mixer_jax.weights import any_checkpoint
-from mixer_jax.weights import run_info
 from mixer_jax.weights import official_format
 from mixer_jax.weights import pretrained
 from mixer_jax.weights import registry
+from mixer_jax.weights import run_info
 from mixer_jax.weights import timm_format
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -191,7 +191,7 @@ def test_saved_state_without_training(tmp_path):
   state = state.replace(params=jax.tree.unflatten(tree, leaves))
   ckpt = checkpoints.Checkpointer(
       tmp_path / 'checkpoints', keep=2, keep_best=False,
-      fingerprint=checkpoint_checks.model_fingerprint(config, 10))
+      fingerprint=fingerprint.model_fingerprint(config, 10))
   ckpt.save(7, state.replace(step=np.int32(7)))
   ckpt.close()
   run_info.save_run_info(str(tmp_path), config, 10)

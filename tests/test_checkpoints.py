@@ -26,9 +26,11 @@ import optax
 from flax.training import train_state
 import pytest
 
-from mixer_jax import models
 from mixer_jax.checkpointing import checkpoint_checks as checks
 from mixer_jax.checkpointing import checkpoints
+from mixer_jax.checkpointing import read_noise
+from mixer_jax.checkpointing import state_digests
+from mixer_jax import models
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CheckpointError = checks.CheckpointError
@@ -223,21 +225,21 @@ def test_one_changed_value_changes_the_checksum():
   # The guarantee behind the test above: any change confined to one value,
   # even the lowest bit, or swapping two values, changes the leaf checksum.
   x = np.linspace(-1, 1, 1000, dtype=np.float32).reshape(10, 100)
-  base = checks.state_digests({'x': x})['x'][0]
+  base = state_digests.state_digests({'x': x})['x'][0]
   for index in [(0, 0), (3, 7), (9, 99)]:
     for bit in (0, 17, 31):
       y = x.copy()
       y.view(np.uint32)[index] ^= np.uint32(1 << bit)
-      assert checks.state_digests({'x': y})['x'][0] != base, (index, bit)
+      assert state_digests.state_digests({'x': y})['x'][0] != base, (index, bit)
   swapped = x.copy()
   swapped[0, 0], swapped[0, 1] = x[0, 1], x[0, 0]
-  assert checks.state_digests({'x': swapped})['x'][0] != base
-  assert checks.state_digests({'x': x.copy()})['x'][0] == base
+  assert state_digests.state_digests({'x': swapped})['x'][0] != base
+  assert state_digests.state_digests({'x': x.copy()})['x'][0] == base
   # Other dtypes are covered bit for bit too.
   for dtype in (jnp.bfloat16, jnp.int32, jnp.uint8):
     z = jnp.arange(64).astype(dtype)
-    assert (checks.state_digests({'z': z})['z'][0] !=
-            checks.state_digests({'z': z.at[5].add(1)})['z'][0])
+    assert (state_digests.state_digests({'z': z})['z'][0] !=
+            state_digests.state_digests({'z': z.at[5].add(1)})['z'][0])
 
 
 def test_other_variant_names_leaf_and_shapes(tmp_path):
@@ -470,7 +472,7 @@ def test_abandoned_read_tasks_are_not_reported_again(caplog):
   # already raised. Other never-retrieved errors still show.
   import logging  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
-  checks.quiet_failed_read_noise()
+  read_noise.quiet_failed_read_noise()
   asyncio_logger = logging.getLogger('asyncio')
   for text in ('OUT_OF_RANGE: Error opening "zarr" driver: Error reading '
                '"w/.zarray" in OCDBT database', 'a bug elsewhere'):

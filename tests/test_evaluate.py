@@ -17,10 +17,11 @@ import optax
 import pytest
 
 from configs import quickstart
-from mixer_jax import evaluate
 from mixer_jax.checkpointing import checkpoint_checks
 from mixer_jax.checkpointing import checkpoints
+from mixer_jax.checkpointing import fingerprint
 from mixer_jax.data import input_pipeline
+from mixer_jax import evaluate
 from mixer_jax.training import train_steps
 from mixer_jax.weights import pretrained
 
@@ -75,7 +76,7 @@ def workdir(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('run')
   ckpt = checkpoints.Checkpointer(
       workdir / 'checkpoints', keep=3, keep_best=False,
-      fingerprint=checkpoint_checks.model_fingerprint(config, 10))
+      fingerprint=fingerprint.model_fingerprint(config, 10))
   ckpt.save(100, state.replace(step=np.int32(100)))
   ckpt.save(200, state.replace(step=np.int32(200)))
   ckpt.close()

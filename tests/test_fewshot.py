@@ -20,11 +20,11 @@ import tensorflow_datasets as tfds
 
 from mixer_jax import config_defaults
 from configs import mixer_i1k
-from mixer_jax import fewshot
-from mixer_jax.training import linear_probe
 from mixer_jax.data import input_pipeline
+from mixer_jax import fewshot
 from mixer_jax.training import compiled
 from mixer_jax.training import evals
+from mixer_jax.training import linear_probe
 from mixer_jax.training import reporting
 from mixer_jax.training import sharding
 from mixer_jax.training import train_steps

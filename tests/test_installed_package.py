@@ -56,7 +56,8 @@ _PROBE = textwrap.dedent('''
 
 def _copy_tracked_files(destination):
   """The checkout's files as git tracks them (with uncommitted edits)."""
-  names = subprocess.run(['git', 'ls-files', '-z'], cwd=ROOT, check=True,
+  names = subprocess.run(['git', 'ls-files', '-z', '--cached', '--others',
+                          '--exclude-standard'], cwd=ROOT, check=True,
                          capture_output=True).stdout.decode().split('\0')
   for name in filter(None, names):
     source = os.path.join(ROOT, name)

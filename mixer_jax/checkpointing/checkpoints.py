@@ -47,7 +47,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from mixer_jax.checkpointing import checkpoint_checks as checks
+from mixer_jax.checkpointing import disk_space
 from mixer_jax.checkpointing import preemption
+from mixer_jax.checkpointing import read_noise
+from mixer_jax.checkpointing import state_digests
 
 # The directory of a training workdir that holds its Orbax steps.
 CHECKPOINT_DIR = 'checkpoints'
@@ -244,12 +247,12 @@ class Checkpointer:
     if self.read_only:
       raise checks.CheckpointError(f'{self.directory} was opened read-only.')
     # A write that fails (full disk) leaves the same echoes as a failed read.
-    checks.quiet_failed_read_noise()
+    read_noise.quiet_failed_read_noise()
     payload = checks.save_payload(
         state, step, extra, self.fingerprint, self.directory,
         self.latest_step)
     if not str(self.directory).startswith('gs://'):
-      checks.check_space(state, step, self.directory, self.all_steps)
+      disk_space.check_space(state, step, self.directory, self.all_steps)
     ranked = None
     if metrics is not None and BEST_METRIC in metrics:
       value = float(np.asarray(metrics[BEST_METRIC]))
@@ -373,14 +376,14 @@ class Checkpointer:
 
   def _restore(self, target, step):
     step, where, hint, extra, stored = self._open(step)
-    checks.check_tree(stored, checks.flat(target), where, self._unchanged)
+    checks.check_tree(stored, state_digests.flat(target), where, self._unchanged)
     abstract = jax.tree.map(_abstract, target)
     try:
       state = self._manager.restore(step, args=ocp.args.Composite(**{
           STATE_ITEM: ocp.args.StandardRestore(abstract)}))[STATE_ITEM]
     except Exception as e:  # pylint: disable=broad-except
       raise self._vanished(where) or checks.read_error(where, e, hint) from e
-    checks.check_digests(checks.state_digests(state),
+    checks.check_digests(state_digests.state_digests(state),
                          extra.get('leaf_checksums'), where, hint)
     return state, extra
 
@@ -406,7 +409,7 @@ class Checkpointer:
   def _restore_params(self, params, step, field='params'):
     step, where, hint, extra, stored = self._open(step)
     stored = {k: v for k, v in stored.items() if k.startswith(f'{field}/')}
-    wanted = {f'{field}/{k}': v for k, v in checks.flat(params).items()}
+    wanted = {f'{field}/{k}': v for k, v in state_digests.flat(params).items()}
     checks.check_tree(stored, wanted, where, self._unchanged)
     item = {field: jax.tree.map(_abstract, params)}
     try:
@@ -417,13 +420,13 @@ class Checkpointer:
                 restore_args=ocp.checkpoint_utils.construct_restore_args(item)))
     except Exception as e:  # pylint: disable=broad-except
       raise self._vanished(where) or checks.read_error(where, e, hint) from e
-    checks.check_digests(checks.state_digests(restored),
+    checks.check_digests(state_digests.state_digests(restored),
                          extra.get('leaf_checksums'), where, hint)
     return restored[field], extra
 
   def _open(self, step):
     """Resolves `step`, reads its JSON and array metadata and fingerprint."""
-    checks.quiet_failed_read_noise()
+    read_noise.quiet_failed_read_noise()
     steps = self.all_steps()
     if step is None:
       step = self.latest_step()
@@ -449,7 +452,7 @@ class Checkpointer:
       # From the item itself: the manager's item_metadata(step) would also
       # read the step's metrics file, which is not needed here.
       stored = ocp.StandardCheckpointHandler().metadata(where / STATE_ITEM)
-      stored = checks.flat(getattr(stored, 'tree', stored))
+      stored = state_digests.flat(getattr(stored, 'tree', stored))
       if not isinstance(extra, dict) or not stored:
         raise ValueError('missing state metadata or extra JSON')
     except Exception as e:  # pylint: disable=broad-except

@@ -27,8 +27,9 @@ current epoch is read as raw records (plus one shuffle buffer) but not
 decoded (with config.cache, decoded once into the cache). Determinism holds for a fixed data set, process count, batch size
 and TensorFlow version.
 
-TensorFlow is kept off accelerators (preprocess.py hides GPUs from it on
-import): the pipeline runs on CPU and leaves GPU memory to JAX.
+TensorFlow is kept off accelerators (the programs hide GPUs from it,
+`command_line.load_tensorflow_quietly`): the pipeline runs on CPU and leaves
+GPU memory to JAX.
 """
 
 import dataclasses
@@ -250,7 +251,7 @@ def eval_dataset(config, *, process_index=None, process_count=None):
   source = sources.get_source(config)
   num_classes = head_classes(config, source)
   split = config.eval_split
-  largest = max(source.shard_size(split, i, count) for i in range(count))
+  largest = sources.largest_shard_size(source, split, count)
   if largest <= 0:
     raise ValueError(f'Split {split!r} of {source.name} is empty.')
   pp = config.pp

@@ -16,19 +16,12 @@ Mixer code.
 
 import tensorflow as tf
 
-
-# TensorFlow only preprocesses here: keep it on the CPU so that it takes no
-# accelerator memory from JAX. Only possible before TF has touched a GPU.
-try:
-  tf.config.set_visible_devices([], 'GPU')
-except RuntimeError:
-  pass
+from mixer_jax.data.preprocess_choices import EVAL_CROPS
+from mixer_jax.data.preprocess_choices import RESIZE_METHODS
+from mixer_jax.data.preprocess_choices import TRAIN_CROPS
 
 # Aspect ratios of random crops (Inception / vit_jax defaults).
 _ASPECT_RATIO_RANGE = (3 / 4, 4 / 3)
-# Resize methods `resize_small` accepts (tf.image.resize names); big_vision's
-# `resize_small` defaults to 'area'.
-RESIZE_METHODS = ('area', 'bilinear', 'bicubic', 'nearest')
 
 def normalize(image):
   """Maps pixel values 0..255 (any dtype) to float32 [-1, 1]."""
@@ -226,14 +219,13 @@ def train_image(image, seed, *, image_size, crop='inception',
   """
   image = tf.convert_to_tensor(image)
   seeds = tf.random.experimental.stateless_split(seed, 3)
-  if crop in ('inception', 'finetune'):
-    image = decode_and_random_crop(image, seeds[0], area_min)
-  elif crop == 'resize':
+  if crop not in TRAIN_CROPS:
+    raise ValueError(f'Unknown train crop {crop!r}: use one of {TRAIN_CROPS} '
+                     '(config.pp.train_crop).')
+  if crop == 'resize':
     image = decode(image)
-  else:
-    raise ValueError(
-        f"Unknown train crop {crop!r}: use 'inception', 'finetune' or "
-        "'resize' (config.pp.train_crop).")
+  else:  # 'inception' and 'finetune' differ in the area bound only.
+    image = decode_and_random_crop(image, seeds[0], area_min)
   image = resize(image, image_size)
   if flip:
     image = random_flip(image, seeds[1])
@@ -241,9 +233,6 @@ def train_image(image, seed, *, image_size, crop='inception',
     image = tf.cast(tf.round(tf.clip_by_value(image, 0.0, 255.0)), tf.uint8)
     image = randaugment(image, seeds[2])
   return normalize(image)
-
-
-EVAL_CROPS = ('resize', 'resize_crop', 'squash_crop')
 
 
 def eval_image(image, image_size, crop='resize', resize_size=256,

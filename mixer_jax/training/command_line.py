@@ -45,7 +45,7 @@ if not asks_verbose(sys.argv):  # 2: TensorFlow's C++ INFO and WARNING off.
 
 
 def load_tensorflow_quietly() -> None:
-  """Imports TensorFlow with its C++ start-up lines kept off stderr.
+  """Imports TensorFlow, its C++ start-up lines kept off stderr, on the CPU.
 
   TensorFlow's C++ code logs through absl before absl's logging is set up
   ("All log messages before absl::InitializeLog() ...", the oneDNN note),
@@ -53,9 +53,22 @@ def load_tensorflow_quietly() -> None:
   with file descriptor 2 pointed at a temporary file. What it wrote is
   replayed when --verbose is given or the import fails. For the programs
   that read data sets; call it before anything else imports TensorFlow.
+
+  TensorFlow only reads and preprocesses data in these programs (JAX
+  computes), so its GPUs are hidden from it: it then takes no accelerator
+  memory from JAX.
   """
-  if 'tensorflow' in sys.modules or asks_verbose(sys.argv):
-    return
+  if 'tensorflow' not in sys.modules and not asks_verbose(sys.argv):
+    _import_with_stderr_captured()
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  try:
+    tf.config.set_visible_devices([], 'GPU')
+  except RuntimeError:
+    pass  # TensorFlow has already used a GPU; it cannot be hidden any more.
+
+
+def _import_with_stderr_captured() -> None:
+  """Imports TensorFlow with file descriptor 2 pointed at a temporary file."""
   sys.stderr.flush()
   saved = os.dup(2)
   with tempfile.TemporaryFile() as captured:

@@ -10,6 +10,9 @@ import math
 from typing import List, Optional
 
 from mixer_jax import models
+from mixer_jax.data.preprocess_choices import EVAL_CROPS
+from mixer_jax.data.preprocess_choices import RESIZE_METHODS
+from mixer_jax.data.preprocess_choices import TRAIN_CROPS
 from mixer_jax.training import sharding
 from mixer_jax.weights import official_format
 from mixer_jax.weights import pretrained
@@ -18,9 +21,6 @@ DTYPES = ('float32', 'bfloat16')
 OPTIMIZERS = ('adam', 'sgd')
 SCHEDULES = ('linear', 'cosine')
 LOSSES = ('softmax', 'sigmoid')
-TRAIN_CROPS = ('inception', 'finetune', 'resize')
-EVAL_CROPS = ('resize_crop', 'resize', 'squash_crop')
-RESIZE_METHODS = ('area', 'bilinear', 'bicubic', 'nearest')
 EVAL_KINDS = ('classification', 'real', 'fewshot')
 BAD_IMAGES = ('error', 'skip')
 

@@ -19,9 +19,10 @@ Each failure is one `ConfigError` (or the source's DatasetUnavailableError
 
 from typing import Optional
 
-from mixer_jax.data import input_pipeline
 from mixer_jax.data.datasets import sources
+from mixer_jax.data import input_pipeline
 from mixer_jax.training.config_validation import ConfigError
+from mixer_jax.training import eval_entries
 
 
 _SPLIT_HELP = ("Split strings are a split name ('train'), a slice "
@@ -78,18 +79,6 @@ def _head_classes(config, source) -> int:
     raise ConfigError(str(e)) from None
 
 
-def _label_classes(source, label_key: str) -> int:
-  """Class count of feature `label_key` of a TFDS source (-1: unknown)."""
-  features = source.builder.info.features
-  if label_key not in features:
-    raise ConfigError(
-        f'{source.name} has no feature {label_key!r}; it has '
-        f'{sorted(features)}.')
-  label = features[label_key]
-  label = getattr(label, 'feature', label)  # Sequence(ClassLabel).
-  return int(getattr(label, 'num_classes', -1) or -1)
-
-
 def check_evals(config, head_classes: int, main_source=None) -> None:
   """Checks every config.evals entry's data (see the module docstring)."""
   entries = config.evals.items() if 'evals' in config else ()
@@ -108,15 +97,13 @@ def check_evals(config, head_classes: int, main_source=None) -> None:
           split_size(source, test_split,
                      f'{field}.fewshot_datasets.{key} test split')
         continue
-      dataset = entry.dataset or config.dataset
-      split = entry.split or config.eval_split
-      if dataset == config.dataset and entry.label_key == 'label':
-        source = main_source or sources.get_source(config)
-        data_classes = source.num_classes
-      else:
-        source = sources.TfdsSource(dataset, config.data_dir)
-        data_classes = _label_classes(source, entry.label_key)
-      split_size(source, split, f'{field}.split' if entry.split else
+      data = eval_entries.entry_data(config, entry)
+      try:
+        source = eval_entries.entry_source(config, data, main_source)
+      except ValueError as e:  # A label_key the data set lacks.
+        raise ConfigError(str(e)) from None
+      data_classes = source.num_classes
+      split_size(source, data.split, f'{field}.split' if entry.split else
                  f'{field} (eval_split)')
     except ConfigError as e:
       if str(e).startswith(field):

@@ -28,11 +28,11 @@ from typing import Callable, Dict, Iterable, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tensorflow_datasets as tfds
 
-from mixer_jax.data import input_pipeline
 from mixer_jax.data.datasets import sources
+from mixer_jax.data import input_pipeline
 from mixer_jax.training import compiled
+from mixer_jax.training import eval_entries
 from mixer_jax.training import linear_probe
 from mixer_jax.training import sharding
 
@@ -89,33 +89,13 @@ def evaluate_dataset(p_eval_step, params, batches: Iterable, mesh, *,
 
 def _read(config, entry, index, count):
   """(this process's examples, size of the largest shard, class count)."""
-  dataset = entry.dataset or config.dataset
-  split = entry.split or config.eval_split
-  if dataset == config.dataset and entry.label_key == 'label':
-    source = sources.get_source(config)  # Folders and TFDS alike.
-    examples = source.read(split, index, count)
-    num_classes = source.num_classes
-  else:
-    source = sources.TfdsSource(dataset, config.data_dir)
-    builder = source.builder
-    features = builder.info.features
-    if entry.label_key not in features:
-      raise ValueError(f'{dataset} has no feature {entry.label_key!r} '
-                       f'(config.evals label_key); it has {list(features)}.')
-    label = features[entry.label_key]
-    label = getattr(label, 'feature', label)  # Sequence(ClassLabel).
-    num_classes = getattr(label, 'num_classes', -1)
-    shard = split if count == 1 else tfds.even_splits(split, n=count)[index]
-    decoders = ({'image': tfds.decode.SkipDecoding()} if isinstance(
-        features['image'], tfds.features.Image) else None)
-    examples = builder.as_dataset(
-        split=shard, shuffle_files=False, decoders=decoders,
-        read_config=tfds.ReadConfig(try_autocache=False)).map(
-            lambda ex: {'image': ex['image'], 'label': ex[entry.label_key]})
-  largest = max(source.shard_size(split, i, count) for i in range(count))
+  data = eval_entries.entry_data(config, entry)
+  source = eval_entries.entry_source(config, data)
+  examples = source.read(data.split, index, count)
+  largest = sources.largest_shard_size(source, data.split, count)
   if largest <= 0:
-    raise ValueError(f'Split {split!r} of {dataset} is empty.')
-  return examples, largest, num_classes
+    raise ValueError(f'Split {data.split!r} of {data.dataset} is empty.')
+  return examples, largest, source.num_classes
 
 
 class Evaluations:

@@ -105,7 +105,7 @@ def _tfds_metadata(name: str, data_dir):
   """(builder, class count) from TFDS's metadata; prepares nothing."""
   try:
     builder = tfds.builder(name, data_dir=data_dir)
-  except tfds.core.registered.DatasetNotFoundError:
+  except tfds.core.DatasetNotFoundError:
     raise sources.DatasetUnavailableError(
         f'TFDS knows no data set named {name!r}.') from None
   info = builder.info

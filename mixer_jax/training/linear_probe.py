@@ -149,7 +149,7 @@ def split_batches(dataset: str, split: str, *, data_dir, batch_size: int,
   if source.num_classes <= 0:
     raise ValueError(f'{dataset} has no class label for a few-shot probe.')
   index, count = jax.process_index(), jax.process_count()
-  largest = max(source.shard_size(split, i, count) for i in range(count))
+  largest = sources.largest_shard_size(source, split, count)
   if largest <= 0:
     raise ValueError(f'Split {split!r} of {dataset} is empty.')
   batches = input_pipeline.padded_eval_dataset(

@@ -23,8 +23,8 @@ import numpy as np
 import optax
 
 from mixer_jax import models
-from mixer_jax.checkpointing import checkpoint_checks
 from mixer_jax.checkpointing import checkpoints
+from mixer_jax.checkpointing import fingerprint
 from mixer_jax.checkpointing import preemption
 from mixer_jax.data import input_pipeline
 from mixer_jax.training import compiled
@@ -200,7 +200,7 @@ def _checkpointer(config, workdir: str, num_classes: int):
   return checkpoints.Checkpointer(
       os.path.join(workdir, CHECKPOINT_DIR), keep=config.keep_checkpoints,
       keep_best=config.keep_best_checkpoint,
-      fingerprint=checkpoint_checks.model_fingerprint(config, num_classes))
+      fingerprint=fingerprint.model_fingerprint(config, num_classes))
 
 
 def _resolve_init_from(config, checkpoint_dir: str):

@@ -25,14 +25,12 @@ from typing import Optional
 from flax import traverse_util
 
 from mixer_jax.checkpointing import checkpoint_checks
+from mixer_jax.data import preprocess_choices
 from mixer_jax.weights import hub
 from mixer_jax.weights import official_format
 from mixer_jax.weights import pretrained
 from mixer_jax.weights import workdir_checkpoint
 from mixer_jax.weights.loaded import Loaded
-
-# The official ImageNet evaluation: short side to 256, central 224 crop.
-_IMAGENET_RESIZE_RATIO = 256 / 224
 
 
 def load(spec, *, step: Optional[int] = None,
@@ -92,5 +90,5 @@ def load(spec, *, step: Optional[int] = None,
       model=model, params=params,
       kind='registry' if entry is not None else 'official',
       source=read.source, image_size=size, eval_crop='resize_crop',
-      eval_resize=int(round(size * _IMAGENET_RESIZE_RATIO)),
+      eval_resize=preprocess_choices.imagenet_eval_resize(size),
       dataset=entry.dataset if entry is not None else None, entry=entry)

@@ -9,23 +9,40 @@ model it holds.
 import os
 from typing import Optional
 
+from mixer_jax.checkpointing import checkpoint_checks
+from mixer_jax.checkpointing import checkpoints
+from mixer_jax.checkpointing.checkpoints import CHECKPOINT_DIR
+from mixer_jax.checkpointing import fingerprint
 from mixer_jax import model_from_config
 from mixer_jax import models
-from mixer_jax.checkpointing import checkpoint_checks
-from mixer_jax.checkpointing.checkpoints import CHECKPOINT_DIR
 from mixer_jax.weights import hub
+from mixer_jax.weights.loaded import Loaded
 from mixer_jax.weights import registry
 from mixer_jax.weights import run_info
-from mixer_jax.weights.loaded import Loaded
 
 # Which weights of a training workdir: trained, or their EMA.
 WEIGHTS = ('params', 'ema')
 
 
-def locate_workdir(path: str, step: Optional[int] = None):
-  """(workdir, checkpoint directory, step) for a workdir-like directory.
+def _is_step_directory(location) -> bool:
+  """A step of an Orbax checkpoint directory: `<step>/state/`."""
+  return location.name.isdigit() and (location / checkpoints.STATE_ITEM
+                                      ).is_dir()
 
-  Accepts a workdir, its `checkpoints/` directory or a step directory.
+
+def locate_workdir(path: str, step: Optional[int] = None):
+  """(workdir, checkpoint directory, step) of a directory naming a checkpoint.
+
+  The one reading of a checkpoint directory for every command. Accepts:
+  - a training workdir (it holds `checkpoints/` or `run_info.json`);
+  - its `checkpoints/` directory;
+  - one step directory (`.../checkpoints/500`, or any `<step>/` holding an
+    Orbax `state/`), which also fixes the step;
+  - any other directory holding Orbax step directories (a checkpoint
+    directory saved outside a workdir).
+  Outside a workdir, the checkpoint directory itself stands for the workdir
+  (a run_info.json there would describe it; without one, reading it says
+  that the config must be given).
 
   Raises:
     registry.CheckpointNotFoundError: not such a directory.
@@ -37,17 +54,24 @@ def locate_workdir(path: str, step: Optional[int] = None):
   if (location / CHECKPOINT_DIR).is_dir() or (location / run_info.RUN_INFO_FILE
                                               ).exists():
     return str(location), str(location / CHECKPOINT_DIR), step
-  if location.name == CHECKPOINT_DIR:
-    return str(location.parent), str(location), step
-  if location.name.isdigit() and location.parent.name == CHECKPOINT_DIR:
+  if location.name.isdigit() and (location.parent.name == CHECKPOINT_DIR or
+                                  _is_step_directory(location)):
     if step is not None and step != int(location.name):
       raise checkpoint_checks.CheckpointError(
           f'{path} is step {location.name} but step={step} was asked for.')
-    return str(location.parent.parent), str(location.parent), int(
-        location.name)
+    directory = location.parent
+    workdir = (directory.parent if directory.name == CHECKPOINT_DIR
+               else directory)
+    return str(workdir), str(directory), int(location.name)
+  if location.name == CHECKPOINT_DIR:
+    return str(location.parent), str(location), step
+  if location.is_dir() and any(
+      _is_step_directory(child) for child in location.iterdir()):
+    return str(location), str(location), step
   raise registry.CheckpointNotFoundError(
       f'{path} is a directory but not a mixer_jax training workdir (no '
-      f'{CHECKPOINT_DIR}/ or {run_info.RUN_INFO_FILE} in it).')
+      f'{CHECKPOINT_DIR}/ or {run_info.RUN_INFO_FILE} in it) nor an Orbax '
+      'checkpoint directory.')
 
 
 def is_directory(spec) -> bool:
@@ -85,7 +109,6 @@ def restore_params(directory, config, num_classes: int,
         f'{directory} was trained without an EMA of the weights '
         '(config.ema_decay=0): use the trained weights (--weights=params).')
   import jax  # pylint: disable=g-import-not-at-top
-  from mixer_jax.checkpointing import checkpoints  # pylint: disable=g-import-not-at-top
 
   model = model_from_config.create_model(config, num_classes)
   target = jax.tree.map(
@@ -93,7 +116,7 @@ def restore_params(directory, config, num_classes: int,
       models.param_shapes(model, config.image_size))
   reader = checkpoints.Checkpointer(
       directory, keep=1, keep_best=False, async_save=False, read_only=True,
-      fingerprint=checkpoint_checks.model_fingerprint(config, num_classes))
+      fingerprint=fingerprint.model_fingerprint(config, num_classes))
   try:
     params, extra = reader.restore_params(
         target, step=step,

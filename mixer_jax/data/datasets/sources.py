@@ -181,12 +181,17 @@ def _build_lock(data_dir_root, name):
 
 
 class TfdsSource:
-  """A TFDS data set, by name, in `data_dir` (None: TFDS's default)."""
+  """A TFDS data set, by name, in `data_dir` (None: TFDS's default).
 
-  def __init__(self, name, data_dir=None):
+  Its labels are the data set's supervised label, or the feature
+  `label_key` (e.g. ImageNet ReaL's `real_label`, a set of labels per image;
+  `num_classes` is then that of the set's ClassLabel).
+  """
+
+  def __init__(self, name, data_dir=None, label_key=None):
     try:
       self.builder = tfds.builder(name, data_dir=data_dir)
-    except tfds.core.registered.DatasetNotFoundError as e:
+    except tfds.core.DatasetNotFoundError as e:
       raise DatasetUnavailableError(
           f'TFDS knows no data set named {name!r} (config.dataset). Use a '
           "name from tfds.list_builders(), 'digits' (built in) or 'folder' "
@@ -196,11 +201,17 @@ class TfdsSource:
     features = self.builder.info.features
     self.image_key, self.label_key = (
         self.builder.info.supervised_keys or ('image', 'label'))
+    if label_key is not None:
+      if label_key not in features:
+        raise ValueError(f'{name} has no feature {label_key!r} (config.evals '
+                         f'label_key); it has {sorted(features)}.')
+      self.label_key = label_key
     if self.image_key not in features or self.label_key not in features:
       raise DatasetUnavailableError(
           f'{name!r} has no ({self.image_key!r}, {self.label_key!r}) '
           'features; mixer_jax needs an image classification data set.')
     label = features[self.label_key]
+    label = getattr(label, 'feature', label)  # Sequence(ClassLabel).
     self.num_classes = (label.num_classes if isinstance(
         label, tfds.features.ClassLabel) else -1)
     # Keep encoded images encoded: preprocessing crops JPEGs while decoding.
@@ -300,6 +311,13 @@ class TfdsSource:
         read_config=tfds.ReadConfig(try_autocache=False))
     return ds.map(lambda ex: {'image': ex[self.image_key],
                               'label': tf.cast(ex[self.label_key], tf.int64)})
+
+
+def largest_shard_size(source, split, count) -> int:
+  """Examples of the largest of the `count` process shards of `split`: the
+  length every process pads its eval pass to, so that all run the same
+  number of batches."""
+  return max(source.shard_size(split, i, count) for i in range(count))
 
 
 @functools.lru_cache(maxsize=None)
