@@ -47,6 +47,7 @@ from mixer_jax.training import config_loading
 from mixer_jax.training import config_validation
 from mixer_jax.training import errors
 from mixer_jax.training import evals
+from mixer_jax.training import init_from_checks
 from mixer_jax.training import reporting
 from mixer_jax.training import sharding
 from mixer_jax.training import trainer
@@ -97,7 +98,7 @@ def load_params(config, checkpoint: str, num_classes: int, mesh,
   kind, location, step = resolve_checkpoint(checkpoint, step)
   if kind == 'orbax':
     # A run fine-tuned at a higher resolution derived its token-mixing width.
-    config = config_validation.resolve_init_from(config, resuming=True)
+    config = init_from_checks.resolve_init_from(config, resuming=True)
     model, params, extra = workdir_checkpoint.restore_params(
         location, config, num_classes, step, sharding.replicated(mesh),
         weights)

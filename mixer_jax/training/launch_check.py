@@ -35,6 +35,7 @@ from mixer_jax.data.datasets import sources
 from mixer_jax.training import compiled
 from mixer_jax.training import config_validation
 from mixer_jax.training import cost
+from mixer_jax.training import init_from_checks
 from mixer_jax.training import optim
 from mixer_jax.training import sharding
 from mixer_jax.training import train_steps
@@ -98,7 +99,7 @@ def _init_from_note(config):
   if not local:
     return config, (f'init_from {spec}: not downloaded here, not checked '
                     '(the run checks it before compiling).')
-  return config_validation.resolve_init_from(config, resuming=False), None
+  return init_from_checks.resolve_init_from(config, resuming=False), None
 
 
 def _tfds_metadata(name: str, data_dir):

@@ -32,6 +32,7 @@ from mixer_jax.training import config_validation
 from mixer_jax.training import data_checks
 from mixer_jax.training import errors
 from mixer_jax.training import evals
+from mixer_jax.training import init_from_checks
 from mixer_jax.training import optim
 from mixer_jax.training import reporting
 from mixer_jax.training import resume_checks
@@ -211,7 +212,7 @@ def _resolve_init_from(config, checkpoint_dir: str):
   """
   resuming = config.resume_step >= 0 or resume_checks.has_saved_steps(
       checkpoint_dir)
-  resolved = config_validation.resolve_init_from(config, resuming=resuming)
+  resolved = init_from_checks.resolve_init_from(config, resuming=resuming)
   if resolved is not config:
     reporting.log_and_print(
         f'model.tokens_mlp_dim={resolved.model.tokens_mlp_dim} from '
@@ -231,7 +232,7 @@ def load_train_state(config, workdir: str, step: Optional[int] = None):
   Returns:
     (state, extra): the replicated TrainState and the checkpoint's JSON dict.
   """
-  config = config_validation.resolve_init_from(config, resuming=True)
+  config = init_from_checks.resolve_init_from(config, resuming=True)
   run = _build(config, input_pipeline.dataset_info(config))
   checkpointer = _checkpointer(config, workdir, run.num_classes)
   try:
