@@ -125,3 +125,38 @@ def test_config_argument_reaches_get_config(tmp_path):
     config_loading.check_command_line(['prog', f'--config={QUICKSTART}:L_16'])
   with pytest.raises(ConfigError, match='nope.py does not exist'):
     config_loading.load_config_file(str(tmp_path / 'nope.py') + ':B_16')
+
+
+def test_the_programs_run_a_config_file_once(tmp_path):
+  # The file notes each execution; the program's parser (as train and
+  # evaluate use it) must run it once and still apply the overrides.
+  runs = tmp_path / 'runs.txt'
+  path = write(tmp_path, f'''
+      from mixer_jax import config_defaults
+      with open({str(runs)!r}, 'a') as f:
+        f.write('module\\n')
+      def get_config():
+        with open({str(runs)!r}, 'a') as f:
+          f.write('get_config\\n')
+        return config_defaults.get_config()
+  ''')
+  program = textwrap.dedent('''
+      import sys
+      from absl import flags
+      from ml_collections import config_flags
+      from mixer_jax.training import config_loading
+      config_flags.DEFINE_config_file('config', None, 'cfg', lock_config=True)
+      flags.DEFINE_string('workdir', None, 'w')
+      rest = config_loading.parse_flags(sys.argv)
+      c = flags.FLAGS.config
+      print(rest[1:], c.batch_size, c.model.variant, c.is_locked,
+            flags.FLAGS.workdir)
+  ''')
+  run = subprocess.run(
+      [sys.executable, '-c', program, '--config', path,
+       '--config.batch_size=8', '--workdir=w', '--config.model.variant=S_16'],
+      env=dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu'),
+      capture_output=True, text=True, timeout=300)
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert run.stdout.split() == ['[]', '8', 'S_16', 'True', 'w']
+  assert runs.read_text().split() == ['module', 'get_config']

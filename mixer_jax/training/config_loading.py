@@ -1,8 +1,8 @@
 """Loads `--config` files for the programs, with one-line errors.
 
 `parse_flags` is the `flags_parser` that train and evaluate give to
-`absl.app.run`. Before absl parses the flags (and ml_collections runs the
-config file), it loads the file named by `--config` itself and checks it:
+`absl.app.run`. Before absl parses the flags, it loads the file named by
+`--config` itself and checks it:
 
 - a file that is missing, has a syntax error, raises, has no `get_config`,
   or whose `get_config()` does not return a ConfigDict is reported with the
@@ -14,7 +14,8 @@ config file), it loads the file named by `--config` itself and checks it:
 - every `--config.FIELD=VALUE` flag must name a field of the config (named
   with the closest valid one, by difflib).
 
-The config itself is then built by ml_collections as usual (locked).
+The file runs once: absl then gets the loaded ConfigDict (locked), not the
+file, and applies the `--config.FIELD=VALUE` overrides to it.
 """
 
 import difflib
@@ -26,6 +27,7 @@ from typing import List, Sequence
 
 from absl import flags
 import ml_collections
+from ml_collections import config_flags
 
 from mixer_jax.training.config_validation import ConfigError
 
@@ -149,21 +151,66 @@ def _config_flag_values(argv: Sequence[str], flag: str):
   return path, overrides
 
 
-def check_command_line(argv: Sequence[str], flag: str = 'config') -> None:
+def check_command_line(argv: Sequence[str], flag: str = 'config'):
   """Loads and checks `--config` and its `--config.FIELD` overrides.
+
+  Returns:
+    The config the file returned (overrides not applied), or None when no
+    `--config` is given.
 
   Raises:
     ConfigError: one line per problem.
   """
   path, overrides = _config_flag_values(argv, flag)
   if not path:
-    return  # absl reports the missing required flag.
+    return None  # absl reports the missing required flag.
   config = load_config_file(path)
   valid = _fields(config)
   problems = [_unknown_message(name, valid, f'flag {text.split("=")[0]}')
               for name, text in overrides if name not in valid]
   if problems:
     raise ConfigError('\n'.join(problems))
+  return config
+
+
+def _without_config_file(argv: Sequence[str], flag: str) -> List[str]:
+  """`argv` less `--flag=FILE` / `--flag FILE` (its overrides stay)."""
+  out, args = [argv[0]], list(argv[1:])
+  i = 0
+  while i < len(args):
+    arg = args[i]
+    if arg == '--':
+      out += args[i:]
+      break
+    if arg.startswith(f'--{flag}='):
+      i += 1
+      continue
+    if arg == f'--{flag}':
+      i += 2
+      continue
+    out.append(arg)
+    i += 1
+  return out
+
+
+def _give_absl_the_loaded_config(config, argv: Sequence[str],
+                                 flag: str = 'config') -> List[str]:
+  """Replaces the program's config-file flag by one holding `config`.
+
+  `config_flags.DEFINE_config_dict` takes a ConfigDict instead of a file and
+  applies the `--flag.FIELD=VALUE` overrides to it, so the file that
+  `check_command_line` ran is not run a second time by ml_collections.
+
+  Returns:
+    The argv for absl (without the file argument).
+  """
+  help_text = flags.FLAGS[flag].help if flag in flags.FLAGS else ''
+  if flag in flags.FLAGS:
+    delattr(flags.FLAGS, flag)
+  argv = _without_config_file(argv, flag)
+  config_flags.DEFINE_config_dict(flag, config, help_text, lock_config=True,
+                                  sys_argv=argv)
+  return argv
 
 
 def parse_flags(argv: Sequence[str]) -> List[str]:
@@ -173,9 +220,11 @@ def parse_flags(argv: Sequence[str]) -> List[str]:
   config flag; other flag errors are absl's usual one-line message.
   """
   try:
-    check_command_line(argv)
+    config = check_command_line(argv)
   except ConfigError as e:
     raise SystemExit(f'ConfigError: {e}') from None
+  if config is not None:
+    argv = _give_absl_the_loaded_config(config, argv)
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
