@@ -91,6 +91,12 @@ def define_verbose_flag() -> None:
 
 
 def _from_noisy_library(record) -> bool:
+  """Whether a log record comes from the code of a noisy library.
+
+  Keyed on the file path of the logging code: these libraries log through
+  absl's logger (named 'absl', whatever the library), and no public API
+  says which library a record came from. The one place that reads paths.
+  """
   return any(part in record.pathname for part in _NOISY_PATHS)
 
 

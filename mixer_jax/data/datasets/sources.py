@@ -144,11 +144,37 @@ def shard_range(num_examples, index, count):
   return num_examples * index // count, num_examples * (index + 1) // count
 
 
-def _split_dict(sizes):
-  """A TFDS SplitDict of {split name: number of examples}."""
-  return tfds.core.SplitDict([
+def _absolute_ranges(split, sizes):
+  """[(split name, start, end)] that the split string `split` selects, for
+  splits of `sizes` ({name: number of examples}).
+
+  TFDS has no public function that resolves a split string ('train[:90%]',
+  'a+b[10:]') against sizes other than those of a prepared data set (here:
+  a folder's images less its corrupt files), so this is the one place that
+  builds TFDS's SplitDict/SplitInfo and reads the fields of the absolute
+  instructions `ReadInstruction.to_absolute` returns (tensorflow-datasets
+  4.9). Everything else uses the result.
+
+  Raises:
+    ValueError: a split string that does not parse or names no split.
+  """
+  try:
+    spec = (tfds.core.ReadInstruction(split) if split in sizes
+            else tfds.core.ReadInstruction.from_spec(split))
+  except (ValueError, AssertionError) as e:
+    raise ValueError(f'Cannot parse split {split!r}: {e}') from e
+  split_dict = tfds.core.SplitDict([
       tfds.core.SplitInfo(name=name, shard_lengths=[size], num_bytes=0)
       for name, size in sizes.items()])
+  try:
+    return [(i.splitname, i.from_ or 0, sizes[i.splitname] if i.to is None
+             else i.to) for i in spec.to_absolute(split_dict)]
+  except (ValueError, AssertionError, KeyError) as e:
+    raise _UnknownSplit(str(e)) from e
+
+
+class _UnknownSplit(ValueError):
+  """A split string naming a split that `sizes` does not have."""
 
 
 @contextlib.contextmanager
@@ -413,26 +439,17 @@ class FolderSource:
 
   def _instructions(self, split):
     """Absolute (split_name, start, end) ranges of a split string."""
-    if split in self._split_sizes:  # A plain folder name, the common case.
-      spec = tfds.core.ReadInstruction(split)
-    else:
-      try:
-        spec = tfds.core.ReadInstruction.from_spec(split)
-      except (ValueError, AssertionError) as e:
-        raise ValueError(f'Cannot parse split {split!r}: {e}') from e
     sizes = dict(self._split_sizes)
     try:
-      names = [i.splitname for i in spec.to_absolute(_split_dict(sizes))]
-    except (ValueError, AssertionError, KeyError) as e:
+      names = [name for name, _, _ in _absolute_ranges(split, sizes)]
+    except _UnknownSplit as e:
       raise ValueError(
           f'Split {split!r} is not in {self.root}; its split folders are '
           f'{sorted(self._split_sizes)}.') from e
     # Sizes without corrupt files (bad_files raises if they are an error).
     for name in set(names):
       sizes[name] = self._split_sizes[name] - len(self.bad_files(name))
-    return [(i.splitname, i.from_ or 0,
-             sizes[i.splitname] if i.to is None else i.to)
-            for i in spec.to_absolute(_split_dict(sizes))]
+    return _absolute_ranges(split, sizes)
 
   def split_sizes(self):
     """{split folder name: number of image files in it}."""
