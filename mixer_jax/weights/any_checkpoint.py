@@ -16,7 +16,9 @@
 `load` returns a `Loaded`: the model and parameters plus what a command
 needs to use them (input size, eval crop, class names). predict, evaluate,
 export and fewshot all go through it. Every model takes images scaled to
-[-1, 1] (`preprocess.eval_image`).
+[-1, 1] (`preprocess.eval_image`). This module only dispatches: workdirs
+are opened by `workdir_checkpoint.py` (their `run_info.json` by
+`run_info.py`), weight files and names by `pretrained.py`.
 """
 
 import os
