@@ -140,32 +140,41 @@ def cpu_name():
   return platform.processor() or 'unknown CPU'
 
 
-def _time_batches(iterator, num_batches, warmup_batches, batch_size):
-  """images/s over num_batches of `iterator`, after warmup_batches."""
-  for _ in range(warmup_batches):
-    next(iterator)
-  start = time.perf_counter()
-  for _ in range(num_batches):
-    next(iterator)
-  return num_batches * batch_size / (time.perf_counter() - start)
-
-
 def images_per_second(config, num_batches, warmup_batches):
-  """Times the training pipeline of `config` on this process alone."""
+  """Times the training pipeline of `config` on this process alone.
+
+  Returns:
+    (images/s, images per CPU-second): the second divides by the CPU time
+    all of this process's threads used, which other processes on the
+    machine do not change as much as they change the first.
+  """
   ds = input_pipeline.train_dataset(config, process_index=0,
                                     process_count=1)
   # as_numpy_iterator: each batch is complete and on the host, as the
   # trainer receives it.
-  return _time_batches(ds.as_numpy_iterator(), num_batches, warmup_batches,
-                       config.batch_size)
+  iterator = ds.as_numpy_iterator()
+  for _ in range(warmup_batches):
+    next(iterator)
+  start, cpu = time.perf_counter(), time.process_time()
+  for _ in range(num_batches):
+    next(iterator)
+  images = num_batches * config.batch_size
+  return (images / (time.perf_counter() - start),
+          images / (time.process_time() - cpu))
 
 
 # timm's loader, timed in a child interpreter: PyTorch and TensorFlow loaded
 # into one process can crash it (their bundled native libraries clash), so
-# the child imports neither TensorFlow nor mixer_jax. It prints images/s.
+# the child imports neither TensorFlow nor mixer_jax. It prints images/s
+# and images per CPU-second of itself and its workers (psutil counts them;
+# 'nan' without psutil).
 _TIMM_CHILD = """
-import os, sys, time
+import math, os, sys, time
 import timm.data, torch, torchvision
+try:
+  import psutil
+except ImportError:
+  psutil = None
 folder, recipe = sys.argv[1], sys.argv[2]
 size, batch, workers, num, warmup = map(int, sys.argv[3:8])
 transform = timm.data.create_transform(
@@ -181,12 +190,18 @@ def batches():
   while True:
     yield from loader
 iterator = batches()
+def cpu():
+  if psutil is None:
+    return math.nan
+  me = psutil.Process()
+  return sum(sum(p.cpu_times()[:2])
+             for p in [me] + me.children(recursive=True))
 for _ in range(warmup):
   next(iterator)
-start = time.perf_counter()
+start, used = time.perf_counter(), cpu()
 for _ in range(num):
   next(iterator)
-print(num * batch / (time.perf_counter() - start))
+print(num * batch / (time.perf_counter() - start), num * batch / (cpu() - used))
 """
 TIMM_PACKAGES = ('torch', 'torchvision', 'timm')
 
@@ -201,7 +216,7 @@ def timm_missing():
 
 def timm_images_per_second(folder, recipe, image_size, batch_size, workers,
                            num_batches, warmup_batches):
-  """images/s of timm's training loader over folder/train (child process).
+  """(images/s, images per CPU-second) of timm's loader (child process).
 
   ImageFolder + `timm.data.create_transform(image_size, is_training=True)`
   (plus `auto_augment='rand-m15-n2'` for recipe 'inception'), a DataLoader
@@ -213,40 +228,46 @@ def timm_images_per_second(folder, recipe, image_size, batch_size, workers,
                         capture_output=True, text=True, check=False)
   if done.returncode:
     raise RuntimeError(f"timm's loader failed:\n{done.stderr[-2000:]}")
-  return float(done.stdout.split()[-1])
+  return tuple(float(v) for v in done.stdout.split()[-2:])
+
+
+def _line(name, rate, per_cpu_second, cores_used, note):
+  print(f'{name:>9}: {rate:7.1f} images/s, {rate / cores_used:6.1f} per core, '
+        f'{per_cpu_second:6.1f} per CPU-second  ({note})', flush=True)
 
 
 def compare(config, recipe, folder, *, repeats, num_batches, warmup_batches,
             with_timm=False):
   """Times our pipeline, alternating with timm's loader when with_timm.
 
-  Prints every timing (and the medians' ratio when timm ran).
+  Prints every timing and, when timm ran, the medians and their ratios.
 
   Returns:
-    (our images/s, timm's images/s), a list of `repeats` each; timm's is
-    empty without with_timm or without timm.
+    (ours, timm's): lists of (images/s, images per CPU-second), `repeats`
+    each; timm's is empty without with_timm or without timm.
   """
   n = cores()
-  if with_timm and timm_missing():
-    print(f"timm comparison skipped: {timm_missing()} is not installed "
-          "(pip install torch torchvision timm).", flush=True)
-    with_timm = False
+  missing = timm_missing() if with_timm else None
+  if missing:
+    print(f'timm comparison skipped: {missing} is not installed (pip '
+          'install torch torchvision timm).', flush=True)
   ours, theirs = [], []
   for _ in range(repeats):
     ours.append(images_per_second(config, num_batches, warmup_batches))
-    print(f'{recipe:>9}: {ours[-1]:7.1f} images/s, {ours[-1] / n:6.1f} per '
-          f'core  ({config.image_size}x{config.image_size}, batch '
-          f'{config.batch_size}, {n} cores)', flush=True)
-    if with_timm:
+    _line(recipe, *ours[-1], n, f'{config.image_size}x{config.image_size}, '
+          f'batch {config.batch_size}, {n} cores')
+    if with_timm and not missing:
       theirs.append(timm_images_per_second(
           folder, recipe, config.image_size, config.batch_size, n,
           num_batches, warmup_batches))
-      print(f'{"timm":>9}: {theirs[-1]:7.1f} images/s, {theirs[-1] / n:6.1f} '
-            f'per core  ({n} DataLoader workers)', flush=True)
+      _line('timm', *theirs[-1], n, f'{n} DataLoader workers')
   if theirs:
-    mine, other = statistics.median(ours), statistics.median(theirs)
-    print(f'{recipe:>9}: median {mine:.1f} images/s vs timm {other:.1f}: '
-          f'{mine / other:.2f}x', flush=True)
+    mine = [statistics.median(r) for r in zip(*ours)]
+    other = [statistics.median(r) for r in zip(*theirs)]
+    print(f'{recipe:>9}: medians {mine[0]:.1f} images/s vs timm '
+          f'{other[0]:.1f}: {mine[0] / other[0]:.2f}x; per CPU-second '
+          f'{mine[1]:.1f} vs {other[1]:.1f}: {mine[1] / other[1]:.2f}x',
+          flush=True)
   return ours, theirs
 
 
