@@ -24,8 +24,12 @@ Every pipeline step runs, JPEG decoding included (decoded only inside the
 crop); epochs cycle over the files, so the OS file cache serves them after
 the first pass, as on a machine with enough RAM.
 
-Each figure is images/s and images/s per core, the cores being those this
-process may run on (`os.sched_getaffinity`): tf.data uses them all.
+Each timing gives images/s; images/s per core, the cores being those this
+process may run on (`os.sched_getaffinity`), which tf.data uses all of;
+and images per CPU-second, over the CPU time the loader's threads (and,
+for timm, its worker processes) used. On a machine shared with other jobs
+the scheduler decides how much of the cores each loader gets, so images/s
+swing; the per-CPU-second figure much less.
 
 `--compare_timm` (needs torch, torchvision and timm; skipped with a message
 otherwise) also times PyTorch's loader on the same files, same cores, same
@@ -35,7 +39,7 @@ crop, flip; plus `auto_augment='rand-m15-n2'` for the inception recipe) and
 a DataLoader with one worker process per core. The two alternate
 `--repeats` times, each from a fresh iterator after the same warm-up, so
 that load from other processes falls on both; the last line gives the
-median of each and their ratio.
+medians of both figures and their ratios.
 """
 
 # First, before TensorFlow loads: it quiets TensorFlow's C++ start-up lines.
