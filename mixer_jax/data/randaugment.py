@@ -260,7 +260,7 @@ def shear_y(image, level):
 def _shift(image, pixels, axis):
   """Output index i along `axis` (0: y, 1: x) is input index i + pixels.
 
-  By slicing, a fifth of `_transform`'s time (which costs about 1 ms per
+  By slicing, about an eighth of `_transform`'s time (about 1 ms per
   224x224 image on one core); for a whole number of pixels, where nearest
   sampling hits input pixels exactly, the result is the same.
   """
