@@ -285,6 +285,23 @@ def test_shear_and_translate_formulas():
   np.testing.assert_array_equal(_both('TranslateY', tall), expected)
 
 
+def test_translate_whole_and_fractional_pixels_match_nearest_resampling():
+  # Whole pixels are sliced, fractions resampled: both as the reference's
+  # nearest-pixel transform (ImageProjectiveTransformV3, grey fill).
+  image = _noise((20, 26, 3))
+  for pixels in (0.0, 3.0, -7.0, 19.0, -26.0, 40.0, 2.5, -3.4, 0.6):
+    for name, matrix in (
+        ('x', [1., 0., pixels, 0., 1., 0., 0., 0.]),
+        ('y', [1., 0., 0., 0., 1., pixels, 0., 0.])):
+      op = ra.translate_x if name == 'x' else ra.translate_y
+      resampled = tf.raw_ops.ImageProjectiveTransformV3(
+          images=tf.constant(image)[None], transforms=tf.constant([matrix]),
+          output_shape=image.shape[:2], fill_value=128.0,
+          interpolation='NEAREST', fill_mode='CONSTANT')[0]
+      np.testing.assert_array_equal(op(tf.constant(image), pixels),
+                                    resampled, err_msg=f'{name} {pixels}')
+
+
 def _agreement(a, b):
   return np.mean(np.all(a == b, axis=-1))
 
