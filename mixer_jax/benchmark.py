@@ -395,9 +395,9 @@ def benchmark_loop(base_config=None, *, steps: int = 600,
 
   Each round trains `base_config` (default configs/quickstart.py) for
   `steps` steps with `trainer.train_and_evaluate` in a fresh temporary
-  workdir, logging 6 times (its input pipeline, prefetching, checkpoint and stop-request
-  checks, metric fetches and logging; evaluation and saving only after
-  the last step, outside the timed intervals) and reads the loop's steps/s
+  workdir, logging 6 times (its input pipeline, prefetching, stop-request
+  checks, metric fetches and logging; evaluation and saving only after the
+  last step, outside the timed intervals) and reads the loop's steps/s
   from its metrics.jsonl (compilation excluded, as in every run). Then the
   same train step, built by the same builder in the same process, is timed
   back to back on one placed batch for as many steps. Rounds alternate the

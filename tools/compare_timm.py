@@ -14,8 +14,8 @@ Prints the median images/s of each and the ratio ours/timm.
 
 `--breakdown` also times, in both frameworks, the matmuls alone: every
 dense layer of the forward pass at the model's shapes (the stem as the
-patch matmul), with nothing between them. The matmuls are ~99.9% of the
-model's FLOPs, so if ours lose to timm's there too, the difference is in
+patch matmul), with nothing between them. The matmuls are over 99% of the
+model's arithmetic, so if ours lose to timm's there too, the difference is in
 the CPU matmul kernels each library calls, not in how the model is
 written.
 
