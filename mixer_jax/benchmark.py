@@ -5,6 +5,7 @@ step's work, communication and state split over N devices.
   python -m mixer_jax.benchmark --mode=train --batch_size=8 --optimizer=sgd
   python -m mixer_jax.benchmark --variant=L_16 --mode=train --devices=8 \
       --sharding=fsdp --remat --batch_size=64 --optimizer=adam --repeats=0
+  python -m mixer_jax.benchmark --mode=loop  # quick-start loop vs its step
 
 The step timed is the trainer's own: `compiled.build` (the builder
 `python -m mixer_jax.train` uses) makes it from a training config, with the
@@ -33,6 +34,12 @@ is a perfect split, remat adds about a third in training), `collectives`
 `state_bytes_per_device` (parameters, plus optimizer state in training).
 `--repeats=0` compiles and reports these without running (large variants
 on a CPU). `--json` prints one JSON object per configuration.
+
+`--mode=loop` measures the training loop instead (`benchmark_loop`): the
+steps/s of `train_and_evaluate` on `--config` (default
+configs/quickstart.py) against the same train step called back to back on
+one placed batch, in the same process, and their ratio: what the loop's
+host work (input, transfers, bookkeeping, logging) costs.
 """
 
 # First, before TensorFlow loads: it quiets TensorFlow's C++ start-up lines.
@@ -332,6 +339,126 @@ def benchmark_config(*, variant: str, mode: str, batch_size: int,
   return row
 
 
+# The loop mode's default, relative to the repository root (where the README's
+# commands run); the package does not ship configs/.
+QUICKSTART_CONFIG = 'configs/quickstart.py'
+
+
+def _loop_config(base, steps: int, log_every: int):
+  """`base` shortened to `steps` steps, evaluated and saved only at the end."""
+  config = base.copy_and_resolve_references()
+  config.unlock()
+  config.num_train_steps = steps
+  config.warmup_steps = min(config.warmup_steps, steps // 2)
+  config.log_every_steps = log_every
+  config.eval_every_steps = config.checkpoint_every_steps = steps
+  config.evals = {}
+  config.profile_steps = 0
+  return config
+
+
+def time_steps_back_to_back(run, config, steps: int, rounds: int = 1):
+  """Steps/s of `run.steps.train_step` called back to back on one batch.
+
+  The step gets one placed batch of the run's own input, over and over, so
+  nothing but the step's dispatch and computation is timed: the rate the
+  training loop would reach if its host work cost nothing.
+
+  Returns:
+    One steps/s figure per round of `steps` steps.
+  """
+  from mixer_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  batch = sharding.shard_batch(
+      next(input_pipeline.train_dataset(config).as_numpy_iterator()),
+      run.mesh)
+  carry = {'state': run.steps.init_fn(jax.random.PRNGKey(config.seed))}
+
+  def steps_of(n):
+    metrics = None
+    for _ in range(n):
+      carry['state'], metrics = run.steps.train_step(carry['state'], batch)
+    return metrics
+  _timed(lambda: steps_of(2))  # Compilation and warm-up.
+  return [steps / _timed(lambda: steps_of(steps)) for _ in range(rounds)]
+
+
+def benchmark_loop(base_config=None, *, steps: int = 600,
+                   rounds: int = 3) -> dict[str, Any]:
+  """The training loop's steps/s against its own step called back to back.
+
+  Each round trains `base_config` (default configs/quickstart.py) for
+  `steps` steps with `trainer.train_and_evaluate` in a fresh temporary
+  workdir, logging 6 times (its input pipeline, prefetching, stop-request
+  checks, metric fetches and logging; evaluation and saving only after the
+  last step, outside the timed intervals) and reads the loop's steps/s
+  from its metrics.jsonl (compilation excluded, as in every run). Then the
+  same train step, built by the same builder in the same process, is timed
+  back to back on one placed batch for as many steps. Rounds alternate the
+  two, so a change of load on a shared machine hits both; `loop_to_step`
+  is the median over rounds of each round's ratio.
+  """
+  import shutil  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  from mixer_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  from mixer_jax.training import config_loading  # pylint: disable=g-import-not-at-top
+  from mixer_jax.training import reporting  # pylint: disable=g-import-not-at-top
+  from mixer_jax.training import trainer  # pylint: disable=g-import-not-at-top
+  if steps < 6 or rounds < 1:
+    raise errors.UsageError(f'--loop_steps={steps} must be >= 6 and '
+                            f'--repeats={rounds} >= 1.')
+  if base_config is None:
+    if not os.path.isfile(QUICKSTART_CONFIG):
+      raise errors.UsageError(
+          f'--mode=loop times {QUICKSTART_CONFIG} by default, which is not '
+          f'in {os.getcwd()}: run from the repository root or pass '
+          '--config=path/to/a/config.py.')
+    base_config = config_loading.load_config_file(QUICKSTART_CONFIG)
+  config = _loop_config(base_config, steps, steps // 6)
+  run = trainer.build_run(config, input_pipeline.dataset_info(config))
+  loop_rates, step_rates, waits = [], [], []
+  reporting.set_print_progress(False)
+  try:
+    for _ in range(rounds):
+      workdir = tempfile.mkdtemp(prefix='mixer_jax_loop_')
+      try:
+        trainer.train_and_evaluate(config, workdir)
+        records = [r for r in reporting.read_metrics(workdir)
+                   if 'steps_per_sec' in r]
+      finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+      # The first interval starts at the first step's end (compilation out).
+      loop_rates.append(statistics.median(r['steps_per_sec']
+                                          for r in records))
+      waits.append(statistics.median(r['input_wait_share'] for r in records))
+      step_rates += time_steps_back_to_back(run, config, steps)
+  finally:
+    reporting.set_print_progress(True)
+  return {
+      'mode': 'loop', 'variant': config.model.variant,
+      'batch_size': config.batch_size, 'image_size': config.image_size,
+      'dataset': config.dataset, 'steps': steps, 'rounds': rounds,
+      'loop_steps_per_sec': statistics.median(loop_rates),
+      'step_steps_per_sec': statistics.median(step_rates),
+      'loop_to_step': statistics.median(
+          [l / s for l, s in zip(loop_rates, step_rates)]),
+      'input_wait_share': statistics.median(waits),
+      'devices': run.mesh.size, 'device': device_name(run.mesh.devices.flat[0]),
+  }
+
+
+def format_loop(row: dict[str, Any]) -> str:
+  """The loop benchmark's result in three lines."""
+  return (f"Training loop of {row['dataset']} (Mixer-{row['variant']}, batch "
+          f"{row['batch_size']}, {row['image_size']}x{row['image_size']}) on "
+          f"{row['device']}, median of {row['rounds']} rounds of "
+          f"{row['steps']} steps:\n"
+          f"  loop {row['loop_steps_per_sec']:.1f} steps/s, its step back "
+          f"to back {row['step_steps_per_sec']:.1f} steps/s: loop/step "
+          f"{row['loop_to_step']:.2f}\n"
+          f"  input wait {100 * row['input_wait_share']:.0f}% of the loop's "
+          "time")
+
+
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
   """A fixed-width table of the rows, headed by the device name."""
   cols = [('mode', '{}'), ('batch', '{}'), ('devices', '{}'),
@@ -412,9 +539,13 @@ def define_flags() -> None:
       'its model, batch and sharding.',
       lock_config=False)
   flags.DEFINE_string('variant', 'B_16', 'Mixer variant, e.g. B_16.')
-  flags.DEFINE_enum('mode', 'infer', ('infer', 'train', 'both'),
+  flags.DEFINE_enum('mode', 'infer', ('infer', 'train', 'both', 'loop'),
                     'infer: forward pass; train: forward + backward + '
-                    'optimizer update; both: one row of each.')
+                    'optimizer update; both: one row of each; loop: the '
+                    'training loop (default config configs/quickstart.py) '
+                    'against its own step called back to back.')
+  flags.DEFINE_integer('loop_steps', 600, 'Steps per round of --mode=loop '
+                       '(--repeats rounds).')
   flags.DEFINE_list('batch_size', ['16'], 'Global batch size(s), comma '
                     'separated.')
   flags.DEFINE_integer('image_size', 224, 'Square image side.')
@@ -443,7 +574,9 @@ def main(argv: Sequence[str]) -> None:
   # User errors are one line (exit 1); anything else keeps its traceback.
   with command_line.user_errors_as_one_line():
     rows = _run_from_flags(argv, flags.FLAGS)
-  if flags.FLAGS.json:
+  if flags.FLAGS.mode == 'loop' and not flags.FLAGS.json:
+    print(format_loop(rows[0]), flush=True)
+  elif flags.FLAGS.json:
     for row in rows:
       print(json.dumps(row), flush=True)
   else:
@@ -469,6 +602,8 @@ def _run_from_flags(argv, f):
     raise errors.UsageError(f'--variant={f.variant}: {e}') from None
   # Only takes effect before JAX starts its CPU backend, hence first.
   jax.config.update('jax_num_cpu_devices', max(f.devices, 1))
+  if f.mode == 'loop':
+    return [benchmark_loop(f.config, steps=f.loop_steps, rounds=f.repeats)]
   return run_benchmark(
       variant=f.variant, mode=f.mode, batch_sizes=batch_sizes,
       image_size=f.image_size, dtype=f.dtype, repeats=f.repeats,

@@ -220,3 +220,24 @@ def test_command_table_and_bad_flag():
   assert 'img/s' in result.stdout
   bad = _run_cli(*TINY_FLAGS, '--batch_size=two')
   assert bad.returncode != 0 and '--batch_size' in bad.stderr
+
+
+def test_loop_mode_runs_the_trainer_and_its_step(tmp_path):
+  # The quick-start loop for a few steps against the same step back to
+  # back: both rates and their ratio, and the run's input wait share.
+  result = _run_cli('--mode=loop', '--loop_steps=12', '--repeats=1',
+                    '--json', '--config=configs/quickstart.py',
+                    f'--config.data_dir={tmp_path}',
+                    '--config.model.num_blocks=1')
+  assert result.returncode == 0, result.stderr[-2000:]
+  row = json.loads([line for line in result.stdout.splitlines()
+                    if line.startswith('{')][-1])
+  assert (row['mode'], row['dataset'], row['steps'], row['rounds']) == (
+      'loop', 'digits', 12, 1)
+  assert row['loop_steps_per_sec'] > 0 and row['step_steps_per_sec'] > 0
+  assert row['loop_to_step'] == pytest.approx(
+      row['loop_steps_per_sec'] / row['step_steps_per_sec'])
+  assert 0 <= row['input_wait_share'] <= 1
+  assert row['device'].startswith(benchmark.processor_name())
+  table = _run_cli('--mode=loop', '--loop_steps=3', '--repeats=1')
+  assert table.returncode != 0 and '--loop_steps' in table.stderr

@@ -7,6 +7,8 @@ the collectives in the optimized HLO.
 """
 
 import re
+import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -240,6 +242,41 @@ def test_prefetch_keeps_order_and_yields_everything():
   out = [float(b['x'][0]) for b in sharding.prefetch(batches, mesh, size=3)]
   assert out == [0.0, 1.0, 2.0, 3.0, 4.0]
   assert list(sharding.prefetch([], mesh)) == []
+
+
+def test_prefetch_reads_ahead_in_a_thread_and_stops_on_close():
+  mesh = sharding.create_mesh()
+  read = []
+
+  def host_batches():
+    for i in range(100):
+      read.append(threading.current_thread().name)
+      yield {'x': np.full((8,), i, np.float32)}
+
+  batches = sharding.prefetch(host_batches(), mesh, size=2)
+  first = next(batches)
+  assert float(first['x'][0]) == 0.0 and isinstance(first['x'], jax.Array)
+  # The caller's thread only takes placed batches: the reading is elsewhere.
+  assert threading.current_thread().name not in read
+  deadline = time.monotonic() + 30
+  while len(read) < 3 and time.monotonic() < deadline:  # 2 queued + 1 held.
+    time.sleep(0.01)
+  batches.close()
+  assert 3 <= len(read) <= 4  # Bounded read-ahead, then stopped.
+  assert list(batches) == []
+
+
+def test_prefetch_raises_the_input_error_at_its_batch():
+  mesh = sharding.create_mesh()
+
+  def host_batches():
+    yield {'x': np.zeros((8,), np.float32)}
+    raise ValueError('bad record')
+
+  batches = sharding.prefetch(host_batches(), mesh)
+  assert next(batches)['x'].shape == (8,)
+  with pytest.raises(ValueError, match='bad record'):
+    next(batches)
 
 
 def test_initialize_distributed_needs_all_three_arguments():

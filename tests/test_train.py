@@ -191,6 +191,30 @@ def test_nan_loss_stops_naming_the_step(data_dir, tmp_path):
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
 
 
+def test_logged_metrics_are_means_of_the_steps_of_their_interval(
+    data_dir, tmp_path):
+  # The loop fetches its metrics only at log points; each record must still
+  # be the mean over exactly the steps of its interval, here checked
+  # against the same run logged at every step.
+  every_step = small_config(data_dir, num_train_steps=12, log_every_steps=1)
+  every_fourth = small_config(data_dir, num_train_steps=12,
+                              log_every_steps=4)
+  trainer.train_and_evaluate(every_step, str(tmp_path / 'each'))
+  trainer.train_and_evaluate(every_fourth, str(tmp_path / 'fourth'))
+  each = {r['step']: r for r in reporting.read_metrics(str(tmp_path / 'each'))
+          if 'train_loss' in r}
+  fourth = [r for r in reporting.read_metrics(str(tmp_path / 'fourth'))
+            if 'train_loss' in r]
+  assert sorted(each) == list(range(1, 13))
+  assert [r['step'] for r in fourth] == [4, 8, 12]
+  for record in fourth:
+    steps = range(record['step'] - 3, record['step'] + 1)
+    for key in ('train_loss', 'train_accuracy', 'train_grad_norm',
+                'train_learning_rate'):
+      assert record[key] == pytest.approx(
+          np.mean([each[s][key] for s in steps]), rel=1e-5), key
+
+
 def test_bad_config_fails_before_anything_is_written(data_dir, tmp_path):
   config = small_config(data_dir, batch_size=60)  # 60 % 8 devices != 0.
   with pytest.raises(config_validation.ConfigError, match='batch_size=60'):

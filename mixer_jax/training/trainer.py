@@ -130,7 +130,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   config = _resolve_init_from(config, checkpoint_dir)
   # Splits, class count and config.evals data: all checked before step 1.
   reporting.log_and_print(f'Checking the data ({config.dataset})...')
-  run = _build(config, data_checks.checked_dataset_info(config))
+  run = build_run(config, data_checks.checked_dataset_info(config))
 
   # One running job per workdir: refuses a second start (before the
   # checkpointer, which removes unfinished saves, is opened). A start
@@ -175,7 +175,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Run:
+class Run:
   """What `train_and_evaluate` and `load_train_state` both build."""
   num_classes: int
   num_train_steps: int
@@ -185,7 +185,7 @@ class _Run:
   steps: compiled.RunFunctions
 
 
-def _build(config, info) -> _Run:
+def build_run(config, info) -> Run:
   """Model, optimizer, mesh and step functions of `config` on `info`'s data."""
   num_classes = info.num_classes
   num_train_steps = num_train_steps_for(config, info.train_examples)
@@ -193,8 +193,8 @@ def _build(config, info) -> _Run:
   model = train_steps.create_model(config, num_classes)
   tx = optim.create_optimizer(config, num_train_steps)
   mesh = create_mesh(config)
-  return _Run(num_classes, num_train_steps, model, tx, mesh,
-              make_step_functions(config, model, tx, mesh, num_train_steps))
+  return Run(num_classes, num_train_steps, model, tx, mesh,
+             make_step_functions(config, model, tx, mesh, num_train_steps))
 
 
 def _checkpointer(config, workdir: str, num_classes: int):
@@ -233,7 +233,7 @@ def load_train_state(config, workdir: str, step: Optional[int] = None):
     (state, extra): the replicated TrainState and the checkpoint's JSON dict.
   """
   config = init_from_checks.resolve_init_from(config, resuming=True)
-  run = _build(config, input_pipeline.dataset_info(config))
+  run = build_run(config, input_pipeline.dataset_info(config))
   checkpointer = _checkpointer(config, workdir, run.num_classes)
   try:
     return checkpointer.restore(run.steps.abstract_state, step=step)
@@ -344,20 +344,14 @@ def _run_evaluations(names, *, step, params, config, run, evaluations,
   return [], best, last_eval, improved
 
 
-def _train_loop(*, config, workdir, run: _Run, state, extra, checkpointer,
+def _train_loop(*, config, workdir, run: Run, state, extra, checkpointer,
                 writer, start_time: float,
                 evaluations: Optional[evals.Evaluations] = None):
   """The step loop; returns the summary dict.
 
   `evaluations` runs config.evals when due.
   """
-  mesh, num_train_steps = run.mesh, run.num_train_steps
-  p_train_step = run.steps.train_step
   step = int(sharding.to_host(state.step))
-  start_step = step
-  best = extra.get('best_eval_accuracy')
-  last_eval = extra.get('last_eval', {})
-  last_saved = step if extra else None
   # Records of steps after the resumed one (and a torn line) are from a
   # killed run: dropped, so each step is in metrics.jsonl once.
   reporting.rewind(writer, step)
@@ -365,9 +359,31 @@ def _train_loop(*, config, workdir, run: _Run, state, extra, checkpointer,
     writer.write_hparams({k: v for k, v in config.to_dict().items()
                           if not isinstance(v, dict)})
   train_batches = input_pipeline.train_dataset(config, start_step=step)
-  # Time spent waiting on tf.data for the next host batch: the input share.
-  input_timer = throughput.InputTimer(train_batches.as_numpy_iterator())
-  batches = sharding.prefetch(input_timer, mesh, config.prefetch_batches)
+  # A background thread reads the host batches and places them on the
+  # devices, so this thread only dispatches steps (asynchronously) and the
+  # devices never wait for host input work. The timer counts what this
+  # thread waits for a placed batch: the input share of the wall time.
+  prefetcher = sharding.prefetch(train_batches.as_numpy_iterator(),
+                                 run.mesh, config.prefetch_batches)
+  batches = input_timer = throughput.InputTimer(prefetcher)
+  try:
+    return _run_steps(
+        config=config, workdir=workdir, run=run, state=state, extra=extra,
+        checkpointer=checkpointer, writer=writer, start_time=start_time,
+        evaluations=evaluations, batches=batches, input_timer=input_timer)
+  finally:
+    prefetcher.close()
+
+
+def _run_steps(*, config, workdir, run: Run, state, extra, checkpointer,
+               writer, start_time: float, evaluations, batches, input_timer):
+  """`_train_loop` once its input runs: the steps, evals and saves."""
+  mesh, num_train_steps = run.mesh, run.num_train_steps
+  p_train_step = run.steps.train_step
+  step = start_step = int(sharding.to_host(state.step))
+  best = extra.get('best_eval_accuracy')
+  last_eval = extra.get('last_eval', {})
+  last_saved = step if extra else None
   flops_per_image = throughput.train_flops_per_image(run.steps.model,
                                                      config.image_size)
   # Not clu's ReportProgress: its steps/s counts eval, checkpoint and compile
