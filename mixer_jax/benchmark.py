@@ -43,6 +43,7 @@ host work (input, transfers, bookkeeping, logging) costs.
 """
 
 # First, before TensorFlow loads: it quiets TensorFlow's C++ start-up lines.
+from mixer_jax import model_from_config
 from mixer_jax.training import command_line  # pylint: disable=g-bad-import-order
 
 import functools
@@ -68,7 +69,6 @@ from mixer_jax.training import cost
 from mixer_jax.training import errors
 from mixer_jax.training import optim
 from mixer_jax.training import sharding
-from mixer_jax.training import train_steps
 
 MODES = ('infer', 'train')
 SIZE_FLAGS = ('num_blocks', 'hidden_dim', 'tokens_mlp_dim',
@@ -141,8 +141,8 @@ def run_config(base=None, *, variant: str, num_classes: int, dtype: str,
 
 
 def build_model(config):
-  """The package model of `config` (`train_steps.create_model`)."""
-  return train_steps.create_model(config, config.num_classes)
+  """The package model of `config` (`model_from_config.create_model`)."""
+  return model_from_config.create_model(config, config.num_classes)
 
 
 def benchmark_devices(count: int) -> list:

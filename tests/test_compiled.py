@@ -14,11 +14,11 @@ import pytest
 
 from mixer_jax import config_defaults
 from configs import quickstart
+from mixer_jax import model_from_config
 from mixer_jax.training import compiled
 from mixer_jax.training import evals
 from mixer_jax.training import optim
 from mixer_jax.training import sharding
-from mixer_jax.training import train_steps
 
 
 def _config(data_dir, **overrides):
@@ -37,7 +37,7 @@ def _config(data_dir, **overrides):
 
 def _functions(config, devices):
   mesh = sharding.create_mesh(devices)
-  model = train_steps.create_model(config, 10)
+  model = model_from_config.create_model(config, 10)
   return compiled.build(config, model, mesh,
                         tx=optim.create_optimizer(config, 10),
                         num_train_steps=10)

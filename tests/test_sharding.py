@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 
 from configs import quickstart
+from mixer_jax import model_from_config
 from mixer_jax import models
 from mixer_jax.checkpointing import checkpoints
 from mixer_jax.training import optim
 from mixer_jax.training import sharding
-from mixer_jax.training import train_steps
 from mixer_jax.training import trainer
 
 N = 8
@@ -47,7 +47,7 @@ def tiny_config(**overrides):
 
 def build(config, devices=None):
   mesh = sharding.create_mesh(devices)
-  model = train_steps.create_model(config, 10)
+  model = model_from_config.create_model(config, 10)
   tx = optim.create_optimizer(config, 100)
   steps = trainer.make_step_functions(config, model, tx, mesh, 100)
   return (mesh, steps.init_fn, steps.train_step, steps.eval_step,
@@ -326,7 +326,7 @@ def test_data_by_fsdp_mesh_gathers_parameters_within_groups_of_four():
                        mesh=(('data', 2), ('fsdp', 4)))
   mesh = sharding.create_mesh(axes=config.mesh)
   assert dict(mesh.shape) == {'data': 2, 'fsdp': 4}
-  model = train_steps.create_model(config, 10)
+  model = model_from_config.create_model(config, 10)
   steps = trainer.make_step_functions(config, model,
                                       optim.create_optimizer(config, 100),
                                       mesh, 100)

@@ -141,7 +141,7 @@ def build(config, model, mesh, *,
   Args:
     config: the run's ConfigDict (image_size, sharding, loss and the train
       step's fields).
-    model: the Mixer of the run (`train_steps.create_model`).
+    model: the Mixer of the run (`model_from_config.create_model`).
     mesh: the device mesh (`sharding.create_mesh`).
     tx: the optimizer; without it (evaluation only) there is no state,
       init_fn or train_step.

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import tensorflow_datasets as tfds
 
+from mixer_jax import model_from_config
 from mixer_jax import models
 from mixer_jax.data import input_pipeline
 from mixer_jax.data.datasets import sources
@@ -38,7 +39,6 @@ from mixer_jax.training import cost
 from mixer_jax.training import init_from_checks
 from mixer_jax.training import optim
 from mixer_jax.training import sharding
-from mixer_jax.training import train_steps
 from mixer_jax.training import trainer
 from mixer_jax.weights import registry
 
@@ -196,7 +196,7 @@ def check(config, *, mesh=None) -> Plan:
   if num_train_steps:
     config_validation.check_schedule(config, num_train_steps)
   mesh = mesh or trainer.create_mesh(config)
-  model = train_steps.create_model(config, num_classes)
+  model = model_from_config.create_model(config, num_classes)
   functions = compiled.build(
       config, model, mesh, tx=optim.create_optimizer(config, schedule_steps),
       num_train_steps=schedule_steps)

@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mixer_jax import model_from_config
 from mixer_jax import models
 
 
@@ -26,11 +25,6 @@ class TrainState(train_state.TrainState):
   """
   rng: jax.Array
   ema_params: Any = None
-
-
-# Defined with the config it reads; kept under this name for the callers that
-# build a model next to its train state.
-create_model = model_from_config.create_model
 
 
 def create_train_state(model: models.MlpMixer, tx: optax.GradientTransformation,

@@ -22,6 +22,7 @@ import jax
 import numpy as np
 import optax
 
+from mixer_jax import model_from_config
 from mixer_jax import models
 from mixer_jax.checkpointing import checkpoints
 from mixer_jax.checkpointing import fingerprint
@@ -38,7 +39,6 @@ from mixer_jax.training import reporting
 from mixer_jax.training import resume_checks
 from mixer_jax.training import sharding
 from mixer_jax.training import throughput
-from mixer_jax.training import train_steps
 from mixer_jax.training import workdir_lock
 from mixer_jax.weights import run_info
 from mixer_jax.weights import pretrained
@@ -190,7 +190,7 @@ def build_run(config, info) -> Run:
   num_classes = info.num_classes
   num_train_steps = num_train_steps_for(config, info.train_examples)
   config_validation.check_schedule(config, num_train_steps)
-  model = train_steps.create_model(config, num_classes)
+  model = model_from_config.create_model(config, num_classes)
   tx = optim.create_optimizer(config, num_train_steps)
   mesh = create_mesh(config)
   return Run(num_classes, num_train_steps, model, tx, mesh,
