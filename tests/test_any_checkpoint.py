@@ -21,6 +21,7 @@ from PIL import Image
 import pytest
 
 from configs import quickstart
+from mixer_jax import model_from_config
 from mixer_jax.checkpointing import checkpoints
 from mixer_jax.checkpointing import fingerprint
 from mixer_jax.training import train_steps
@@ -109,7 +110,7 @@ def test_workdir_describes_itself(trained):
   model, params = pretrained.load_pretrained(str(workdir))
   np.testing.assert_allclose(model.apply({'params': params}, x), out['2'],
                              rtol=1e-6, atol=1e-6)
-  target = train_steps.create_model(info['config'], 5)
+  target = model_from_config.create_model(info['config'], 5)
   fresh = jax.tree.map(np.asarray, target.init(jax.random.PRNGKey(3), x)[
       'params'])
   filled = traverse_util.flatten_dict(
@@ -181,7 +182,7 @@ def test_workdir_without_run_info(tmp_path):
 def test_saved_state_without_training(tmp_path):
   """A state saved the way train.py saves it loads with its own names."""
   config = _tiny_config()
-  model = train_steps.create_model(config, 10)
+  model = model_from_config.create_model(config, 10)
   state = jax.jit(functools.partial(
       train_steps.create_train_state, model, optax.adam(1e-3),
       image_size=config.image_size))(jax.random.PRNGKey(0))

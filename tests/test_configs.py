@@ -12,13 +12,13 @@ import math
 import pytest
 
 from mixer_jax import config_defaults
+from mixer_jax import model_from_config
 from mixer_jax.data.datasets import sources
 from mixer_jax.training import compiled
 from mixer_jax.training import config_validation
 from mixer_jax.training import evals
 from mixer_jax.training import optim
 from mixer_jax.training import sharding
-from mixer_jax.training import train_steps
 from mixer_jax.training import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -232,7 +232,7 @@ def test_quickstart_held_out_split_is_disjoint_from_training(tmp_path):
 
 def test_a_test_entry_runs_only_at_the_last_step():
   config = load('quickstart')
-  model = train_steps.create_model(config, 10)
+  model = model_from_config.create_model(config, 10)
   functions = compiled.build(config, model, sharding.create_mesh())
   evaluations = evals.Evaluations(config, functions, num_train_steps=1_500)
   assert [s for s in range(1, 1_501) if evaluations.due(s)] == [1_500]

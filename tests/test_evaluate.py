@@ -17,6 +17,7 @@ import optax
 import pytest
 
 from configs import quickstart
+from mixer_jax import model_from_config
 from mixer_jax.checkpointing import checkpoint_checks
 from mixer_jax.checkpointing import checkpoints
 from mixer_jax.checkpointing import fingerprint
@@ -40,7 +41,7 @@ def small_config():
 def trained_state():
   """A TrainState whose parameters are random, so predictions vary."""
   config = small_config()
-  model = train_steps.create_model(config, 10)
+  model = model_from_config.create_model(config, 10)
   state = jax.jit(functools.partial(
       train_steps.create_train_state, model, optax.adam(1e-3),
       image_size=config.image_size))(jax.random.PRNGKey(0))
@@ -116,7 +117,7 @@ def test_official_npz(workdir, tmp_path):
 def test_npz_with_other_head_is_rejected(tmp_path):
   config = small_config()
   other = small_config()
-  model = train_steps.create_model(other, 7)
+  model = model_from_config.create_model(other, 7)
   params = jax.jit(model.init)(jax.random.PRNGKey(0),
                                np.zeros((1, 8, 8, 3)))['params']
   path = str(tmp_path / 'seven.npz')

@@ -20,6 +20,7 @@ import tensorflow_datasets as tfds
 
 from mixer_jax import config_defaults
 from configs import mixer_i1k
+from mixer_jax import model_from_config
 from mixer_jax.data import input_pipeline
 from mixer_jax import fewshot
 from mixer_jax.training import compiled
@@ -27,7 +28,6 @@ from mixer_jax.training import evals
 from mixer_jax.training import linear_probe
 from mixer_jax.training import reporting
 from mixer_jax.training import sharding
-from mixer_jax.training import train_steps
 from mixer_jax.training import trainer
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -211,7 +211,7 @@ def test_imagenet_recipe_evals_under_mock_data(tmp_path):
       'cifar100': ('cifar100', 'train', 'test')}
   config.evals.fewshot.shots = (1, 2)
   config.fsdp_min_size_mb = 0.0  # Split even this tiny model's arrays.
-  model = train_steps.create_model(config, 1000)
+  model = model_from_config.create_model(config, 1000)
   params = jax.tree.map(
       lambda x: x + 0.01 * jax.random.normal(jax.random.PRNGKey(1), x.shape),
       model.init(jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3)))['params'])

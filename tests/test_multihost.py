@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 
 from configs import quickstart
+from mixer_jax import model_from_config
 from mixer_jax.data import input_pipeline
 from mixer_jax.training import optim
 from mixer_jax.training import sharding
-from mixer_jax.training import train_steps
 from mixer_jax.training import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,7 +66,7 @@ def make_config(data_dir):
 def reference_run(config):
   """Single process, 8 devices, the 2-process run's global batches."""
   mesh = sharding.create_mesh()
-  model = train_steps.create_model(config, 10)
+  model = model_from_config.create_model(config, 10)
   tx = optim.create_optimizer(config, NUM_STEPS)
   steps = trainer.make_step_functions(config, model, tx, mesh, NUM_STEPS)
   init_fn, p_train, p_eval = steps.init_fn, steps.train_step, steps.eval_step

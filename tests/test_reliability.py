@@ -22,6 +22,7 @@ import jax
 import numpy as np
 import pytest
 
+from mixer_jax import model_from_config
 from mixer_jax import models
 from mixer_jax.checkpointing import checkpoint_checks
 from mixer_jax.checkpointing import checkpoints
@@ -304,10 +305,9 @@ TRAIN_FLAGS = ['--config=configs/quickstart.py', '--config.num_train_steps=60',
 def final_params(workdir):
   """Parameters of the last step saved in a quick-start workdir."""
   from configs import quickstart  # pylint: disable=g-import-not-at-top
-  from mixer_jax.training import train_steps  # pylint: disable=g-import-not-at-top
   config = quickstart.get_config()
   config.model.num_blocks, config.model.hidden_dim = 1, 16
-  shapes = models.param_shapes(train_steps.create_model(config, 10), 8)
+  shapes = models.param_shapes(model_from_config.create_model(config, 10), 8)
   ckpt = checkpoints.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                   keep=1, keep_best=False, read_only=True)
   params, extra = ckpt.restore_params(shapes)

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 
 from configs import quickstart
+from mixer_jax import model_from_config
 from mixer_jax import models
 from mixer_jax.checkpointing import checkpoint_checks
 from mixer_jax.checkpointing import checkpoints
 from mixer_jax.training import config_validation
 from mixer_jax.training import errors
 from mixer_jax.training import reporting
-from mixer_jax.training import train_steps
 from mixer_jax.training import trainer
 from mixer_jax.weights import pretrained
 
@@ -225,7 +225,7 @@ def test_bad_config_fails_before_anything_is_written(data_dir, tmp_path):
 def test_init_from_an_official_npz_replaces_the_head(data_dir, tmp_path):
   config = small_config(data_dir, num_train_steps=2, warmup_steps=1,
                         checkpoint_every_steps=1)
-  source_model = train_steps.create_model(config, 5)  # Another class count.
+  source_model = model_from_config.create_model(config, 5)  # Another class count.
   source = models.init_params(source_model, jax.random.PRNGKey(7), 8)
   npz = str(tmp_path / 'source.npz')
   pretrained.export_official(source, npz)

@@ -9,6 +9,7 @@ import pytest
 from sklearn import datasets as sk_datasets
 
 from configs import quickstart
+from mixer_jax import model_from_config
 from mixer_jax.training import optim
 from mixer_jax.training import sharding
 from mixer_jax.training import train_steps
@@ -46,7 +47,7 @@ def batches(digits, batch_size, count):
 def run_steps(config, data, devices=None):
   """Trains on `data`; returns (state, host metrics, extras)."""
   mesh = sharding.create_mesh(devices)
-  model = train_steps.create_model(config, 10)
+  model = model_from_config.create_model(config, 10)
   tx = optim.create_optimizer(config, config.num_train_steps)
   steps = trainer.make_step_functions(config, model, tx, mesh,
                                       config.num_train_steps)
@@ -217,7 +218,7 @@ def test_mixup_step_on_eight_devices_equals_one(digits):
 
 def test_ema_is_the_running_average_of_the_parameters(digits):
   config = tiny_config()
-  model = train_steps.create_model(config, 10)
+  model = model_from_config.create_model(config, 10)
   tx = optim.create_optimizer(config, config.num_train_steps)
   rng = jax.random.PRNGKey(0)
   state = train_steps.create_train_state(model, tx, rng, 8, ema=True)
@@ -264,7 +265,7 @@ def test_zero_head_scores_no_hits():
   # The real model at initialisation: the head is zero, so all 10 logits are
   # equal. A tie counts against the label: top-1 and top-5 are both 0 (the
   # old "fewer than k higher" rule gave top-5 = 100%).
-  model = train_steps.create_model(tiny_config(), 10)
+  model = model_from_config.create_model(tiny_config(), 10)
   params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)),
                       train=False)['params']
   images = jax.random.uniform(jax.random.PRNGKey(1), (20, 8, 8, 3))
