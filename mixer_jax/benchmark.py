@@ -43,13 +43,11 @@ host work (input, transfers, bookkeeping, logging) costs.
 """
 
 # First, before TensorFlow loads: it quiets TensorFlow's C++ start-up lines.
-from mixer_jax import model_from_config
 from mixer_jax.training import command_line  # pylint: disable=g-bad-import-order
 
 import functools
 import json
 import os
-import platform
 import resource
 import statistics
 import time
@@ -63,35 +61,25 @@ import jax.numpy as jnp
 import numpy as np
 
 from mixer_jax import config_defaults
+from mixer_jax import model_from_config
 from mixer_jax import models
 from mixer_jax.training import compiled
 from mixer_jax.training import cost
 from mixer_jax.training import errors
 from mixer_jax.training import optim
 from mixer_jax.training import sharding
+from mixer_jax.training import throughput
 
 MODES = ('infer', 'train')
 SIZE_FLAGS = ('num_blocks', 'hidden_dim', 'tokens_mlp_dim',
               'channels_mlp_dim')
 
 
-def processor_name() -> str:
-  """The CPU model name (lscpu's "Model name"), or the platform's guess."""
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
-
-
 def device_name(device=None) -> str:
   """What runs the computation: the CPU model, or the accelerator's kind."""
   device = device or jax.devices()[0]
   if device.platform == 'cpu':
-    return (f'{processor_name()} ({len(jax.devices("cpu"))} JAX devices, '
+    return (f'{throughput.processor_name()} ({len(jax.devices("cpu"))} JAX devices, '
             f'{len(os.sched_getaffinity(0))} cores)')
   return device.device_kind
 

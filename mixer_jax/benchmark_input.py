@@ -48,7 +48,6 @@ command_line.load_tensorflow_quietly()  # Reads data sets: TF is needed.
 
 import importlib.util
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -64,6 +63,7 @@ import tensorflow as tf
 from mixer_jax import config_defaults
 from mixer_jax.data import input_pipeline
 from mixer_jax.training import errors
+from mixer_jax.training import throughput
 
 FLAGS = flags.FLAGS
 
@@ -135,18 +135,6 @@ def cores():
     return len(os.sched_getaffinity(0))
   except AttributeError:  # Not on Linux.
     return os.cpu_count()
-
-
-def cpu_name():
-  """The CPU's model name (Linux), else what `platform` knows."""
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or 'unknown CPU'
 
 
 def images_per_second(config, num_batches, warmup_batches):
@@ -293,7 +281,7 @@ def main(argv):
       size = make_jpegs(root, FLAGS.num_images, FLAGS.width, FLAGS.height)
       print(f'Made {FLAGS.num_images} JPEGs of {FLAGS.width}x'
             f'{FLAGS.height}, {size / 1024:.0f} KiB each, in {root}')
-    print(f'CPU: {cpu_name()}, {cores()} cores for this process')
+    print(f'CPU: {throughput.processor_name()}, {cores()} cores for this process')
     for recipe in recipes:
       config = recipe_config(FLAGS.config or config_defaults.get_config(),
                              recipe, root, FLAGS.image_size,

@@ -22,6 +22,7 @@ from mixer_jax import benchmark
 from mixer_jax import models
 from mixer_jax.training import cost
 from mixer_jax.training import optim
+from mixer_jax.training import throughput
 from mixer_jax.training import sharding
 from mixer_jax.training import trainer
 
@@ -139,7 +140,7 @@ def test_flops_and_peak_fraction_per_device(monkeypatch):
     # GELU and the update (a large share only at this tiny size).
     assert 0.5 <= r['flops_per_device_fraction'] < 0.75
   table = benchmark.format_table(rows)
-  assert benchmark.processor_name() in table
+  assert throughput.processor_name() in table
   assert len(table.splitlines()) == 1 + 1 + len(rows) + 1
 
 
@@ -209,14 +210,14 @@ def test_command_json_output_with_fake_devices():
                 'flops_per_device_fraction', 'state_bytes_per_device'):
       assert np.isfinite(r[key]) and r[key] > 0, key
     assert r['collectives']['all-gather']['count'] > 0
-    assert r['device'].startswith(benchmark.processor_name())
+    assert r['device'].startswith(throughput.processor_name())
     assert '4 JAX devices' in r['device']
 
 
 def test_command_table_and_bad_flag():
   result = _run_cli(*TINY_FLAGS, '--mode=infer', '--batch_size=2')
   assert result.returncode == 0, result.stderr[-2000:]
-  assert benchmark.processor_name() in result.stdout
+  assert throughput.processor_name() in result.stdout
   assert 'img/s' in result.stdout
   bad = _run_cli(*TINY_FLAGS, '--batch_size=two')
   assert bad.returncode != 0 and '--batch_size' in bad.stderr
@@ -238,6 +239,6 @@ def test_loop_mode_runs_the_trainer_and_its_step(tmp_path):
   assert row['loop_to_step'] == pytest.approx(
       row['loop_steps_per_sec'] / row['step_steps_per_sec'])
   assert 0 <= row['input_wait_share'] <= 1
-  assert row['device'].startswith(benchmark.processor_name())
+  assert row['device'].startswith(throughput.processor_name())
   table = _run_cli('--mode=loop', '--loop_steps=3', '--repeats=1')
   assert table.returncode != 0 and '--loop_steps' in table.stderr

@@ -12,6 +12,7 @@ Each training log line (and metrics.jsonl) carries, besides images/s:
   bound; near 0: the device or the host loop is).
 """
 
+import platform
 import time
 from typing import Dict, Iterable, Iterator, Optional
 
@@ -88,3 +89,15 @@ class InputTimer:
     """Seconds waited since the previous call."""
     waited, self.waited = self.waited, 0.0
     return waited
+
+
+def processor_name() -> str:
+  """The CPU model name (lscpu's "Model name"), or the platform's guess."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
