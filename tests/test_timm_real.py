@@ -8,6 +8,10 @@ the pooling) fails here. They run where `torch` and `timm` are installed
 """
 
 import json
+import os
+import re
+import subprocess
+import sys
 
 from flax import traverse_util
 import mixer_reference as ref
@@ -104,3 +108,24 @@ outputs['normalised'] = logits(inputs['normalised'])
   np.testing.assert_allclose(
       model.apply({'params': params}, (pixels - 127.5) / 127.5),
       out['normalised'], rtol=1e-4, atol=1e-4)
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+def test_the_readme_comparison_with_timm_runs():
+  # The README's `tools/compare_timm.py --breakdown`, one round: both
+  # libraries time B/16 in both modes, and the ratio is theirs over ours.
+  # (Figures are not checked: they belong to the machine.)
+  out = subprocess.run(
+      [sys.executable, os.path.join(REPO, 'tools', 'compare_timm.py'),
+       '--rounds=1', '--breakdown'], capture_output=True, text=True,
+      cwd=REPO, timeout=900, check=True).stdout
+  rows = re.findall(r'B/16 (infer|train) +batch +(\d+) f32: mixer_jax '
+                    r'([\d.]+) img/s, timm ([\d.]+) img/s', out)
+  assert [(m, int(b)) for m, b, _, _ in rows] == [('infer', 16),
+                                                  ('train', 8)], out
+  assert all(float(ours) > 0 and float(timm) > 0 for *_, ours, timm in rows)
+  assert len(re.findall(r'forward matmuls alone, batch (16|8) \((\d+) '
+                        r'GFLOP\)', out)) == 2, out
