@@ -183,6 +183,37 @@ def test_cache_gives_the_same_stream(digits_dir):
     np.testing.assert_array_equal(a['image'], b['image'])
 
 
+@pytest.mark.parametrize('image_size,cache', [(8, True), (16, False)])
+def test_batched_preprocessing_equals_the_per_image_path(
+    digits_dir, monkeypatch, image_size, cache):
+  # A plain resize without flip or RandAugment, on a data set that declares
+  # its image size (digits: 8x8), runs a batch at a time; the stream, also
+  # resumed mid-epoch and in the second epoch, is the per-image path's.
+  config = _config(digits_dir, cache=cache,
+                   **dict(_PLAIN, image_size=image_size))
+  source = sources.get_source(config)
+  assert input_pipeline.batched_preprocessing(config, source)
+  for drawn in ({'pp.flip': True}, {'pp.randaugment_layers': 1},
+                {'pp.train_crop': 'finetune'}):
+    assert not input_pipeline.batched_preprocessing(
+        _config(digits_dir, **dict(_PLAIN, **drawn)), source)
+
+  def stream():
+    return [b for start in (0, 20, 46) for b in _take(
+        input_pipeline.train_dataset(config, start_step=start,
+                                     process_index=0, process_count=1), 2)]
+
+  batched = stream()
+  monkeypatch.setattr(input_pipeline, 'batched_preprocessing',
+                      lambda *_: False)
+  per_image = stream()
+  assert len(batched) == len(per_image) == 6
+  for a, b in zip(batched, per_image):
+    assert a['image'].shape == (32, image_size, image_size, 3)
+    np.testing.assert_array_equal(a['image'], b['image'])
+    np.testing.assert_array_equal(a['label'], b['label'])
+
+
 def test_batch_size_must_split_over_processes(digits_dir):
   with pytest.raises(ValueError, match='batch_size'):
     input_pipeline.train_dataset(_config(digits_dir, batch_size=33),

@@ -24,8 +24,10 @@ the first k*B % n examples of that epoch (n: shard size) before any decode or
 augmentation, and yields exactly the batches an uninterrupted run yields
 from batch k on. Earlier epochs are not read at all; the skipped part of the
 current epoch is read as raw records (plus one shuffle buffer) but not
-decoded (with config.cache, decoded once into the cache). Determinism holds for a fixed data set, process count, batch size
-and TensorFlow version.
+decoded (with config.cache, decoded once into the cache). Determinism holds
+for a fixed data set, process count, batch size and TensorFlow version.
+Preprocessing that draws nothing per image, on images of one declared size,
+runs a batch at a time (`batched_preprocessing`), with the same values.
 
 TensorFlow is kept off accelerators (the programs hide GPUs from it,
 `command_line.load_tensorflow_quietly`): the pipeline runs on CPU and leaves
@@ -198,14 +200,19 @@ def train_dataset(config, *, start_step=0, process_index=None,
   shuffle_seed = _seed(config, index, _SHUFFLE)
   buffer_size = min(config.shuffle_buffer, n)
 
+  per_batch = batched_preprocessing(config, source)
+
   def epoch(e):
-    """Epoch e: the shard reshuffled, each example tagged with its position."""
+    """Epoch e: the shard reshuffled, each example tagged with its position
+    (its augmentation's seed) unless the preprocessing draws nothing."""
     ds = examples
     if buffer_size > 1:
       seed = tf.random.stateless_uniform(  # One int64 from (seed, e).
           [], tf.random.experimental.stateless_fold_in(shuffle_seed, e),
           minval=None, maxval=None, dtype=tf.int64)
       ds = ds.shuffle(buffer_size, seed=seed, reshuffle_each_iteration=False)
+    if per_batch:
+      return ds
     return ds.enumerate().map(lambda i, ex: (e * n + i, ex))
 
   first_epoch, offset = divmod(start_step * batch_size, n)
@@ -223,12 +230,39 @@ def train_dataset(config, *, start_step=0, process_index=None,
         area_min=pp.crop_area_min, flip=pp.flip, randaugment=randaugment)
     return image, preprocess.one_hot(ex['label'], num_classes)
 
-  ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.batch(batch_size, drop_remainder=True)
+  if per_batch:
+    image_spec = ds.element_spec['image']
+    if image_spec.dtype != tf.uint8 or image_spec.shape[-1:] != [3]:
+      ds = ds.map(lambda ex: {'image': preprocess.decode(ex['image']),
+                              'label': ex['label']},
+                  num_parallel_calls=tf.data.AUTOTUNE)  # Not cached decoded.
+    ds = ds.batch(batch_size, drop_remainder=True)
+    ds = ds.map(lambda ex: (
+        preprocess.normalize(preprocess.resize(ex['image'], config.image_size)),
+        preprocess.one_hot(ex['label'], num_classes)))
+  else:
+    ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(batch_size, drop_remainder=True)
 
   # mixup runs in the train step on the global batch (train_steps.mixup).
   ds = ds.map(lambda images, labels: {'image': images, 'label': labels})
   return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+
+
+def batched_preprocessing(config, source) -> bool:
+  """Whether training images are resized and scaled a batch at a time.
+
+  That is possible when the preprocessing draws nothing per image (a plain
+  resize, no flip, no RandAugment) and the data set declares one size for
+  all its images (digits, CIFAR), and it gives the same values as the
+  per-image path. It matters for small images: on 8x8 digits the per-image
+  `map` costs about 70 us of CPU per image, mostly op dispatch, against
+  about 6 us when the same ops run on a batch.
+  """
+  pp = config.pp
+  return (pp.train_crop == 'resize' and not pp.flip and
+          pp.randaugment_layers <= 0 and
+          source.image_size is not None)
 
 
 def eval_dataset(config, *, process_index=None, process_count=None):

@@ -160,9 +160,12 @@ def decode_and_random_crop(image, seed, area_min=0.05):
 
 
 def resize(image, image_size):
-  """Resizes (bilinear, no antialiasing, as official) to a float32 square."""
+  """Resizes (bilinear, no antialiasing, as official) to a float32 square.
+
+  `image` is one HxWx3 image or a batch of them (NxHxWx3).
+  """
   image = tf.image.resize(image, [image_size, image_size], method='bilinear')
-  image.set_shape([image_size, image_size, 3])
+  image.set_shape(image.shape[:-3].concatenate([image_size, image_size, 3]))
   return image
 
 

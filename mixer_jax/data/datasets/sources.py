@@ -244,6 +244,10 @@ class TfdsSource:
     self._decoders = ({self.image_key: tfds.decode.SkipDecoding()}
                       if isinstance(features[self.image_key],
                                     tfds.features.Image) else None)
+    # (height, width) when the data set declares every image's size (digits,
+    # CIFAR), else None (ImageNet, whose images differ).
+    height, width, *_ = features[self.image_key].shape + (None, None)
+    self.image_size = ((height, width) if height and width else None)
 
   def _prepare(self):
     """Downloads and prepares the data set unless it already is.
@@ -406,6 +410,7 @@ class FolderSource:
     self.builder = tfds.ImageFolder(root)
     self.name = f'folder:{root}'
     self.root = root
+    self.image_size = None  # Files of any size.
     split_sizes = {s: int(i.num_examples)
                    for s, i in self.builder.info.splits.items()}
     if not split_sizes or not any(split_sizes.values()):
