@@ -9,6 +9,7 @@ concatenated in process order) through the jitted step here.
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -95,7 +96,10 @@ def test_two_processes_agree_with_one(tmp_path):
   config = make_config(str(tmp_path / 'tfds'))
   input_pipeline.dataset_info(config)  # Builds digits once, before workers.
   workdir = tmp_path / 'run'
+  # PYTHONFAULTHANDLER: a worker that hangs is sent SIGABRT at the timeout
+  # and prints every thread's stack, so the failure says where it hung.
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu',
+             PYTHONFAULTHANDLER='1',
              XLA_FLAGS='--xla_force_host_platform_device_count=4')
   port = free_port()
   config_json = json.dumps(config.to_dict())
@@ -108,9 +112,16 @@ def test_two_processes_agree_with_one(tmp_path):
     try:
       outputs.append(worker.communicate(timeout=400)[0])
     except subprocess.TimeoutExpired:
+      stacks = []
       for w in workers:
-        w.kill()
-      pytest.fail('multi-process training timed out')
+        if w.poll() is None:
+          w.send_signal(signal.SIGABRT)
+          try:
+            stacks.append(w.communicate(timeout=60)[0][-6000:])
+          except subprocess.TimeoutExpired:
+            w.kill()
+      pytest.fail('multi-process training timed out; the workers were at:\n'
+                  + '\n----\n'.join(stacks))
   for worker, output in zip(workers, outputs):
     assert worker.returncode == 0, output[-3000:]
   summaries = [json.loads((workdir / f'summary_{i}.json').read_text())
