@@ -74,7 +74,9 @@ def evaluate_dataset(p_eval_step, params, batches: Iterable, mesh, *,
     stop_requested: checked before each batch; True abandons the pass.
 
   Returns:
-    Dict with 'accuracy', 'top5', 'loss' and 'examples'; None when stopped.
+    Dict with 'accuracy', 'top5', 'loss', 'examples' and 'nan_rows' (the
+    examples whose logits hold a NaN; scored by argmax's rule, the first
+    NaN class); None when stopped.
   """
   totals = _sums(p_eval_step, params, batches, mesh, prefetch, on_batch,
                  stop_requested)
@@ -84,7 +86,14 @@ def evaluate_dataset(p_eval_step, params, batches: Iterable, mesh, *,
   return {'accuracy': float(totals['correct']) / count,
           'top5': float(totals['top5']) / count,
           'loss': float(totals['loss_sum']) / count,
-          'examples': int(totals['count'])}
+          'examples': int(totals['count']),
+          'nan_rows': int(totals['nan_rows'])}
+
+
+def nan_note(nan_rows: int) -> str:
+  """What an eval's log line adds when some logits were NaN ('' if none)."""
+  return (f'; {nan_rows} examples with NaN logits (scored as argmax does: '
+          'the first NaN class)' if nan_rows else '')
 
 
 def _read(config, entry, index, count):
@@ -179,7 +188,8 @@ class Evaluations:
     count = float(totals['count'])
     denominator = max(count, 1.0)
     return {f'{name}/accuracy': float(totals['correct']) / denominator,
-            f'{name}/examples': int(count)}
+            f'{name}/examples': int(count),
+            f'{name}/nan_rows': int(totals['nan_rows'])}
 
   def _fewshot(self, name, entry, params) -> Optional[Dict[str, float]]:
     results = linear_probe.evaluate_datasets(
