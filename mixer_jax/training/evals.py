@@ -26,7 +26,6 @@ batches: the evaluation then returns None, and the trainer saves first.
 from typing import Callable, Dict, Iterable, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from mixer_jax.data.datasets import sources
@@ -39,18 +38,24 @@ from mixer_jax.training import sharding
 
 def _sums(step_fn, params, batches, mesh, prefetch, on_batch=None,
           stop_requested=None):
-  """Summed outputs of `step_fn` over `batches`; None if asked to stop."""
+  """Summed outputs of `step_fn` over `batches`; None if asked to stop.
+
+  Each batch's sums (replicated scalars) are read back and added on the
+  host: an eager add of global arrays is a computation every process must
+  dispatch in the same order, and in multi-process runs beside the
+  prefetch thread it could deadlock.
+  """
   totals = None
   for i, batch in enumerate(sharding.prefetch(batches, mesh, prefetch), 1):
     if stop_requested is not None and stop_requested():
       return None
-    sums = step_fn(params, batch)
-    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    sums = sharding.to_host(step_fn(params, batch))
+    totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
     if on_batch is not None:
       on_batch(i)
   if totals is None:
     raise ValueError('The eval data set yielded no batch; check eval_split.')
-  return sharding.to_host(totals)
+  return totals
 
 
 def evaluate_dataset(p_eval_step, params, batches: Iterable, mesh, *,
