@@ -1,8 +1,10 @@
 """The README's and docs/' commands, as a user copies them, in their order.
 
 A command is a line of a fenced code block in README.md or docs/*.md that
-starts with `.venv/bin/python` (what the set-up commands install); the
-README's first set-up command ends with the quick start, which comes first.
+starts with `.venv/bin/python -m mixer_jax.` or `.venv/bin/python -c` (the
+interpreter the set-up commands install); the README's first set-up command
+ends with the quick start, which comes first. Other lines (pytest,
+tools/compare_timm.py) are not run here.
 The form `-m mixer_jax.` appears nowhere else in those files, so no command
 escapes these tests. The configs' docstrings' commands are checked too.
 
@@ -111,7 +113,7 @@ def journey():
   found = [('README.md set-up', shlex.split(quickstart_command()))]
   for name in documents():
     for number, line in _fenced_lines(_read(name)):
-      if line.startswith(PYTHON + ' '):
+      if line.startswith((PYTHON + ' -m mixer_jax.', PYTHON + ' -c ')):
         found.append((f'{name}:{number}', shlex.split(line)))
   return found
 
@@ -295,4 +297,6 @@ def test_documented_commands_run_in_order(tmp_path):
       assert sorted(os.listdir(
           tmp_path / 'workdirs/quickstart/checkpoints')) == ['1000', '1500']
       assert 'test/accuracy' in proc.stdout
+    elif argv == shlex.split(quickstart_command()):
+      assert 'finished' in proc.stdout.lower(), (where, proc.stdout)
   assert not failures, '\n'.join(failures)
