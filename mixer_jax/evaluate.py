@@ -28,6 +28,7 @@ With a workdir, `--config` may be left out: the run's own config
 from mixer_jax.training import command_line  # pylint: disable=g-bad-import-order
 command_line.load_tensorflow_quietly()  # Reads data sets: TF is needed.
 
+import functools
 import json
 import math
 import time
@@ -176,10 +177,7 @@ def main(argv):
       raise errors.UsageError(f'Unexpected arguments: {argv[1:]}; set config '
                               'values with --config.FIELD=VALUE.')
     sharding.initialize_from_flags()
-    config = FLAGS.config
-    if config is None:  # A workdir's run_info.json holds the run's config.
-      config = _config_of_workdir(FLAGS.checkpoint)
-    result = evaluate(config, FLAGS.checkpoint, step=FLAGS.step,
+    result = evaluate(FLAGS.config, FLAGS.checkpoint, step=FLAGS.step,
                       weights=FLAGS.weights)
   text = (f'{result["checkpoint"]} on {result["eval_split"]}: '
           f'top-1 {result["top1"]:.4f}, top-5 {result["top5"]:.4f}, '
@@ -192,6 +190,19 @@ def main(argv):
     if FLAGS.output:
       with open(FLAGS.output, 'w') as f:
         json.dump(result, f, indent=2)
+
+
+def _config_of_checkpoint_flag(argv):
+  """For a missing --config: the saved config of the --checkpoint workdir.
+
+  Read while the flags are parsed, so that `--config.FIELD=VALUE` overrides
+  apply to it.
+  """
+  checkpoint = config_loading.config_flag_values(argv, 'checkpoint')[0]
+  if not checkpoint:
+    return None  # absl reports the missing required flag.
+  with command_line.user_errors_as_one_line():
+    return _config_of_workdir(checkpoint)
 
 
 def _config_of_workdir(checkpoint: str):
@@ -233,4 +244,6 @@ def _define_flags():
 if __name__ == '__main__':
   _define_flags()
   # Config file problems: one line naming the file/field, no traceback.
-  app.run(main, flags_parser=config_loading.parse_flags)
+  app.run(main, flags_parser=functools.partial(
+      config_loading.parse_flags,
+      config_when_missing=_config_of_checkpoint_flag))

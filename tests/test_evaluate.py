@@ -25,6 +25,7 @@ from mixer_jax.data import input_pipeline
 from mixer_jax import evaluate
 from mixer_jax.training import train_steps
 from mixer_jax.weights import pretrained
+from mixer_jax.weights import run_info
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -81,6 +82,7 @@ def workdir(tmp_path_factory):
   ckpt.save(100, state.replace(step=np.int32(100)))
   ckpt.save(200, state.replace(step=np.int32(200)))
   ckpt.close()
+  run_info.save_run_info(str(workdir), config, 10)  # As train writes it.
   return workdir
 
 
@@ -158,3 +160,27 @@ def test_command_line(workdir, tmp_path):
   assert run.returncode == 0, run.stderr[-3000:]
   assert 'top-1' in run.stdout and '144 examples' in run.stdout
   assert output.exists()
+
+
+def test_command_line_overrides_the_workdirs_config(workdir):
+  # No --config: --config.FIELD overrides apply to the run's saved config.
+  config = small_config()
+  config.eval_split = 'test'
+  model, state = trained_state()
+  expected = expected_metrics(config, model, state.params)
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu')
+  run = subprocess.run(
+      [sys.executable, '-m', 'mixer_jax.evaluate', f'--checkpoint={workdir}',
+       '--config.eval_split=test'],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert (f'on test: top-1 {expected["top1"]:.4f}' in run.stdout
+          and f'({expected["examples"]} examples' in run.stdout), run.stdout
+  run = subprocess.run(
+      [sys.executable, '-m', 'mixer_jax.evaluate', f'--checkpoint={workdir}',
+       '--config.eval_splt=test'],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert run.returncode == 1
+  assert run.stderr.strip() == (
+      'ConfigError: Unknown config field eval_splt (flag '
+      '--config.eval_splt); did you mean eval_split?'), run.stderr

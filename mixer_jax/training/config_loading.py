@@ -23,7 +23,7 @@ import importlib.util
 import inspect
 import os
 import traceback
-from typing import List, Sequence
+from typing import Callable, List, Optional, Sequence
 
 from absl import flags
 import ml_collections
@@ -135,7 +135,7 @@ def _describe(error: BaseException) -> str:
   return f'{type(error).__name__}: {text.splitlines()[0] if text else ""}'
 
 
-def _config_flag_values(argv: Sequence[str], flag: str):
+def config_flag_values(argv: Sequence[str], flag: str):
   """(config file or None, [(field, flag text)]) from the command line."""
   path, overrides = None, []
   args = list(argv[1:])
@@ -161,16 +161,21 @@ def check_command_line(argv: Sequence[str], flag: str = 'config'):
   Raises:
     ConfigError: one line per problem.
   """
-  path, overrides = _config_flag_values(argv, flag)
+  path, overrides = config_flag_values(argv, flag)
   if not path:
     return None  # absl reports the missing required flag.
   config = load_config_file(path)
+  check_overrides(config, overrides)
+  return config
+
+
+def check_overrides(config, overrides):
+  """Raises ConfigError naming each override that is not a field of config."""
   valid = _fields(config)
   problems = [_unknown_message(name, valid, f'flag {text.split("=")[0]}')
               for name, text in overrides if name not in valid]
   if problems:
     raise ConfigError('\n'.join(problems))
-  return config
 
 
 def _without_config_file(argv: Sequence[str], flag: str) -> List[str]:
@@ -213,14 +218,25 @@ def _give_absl_the_loaded_config(config, argv: Sequence[str],
   return argv
 
 
-def parse_flags(argv: Sequence[str]) -> List[str]:
+def parse_flags(argv: Sequence[str],
+                config_when_missing: Optional[Callable] = None) -> List[str]:
   """`flags_parser` for `absl.app.run`: config problems without tracebacks.
 
   Exits with status 1 and a short message on an invalid config file or
   config flag; other flag errors are absl's usual one-line message.
+
+  Args:
+    argv: the command line.
+    config_when_missing: called with `argv` when no `--config` is given; the
+      ConfigDict it returns (e.g. a workdir's saved config), if any, takes
+      the `--config.FIELD=VALUE` overrides as a file's config would.
   """
   try:
     config = check_command_line(argv)
+    if config is None and config_when_missing is not None:
+      config = config_when_missing(argv)
+      if config is not None:
+        check_overrides(config, config_flag_values(argv, 'config')[1])
   except ConfigError as e:
     raise SystemExit(f'ConfigError: {e}') from None
   if config is not None:
