@@ -97,3 +97,43 @@ def test_an_unexpected_error_inside_evaluate_keeps_its_traceback(workdir):
   assert run.returncode != 0
   assert 'Traceback (most recent call last)' in run.stderr, run.stderr[-3000:]
   assert 'ValueError: injected bug inside the evaluation' in run.stderr
+
+
+def test_warnings_are_plain_lines_and_cloud_auth_noise_is_off(tmp_path):
+  import mixer_reference as ref  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  checkpoint = str(tmp_path / 'c.npz')
+  np.savez(checkpoint, **ref.official_checkpoint(0, classes=10))
+  image = str(tmp_path / 'rgba.png')
+  Image.fromarray(np.zeros((8, 8, 4), np.uint8)).save(image)
+  run = _run(['-m', 'mixer_jax.predict', f'--checkpoint={checkpoint}', image])
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert run.stderr == (f'WARNING: {image} has an alpha channel; it is '
+                        'ignored (the image is read as RGB, as in '
+                        'training).\n')
+  # A gs:// path: TensorFlow's Google Cloud client warns when it finds no
+  # credentials (and fails without network); one line of ours, no noise.
+  absent = 'gs://mixer-jax-no-such-bucket/absent.npz'
+  run = _run(['-m', 'mixer_jax.predict', f'--checkpoint={absent}', image])
+  assert run.returncode == 2, run.stderr[-3000:]
+  assert run.stderr.startswith(f'Cannot use --checkpoint={absent}: '
+                               'CheckpointNotFoundError: ')
+  assert run.stderr.count('\n') == 1, run.stderr
+
+
+def test_library_retries_are_shown_once():
+  # huggingface_hub prints with its own handler and also passes records on.
+  program = textwrap.dedent('''
+      from absl import app
+      from huggingface_hub.utils import logging
+      from mixer_jax.training import command_line
+      def main(_):  # As the programs run.
+        command_line.set_up_output(False)
+        logging.get_logger('huggingface_hub.utils._http').warning(
+            'Retrying in 1s [Retry 1/5].')
+      app.run(main)
+  ''')
+  run = _run(['-c', program])
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert run.stderr == 'Retrying in 1s [Retry 1/5].\n'

@@ -40,8 +40,12 @@ def asks_verbose(argv: Sequence[str]) -> bool:
   return any(arg in _VERBOSE_FLAGS for arg in argv[1:])
 
 
-if not asks_verbose(sys.argv):  # 2: TensorFlow's C++ INFO and WARNING off.
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+if not asks_verbose(sys.argv):
+  # 2: TensorFlow's C++ INFO and WARNING lines off (the Google Cloud
+  # authentication warnings of every `gs://` access among them). Raised, not
+  # defaulted: importing JAX, which the package does first, sets it to 1.
+  os.environ['TF_CPP_MIN_LOG_LEVEL'] = str(
+      max(2, int(os.environ.get('TF_CPP_MIN_LOG_LEVEL', '0') or 0)))
 
 
 def load_tensorflow_quietly() -> None:
@@ -147,12 +151,19 @@ def quiet_library_logs(max_level: int = pylogging.INFO) -> None:
 
 def set_up_output(verbose: bool) -> None:
   """Quiet (default) or verbose logs on stderr; see the module docstring."""
+  # huggingface_hub prints its records (download retries) with a handler of
+  # its own and also passes them on to absl's: shown twice.
+  pylogging.getLogger('huggingface_hub').propagate = False
   if verbose:
     logging.set_verbosity(logging.INFO)
     return
   # Also hides JAX's INFO "Unable to initialize backend" lines.
   logging.set_verbosity(logging.WARNING)
   quiet_library_logs(pylogging.WARNING)
+  # Warnings and errors as 'WARNING: text', without absl's prefix of date,
+  # thread id and source line (which --verbose keeps).
+  logging.get_absl_handler().setFormatter(
+      pylogging.Formatter('%(levelname)s: %(message)s'))
 
 
 def one_line(error: BaseException) -> str:

@@ -186,7 +186,13 @@ def resolve(name_or_path: str) -> Tuple[str, Optional[Checkpoint]]:
     entry = None
   if entry is not None:
     return fetch(entry), entry
-  if tf.io.gfile.exists(name_or_path):
+  try:
+    exists = tf.io.gfile.exists(name_or_path)
+  except tf.errors.OpError as e:  # gs:// without network or permission.
+    raise CheckpointNotFoundError(
+        f'{name_or_path} cannot be read ({type(e).__name__}: '
+        f'{str(e).strip().splitlines()[0]}).') from e
+  if exists:
     if tf.io.gfile.isdir(name_or_path):
       raise CheckpointNotFoundError(
           f'{name_or_path} is a directory; expected an official-format .npz '
