@@ -14,30 +14,50 @@ image, with the class names the checkpoint brings (a workdir's data set, a
 Hub config's label names), ImageNet names for ImageNet-1k heads, and class
 indices otherwise. Images of any size are preprocessed as the checkpoint's
 evaluation (`preprocess.eval_image`: a workdir's config.pp.eval_crop, the
-ImageNet resize-and-crop otherwise). A file that cannot be read or
-decoded is reported and skipped; the exit status is 1 if any file failed.
+ImageNet resize-and-crop otherwise).
+
+Inputs are image files, directories (their images, sorted, subdirectories
+included), quoted glob patterns ('photos/*.jpg', expanded here) or `-` (one
+image read from stdin), classified `--batch_size` at a time.
+`--output=json` prints one JSON object per line and image, `--output=csv`
+a header and one row per image (path, then class, name and probability of
+each of the top-k), both on stdout. A file that cannot be read or decoded,
+or has more than `--max_megapixels` (checked from its header, before
+decoding), is reported and skipped; the exit status is 1 if any failed.
 """
 
 # First, before TensorFlow loads: it quiets TensorFlow's C++ start-up lines.
 from mixer_jax.training import command_line  # pylint: disable=g-bad-import-order
 
+import csv
 import dataclasses
 import importlib.resources
+import io
+import json
+import math
+import os
 import re
 import sys
-from typing import List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 from absl import app
 from absl import flags
 from absl import logging
 import jax
 import numpy as np
+from PIL import Image
 
 from mixer_jax.training import compiled
 from mixer_jax.training import errors
 from mixer_jax.weights import registry
 
 IMAGENET_CLASSES_FILE = 'imagenet2012_classes.txt'
+# What TensorFlow's decoder reads (`preprocess.decode`): a directory's
+# other files are not images.
+IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.gif', '.bmp')
+STDIN = '-'
+# A decoded 100-megapixel image takes 300 MB, and its float copies more.
+MAX_MEGAPIXELS = 100
 
 
 @dataclasses.dataclass
@@ -47,6 +67,10 @@ class Prediction:
   path: str
   top: List[Tuple[int, float]]
   error: Optional[str] = None
+
+
+class ImageTooLargeError(ValueError):
+  """An image with more pixels than the limit, found before decoding."""
 
 
 def imagenet_class_names() -> List[str]:
@@ -112,20 +136,87 @@ def class_names(spec: str, num_classes: int,
   return names
 
 
+def expand_inputs(args: Sequence[str]) -> List[str]:
+  """The image paths of the command line's files, directories and globs.
+
+  A directory gives its files with an image suffix, subdirectories
+  included, sorted; a pattern with `*`, `?` or `[` the files it matches,
+  sorted (a file of that very name if none).
+
+  Raises:
+    UsageError: a directory without images, or a pattern matching nothing.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  paths = []
+  for arg in args:
+    if arg != STDIN and tf.io.gfile.isdir(arg):
+      found = sorted(
+          os.path.join(root, name) for root, _, names in tf.io.gfile.walk(arg)
+          for name in names if name.lower().endswith(IMAGE_SUFFIXES))
+      if not found:
+        raise errors.UsageError(f'{arg} is a directory without images '
+                                f'({", ".join(IMAGE_SUFFIXES)}).')
+    elif any(c in arg for c in '*?[') and not tf.io.gfile.exists(arg):
+      found = sorted(tf.io.gfile.glob(arg))
+      if not found:
+        raise errors.UsageError(f'No file matches {arg}.')
+    else:
+      found = [arg]
+    paths += found
+  return paths
+
+
+def _read_image(path: str, max_megapixels: float) -> bytes:
+  """The bytes of an image file (`-`: stdin), its size checked first.
+
+  Raises:
+    ImageTooLargeError: the header gives more than `max_megapixels`.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  if path == STDIN:
+    data = sys.stdin.buffer.read()
+  else:
+    with tf.io.gfile.GFile(path, 'rb') as f:
+      data = f.read()
+  # PIL reads the size from the header without decoding; its own guard
+  # against huge images is replaced by the limit here.
+  limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+  try:
+    width, height = Image.open(io.BytesIO(data)).size
+  except (OSError, SyntaxError, ValueError):
+    return data  # Not an image PIL knows: TensorFlow's decoder says why.
+  finally:
+    Image.MAX_IMAGE_PIXELS = limit
+  if width * height > max_megapixels * 1e6:
+    raise ImageTooLargeError(
+        f'{width}x{height} is {width * height / 1e6:.3g} megapixels, above '
+        f'the limit of {max_megapixels:g}; raise it with '
+        f'--max_megapixels={math.ceil(width * height / 1e6)}')
+  return data
+
+
 def classify_files(model, params, paths: Sequence[str], *, image_size: int,
                    crop: str = 'resize_crop', resize_size: int = 0,
-                   top_k: int = 5) -> List[Prediction]:
+                   top_k: int = 5, batch_size: int = 32,
+                   max_megapixels: float = MAX_MEGAPIXELS
+                   ) -> Iterator[Prediction]:
   """Classifies each file; unreadable or undecodable files get an `error`.
 
   Args:
     model: a Mixer with a head (`num_classes` > 0).
     params: its parameters.
-    paths: image files (JPEG, PNG, GIF, BMP; local or `gs://`).
+    paths: image files (JPEG, PNG, GIF, BMP; local or `gs://`; `-` for
+      stdin).
     image_size: model input side.
     crop: 'resize_crop' (short side to `resize_size`, central crop: the
       ImageNet evaluation) or 'resize' (plain resize: the fine-tuning eval).
     resize_size: short side before cropping; 0 means image_size * 256/224.
     top_k: classes reported per image.
+    batch_size: images run through the model at once.
+    max_megapixels: larger images are refused before they are decoded.
+
+  Yields:
+    A `Prediction` per path, in order, a batch at a time.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from mixer_jax.data import preprocess  # pylint: disable=g-import-not-at-top
@@ -137,23 +228,32 @@ def classify_files(model, params, paths: Sequence[str], *, image_size: int,
       image_size)
   scores_fn = compiled.predict_function(model)
   k = min(top_k, model.num_classes)
-  results = []
-  for path in paths:
-    try:
-      with tf.io.gfile.GFile(path, 'rb') as f:
-        data = f.read()
-      if preprocess.png_has_alpha(data):  # As in training: read as RGB.
-        logging.warning('%s has an alpha channel; it is ignored (the image '
-                        'is read as RGB, as in training).', path)
-      image = preprocess.eval_image(tf.constant(data), image_size, crop=crop,
-                                    resize_size=resize_size)
-    except (tf.errors.OpError, OSError, ValueError) as e:
-      results.append(Prediction(path, [], _describe_error(e)))
-      continue
-    scores = np.asarray(scores_fn(params, image.numpy()[None]))[0]
-    best = np.argsort(-scores, kind='stable')[:k]
-    results.append(Prediction(path, [(int(i), float(scores[i])) for i in best]))
-  return results
+  # Every batch padded to one size: the model is compiled once.
+  size = min(batch_size, len(paths))
+  for start in range(0, len(paths), size):
+    results, images = [], []
+    for path in paths[start:start + size]:
+      try:
+        data = _read_image(path, max_megapixels)
+        if preprocess.png_has_alpha(data):  # As in training: read as RGB.
+          logging.warning('%s has an alpha channel; it is ignored (the image '
+                          'is read as RGB, as in training).', path)
+        images.append(preprocess.eval_image(
+            tf.constant(data), image_size, crop=crop,
+            resize_size=resize_size).numpy())
+        results.append(Prediction(path, []))
+      except (tf.errors.OpError, OSError, ValueError) as e:
+        results.append(Prediction(path, [], _describe_error(e)))
+    if images:
+      batch = np.zeros((size,) + images[0].shape, images[0].dtype)
+      batch[:len(images)] = images
+      scores = iter(np.asarray(scores_fn(params, batch)))
+      for result in results:
+        if not result.error:
+          row = next(scores)
+          best = np.argsort(-row, kind='stable')[:k]
+          result.top = [(int(i), float(row[i])) for i in best]
+    yield from results
 
 
 def _describe_error(error: Exception) -> str:
@@ -164,6 +264,8 @@ def _describe_error(error: Exception) -> str:
   message = re.sub(r'\s*\[Op:[^\]]*\].*$', '', message)
   unreadable = isinstance(error, (tf.errors.NotFoundError,
                                   tf.errors.PermissionDeniedError, OSError))
+  if isinstance(error, ImageTooLargeError):
+    return f'image refused: {message}'
   return f'cannot {"read" if unreadable else "decode"} image: {message}'
 
 
@@ -178,6 +280,34 @@ def format_prediction(prediction: Prediction,
     label = f'{index:5d} {names[index]}' if names else f'{index:5d}'
     lines.append(f'  {rank}. {score:7.4f} {label}')
   return '\n'.join(lines)
+
+
+def prediction_record(prediction: Prediction,
+                      names: Optional[Sequence[str]]) -> dict:
+  """One file's result as a JSON-ready dict (`--output=json`)."""
+  if prediction.error:
+    return {'path': prediction.path, 'error': prediction.error}
+  names = readable_class_names(names)
+  return {'path': prediction.path, 'top': [
+      {'class': index, 'name': names[index] if names else None,
+       'probability': score} for index, score in prediction.top]}
+
+
+def csv_header(top_k: int) -> List[str]:
+  """Columns of `--output=csv`: path, then class/name/probability per rank."""
+  return ['path'] + [f'{field}_{rank}' for rank in range(1, top_k + 1)
+                     for field in ('class', 'name', 'probability')] + ['error']
+
+
+def csv_row(record: dict, top_k: int) -> List:
+  """A `prediction_record` as a row under `csv_header(top_k)`."""
+  cells = [record['path']]
+  for rank in range(top_k):
+    top = record.get('top', [])
+    entry = top[rank] if rank < len(top) else {}
+    cells += [entry.get('class', ''), entry.get('name') or '',
+              entry.get('probability', '')]
+  return cells + [record.get('error', '')]
 
 
 FLAGS = flags.FLAGS
@@ -206,6 +336,14 @@ def _define_flags():
       'checkpoint\'s (image_size * 256 / 224 for ImageNet weights).')
   flags.DEFINE_integer('top_k', 5, 'Classes printed per image.',
                        lower_bound=1)
+  flags.DEFINE_integer('batch_size', 32, 'Images run through the model at '
+                       'once.', lower_bound=1)
+  flags.DEFINE_enum('output', 'text', ['text', 'json', 'csv'],
+                    'text: readable lines; json: one JSON object per line '
+                    'and image; csv: a header and one row per image.')
+  flags.DEFINE_float('max_megapixels', MAX_MEGAPIXELS, 'Larger images are '
+                     'refused (read from the header, before decoding).',
+                     lower_bound=0)
   flags.DEFINE_string(
       'labels', 'auto', "'auto', 'imagenet2012', 'none' (indices) or a text "
       'file with one class name per line.')
@@ -216,10 +354,12 @@ def main(argv):
   command_line.set_up_output(FLAGS.verbose)
   # Images are decoded and preprocessed by TensorFlow (as in training).
   command_line.load_tensorflow_quietly()
-  paths = argv[1:]
-  if not paths:
-    raise SystemExit(command_line.one_line(errors.UsageError(
-        'Give one or more image files after the flags.')))
+  with command_line.user_errors_as_one_line():
+    if len(argv) < 2:
+      raise errors.UsageError(
+          'Give one or more image files, directories or quoted glob patterns '
+          "after the flags ('-': one image from stdin).")
+    paths = expand_inputs(argv[1:])
   from mixer_jax.weights import any_checkpoint  # pylint: disable=g-import-not-at-top
   try:
     loaded = any_checkpoint.load(FLAGS.checkpoint, step=FLAGS.step,
@@ -241,12 +381,25 @@ def main(argv):
   results = classify_files(
       model, params, paths, image_size=loaded.image_size,
       crop=FLAGS.crop or loaded.eval_crop,
-      resize_size=FLAGS.resize_size or loaded.eval_resize, top_k=FLAGS.top_k)
+      resize_size=FLAGS.resize_size or loaded.eval_resize, top_k=FLAGS.top_k,
+      batch_size=FLAGS.batch_size, max_megapixels=FLAGS.max_megapixels)
+  top_k = min(FLAGS.top_k, model.num_classes)
+  writer = csv.writer(sys.stdout)
+  if FLAGS.output == 'csv':
+    writer.writerow(csv_header(top_k))
+  failed = []
   for result in results:
-    print(format_prediction(result, names))
-  failed = [r.path for r in results if r.error]
+    if FLAGS.output == 'text':
+      print(format_prediction(result, names))
+    elif FLAGS.output == 'json':
+      print(json.dumps(prediction_record(result, names)))
+    else:
+      writer.writerow(csv_row(prediction_record(result, names), top_k))
+    sys.stdout.flush()
+    if result.error:
+      failed.append(result.path)
   if failed:
-    print(f'{len(failed)} of {len(results)} files failed: {", ".join(failed)}',
+    print(f'{len(failed)} of {len(paths)} files failed: {", ".join(failed)}',
           file=sys.stderr)
     return 1
   return 0

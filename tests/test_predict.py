@@ -1,6 +1,10 @@
 """Tests for mixer_jax.predict: class names, per-file results, the CLI."""
 
+import csv
+import io
+import json
 import os
+import struct
 import subprocess
 import sys
 
@@ -9,8 +13,10 @@ import numpy as np
 from PIL import Image
 import pytest
 import tensorflow as tf
+import zlib
 
 from mixer_jax import predict
+from mixer_jax.training import errors
 from mixer_jax.data import preprocess
 from mixer_jax.weights import pretrained
 from mixer_jax.weights import registry
@@ -109,12 +115,15 @@ def _checkpoint(tmp_path, classes):
   return path, flat
 
 
-def test_classify_files_reports_bad_files_and_keeps_going(tmp_path, files):
+@pytest.mark.parametrize('batch_size', [1, 2, 32])
+def test_classify_files_reports_bad_files_and_keeps_going(tmp_path, files,
+                                                          batch_size):
   path, flat = _checkpoint(tmp_path, 1000)
   model, params = pretrained.load_pretrained(path)
   order = ['corrupt', 'photo', 'missing', 'grey', 'rgba']
-  results = predict.classify_files(model, params, [files[k] for k in order],
-                                   image_size=16, crop='resize_crop')
+  results = list(predict.classify_files(
+      model, params, [files[k] for k in order], image_size=16,
+      crop='resize_crop', batch_size=batch_size))
   assert [r.path for r in results] == [files[k] for k in order]
   assert [bool(r.error) for r in results] == [True, False, True, False, False]
   assert results[0].error.startswith('cannot decode image: ')
@@ -168,3 +177,102 @@ def test_command_line(tmp_path, files):
        f'--checkpoint={tmp_path / "absent.npz"}', files['photo']],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 2 and 'Known names' in proc.stderr
+
+
+def test_directories_and_globs_expand_to_sorted_images(tmp_path, files):
+  folder = tmp_path / 'folder'
+  (folder / 'b_sub').mkdir(parents=True)
+  for name in ['z.jpg', 'a.PNG', 'b_sub/c.jpeg', 'notes.txt']:
+    (folder / name).write_bytes(b'x')
+  (tmp_path / 'empty').mkdir()
+  expected_folder = [str(folder / n) for n in ['a.PNG', 'b_sub/c.jpeg',
+                                               'z.jpg']]
+  assert predict.expand_inputs(
+      [files['photo'], str(folder), str(tmp_path / '*.png'), '-']) == (
+          [files['photo']] + expected_folder +
+          [files['grey'], files['rgba'], '-'])
+  assert predict.expand_inputs([files['missing']]) == [files['missing']]
+  with pytest.raises(errors.UsageError, match='empty is a directory without '
+                     r'images \(.jpg, '):
+    predict.expand_inputs([str(tmp_path / 'empty')])
+  with pytest.raises(errors.UsageError, match=r'No file matches .*/\*.gif'):
+    predict.expand_inputs([str(tmp_path / '*.gif')])
+
+
+def png_claiming(width, height, small_png):
+  """`small_png` with a header claiming width x height: only its IHDR is
+  changed (with a valid checksum), so only a header reader sees the size."""
+  ihdr = b'IHDR' + struct.pack('>II', width, height) + small_png[24:29]
+  return (small_png[:12] + ihdr + struct.pack('>I', zlib.crc32(ihdr)) +
+          small_png[33:])
+
+
+def test_images_above_the_pixel_limit_are_refused_before_decoding(
+    tmp_path, files):
+  path, _ = _checkpoint(tmp_path, 10)
+  model, params = pretrained.load_pretrained(path)
+  with open(files['grey'], 'rb') as f:
+    huge = tmp_path / 'huge.png'  # 20000 x 20000, as the header says.
+    huge.write_bytes(png_claiming(20000, 20000, f.read()))
+  [refused, kept] = predict.classify_files(
+      model, params, [str(huge), files['photo']], image_size=16)
+  assert refused.error == (
+      'image refused: 20000x20000 is 400 megapixels, above the limit of 100; '
+      'raise it with --max_megapixels=400')
+  assert kept.top and not kept.error
+  [refused] = predict.classify_files(model, params, [files['photo']],
+                                     image_size=16, max_megapixels=0.001)
+  assert refused.error == ('image refused: 40x30 is 0.0012 megapixels, above '
+                           'the limit of 0.001; raise it with '
+                           '--max_megapixels=1')
+
+
+def _run_predict(args, **kwargs):
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu')
+  return subprocess.run([sys.executable, '-m', 'mixer_jax.predict'] + args,
+                        cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=300, **kwargs)
+
+
+def test_json_and_csv_output_of_a_folder_and_stdin(tmp_path, files):
+  path, _ = _checkpoint(tmp_path, 1000)
+  model, params = pretrained.load_pretrained(path)
+  folder = tmp_path / 'folder'
+  folder.mkdir()
+  for name in ['photo', 'corrupt', 'grey']:
+    os.link(files[name], folder / os.path.basename(files[name]))
+  inputs = sorted(str(p) for p in folder.iterdir()) + ['-']
+  expected = list(predict.classify_files(
+      model, params, inputs[:-1] + [files['photo']], image_size=16,
+      top_k=3))
+  names = predict.imagenet_class_names()
+  with open(files['photo'], 'rb') as stdin:
+    run = _run_predict([f'--checkpoint={path}', '--output=json', '--top_k=3',
+                        '--batch_size=2', str(folder), '-'], stdin=stdin)
+  assert run.returncode == 1, run.stderr[-3000:]  # The corrupt file.
+  assert run.stderr.endswith(f'1 of 4 files failed: {folder}/corrupt.jpg\n')
+  records = [json.loads(line) for line in run.stdout.splitlines()]
+  assert [r['path'] for r in records] == inputs
+  for record, result in zip(records, expected):
+    if result.error:
+      assert record == {'path': record['path'], 'error': result.error}
+      assert record['error'].startswith('cannot decode image')
+      continue
+    assert [(t['class'], t['name']) for t in record['top']] == [
+        (i, names[i]) for i, _ in result.top]
+    np.testing.assert_allclose([t['probability'] for t in record['top']],
+                               [p for _, p in result.top], rtol=1e-5)
+  run = _run_predict([f'--checkpoint={path}', '--output=csv', '--top_k=2',
+                      '--labels=none', files['grey']])
+  assert run.returncode == 0, run.stderr[-3000:]
+  [row] = list(csv.DictReader(io.StringIO(run.stdout)))
+  assert list(row) == ['path', 'class_1', 'name_1', 'probability_1',
+                       'class_2', 'name_2', 'probability_2', 'error']
+  [result] = predict.classify_files(model, params, [files['grey']],
+                                    image_size=16, top_k=2)
+  assert row['path'] == files['grey'] and row['error'] == ''
+  assert (int(row['class_1']), int(row['class_2'])) == tuple(
+      i for i, _ in result.top)
+  assert row['name_1'] == ''
+  np.testing.assert_allclose(float(row['probability_1']), result.top[0][1],
+                             rtol=1e-5)
