@@ -232,3 +232,95 @@ def test_weight_files_of_every_kind(tmp_path, monkeypatch):
     any_checkpoint.load(str(npz), step=3)
   features = any_checkpoint.load(str(npz), num_classes=0)
   assert not features.model.num_classes and 'head' not in features.params
+
+
+def test_an_exported_hub_folder_is_a_checkpoint(trained, tmp_path):
+  workdir, root = trained
+  out = tmp_path / 'hub'
+  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS='cpu')
+  proc = subprocess.run(
+      [sys.executable, '-m', 'mixer_jax.export', f'--checkpoint={workdir}',
+       f'--out={out}', '--format=hub'],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr
+  original = any_checkpoint.load(str(workdir))
+  folder = any_checkpoint.load(str(out))
+  assert folder.class_names == original.class_names == list(CLASSES)
+  assert folder.num_classes == 3 and folder.image_size == 8
+  x = ref.images(0, 3, 8)
+  np.testing.assert_array_equal(
+      folder.model.apply({'params': folder.params}, x),
+      original.model.apply({'params': original.params}, x))
+  from mixer_jax import evaluate  # pylint: disable=g-import-not-at-top
+  assert evaluate.resolve_checkpoint(str(out)) == ('pretrained', str(out),
+                                                   None)
+  proc = subprocess.run(
+      [sys.executable, '-m', 'mixer_jax.predict', f'--checkpoint={out}',
+       '--top_k=1', str(root / 'test' / 'dog' / '0.png')],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.split()[-1] in CLASSES  # Names from its config.json.
+
+
+def test_a_damaged_hub_config_is_an_error_naming_it(tmp_path):
+  flat = ref.official_checkpoint(0, classes=10)
+  timm_format.export_timm(traverse_util.unflatten_dict(flat, sep='/'),
+                          tmp_path / 'model.safetensors')
+  config = tmp_path / 'config.json'
+  config.write_text('{"num_classes": 10, ')
+  for spec in (tmp_path, tmp_path / 'model.safetensors'):
+    with pytest.raises(official_format.PretrainedError) as error:
+      any_checkpoint.load(str(spec))
+    assert str(error.value).startswith(
+        f'{config} cannot be read as JSON (JSONDecodeError: Expecting '
+        'property name enclosed in double quotes: line 1 column 21 (char '
+        '20)); repair it, or move it away')
+
+
+def _files_of_every_kind(tmp_path):
+  """{name: path} of weight files and others, each under a wrong suffix."""
+  flat = ref.official_checkpoint(0, classes=10)
+  st = tmp_path / 'real.safetensors'
+  timm_format.export_timm(traverse_util.unflatten_dict(flat, sep='/'), st)
+  npz = tmp_path / 'real.npz'
+  np.savez(npz, **flat)
+  files = {'safetensors': tmp_path / 'st_named.npz',
+           'npz': tmp_path / 'npz_named.safetensors',
+           'png': tmp_path / 'png_named.npz',
+           'jax_export': tmp_path / 'model_jax_export.npz'}
+  files['safetensors'].write_bytes(st.read_bytes())
+  files['npz'].write_bytes(npz.read_bytes())
+  Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / 'x.png')
+  files['png'].write_bytes((tmp_path / 'x.png').read_bytes())
+  exported = jax.export.export(jax.jit(lambda v: v * 2))(
+      jax.ShapeDtypeStruct((2,), np.float32))
+  files['jax_export'].write_bytes(exported.serialize())
+  return flat, files
+
+
+def test_a_files_kind_is_read_from_its_bytes(tmp_path):
+  flat, files = _files_of_every_kind(tmp_path)
+  for kind, path in files.items():
+    assert official_format.file_kind(path) == kind, path
+  x = ref.images(1, 2, 16)
+  for kind in ('safetensors', 'npz'):  # Loaded by what they are.
+    loaded = any_checkpoint.load(str(files[kind]))
+    np.testing.assert_allclose(loaded.model.apply({'params': loaded.params},
+                                                  x), ref.forward(flat, x),
+                               rtol=1e-4, atol=1e-4)
+  expected = {
+      'png': 'is a PNG image, not a weight file; images are classified with '
+             '`python -m mixer_jax.predict --checkpoint=WEIGHTS IMAGE`.',
+      'jax_export': 'is a jax.export (StableHLO) model for serving, as '
+                    '`mixer_jax.export --format=stablehlo` writes it, not a '
+                    'weight file; load it with jax.export.deserialize; here '
+                    'pass the checkpoint it was exported from.'}
+  for kind, message in expected.items():
+    with pytest.raises(official_format.PretrainedError) as error:
+      any_checkpoint.load(str(files[kind]))
+    assert str(error.value) == f'{files[kind]} {message}'
+  garbage = tmp_path / 'garbage.safetensors'
+  garbage.write_bytes(b'\x00' * 64)
+  with pytest.raises(official_format.PretrainedError,
+                     match='is neither an .npz archive nor a safetensors'):
+    any_checkpoint.load(str(garbage))

@@ -130,7 +130,9 @@ def test_pickled_object_array_refused(tmp_path):
 def test_pickle_and_non_float_files_refused(tmp_path):
   path = tmp_path / 'p.npz'
   path.write_bytes(pickle.dumps(ref.official_checkpoint(7)))
-  with pytest.raises(official_format.PretrainedError, match='not an .npz archive'):
+  with pytest.raises(official_format.PretrainedError,
+                     match='is pickled Python data, not a weight file; '
+                     'pickled files are refused'):
     official_format.load_npz(str(path))
   ints = _write(tmp_path, {'stem/kernel': np.ones((2, 2), np.int32)}, 'i.npz')
   with pytest.raises(official_format.PretrainedError, match='dtype int32'):

@@ -52,6 +52,7 @@ number for B/16 trained on ImageNet-1k from scratch (76.44%), not its
 
 import dataclasses
 import json
+import os
 import re
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -356,9 +357,19 @@ def load(name: str) -> HubCheckpoint:
                           repo_id=hub_name.repo_id)
 
 
+def is_folder(path) -> bool:
+  """Whether `path` is a local folder holding `model.safetensors` (a Hub
+  repository's files, e.g. what `mixer_jax.export --format=hub` writes)."""
+  return (isinstance(path, (str, os.PathLike)) and
+          os.path.isfile(os.path.join(os.fspath(path), WEIGHTS_FILE)))
+
+
 def sidecar_config(path: str) -> Optional[str]:
-  """`config.json` next to a `.safetensors` file, if there is one."""
-  import os  # pylint: disable=g-import-not-at-top
+  """`config.json` next to a `.safetensors` file, if there is one.
+
+  Raises:
+    official_format.PretrainedError: it is there but not valid JSON.
+  """
   candidate = os.path.join(os.path.dirname(os.path.abspath(path)),
                            CONFIG_FILE)
   if not os.path.isfile(candidate):
@@ -366,8 +377,12 @@ def sidecar_config(path: str) -> Optional[str]:
   try:
     with open(candidate, encoding='utf-8') as f:
       data = json.load(f)
-  except (OSError, ValueError):
-    return None
+  except (OSError, ValueError) as e:
+    # Never a silent fallback to other preprocessing and class names.
+    raise official_format.PretrainedError(
+        f'{candidate} cannot be read as JSON ({type(e).__name__}: {e}); '
+        f'repair it, or move it away to load {os.path.basename(path)} with '
+        'the defaults (ImageNet preprocessing, no class names).') from e
   # Only a timm config describes the weights; ignore other JSON files.
   is_timm = isinstance(data, dict) and ('pretrained_cfg' in data or str(
       data.get('architecture', '')).startswith('mixer_'))

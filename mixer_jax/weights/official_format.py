@@ -46,6 +46,72 @@ def unwrap(params):
 
 # ------------------------------------------------------------------ Reading.
 
+# What a file is, read from its first bytes (suffixes are often wrong), and
+# what to pass instead when it is not a weight file.
+_KINDS = {
+    'npz': ('an .npz archive', ''),
+    'safetensors': ('a safetensors file', ''),
+    'npy': ('a single .npy array, not an .npz archive of named parameters',
+            'save the parameters with pretrained.export_official'),
+    'pickle': ('pickled Python data', 'pickled files are refused: loading '
+               'them could run code; pass an .npz or .safetensors file'),
+    'png': ('a PNG image', 'images are classified with `python -m '
+            'mixer_jax.predict --checkpoint=WEIGHTS IMAGE`'),
+    'jpeg': ('a JPEG image', 'images are classified with `python -m '
+             'mixer_jax.predict --checkpoint=WEIGHTS IMAGE`'),
+    'gif': ('a GIF image', 'images are classified with `python -m '
+            'mixer_jax.predict --checkpoint=WEIGHTS IMAGE`'),
+    'json': ('a JSON text file', 'pass the weights (model.safetensors) or '
+             'the folder that holds both'),
+    'jax_export': ('a jax.export (StableHLO) model for serving, as '
+                   '`mixer_jax.export --format=stablehlo` writes it',
+                   'load it with jax.export.deserialize; here pass the '
+                   'checkpoint it was exported from'),
+}
+
+
+def file_kind(path: Union[str, os.PathLike]) -> Optional[str]:
+  """The kind of a file (a key of `_KINDS`) by its content, or None.
+
+  Magic bytes: zip (`.npz`), NumPy's `.npy`, pickle, PNG, JPEG, GIF, JSON;
+  a safetensors file starts with its header's length (8 bytes, little
+  endian) and the header's '{'. A `jax.export` file has no magic bytes; it
+  is recognised by deserializing it, tried last.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  with tf.io.gfile.GFile(os.fspath(path), 'rb') as f:
+    head = f.read(16)
+    size = f.size()
+  magic = [('npz', (b'PK\x03\x04', _EMPTY_ZIP)), ('npy', (b'\x93NUMPY',)),
+           ('png', (b'\x89PNG\r\n\x1a\n',)), ('jpeg', (b'\xff\xd8\xff',)),
+           ('gif', (b'GIF87a', b'GIF89a')), ('json', (b'{', b'['))]
+  for kind, starts in magic:
+    if head.startswith(starts):
+      return kind
+  if (len(head) > 8 and head[8:9] == b'{' and
+      int.from_bytes(head[:8], 'little') <= size - 8):
+    return 'safetensors'
+  if head[:1] == b'\x80' and head[1:2] in (b'\x02', b'\x03', b'\x04', b'\x05'):
+    return 'pickle'
+  try:
+    import jax  # pylint: disable=g-import-not-at-top
+    with tf.io.gfile.GFile(os.fspath(path), 'rb') as f:
+      jax.export.deserialize(bytearray(f.read()))
+    return 'jax_export'
+  except Exception:  # pylint: disable=broad-except
+    return None  # Any parse failure: not a jax.export file.
+
+
+def not_weights_error(path, kind: Optional[str]) -> 'PretrainedError':
+  """The error for a file that is not a weight file, saying what it is."""
+  if kind is None:
+    return PretrainedError(
+        f'{path} is neither an .npz archive nor a safetensors file (its first '
+        'bytes are neither). Official checkpoints are .npz files of float32 '
+        'arrays, timm-format ones .safetensors.')
+  what, advice = _KINDS[kind]
+  return PretrainedError(f'{path} is {what}, not a weight file; {advice}.')
+
 
 def load_npz(path: Union[str, os.PathLike]) -> Dict[str, np.ndarray]:
   """Reads an official-format `.npz` (local or `gs://`) into a flat dict.
@@ -63,6 +129,9 @@ def load_npz(path: Union[str, os.PathLike]) -> Dict[str, np.ndarray]:
   path = os.fspath(path)
   if not tf.io.gfile.exists(path):
     raise registry.CheckpointNotFoundError(f'No checkpoint file at {path}.')
+  kind = file_kind(path)
+  if kind != 'npz':
+    raise not_weights_error(path, kind)
   flat = {}
   with tf.io.gfile.GFile(path, 'rb') as f:
     if f.read(4) == _EMPTY_ZIP:  # What np.savez() with no arrays writes.
@@ -71,18 +140,11 @@ def load_npz(path: Union[str, os.PathLike]) -> Dict[str, np.ndarray]:
     f.seek(0)
     try:
       archive = np.load(f, allow_pickle=False)
-    except ValueError as e:  # Not a zip: NumPy would fall back to pickle.
-      raise PretrainedError(
-          f'{path} is not an .npz archive ({e}). Official checkpoints are '
-          f'.npz files of float32 arrays; pickled files are refused.') from e
-    except (zipfile.BadZipFile, EOFError, OSError, tf.errors.OpError) as e:
+    except (ValueError, zipfile.BadZipFile, EOFError, OSError,
+            tf.errors.OpError) as e:
       raise PretrainedError(
           f'{path} is truncated or corrupt ({type(e).__name__}: {e}); '
           f'download it again.') from e
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-      raise PretrainedError(
-          f'{path} holds a single .npy array, not an .npz archive of named '
-          f'parameters.')
     with archive:
       for key in archive.files:
         try:

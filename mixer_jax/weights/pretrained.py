@@ -39,6 +39,7 @@ from flax import traverse_util
 import numpy as np
 
 from mixer_jax import models
+from mixer_jax.weights import official_format
 from mixer_jax.weights import registry
 from mixer_jax.weights.official_format import BLOCK_RE
 from mixer_jax.weights.official_format import CheckpointInfo
@@ -105,13 +106,15 @@ def read_weights(name_or_path) -> SourceFile:
   if hub.is_hub_name(name_or_path):
     converted = hub.load(name_or_path)
     return SourceFile(converted.flat, converted.source, hub=converted)
-  if isinstance(name_or_path, (str, os.PathLike)) and os.fspath(
-      name_or_path).endswith('.safetensors'):
-    path = os.fspath(name_or_path)
+  if hub.is_folder(name_or_path):  # E.g. what `export --format=hub` writes.
+    path, entry = os.path.join(os.fspath(name_or_path), hub.WEIGHTS_FILE), None
+  else:
+    path, entry = registry.resolve(name_or_path)
+  # By content, not suffix: a safetensors file named .npz loads all the same.
+  if official_format.file_kind(path) == 'safetensors':
     converted = hub.load_safetensors(path, config_path=hub.sidecar_config(
         path))
     return SourceFile(converted.flat, path, hub=converted)
-  path, entry = registry.resolve(name_or_path)
   return SourceFile(load_npz(path), path, entry=entry)
 
 

@@ -81,7 +81,8 @@ def is_directory(spec) -> bool:
   if not isinstance(spec, (str, os.PathLike)):
     return False
   spec = os.fspath(spec)
-  if hub.is_hub_name(spec) or spec.endswith(('.npz', '.safetensors')):
+  if (hub.is_hub_name(spec) or spec.endswith(('.npz', '.safetensors')) or
+      hub.is_folder(spec)):  # A Hub folder is read as a weight file.
     return False
   try:
     return epath.Path(spec).is_dir()
