@@ -53,8 +53,14 @@ EXTRAS_REQUIRE = {
              'scipy>=1.11'] + _NOTEBOOKS + _TENSORFLOW + _ONNX,
 }
 
+# The repository's address, named here only: the notebooks' Colab badges and
+# install cells use the same one (tests/test_notebooks.py checks). OWNER is
+# the GitHub account that publishes it: replace it here and in notebooks/.
+URL = 'https://github.com/OWNER/mixer_jax'
+
 setuptools.setup(
     name='mixer_jax',
+    url=URL,
     version=_VERSION['__version__'],
     description='MLP-Mixer in JAX/Flax: official checkpoints, training, '
                 'fine-tuning and serving.',

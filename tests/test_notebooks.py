@@ -27,10 +27,19 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / 'notebooks'
 NAMES = ('quickstart.ipynb', 'finetune.ipynb')
-# Colab opens a notebook straight from GitHub at this address (OWNER is the
-# GitHub account or organisation hosting the repository).
-COLAB_URL = (r'https://colab\.research\.google\.com/github/[\w.-]+/mixer_jax/'
-             r'blob/main/notebooks/{name}')
+
+
+def repository_url():
+  """setup.py's `URL`: the one place the repository's address is named."""
+  tree = ast.parse((REPO / 'setup.py').read_text())
+  [value] = [node.value.value for node in tree.body
+             if isinstance(node, ast.Assign) and node.targets[0].id == 'URL']
+  return value
+
+
+# Colab opens a notebook straight from GitHub at this address.
+COLAB_URL = ('https://colab.research.google.com/github/{repository}/blob/main/'
+             'notebooks/{name}')
 
 # A model small enough to train for a few steps on a shared 2-core CPU:
 # 16x16 images in 4x4 patches give 16 tokens.
@@ -172,8 +181,14 @@ def test_opens_with_text_and_colab_link(name):
   first = nb.cells[0]
   assert first.cell_type == 'markdown'
   assert first.source.startswith('# ')
-  assert re.search(COLAB_URL.format(name=re.escape(name)), first.source)
+  repository = repository_url().removeprefix('https://github.com/')
+  assert f'({COLAB_URL.format(repository=repository, name=name)})' in (
+      first.source)
   assert 'colab-badge.svg' in first.source
+  # Every GitHub address in the notebook is setup.py's.
+  text = (NOTEBOOKS / name).read_text()
+  for url in re.findall(r'github(?:\.com)?/[\w.-]+/[\w.-]+', text):
+    assert url in (f'github.com/{repository}', f'github/{repository}'), url
 
 
 @pytest.mark.parametrize('name', NAMES)
