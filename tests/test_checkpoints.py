@@ -343,6 +343,8 @@ def test_sigterm_and_sigint_request_a_save(tmp_path):
   finally:
     ckpt.close()
   assert signal.getsignal(signal.SIGTERM) is before
+  # Python's own SIGINT handler, not the one tests/conftest.py gives workers.
+  runners = signal.signal(signal.SIGINT, signal.default_int_handler)
   ckpt = checkpoints.Checkpointer(tmp_path, keep=1, keep_best=False)
   try:
     assert not ckpt.reached_preemption(1)
@@ -352,6 +354,7 @@ def test_sigterm_and_sigint_request_a_save(tmp_path):
       os.kill(os.getpid(), signal.SIGINT)
   finally:
     ckpt.close()
+    signal.signal(signal.SIGINT, runners)
 
 
 def test_restore_never_unpickles(tmp_path, monkeypatch):
