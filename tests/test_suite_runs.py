@@ -14,8 +14,10 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-# Workers with JAX loaded and a computation compiled, as the suite's.
+# Workers as the suite's: JAX loaded, a computation compiled, and a thread
+# that would hold up the interpreter's exit (as a library's writer thread).
 SLOW_TESTS = '''
+import threading
 import time
 import jax
 
@@ -25,13 +27,16 @@ def test_sleeps_a():
 
 def test_sleeps_b():
   jax.jit(lambda x: x * 2)(1.0)
+  threading.Thread(target=time.sleep, args=(60,), daemon=False).start()
   time.sleep(60)
 '''
 
 
-def _as_a_terminal_job():
-  signal.signal(signal.SIGINT, signal.SIG_DFL)  # Not ignored, as in a shell.
-  os.setsid()
+# Starts a program with SIGINT handled as in a terminal (a background job
+# that started this test may have it ignored, which children inherit).
+WITH_SIGINT = ('import os, signal, sys; '
+               'signal.signal(signal.SIGINT, signal.SIG_DFL); '
+               'os.execv(sys.executable, [sys.executable] + sys.argv[1:])')
 
 
 def test_ctrl_c_ends_a_parallel_run_at_once(tmp_path):
@@ -42,10 +47,10 @@ def test_ctrl_c_ends_a_parallel_run_at_once(tmp_path):
   env = {k: v for k, v in os.environ.items()
          if not k.startswith(('PYTEST_XDIST', 'PYTEST_CURRENT'))}
   with open(output, 'wb') as out:
-    run = subprocess.Popen(
-        [sys.executable, '-m', 'pytest', '-q', '-n', '2', '-p',
-         'no:cacheprovider', str(tmp_path)], cwd=tmp_path, env=env,
-        stdout=out, stderr=subprocess.STDOUT, preexec_fn=_as_a_terminal_job)
+    run = subprocess.Popen(  # Its own process group, as a terminal job.
+        [sys.executable, '-c', WITH_SIGINT, '-m', 'pytest', '-q', '-n', '2',
+         '-p', 'no:cacheprovider', str(tmp_path)], cwd=tmp_path, env=env,
+        stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
       deadline = time.time() + 120
       while output.read_text().count('tests collected') < 2:
