@@ -144,9 +144,14 @@ def expand_inputs(args: Sequence[str]) -> List[str]:
   sorted (a file of that very name if none).
 
   Raises:
-    UsageError: a directory without images, or a pattern matching nothing.
+    UsageError: a directory without images, a pattern matching nothing, or
+      `-` with a terminal as stdin.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  if STDIN in args and sys.stdin.isatty():
+    raise errors.UsageError("'-' reads one image from stdin, which is a "
+                            'terminal here: pipe the image in '
+                            '(predict ... - < image.png).')
   paths = []
   for arg in args:
     if arg != STDIN and tf.io.gfile.isdir(arg):

@@ -276,3 +276,17 @@ def test_json_and_csv_output_of_a_folder_and_stdin(tmp_path, files):
   assert row['name_1'] == ''
   np.testing.assert_allclose(float(row['probability_1']), result.top[0][1],
                              rtol=1e-5)
+
+
+def test_stdin_from_a_terminal_is_refused_before_loading(tmp_path):
+  primary, terminal = os.openpty()
+  try:
+    run = _run_predict([f'--checkpoint={tmp_path / "never_read.npz"}', '-'],
+                       stdin=terminal)
+  finally:
+    os.close(primary)
+    os.close(terminal)
+  assert run.returncode == 1
+  assert run.stderr == ("UsageError: '-' reads one image from stdin, which "
+                        'is a terminal here: pipe the image in (predict ... '
+                        '- < image.png).\n')
