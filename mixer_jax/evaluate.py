@@ -18,8 +18,9 @@ masks the padding), with the batch sharded over every device of every host
   nothing in the directory is written, so a running job can be evaluated.
 - an official-format `.npz` file, a registry name
   ("imagenet1k/Mixer-B_16"), a Hub name
-  ("hf-hub:timm/mixer_b16_224.goog_in21k_ft_in1k[@revision]") or a timm
-  `.safetensors`, loaded by `pretrained.load_pretrained`.
+  ("hf-hub:timm/mixer_b16_224.goog_in21k_ft_in1k[@revision]"), a timm
+  `.safetensors` or a Hub folder (`export --format=hub`), loaded by
+  `pretrained.load_pretrained`.
 With a workdir, `--config` may be left out: the run's own config
 (`run_info.json`, written by mixer_jax.train) is used.
 """

@@ -11,7 +11,11 @@
 - a registry name ("imagenet1k/Mixer-B_16", see `mixer_jax.weights.registry`);
 - a Hub name ("hf-hub:timm/mixer_b16_224.goog_in21k_ft_in1k[@revision]",
   see `mixer_jax.weights.hub`);
-- a timm-format `.safetensors` file (`timm_format.export_timm`, or timm's).
+- a timm-format `.safetensors` file (`timm_format.export_timm`, or timm's),
+  or a folder holding one as `model.safetensors` with its `config.json` (a
+  Hub repository's files, as `mixer_jax.export --format=hub` writes them).
+A weight file is read as what its first bytes say it is (`.npz` or
+safetensors), whatever its suffix (`official_format.file_kind`).
 
 `load` returns a `Loaded`: the model and parameters plus what a command
 needs to use them (input size, eval crop, class names). predict, evaluate,
