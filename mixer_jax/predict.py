@@ -2,7 +2,7 @@
 
   python -m mixer_jax.predict --checkpoint=imagenet1k/Mixer-B_16 cat.jpg dog.png
 
-  python -m mixer_jax.predict --checkpoint=workdirs/quickstart digit.png
+  python -m mixer_jax.predict --checkpoint=workdirs/quickstart --output=csv digits
   python -m mixer_jax.predict \
       --checkpoint=hf-hub:timm/mixer_b16_224.goog_in21k_ft_in1k cat.jpg
 

@@ -172,7 +172,7 @@ def load_npz(path: Union[str, os.PathLike]) -> Dict[str, np.ndarray]:
     raise PretrainedError(
         f'{path} uses the older internal key layout (Mixer/encoderblock_i/'
         f'...). No published Mixer checkpoint uses it and it is not '
-        f'supported; convert the keys to the layout in the README.')
+        f'supported; convert the keys to the layout in docs/weights.md.')
   return flat
 
 
