@@ -204,14 +204,16 @@ FULL_CHILD = textwrap.dedent('''
     from mixer_jax.checkpointing import checkpoints
     from mixer_jax.training import command_line
     command_line.quiet_library_logs()  # As the programs do.
-    ckpt = checkpoints.Checkpointer(sys.argv[1], keep=3, keep_best=False)
-    ckpt.save(1, {'w': np.ones((1000,), np.float32)})
-    ckpt.wait_until_finished()
+    ckpt = checkpoints.Checkpointer(sys.argv[1], keep=3, keep_best=False,
+                                    async_save=sys.argv[2] == 'async')
+    for step in (1, 2):
+      ckpt.save(step, {'w': np.full((1000,), step, np.float32)})
+      ckpt.wait_until_finished()
     # From now on no file may grow past 100 KB: writes fail like a full disk.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
     try:
-      ckpt.save(2, {'w': np.random.rand(1_000_000).astype(np.float32)})
+      ckpt.save(3, {'w': np.random.rand(1_000_000).astype(np.float32)})
       ckpt.wait_until_finished()
     except checkpoint_checks.CheckpointError as e:
       print('ERROR', e)
@@ -219,20 +221,24 @@ FULL_CHILD = textwrap.dedent('''
 ''')
 
 
-def test_failed_write_keeps_previous_steps(tmp_path):
+@pytest.mark.parametrize('mode', ['async', 'sync'])
+def test_failed_write_keeps_previous_steps(tmp_path, mode):
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu')
-  out = subprocess.run([sys.executable, '-c', FULL_CHILD, str(tmp_path)],
-                       capture_output=True, text=True, env=env, timeout=120)
-  assert 'ERROR Saving step' in out.stdout, out.stdout + out.stderr[-2000:]
-  assert 'Earlier steps [1] are kept' in out.stdout  # Not the failed one.
-  assert 'STEPS [1]' in out.stdout
+  out = subprocess.run([sys.executable, '-c', FULL_CHILD, str(tmp_path),
+                        mode], capture_output=True, text=True, env=env,
+                       timeout=120)
+  # The failed step is named, and every step on disk is listed as kept.
+  assert 'ERROR Saving step 3' in out.stdout, out.stdout + out.stderr[-2000:]
+  assert 'Earlier steps [1, 2] are kept' in out.stdout
+  assert 'STEPS [1, 2]' in out.stdout
   # Orbax's own reports are one line each, without tracebacks.
   assert 'Traceback' not in out.stderr, out.stderr[-3000:]
   assert len(out.stderr.splitlines()) < 30, out.stderr[-3000:]
+  assert sorted(os.listdir(tmp_path)) == ['1', '2']  # No partial step 3.
   ckpt = checkpoints.Checkpointer(tmp_path, keep=3, keep_best=False)
-  assert ckpt.all_steps() == [1]
+  assert ckpt.all_steps() == [1, 2]
   restored, _ = ckpt.restore({'w': np.zeros((1000,), np.float32)})
-  np.testing.assert_array_equal(restored['w'], 1.0)
+  np.testing.assert_array_equal(restored['w'], 2.0)
 
 
 
