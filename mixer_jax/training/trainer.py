@@ -288,14 +288,15 @@ MAIN_EVAL = ''  # The eval of config.eval_split, among config.evals' names.
 
 
 def _run_evaluations(names, *, step, params, config, run, evaluations,
-                     writer, best, last_eval, ema_params=None):
+                     writer, best, last_eval, results, ema_params=None):
   """Runs the main eval (MAIN_EVAL) and the config.evals entries `names`.
 
   Each one's metrics are written as it finishes. A stop request (see
   `evals.Evaluations.stop_requested`) abandons the rest. With `ema_params`
   (config.ema_decay > 0) the main eval also scores the EMA weights, as
   `ema/eval_accuracy` and `ema/eval_loss`; best and keep_best follow the
-  trained weights.
+  trained weights. The accuracies of the EMA and config.evals entries go
+  into `results` too (the summary lists them).
 
   Returns:
     (names not run, best eval accuracy, last main eval, whether the main
@@ -329,6 +330,7 @@ def _run_evaluations(names, *, step, params, config, run, evaluations,
             stop_requested=stop_requested)
         if ema is None:
           return names[i + 1:], best, last_eval, improved
+        results['ema/eval_accuracy'] = ema['accuracy']
         writer.write_scalars(step, {'ema/eval_accuracy': ema['accuracy'],
                                     'ema/eval_loss': ema['loss']})
         reporting.log_and_print(
@@ -339,8 +341,10 @@ def _run_evaluations(names, *, step, params, config, run, evaluations,
     if more is None:
       return names[i:], best, last_eval, improved
     writer.write_scalars(step, more)
+    accuracies = {k: v for k, v in more.items() if 'accuracy' in k}
+    results.update(accuracies)
     reporting.log_and_print(f'step {step}: ' + ', '.join(
-        f'{k} {v:.4f}' for k, v in more.items() if 'accuracy' in k))
+        f'{k} {v:.4f}' for k, v in accuracies.items()))
   return [], best, last_eval, improved
 
 
@@ -390,6 +394,7 @@ def _run_steps(*, config, workdir, run: Run, state, extra, checkpointer,
   # time, while steps/s and ETA here are of training alone (pause/resume).
   progress = reporting.Progress(step, num_train_steps, config.batch_size)
   history, pending, speeds = [], [], []
+  results = {}  # The latest accuracy of every other eval this process ran.
   preempted = checkpointer.reached_preemption(step)  # Installs the handlers.
   if extra.get('pending_evals') and not preempted:
     # The evaluations of the saved step that a stop request interrupted.
@@ -398,7 +403,8 @@ def _run_steps(*, config, workdir, run: Run, state, extra, checkpointer,
     left, best, last_eval, _ = _run_evaluations(
         extra['pending_evals'], step=step, params=state.params,
         config=config, run=run, evaluations=evaluations, writer=writer,
-        best=best, last_eval=last_eval, ema_params=state.ema_params)
+        best=best, last_eval=last_eval, results=results,
+        ema_params=state.ema_params)
     preempted = bool(left)
   # Not clu's Profile: its first call never starts a trace (so a run resumed
   # at profile_start_step would not profile), it keeps tracing at least 3 s
@@ -454,7 +460,7 @@ def _run_steps(*, config, workdir, run: Run, state, extra, checkpointer,
       left, best, last_eval, improved = _run_evaluations(
           names, step=step, params=state.params, config=config, run=run,
           evaluations=evaluations, writer=writer, best=best,
-          last_eval=last_eval, ema_params=state.ema_params)
+          last_eval=last_eval, results=results, ema_params=state.ema_params)
     if left:  # Stopped during the evaluations: save now, evaluate later.
       preempted = do_save = True
     elif do_eval:
@@ -477,9 +483,11 @@ def _run_steps(*, config, workdir, run: Run, state, extra, checkpointer,
       'start_step': start_step, 'preempted': bool(preempted),
       'last_eval_accuracy': last_eval.get('eval_accuracy'),
       'last_eval_loss': last_eval.get('eval_loss'),
-      'best_eval_accuracy': best, 'last_checkpoint_step': last_saved,
+      'best_eval_accuracy': best, **results,
+      'last_checkpoint_step': last_saved,
       'wall_time_s': time.time() - start_time, 'workdir': str(workdir),
-      'checkpoint_dir': str(checkpointer.directory),
+      # Paths as the workdir was given.
+      'checkpoint_dir': os.path.join(workdir, CHECKPOINT_DIR),
       'metrics_file': os.path.join(workdir, reporting.METRICS_FILE),
       # 1 unless something made the step recompile (shapes, dtypes, ...).
       'train_step_compilations': run.steps.train_traces.count,
