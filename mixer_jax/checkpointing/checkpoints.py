@@ -466,6 +466,14 @@ class Checkpointer:
                          extra.get('leaf_checksums'), where, hint)
     return restored[field], extra
 
+  def read_extra(self, step: Optional[int] = None) -> dict:
+    """The JSON dict saved with `step` (default the newest); reads no array.
+
+    Raises:
+      CheckpointError: as `restore` (the fingerprint is compared too).
+    """
+    return self._open(step)[3]
+
   def _open(self, step):
     """Resolves `step`, reads its JSON and array metadata and fingerprint."""
     read_noise.quiet_failed_read_noise()

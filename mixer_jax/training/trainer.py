@@ -30,6 +30,7 @@ from mixer_jax.checkpointing import preemption
 from mixer_jax.data import input_pipeline
 from mixer_jax.training import compiled
 from mixer_jax.training import config_validation
+from mixer_jax.training import cost
 from mixer_jax.training import data_checks
 from mixer_jax.training import errors
 from mixer_jax.training import evals
@@ -131,6 +132,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   # Splits, class count and config.evals data: all checked before step 1.
   reporting.log_and_print(f'Checking the data ({config.dataset})...')
   run = build_run(config, data_checks.checked_dataset_info(config))
+  check_state_fits(run)
 
   # One running job per workdir: refuses a second start (before the
   # checkpointer, which removes unfinished saves, is opened). A start
@@ -141,6 +143,11 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   try:
     resume_checks.check_schedule_unchanged(config, workdir, checkpoint_dir,
                                            run.num_train_steps)
+    if _finished(config, workdir, checkpoint_dir, run.num_classes,
+                 run.num_train_steps):
+      workdir_lock.release(lock, refused=True)
+      return {'steps': run.num_train_steps, 'already_finished': True,
+              'num_train_steps': run.num_train_steps, 'workdir': workdir}
     checkpointer = _checkpointer(config, workdir, run.num_classes)
     reporting.log_and_print(
         f'Mixer {config.model.variant}: '
@@ -172,6 +179,60 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     writer.close()
     checkpointer.close()
     workdir_lock.release(lock)
+
+
+def check_state_fits(run) -> None:
+  """ConfigError when the parameters and optimizer state exceed the memory.
+
+  An analytic count (`cost.state_bytes_per_device` of the abstract state,
+  under the run's sharding), made before anything is compiled or written;
+  the launch check (--check_only) compiles the whole run. The CPU devices
+  of a host share its memory, so there their sum counts.
+  """
+  devices = run.mesh.local_devices
+  memory = cost.device_memory(devices[0])
+  if memory is None:
+    return
+  limit, whose = memory
+  shared = devices[0].platform == 'cpu'
+  need = cost.state_bytes_per_device(run.steps.abstract_state) * (
+      len(devices) if shared else 1)
+  if need > limit:
+    raise config_validation.ConfigError(
+        f'The model\'s {models.count_params(run.steps.abstract_params):,} '
+        f'parameters and their optimizer state need {need / 2**30:,.1f} GiB'
+        f'{"" if shared else " per device"}, more than the '
+        f'{limit / 2**30:,.1f} GiB of memory of {whose}: use a smaller model'
+        f'{"" if shared else ", more devices or --config.sharding=fsdp"}. '
+        'Nothing was written.')
+
+
+def _finished(config, workdir: str, checkpoint_dir: str, num_classes: int,
+              num_train_steps: int) -> bool:
+  """Whether the newest checkpoint is the run's last step (says so).
+
+  CheckpointError when it was written for another model.
+  """
+  if config.resume_step >= 0 and not _resume_marker(
+      workdir, config.resume_step).exists():
+    return False  # Goes back to resume_step first.
+  if not resume_checks.has_saved_steps(checkpoint_dir):
+    return False
+  reader = checkpoints.Checkpointer(
+      checkpoint_dir, keep=1, keep_best=False, read_only=True,
+      fingerprint=fingerprint.model_fingerprint(config, num_classes))
+  try:
+    if reader.latest_step() != num_train_steps:
+      return False
+    step = int(reader.read_extra()['step'])
+  finally:
+    reader.close()
+  reporting.log_and_print(
+      f'{workdir} already finished at step {step} of {num_train_steps}; '
+      f'nothing to train. Evaluate it (python -m mixer_jax.evaluate '
+      f'--checkpoint={workdir}), train longer with --config.num_train_steps '
+      '--config.allow_changed_schedule=True, or choose another --workdir.')
+  return True
 
 
 @dataclasses.dataclass(frozen=True)
