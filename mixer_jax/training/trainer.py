@@ -483,6 +483,7 @@ def _run_steps(*, config, workdir, run: Run, state, extra, checkpointer,
       jax.block_until_ready(metrics)
       reporting.log_and_print(f'First step (with compilation) took '
                               f'{progress.restart(step):.1f} s.')
+      preemption.training_started()  # A stop request now saves this step.
       input_timer.take_wait()
     if profiling and step >= config.profile_start_step + config.profile_steps:
       jax.block_until_ready(state)
