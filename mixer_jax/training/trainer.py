@@ -109,11 +109,15 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     workdir: directory for checkpoints, TensorBoard events, metrics.jsonl.
 
   Returns:
-    Summary dict: steps, best/last eval accuracy and loss, whether the run
-    was preempted, wall time and where everything was written.
+    Summary dict: steps, best/last eval accuracy and loss, the accuracy of
+    every other eval, whether the run was preempted, wall time and where
+    everything was written. A workdir whose newest checkpoint is the last
+    step is left as it is (`already_finished` in the summary).
 
   Raises:
-    config_validation.ConfigError: invalid config (before any compilation).
+    config_validation.ConfigError: invalid config, a batch larger than the
+      training split, or parameters and optimizer state larger than the
+      memory (before anything is compiled or written).
     errors.NonFiniteLossError: the loss became NaN/inf (names the step).
     checkpoint_checks.CheckpointError: unusable workdir or checkpoint.
     Errors of `config.init_from` (ConfigError when it does not fit the
