@@ -150,8 +150,10 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     if _finished(config, workdir, checkpoint_dir, run.num_classes,
                  run.num_train_steps):
       workdir_lock.release(lock, refused=True)
-      return {'steps': run.num_train_steps, 'already_finished': True,
-              'num_train_steps': run.num_train_steps, 'workdir': workdir}
+      n = run.num_train_steps
+      return {'steps': n, 'num_train_steps': n, 'start_step': n,
+              'preempted': False, 'already_finished': True,
+              'last_checkpoint_step': n, 'workdir': str(workdir)}
     checkpointer = _checkpointer(config, workdir, run.num_classes)
     reporting.log_and_print(
         f'Mixer {config.model.variant}: '
