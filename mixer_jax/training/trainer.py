@@ -487,9 +487,9 @@ def _run_steps(*, config, workdir, run: Run, state, extra, checkpointer,
     pending.append((step, metrics))
     if step == start_step + 1:  # Keep compilation out of steps/s and ETA.
       jax.block_until_ready(metrics)
+      preemption.training_started()  # A stop request now saves this step.
       reporting.log_and_print(f'First step (with compilation) took '
                               f'{progress.restart(step):.1f} s.')
-      preemption.training_started()  # A stop request now saves this step.
       input_timer.take_wait()
     if profiling and step >= config.profile_start_step + config.profile_steps:
       jax.block_until_ready(state)
