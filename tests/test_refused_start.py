@@ -83,6 +83,7 @@ def test_a_finished_workdir_says_so_before_compiling(finished_run, capsys):
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
   assert summary['already_finished'] and summary['steps'] == 4
+  assert summary['checkpoint_dir'] == os.path.join(workdir, 'checkpoints')
   assert (f'{workdir} already finished at step 4 of 4; nothing to train.'
           in capsys.readouterr().out)
   assert not compiled  # Nothing compiled (or trained).

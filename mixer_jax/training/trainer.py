@@ -153,7 +153,8 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
       n = run.num_train_steps
       return {'steps': n, 'num_train_steps': n, 'start_step': n,
               'preempted': False, 'already_finished': True,
-              'last_checkpoint_step': n, 'workdir': str(workdir)}
+              'last_checkpoint_step': n, 'workdir': str(workdir),
+              'checkpoint_dir': checkpoint_dir}
     checkpointer = _checkpointer(config, workdir, run.num_classes)
     reporting.log_and_print(
         f'Mixer {config.model.variant}: '
