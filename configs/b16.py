@@ -10,7 +10,7 @@ model.variant = 'B_16'.
 The paper reports 76.44% top-1 on ImageNet validation for Mixer-B/16
 trained this way; big_vision's config reaches 76.3% in 2h11m on a TPU v3-128
 (its 60-epoch variant, num_epochs=60: 70.5% in 27 minutes).
-README.md ("The ImageNet-1k recipe") lists what still differs.
+docs/recipes.md lists what differs from big_vision and how it was checked.
 """
 
 import os

@@ -12,11 +12,13 @@ kernels on the same schedule (big_vision's convention), global-norm clipping
 at 1, batch 4096, 300 epochs, stochastic depth 0.1, sigmoid cross-entropy
 with the head bias at -6.9, float32 activations (big_vision's Mixer has no
 dtype). Input:
-Inception crop + flip + RandAugment(2, 15) (the TF-TPU definition,
-mixer_jax/data/randaugment.py) + mixup (Beta(0.5, 0.5), one weight per global
-batch, in the train step), a 250k-example shuffle buffer per host over raw
-records cached in RAM (cache_raw: ~120 GB per host); eval resizes the short
-side to 256 with 'area' and centre-crops 224. Evaluations: the main eval is
+Inception crop (cast back to uint8, as big_vision's) + flip + RandAugment(2,
+15) (the TF-TPU definition, mixer_jax/data/randaugment.py) + mixup (Beta(0.5,
+0.5), one weight per global batch, each example mixed with its neighbour in
+the batch rolled by one, in the train step), a 250k-example shuffle buffer
+per host over raw records cached in RAM (cache_raw: ~120 GB per host); eval
+resizes the short side to 256 with 'area' (cast back to uint8) and
+centre-crops 224. Evaluations: the main eval is
 the 1% minival held out of train (it picks the best checkpoint);
 config.evals adds minival, validation, ImageNet-V2, ImageNet ReaL (every
 2,500 steps, as big_vision) and few-shot linear probes (every 25,000 steps;
@@ -32,7 +34,7 @@ Expected results and hardware, per variant:
         S/8 (784 tokens) costs about B/16's compute per image; L/16 about
         3.5x B/16 (use --config.sharding=fsdp --config.model.remat=True
         where memory is short).
-README.md ("The ImageNet-1k recipe") lists what still differs.
+docs/recipes.md lists what differs from big_vision and how it was checked.
 """
 from mixer_jax import config_defaults
 

@@ -163,7 +163,7 @@ def evaluate(config, checkpoint: str, *, step: Optional[int] = None,
       mesh, prefetch=config.prefetch_batches, on_batch=report)
   return {'top1': result['accuracy'], 'top5': result['top5'],
           'loss': result['loss'], 'examples': result['examples'],
-          'checkpoint': loaded, 'eval_split': config.eval_split,
+          'nan_rows': result['nan_rows'], 'checkpoint': loaded, 'eval_split': config.eval_split,
           'seconds': time.time() - start}
 
 
@@ -185,6 +185,7 @@ def main(argv):
           f'top-1 {result["top1"]:.4f}, top-5 {result["top5"]:.4f}, '
           f'loss {result["loss"]:.4f} ({result["examples"]} examples, '
           f'{result["seconds"]:.1f} s)')
+  text += evals.nan_note(result['nan_rows'])
   logging.info(text)
   if jax.process_index() == 0:
     print(text)

@@ -297,23 +297,12 @@ def test_all_problems_are_reported_at_once():
   assert message.count('\n  ') == 3
 
 
-@pytest.mark.parametrize('batch, devices, fragment, suggestion', [
-    (63, None, 'it must be even', 'try 64'),
-    (24, 8, 'per-device batch 24 / 8 devices = 3 must be even', 'try 32'),
-    (40, 4, None, None)])  # 10 per device: fine.
-def test_mixup_needs_an_even_batch_on_every_device(batch, devices, fragment,
-                                                   suggestion):
+def test_mixup_takes_an_odd_batch_per_device():
+  # The roll by one pairs across devices: no batch is refused for mixup.
   config = load('quickstart')
   config.pp.mixup_alpha, config.pp.mixup_prob = 0.5, 1.0
-  config.batch_size = batch
-  if suggestion is None:
-    config_validation.validate_config(config, num_devices=devices)
-    return
-  message = expect_problems(config, f'config.batch_size={batch}', fragment,
-                            'mixup', suggestion, num_devices=devices)
-  assert message.count('\n  ') == 1, message
-  config.pp.mixup_prob = 0.0  # Without mixup the same batch is fine.
-  config_validation.validate_config(config, num_devices=devices)
+  config.batch_size = 24
+  config_validation.validate_config(config, num_devices=8)
 
 
 def test_num_epochs_needed_without_steps():

@@ -44,7 +44,7 @@ def load(spec, strategy, shrink=True):
     patch = int(m.variant.split('_')[1])
     config.image_size = 2 * patch
     config.pp.eval_resize = 2 * patch
-    # Two examples per device: mixup pairs examples on each device.
+    # Two examples per device.
     config.batch_size = 16 * config.grad_accum_steps
     config.fsdp_min_size_mb = 0.0  # Split even these tiny arrays.
   return config

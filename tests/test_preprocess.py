@@ -180,7 +180,8 @@ def test_train_image_with_randaugment_is_seeded_per_example():
   np.testing.assert_array_equal(fn(image, _seed(5)), first)
   np.testing.assert_array_equal(_in_tf_data(fn, image, _seed(5)), first)
   plain = preprocess.resize(preprocess.decode(image), 24)
-  uint8 = tf.cast(tf.round(plain), tf.uint8)
+  # RandAugment's uint8 input: the resized floats truncated, as big_vision.
+  uint8 = tf.cast(tf.clip_by_value(plain, 0, 255), tf.uint8)
   seeds = tf.random.experimental.stateless_split(_seed(5), 3)
   np.testing.assert_array_equal(
       first, preprocess.normalize(augment(uint8, seeds[2])))
@@ -191,16 +192,72 @@ def test_train_image_with_randaugment_is_seeded_per_example():
 
 def test_resize_small_area_averages_blocks():
   # 3x3 blocks of a 9x12 image: 'area' to short side 3 gives block means;
-  # bilinear (no antialiasing) samples only each block's centre pixel.
+  # bilinear (no antialiasing) samples only each block's centre pixel. The
+  # result is uint8, so the means are truncated (within one level).
   image = _noise((9, 12, 3))
   out = preprocess.resize_small(tf.constant(image), 3, 'area').numpy()
-  assert out.shape == (3, 4, 3)
+  assert out.shape == (3, 4, 3) and out.dtype == np.uint8
   means = image.astype(np.float64).reshape(3, 3, 4, 3, 3).mean(axis=(1, 3))
-  np.testing.assert_allclose(out, means, atol=1e-3)
+  assert np.all((out <= means + 1e-3) & (out > means - 1))
   bilinear = preprocess.resize_small(tf.constant(image), 3, 'bilinear')
-  np.testing.assert_allclose(bilinear, image[1::3, 1::3], atol=1e-3)
+  np.testing.assert_array_equal(bilinear, image[1::3, 1::3])
   with pytest.raises(ValueError, match='eval_resize_method'):
     preprocess.resize_small(tf.constant(image), 3, 'lanczos9')
+
+
+# A 4x4 grey image whose 2x2 block means are exact binary fractions (x.25,
+# x.5, x.75), so halving it by 'area' or by bilinear sampling (which, at
+# this scale, averages the same 2x2 blocks) is computed without rounding on
+# any CPU: the uint8 big_vision makes of them is the truncated mean.
+BLOCKS = np.array([[10, 11, 200, 201],
+                   [12, 12, 202, 203],
+                   [0, 255, 7, 7],
+                   [255, 255, 8, 9]], np.uint8)
+BLOCK_MEANS = np.array([[11.25, 201.5], [191.25, 7.75]])
+TRUNCATED = np.array([[11, 201], [191, 7]])  # Rounding would give 202, 8.
+
+
+def _grey(image):
+  return np.repeat(image[..., None], 3, axis=-1)
+
+
+def _normalized(values):
+  """The official (x - 127.5) / 127.5, in float32 as the pipeline computes."""
+  return (_grey(values).astype(np.float32) - np.float32(127.5)) / np.float32(
+      127.5)
+
+
+@pytest.mark.parametrize('encode', ['png', 'raw'])
+def test_big_vision_eval_resize_truncates_to_uint8(encode):
+  # resize_small(2, 'area')|central_crop(2) of big_vision, by hand.
+  image = _grey(BLOCKS)
+  data = tf.io.encode_png(image) if encode == 'png' else tf.constant(image)
+  expected = _normalized(TRUNCATED)
+  for fn in (preprocess.eval_image,
+             lambda im, *a: _in_tf_data(
+                 lambda x: preprocess.eval_image(x, *a), im)):
+    np.testing.assert_array_equal(
+        fn(data, 2, 'resize_crop', 2, 'area'), expected)
+    # big_vision's few-shot resize(2)|central_crop(2): bilinear, truncated.
+    np.testing.assert_array_equal(fn(data, 2, 'squash_crop', 2), expected)
+  # vit_jax's fine-tuning eval keeps the float.
+  np.testing.assert_array_equal(preprocess.eval_image(data, 2, 'resize'),
+                                _normalized(BLOCK_MEANS))
+
+
+def test_inception_crop_truncates_to_uint8_and_finetune_crop_keeps_float():
+  # Crop area 1 of a square image: the window is the whole image, so the
+  # output is the bilinear halving of BLOCKS.
+  image = tf.constant(_grey(BLOCKS))
+  expected = {'inception': TRUNCATED, 'finetune': BLOCK_MEANS}
+  for crop, values in expected.items():
+    fn = lambda im, s, crop=crop: preprocess.train_image(
+        im, s, image_size=2, crop=crop, area_min=1.0, flip=False)
+    for seed in range(3):
+      np.testing.assert_array_equal(fn(image, _seed(seed)),
+                                    _normalized(values))
+    np.testing.assert_array_equal(_in_tf_data(fn, image, _seed(0)),
+                                  _normalized(values))
 
 
 def test_eval_squash_crop_resizes_the_whole_image_then_crops():

@@ -175,16 +175,18 @@ def test_num_train_steps_from_epochs():
   assert trainer.num_train_steps_for(tiny_config(), 1438) == 10
 
 
-def test_mixup_one_weight_per_global_batch_pairs_neighbours():
+def test_mixup_mixes_each_example_with_the_one_before_it():
+  # big_vision's utils.get_mixup: a = max(a, 1 - a), then
+  # a * x + (1 - a) * roll(x, 1): example i takes example i - 1.
   images = jnp.arange(8, dtype=jnp.float32).reshape(8, 1, 1, 1) * jnp.ones(
       (8, 2, 2, 3))
   labels = jax.nn.one_hot(jnp.arange(8) % 4, 4)
+  partner = np.array([7, 0, 1, 2, 3, 4, 5, 6])
   lams = []
   for seed in range(200):
     out_images, out_labels = train_steps.mixup(
         jax.random.PRNGKey(seed), images, labels, alpha=0.5, prob=0.5)
-    lam = 1.0 - float(out_images[0, 0, 0, 0])  # Example 0 = (1 - lam) * 1.
-    partner = np.array([1, 0, 3, 2, 5, 4, 7, 6])
+    lam = 1.0 - float(out_images[0, 0, 0, 0]) / 7  # (1 - lam) * 7.
     np.testing.assert_allclose(
         out_images[:, 0, 0, 0], lam * np.arange(8) + (1 - lam) * partner,
         atol=1e-5)
@@ -194,9 +196,26 @@ def test_mixup_one_weight_per_global_batch_pairs_neighbours():
   lams = np.array(lams)
   mixed = lams[np.abs(lams - 1) > 1e-6]
   assert 0.35 < len(mixed) / len(lams) < 0.65  # prob = 0.5.
-  # Beta(0.5, 0.5): mean 1/2, most of its mass near 0 and 1.
-  assert abs(mixed.mean() - 0.5) < 0.1
-  assert np.mean((mixed < 0.2) | (mixed > 0.8)) > 0.45
+  # max(a, 1 - a) of Beta(0.5, 0.5) (the arcsine law): in [1/2, 1], mean
+  # 1/2 + 1/pi.
+  assert mixed.min() >= 0.5 - 1e-6
+  assert abs(mixed.mean() - (0.5 + 1 / np.pi)) < 0.05
+
+
+def test_mixup_partners_cross_device_boundaries():
+  # 4 examples on 2 devices: example 2 (first of device 1) takes example 1
+  # (last of device 0), example 0 takes example 3.
+  mesh = sharding.create_mesh(jax.devices()[:2])
+  x = np.array([[10.0], [20.0], [30.0], [40.0]], np.float32)
+  placed = jax.device_put(x, sharding.batch_sharding(mesh))
+  images, labels = jax.jit(lambda v: train_steps.mixup(
+      jax.random.PRNGKey(3), v, v, alpha=0.5, prob=1.0))(placed)
+  lam = (float(images[1, 0]) - 10.0) / 10.0  # lam * 20 + (1 - lam) * 10.
+  assert lam >= 0.5
+  np.testing.assert_allclose(
+      images[:, 0], lam * x[:, 0] + (1 - lam) * np.array([40, 10, 20, 30]),
+      rtol=1e-6)
+  np.testing.assert_array_equal(images, labels)
 
 
 def test_mixup_step_on_eight_devices_equals_one(digits):
@@ -261,10 +280,10 @@ def eval_sums(logits, labels, top_k=5):
       {}, batch, apply_fn=logits_as_images, top_k=top_k))
 
 
-def test_zero_head_scores_no_hits():
+def test_zero_head_ranks_classes_by_index():
   # The real model at initialisation: the head is zero, so all 10 logits are
-  # equal. A tie counts against the label: top-1 and top-5 are both 0 (the
-  # old "fewer than k higher" rule gave top-5 = 100%).
+  # equal, and argmax (big_vision's top-1) picks class 0; top-5 holds
+  # classes 0-4. Labels 0-9 twice: 2 top-1 hits, 10 top-5 hits.
   model = model_from_config.create_model(tiny_config(), 10)
   params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)),
                       train=False)['params']
@@ -273,23 +292,36 @@ def test_zero_head_scores_no_hits():
            'mask': jnp.ones(20)}
   sums = jax.device_get(train_steps.eval_step(params, batch,
                                               apply_fn=model.apply))
-  assert (sums['count'], sums['correct'], sums['top5']) == (20, 0, 0)
+  assert (sums['count'], sums['correct'], sums['top5']) == (20, 2, 10)
   assert sums['loss_sum'] == pytest.approx(20 * math.log(10), rel=1e-5)
 
 
-def test_ties_count_against_the_label_and_nan_is_a_miss():
-  logits = [[1.0, 2.0, 2.0, 0.0],  # Label 1 ties with class 2.
-            [1.0, 2.0, 2.0, 0.0],  # Label 2: the same, from the other side.
+def test_top1_is_argmax_ties_go_to_the_lower_index_nan_rows_counted():
+  logits = [[1.0, 2.0, 2.0, 0.0],  # Label 1 ties with class 2: hit.
+            [1.0, 2.0, 2.0, 0.0],  # Label 2: class 1 ranks first.
             [3.0, 1.0, 1.0, 1.0],  # Label 0 alone on top.
-            [0.0, np.nan, 5.0, 1.0],  # A NaN in the row: a miss.
-            [np.nan] * 4,
+            [0.0, np.nan, 5.0, 1.0],  # argmax is the NaN: label 2 second.
+            [np.nan] * 4,  # argmax is the first NaN: label 0 hits.
             [-np.inf, np.inf, 0.0, 0.0]]  # Label 1 at +inf: a hit.
   labels = [1, 2, 0, 2, 0, 1]
-  # By hand: rows 0 and 1 have 1 rival >= the label (top-1 miss, top-2 hit);
-  # row 2 none; rows 3, 4 miss whatever k; row 5 none.
   top1, top2 = eval_sums(logits, labels, 1), eval_sums(logits, labels, 2)
-  assert (top1['correct'], top1['top5']) == (2, 2)
-  assert (top2['correct'], top2['top5']) == (2, 4)
+  assert top1['correct'] == np.sum(np.argmax(logits, -1) == labels) == 4
+  assert (top1['top5'], top2['top5']) == (4, 6)  # By hand, as above.
+  assert top1['nan_rows'] == 2
+
+
+def test_top_k_equals_a_stable_descending_sort_with_ties():
+  # A second way: the label's position in a stable sort (ties keep index
+  # order, as argmax), on integer logits with many ties.
+  rng = np.random.RandomState(0)
+  logits = rng.randint(0, 3, (64, 10)).astype(np.float32)
+  labels = rng.randint(0, 10, 64)
+  order = np.argsort(-logits, axis=-1, kind='stable')
+  position = np.argmax(order == labels[:, None], axis=-1)
+  sums = eval_sums(logits, labels, top_k=5)
+  assert sums['correct'] == np.sum(np.argmax(logits, -1) == labels)
+  assert sums['top5'] == np.sum(position < 5)
+  assert sums['nan_rows'] == 0
 
 
 def test_top_k_equals_sorting_when_no_logits_tie():

@@ -11,7 +11,10 @@ decoding (`tf.image.decode_and_crop_jpeg`), which skips most of the decode
 work for small crops; JPEG decoding dominates the pipeline's CPU time.
 
 All outputs are float32 in [-1, 1]: `(x - 127.5) / 127.5`, as the official
-Mixer code.
+Mixer code. The ops of big_vision's recipe (the Inception crop, the eval's
+short-side resize and the few-shot square resize) return uint8 after
+resizing, as big_vision's `pp` ops do (`to_uint8`); vit_jax's fine-tuning
+ops ('finetune' crop, plain 'resize') keep the resized float.
 """
 
 import tensorflow as tf
@@ -20,12 +23,21 @@ from mixer_jax.data.preprocess_choices import EVAL_CROPS
 from mixer_jax.data.preprocess_choices import RESIZE_METHODS
 from mixer_jax.data.preprocess_choices import TRAIN_CROPS
 
-# Aspect ratios of random crops (Inception / vit_jax defaults).
-_ASPECT_RATIO_RANGE = (3 / 4, 4 / 3)
+# Aspect ratios of random crops: big_vision's Inception crop (ratio_min,
+# ratio_max) and TF's default that vit_jax's crop uses.
+_ASPECT_RATIO_RANGE = (0.75, 1.33)
 
 def normalize(image):
   """Maps pixel values 0..255 (any dtype) to float32 [-1, 1]."""
   return (tf.cast(image, tf.float32) - 127.5) / 127.5
+
+
+def to_uint8(image):
+  """Resized float pixels back to uint8 as big_vision's resize ops return
+  them: clipped to [0, 255], then truncated (not rounded)."""
+  if image.dtype == tf.uint8:
+    return image
+  return tf.cast(tf.clip_by_value(image, 0.0, 255.0), tf.uint8)
 
 
 def _rgb(image):
@@ -104,7 +116,7 @@ def random_crop_window(image_shape, seed, area_min=0.05):
   The official fine-tuning crop (vit_jax) and the Inception crop used for
   ImageNet pretraining (big_vision `inception_crop`) both draw the window
   this way: area uniform in [area_min, 1] of the image, aspect ratio in
-  [3/4, 4/3], whole image after 100 failed attempts.
+  [0.75, 1.33], whole image after 100 failed attempts.
 
   Args:
     image_shape: int tensor [height, width, channels].
@@ -173,7 +185,8 @@ def resize_small(image, size, method='area'):
   """Resizes so that the shorter side is `size`, keeping the aspect ratio.
 
   `method` is a tf.image.resize method; 'area' (big_vision's default for
-  `resize_small`) averages the source pixels each output pixel covers.
+  `resize_small`) averages the source pixels each output pixel covers. The
+  result is uint8 (`to_uint8`), as big_vision's `resize_small`.
   """
   if method not in RESIZE_METHODS:
     raise ValueError(f'Unknown resize method {method!r}: use one of '
@@ -182,9 +195,8 @@ def resize_small(image, size, method='area'):
   scale = tf.cast(size, tf.float32) / tf.reduce_min(shape)
   new = tf.cast(tf.round(shape * scale), tf.int32)
   new = tf.maximum(new, size)  # Guards the short side against rounding.
-  resized = tf.image.resize(tf.cast(image, tf.float32), new, method=method)
-  # Area sums may round a hair past 255 (and bicubic overshoots).
-  return tf.clip_by_value(resized, 0.0, 255.0)
+  return to_uint8(tf.image.resize(tf.cast(image, tf.float32), new,
+                                  method=method))
 
 
 def central_crop(image, size):
@@ -214,8 +226,8 @@ def train_image(image, seed, *, image_size, crop='inception',
       (no crop).
     area_min: smallest crop area (fraction), for the random crops.
     flip: random left-right flip.
-    randaugment: None or a `RandAugment`, applied to the resized image
-      rounded to uint8 (the TF-TPU ops work on uint8 images).
+    randaugment: None or a `RandAugment`, applied to the resized image as
+      uint8 (`to_uint8`; the TF-TPU ops work on uint8 images).
 
   Returns:
     float32 (image_size, image_size, 3) in [-1, 1].
@@ -230,11 +242,12 @@ def train_image(image, seed, *, image_size, crop='inception',
   else:  # 'inception' and 'finetune' differ in the area bound only.
     image = decode_and_random_crop(image, seeds[0], area_min)
   image = resize(image, image_size)
+  if crop == 'inception':  # big_vision's decode_jpeg_and_inception_crop.
+    image = to_uint8(image)
   if flip:
     image = random_flip(image, seeds[1])
   if randaugment is not None:
-    image = tf.cast(tf.round(tf.clip_by_value(image, 0.0, 255.0)), tf.uint8)
-    image = randaugment(image, seeds[2])
+    image = randaugment(to_uint8(image), seeds[2])
   return normalize(image)
 
 
@@ -246,12 +259,13 @@ def eval_image(image, image_size, crop='resize', resize_size=256,
     image: uint8 HxWx3 (or HxWx1) tensor, or an encoded image string.
     image_size: output side.
     crop: 'resize' resizes the whole image to image_size (the official
-      fine-tuning eval); 'resize_crop' resizes the short side to
+      fine-tuning eval, float); 'resize_crop' resizes the short side to
       resize_size and takes the central image_size crop (ImageNet eval,
       big_vision `resize_small(256)|central_crop(224)`); 'squash_crop'
       resizes the whole image to resize_size x resize_size (bilinear) and
       takes the central crop (big_vision's few-shot
-      `resize(256)|central_crop(224)`).
+      `resize(256)|central_crop(224)`). Both crops go through uint8, as
+      big_vision's ops.
     resize_size: side before the central crop (the crop modes only).
     resize_method: tf.image.resize method of 'resize_crop'.
 
@@ -273,7 +287,7 @@ def eval_image(image, image_size, crop='resize', resize_size=256,
     image = central_crop(resize_small(image, resize_size, resize_method),
                          image_size)
   else:
-    image = central_crop(resize(image, resize_size), image_size)
+    image = central_crop(to_uint8(resize(image, resize_size)), image_size)
   return normalize(image)
 
 

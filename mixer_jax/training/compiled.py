@@ -59,13 +59,14 @@ def predict_function(model) -> Callable[..., jax.Array]:
 
 
 def real_sums(params, batch, *, apply_fn) -> Dict[str, jax.Array]:
-  """Masked ReaL hits (top-1 in the label set) and counts of one batch."""
+  """Masked ReaL hits (top-1 in the label set), counts and NaN rows."""
   logits = apply_fn({'params': params}, batch['image'], train=False)
   top1 = jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1])
   # A masked sum, not take_along_axis (a gather XLA would split all-to-all).
   hit = jnp.sum(batch['label'] * top1, axis=-1)
   mask = batch['mask'].astype(jnp.float32)
-  return {'correct': jnp.sum(hit * mask), 'count': jnp.sum(mask)}
+  return {'correct': jnp.sum(hit * mask), 'count': jnp.sum(mask),
+          'nan_rows': train_steps.nan_rows(logits, mask)}
 
 
 def without_head(tree):

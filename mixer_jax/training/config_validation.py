@@ -255,7 +255,6 @@ def _check_training(c: _Checker, num_devices, num_processes) -> None:
   if batch and num_processes and batch % num_processes:
     c.fail('batch_size', batch, f'must be divisible by the {num_processes} '
            'processes')
-  _check_mixup_pairs(c, batch, accum, num_devices)
   steps = c.integer('num_train_steps', low=1, allow=(-1,))
   epochs = c.get('num_epochs')
   if steps == -1 and (not _is_number(epochs) or epochs <= 0):
@@ -280,26 +279,6 @@ def _check_training(c: _Checker, num_devices, num_processes) -> None:
   c.enum('loss', LOSSES)
   c.number('label_smoothing', low=0.0, high=1.0, high_open=True)
   c.number('ema_decay', low=0.0, high=1.0, high_open=True)
-
-
-def _check_mixup_pairs(c: _Checker, batch, accum, num_devices) -> None:
-  """mixup mixes examples (2k, 2k+1) of a device's slice: it must be even."""
-  alpha, prob = c.get('pp.mixup_alpha'), c.get('pp.mixup_prob')
-  if not (_is_number(alpha) and _is_number(prob) and alpha > 0 and prob > 0):
-    return
-  if not _is_int(batch) or batch < 1:
-    return
-  devices = num_devices if _is_int(num_devices) and num_devices > 0 else 1
-  if batch % devices:
-    return  # Reported above.
-  if (batch // devices) % 2:
-    step = devices * math.lcm(2, accum if _is_int(accum) and accum > 0 else 1)
-    per_device = (f'the per-device batch {batch} / {devices} devices = '
-                  f'{batch // devices}' if devices > 1 else 'it')
-    c.fail('batch_size', batch,
-           f'with mixup (pp.mixup_prob > 0) {per_device} must be even, as '
-           f'mixup pairs examples (2k, 2k+1) on each device; try '
-           f'{max(1, round(batch / step)) * step} or set pp.mixup_prob=0')
 
 
 def check_schedule(config, num_train_steps: int) -> None:

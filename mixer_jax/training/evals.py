@@ -26,7 +26,6 @@ batches: the evaluation then returns None, and the trainer saves first.
 from typing import Callable, Dict, Iterable, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from mixer_jax.data.datasets import sources
@@ -39,18 +38,24 @@ from mixer_jax.training import sharding
 
 def _sums(step_fn, params, batches, mesh, prefetch, on_batch=None,
           stop_requested=None):
-  """Summed outputs of `step_fn` over `batches`; None if asked to stop."""
+  """Summed outputs of `step_fn` over `batches`; None if asked to stop.
+
+  Each batch's sums (replicated scalars) are read back and added on the
+  host: an eager add of global arrays is a computation every process must
+  dispatch in the same order, and in multi-process runs beside the
+  prefetch thread it could deadlock.
+  """
   totals = None
   for i, batch in enumerate(sharding.prefetch(batches, mesh, prefetch), 1):
     if stop_requested is not None and stop_requested():
       return None
-    sums = step_fn(params, batch)
-    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    sums = sharding.to_host(step_fn(params, batch))
+    totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
     if on_batch is not None:
       on_batch(i)
   if totals is None:
     raise ValueError('The eval data set yielded no batch; check eval_split.')
-  return sharding.to_host(totals)
+  return totals
 
 
 def evaluate_dataset(p_eval_step, params, batches: Iterable, mesh, *,
@@ -74,7 +79,9 @@ def evaluate_dataset(p_eval_step, params, batches: Iterable, mesh, *,
     stop_requested: checked before each batch; True abandons the pass.
 
   Returns:
-    Dict with 'accuracy', 'top5', 'loss' and 'examples'; None when stopped.
+    Dict with 'accuracy', 'top5', 'loss', 'examples' and 'nan_rows' (the
+    examples whose logits hold a NaN; scored by argmax's rule, the first
+    NaN class); None when stopped.
   """
   totals = _sums(p_eval_step, params, batches, mesh, prefetch, on_batch,
                  stop_requested)
@@ -84,7 +91,14 @@ def evaluate_dataset(p_eval_step, params, batches: Iterable, mesh, *,
   return {'accuracy': float(totals['correct']) / count,
           'top5': float(totals['top5']) / count,
           'loss': float(totals['loss_sum']) / count,
-          'examples': int(totals['count'])}
+          'examples': int(totals['count']),
+          'nan_rows': int(totals['nan_rows'])}
+
+
+def nan_note(nan_rows: int) -> str:
+  """What an eval's log line adds when some logits were NaN ('' if none)."""
+  return (f'; {nan_rows} examples with NaN logits (scored as argmax does: '
+          'the first NaN class)' if nan_rows else '')
 
 
 def _read(config, entry, index, count):
@@ -179,7 +193,8 @@ class Evaluations:
     count = float(totals['count'])
     denominator = max(count, 1.0)
     return {f'{name}/accuracy': float(totals['correct']) / denominator,
-            f'{name}/examples': int(count)}
+            f'{name}/examples': int(count),
+            f'{name}/nan_rows': int(totals['nan_rows'])}
 
   def _fewshot(self, name, entry, params) -> Optional[Dict[str, float]]:
     results = linear_probe.evaluate_datasets(

@@ -85,20 +85,19 @@ def per_example_loss(logits: jax.Array, labels: jax.Array, loss: str,
 
 def mixup(rng: jax.Array, images: jax.Array, labels: jax.Array, *,
           alpha: float, prob: float):
-  """big_vision's mixup with one weight for the whole global batch.
+  """big_vision's mixup (`utils.get_mixup`), one weight for the global batch.
 
-  With probability `prob`, lam ~ Beta(alpha, alpha) is drawn once from `rng`
-  (the step's key, so every host and device uses the same lam) and each
-  example is mixed with its pair partner: examples 2k and 2k+1 swap,
-  x <- lam * x + (1 - lam) * partner, labels likewise. big_vision mixes with
-  the batch rolled by one; pairing neighbours instead keeps every partner on
-  the same device (each device's slice of the batch has even length), so
-  mixup needs no communication, and the result does not depend on the
-  number of devices.
+  With probability `prob`, a ~ Beta(alpha, alpha) is drawn once from `rng`
+  (the step's key, so every host and device uses the same a), a is made the
+  dominant share, max(a, 1 - a), and every example is mixed with its
+  neighbour in the batch rolled by one: x[i] <- a x[i] + (1 - a) x[i - 1]
+  (x[0] with the last example), labels likewise. On a batch split over
+  devices the roll sends one example across each device boundary (a
+  collective-permute); the result does not depend on the device count.
 
   Args:
     rng: this step's key.
-    images: (B, H, W, C), B even.
+    images: (B, H, W, C).
     labels: (B, classes) one-hot.
     alpha: Beta concentration (> 0).
     prob: probability that this batch is mixed.
@@ -108,31 +107,39 @@ def mixup(rng: jax.Array, images: jax.Array, labels: jax.Array, *,
   """
   lam_rng, apply_rng = jax.random.split(rng)
   lam = jax.random.beta(lam_rng, alpha, alpha)
-  lam = jnp.where(jax.random.bernoulli(apply_rng, prob), lam, 1.0)
+  lam = jnp.where(jax.random.bernoulli(apply_rng, prob),
+                  jnp.maximum(lam, 1.0 - lam), 1.0)
 
   def mix(x):
-    # Splitting the batch axis as (B/2, 2) keeps B/2 the sharded major part.
-    partner = x.reshape((-1, 2) + x.shape[1:])[:, ::-1].reshape(x.shape)
-    return (lam * x + (1.0 - lam) * partner).astype(x.dtype)
+    return (lam * x + (1.0 - lam) * jnp.roll(x, 1, axis=0)).astype(x.dtype)
   return mix(images), mix(labels)
 
 
 def _in_top_k(logits, labels, k: int = 1):
   """1.0 where the label (argmax of `labels`) is among the top k logits.
 
-  The label is in the top k when fewer than k other classes score at least
-  as high: a tie counts against the label (an all-equal row, e.g. a zero
-  head, is a miss for every k < classes), and a row holding a NaN is a miss.
-  Counting keeps the batch sharded; `lax.top_k` would make XLA gather the
-  logits.
+  Classes rank as `jnp.argmax` ranks them, big_vision's top-1 rule: a
+  higher logit first, a tie to the lower index, a NaN above every number
+  and the first NaN above the others. At k = 1 this is exactly
+  argmax(logits) == label. Counting the classes ranked above the label
+  keeps the batch sharded; `lax.top_k` would make XLA gather the logits.
   """
   logits = logits.astype(jnp.float32)
-  label = jax.nn.one_hot(jnp.argmax(labels, -1), logits.shape[-1], dtype=bool)
+  label_index = jnp.argmax(labels, -1)[:, None]
+  label = jnp.arange(logits.shape[-1]) == label_index
+  lower = jnp.arange(logits.shape[-1]) < label_index
   # where, not a product with the one-hot: inf * 0 would be NaN.
   label_logit = jnp.sum(jnp.where(label, logits, 0.0), axis=-1, keepdims=True)
-  rivals = jnp.sum((logits >= label_logit) & ~label, axis=-1)
-  finite = ~jnp.any(jnp.isnan(logits), axis=-1)
-  return ((rivals < k) & finite).astype(jnp.float32)
+  nan = jnp.isnan(logits)
+  above = jnp.where(jnp.isnan(label_logit), nan & lower,
+                    nan | (logits > label_logit) |
+                    ((logits == label_logit) & lower))
+  return (jnp.sum(above, axis=-1) < k).astype(jnp.float32)
+
+
+def nan_rows(logits, mask):
+  """How many real (mask 1) examples have a NaN among their logits."""
+  return jnp.sum(jnp.any(jnp.isnan(logits), axis=-1) * mask)
 
 
 def _correct(logits, labels):
@@ -229,8 +236,8 @@ def eval_step(params, batch, *, apply_fn: Callable[..., Any],
     top_k: k of 'top5' (at most the class count).
 
   Returns:
-    Dict of scalars 'correct' (top-1), 'top5', 'loss_sum', 'count';
-    padding contributes 0.
+    Dict of scalars 'correct' (top-1), 'top5', 'loss_sum', 'count' and
+    'nan_rows' (`nan_rows`); padding contributes 0.
   """
   # Plain masked sums, not clu.metrics: clu has no top-k metric, and a dict
   # of sums merges over batches (and devices) with one tree add.
@@ -241,4 +248,4 @@ def eval_step(params, batch, *, apply_fn: Callable[..., Any],
   return {'correct': jnp.sum(_correct(logits, batch['label']) * mask),
           'top5': jnp.sum(hit_k * mask),
           'loss_sum': jnp.sum(losses * mask),
-          'count': jnp.sum(mask)}
+          'count': jnp.sum(mask), 'nan_rows': nan_rows(logits, mask)}

@@ -389,7 +389,8 @@ def _run_evaluations(names, *, step, params, config, run, evaluations,
       writer.write_scalars(step, last_eval)
       reporting.log_and_print(
           f'step {step}: eval accuracy {last_eval["eval_accuracy"]:.4f}, '
-          f'loss {last_eval["eval_loss"]:.4f} (best {best:.4f})')
+          f'loss {last_eval["eval_loss"]:.4f} (best {best:.4f})'
+          + evals.nan_note(result['nan_rows']))
       if ema_params is not None:
         ema = evals.evaluate_dataset(
             run.steps.eval_step, ema_params,
@@ -412,7 +413,8 @@ def _run_evaluations(names, *, step, params, config, run, evaluations,
     accuracies = {k: v for k, v in more.items() if 'accuracy' in k}
     results.update(accuracies)
     reporting.log_and_print(f'step {step}: ' + ', '.join(
-        f'{k} {v:.4f}' for k, v in accuracies.items()))
+        f'{k} {v:.4f}' for k, v in accuracies.items())
+        + evals.nan_note(more.get(f'{name}/nan_rows', 0)))
   return [], best, last_eval, improved
 
 
