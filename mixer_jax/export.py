@@ -55,7 +55,11 @@ import numpy as np
 
 from mixer_jax.training import compiled
 from mixer_jax.training import errors
+from mixer_jax.checkpointing.checkpoints import CHECKPOINT_DIR
 from mixer_jax.weights import any_checkpoint
+from mixer_jax.weights import hub
+from mixer_jax.weights import loaded as loaded_module
+from mixer_jax.weights import run_info
 from mixer_jax.weights import workdir_checkpoint
 
 STABLEHLO_FILE = 'model.jax_export'
@@ -76,7 +80,7 @@ def _host_params(loaded):
 def serving_info(loaded: any_checkpoint.Loaded, fmt: str,
                  preprocess: bool) -> dict:
   return {
-      'format': fmt, 'checkpoint': loaded.source,
+      'format': fmt, 'checkpoint': loaded.portable_source,
       'image_size': loaded.image_size, 'input_range': [-1.0, 1.0],
       'eval_crop': loaded.eval_crop, 'eval_resize': loaded.eval_resize,
       'preprocessing_inside': bool(preprocess) if fmt == 'savedmodel'
@@ -158,16 +162,17 @@ def _training_text(loaded: any_checkpoint.Loaded,
   config = loaded.config
   if config is None:
     return None
+  init_from = (f', initialised from '
+               f'`{loaded_module.portable_name(config.init_from)}`'
+               if config.init_from else '')
   return (f'Trained with mixer_jax on `{config.dataset}` split '
           f'`{config.train_split}` at {config.image_size}x{config.image_size}'
           f' for {loaded.step} steps of batch {config.batch_size} '
           f'({config.optimizer}, learning rate {config.learning_rate:g}, '
           f'{config.lr_schedule} schedule, weight decay '
-          f'{config.weight_decay:g}'
-          + (f', initialised from `{config.init_from}`' if config.init_from
-             else '') + ('; these are the EMA weights (decay '
-                         f'{config.ema_decay:g})' if weights == 'ema'
-                         else '') + ').')
+          f'{config.weight_decay:g}' + init_from
+          + ('; these are the EMA weights (decay '
+             f'{config.ema_decay:g})' if weights == 'ema' else '') + ').')
 
 
 def export_hub(loaded: any_checkpoint.Loaded, out: str, *,
@@ -194,10 +199,63 @@ def export_hub(loaded: any_checkpoint.Loaded, out: str, *,
   return out
 
 
+def _earlier_format(out: str) -> Optional[str]:
+  """The format of an earlier export in `out` (None: not one)."""
+  from mixer_jax.weights import hub_publish  # pylint: disable=g-import-not-at-top
+  for name in (INFO_FILE, hub.CONFIG_FILE):
+    try:
+      with open(os.path.join(out, name), encoding='utf-8') as f:
+        info = json.load(f)
+    except (OSError, ValueError):
+      continue
+    if isinstance(info, dict):
+      return 'hub' if hub_publish.OUR_FIELD in info else info.get('format')
+  return None
+
+
+def check_out(out: str, fmt: str, overwrite: bool = False) -> None:
+  """UsageError unless `out` is a place for a `fmt` export.
+
+  That is a new or empty folder, or one holding an earlier export of the
+  same format (its files are replaced); `overwrite` also allows any other
+  folder, but never a training workdir.
+  """
+  if not os.path.exists(out):
+    return
+  if not os.path.isdir(out):
+    raise errors.UsageError(f'--out={out} is a file; name a folder.')
+  if (os.path.isdir(os.path.join(out, CHECKPOINT_DIR)) or
+      os.path.exists(os.path.join(out, run_info.RUN_INFO_FILE))):
+    raise errors.UsageError(
+        f'--out={out} is a training workdir: the export would mix with the '
+        "run's files. Choose another --out. Nothing was written.")
+  entries = sorted(os.listdir(out))
+  if entries and not overwrite and _earlier_format(out) != fmt:
+    raise errors.UsageError(
+        f'--out={out} is not empty ({", ".join(entries[:3])}'
+        f'{", ..." if len(entries) > 3 else ""}) and holds no earlier '
+        f'--format={fmt} export: the files would mix (and --push_to would '
+        'upload them all). Choose a new or empty folder, or pass '
+        '--overwrite to write into it anyway. Nothing was written.')
+
+
+def _check_dependencies(fmt: str) -> None:
+  if fmt == 'onnx':
+    try:
+      import onnx  # pylint: disable=g-import-not-at-top,unused-import
+    except ImportError:
+      raise errors.UsageError(
+          "--format=onnx needs the onnx package: pip install "
+          "'mixer_jax[onnx]'. Nothing was written.") from None
+
+
 def export(checkpoint, out: str, fmt: str, *, step: Optional[int] = None,
            preprocess: bool = True, weights: str = 'params',
-           push_to: Optional[str] = None) -> str:
+           push_to: Optional[str] = None, overwrite: bool = False) -> str:
   """Loads `checkpoint` and writes it to `out` in format `fmt`.
+
+  `out` must be new, empty or an earlier export of `fmt` (see `check_out`;
+  `overwrite` allows any folder but a training workdir).
 
   Returns:
     The path of the artifact (the SavedModel directory, the `.jax_export`
@@ -209,6 +267,8 @@ def export(checkpoint, out: str, fmt: str, *, step: Optional[int] = None,
   if push_to and fmt != 'hub':
     raise errors.UsageError('--push_to uploads a Hub folder: use it with '
                             '--format=hub.')
+  _check_dependencies(fmt)
+  check_out(os.fspath(out), fmt, overwrite)
   loaded = any_checkpoint.load(checkpoint, step=step, weights=weights)
   if fmt == 'hub':
     workdir = (workdir_checkpoint.locate_workdir(checkpoint, step)[0]
@@ -245,6 +305,9 @@ def _define_flags():
                     'config.ema_decay > 0).')
   flags.DEFINE_string('push_to', None, 'With --format=hub: upload the folder '
                       'to this Hub model repository (OWNER/NAME).')
+  flags.DEFINE_bool('overwrite', False, 'Write into a non-empty --out that '
+                    'holds no earlier export of this format (files of the '
+                    'same names are replaced, others stay).')
   flags.DEFINE_bool('preprocess', True, 'savedmodel: run the eval '
                     'preprocessing inside serving_default (uint8 images of '
                     'any size).')
@@ -264,7 +327,7 @@ def main(argv):
   try:
     path = export(FLAGS.checkpoint, FLAGS.out, FLAGS.format, step=FLAGS.step,
                   preprocess=FLAGS.preprocess, weights=FLAGS.weights,
-                  push_to=FLAGS.push_to)
+                  push_to=FLAGS.push_to, overwrite=FLAGS.overwrite)
   except errors.EXPECTED_ERRORS as e:
     # Only the project's user errors: anything else is a bug (traceback).
     raise SystemExit(f'Cannot export --checkpoint={FLAGS.checkpoint}: '

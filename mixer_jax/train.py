@@ -6,7 +6,9 @@
 
 The job itself is `mixer_jax.training.trainer.train_and_evaluate(config,
 workdir)`; this module is its command line. A run stopped by SIGTERM/SIGINT
-saves its current step; the same command resumes it exactly.
+saves its current step; the same command resumes it exactly. A stop before
+the first training step (data checks, restore, compilation) ends it at once
+with nothing new to save.
 
 With `--check_only` it runs the launch check instead
 (`mixer_jax.training.launch_check`): the config resolved as the run would,
@@ -30,6 +32,7 @@ from absl import flags
 import jax
 from ml_collections import config_flags
 
+from mixer_jax.checkpointing import preemption
 from mixer_jax.training import config_loading
 from mixer_jax.training import errors
 from mixer_jax.training import sharding
@@ -56,7 +59,8 @@ def main(argv):
     if FLAGS.workdir is None:
       raise errors.UsageError('--workdir is required (unless --check_only).')
     sharding.initialize_from_flags()
-    trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    with preemption.stop_at_once_before_training():
+      trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
 def _check_only():

@@ -486,3 +486,38 @@ def test_abandoned_read_tasks_are_not_reported_again(caplog):
                            '<Task finished>', exc_info=sys.exc_info())
   reported = [r for r in caplog.records if r.name == 'asyncio']
   assert [str(r.exc_info[1]) for r in reported] == ['a bug elsewhere']
+
+
+def test_a_step_that_is_a_link_loop_is_skipped_with_a_note(tmp_path, caplog):
+  save_steps(tmp_path, [1, 2]).close()
+  shutil.rmtree(tmp_path / '2')
+  os.symlink('2', tmp_path / '2')  # The step folder replaced by a loop.
+  before = snapshot(tmp_path)
+  for read_only in (True, False):
+    caplog.clear()
+    ckpt = checkpoints.Checkpointer(tmp_path, keep=3, keep_best=False,
+                                    read_only=read_only)
+    assert ckpt.all_steps() == [1]
+    ckpt.close()
+    assert (f'{tmp_path / "2"} is a symbolic link that cannot be followed: '
+            'step 2 is skipped.') in caplog.text
+  assert snapshot(tmp_path) == before and os.path.islink(tmp_path / '2')
+
+
+@pytest.mark.parametrize('target', ['checkpoints', 'gone'])
+def test_a_checkpoint_directory_link_that_leads_nowhere(tmp_path, target):
+  directory = tmp_path / 'checkpoints'
+  os.symlink(target, directory)
+  expected = ({'checkpoints': f'a symbolic link loop ({directory} -> '
+                              'checkpoints)',
+               'gone': 'a symbolic link to gone, which does not exist'}
+              [target])
+  for read_only in (True, False):
+    with pytest.raises(CheckpointError) as error:
+      checkpoints.Checkpointer(directory, keep=3, keep_best=False,
+                               read_only=read_only)
+    assert str(error.value) == (
+        f'Checkpoint directory {directory} is {expected}; fix or remove the '
+        'link. Nothing was changed.')
+  assert os.listdir(tmp_path) == ['checkpoints']
+  assert os.readlink(directory) == target

@@ -121,8 +121,11 @@ def test_config_argument_reaches_get_config(tmp_path):
   assert config.model.variant == 'L_16'
   config_loading.check_command_line(['prog', f'--config={spec}',
                                      '--config.batch_size=8'])
-  with pytest.raises(ConfigError, match='takes no argument.*drop ":L_16"'):
+  with pytest.raises(ConfigError) as error:
     config_loading.check_command_line(['prog', f'--config={QUICKSTART}:L_16'])
+  assert str(error.value) == (
+      f'Config file {QUICKSTART}: get_config() takes no argument, but '
+      f"--config={QUICKSTART}:L_16 passes 'L_16'; drop \":L_16\".")
   with pytest.raises(ConfigError, match='nope.py does not exist'):
     config_loading.load_config_file(str(tmp_path / 'nope.py') + ':B_16')
 

@@ -73,7 +73,7 @@ def test_eval_entry_with_a_split_of_the_run_main_eval_split(data_dir):
 
 
 def test_every_process_needs_a_training_example(data_dir):
-  config = small_config(data_dir, train_split='train[:1]')
+  config = small_config(data_dir, train_split='train[:1]', batch_size=1)
   assert data_checks.checked_dataset_info(config, num_processes=1
                                           ).train_examples == 1
   with pytest.raises(ConfigError, match="train_split='train\\[:1\\]'"):

@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import mixer_reference as ref
+from test_any_checkpoint import trained  # pylint: disable=unused-import
 import numpy as np
 import pytest  # pylint: disable=unused-import
 
@@ -150,9 +151,108 @@ def test_hub_folder_from_the_command_line(checkpoint, tmp_path):
   config = json.loads((out / 'config.json').read_text())
   assert config['num_classes'] == 6
   assert config['mixer_jax']['gelu_approximate'] is True
+  # Readable by others like every file, the weights too (not 0600).
+  modes = {name: os.stat(out / name).st_mode & 0o777
+           for name in os.listdir(out)}
+  assert set(modes.values()) == {modes['config.json']}, modes
+  # No local path: the checkpoint is named by its file name only.
+  _assert_no_local_path(out, checkpoint)
+  assert config['mixer_jax']['source'] == 'tiny.npz'
   # --weights=ema needs a training workdir; --push_to a Hub folder.
   with pytest.raises(checkpoint_checks.CheckpointError,
                      match='training workdirs only'):
     export.export(checkpoint, str(tmp_path / 'x'), 'onnx', weights='ema')
   with pytest.raises(errors.UsageError, match='--format=hub'):
     export.export(checkpoint, str(tmp_path / 'x'), 'onnx', push_to='me/m')
+
+
+def _assert_no_local_path(folder, checkpoint):
+  for path in pathlib.Path(folder).rglob('*'):
+    if path.is_file() and path.suffix in ('.json', '.md', ''):
+      text = path.read_text(errors='replace')
+      assert os.path.dirname(checkpoint) not in text, path
+
+
+def test_serving_info_names_no_local_path(checkpoint, tmp_path):
+  out = tmp_path / 'stablehlo'
+  info = _export(checkpoint, out, 'stablehlo')
+  assert info['checkpoint'] == 'tiny.npz'
+  _assert_no_local_path(out, checkpoint)
+
+
+BLOCK_ONNX = '''
+import runpy, sys
+
+class NoOnnx:  # As if onnx were not installed.
+  def find_spec(self, name, path=None, target=None):
+    if name.split('.')[0] == 'onnx':
+      raise ModuleNotFoundError(f'No module named {name!r}', name=name)
+
+sys.meta_path.insert(0, NoOnnx())
+sys.argv[0] = 'export'
+runpy.run_module('mixer_jax.export', run_name='__main__', alter_sys=True)
+'''
+
+
+def test_a_missing_optional_dependency_names_the_extra(checkpoint, tmp_path):
+  out = tmp_path / 'onnx'
+  proc = subprocess.run(
+      [sys.executable, '-c', BLOCK_ONNX, f'--checkpoint={checkpoint}',
+       f'--out={out}', '--format=onnx'],
+      cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1, proc.stderr
+  assert proc.stderr.splitlines()[-1] == (
+      f'Cannot export --checkpoint={checkpoint}: UsageError: --format=onnx '
+      "needs the onnx package: pip install 'mixer_jax[onnx]'. Nothing was "
+      'written.')
+  assert 'Traceback' not in proc.stderr
+  assert not out.exists()
+
+
+def _files(folder):
+  return {str(p.relative_to(folder)): p.read_bytes()
+          for p in pathlib.Path(folder).rglob('*') if p.is_file()}
+
+
+def test_export_refuses_a_folder_it_would_mix_with(checkpoint, tmp_path):
+  # A folder of the user's own files: refused, unless --overwrite.
+  notes = tmp_path / 'notes'
+  notes.mkdir()
+  (notes / 'todo.txt').write_text('mine')
+  with pytest.raises(errors.UsageError, match=(
+      'is not empty .todo.txt. and holds no earlier --format=stablehlo '
+      'export.*--overwrite')):
+    export.export(checkpoint, str(notes), 'stablehlo')
+  assert _files(notes) == {'todo.txt': b'mine'}
+  export.export(checkpoint, str(notes), 'stablehlo', overwrite=True)
+  assert sorted(_files(notes)) == ['model.jax_export', 'serving_info.json',
+                                   'todo.txt']
+  assert (notes / 'todo.txt').read_text() == 'mine'
+  # An earlier export: the same format is replaced, another one refused.
+  export.export(checkpoint, str(notes), 'stablehlo')
+  before = _files(notes)
+  assert sorted(before) == ['model.jax_export', 'serving_info.json',
+                            'todo.txt']
+  with pytest.raises(errors.UsageError, match='no earlier --format=hub'):
+    export.export(checkpoint, str(notes), 'hub')
+  assert _files(notes) == before
+  # A training workdir (its checkpoints/ and run_info.json): always refused.
+  workdir = tmp_path / 'run'
+  (workdir / 'checkpoints').mkdir(parents=True)
+  (workdir / 'run_info.json').write_text('{}')
+  for overwrite in (False, True):
+    with pytest.raises(errors.UsageError, match='is a training workdir'):
+      export.export(checkpoint, str(workdir), 'hub', overwrite=overwrite)
+  assert _files(workdir) == {'run_info.json': b'{}'}
+  assert os.listdir(workdir / 'checkpoints') == []
+
+
+def test_a_workdir_export_names_no_local_path(trained, tmp_path):
+  workdir, _ = trained  # A real two-step training run (test_any_checkpoint).
+  for fmt in ('hub', 'stablehlo'):
+    export.export(str(workdir), str(tmp_path / fmt), fmt)
+    _assert_no_local_path(tmp_path / fmt, str(workdir / 'x'))
+  config = json.loads((tmp_path / 'hub' / 'config.json').read_text())
+  assert config['mixer_jax']['source'] == f'{workdir.name} step 2'
+  assert f'from `{workdir.name} step 2`' in (tmp_path / 'hub' /
+                                             'README.md').read_text()

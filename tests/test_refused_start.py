@@ -7,8 +7,12 @@ compared byte for byte before and after; the workdir then still resumes.
 
 import copy
 import os
+import re
 import shutil
+import subprocess
+import sys
 
+import jax
 import pytest
 
 from mixer_jax.checkpointing import checkpoint_checks
@@ -18,6 +22,11 @@ from mixer_jax.training import workdir_lock
 from test_checkpoints import snapshot
 from test_train import small_config
 from test_workdir_lock import start_holder
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The quick start at hidden_dim D has 1069 D + 4810 parameters (hand count:
+# stem 13 D, 4 blocks of 261 D + 1200, final norm 2 D, head 10 D + 10).
+HUGE_PARAMS = 1069 * 100_000_000 + 4810
 
 
 @pytest.fixture(scope='module')
@@ -55,6 +64,29 @@ def test_a_refused_start_changes_nothing(finished_run, fields, error, match):
   before = snapshot(workdir)
   with pytest.raises(error, match=match):
     trainer.train_and_evaluate(_changed(config, **fields), str(workdir))
+  assert snapshot(workdir) == before
+
+
+def test_a_finished_workdir_says_so_before_compiling(finished_run, capsys):
+  config, workdir = finished_run
+  before = snapshot(workdir)
+  compiled = []
+
+  def listener(event, duration, **kwargs):
+    del duration, kwargs
+    if event == '/jax/core/compile/backend_compile_duration':
+      compiled.append(event)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    summary = trainer.train_and_evaluate(config, str(workdir))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert summary['already_finished'] and summary['steps'] == 4
+  assert summary['checkpoint_dir'] == os.path.join(workdir, 'checkpoints')
+  assert (f'{workdir} already finished at step 4 of 4; nothing to train.'
+          in capsys.readouterr().out)
+  assert not compiled  # Nothing compiled (or trained).
   assert snapshot(workdir) == before
 
 
@@ -104,3 +136,32 @@ def test_a_workdir_that_is_a_file_is_named_as_such(finished_run, tmp_path):
                      match='is a file, not a directory'):
     trainer.train_and_evaluate(config, str(path))
   assert path.read_text() == 'not a workdir'
+
+
+@pytest.mark.parametrize('flag, expected, exists', [
+    ('--config.model.hidden_dim=100000000',
+     f"The model's {HUGE_PARAMS:,} parameters and their optimizer state need "
+     # Parameters, Adam's two moments, float32, on each (replicated) device.
+     f'{12 * HUGE_PARAMS * jax.device_count() / 2**30:,.1f} GiB, more than '
+     f'the {os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30:,.1f}'
+     ' GiB of memory of this host: use a smaller model. Nothing was written.',
+     False),
+    ('--config.batch_size=1000000000',
+     "batch_size=1,000,000,000 is larger than train_split='train[:90%]' "
+     '(1,294 examples of digits); use a batch_size of at most 1,294 or a '
+     'larger split.', True),
+])
+def test_a_run_that_cannot_fit_is_refused_before_writing(tmp_path, flag,
+                                                         expected, exists):
+  workdir = tmp_path / 'run'
+  if exists:
+    workdir.mkdir()
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu')
+  run = subprocess.run(
+      [sys.executable, '-m', 'mixer_jax.train', '--config=configs/quickstart.py',
+       f'--workdir={workdir}', f'--config.data_dir={tmp_path / "tfds"}',
+       flag], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert run.returncode == 1, run.stderr[-3000:]
+  assert run.stderr.splitlines()[-1] == f'ConfigError: {expected}'
+  assert 'Traceback' not in run.stderr
+  assert (os.listdir(workdir) == []) if exists else not workdir.exists()

@@ -204,14 +204,16 @@ FULL_CHILD = textwrap.dedent('''
     from mixer_jax.checkpointing import checkpoints
     from mixer_jax.training import command_line
     command_line.quiet_library_logs()  # As the programs do.
-    ckpt = checkpoints.Checkpointer(sys.argv[1], keep=3, keep_best=False)
-    ckpt.save(1, {'w': np.ones((1000,), np.float32)})
-    ckpt.wait_until_finished()
+    ckpt = checkpoints.Checkpointer(sys.argv[1], keep=3, keep_best=False,
+                                    async_save=sys.argv[2] == 'async')
+    for step in (1, 2):
+      ckpt.save(step, {'w': np.full((1000,), step, np.float32)})
+      ckpt.wait_until_finished()
     # From now on no file may grow past 100 KB: writes fail like a full disk.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
     try:
-      ckpt.save(2, {'w': np.random.rand(1_000_000).astype(np.float32)})
+      ckpt.save(3, {'w': np.random.rand(1_000_000).astype(np.float32)})
       ckpt.wait_until_finished()
     except checkpoint_checks.CheckpointError as e:
       print('ERROR', e)
@@ -219,20 +221,24 @@ FULL_CHILD = textwrap.dedent('''
 ''')
 
 
-def test_failed_write_keeps_previous_steps(tmp_path):
+@pytest.mark.parametrize('mode', ['async', 'sync'])
+def test_failed_write_keeps_previous_steps(tmp_path, mode):
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu')
-  out = subprocess.run([sys.executable, '-c', FULL_CHILD, str(tmp_path)],
-                       capture_output=True, text=True, env=env, timeout=120)
-  assert 'ERROR Saving step' in out.stdout, out.stdout + out.stderr[-2000:]
-  assert 'Earlier steps [1] are kept' in out.stdout  # Not the failed one.
-  assert 'STEPS [1]' in out.stdout
+  out = subprocess.run([sys.executable, '-c', FULL_CHILD, str(tmp_path),
+                        mode], capture_output=True, text=True, env=env,
+                       timeout=120)
+  # The failed step is named, and every step on disk is listed as kept.
+  assert 'ERROR Saving step 3' in out.stdout, out.stdout + out.stderr[-2000:]
+  assert 'Earlier steps [1, 2] are kept' in out.stdout
+  assert 'STEPS [1, 2]' in out.stdout
   # Orbax's own reports are one line each, without tracebacks.
   assert 'Traceback' not in out.stderr, out.stderr[-3000:]
   assert len(out.stderr.splitlines()) < 30, out.stderr[-3000:]
+  assert sorted(os.listdir(tmp_path)) == ['1', '2']  # No partial step 3.
   ckpt = checkpoints.Checkpointer(tmp_path, keep=3, keep_best=False)
-  assert ckpt.all_steps() == [1]
+  assert ckpt.all_steps() == [1, 2]
   restored, _ = ckpt.restore({'w': np.zeros((1000,), np.float32)})
-  np.testing.assert_array_equal(restored['w'], 1.0)
+  np.testing.assert_array_equal(restored['w'], 2.0)
 
 
 
@@ -543,30 +549,48 @@ def test_sigterm_during_restore_stops_where_it_was(tmp_path, monkeypatch):
   assert snapshot(os.path.join(workdir, 'checkpoints', '4')) == saved
 
 
-def test_command_line_sigterm_before_the_loop_exits_0(tmp_path):
-  workdir = tmp_path / 'run'
+def _sigterm_at(tmp_path, marker, *flags):
+  """Runs train, sends SIGTERM when a line holds `marker`; (output, rc)."""
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu')
   child = subprocess.Popen(
-      [sys.executable, '-m', 'mixer_jax.train', f'--workdir={workdir}'] +
-      TRAIN_FLAGS + [f'--config.data_dir={tmp_path / "tfds"}'], cwd=REPO,
-      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      [sys.executable, '-m', 'mixer_jax.train', f'--workdir={tmp_path / "run"}',
+       f'--config.data_dir={tmp_path / "tfds"}'] + TRAIN_FLAGS + list(flags),
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+      text=True)
   lines = []
   try:
-    for line in child.stdout:  # Printed before restore/init and compiling.
+    for line in child.stdout:
       lines.append(line)
-      if ' parameters, ' in line and 'workdir' in line:
+      if marker in line:
         child.send_signal(signal.SIGTERM)
         break
-    lines.append(child.communicate(timeout=300)[0])
+    # Well within the compilation's own time (a bound against a hang).
+    lines.append(child.communicate(timeout=60)[0])
   finally:
     if child.poll() is None:
       child.kill()
-  output = ''.join(lines)
-  assert child.returncode == 0, output[-3000:]
-  assert 'Received SIGTERM' in output, output[-3000:]
-  assert re.search(r'preempted +True', output), output[-3000:]
-  assert re.search(r'\n +steps +0\n', output), output[-3000:]
-  assert 'First step' not in output  # The loop never ran a step.
+  return ''.join(lines), child.returncode
+
+
+STOPPED = ('Received SIGTERM before the first training step: stopped at '
+           'once, nothing new to save. The same command starts (or resumes) '
+           'the run again.')
+
+
+@pytest.mark.parametrize('marker, flags', [
+    # Before restore or initialisation.
+    (' parameters, ', ()),
+    # Inside XLA's compiler: this model's train step compiles for several
+    # seconds, where no Python signal handler runs.
+    ('Compiling the train step', ('--config.model.num_blocks=8',)),
+])
+def test_command_line_sigterm_before_the_first_step_stops_at_once(
+    tmp_path, marker, flags):
+  output, returncode = _sigterm_at(tmp_path, marker, *flags)
+  assert returncode == 0, output[-3000:]
+  assert STOPPED in output.splitlines(), output[-3000:]
+  assert 'First step' not in output and 'Training summary' not in output
+  assert not glob.glob(str(tmp_path / 'run' / 'checkpoints' / '*'))
 
 
 def test_resumed_run_leaves_one_record_per_step(tmp_path):

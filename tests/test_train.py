@@ -358,3 +358,26 @@ def test_command_line_error_has_no_traceback(data_dir, tmp_path):
   assert '/nonexistent.npz' in run.stderr
   assert 'Traceback' not in run.stderr, run.stderr[-3000:]
   assert not (tmp_path / 'run').exists()
+
+
+def test_the_summary_lists_every_eval_and_paths_as_given(data_dir, tmp_path,
+                                                         monkeypatch, capsys):
+  config = small_config(data_dir, num_train_steps=4, log_every_steps=4,
+                        eval_every_steps=4, ema_decay=0.5)
+  config.model.num_blocks, config.model.hidden_dim = 1, 16
+  monkeypatch.chdir(tmp_path)
+  summary = trainer.train_and_evaluate(config, 'run')  # A relative workdir.
+  out = capsys.readouterr().out
+  printed = {key: re.search(rf'step 4: {line} ([\d.]+)', out).group(1)
+             for key, line in (('last_eval_accuracy', 'eval accuracy'),
+                               ('ema/eval_accuracy', 'EMA eval accuracy'),
+                               ('test/accuracy', 'test/accuracy'))}
+  table = dict(re.findall(r'^  (\S+) +(\S+)$',
+                          out[out.index('Training summary:'):], re.M))
+  # Every eval printed at the last step is in the summary, with its value.
+  assert {key: table.get(key) for key in printed} == printed
+  assert (table['workdir'], table['checkpoint_dir'], table['metrics_file']) == (
+      'run', os.path.join('run', 'checkpoints'),
+      os.path.join('run', 'metrics.jsonl'))
+  assert os.path.isdir(summary['checkpoint_dir'])
+  assert os.path.isfile(summary['metrics_file'])

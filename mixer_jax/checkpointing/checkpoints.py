@@ -31,6 +31,7 @@ What it guarantees (each point has a test in tests/test_checkpoints.py):
   `metrics.damaged` (so that step no longer counts as the best) and says so.
 """
 
+import errno
 import functools
 import json
 import math
@@ -107,6 +108,42 @@ def set_aside_damaged_metrics(directory) -> list:
   return moved
 
 
+def _check_not_a_broken_link(directory) -> None:
+  """CheckpointError for a local symbolic link that cannot be followed.
+
+  Without it a link loop reads as a missing directory, or (when writing)
+  as `File exists`.
+  """
+  path = os.fspath(directory)
+  if not os.path.islink(path):
+    return
+  try:
+    os.stat(path)
+    return
+  except OSError as e:
+    loop = e.errno == errno.ELOOP
+  target = os.readlink(path)
+  what = (f'a symbolic link loop ({path} -> {target})' if loop else
+          f'a symbolic link to {target}, which does not exist')
+  raise checks.CheckpointError(
+      f'Checkpoint directory {path} is {what}; fix or remove the link. '
+      'Nothing was changed.')
+
+
+def _note_unusable_steps(directory) -> None:
+  """Warns of step names that are no step directory (e.g. a link loop).
+
+  Orbax skips them silently; a step that was expected would then be
+  missing without a word.
+  """
+  for entry in directory.iterdir():
+    if entry.name.isdigit() and not entry.is_dir():
+      kind = ('a symbolic link that cannot be followed'
+              if os.path.islink(os.fspath(entry)) else 'not a directory')
+      logging.warning('%s is %s: step %s is skipped.', entry, kind,
+                      entry.name)
+
+
 def _abstract(leaf):
   """A restore target leaf: arrays become shape/dtype/sharding structs."""
   if isinstance(leaf, jax.Array):
@@ -152,11 +189,13 @@ class Checkpointer:
     self.fingerprint = (checks.jsonable(dict(fingerprint)) if fingerprint
                         else None)
     self.read_only = read_only
+    _check_not_a_broken_link(self.directory)
     if not read_only:
       self.check_writable()
     elif not self.directory.is_dir():
       raise checks.CheckpointError(
           f'Checkpoint directory {self.directory} does not exist.')
+    _note_unusable_steps(self.directory)
     if not read_only:
       set_aside_damaged_metrics(self.directory)
       if jax.process_count() > 1:  # The others open after process 0 fixed it.
@@ -258,6 +297,9 @@ class Checkpointer:
       value = float(np.asarray(metrics[BEST_METRIC]))
       if math.isfinite(value):
         ranked = {k: float(np.asarray(v)) for k, v in metrics.items()}
+    # A failure of the previous (background) save is reported as its own,
+    # so an error of the save below is this step's.
+    self._check_background_save(wait=True)
     try:
       started = self._manager.save(
           int(step), force=force, metrics=ranked,
@@ -269,20 +311,20 @@ class Checkpointer:
           f'Step {step} already exists in {self.directory}; it is not '
           'overwritten. Resume from it, or use another workdir.') from e
     except Exception as e:  # pylint: disable=broad-except
-      raise self._write_error(self._writing or step, e) from e
+      raise self._write_error(step, e) from e
     if started:
       self._writing = int(step)
     return started
 
-  def _check_background_save(self):
+  def _check_background_save(self, wait: bool = False):
     """CheckpointError if the latest background save has failed.
 
     Orbax reports a failed background write only when it is waited for;
-    once no save is in progress that wait returns at once, so it is done
-    then (once per save).
+    once no save is in progress (or with `wait`) that wait is done (once
+    per save).
     """
     if (self._writing is None or self._writing == self._checked or
-        self._manager.is_saving_in_progress()):
+        (not wait and self._manager.is_saving_in_progress())):
       return
     self.wait_until_finished()
     self._checked = self._writing
@@ -423,6 +465,14 @@ class Checkpointer:
     checks.check_digests(state_digests.state_digests(restored),
                          extra.get('leaf_checksums'), where, hint)
     return restored[field], extra
+
+  def read_extra(self, step: Optional[int] = None) -> dict:
+    """The JSON dict saved with `step` (default the newest); reads no array.
+
+    Raises:
+      CheckpointError: as `restore` (the fingerprint is compared too).
+    """
+    return self._open(step)[3]
 
   def _open(self, step):
     """Resolves `step`, reads its JSON and array metadata and fingerprint."""

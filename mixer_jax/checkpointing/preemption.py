@@ -4,10 +4,14 @@
 one for a whole run (so a signal during compilation or restore is recorded
 too), and each `checkpoints.Checkpointer` made inside it shares it.
 Multi-host runs use JAX's preemption sync service instead (via Orbax).
+A program can also end at once on a signal that comes before its first
+training step (`stop_at_once_before_training`).
 """
 
 import contextlib
+import os
 import signal
+import sys
 import threading
 
 from absl import logging
@@ -52,6 +56,8 @@ class PreemptionSignals:
       signal.raise_signal(signum)
       return
     self.received = signal.Signals(signum).name
+    if _before_training:
+      return  # The stop_at_once_before_training thread ends the process.
     logging.warning('Received %s: saving a checkpoint at the next step and '
                     'stopping (send it again to stop immediately).',
                     self.received)
@@ -87,3 +93,61 @@ def watch_preemption():
   finally:
     _watching.remove(signals)
     signals.restore()
+
+
+# True from `stop_at_once_before_training` until `training_started`.
+_before_training = False
+
+
+def training_started() -> None:
+  """From now on a stop request saves a checkpoint (see below)."""
+  global _before_training
+  _before_training = False
+
+
+def _stop_on_signal(read_fd: int) -> None:
+  """Ends the process on a SIGTERM/SIGINT while `_before_training`."""
+  while True:
+    data = os.read(read_fd, 64)
+    if not data:
+      os.close(read_fd)
+      return
+    stops = [s for s in data if s in _PREEMPTION_SIGNALS]
+    if stops and _before_training:
+      print(f'Received {signal.Signals(stops[0]).name} before the first '
+            'training step: stopped at once, nothing new to save. The same '
+            'command starts (or resumes) the run again.', file=sys.stderr,
+            flush=True)
+      sys.stdout.flush()
+      os._exit(0)  # pylint: disable=protected-access
+
+
+@contextlib.contextmanager
+def stop_at_once_before_training():
+  """For a program: a stop request before the first step ends it at once.
+
+  Before `training_started()` (data checks, restore, compilation and the
+  first step) there is nothing new to save, and the main thread may be in
+  XLA's compiler for minutes, where no Python signal handler runs. Python's
+  C-level handler still writes the signal's number to the wakeup fd at
+  once; a thread reading it prints one line and ends the process (exit 0,
+  as a stop during training; the kernel releases the workdir lock). Main
+  thread of a single-process run only; elsewhere it does nothing.
+  """
+  global _before_training
+  if (threading.current_thread() is not threading.main_thread() or
+      jax.process_count() > 1):
+    yield
+    return
+  read_fd, write_fd = os.pipe()
+  os.set_blocking(write_fd, False)
+  previous = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+  _before_training = True
+  threading.Thread(target=_stop_on_signal, args=(read_fd,), daemon=True,
+                   name='stop_at_once_before_training').start()
+  try:
+    yield
+  finally:
+    _before_training = False
+    signal.set_wakeup_fd(previous)
+    os.close(write_fd)  # The thread reads the end of the pipe and returns.

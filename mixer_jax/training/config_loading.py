@@ -74,9 +74,9 @@ def load_config_file(spec: str):
     raise ConfigError(f'Config file {path} does not exist.')
   name = '_mixer_jax_config_' + os.path.splitext(os.path.basename(path))[0]
   try:
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
   except Exception as e:  # pylint: disable=broad-except
     raise ConfigError(f'Config file {_where(e, path)}: cannot be loaded: '
                       f'{_describe(e)}') from None
@@ -85,7 +85,7 @@ def load_config_file(spec: str):
                       'function.')
   if arg and not _takes_an_argument(module.get_config):
     raise ConfigError(f'Config file {path}: get_config() takes no argument, '
-                      f'but {spec} passes {arg[0]!r}; drop ":{arg[0]}".')
+                      f'but --config={spec} passes {arg[0]!r}; drop ":{arg[0]}".')
   try:
     config = module.get_config(*arg)
   except Exception as e:  # pylint: disable=broad-except

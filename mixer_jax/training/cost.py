@@ -5,8 +5,9 @@ Read from the optimized HLO text and XLA's cost and memory analyses of a
 """
 
 import collections
+import os
 import re
-from typing import Optional
+from typing import Optional, Tuple
 
 import jax
 import numpy as np
@@ -46,6 +47,19 @@ def state_bytes_per_device(tree) -> int:
   """Bytes one device holds of a tree of placed arrays (or sharded structs)."""
   return int(sum(np.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
                  for x in jax.tree.leaves(tree)))
+
+
+def device_memory(device) -> Optional[Tuple[int, str]]:
+  """(bytes, whose) of the memory `device` can use; None when unknown.
+
+  CPU devices use the host's memory (all of them together); an accelerator
+  reports its limit in `memory_stats()`.
+  """
+  if device.platform == 'cpu':
+    return (os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES'),
+            'this host')
+  limit = (device.memory_stats() or {}).get('bytes_limit')
+  return (int(limit), f'one {device.device_kind}') if limit else None
 
 
 def compiled_memory(compiled) -> Optional[int]:

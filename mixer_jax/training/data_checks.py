@@ -7,6 +7,7 @@ compiling, or in the first evaluation after hours of training):
   * config.train_split and config.eval_split name splits of the data set
     (slices such as 'train[:90%]' included) and select at least one
     example; with several processes, every process gets a training example;
+    a batch holds no more examples than the training split;
   * config.num_classes is -1 or at least the data set's class count (labels
     of a 10-class data set do not fit a 5-class head);
   * every entry of config.evals: its data set, split (non-empty), label
@@ -142,10 +143,16 @@ def checked_dataset_info(config, num_processes: Optional[int] = None):
   for split, field, training in ((config.train_split, 'train_split', True),
                                  (config.eval_split, 'eval_split', False)):
     try:
-      split_size(source, split, field, num_processes=num_processes,
-                 training=training)
+      examples = split_size(source, split, field, num_processes=num_processes,
+                            training=training)
     except sources.BadImagesError as e:
       bad_images.append(str(e))
+      continue
+    if training and config.batch_size > examples:
+      raise ConfigError(
+          f'batch_size={config.batch_size:,} is larger than train_split='
+          f'{split!r} ({examples:,} examples of {source.name}); use a '
+          f'batch_size of at most {examples:,} or a larger split.')
   if bad_images:
     raise sources.BadImagesError('\n'.join(bad_images))
   head_classes = _head_classes(config, source)

@@ -30,6 +30,7 @@ from mixer_jax.checkpointing import preemption
 from mixer_jax.data import input_pipeline
 from mixer_jax.training import compiled
 from mixer_jax.training import config_validation
+from mixer_jax.training import cost
 from mixer_jax.training import data_checks
 from mixer_jax.training import errors
 from mixer_jax.training import evals
@@ -108,11 +109,15 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     workdir: directory for checkpoints, TensorBoard events, metrics.jsonl.
 
   Returns:
-    Summary dict: steps, best/last eval accuracy and loss, whether the run
-    was preempted, wall time and where everything was written.
+    Summary dict: steps, best/last eval accuracy and loss, the accuracy of
+    every other eval, whether the run was preempted, wall time and where
+    everything was written. A workdir whose newest checkpoint is the last
+    step is left as it is (`already_finished` in the summary).
 
   Raises:
-    config_validation.ConfigError: invalid config (before any compilation).
+    config_validation.ConfigError: invalid config, a batch larger than the
+      training split, or parameters and optimizer state larger than the
+      memory (before anything is compiled or written).
     errors.NonFiniteLossError: the loss became NaN/inf (names the step).
     checkpoint_checks.CheckpointError: unusable workdir or checkpoint.
     Errors of `config.init_from` (ConfigError when it does not fit the
@@ -131,6 +136,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   # Splits, class count and config.evals data: all checked before step 1.
   reporting.log_and_print(f'Checking the data ({config.dataset})...')
   run = build_run(config, data_checks.checked_dataset_info(config))
+  check_state_fits(run)
 
   # One running job per workdir: refuses a second start (before the
   # checkpointer, which removes unfinished saves, is opened). A start
@@ -141,6 +147,14 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   try:
     resume_checks.check_schedule_unchanged(config, workdir, checkpoint_dir,
                                            run.num_train_steps)
+    if _finished(config, workdir, checkpoint_dir, run.num_classes,
+                 run.num_train_steps):
+      workdir_lock.release(lock, refused=True)
+      n = run.num_train_steps
+      return {'steps': n, 'num_train_steps': n, 'start_step': n,
+              'preempted': False, 'already_finished': True,
+              'last_checkpoint_step': n, 'workdir': str(workdir),
+              'checkpoint_dir': checkpoint_dir}
     checkpointer = _checkpointer(config, workdir, run.num_classes)
     reporting.log_and_print(
         f'Mixer {config.model.variant}: '
@@ -172,6 +186,60 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     writer.close()
     checkpointer.close()
     workdir_lock.release(lock)
+
+
+def check_state_fits(run) -> None:
+  """ConfigError when the parameters and optimizer state exceed the memory.
+
+  An analytic count (`cost.state_bytes_per_device` of the abstract state,
+  under the run's sharding), made before anything is compiled or written;
+  the launch check (--check_only) compiles the whole run. The CPU devices
+  of a host share its memory, so there their sum counts.
+  """
+  devices = run.mesh.local_devices
+  memory = cost.device_memory(devices[0])
+  if memory is None:
+    return
+  limit, whose = memory
+  shared = devices[0].platform == 'cpu'
+  need = cost.state_bytes_per_device(run.steps.abstract_state) * (
+      len(devices) if shared else 1)
+  if need > limit:
+    raise config_validation.ConfigError(
+        f'The model\'s {models.count_params(run.steps.abstract_params):,} '
+        f'parameters and their optimizer state need {need / 2**30:,.1f} GiB'
+        f'{"" if shared else " per device"}, more than the '
+        f'{limit / 2**30:,.1f} GiB of memory of {whose}: use a smaller model'
+        f'{"" if shared else ", more devices or --config.sharding=fsdp"}. '
+        'Nothing was written.')
+
+
+def _finished(config, workdir: str, checkpoint_dir: str, num_classes: int,
+              num_train_steps: int) -> bool:
+  """Whether the newest checkpoint is the run's last step (says so).
+
+  CheckpointError when it was written for another model.
+  """
+  if config.resume_step >= 0 and not _resume_marker(
+      workdir, config.resume_step).exists():
+    return False  # Goes back to resume_step first.
+  if not resume_checks.has_saved_steps(checkpoint_dir):
+    return False
+  reader = checkpoints.Checkpointer(
+      checkpoint_dir, keep=1, keep_best=False, read_only=True,
+      fingerprint=fingerprint.model_fingerprint(config, num_classes))
+  try:
+    if reader.latest_step() != num_train_steps:
+      return False
+    step = int(reader.read_extra()['step'])
+  finally:
+    reader.close()
+  reporting.log_and_print(
+      f'{workdir} already finished at step {step} of {num_train_steps}; '
+      f'nothing to train. Evaluate it (python -m mixer_jax.evaluate '
+      f'--checkpoint={workdir}), train longer with --config.num_train_steps '
+      '--config.allow_changed_schedule=True, or choose another --workdir.')
+  return True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,14 +356,15 @@ MAIN_EVAL = ''  # The eval of config.eval_split, among config.evals' names.
 
 
 def _run_evaluations(names, *, step, params, config, run, evaluations,
-                     writer, best, last_eval, ema_params=None):
+                     writer, best, last_eval, results, ema_params=None):
   """Runs the main eval (MAIN_EVAL) and the config.evals entries `names`.
 
   Each one's metrics are written as it finishes. A stop request (see
   `evals.Evaluations.stop_requested`) abandons the rest. With `ema_params`
   (config.ema_decay > 0) the main eval also scores the EMA weights, as
   `ema/eval_accuracy` and `ema/eval_loss`; best and keep_best follow the
-  trained weights.
+  trained weights. The accuracies of the EMA and config.evals entries go
+  into `results` too (the summary lists them).
 
   Returns:
     (names not run, best eval accuracy, last main eval, whether the main
@@ -330,6 +399,7 @@ def _run_evaluations(names, *, step, params, config, run, evaluations,
             stop_requested=stop_requested)
         if ema is None:
           return names[i + 1:], best, last_eval, improved
+        results['ema/eval_accuracy'] = ema['accuracy']
         writer.write_scalars(step, {'ema/eval_accuracy': ema['accuracy'],
                                     'ema/eval_loss': ema['loss']})
         reporting.log_and_print(
@@ -340,8 +410,10 @@ def _run_evaluations(names, *, step, params, config, run, evaluations,
     if more is None:
       return names[i:], best, last_eval, improved
     writer.write_scalars(step, more)
+    accuracies = {k: v for k, v in more.items() if 'accuracy' in k}
+    results.update(accuracies)
     reporting.log_and_print(f'step {step}: ' + ', '.join(
-        f'{k} {v:.4f}' for k, v in more.items() if 'accuracy' in k)
+        f'{k} {v:.4f}' for k, v in accuracies.items())
         + evals.nan_note(more.get(f'{name}/nan_rows', 0)))
   return [], best, last_eval, improved
 
@@ -392,6 +464,7 @@ def _run_steps(*, config, workdir, run: Run, state, extra, checkpointer,
   # time, while steps/s and ETA here are of training alone (pause/resume).
   progress = reporting.Progress(step, num_train_steps, config.batch_size)
   history, pending, speeds = [], [], []
+  results = {}  # The latest accuracy of every other eval this process ran.
   preempted = checkpointer.reached_preemption(step)  # Installs the handlers.
   if extra.get('pending_evals') and not preempted:
     # The evaluations of the saved step that a stop request interrupted.
@@ -400,7 +473,8 @@ def _run_steps(*, config, workdir, run: Run, state, extra, checkpointer,
     left, best, last_eval, _ = _run_evaluations(
         extra['pending_evals'], step=step, params=state.params,
         config=config, run=run, evaluations=evaluations, writer=writer,
-        best=best, last_eval=last_eval, ema_params=state.ema_params)
+        best=best, last_eval=last_eval, results=results,
+        ema_params=state.ema_params)
     preempted = bool(left)
   # Not clu's Profile: its first call never starts a trace (so a run resumed
   # at profile_start_step would not profile), it keeps tracing at least 3 s
@@ -416,6 +490,7 @@ def _run_steps(*, config, workdir, run: Run, state, extra, checkpointer,
     pending.append((step, metrics))
     if step == start_step + 1:  # Keep compilation out of steps/s and ETA.
       jax.block_until_ready(metrics)
+      preemption.training_started()  # A stop request now saves this step.
       reporting.log_and_print(f'First step (with compilation) took '
                               f'{progress.restart(step):.1f} s.')
       input_timer.take_wait()
@@ -456,7 +531,7 @@ def _run_steps(*, config, workdir, run: Run, state, extra, checkpointer,
       left, best, last_eval, improved = _run_evaluations(
           names, step=step, params=state.params, config=config, run=run,
           evaluations=evaluations, writer=writer, best=best,
-          last_eval=last_eval, ema_params=state.ema_params)
+          last_eval=last_eval, results=results, ema_params=state.ema_params)
     if left:  # Stopped during the evaluations: save now, evaluate later.
       preempted = do_save = True
     elif do_eval:
@@ -479,9 +554,11 @@ def _run_steps(*, config, workdir, run: Run, state, extra, checkpointer,
       'start_step': start_step, 'preempted': bool(preempted),
       'last_eval_accuracy': last_eval.get('eval_accuracy'),
       'last_eval_loss': last_eval.get('eval_loss'),
-      'best_eval_accuracy': best, 'last_checkpoint_step': last_saved,
+      'best_eval_accuracy': best, **results,
+      'last_checkpoint_step': last_saved,
       'wall_time_s': time.time() - start_time, 'workdir': str(workdir),
-      'checkpoint_dir': str(checkpointer.directory),
+      # Paths as the workdir was given.
+      'checkpoint_dir': os.path.join(workdir, CHECKPOINT_DIR),
       'metrics_file': os.path.join(workdir, reporting.METRICS_FILE),
       # 1 unless something made the step recompile (shapes, dtypes, ...).
       'train_step_compilations': run.steps.train_traces.count,

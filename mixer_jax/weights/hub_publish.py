@@ -140,7 +140,7 @@ def timm_config(loaded, architecture: Optional[str], model_args,
       OUR_FIELD: {
           'gelu_approximate': bool(loaded.model.gelu_approximate),
           'variant': variant_name(loaded.model),
-          'source': loaded.source},
+          'source': loaded.portable_source},
   }
   if architecture is None:
     del config['architecture']
@@ -194,7 +194,7 @@ def model_card(loaded, config: Mapping[str, Any], *, repo_id: str,
       f'# MLP-Mixer {ours["variant"]} ({size}x{size}, '
       f'{loaded.num_classes} classes)', '',
       'An MLP-Mixer (Tolstikhin et al., 2021, arXiv 2105.01601), written by '
-      'mixer_jax from `' + str(loaded.source) + '`.',
+      'mixer_jax from `' + loaded.portable_source + '`.',
       '',
       '## Model', '',
       f'- Variant: {ours["variant"]}: patch {loaded.model.patch_size}, '

@@ -5,11 +5,25 @@ command needs to use them (input size, eval crop, class names).
 """
 
 import dataclasses
+import os
 from typing import Any, List, Optional
 
 from mixer_jax import models
 from mixer_jax.weights import official_format
 from mixer_jax.weights import registry
+
+
+def portable_name(spec) -> str:
+  """A Hub name or URL as is; a local path by its last part only.
+
+  What exported files may say of where they came from: a local path would
+  tell where the exporter kept its files and mean nothing elsewhere.
+  """
+  spec = str(spec)
+  if spec.startswith('hf-hub:') or '://' in spec or not (
+      os.path.isabs(spec) or os.path.exists(spec)):
+    return spec  # hf-hub:..., gs://..., a registry name.
+  return os.path.basename(os.path.normpath(spec))
 
 
 @dataclasses.dataclass
@@ -47,6 +61,15 @@ class Loaded:
   step: Optional[int] = None
   config: Any = None
   entry: Optional[registry.Checkpoint] = None
+
+  @property
+  def portable_source(self) -> str:
+    """`source` as exported files name it: no local path (see below)."""
+    if self.entry is not None:
+      return self.entry.name
+    if self.kind == 'workdir':  # 'WORKDIR step N': the workdir's own name.
+      return os.path.basename(self.source)
+    return portable_name(self.source)
 
   @property
   def num_classes(self) -> int:

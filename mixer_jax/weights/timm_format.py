@@ -153,8 +153,10 @@ def export_timm(params: Mapping[str, Any],
   path = os.fspath(path)
   if os.path.dirname(path):
     os.makedirs(os.path.dirname(path), exist_ok=True)
-  st_numpy.save_file(to_timm_state_dict(params), path,
-                     metadata={'format': 'pt', 'source': 'mixer_jax'})
+  data = st_numpy.save(to_timm_state_dict(params),
+                       metadata={'format': 'pt', 'source': 'mixer_jax'})
+  with open(path, 'wb') as f:  # save_file would make it 0600 (owner only).
+    f.write(data)
 
 
 def import_timm(path: Union[str, os.PathLike]) -> Dict[str, Any]:
