@@ -247,6 +247,8 @@ def test_an_exported_hub_folder_is_a_checkpoint(trained, tmp_path):
   folder = any_checkpoint.load(str(out))
   assert folder.class_names == original.class_names == list(CLASSES)
   assert folder.num_classes == 3 and folder.image_size == 8
+  # The run's eval preprocessing (a plain resize) comes back with it.
+  assert (folder.eval_crop, original.eval_crop) == ('resize', 'resize')
   x = ref.images(0, 3, 8)
   np.testing.assert_array_equal(
       folder.model.apply({'params': folder.params}, x),

@@ -329,3 +329,15 @@ def test_predict_command_with_hub_name(tmp_path, hub_cache):
   names = set((REPO / 'mixer_jax' / 'data' /
                'imagenet2012_classes.txt').read_text().splitlines())
   assert all(line.split(maxsplit=3)[3] in names for line in ranked), ranked
+
+
+@pytest.mark.parametrize('mode, pct, crop, resize', [
+    ('center', 0.875, 'resize_crop', 256),  # timm's ImageNet eval.
+    ('squash', 0.875, 'squash_crop', 256),  # Whole image to 256, crop 224.
+    ('squash', 1.0, 'resize', 224)])  # Whole image to 224: a plain resize.
+def test_timm_crop_mode_is_read_as_our_eval_crop(mode, pct, crop, resize):
+  info = hub.read_timm_config({'pretrained_cfg': {
+      'crop_mode': mode, 'crop_pct': pct, 'input_size': [3, 224, 224]}})
+  assert (info.eval_crop, info.eval_resize(224)) == (crop, resize)
+  with pytest.raises(official_format.PretrainedError, match='border'):
+    hub.read_timm_config({'pretrained_cfg': {'crop_mode': 'border'}})

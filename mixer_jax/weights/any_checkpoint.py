@@ -88,7 +88,7 @@ def load(spec, *, step: Optional[int] = None,
       names = None
     dataset = 'imagenet2012' if (model.num_classes == 1000) else None
     return Loaded(model=model, params=params, kind=kind, source=read.source,
-                  image_size=size, eval_crop='resize_crop',
+                  image_size=size, eval_crop=hub_info.eval_crop,
                   eval_resize=hub_info.eval_resize(size), class_names=names,
                   dataset=dataset)
   entry = read.entry

@@ -127,6 +127,8 @@ class TimmInfo:
     num_classes: head size stated in the file (None if absent).
     mean, std: per-channel input normalisation of x/255.
     crop_pct: eval crop fraction (central crop of input_size / crop_pct).
+    crop_mode: timm's 'center' (the short side resized) or 'squash' (the
+      whole image resized to a square) before that crop.
     input_size: side of the square model input (None if absent).
     interpolation: timm's resize method name (informational).
     label_names: class names, if the file lists them.
@@ -137,6 +139,7 @@ class TimmInfo:
   mean: Tuple[float, float, float] = NATIVE_MEAN
   std: Tuple[float, float, float] = NATIVE_STD
   crop_pct: float = 0.875
+  crop_mode: str = 'center'
   input_size: Optional[int] = None
   interpolation: Optional[str] = None
   label_names: Optional[List[str]] = None
@@ -162,6 +165,13 @@ class TimmInfo:
   def eval_resize(self, image_size: int) -> int:
     """Short side to resize to before the central `image_size` crop."""
     return int(round(image_size / self.crop_pct))
+
+  @property
+  def eval_crop(self) -> str:
+    """`preprocess.eval_image`'s crop for timm's crop_mode and crop_pct."""
+    if self.crop_mode == 'squash':
+      return 'resize' if self.crop_pct == 1 else 'squash_crop'
+    return 'resize_crop'
 
 
 def read_timm_config(data: Dict[str, Any]) -> TimmInfo:
@@ -195,6 +205,11 @@ def read_timm_config(data: Dict[str, Any]) -> TimmInfo:
   if not 0 < crop_pct <= 1:
     raise official_format.PretrainedError(
         f'{CONFIG_FILE}: crop_pct={crop_pct} must be in (0, 1].')
+  crop_mode = get('crop_mode', 'center')
+  if crop_mode not in ('center', 'squash'):
+    raise official_format.PretrainedError(
+        f"{CONFIG_FILE}: crop_mode={crop_mode!r} is not supported: use "
+        "'center' or 'squash'.")
   stated = (data.get('mixer_jax') or {}).get('gelu_approximate')
   if stated is not None and not isinstance(stated, bool):
     raise official_format.PretrainedError(
@@ -205,7 +220,7 @@ def read_timm_config(data: Dict[str, Any]) -> TimmInfo:
       architecture=data.get('architecture'), tag=cfg.get('tag'),
       num_classes=int(num_classes) if num_classes is not None else None,
       mean=triple('mean', NATIVE_MEAN), std=std, crop_pct=crop_pct,
-      input_size=side, interpolation=get('interpolation'),
+      crop_mode=crop_mode, input_size=side, interpolation=get('interpolation'),
       label_names=list(names) if names else None)
 
 

@@ -132,9 +132,13 @@ def timm_config(loaded, architecture: Optional[str], model_args,
           # Our eval resize is bilinear (tf.image); timm's default for the
           # Mixers is bicubic, so name what this model was evaluated with.
           'interpolation': 'bilinear',
-          'crop_pct': (size / loaded.eval_resize
-                       if loaded.eval_crop == 'resize_crop' else 1.0),
-          'crop_mode': 'center', 'mean': list(MEAN), 'std': list(STD),
+          # Our eval crops in timm's terms (hub.TimmInfo.eval_crop reads
+          # them back): 'resize' is a squash to the input size itself.
+          'crop_pct': (1.0 if loaded.eval_crop == 'resize' else
+                       size / loaded.eval_resize),
+          'crop_mode': ('center' if loaded.eval_crop == 'resize_crop' else
+                        'squash'),
+          'mean': list(MEAN), 'std': list(STD),
           'num_classes': loaded.num_classes, 'first_conv': 'stem.proj',
           'classifier': 'head'},
       OUR_FIELD: {
