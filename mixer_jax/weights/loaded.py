@@ -9,6 +9,7 @@ import os
 from typing import Any, List, Optional
 
 from mixer_jax import models
+from mixer_jax.weights import hub
 from mixer_jax.weights import official_format
 from mixer_jax.weights import registry
 
@@ -20,7 +21,7 @@ def portable_name(spec) -> str:
   tell where the exporter kept its files and mean nothing elsewhere.
   """
   spec = str(spec)
-  if spec.startswith('hf-hub:') or '://' in spec or not (
+  if hub.is_hub_name(spec) or '://' in spec or not (
       os.path.isabs(spec) or os.path.exists(spec)):
     return spec  # hf-hub:..., gs://..., a registry name.
   return os.path.basename(os.path.normpath(spec))
