@@ -39,83 +39,57 @@ from flax import traverse_util
 import numpy as np
 
 from mixer_jax import models
-from mixer_jax.weights import official_format
+from mixer_jax.weights import hub
 from mixer_jax.weights import registry
 from mixer_jax.weights.official_format import BLOCK_RE
 from mixer_jax.weights.official_format import CheckpointInfo
+from mixer_jax.weights.official_format import file_kind
 from mixer_jax.weights.official_format import infer_architecture
 from mixer_jax.weights.official_format import load_npz
 from mixer_jax.weights.official_format import mismatch_error
 from mixer_jax.weights.official_format import PretrainedError
 from mixer_jax.weights.official_format import unwrap
+from mixer_jax.weights.official_format import WeightFile
 
 _TOKEN_KEY = 'MixerBlock_0/token_mixing/Dense_0/kernel'
 
 
-@dataclasses.dataclass
-class SourceFile:
-  """One weight file read into the official flat tree.
-
-  Attributes:
-    flat: {'stem/kernel': array, ...}; always takes [-1, 1] inputs.
-    source: what to call it in messages (a path or a name).
-    entry: the registry entry, for registry names.
-    hub: the converted timm checkpoint (config.json facts), for Hub names
-      and `.safetensors` files.
-  """
-  flat: Dict[str, np.ndarray]
-  source: str
-  entry: Optional[registry.Checkpoint] = None
-  hub: Optional[Any] = None  # hub.HubCheckpoint
-  trained_gelu_approximate: Optional[bool] = None  # A workdir's model's.
-
-  @property
-  def gelu_approximate(self) -> bool:
-    """The GELU form the weights were trained with (see `mixer_jax.weights.hub`)."""
-    if self.trained_gelu_approximate is not None:
-      return self.trained_gelu_approximate
-    return True if self.hub is None else self.hub.gelu_approximate
-
-
-def read_weights(name_or_path) -> SourceFile:
+def read_weights(name_or_path) -> WeightFile:
   """Reads any weight file into the official flat tree.
 
   Args:
     name_or_path: a registry name ("imagenet1k/Mixer-B_16"), a Hub name
       ("hf-hub:timm/mixer_b16_224.goog_in21k_ft_in1k[@revision]", see
-      `mixer_jax.weights.hub`), a timm-format `.safetensors` file (e.g. from
-      `timm_format.export_timm`; a timm `config.json` beside it is read), or
-      an official-format `.npz` (local or `gs://`), or a mixer_jax training
+      `mixer_jax.weights.hub`), a timm-format `.safetensors` file (a timm
+      `config.json` beside it is read) or a folder holding one, an
+      official-format `.npz` (local or `gs://`), or a mixer_jax training
       workdir (its newest step; see `mixer_jax.weights.workdir_checkpoint`).
 
   Raises:
     registry.CheckpointNotFoundError: nothing readable under that name.
     PretrainedError: a file that is not a Mixer checkpoint.
   """
-  from mixer_jax.weights import hub  # pylint: disable=g-import-not-at-top
-  if isinstance(name_or_path, SourceFile):
-    return name_or_path
   from mixer_jax.weights import workdir_checkpoint  # pylint: disable=g-import-not-at-top
+  if isinstance(name_or_path, WeightFile):
+    return name_or_path
   if workdir_checkpoint.is_directory(name_or_path):
     loaded = workdir_checkpoint.load(os.fspath(name_or_path), None, None, {},
                                      'params')
-    flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(
-        unwrap(loaded.params), sep='/').items()}
-    return SourceFile(flat, loaded.source, trained_gelu_approximate=bool(
-        loaded.model.gelu_approximate))
+    flat = traverse_util.flatten_dict(loaded.params, sep='/')
+    return WeightFile({k: np.asarray(v) for k, v in flat.items()},
+                      loaded.source, 'workdir',
+                      gelu_approximate=loaded.model.gelu_approximate)
   if hub.is_hub_name(name_or_path):
-    converted = hub.load(name_or_path)
-    return SourceFile(converted.flat, converted.source, hub=converted)
+    return hub.load(name_or_path)
   if hub.is_folder(name_or_path):  # E.g. what `export --format=hub` writes.
     path, entry = os.path.join(os.fspath(name_or_path), hub.WEIGHTS_FILE), None
   else:
     path, entry = registry.resolve(name_or_path)
   # By content, not suffix: a safetensors file named .npz loads all the same.
-  if official_format.file_kind(path) == 'safetensors':
-    converted = hub.load_safetensors(path, config_path=hub.sidecar_config(
-        path))
-    return SourceFile(converted.flat, path, hub=converted)
-  return SourceFile(load_npz(path), path, entry=entry)
+  if file_kind(path) == 'safetensors':
+    return hub.load_safetensors(path, config=hub.sidecar_config(path))
+  return WeightFile(load_npz(path), path,
+                    'official' if entry is None else 'registry', entry=entry)
 
 
 def checkpoint_info(name_or_path: str) -> CheckpointInfo:
@@ -258,15 +232,6 @@ def _restore(flat, target, source, fresh_head):
   return traverse_util.unflatten_dict(out, sep='/')
 
 
-def _source_flat(source):
-  """(flat dict, description) of a registry name, path or parameter tree."""
-  if isinstance(source, Mapping):
-    flat = traverse_util.flatten_dict(unwrap(source), sep='/')
-    return {k: np.asarray(v) for k, v in flat.items()}, 'parameters'
-  read = read_weights(source)
-  return read.flat, read.source
-
-
 def init_from_checkpoint(name_or_path, params):
   """Returns `params` (freshly initialised) filled from a checkpoint.
 
@@ -286,7 +251,12 @@ def init_from_checkpoint(name_or_path, params):
   Raises:
     PretrainedError: listing every mismatched leaf.
   """
-  flat, source = _source_flat(name_or_path)
+  if isinstance(name_or_path, Mapping):
+    flat = traverse_util.flatten_dict(unwrap(name_or_path), sep='/')
+    flat, source = {k: np.asarray(v) for k, v in flat.items()}, 'parameters'
+  else:
+    read = read_weights(name_or_path)
+    flat, source = read.flat, read.source
   target = traverse_util.flatten_dict(unwrap(params), sep='/')
   fresh = {k: np.asarray(v) for k, v in target.items()
            if k.startswith('head/')}
