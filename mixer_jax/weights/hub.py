@@ -1,53 +1,29 @@
 """MLP-Mixer weights from the Hugging Face Hub (timm's repositories).
 
-timm hosts the official Mixer weights, converted to PyTorch's layout, as
-`timm/mixer_b16_224.goog_in21k`, `timm/mixer_b16_224.goog_in21k_ft_in1k`,
-`timm/mixer_l16_224.goog_in21k`, `timm/mixer_l16_224.goog_in21k_ft_in1k`, and
-MIIL's own PyTorch-trained `timm/mixer_b16_224.miil_in21k` and
-`timm/mixer_b16_224.miil_in21k_ft_in1k`. Each repository holds
-`model.safetensors` (timm's `MlpMixer` state dict) and `config.json`
-(`architecture`, `num_classes`, `pretrained_cfg` with `mean`, `std`,
-`crop_pct`, `input_size`, and sometimes `label_names`).
-
 Everywhere mixer_jax takes a checkpoint, a Hub name is accepted:
+`hf-hub:timm/mixer_b16_224.goog_in21k_ft_in1k[@REVISION]` (a branch, tag or
+commit; default `main`). timm's repositories (`TIMM_REPOSITORIES`) hold
+`model.safetensors` (timm's `MlpMixer` state dict) and `config.json`
+(`pretrained_cfg`: mean, std, crop_pct, crop_mode, input_size, sometimes
+`label_names`). Files come through `huggingface_hub.hf_hub_download`, so
+its cache (`HF_HUB_CACHE`), offline mode (`HF_HUB_OFFLINE=1`) and tokens
+(`HF_TOKEN`, `hf auth login`) apply as in every Hugging Face library.
 
-    hf-hub:timm/mixer_b16_224.goog_in21k_ft_in1k
-    hf-hub:timm/mixer_b16_224.goog_in21k_ft_in1k@<revision>
-
-The revision (branch, tag or commit hash) defaults to `main`. Files are
-fetched with `huggingface_hub.hf_hub_download`, so its cache
-(`HF_HUB_CACHE` / `HF_HOME`, default `~/.cache/huggingface/hub`), its
-offline mode (`HF_HUB_OFFLINE=1`: only the cache is read) and its tokens
-(`HF_TOKEN` or `hf auth login`, for private or gated repositories) apply as
-they do for every Hugging Face library.
-
-What is read from the files:
-- the architecture from the tensor shapes (as for official `.npz` files);
-- the class count from the head, and class names from `label_names` when
-  `config.json` has them;
-- the input normalisation from `mean`/`std`. mixer_jax always feeds the
-  model pixels scaled to [-1, 1] (the official preprocessing). The goog
-  weights expect exactly that (mean = std = 0.5); MIIL's expect x/255
-  (mean 0, std 1). Any other mean/std is folded into the stem, which is
-  exact because the stem is linear and its patches never overlap or pad:
-  kernel / (2 std) per input channel, and the constant
-  sum(kernel * (0.5 - mean) / std) added to the bias. The loaded parameters
-  then take [-1, 1] inputs, like every other checkpoint here, in predict,
-  evaluate, fine-tuning and the serving export;
-- the eval crop from `crop_pct` (resize the short side to
-  input_size / crop_pct, then take the central crop).
+The architecture is read from the tensor shapes, the eval crop from
+crop_mode/crop_pct, and mean/std are folded into the stem (exact: the stem
+is linear and its patches never overlap), so every loaded model takes
+pixels scaled to [-1, 1] like the official ones (the goog weights expect
+exactly that; MIIL's expect x/255).
 
 GELU: the goog weights were trained by Google in JAX with the tanh
-approximation (Flax's `nn.gelu` default), so they are run with
-`gelu_approximate=True`; MIIL's weights, and any other timm repository, were
-trained in PyTorch with the exact (erf) GELU of timm's MlpMixer and are run
-with `gelu_approximate=False`. A `gelu_approximate=` given to
-`load_pretrained` overrides this choice.
+approximation and are run so; MIIL's and other timm weights were trained in
+PyTorch with the exact (erf) GELU and are run so (`load_safetensors` decides;
+a `gelu_approximate=` given to `load_pretrained` overrides it).
 
 Names say what a repository claims, not what it scores: timm's published
-ImageNet top-1 for `mixer_b16_224.goog_in21k_ft_in1k` (76.6%) is the paper's
-number for B/16 trained on ImageNet-1k from scratch (76.44%), not its
-21k -> 1k number (80.64%).
+top-1 for `mixer_b16_224.goog_in21k_ft_in1k` (76.6%) is the paper's number
+for B/16 trained on ImageNet-1k from scratch (76.44%), not its 21k -> 1k
+number (80.64%).
 """
 
 import dataclasses
@@ -113,27 +89,16 @@ def parse(name: str) -> HubName:
 
 @dataclasses.dataclass(frozen=True)
 class TimmInfo:
-  """What a timm `config.json` says about its weights.
-
-  Attributes:
-    num_classes: head size stated in the file (None if absent).
-    mean, std: per-channel input normalisation of x/255.
-    crop_pct: eval crop fraction (central crop of input_size / crop_pct).
-    crop_mode: timm's 'center' (the short side resized) or 'squash' (the
-      whole image resized to a square) before that crop.
-    label_names: class names, if the file lists them.
-    tag: the pretrained tag, e.g. "goog_in21k_ft_in1k".
-    stated_gelu_approximate: `mixer_jax.gelu_approximate`, as our exports
-      state it.
-  """
+  """What a timm `config.json` says about its weights."""
   num_classes: Optional[int] = None
-  mean: Tuple[float, ...] = NATIVE_MEAN
+  mean: Tuple[float, ...] = NATIVE_MEAN  # Of x/255, per channel.
   std: Tuple[float, ...] = NATIVE_STD
-  crop_pct: float = 0.875
+  crop_pct: float = 0.875  # Central crop of input_size / crop_pct.
+  # 'center': the short side resized; 'squash': the whole image, to a square.
   crop_mode: str = 'center'
   label_names: Optional[List[str]] = None
-  tag: str = ''
-  stated_gelu_approximate: Optional[bool] = None
+  tag: str = ''  # E.g. 'goog_in21k_ft_in1k'.
+  stated_gelu_approximate: Optional[bool] = None  # As our exports state it.
 
   def eval_resize(self, image_size: int) -> int:
     """Short side to resize to before the central `image_size` crop."""

@@ -1,33 +1,17 @@
 """A Hugging Face Hub folder that timm and mixer_jax both load.
 
 `write_folder(loaded, out)` writes, for any checkpoint `any_checkpoint.load`
-accepts:
-
-  model.safetensors   timm's `MlpMixer` state dict (`timm_format`);
-  config.json         timm's schema: `architecture`, `num_classes`,
-                      `pretrained_cfg` (input size, interpolation, crop_pct,
-                      mean and std of this model's preprocessing) and
-                      `label_names` when known; plus a `mixer_jax` field
-                      that our loader reads back (the GELU form);
-  <variant>.npz       the official layout, for JAX users
-                      (`weights.pretrained.load_pretrained`);
-  README.md           a model card: variant, size, data, evaluations with
-                      their splits, how to load it in JAX and in timm, and
-                      an empty licence field for the author to fill in.
-
+accepts: `model.safetensors` (timm's state dict), `config.json` (timm's
+schema, plus a `mixer_jax` field our loader reads back: the GELU form),
+`<variant>.npz` (the official layout) and `README.md` (a model card with
+the evaluations and their splits, and an empty licence field).
 `push_folder(out, repo_id)` uploads it with `huggingface_hub` (its token
 from `HF_TOKEN` or `hf auth login`).
 
-Two limits of timm decide what the folder can say:
-- timm's Mixer is built by name (`mixer_b16_224`, ...) whose patch size,
-  depth and width are fixed by that name; `model_args` may only add what
-  the name leaves open (the image size, the MLP ratios). A model of another
-  size is still written (our loader reads any size from the tensors), and
-  its card says that timm must build it by hand.
-- timm's Mixer always uses the exact (erf) GELU and cannot be told the tanh
-  form through `config.json`. Weights trained here use the tanh form (the
-  official one); the card states the form and, measured at export, how far
-  timm's logits are from the model's own on random inputs.
+timm builds its Mixer by name (`mixer_b16_224`: patch, depth and width
+fixed), so a model of another size is written with a card that says how to
+build it by hand; and timm always runs the exact GELU, so for weights
+trained with the tanh form the card states how far timm's logits are.
 """
 
 import dataclasses
@@ -35,7 +19,6 @@ import json
 import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-from flax import traverse_util
 import jax
 import numpy as np
 
@@ -54,8 +37,6 @@ TIMM_ARCHITECTURES = {
 }
 _TIMM_DEFAULT_RATIOS = (0.5, 4.0)
 _TIMM_DEFAULT_IMAGE = 224
-# mixer_jax feeds every model pixels scaled to [-1, 1]: x/255 - 0.5, / 0.5.
-MEAN = STD = (0.5, 0.5, 0.5)
 OUR_FIELD = 'mixer_jax'  # Our part of config.json (timm ignores it).
 
 
@@ -65,21 +46,13 @@ class PublishError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class Evaluation:
-  """One measured result for the model card.
-
-  Attributes:
-    name: what was measured, e.g. 'eval' or a `config.evals` name.
-    dataset: TFDS name (or folder) it was measured on.
-    split: the split, e.g. 'test' or 'train[98%:]'.
-    metric: e.g. 'accuracy'.
-    value: the number (a fraction for accuracies).
-    step: training step of the measurement, when known.
-  """
+  """One measured result for the model card, e.g. ('eval', 'digits',
+  'test', 'top-1 accuracy', 0.98, step)."""
   name: str
   dataset: str
   split: str
   metric: str
-  value: float
+  value: float  # A fraction for accuracies.
   step: Optional[int] = None
 
 
@@ -138,7 +111,7 @@ def timm_config(loaded, architecture: Optional[str], model_args,
                        size / loaded.eval_resize),
           'crop_mode': ('center' if loaded.eval_crop == 'resize_crop' else
                         'squash'),
-          'mean': list(MEAN), 'std': list(STD),
+          'mean': list(hub.NATIVE_MEAN), 'std': list(hub.NATIVE_STD),
           'num_classes': loaded.num_classes, 'first_conv': 'stem.proj',
           'classifier': 'head'},
       OUR_FIELD: {
@@ -170,7 +143,7 @@ def variant_name(model: models.MlpMixer) -> str:
 def _results_table(evaluations: Sequence[Evaluation]) -> str:
   if not evaluations:
     return ('No evaluation was recorded with these weights; measure them '
-            'with `python -m mixer_jax.evaluate` before you cite a number.\n')
+            'with `python -m mixer_jax.evaluate` before you cite a number.')
   rows = ['| measured | dataset | split | metric | value | step |',
           '|---|---|---|---|---|---|']
   for e in evaluations:
@@ -178,94 +151,102 @@ def _results_table(evaluations: Sequence[Evaluation]) -> str:
              e.metric.startswith('top') else f'{e.value:.4g}')
     rows.append(f'| {e.name} | {e.dataset} | {e.split} | {e.metric} | '
                 f'{value} | {"" if e.step is None else e.step} |')
-  return '\n'.join(rows) + '\n'
+  return '\n'.join(rows)
 
 
 def model_card(loaded, config: Mapping[str, Any], *, repo_id: str,
                num_params: int, evaluations: Sequence[Evaluation],
                training: Optional[str], npz_name: str) -> str:
   """The README.md of the folder (YAML header as the Hub reads it)."""
-  ours = config[OUR_FIELD]
-  architecture = config.get('architecture')
+  ours, m, size = config[OUR_FIELD], loaded.model, loaded.image_size
   gelu = 'tanh approximation' if ours['gelu_approximate'] else 'exact (erf)'
-  size = loaded.image_size
-  lines = [
-      '---',
-      'license:  # Fill in: the licence you publish these weights under.',
-      'library_name: timm',
-      'tags:', '- image-classification', '- mlp-mixer', '- mixer_jax',
-      '---', '',
-      f'# MLP-Mixer {ours["variant"]} ({size}x{size}, '
-      f'{loaded.num_classes} classes)', '',
-      'An MLP-Mixer (Tolstikhin et al., 2021, arXiv 2105.01601), written by '
-      'mixer_jax from `' + loaded.portable_source + '`.',
-      '',
-      '## Model', '',
-      f'- Variant: {ours["variant"]}: patch {loaded.model.patch_size}, '
-      f'{loaded.model.num_blocks} blocks, width {loaded.model.hidden_dim}, '
-      f'token MLP {loaded.model.tokens_mlp_dim}, channel MLP '
-      f'{loaded.model.channels_mlp_dim}.',
-      f'- Parameters: {num_params:,}.',
-      f'- Input: {size}x{size} RGB, pixels scaled to [-1, 1] '
-      '(mean = std = 0.5 of x/255); evaluation preprocessing: '
-      + ('resize the short side to '
-         f'{loaded.eval_resize}, central {size} crop'
-         if loaded.eval_crop == 'resize_crop' else f'resize to {size}')
-      + ' (bilinear).',
-      f'- GELU: trained with the {gelu}.',
-  ]
-  if loaded.class_names:
-    lines.append(f'- Classes: {len(loaded.class_names)} names in '
-                 '`config.json` (`label_names`).')
-  lines += ['', '## Training', '',
-            training or 'Not recorded (these weights were not trained in a '
-            'mixer_jax workdir).', '',
-            '## Evaluation', '', _results_table(evaluations).rstrip(), '',
-            '## Use it in JAX (mixer_jax)', '', '```python',
-            'from mixer_jax.weights import any_checkpoint',
-            f"loaded = any_checkpoint.load('hf-hub:{repo_id}')",
-            "logits = loaded.model.apply({'params': loaded.params}, images)"
-            '  # (N, H, W, 3) in [-1, 1]',
-            '```', '',
-            f'or from the official-layout file `{npz_name}` with '
-            '`mixer_jax.weights.pretrained.load_pretrained(path)` (also '
-            'what the official vision_transformer code reads). mixer_jax '
-            'reads the GELU form from `config.json`.', '',
-            '## Use it in PyTorch (timm)', '']
-  if architecture:
-    lines += ['```python', 'import timm',
-              f"model = timm.create_model('hf-hub:{repo_id}', "
-              'pretrained=True).eval()', '```', '']
+  crop = (f'resize the short side to {loaded.eval_resize}, central {size} '
+          'crop' if loaded.eval_crop == 'resize_crop' else
+          f'resize to {size}')
+  names = (f'\n- Classes: {len(loaded.class_names)} names in `config.json` '
+           '(`label_names`).' if loaded.class_names else '')
+  if config.get('architecture'):
+    timm_use = ('```python\nimport timm\nmodel = timm.create_model('
+                f"'hf-hub:{repo_id}', pretrained=True).eval()\n```")
   else:
-    lines += ['timm builds Mixers by name, and no timm name has this '
-              "model's size, so build it by hand and load the weights:", '',
-              '```python', 'import safetensors.torch',
-              'from timm.models.mlp_mixer import MlpMixer',
-              f'model = MlpMixer(num_classes={loaded.num_classes}, '
-              f'img_size={size}, patch_size={loaded.model.patch_size}, '
-              f'num_blocks={loaded.model.num_blocks}, '
-              f'embed_dim={loaded.model.hidden_dim}, mlp_ratio=('
-              f'{loaded.model.tokens_mlp_dim / loaded.model.hidden_dim}, '
-              f'{loaded.model.channels_mlp_dim / loaded.model.hidden_dim}))',
-              "model.load_state_dict(safetensors.torch.load_file("
-              "'model.safetensors'))", '```', '']
+    timm_use = (
+        "timm builds Mixers by name, and no timm name has this model's "
+        'size, so build it by hand and load the weights:\n\n```python\n'
+        'import safetensors.torch\n'
+        'from timm.models.mlp_mixer import MlpMixer\n'
+        f'model = MlpMixer(num_classes={loaded.num_classes}, img_size={size}, '
+        f'patch_size={m.patch_size}, num_blocks={m.num_blocks}, '
+        f'embed_dim={m.hidden_dim}, mlp_ratio=('
+        f'{m.tokens_mlp_dim / m.hidden_dim}, '
+        f'{m.channels_mlp_dim / m.hidden_dim}))\n'
+        "model.load_state_dict(safetensors.torch.load_file("
+        "'model.safetensors'))\n```")
   if ours['gelu_approximate']:
-    gap = ours.get('exact_gelu_difference') or {}
+    gap = ours.get('exact_gelu_difference')
     measured = (f' Measured at export on {gap["images"]} random inputs: '
                 f'logits differ by up to {gap["max_abs_logit_difference"]:.3g}'
                 f' and the top-1 class agrees on '
-                f'{100 * gap["top1_agreement"]:.0f}% of them.'
-                if gap else '')
-    lines += ['timm always builds its Mixer with the exact GELU; these '
-              'weights were trained with the tanh form, so timm computes a '
-              'slightly different function.' + measured + ' For the '
-              'trained function in timm, pass `act_layer=functools.partial('
-              "torch.nn.GELU, approximate='tanh')` to `timm.create_model` "
-              '(or to `MlpMixer`).',
-              '']
-  lines += ['Preprocess as timm\'s `resolve_data_config` reads it from '
-            '`config.json` (mean = std = 0.5).', '']
-  return '\n'.join(lines)
+                f'{100 * gap["top1_agreement"]:.0f}% of them.' if gap else '')
+    timm_use += (
+        '\n\ntimm always builds its Mixer with the exact GELU; these weights '
+        'were trained with the tanh form, so timm computes a slightly '
+        f'different function.{measured} For the trained function in timm, '
+        'pass `act_layer=functools.partial(torch.nn.GELU, '
+        "approximate='tanh')` to `timm.create_model` (or to `MlpMixer`).")
+  return f"""---
+license:  # Fill in: the licence you publish these weights under.
+library_name: timm
+tags:
+- image-classification
+- mlp-mixer
+- mixer_jax
+---
+
+# MLP-Mixer {ours["variant"]} ({size}x{size}, {loaded.num_classes} classes)
+
+An MLP-Mixer (Tolstikhin et al., 2021, arXiv 2105.01601), written by \
+mixer_jax from `{loaded.portable_source}`.
+
+## Model
+
+- Variant: {ours["variant"]}: patch {m.patch_size}, {m.num_blocks} blocks, \
+width {m.hidden_dim}, token MLP {m.tokens_mlp_dim}, channel MLP \
+{m.channels_mlp_dim}.
+- Parameters: {num_params:,}.
+- Input: {size}x{size} RGB, pixels scaled to [-1, 1] (mean = std = 0.5 of \
+x/255); evaluation preprocessing: {crop} (bilinear).
+- GELU: trained with the {gelu}.{names}
+
+## Training
+
+{training or 'Not recorded (these weights were not trained in a mixer_jax '
+           'workdir).'}
+
+## Evaluation
+
+{_results_table(evaluations)}
+
+## Use it in JAX (mixer_jax)
+
+```python
+from mixer_jax.weights import any_checkpoint
+loaded = any_checkpoint.load('hf-hub:{repo_id}')
+# images: (N, H, W, 3) in [-1, 1].
+logits = loaded.model.apply({{'params': loaded.params}}, images)
+```
+
+or from the official-layout file `{npz_name}` with \
+`mixer_jax.weights.pretrained.load_pretrained(path)` (also what the official \
+vision_transformer code reads). mixer_jax reads the GELU form from \
+`config.json`.
+
+## Use it in PyTorch (timm)
+
+{timm_use}
+
+Preprocess as timm's `resolve_data_config` reads it from `config.json` \
+(mean = std = 0.5).
+"""
 
 
 def write_folder(loaded, out: str, *, repo_id: str = 'OWNER/NAME',

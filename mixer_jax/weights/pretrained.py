@@ -1,31 +1,24 @@
-"""Official MLP-Mixer checkpoints: read, check, adapt and write `.npz` files.
+"""Weight files to models and back: read, check, adapt, write.
 
-The official format (google-research/vision_transformer, `gs://mixer_models`)
-is a NumPy `.npz` archive of float32 arrays whose keys are the Flax parameter
-paths joined with "/" (`stem/kernel`, `MixerBlock_0/token_mixing/Dense_0/
-kernel`, ..., `head/bias`); `mixer_jax.models` uses the same tree. Reading
-and inspecting files is in `mixer_jax.weights.official_format`; this module adapts
-them to models and writes them.
-
-* `load_pretrained` reads a file or registry name and returns a ready model
-  and its parameters; the architecture is read from the file itself.
-* `init_from_checkpoint` fills freshly initialised parameters (e.g. a
-  fine-tuning model) from a checkpoint: used by `mixer_jax.train` for
-  `config.init_from`.
-* `export_official` writes parameters back in the official format.
+* `read_weights` reads any weight file or name into the official flat tree
+  (`official_format.WeightFile`).
+* `load_pretrained` returns a ready model and its parameters; the
+  architecture is read from the file itself.
+* `init_from_checkpoint` fills freshly initialised parameters (a fine-tuning
+  model, `config.init_from`) from a checkpoint.
+* `export_official` writes parameters in the official `.npz` format.
 
 Every leaf is checked; a file that does not fit raises `PretrainedError`
 listing each missing, extra and wrong-shaped leaf and naming the variant the
 file most likely holds. When the class count differs, the head is replaced by
 a fresh zero head (as the official fine-tuning code does).
 
-Higher resolution (paper, Appendix C): with a fixed patch size, an image side
-K times larger gives K^2 times the tokens. Each token-mixing MLP then becomes
-block-diagonal, one copy of the pretrained weights per K x K tile of the image
-(hidden width K^2 * D_S, biases tiled), so at the start every tile is mixed
-exactly as the pretrained model mixed a whole image. Our model flattens the
-patch grid row-major, not tile by tile, so the expanded matrices are permuted
-to the row-major token order. Only integer K is defined; any other ratio
+Higher resolution (paper, Appendix C): an image side K times larger gives
+K^2 times the tokens. Each token-mixing MLP then becomes block-diagonal, one
+copy of the pretrained weights per K x K tile of the image (hidden width
+K^2 * D_S, biases tiled), so at the start every tile is mixed exactly as the
+pretrained model mixed a whole image; the expanded matrices are permuted to
+our row-major token order. Only integer K is defined; any other ratio
 (224 -> 384) or a smaller image raises an error that explains this.
 """
 
@@ -238,18 +231,14 @@ def init_from_checkpoint(name_or_path, params):
   The head is kept from `params` (the target's fresh zero head) when the
   class counts differ; the token-mixing weights are expanded (Appendix C)
   when the target has K^2 times the checkpoint's tokens; every other leaf
-  must match in name and shape.
+  must match in name and shape, else `PretrainedError` lists them all.
 
   Args:
-    name_or_path: registry name, `.npz` path (local or `gs://`), or a
-      parameter tree (e.g. of a model trained here).
+    name_or_path: anything `read_weights` reads, or a parameter tree.
     params: the target's initialised parameter tree (concrete arrays).
 
   Returns:
     A nested dict of NumPy arrays with the structure and dtypes of `params`.
-
-  Raises:
-    PretrainedError: listing every mismatched leaf.
   """
   if isinstance(name_or_path, Mapping):
     flat = traverse_util.flatten_dict(unwrap(name_or_path), sep='/')
@@ -264,16 +253,31 @@ def init_from_checkpoint(name_or_path, params):
                   fresh)
 
 
+def _architecture(flat, source) -> CheckpointInfo:
+  """What a flat tree's shapes describe, or the error listing its leaves."""
+  info = infer_architecture(flat)
+  if info.image_size is None or None in dataclasses.astuple(info)[:5]:
+    raise mismatch_error(source, flat, [], [], [],
+                         'Its architecture cannot be read from its shapes.')
+  return info
+
+
+def _model_of(info: CheckpointInfo, num_classes, tokens_factor=1, **options):
+  """The model of `info`'s sizes, its token mixing `tokens_factor`**2 wider."""
+  sizes = dict(num_blocks=info.num_blocks, hidden_dim=info.hidden_dim,
+               tokens_mlp_dim=info.tokens_mlp_dim * tokens_factor**2,
+               channels_mlp_dim=info.channels_mlp_dim)
+  sizes.update({k: options.pop(k) for k in list(options) if k in sizes})
+  variant = f'{(info.variant or "S")[0]}_{info.patch_size}'
+  return models.create_model(variant, num_classes or None, **sizes, **options)
+
+
 def load_pretrained(name_or_path, *, num_classes: Optional[int] = None,
                     image_size: Optional[int] = None, **model_options):
   """Loads a published or exported checkpoint as a ready model.
 
   Args:
-    name_or_path: registry name ("imagenet1k/Mixer-B_16", see
-      `registry.list_checkpoints()`), Hub name
-      ("hf-hub:timm/mixer_b16_224.goog_in21k_ft_in1k[@revision]"), path to
-      an official-format `.npz` or to a timm-format `.safetensors` (see
-      `read_weights`).
+    name_or_path: anything `read_weights` reads.
     num_classes: head size. None keeps the checkpoint's head; another count
       gives a fresh zero head (for fine-tuning); 0 drops the head so the
       model returns pooled features.
@@ -281,87 +285,54 @@ def load_pretrained(name_or_path, *, num_classes: Optional[int] = None,
       checkpoint's; an integer multiple K of it expands the token mixing
       (Appendix C); anything else raises `PretrainedError`.
     **model_options: passed to `models.create_model` (e.g. dtype,
-      gelu_approximate, stochastic_depth). gelu_approximate defaults to the
-      form the weights were trained with: tanh for official and goog files,
-      exact for MIIL's and other timm weights (see `mixer_jax.weights.hub`).
+      stochastic_depth, gelu_approximate: by default the form the weights
+      were trained with).
 
   Returns:
-    (model, params) for `model.apply({'params': params}, images)`; images
-    are scaled to [-1, 1] whatever the file (timm normalisations are folded
-    into the stem, see `mixer_jax.weights.hub`).
+    (model, params) for `model.apply({'params': params}, images)`, images
+    scaled to [-1, 1] whatever the file.
   """
   read = read_weights(name_or_path)
   flat, path, entry = read.flat, read.source, read.entry
   model_options.setdefault('gelu_approximate', read.gelu_approximate)
-  info = infer_architecture(flat)
+  info = _architecture(flat, path)
   if entry is not None and (info.variant != entry.variant
                             or info.num_classes != entry.num_classes):
     raise PretrainedError(
         f'{path} should hold {entry.name} (Mixer-{entry.variant}, '
         f'{entry.num_classes} classes) but looks like {info.describe()}. '
         f'Delete the file and download it again.')
-  if info.image_size is None or None in dataclasses.astuple(info)[:5]:
-    raise mismatch_error(path, flat, [], [], [],
-                         'Its architecture cannot be read from the file.')
   size = image_size or info.image_size
   if size % info.patch_size:
     raise PretrainedError(f'image_size={size} is not a multiple of the '
                           f'patch size {info.patch_size}.')
   factor = resolution_factor(info.num_tokens, (size // info.patch_size)**2,
                              info.patch_size)
-  sizes = dict(num_blocks=info.num_blocks, hidden_dim=info.hidden_dim,
-               tokens_mlp_dim=info.tokens_mlp_dim * factor**2,
-               channels_mlp_dim=info.channels_mlp_dim)
-  sizes.update({k: model_options.pop(k) for k in list(model_options)
-                if k in sizes})
-  classes = (info.num_classes or None) if num_classes is None else num_classes
-  family = info.variant[0] if info.variant else 'S'
-  model = models.create_model(f'{family}_{info.patch_size}', classes or None,
-                              **sizes, **model_options)
-  target = models.param_shapes(model, size)
+  classes = info.num_classes if num_classes is None else num_classes
+  model = _model_of(info, classes, factor, **model_options)
   fresh = {}
   if classes:
     fresh = {'head/kernel': np.zeros((model.hidden_dim, classes), np.float32),
              'head/bias': np.full((classes,), model.head_bias_init,
                                   np.float32)}
-  return model, _restore(flat, target, path, fresh)
-
-
-# ------------------------------------------------------------------ Writing.
+  return model, _restore(flat, models.param_shapes(model, size), path, fresh)
 
 
 def export_official(params, path: Union[str, os.PathLike]) -> None:
-  """Writes parameters in the official `.npz` format (local or `gs://`).
-
-  Leaves are stored as float32 (bfloat16 training parameters are widened).
-  The tree is checked first, so only complete Mixer trees are written.
-
-  Args:
-    params: a Mixer parameter tree (or `{'params': tree}`), e.g. from
-      `load_pretrained`, `init_params` or a training state's `params`.
-    path: destination file; missing parent directories are created.
-  """
+  """Writes a complete Mixer parameter tree as an official `.npz` (local or
+  `gs://`; parent directories are created), every leaf as float32."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
   flat = {k: np.asarray(v, dtype=np.float32)
           for k, v in traverse_util.flatten_dict(unwrap(params),
                                                  sep='/').items()}
-  info = infer_architecture(flat)
-  if info.image_size is None or None in dataclasses.astuple(info)[:5]:
-    raise mismatch_error('the tree being exported', flat, [], [], [],
-                         'Its architecture cannot be read from the tree.')
-  model = models.create_model(
-      f'S_{info.patch_size}', info.num_classes or None,
-      num_blocks=info.num_blocks, hidden_dim=info.hidden_dim,
-      tokens_mlp_dim=info.tokens_mlp_dim,
-      channels_mlp_dim=info.channels_mlp_dim)
-  _restore(flat, models.param_shapes(model, info.image_size),
-           'the tree being exported', {})
+  source = 'the tree being exported'
+  info = _architecture(flat, source)
+  _restore(flat, models.param_shapes(_model_of(info, info.num_classes),
+                                     info.image_size), source, {})
   buffer = io.BytesIO()
   np.savez(buffer, **flat)
   path = os.fspath(path)
-  parent = os.path.dirname(path)
-  if parent:
-    tf.io.gfile.makedirs(parent)
+  if os.path.dirname(path):
+    tf.io.gfile.makedirs(os.path.dirname(path))
   with tf.io.gfile.GFile(path, 'wb') as f:
     f.write(buffer.getvalue())
