@@ -19,6 +19,7 @@ import json
 import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
+from flax import traverse_util
 import jax
 import numpy as np
 
@@ -89,55 +90,6 @@ def gelu_gap(model: models.MlpMixer, params, image_size: int, *,
   return {'max_abs_logit_difference': float(np.abs(ours - exact).max()),
           'top1_agreement': float(np.mean(
               ours.argmax(-1) == exact.argmax(-1))), 'images': batch}
-
-
-def timm_config(loaded, architecture: Optional[str], model_args,
-                gelu: Mapping[str, Any]) -> Dict[str, Any]:
-  """config.json in timm's schema, plus our `mixer_jax` field."""
-  size = loaded.image_size
-  config = {
-      'architecture': architecture,
-      'num_classes': loaded.num_classes,
-      'num_features': loaded.model.hidden_dim,
-      'global_pool': 'avg',
-      'pretrained_cfg': {
-          'input_size': [3, size, size], 'fixed_input_size': True,
-          # Our eval resize is bilinear (tf.image); timm's default for the
-          # Mixers is bicubic, so name what this model was evaluated with.
-          'interpolation': 'bilinear',
-          # Our eval crops in timm's terms (hub.TimmInfo.eval_crop reads
-          # them back): 'resize' is a squash to the input size itself.
-          'crop_pct': (1.0 if loaded.eval_crop == 'resize' else
-                       size / loaded.eval_resize),
-          'crop_mode': ('center' if loaded.eval_crop == 'resize_crop' else
-                        'squash'),
-          'mean': list(hub.NATIVE_MEAN), 'std': list(hub.NATIVE_STD),
-          'num_classes': loaded.num_classes, 'first_conv': 'stem.proj',
-          'classifier': 'head'},
-      OUR_FIELD: {
-          'gelu_approximate': bool(loaded.model.gelu_approximate),
-          'variant': variant_name(loaded.model),
-          'source': loaded.portable_source},
-  }
-  if architecture is None:
-    del config['architecture']
-  if model_args:
-    config['model_args'] = dict(model_args)
-  if loaded.class_names:
-    config['label_names'] = list(loaded.class_names)
-  if gelu:
-    config[OUR_FIELD]['exact_gelu_difference'] = dict(gelu)
-  return config
-
-
-def variant_name(model: models.MlpMixer) -> str:
-  """'B_16' for a paper size, else 'custom_P<patch>' with the sizes."""
-  for family, sizes in models.FAMILIES.items():
-    if all(getattr(model, k) == v for k, v in sizes.items()):
-      return f'{family}_{model.patch_size}'
-  return (f'custom_P{model.patch_size}_N{model.num_blocks}_'
-          f'C{model.hidden_dim}_DS{model.tokens_mlp_dim}_'
-          f'DC{model.channels_mlp_dim}')
 
 
 def _results_table(evaluations: Sequence[Evaluation]) -> str:
@@ -252,43 +204,64 @@ Preprocess as timm's `resolve_data_config` reads it from `config.json` \
 def write_folder(loaded, out: str, *, repo_id: str = 'OWNER/NAME',
                  evaluations: Sequence[Evaluation] = (),
                  training: Optional[str] = None) -> Dict[str, str]:
-  """Writes the Hub folder for `loaded` (an `any_checkpoint.Loaded`).
+  """Writes the Hub folder of `loaded` (an `any_checkpoint.Loaded` with a
+  head) into `out`; returns {role: path} of the files written.
 
-  Args:
-    loaded: the checkpoint (with its head: a Hub model classifies).
-    out: the folder (created; files of the same names are replaced).
-    repo_id: the Hub name the card's examples use.
-    evaluations: results to list in the card, each with its split.
-    training: a paragraph on the training data and config, if known.
-
-  Returns:
-    {role: path} of the files written.
+  `repo_id` is the name the card's examples use, `evaluations` the results
+  it lists, `training` a paragraph on the training data and config.
   """
   if not loaded.num_classes:
     raise PublishError(f'{loaded.source} has no classification head; a Hub '
                        'model for timm needs one.')
   params = jax.device_get(official_format.unwrap(loaded.params))
   params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
-  architecture, model_args = timm_architecture(loaded.model,
-                                               loaded.image_size)
-  gap = (gelu_gap(loaded.model, params, loaded.image_size)
-         if loaded.model.gelu_approximate else {})
-  config = timm_config(loaded, architecture, model_args, gap)
+  m, size = loaded.model, loaded.image_size
+  architecture, model_args = timm_architecture(m, size)
+  variant = official_format.infer_architecture(traverse_util.flatten_dict(
+      params, sep='/')).variant or (
+          f'custom_P{m.patch_size}_N{m.num_blocks}_C{m.hidden_dim}_'
+          f'DS{m.tokens_mlp_dim}_DC{m.channels_mlp_dim}')
+  ours = {'gelu_approximate': bool(m.gelu_approximate), 'variant': variant,
+          'source': loaded.portable_source}
+  if m.gelu_approximate:
+    ours['exact_gelu_difference'] = gelu_gap(m, params, size)
+  config = {
+      'architecture': architecture,
+      'num_classes': loaded.num_classes,
+      'num_features': m.hidden_dim,
+      'global_pool': 'avg',
+      'pretrained_cfg': {
+          'input_size': [3, size, size], 'fixed_input_size': True,
+          # Our eval resize is bilinear (tf.image); timm's default for the
+          # Mixers is bicubic, so name what this model was evaluated with.
+          'interpolation': 'bilinear',
+          # Our eval crops in timm's terms (hub.TimmInfo.eval_crop reads
+          # them back): 'resize' is a squash to the input size itself.
+          'crop_pct': (1.0 if loaded.eval_crop == 'resize' else
+                       size / loaded.eval_resize),
+          'crop_mode': ('center' if loaded.eval_crop == 'resize_crop' else
+                        'squash'),
+          'mean': list(hub.NATIVE_MEAN), 'std': list(hub.NATIVE_STD),
+          'num_classes': loaded.num_classes, 'first_conv': 'stem.proj',
+          'classifier': 'head'},
+      'model_args': model_args,
+      'label_names': loaded.class_names,
+      OUR_FIELD: ours,
+  }
+  config = {k: v for k, v in config.items() if v}  # No null fields for timm.
   os.makedirs(out, exist_ok=True)
   paths = {'weights': os.path.join(out, hub.WEIGHTS_FILE),
            'config': os.path.join(out, hub.CONFIG_FILE),
-           'npz': os.path.join(out, f'Mixer-{config[OUR_FIELD]["variant"]}'
-                               '.npz'),
+           'npz': os.path.join(out, f'Mixer-{variant}.npz'),
            'card': os.path.join(out, 'README.md')}
   timm_format.export_timm(params, paths['weights'])
   pretrained.export_official(params, paths['npz'])
   with open(paths['config'], 'w', encoding='utf-8') as f:
     json.dump(config, f, indent=2)
-  num_params = sum(int(np.size(x)) for x in jax.tree.leaves(params))
   with open(paths['card'], 'w', encoding='utf-8') as f:
     f.write(model_card(loaded, config, repo_id=repo_id,
-                       num_params=num_params, evaluations=evaluations,
-                       training=training,
+                       num_params=models.count_params(params),
+                       evaluations=evaluations, training=training,
                        npz_name=os.path.basename(paths['npz'])))
   return paths
 

@@ -1,15 +1,11 @@
-"""The official MLP-Mixer checkpoint format: reading, flattening, inspecting.
+"""The official MLP-Mixer checkpoint format: reading and inspecting it.
 
 An official checkpoint (google-research/vision_transformer, gs://mixer_models)
-is a NumPy `.npz` archive of float32 arrays whose keys are the Flax parameter
-paths joined with "/": `stem/kernel`, `MixerBlock_0/LayerNorm_0/scale`,
-`MixerBlock_0/token_mixing/Dense_0/kernel`, ..., `pre_head_layer_norm/bias`,
-`head/kernel`, `head/bias`. `mixer_jax.models` uses the same tree.
-
-This module reads such files safely (`allow_pickle=False`, through
-`tf.io.gfile` so `gs://` paths work), converts between flat and nested trees,
-reads the architecture back from the shapes, and formats the per-leaf
-mismatch errors. `mixer_jax.weights.pretrained` builds on it.
+is a NumPy `.npz` of float32 arrays keyed by the Flax parameter paths joined
+with "/" (`stem/kernel`, `MixerBlock_0/token_mixing/Dense_0/kernel`, ...,
+`head/bias`), the tree of `mixer_jax.models`. This module reads such files
+safely (no pickles; `tf.io.gfile`, so `gs://` works), reads the
+architecture back from the shapes, and words the per-leaf mismatch errors.
 """
 
 import collections
@@ -35,22 +31,13 @@ class PretrainedError(ValueError):
 
 @dataclasses.dataclass
 class WeightFile:
-  """A weight file read into the official flat tree, taking [-1, 1] inputs.
-
-  Attributes:
-    flat: {'stem/kernel': array, ...}.
-    source: what to call it in messages (a path or a name).
-    kind: 'official', 'registry', 'hub', 'timm' or 'workdir'.
-    gelu_approximate: the GELU form the weights were trained with.
-    entry: the registry entry, for registry names.
-    timm: the `hub.TimmInfo` of a timm-format file (its config.json).
-  """
-  flat: Dict[str, np.ndarray]
-  source: str
-  kind: str
-  gelu_approximate: bool = True
-  entry: Optional[registry.Checkpoint] = None
-  timm: Any = None
+  """A weight file read into the official flat tree, taking [-1, 1] inputs."""
+  flat: Dict[str, np.ndarray]  # {'stem/kernel': array, ...}
+  source: str  # What messages call it: a path or a name.
+  kind: str  # 'official', 'registry', 'hub', 'timm' or 'workdir'.
+  gelu_approximate: bool = True  # The form the weights were trained with.
+  entry: Optional[registry.Checkpoint] = None  # Of a registry name.
+  timm: Any = None  # A timm-format file's `hub.TimmInfo` (its config.json).
 
 
 def unwrap(params):
@@ -61,8 +48,6 @@ def unwrap(params):
     raise TypeError(f'Expected a parameter dict, got {type(params).__name__}.')
   return params
 
-
-# ------------------------------------------------------------------ Reading.
 
 _IMAGE_ADVICE = ('images are classified with `python -m mixer_jax.predict '
                  '--checkpoint=WEIGHTS IMAGE`')
@@ -176,11 +161,8 @@ def load_npz(path: Union[str, os.PathLike]) -> Dict[str, np.ndarray]:
 
 
 def check_finite(flat: Mapping[str, Any], source) -> None:
-  """Refuses NaN or infinite weights, naming the leaves that hold them.
-
-  Raises:
-    PretrainedError: listing the leaves (and how many bad values each has).
-  """
+  """Refuses NaN or infinite weights: PretrainedError naming the leaves
+  that hold them and how many bad values each has."""
   bad = []
   for key, value in flat.items():
     value = np.asarray(value)
@@ -194,9 +176,6 @@ def check_finite(flat: Mapping[str, Any], source) -> None:
         f'{source} holds NaN or infinite weights in {", ".join(bad[:8])}'
         f'{more}; the file is damaged or came from a diverged run, and is '
         'refused.')
-
-
-# ------------------------------------------------------------- Architecture.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,7 +250,6 @@ def infer_architecture(flat: Mapping[str, Any]) -> CheckpointInfo:
       num_tokens=common(r'MixerBlock_\d+/token_mixing/Dense_0/kernel', 0),
       num_classes=(int(head.shape[-1]) if head is not None
                    and len(head.shape) == 2 else 0))
-
 
 
 def mismatch_error(source, flat, missing, extra, wrong, hint=''):
