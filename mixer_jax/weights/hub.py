@@ -180,19 +180,14 @@ def _first_line(error) -> str:
 def load_safetensors(path: str, *, config: Optional[Dict[str, Any]] = None,
                      source: Optional[str] = None,
                      repo_id: str = '') -> official_format.WeightFile:
-  """Reads a timm-format `.safetensors` file with its parsed `config.json`.
-
-  The result takes [-1, 1] inputs (the config's mean/std folded into the
-  stem). Without a config the file is taken to follow our own export
-  (`timm_format.export_timm`): [-1, 1] inputs.
-  """
-  from safetensors import numpy as st_numpy  # pylint: disable=g-import-not-at-top
+  """Reads a timm-format `.safetensors` file with its parsed `config.json`
+  (without one: our own export's conventions) into a tree taking [-1, 1]."""
   from safetensors import safe_open  # pylint: disable=g-import-not-at-top
   source = source or path
   try:
     with safe_open(path, framework='numpy') as f:
       metadata = f.metadata() or {}
-    state = st_numpy.load_file(path)
+      state = {key: f.get_tensor(key) for key in f.keys()}
   except FileNotFoundError as e:
     raise registry.CheckpointNotFoundError(f'No file at {path}.') from e
   except Exception as e:  # pylint: disable=broad-except
@@ -266,12 +261,7 @@ def _read_json(path: str, advice: str) -> Any:
 
 
 def load(name: str) -> official_format.WeightFile:
-  """Downloads (or reads from the cache) and converts a Hub checkpoint.
-
-  Raises:
-    registry.CheckpointNotFoundError: not downloadable and not cached.
-    PretrainedError: files that are not a timm MlpMixer.
-  """
+  """Downloads (or reads from the cache) and reads a Hub checkpoint."""
   hub_name = parse(name)
   weights = _download(hub_name, WEIGHTS_FILE)
   config = _read_json(_download(hub_name, CONFIG_FILE), '.')

@@ -90,9 +90,6 @@ def checkpoint_info(name_or_path: str) -> CheckpointInfo:
   return infer_architecture(read_weights(name_or_path).flat)
 
 
-# ---------------------------------------------------------- Resolution change.
-
-
 def resolution_factor(checkpoint_tokens: int, target_tokens: int,
                       patch_size: Optional[int] = None) -> int:
   """The integer growth factor K of the image side, or an explaining error."""
@@ -118,12 +115,9 @@ def resolution_factor(checkpoint_tokens: int, target_tokens: int,
 
 
 def _tile_major_positions(grid: int, factor: int) -> np.ndarray:
-  """For each row-major token of the big grid, its index in tile-major order.
-
-  Tile-major order lists the K x K tiles row by row, each tile's `grid` x
-  `grid` tokens row-major inside it: the order in which the block-diagonal
-  matrices are laid out.
-  """
+  """For each row-major token of the big grid, its index in tile-major order
+  (the K x K tiles row by row, each row-major inside: the order in which
+  the block-diagonal matrices are laid out)."""
   side = grid * factor
   row, col = np.divmod(np.arange(side * side), side)
   tile = (row // grid) * factor + col // grid
@@ -158,20 +152,10 @@ def _expand_flat(flat: Mapping[str, Any], factor: int) -> Dict[str, Any]:
 
 
 def expand_token_mixing(params: Mapping[str, Any], factor: int):
-  """Appendix C: adapts any Mixer parameters to images `factor` times larger.
-
-  Works on official checkpoints and on models trained here alike. The result
-  fits `create_model(..., tokens_mlp_dim=factor**2 * D_S)` on images of
-  `factor` times the side; right after the change it maps each of the
-  factor x factor tiles exactly as the original model mapped a whole image.
-
-  Args:
-    params: a nested parameter tree (or `{'params': tree}`).
-    factor: integer growth K >= 1 of the image side.
-
-  Returns:
-    A new nested tree of NumPy arrays.
-  """
+  """Appendix C: any Mixer parameters adapted to images `factor` (K) times
+  larger, as a new tree of NumPy arrays that fits `create_model(...,
+  tokens_mlp_dim=K**2 * D_S)` and maps each K x K tile exactly as the
+  original model mapped a whole image."""
   if not isinstance(factor, (int, np.integer)) or factor < 1:
     raise PretrainedError(
         f'factor={factor!r}: Appendix C needs a positive integer factor of '
@@ -179,9 +163,6 @@ def expand_token_mixing(params: Mapping[str, Any], factor: int):
   flat = traverse_util.flatten_dict(unwrap(params), sep='/')
   return traverse_util.unflatten_dict(_expand_flat(flat, int(factor)),
                                       sep='/')
-
-
-# -------------------------------------------------------------- Restoring.
 
 
 def _restore(flat, target, source, fresh_head):
