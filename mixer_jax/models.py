@@ -36,13 +36,10 @@ FAMILIES = {
     'H': dict(num_blocks=32, hidden_dim=1280, tokens_mlp_dim=640,
               channels_mlp_dim=5120),
 }
-PAPER_PATCH_SIZES = {'S': (32, 16, 8), 'B': (32, 16), 'L': (32, 16), 'H': (14,)}
 # Computation dtypes the model supports; parameters are always float32.
 COMPUTE_DTYPES = (jnp.dtype('float32'), jnp.dtype('bfloat16'),
                   jnp.dtype('float16'))
-PAPER_VARIANTS = tuple(f'{family}_{patch}'
-                       for family, patches in PAPER_PATCH_SIZES.items()
-                       for patch in patches)
+PAPER_VARIANTS = ('S_32', 'S_16', 'S_8', 'B_32', 'B_16', 'L_32', 'L_16', 'H_14')
 
 _VARIANT_RE = re.compile(r'^(?:Mixer-)?([SBLH])[_/](\d+)$')
 

@@ -1,21 +1,14 @@
 """One notion of "a checkpoint" for every command: `load(spec)`.
 
-`spec` is any of:
-- a training workdir (`workdirs/quickstart`): its newest Orbax step, or
-  `step=K`; also its `checkpoints/` directory or one step directory in it
-  (`.../checkpoints/500`). Opened read-only, so a running job can be used.
-  Its `run_info.json` (written by `mixer_jax.train`) gives the config,
-  class count and class names;
-- an official-format `.npz` (local or `gs://`);
-- a registry name ("imagenet1k/Mixer-B_16", see `mixer_jax.weights.registry`);
-- a Hub name ("hf-hub:timm/mixer_b16_224.goog_in21k_ft_in1k[@revision]",
-  see `mixer_jax.weights.hub`);
-- a timm-format `.safetensors` file, or a folder holding one as
-  `model.safetensors` with its `config.json` (what `mixer_jax.export
-  --format=hub` writes).
-A weight file is read as what its first bytes say it is, whatever its
-suffix (`official_format.file_kind`). Every model takes images scaled to
-[-1, 1] (`preprocess.eval_image`).
+`spec` is a training workdir (its newest Orbax step, or `step=K`; also its
+`checkpoints/` or one step directory in it; read-only, so a running job can
+be used; its `run_info.json` gives config, class count and names), an
+official `.npz` (local or `gs://`), a registry name ("imagenet1k/Mixer-B_16"),
+a Hub name ("hf-hub:timm/mixer_b16_224.goog_in21k_ft_in1k[@revision]"), a
+timm-format `.safetensors`, or a folder holding one as `model.safetensors`
+with its `config.json` (what `mixer_jax.export --format=hub` writes). A
+weight file is read as what its first bytes say it is, whatever its suffix.
+Every model takes images scaled to [-1, 1] (`preprocess.eval_image`).
 """
 
 import os

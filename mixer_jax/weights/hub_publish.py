@@ -308,29 +308,20 @@ def evaluations_from_records(records: Sequence[Mapping[str, Any]],
   `eval_accuracy` / `eval_top5` are the main eval (`config.eval_split`);
   `<name>/accuracy` and `<name>/top5` come from `config.evals[name]`.
   """
-  newest: Dict[str, tuple] = {}
+  evals = config.get('evals') or {}
+  newest = {}  # (name, dataset, split, metric) -> (step, value)
   for record in records:
     for key, value in record.items():
-      if key in ('eval_accuracy', 'eval_top5') or (
-          '/' in key and key.split('/', 1)[1] in ('accuracy', 'top5')):
-        newest[key] = (record.get('step'), value)
-  found = []
-  evals = config.get('evals') or {}
-  for key, (step, value) in sorted(newest.items()):
-    if key.startswith('eval_'):
-      name, dataset, split = 'eval', config.dataset, config.eval_split
-      metric = 'top-1 accuracy' if key == 'eval_accuracy' else 'top-5 accuracy'
-    else:
-      name, what = key.split('/', 1)
-      entry = evals.get(name)
-      if entry is None:
-        continue
-      dataset = entry.get('dataset') or config.dataset
-      split = entry.get('split')
-      metric = 'top-1 accuracy' if what == 'accuracy' else 'top-5 accuracy'
-      if entry.get('kind') == 'real':
-        metric = 'ReaL top-1 accuracy'
-    found.append(Evaluation(name=name, dataset=str(dataset),
-                            split=str(split), metric=metric,
-                            value=float(value), step=step))
-  return found
+      name, _, what = key.rpartition('/') if '/' in key else (
+          'eval', '', key.removeprefix('eval_'))
+      entry = evals.get(name) if '/' in key else {
+          'dataset': config.dataset, 'split': config.eval_split}
+      if (key.startswith('eval_') or '/' in key) and entry is not None and (
+          what in ('accuracy', 'top5')):
+        metric = 'top-5 accuracy' if what == 'top5' else (
+            'ReaL top-1 accuracy' if entry.get('kind') == 'real' else
+            'top-1 accuracy')
+        newest[(name, str(entry.get('dataset') or config.dataset),
+                str(entry.get('split')), metric)] = (record.get('step'), value)
+  return [Evaluation(*where, value=float(value), step=step)
+          for where, (step, value) in sorted(newest.items())]

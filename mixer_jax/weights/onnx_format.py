@@ -1,18 +1,12 @@
 """ONNX export of a Mixer: `to_onnx(model, params, image_size)`.
 
-The graph is written with the `onnx` package's own builders (opset 20:
-`LayerNormalization`, `Gelu` with its `approximate` attribute), one node per
-layer of `models.MlpMixer`, with the parameters as initializers and a
-symbolic batch axis. Input `images`: float32 (batch, H, W, 3) scaled to
-[-1, 1], as every model here takes; output `logits`: float32 (batch,
-classes), or the pooled features for a model without head.
-
-Why not a converter: jax2onnx 0.17 pins orbax-checkpoint below 0.11.37 (this
-package needs 0.12.8 or newer), and tf2onnx cannot read what jax2tf writes
-now (one `XlaCallModule` op holding StableHLO; JAX's graph serialization is
-deprecated and no longer used). The Mixer is ten kinds of plain ops, so
-the graph is short and each node is checked by onnxruntime in the tests.
-`pip install -e '.[onnx]'` brings onnx and onnxruntime.
+One node per layer, written with the `onnx` package's own builders (opset
+20: `LayerNormalization`, `Gelu` with its `approximate` attribute), the
+parameters as initializers and a symbolic batch axis. Input `images`:
+float32 (batch, H, W, 3) in [-1, 1]; output `logits` (or the pooled features
+of a model without head). Not a converter: jax2onnx pins an orbax-checkpoint
+older than this package needs, and tf2onnx cannot read what jax2tf writes
+now (one `XlaCallModule` op). `pip install -e '.[onnx]'` brings onnx.
 """
 
 from flax import traverse_util

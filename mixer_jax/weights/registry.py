@@ -41,38 +41,27 @@ class Checkpoint:
     return self.url.replace(BUCKET, HTTPS_BUCKET, 1)
 
 
-def _entry(name, num_classes, dataset, description):
-  variant = name.split('/')[-1].replace('Mixer-', '')
-  return Checkpoint(name=name, variant=variant, num_classes=num_classes,
-                    image_size=224, dataset=dataset, description=description,
-                    url=f'{BUCKET}/{name}.npz')
+def _entry(name, description):
+  in21k = name.startswith('imagenet21k/')
+  return Checkpoint(name=name, variant=name.split('/')[-1][len('Mixer-'):],
+                    num_classes=21843 if in21k else 1000, image_size=224,
+                    dataset='imagenet21k' if in21k else 'imagenet2012',
+                    description=description, url=f'{BUCKET}/{name}.npz')
 
 
 # All files of gs://mixer_models (paper, Section 3 and the SAM/GSAM follow-ups
 # that published Mixer weights into the same bucket).
 CHECKPOINTS = {c.name: c for c in [
-    _entry('imagenet1k/Mixer-B_16', 1000, 'imagenet2012',
+    _entry('imagenet1k/Mixer-B_16',
            'ImageNet-1k from scratch (paper, 76.44% top-1).'),
-    _entry('imagenet1k/Mixer-L_16', 1000, 'imagenet2012',
-           'ImageNet-1k from scratch.'),
-    _entry('imagenet21k/Mixer-B_16', 21843, 'imagenet21k',
-           'ImageNet-21k pretraining; fine-tune for a 1k head.'),
-    _entry('imagenet21k/Mixer-L_16', 21843, 'imagenet21k',
-           'ImageNet-21k pretraining; fine-tune for a 1k head.'),
-    _entry('sam/Mixer-B_16', 1000, 'imagenet2012',
-           'ImageNet-1k with the SAM optimizer.'),
-    _entry('sam/Mixer-B_32', 1000, 'imagenet2012',
-           'ImageNet-1k with the SAM optimizer.'),
-    _entry('gsam/Mixer-B_16', 1000, 'imagenet2012',
-           'ImageNet-1k with the GSAM optimizer.'),
-    _entry('gsam/Mixer-B_32', 1000, 'imagenet2012',
-           'ImageNet-1k with the GSAM optimizer.'),
-    _entry('gsam/Mixer-S_16', 1000, 'imagenet2012',
-           'ImageNet-1k with the GSAM optimizer.'),
-    _entry('gsam/Mixer-S_32', 1000, 'imagenet2012',
-           'ImageNet-1k with the GSAM optimizer.'),
-    _entry('gsam/Mixer-S_8', 1000, 'imagenet2012',
-           'ImageNet-1k with the GSAM optimizer.'),
+    _entry('imagenet1k/Mixer-L_16', 'ImageNet-1k from scratch.'),
+    *(_entry(f'imagenet21k/Mixer-{v}',
+             'ImageNet-21k pretraining; fine-tune for a 1k head.')
+      for v in ('B_16', 'L_16')),
+    *(_entry(f'sam/Mixer-{v}', 'ImageNet-1k with the SAM optimizer.')
+      for v in ('B_16', 'B_32')),
+    *(_entry(f'gsam/Mixer-{v}', 'ImageNet-1k with the GSAM optimizer.')
+      for v in ('B_16', 'B_32', 'S_16', 'S_32', 'S_8')),
 ]}
 
 
