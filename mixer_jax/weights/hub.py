@@ -1,24 +1,16 @@
 """MLP-Mixer weights from the Hugging Face Hub (timm's repositories).
 
-Everywhere mixer_jax takes a checkpoint, a Hub name is accepted:
-`hf-hub:timm/mixer_b16_224.goog_in21k_ft_in1k[@REVISION]` (a branch, tag or
-commit; default `main`). timm's repositories (`TIMM_REPOSITORIES`) hold
-`model.safetensors` (timm's `MlpMixer` state dict) and `config.json`
-(`pretrained_cfg`: mean, std, crop_pct, crop_mode, input_size, sometimes
-`label_names`). Files come through `huggingface_hub.hf_hub_download`, so
-its cache (`HF_HUB_CACHE`), offline mode (`HF_HUB_OFFLINE=1`) and tokens
-(`HF_TOKEN`, `hf auth login`) apply as in every Hugging Face library.
-
-The architecture is read from the tensor shapes, the eval crop from
-crop_mode/crop_pct, and mean/std are folded into the stem (exact: the stem
-is linear and its patches never overlap), so every loaded model takes
-pixels scaled to [-1, 1] like the official ones (the goog weights expect
-exactly that; MIIL's expect x/255).
-
-GELU: the goog weights were trained by Google in JAX with the tanh
-approximation and are run so; MIIL's and other timm weights were trained in
-PyTorch with the exact (erf) GELU and are run so (`load_safetensors` decides;
-a `gelu_approximate=` given to `load_pretrained` overrides it).
+Everywhere a checkpoint is taken, `hf-hub:OWNER/NAME[@REVISION]` is too
+(e.g. `hf-hub:timm/mixer_b16_224.goog_in21k_ft_in1k`; a branch, tag or
+commit, default `main`): `model.safetensors` (timm's state dict) and
+`config.json` (mean, std, crop_pct, crop_mode, label_names) are fetched by
+`huggingface_hub.hf_hub_download`, so its cache (`HF_HUB_CACHE`), offline
+mode (`HF_HUB_OFFLINE=1`) and tokens (`HF_TOKEN`) apply. The architecture
+is read from the shapes, and mean/std are folded into the stem (exact: the
+stem is linear, its patches never overlap), so every model here takes
+pixels in [-1, 1]. The goog weights were trained in JAX with the tanh GELU,
+MIIL's and other timm weights in PyTorch with the exact one; each is run
+with its own (`load_safetensors` decides; `gelu_approximate=` overrides).
 
 Names say what a repository claims, not what it scores: timm's published
 top-1 for `mixer_b16_224.goog_in21k_ft_in1k` (76.6%) is the paper's number
