@@ -25,17 +25,13 @@ class MixerSpec:
   channels_mlp_dim: int
 
 
-# The one table of model sizes: family -> (N, C, D_S, D_C).
+# The one table of model sizes (paper, Table 1): family -> N, C, D_S, D_C.
 FAMILIES = {
-    'S': dict(num_blocks=8, hidden_dim=512, tokens_mlp_dim=256,
-              channels_mlp_dim=2048),
-    'B': dict(num_blocks=12, hidden_dim=768, tokens_mlp_dim=384,
-              channels_mlp_dim=3072),
-    'L': dict(num_blocks=24, hidden_dim=1024, tokens_mlp_dim=512,
-              channels_mlp_dim=4096),
-    'H': dict(num_blocks=32, hidden_dim=1280, tokens_mlp_dim=640,
-              channels_mlp_dim=5120),
-}
+    family: dict(num_blocks=n, hidden_dim=c, tokens_mlp_dim=d_s,
+                 channels_mlp_dim=d_c)
+    for family, (n, c, d_s, d_c) in {
+        'S': (8, 512, 256, 2048), 'B': (12, 768, 384, 3072),
+        'L': (24, 1024, 512, 4096), 'H': (32, 1280, 640, 5120)}.items()}
 # Computation dtypes the model supports; parameters are always float32.
 COMPUTE_DTYPES = (jnp.dtype('float32'), jnp.dtype('bfloat16'),
                   jnp.dtype('float16'))
