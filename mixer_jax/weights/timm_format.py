@@ -56,7 +56,8 @@ def _relayout(key: str, value, to_timm: bool) -> np.ndarray:
   value = np.asarray(value, np.float32)
   if key == 'stem/kernel':  # HWIO <-> OIHW.
     return value.transpose((3, 2, 0, 1) if to_timm else (2, 3, 1, 0))
-  return value.T if key.endswith('/kernel') else value  # (in, out) <-> (out, in).
+  # Dense (in, out) <-> Linear (out, in).
+  return value.T if key.endswith('/kernel') else value
 
 
 def to_timm_state_dict(params: Mapping[str, Any]) -> Dict[str, np.ndarray]:
