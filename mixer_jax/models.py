@@ -63,7 +63,7 @@ def get_spec(variant: str, **overrides: int) -> MixerSpec:
 
 class MlpBlock(nn.Module):
   mlp_dim: int
-  gelu_approximate: bool = True  # tanh (official); False: erf (timm).
+  gelu_approximate: bool  # See MlpMixer.
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -77,8 +77,8 @@ class MixerBlock(nn.Module):
   """Token mixing, then channel mixing, on (batch, tokens, channels)."""
   tokens_mlp_dim: int
   channels_mlp_dim: int
+  gelu_approximate: bool  # See MlpMixer.
   stochastic_depth: float = 0.0
-  gelu_approximate: bool = True
   dtype: Any = jnp.float32
 
   def _keep(self, x, train):
@@ -121,6 +121,8 @@ class MlpMixer(nn.Module):
   tokens_mlp_dim: int
   channels_mlp_dim: int
   stochastic_depth: float = 0.0
+  # The one default of the GELU form: tanh, as the official weights were
+  # trained; False: the exact (erf) form of PyTorch and timm.
   gelu_approximate: bool = True
   head_bias_init: float = 0.0  # -6.9 for the sigmoid-loss recipe.
   dtype: Any = jnp.float32
@@ -141,8 +143,8 @@ class MlpMixer(nn.Module):
              else MixerBlock)
     for i in range(self.num_blocks):
       rate = self.stochastic_depth * i / max(self.num_blocks - 1, 1)
-      x = block(self.tokens_mlp_dim, self.channels_mlp_dim, rate,
-                self.gelu_approximate, self.dtype,
+      x = block(self.tokens_mlp_dim, self.channels_mlp_dim,
+                self.gelu_approximate, rate, self.dtype,
                 name=f'MixerBlock_{i}')(x, train)
       self.sow('intermediates', f'block_{i}', x)
     x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype,
