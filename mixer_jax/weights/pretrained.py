@@ -48,19 +48,12 @@ _TOKEN_KEY = 'MixerBlock_0/token_mixing/Dense_0/kernel'
 
 
 def read_weights(name_or_path) -> WeightFile:
-  """Reads any weight file into the official flat tree.
-
-  Args:
-    name_or_path: a registry name ("imagenet1k/Mixer-B_16"), a Hub name
-      ("hf-hub:timm/mixer_b16_224.goog_in21k_ft_in1k[@revision]", see
-      `mixer_jax.weights.hub`), a timm-format `.safetensors` file (a timm
-      `config.json` beside it is read) or a folder holding one, an
-      official-format `.npz` (local or `gs://`), or a mixer_jax training
-      workdir (its newest step; see `mixer_jax.weights.workdir_checkpoint`).
-
-  Raises:
-    registry.CheckpointNotFoundError: nothing readable under that name.
-    PretrainedError: a file that is not a Mixer checkpoint.
+  """Reads a weight file or name into the official flat tree: a registry
+  name, a Hub name (`mixer_jax.weights.hub`), a timm-format `.safetensors`
+  (with a timm `config.json` beside it, if any) or a folder holding one, an
+  official `.npz` (local or `gs://`), or a training workdir (its newest
+  step). Raises `registry.CheckpointNotFoundError` when nothing readable is
+  there, `PretrainedError` for a file that is not a Mixer checkpoint.
   """
   from mixer_jax.weights import workdir_checkpoint  # pylint: disable=g-import-not-at-top
   if isinstance(name_or_path, WeightFile):
