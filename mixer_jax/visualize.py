@@ -4,20 +4,20 @@
   python -m mixer_jax.visualize curves workdirs/quickstart --out=curves.png
   python -m mixer_jax.visualize compare workdirs/quickstart workdirs/other --out=runs
 
-- token_mixing: the paper's Figure 5 for any checkpoint
-  `any_checkpoint.load` accepts (workdir, `.npz`, registry or Hub name,
-  exported folder). Each hidden unit of the first `--blocks` token-mixing
-  MLPs (a column of `MixerBlock_i/token_mixing/Dense_0/kernel`, one weight
-  per patch) is drawn on the patch grid, next to its opposite-phase partner
-  (the unit it is most negatively correlated with), pairs ordered by
-  spatial frequency; one panel per block, red positive, blue negative.
-- curves: a workdir's `metrics.jsonl` against the step: train loss,
-  learning rate, every eval's accuracy, img/s and input-wait share.
-- compare: one row per workdir, the config fields that differ between them
-  and the results (best eval, test accuracy, steps, wall time, img/s, MFU);
-  printed as markdown, and written to `OUT.md` and `OUT.csv` with `--out`.
+- token_mixing: the paper's Figure 5, from any checkpoint `any_checkpoint.load`
+  accepts. Each hidden unit of the first `--blocks` token-mixing MLPs (a
+  column of `MixerBlock_i/token_mixing/Dense_0/kernel`: one weight per patch)
+  is drawn on the patch grid beside its opposite-phase partner (the unit it
+  is most negatively correlated with), pairs ordered by spatial frequency;
+  one panel per block, red positive, blue negative, each unit scaled alone.
+- curves: a workdir's metrics.jsonl against the step: train loss, learning
+  rate, every eval's accuracy, img/s and input-wait share.
+- compare: one row per workdir: the config fields that differ, the best main
+  eval, each other eval's last accuracy (test/accuracy...), steps, wall time,
+  mean img/s and MFU (where known); markdown on stdout, OUT.md and OUT.csv
+  with --out.
 
-Drawing needs matplotlib (`pip install -e '.[plots]'`); `compare` does not.
+Drawing needs matplotlib (`pip install -e '.[plots]'`); compare does not.
 """
 
 # First, before TensorFlow loads: it quiets TensorFlow's C++ start-up lines.
@@ -28,7 +28,6 @@ import glob
 import json
 import math
 import os
-import sys
 from typing import List, Optional, Sequence, Tuple
 
 from absl import app
@@ -41,15 +40,13 @@ from mixer_jax.training import errors
 USAGE = {'token_mixing': '--checkpoint and no workdir',
          'curves': 'one workdir and no --checkpoint',
          'compare': 'one or more workdirs and no --checkpoint'}
-MODES = tuple(USAGE)
 DPI = 100
 PAD, TITLE = 16, 56  # Token-mixing figure: pixels around a panel, above.
-CURVE_PANEL_INCHES = (7.0, 2.0)  # One curve panel; panels stacked.
-# metrics.jsonl key and panel title of each curve panel, in drawing order.
-CURVES = (('train_loss', 'train loss'), ('train_learning_rate',
-                                         'learning rate'),
-          ('accuracy', 'eval accuracy'), ('images_per_sec', 'img/s'),
-          ('input_wait_share', 'input-wait share'))
+CURVE_PANEL_INCHES = (7, 2)  # One curve panel (width, height); stacked.
+# metrics.jsonl key and title of each curve panel, top to bottom.
+CURVES = {'train_loss': 'train loss', 'train_learning_rate': 'learning rate',
+          'accuracy': 'eval accuracy', 'images_per_sec': 'img/s',
+          'input_wait_share': 'input-wait share'}
 
 
 def pyplot():
@@ -57,90 +54,59 @@ def pyplot():
   try:
     import matplotlib  # pylint: disable=g-import-not-at-top
   except ImportError:
-    raise errors.UsageError(
-        "Drawing needs matplotlib: pip install -e '.[plots]' (or pip "
-        'install matplotlib).') from None
+    raise errors.UsageError("Drawing needs matplotlib: pip install -e "
+                            "'.[plots]' (or pip install matplotlib).") from None
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   return plt
 
 
-# ------------------------------------------------- Token-mixing units.
-
-
 def opposite_phase_pairs(units: np.ndarray) -> List[Tuple[int, Optional[int]]]:
-  """Pairs the columns of `units` (patches, hidden), most opposite first.
-
-  Greedy on the Pearson correlation of the columns: the two free units with
-  the most negative correlation form a pair, until one or none is left (an
-  odd one out is paired with None). Each pair is (lower index, higher).
-  """
+  """Pairs the columns of `units` (patches, hidden) greedily: the two free
+  units of most negative correlation, until one (paired with None) or none
+  is left."""
   with np.errstate(invalid='ignore', divide='ignore'):  # Constant units.
-    corr = np.nan_to_num(np.corrcoef(units, rowvar=False), nan=0.0)
-  corr = np.atleast_2d(corr)
+    corr = np.atleast_2d(np.nan_to_num(np.corrcoef(units, rowvar=False)))
   np.fill_diagonal(corr, np.inf)
   free, pairs = set(range(units.shape[1])), []
   while len(free) > 1:
-    i, j = np.unravel_index(np.argmin(corr), corr.shape)
-    pairs.append((int(min(i, j)), int(max(i, j))))
+    i, j = sorted(map(int, np.unravel_index(np.argmin(corr), corr.shape)))
+    pairs.append((i, j))
     corr[[i, j], :] = corr[:, [i, j]] = np.inf
-    free -= {int(i), int(j)}
+    free -= {i, j}
   return pairs + [(free.pop(), None)] if free else pairs
 
 
 def spatial_frequency(units: np.ndarray, grid: Tuple[int, int]) -> np.ndarray:
-  """Each unit's energy-weighted mean radial frequency on the patch grid.
+  """Each column's energy-weighted mean radial frequency on the patch grid.
 
-  Args:
-    units: (patches, hidden), patches in row-major grid order.
-    grid: (rows, columns) of patches.
-
-  Returns:
-    (hidden,) frequencies in cycles per grid side (a cosine with k cycles
-    along one side gives k); 0 for a constant unit.
+  `units` is (patches, hidden), patches in row-major order on `grid` (rows,
+  columns). In cycles per grid side (k for a cosine of k cycles along one
+  side); 0 for a constant unit.
   """
   images = units.T.reshape((-1,) + tuple(grid))
-  images = images - images.mean(axis=(1, 2), keepdims=True)
-  power = np.abs(np.fft.fft2(images)) ** 2
+  power = np.abs(np.fft.fft2(images - images.mean(axis=(1, 2),
+                                                  keepdims=True))) ** 2
   fy, fx = (np.fft.fftfreq(n) * n for n in grid)
-  radius = np.hypot(fy[:, None], fx[None, :])
   energy = power.sum(axis=(1, 2))
-  return np.where(energy > 0, (power * radius).sum(axis=(1, 2)) /
-                  np.maximum(energy, 1e-30), 0.0)
+  weighted = (power * np.hypot(fy[:, None], fx[None, :])).sum(axis=(1, 2))
+  return np.where(energy > 0, weighted / np.maximum(energy, 1e-30), 0.0)
 
 
 def ordered_pairs(units: np.ndarray, grid: Tuple[int, int]):
-  """`opposite_phase_pairs` sorted by the pair's mean spatial frequency.
-
-  Returns:
-    [(unit, partner or None, frequency)], lowest frequency first.
-  """
+  """[(unit, partner or None, mean frequency, their correlation or None)],
+  lowest frequency first."""
   frequency = spatial_frequency(units, grid)
-  pairs = [(i, j, float(np.mean(frequency[[k for k in (i, j)
-                                            if k is not None]])))
+  pairs = [(i, j, float(np.mean(frequency[[i] if j is None else [i, j]])),
+            None if j is None else float(np.corrcoef(units[:, [i, j]],
+                                                     rowvar=False)[0, 1]))
            for i, j in opposite_phase_pairs(units)]
   return sorted(pairs, key=lambda p: (round(p[2], 9), p[0]))
 
 
-def token_mixing_units(params, block: int) -> np.ndarray:
-  """The first token-mixing kernel of `block`: (patches, hidden)."""
-  from mixer_jax.weights import official_format  # pylint: disable=g-import-not-at-top
-  blocks = official_format.unwrap(params)
-  name = f'MixerBlock_{block}'
-  if name not in blocks:
-    raise errors.UsageError(f'The checkpoint has no {name} (blocks 0 to '
-                            f'{sum(k.startswith("MixerBlock_") for k in blocks) - 1}).')
-  return np.asarray(blocks[name]['token_mixing']['Dense_0']['kernel'],
-                    np.float32)
-
-
 def pair_sheet(units: np.ndarray, grid: Tuple[int, int], pairs) -> np.ndarray:
-  """The pairs tiled on one image: NaN between units, each unit in [-1, 1].
-
-  `scale` pixels per patch (a unit about 48 pixels wide); a pair's units
-  side by side, `scale // 3` pixels apart; pairs in reading order on a
-  square grid of pairs, at least 6 pixels apart.
-  """
+  """The pairs tiled in reading order on one image, NaN between units, each
+  unit scaled to [-1, 1] and about 48 pixels wide."""
   rows, cols = grid
   scale = max(2, 48 // max(grid))
   inner, outer = max(1, scale // 3), max(6, scale)
@@ -149,38 +115,30 @@ def pair_sheet(units: np.ndarray, grid: Tuple[int, int], pairs) -> np.ndarray:
   sheet = np.full((math.ceil(len(pairs) / per_row) * (cell_h + outer) - outer,
                    per_row * (cell_w + outer) - outer), np.nan, np.float32)
   for n, pair in enumerate(pairs):
-    top = (n // per_row) * (cell_h + outer)
-    left = (n % per_row) * (cell_w + outer)
-    for side, unit in enumerate(pair[:2]):
-      if unit is None:
-        continue
+    top, left = (n // per_row) * (cell_h + outer), (n % per_row) * (
+        cell_w + outer)
+    for side, unit in enumerate(u for u in pair[:2] if u is not None):
       image = units[:, unit].reshape(grid)
-      image = image / max(float(np.abs(image).max()), 1e-30)
       x = left + side * (cols * scale + inner)
       sheet[top:top + cell_h, x:x + cols * scale] = np.kron(
-          image, np.ones((scale, scale)))
+          image / max(float(np.abs(image).max()), 1e-30),
+          np.ones((scale, scale)))
   return sheet
 
 
 def draw_token_mixing(loaded, out: str, num_blocks: int = 3) -> List[list]:
-  """Writes the token-mixing figure of a `Loaded` to `out` (PNG).
+  """Writes the figure of a `Loaded` to `out`; returns each block's pairs.
 
-  One panel per block, side by side, one screen pixel per sheet pixel
-  (`pair_sheet`): the PNG is `num_blocks * (width + 2 * PAD)` pixels wide.
-
-  Returns:
-    The ordered pairs of each block drawn (see `ordered_pairs`).
+  One panel per block, side by side, one PNG pixel per `pair_sheet` pixel.
   """
+  from mixer_jax.weights import official_format  # pylint: disable=g-import-not-at-top
   plt = pyplot()
   side = loaded.image_size // loaded.model.patch_size
-  grid = (side, side)
+  grid, params = (side, side), official_format.unwrap(loaded.params)
   drawn, sheets = [], []
   for block in range(min(num_blocks, loaded.model.num_blocks)):
-    units = token_mixing_units(loaded.params, block)
-    if units.shape[0] != side * side:
-      raise errors.UsageError(
-          f'Block {block} mixes {units.shape[0]} tokens, not the '
-          f'{side}x{side} patches of a {loaded.image_size} image.')
+    units = np.asarray(params[f'MixerBlock_{block}']['token_mixing'][
+        'Dense_0']['kernel'], np.float32)
     drawn.append(ordered_pairs(units, grid))
     sheets.append(pair_sheet(units, grid, drawn[-1]))
   height, width = sheets[0].shape
@@ -201,16 +159,12 @@ def draw_token_mixing(loaded, out: str, num_blocks: int = 3) -> List[list]:
   return drawn
 
 
-# ------------------------------------------------------------- Runs.
-
-
 def read_metrics(workdir: str) -> List[dict]:
-  """The step records of `workdir/metrics.jsonl`; a clear error if none."""
+  """The step records of `workdir/metrics.jsonl`."""
   from mixer_jax.training import reporting  # pylint: disable=g-import-not-at-top
   if not os.path.isfile(os.path.join(workdir, reporting.METRICS_FILE)):
-    raise errors.UsageError(
-        f'{workdir} has no {reporting.METRICS_FILE}: give the --workdir of '
-        'a mixer_jax.train run.')
+    raise errors.UsageError(f'{workdir} has no {reporting.METRICS_FILE}: give '
+                            'the --workdir of a mixer_jax.train run.')
   return reporting.read_metrics(workdir)
 
 
@@ -222,20 +176,16 @@ def series(records: Sequence[dict], key: str):
 
 def eval_accuracy_keys(records: Sequence[dict]) -> List[str]:
   """Every eval's accuracy key ('eval_accuracy', 'test/accuracy', ...)."""
-  keys = {k for r in records for k in r if k.endswith('accuracy')}
-  return sorted(k for k in keys if not k.startswith('train'))
+  return sorted({k for r in records for k in r
+                 if k.endswith('accuracy') and not k.startswith('train')})
 
 
 def draw_curves(workdir: str, out: str) -> List[str]:
-  """Writes a run's curves to `out` (PNG), one panel per quantity logged.
-
-  Returns:
-    The panel titles, top to bottom.
-  """
+  """Writes a run's curves to `out` (PNG); returns the panels' titles."""
   records = read_metrics(workdir)
-  panels = [(key, title) for key, title in CURVES
-            if (eval_accuracy_keys(records) if key == 'accuracy'
-                else series(records, key)[0])]
+  accuracies = eval_accuracy_keys(records)
+  panels = [(key, title) for key, title in CURVES.items()
+            if (accuracies if key == 'accuracy' else series(records, key)[0])]
   if not panels:
     raise errors.UsageError(f'{workdir}/metrics.jsonl holds no step yet.')
   plt = pyplot()
@@ -243,14 +193,12 @@ def draw_curves(workdir: str, out: str) -> List[str]:
   figure, axes = plt.subplots(len(panels), 1, sharex=True, squeeze=False,
                               dpi=DPI, figsize=(width, height * len(panels)))
   for (key, title), ax in zip(panels, axes[:, 0]):
-    for name in (eval_accuracy_keys(records) if key == 'accuracy' else [key]):
-      steps, values = series(records, name)
-      ax.plot(steps, values, marker='o' if key == 'accuracy' else None,
+    for name in accuracies if key == 'accuracy' else [key]:
+      ax.plot(*series(records, name), marker='o' if name != key else None,
               markersize=3, label=name)
     if key == 'accuracy':
       ax.legend(fontsize=7)
-    if key == 'train_loss':
-      ax.set_yscale('log')
+    ax.set_yscale('log' if key == 'train_loss' else 'linear')
     ax.set_ylabel(title, fontsize=8)
     ax.grid(alpha=0.3)
   axes[-1, 0].set_xlabel('step')
@@ -265,24 +213,22 @@ def wall_time(workdir: str) -> Optional[float]:
   """Seconds from the first to the last TensorBoard record, summed over the
   event files (one per start of the run); None without them."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  total = None
+  spans = []
   for path in glob.glob(os.path.join(workdir, 'events.out.tfevents.*')):
     times = [tf.compat.v1.Event.FromString(record.numpy()).wall_time
              for record in tf.data.TFRecordDataset(path)]
-    if times:
-      total = (total or 0.0) + max(times) - min(times)
-  return total
+    spans += [max(times) - min(times)] if times else []
+  return sum(spans) if spans else None
 
 
 def run_results(workdir: str) -> dict:
-  """A run's results as metrics.jsonl holds them (None where absent)."""
+  """A run's results as its metrics.jsonl holds them (None where absent)."""
   records = read_metrics(workdir)
-  _, evals = series(records, 'eval_accuracy')
-  _, tests = series(records, 'test/accuracy')
-  mean = lambda key: (float(np.mean(series(records, key)[1]))
-                      if series(records, key)[1] else None)
-  return {'best eval': max(evals) if evals else None,
-          'test': tests[-1] if tests else None,
+  values = {k: series(records, k)[1]
+            for k in eval_accuracy_keys(records) + ['images_per_sec', 'mfu']}
+  mean = lambda key: float(np.mean(values[key])) if values[key] else None
+  return {'best eval': max(values.pop('eval_accuracy', []), default=None),
+          **{k: v[-1] for k, v in values.items() if 'accuracy' in k and v},
           'steps': max((r['step'] for r in records), default=None),
           'wall time (s)': wall_time(workdir),
           'img/s': mean('images_per_sec'), 'MFU': mean('mfu')}
@@ -292,17 +238,15 @@ def compare_runs(workdirs: Sequence[str]) -> Tuple[List[str], List[list]]:
   """(header, rows): workdir, the config fields that differ, the results."""
   from flax import traverse_util  # pylint: disable=g-import-not-at-top
   from mixer_jax.weights import run_info  # pylint: disable=g-import-not-at-top
-  configs, results = [], []
-  for workdir in workdirs:
-    results.append(run_results(workdir))
-    config = run_info.read_run_info(workdir)['config'].to_dict()
-    configs.append({k: json.dumps(v) if isinstance(v, (list, tuple)) else v
-                    for k, v in traverse_util.flatten_dict(
-                        config, sep='.').items()})
+  configs = [{k: json.dumps(v) if isinstance(v, (list, tuple)) else v
+              for k, v in traverse_util.flatten_dict(run_info.read_run_info(
+                  w)['config'].to_dict(), sep='.').items()} for w in workdirs]
+  results = [run_results(w) for w in workdirs]
   fields = sorted({k for c in configs for k in c
                    if len({json.dumps(d.get(k)) for d in configs}) > 1})
-  names = [k for k in results[0] if any(r[k] is not None for r in results)]
-  rows = [[w] + [c.get(k) for k in fields] + [r[k] for k in names]
+  names = [k for k in dict.fromkeys(k for r in results for k in r)
+           if any(r.get(k) is not None for r in results)]
+  rows = [[w] + [c.get(k) for k in fields] + [r.get(k) for k in names]
           for w, c, r in zip(workdirs, configs, results)]
   return ['workdir'] + fields + names, rows
 
@@ -311,12 +255,9 @@ def markdown_table(header: Sequence[str], rows: Sequence[list]) -> str:
   """A GitHub markdown table; floats to 4 significant digits."""
   cell = lambda v: ('' if v is None else f'{v:.4g}' if isinstance(v, float)
                     else str(v).replace('|', '\\|'))
-  lines = [header, ['---'] * len(header)] + [[cell(v) for v in r]
-                                             for r in rows]
+  lines = [header, ['---'] * len(header)] + [list(map(cell, r)) for r in rows]
   return '\n'.join('| ' + ' | '.join(map(str, line)) + ' |' for line in lines)
 
-
-# ------------------------------------------------------------ Program.
 
 FLAGS = flags.FLAGS
 
@@ -330,9 +271,8 @@ def _define_flags():
                        '(default: the newest).')
   flags.DEFINE_integer('blocks', 3, 'token_mixing: the first blocks drawn.',
                        lower_bound=1)
-  flags.DEFINE_string('out', None, 'The PNG written (token_mixing: '
-                      'token_mixing.png, curves: curves.png); compare: '
-                      'OUT.md and OUT.csv (default: printed only).')
+  flags.DEFINE_string('out', None, 'The PNG written (default: MODE.png); '
+                      'compare: writes OUT.md and OUT.csv.')
   command_line.define_verbose_flag()
 
 
@@ -341,35 +281,37 @@ def main(argv):
   command_line.load_tensorflow_quietly()
   with command_line.user_errors_as_one_line():
     mode, args = (argv[1], argv[2:]) if len(argv) > 1 else (None, [])
-    if mode not in MODES:
-      raise errors.UsageError(f'Give one of {", ".join(MODES)} first '
-                              f'(got {mode!r}).')
-    counts = {'token_mixing': [0], 'curves': [1]}.get(mode)
+    if mode not in USAGE:
+      raise errors.UsageError(f'Give one of {", ".join(USAGE)} first (got '
+                              f'{mode!r}).')
     if ((mode == 'token_mixing') != (FLAGS.checkpoint is not None) or
-        (len(args) not in counts if counts else not args)):
+        len(args) != {'token_mixing': 0, 'curves': 1}.get(mode, max(
+            len(args), 1))):
       raise errors.UsageError(f'{mode} takes {USAGE[mode]}.')
     out = FLAGS.out or (f'{mode}.png' if mode != 'compare' else None)
     if out and os.path.dirname(out):
       os.makedirs(os.path.dirname(out), exist_ok=True)
     if mode == 'token_mixing':
       from mixer_jax.weights import any_checkpoint  # pylint: disable=g-import-not-at-top
-      loaded = any_checkpoint.load(FLAGS.checkpoint, step=FLAGS.step)
-      drawn = draw_token_mixing(loaded, out, FLAGS.blocks)
-      print(f'Wrote {out}: {len(drawn)} block(s), '
-            f'{sum(map(len, drawn))} pairs.')
+      drawn = draw_token_mixing(any_checkpoint.load(
+          FLAGS.checkpoint, step=FLAGS.step), out, FLAGS.blocks)
+      # Greedy pairs of random units on a 4x4 grid: about -0.5; the paper's
+      # partners are near -1.
+      median = [np.median([p[3] for p in pairs if p[1] is not None])
+                for pairs in drawn]
+      print(f'Wrote {out}: {sum(map(len, drawn))} pairs in {len(drawn)} '
+            'block(s); median correlation of the partners by block: '
+            f'{", ".join(f"{m:.2f}" for m in median)}.')
     elif mode == 'curves':
-      panels = draw_curves(args[0], out)
-      print(f'Wrote {out}: {", ".join(panels)}.')
+      print(f'Wrote {out}: {", ".join(draw_curves(args[0], out))}.')
     else:
       header, rows = compare_runs(args)
-      table = markdown_table(header, rows)
-      print(table)
+      print(markdown_table(header, rows))
       if out:
         with open(out + '.md', 'w', encoding='utf-8') as f:
-          f.write(table + '\n')
+          f.write(markdown_table(header, rows) + '\n')
         with open(out + '.csv', 'w', newline='', encoding='utf-8') as f:
           csv.writer(f).writerows([header] + rows)
-        print(f'Wrote {out}.md and {out}.csv.', file=sys.stderr)
   return 0
 
 

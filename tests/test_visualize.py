@@ -58,10 +58,11 @@ def expected_order():
 def test_pairs_and_frequency_order_are_recovered():
   units, pairs = gratings()
   drawn = visualize.ordered_pairs(units, GRID)
-  assert {frozenset((i, j)) for i, j, _ in drawn} == pairs
-  np.testing.assert_allclose([f for _, _, f in drawn], expected_order(),
+  assert {frozenset((i, j)) for i, j, *_ in drawn} == pairs
+  np.testing.assert_allclose([p[2] for p in drawn], expected_order(),
                              rtol=1e-5)
-  assert drawn[-1][1] is None  # LONE_WAVE is the highest frequency.
+  assert drawn[-1][1:4:2] == (None, None)  # LONE_WAVE: highest frequency.
+  np.testing.assert_allclose([p[3] for p in drawn[:-1]], -1, rtol=1e-5)
 
 
 def test_sheet_holds_every_unit_once():
@@ -103,8 +104,8 @@ def test_figure_of_an_official_file_has_the_constructed_pairs(tmp_path):
   out = tmp_path / 'figure.png'
   drawn = visualize.draw_token_mixing(loaded, str(out), num_blocks=5)
   assert len(drawn) == 2  # The file has two blocks.
-  assert {frozenset((i, j)) for i, j, _ in drawn[0]} == pairs
-  np.testing.assert_allclose([f for _, _, f in drawn[0]], expected_order(),
+  assert {frozenset((i, j)) for i, j, *_ in drawn[0]} == pairs
+  np.testing.assert_allclose([p[2] for p in drawn[0]], expected_order(),
                              rtol=1e-5)
   height, width = visualize.pair_sheet(units, GRID, drawn[0]).shape
   with Image.open(out) as image:  # Two panels side by side.
@@ -143,13 +144,14 @@ def test_curves_have_one_panel_per_quantity(runs, tmp_path):
 def test_table_holds_what_metrics_jsonl_holds(runs):
   header, rows = visualize.compare_runs(runs)
   assert header == ['workdir', 'learning_rate', 'num_train_steps',
-                    'best eval', 'test', 'steps', 'wall time (s)', 'img/s']
+                    'best eval', 'test/accuracy', 'steps', 'wall time (s)',
+                    'img/s']
   for workdir, row in zip(runs, rows):
     records = _records(workdir)
     values = dict(zip(header, row))
     assert values['best eval'] == max(r['eval_accuracy'] for r in records
                                       if 'eval_accuracy' in r)
-    assert values['test'] == [r['test/accuracy'] for r in records
+    assert values['test/accuracy'] == [r['test/accuracy'] for r in records
                               if 'test/accuracy' in r][-1]
     assert values['steps'] == values['num_train_steps'] == max(
         r['step'] for r in records)
@@ -180,7 +182,8 @@ def test_commands(runs, tmp_path):
   proc = _run('token_mixing', f'--checkpoint={runs[0]}', '--out=tm.png',
               cwd=tmp_path)
   assert proc.returncode == 0, proc.stderr
-  assert proc.stdout == 'Wrote tm.png: 2 block(s), 16 pairs.\n'
+  assert proc.stdout.startswith('Wrote tm.png: 16 pairs in 2 block(s); '
+                                'median correlation of the partners')
   proc = _run('curves', runs[1], cwd=tmp_path)
   assert proc.returncode == 0 and os.path.exists(tmp_path / 'curves.png')
   proc = _run('compare', *runs, '--out=runs', cwd=tmp_path)
