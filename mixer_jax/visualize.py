@@ -1,8 +1,9 @@
 """Pictures of what a Mixer learned and how its runs went.
 
-  python -m mixer_jax.visualize token_mixing --checkpoint=workdirs/quickstart --out=token_mixing.png
+  python -m mixer_jax.visualize token_mixing --checkpoint=workdirs/quickstart
   python -m mixer_jax.visualize curves workdirs/quickstart --out=curves.png
-  python -m mixer_jax.visualize compare workdirs/quickstart workdirs/other --out=runs
+  python -m mixer_jax.visualize compare workdirs/quickstart workdirs/other \
+      --out=runs
 
 - token_mixing: the paper's Figure 5, from any checkpoint `any_checkpoint.load`
   accepts. Each hidden unit of the first `--blocks` token-mixing MLPs (a
@@ -24,7 +25,6 @@ Drawing needs matplotlib (`pip install -e '.[plots]'`); compare does not.
 from mixer_jax.training import command_line  # pylint: disable=g-bad-import-order
 
 import csv
-import glob
 import json
 import math
 import os
@@ -160,9 +160,10 @@ def draw_token_mixing(loaded, out: str, num_blocks: int = 3) -> List[list]:
 
 
 def read_metrics(workdir: str) -> List[dict]:
-  """The step records of `workdir/metrics.jsonl`."""
+  """The step records of `workdir/metrics.jsonl` (local or gs://)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from mixer_jax.training import reporting  # pylint: disable=g-import-not-at-top
-  if not os.path.isfile(os.path.join(workdir, reporting.METRICS_FILE)):
+  if not tf.io.gfile.exists(os.path.join(workdir, reporting.METRICS_FILE)):
     raise errors.UsageError(f'{workdir} has no {reporting.METRICS_FILE}: give '
                             'the --workdir of a mixer_jax.train run.')
   return reporting.read_metrics(workdir)
@@ -214,7 +215,7 @@ def wall_time(workdir: str) -> Optional[float]:
   event files (one per start of the run); None without them."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   spans = []
-  for path in glob.glob(os.path.join(workdir, 'events.out.tfevents.*')):
+  for path in tf.io.gfile.glob(os.path.join(workdir, 'events.out.tfevents.*')):
     times = [tf.compat.v1.Event.FromString(record.numpy()).wall_time
              for record in tf.data.TFRecordDataset(path)]
     spans += [max(times) - min(times)] if times else []
