@@ -74,6 +74,9 @@ def test_sheet_holds_every_unit_once():
   assert np.nanmax(np.abs(sheet)) == pytest.approx(1.0)
 
 
+WALL_TIMES = []  # The runs' own wall time (start-up included).
+
+
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
   """Two short quick-start runs that differ in learning rate and steps."""
@@ -89,8 +92,9 @@ def runs(tmp_path_factory):
     config.log_every_steps, config.eval_every_steps = 2, 5
     config.checkpoint_every_steps = 10
     workdir = str(tmp_path_factory.mktemp(f'run{steps}'))
-    trainer.train_and_evaluate(config, workdir)
+    summary = trainer.train_and_evaluate(config, workdir)
     workdirs.append(workdir)
+    WALL_TIMES.append(summary['wall_time_s'])
   return workdirs
 
 
@@ -146,7 +150,7 @@ def test_table_holds_what_metrics_jsonl_holds(runs):
   assert header == ['workdir', 'learning_rate', 'num_train_steps',
                     'best eval', 'test/accuracy', 'steps', 'wall time (s)',
                     'img/s']
-  for workdir, row in zip(runs, rows):
+  for workdir, row, wall_time in zip(runs, rows, WALL_TIMES):
     records = _records(workdir)
     values = dict(zip(header, row))
     assert values['best eval'] == max(r['eval_accuracy'] for r in records
@@ -157,7 +161,8 @@ def test_table_holds_what_metrics_jsonl_holds(runs):
         r['step'] for r in records)
     assert values['img/s'] == np.mean([r['images_per_sec'] for r in records
                                        if 'images_per_sec' in r])
-    assert 0 < values['wall time (s)'] < 300
+    # The event files span the training loop: less than the whole run.
+    assert 0 < values['wall time (s)'] < wall_time
   assert [r[1] for r in rows] == [2e-3, 1e-3]
   table = visualize.markdown_table(header, rows).splitlines()
   assert len(table) == 4 and table[1] == '|' + ' --- |' * len(header)
