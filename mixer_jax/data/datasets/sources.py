@@ -343,13 +343,6 @@ class TfdsSource:
                               'label': tf.cast(ex[self.label_key], tf.int64)})
 
 
-def largest_shard_size(source, split, count) -> int:
-  """Examples of the largest of the `count` process shards of `split`: the
-  length every process pads its eval pass to, so that all run the same
-  number of batches."""
-  return max(source.shard_size(split, i, count) for i in range(count))
-
-
 @functools.lru_cache(maxsize=None)
 def find_bad_images(root, split):
   """Names of the files of `root/split/*/` that TensorFlow cannot decode.
