@@ -1,49 +1,35 @@
 r"""Speed of the model's step, of the training loop and of the input pipeline.
 
   python -m mixer_jax.benchmark --variant=B_16 --mode=infer --batch_size=16
-  python -m mixer_jax.benchmark --mode=train --batch_size=8 --optimizer=sgd
   python -m mixer_jax.benchmark --variant=L_16 --mode=train --devices=8 \
       --sharding=fsdp --remat --batch_size=64 --optimizer=adam --repeats=0
   python -m mixer_jax.benchmark --mode=loop  # quick-start loop vs its step
   python -m mixer_jax.benchmark --mode=input --recipe=inception --compare_timm
 
-`--mode=infer|train|both`: the trainer's own step (`compiled.build`, the
-same shardings and donation as `python -m mixer_jax.train`) of `--config`
-(default the package's defaults, mixer_jax/config_defaults.py), its model,
-batch, image size, optimizer and sharding set by the flags, on `--devices`
-devices (fake CPU devices when the machine has fewer; the config's mesh).
-Per configuration: images/s (median over timed repeats, after
-compilation), compile time, the achieved FLOP/s from
-`models.flops_per_image` (training counts 3x the forward pass), the
-fraction of one device's peak each device reaches, the peak being a large
-square matmul of the same dtype timed between the model's steps (so that
-both see the same load on a shared machine), and the memory used. Read from
-the compiled executable: `flops_per_device_fraction` (compiled FLOPs of one
-device over the whole step's: 1/N is a perfect split, remat adds about a
-third in training), `collectives` (count and result bytes per kind) and
-`state_bytes_per_device`. `--repeats=0` compiles and reports these without
-running. `--json` prints one JSON object per row.
+`infer|train|both`: the trainer's own step (`compiled.build`: the same
+shardings and donation) of `--config` (default mixer_jax/config_defaults.py)
+with the flags' model, batch, image size, optimizer and sharding, on
+`--devices` devices (fake CPU ones when there are fewer). Per row: images/s
+(median of the timed repeats), compile time, FLOP/s (`models.flops_per_image`,
+training 3x) and their fraction of one device's peak, a square matmul of the
+same dtype timed between the steps so that both see the same load; from the
+executable, its FLOPs per device over the step's (1/N is a perfect split),
+collectives and state bytes per device (`--repeats=0`: these only).
 
-`--mode=loop`: the steps/s of `train_and_evaluate` on `--config` (default
-configs/quickstart.py) against the same train step called back to back on
-one placed batch, in the same process, and their ratio: what the loop's
-host work (input, transfers, bookkeeping, logging) costs.
+`loop`: steps/s of `train_and_evaluate` on `--config` (default
+configs/quickstart.py) against its train step called back to back on one
+placed batch, in the same process: what the loop's host work costs.
 
-`--mode=input`: images/s of the training input pipeline on `--num_images`
-locally made JPEGs (smooth colour fields plus noise, `--width`x`--height`,
-quality 90: about the size and decode cost of an ImageNet photo), every
-step run (decoding inside the crop included), epochs cycling over the files
-from the OS cache. Recipes: 'finetune' = random crop, resize, flip;
-'inception' = the same plus RandAugment(2, 15). Each timing gives images/s,
-per core (the cores this process may use, all of which tf.data uses) and
-per CPU-second of the loader's threads and processes: on a shared machine
-the last varies much less. `--compare_timm` (needs torch, torchvision,
-timm; otherwise skipped with a message) alternates each timing with
-timm's loader on the same files, cores and batch: ImageFolder +
-`timm.data.create_transform(image_size, is_training=True)` (plus
-`auto_augment='rand-m15-n2'` for inception), a DataLoader with one worker
-per core, in a child process; the medians of both and their ratios close
-the output.
+`input`: images/s of the training input pipeline on `--num_images` JPEGs
+made here (smooth colour fields plus noise, quality 90: like ImageNet photos
+to decode), 'finetune' (random crop, resize, flip) and/or 'inception' (the
+same plus RandAugment(2, 15)) recipes; also per core and per CPU-second of
+the loader's threads and processes, the steadier figure on a shared
+machine. `--compare_timm` (with torch, torchvision and timm installed)
+alternates each timing with timm's loader on the same files, batch and
+cores (ImageFolder, `timm.data.create_transform(size, is_training=True)`,
+plus `auto_augment='rand-m15-n2'` for inception, one DataLoader worker per
+core, in a child process) and ends with both medians and their ratios.
 """
 
 # First, before TensorFlow loads: it quiets TensorFlow's C++ start-up lines.
