@@ -208,7 +208,7 @@ def train_dataset(config, *, start_step=0, process_index=None,
     image = preprocess.train_image(
         ex['image'], seed, image_size=config.image_size, crop=pp.train_crop,
         area_min=pp.crop_area_min, flip=pp.flip, randaugment=randaugment)
-    return image, preprocess.one_hot(ex['label'], num_classes)
+    return image, tf.one_hot(ex['label'], num_classes)
 
   if per_batch:
     image_spec = ds.element_spec['image']
@@ -219,7 +219,7 @@ def train_dataset(config, *, start_step=0, process_index=None,
     ds = ds.batch(batch_size, drop_remainder=True)
     ds = ds.map(lambda ex: (
         preprocess.normalize(preprocess.resize(ex['image'], config.image_size)),
-        preprocess.one_hot(ex['label'], num_classes)))
+        tf.one_hot(ex['label'], num_classes)))
   else:
     ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(batch_size, drop_remainder=True)
@@ -299,7 +299,7 @@ def eval_batches(source, split, *, batch_size, image_size, num_classes,
           tf.one_hot(labels, num_classes, dtype=tf.float32), axis=0), 1.0)
       mask = tf.cast(tf.size(labels) > 0, tf.float32)
     else:
-      label = preprocess.one_hot(ex['label'], num_classes)
+      label = tf.one_hot(ex['label'], num_classes)
       mask = tf.constant(1.0, tf.float32)
     return {'image': preprocess.eval_image(ex['image'], image_size, crop,
                                            resize, resize_method),

@@ -278,8 +278,3 @@ def eval_image(image, image_size, crop='resize', resize_size=256,
   else:
     image = central_crop(to_uint8(resize(image, resize_size)), image_size)
   return normalize(image)
-
-
-def one_hot(label, num_classes):
-  """Integer label -> float32 one-hot vector."""
-  return tf.one_hot(label, num_classes, dtype=tf.float32)
