@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from configs import common
+from mixer_jax import config_defaults
 from mixer_jax.data import input_pipeline
 from mixer_jax.data.datasets import sources
 # The folder-of-images fixture is shared with test_datasets.py (pytest puts
@@ -23,7 +23,7 @@ def digits_dir(tmp_path_factory):
 
 
 def _config(data_dir, **overrides):
-  config = common.get_config()
+  config = config_defaults.get_config()
   config.dataset = 'digits'
   config.data_dir = data_dir
   config.train_split = 'train'
