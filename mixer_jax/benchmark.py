@@ -295,22 +295,11 @@ def benchmark_config(*, variant: str, mode: str, batch_size: int,
 def run_benchmark(*, variant: str, mode: str, batch_sizes: Sequence[int],
                   **kwargs) -> list[dict[str, Any]]:
   """One row per batch size and mode ('infer', 'train' or 'both'); kwargs
-  go to `benchmark_config`. Every row starts from the same parameters
-  (random, so timings see real values; zeros when only compiling)."""
+  go to `benchmark_config`."""
   if mode not in MODES + ('both',):
     raise errors.UsageError(f'Unknown mode {mode!r}; use infer, train or both.')
-  params = None
-  if kwargs.get('repeats', 1):
-    config = run_config(
-        kwargs.get('base_config'), variant=variant,
-        num_classes=kwargs.get('num_classes', 1000), dtype=kwargs['dtype'],
-        sizes=kwargs.get('sizes') or {}, batch_size=1,
-        image_size=kwargs['image_size'])
-    params = models.init_params(
-        model_from_config.create_model(config, config.num_classes),
-        jax.random.PRNGKey(0), kwargs['image_size'])
   return [benchmark_config(variant=variant, mode=m, batch_size=batch_size,
-                           params=params, **kwargs)
+                           **kwargs)
           for batch_size in batch_sizes
           for m in (MODES if mode == 'both' else (mode,))]
 
@@ -551,19 +540,16 @@ def format_input(rows: Sequence[dict[str, Any]]) -> str:
         f"images/s, {r['per_core']:6.1f} per core, {r['per_cpu_second']:6.1f}"
         f" per CPU-second  ({r['image_size']}x{r['image_size']}, batch "
         f"{r['batch_size']}, {r['cores']} cores)")
-  for recipe in dict.fromkeys(r['recipe'] for r in rows):
-    medians = {loader: [statistics.median(r[k] for r in rows
-                                          if (r['recipe'], r['loader']) ==
-                                          (recipe, loader))
-                        for k in ('images_per_sec', 'per_cpu_second')]
-               for loader in ('mixer_jax', 'timm')
-               if any(r['loader'] == loader for r in rows)}
-    if 'timm' in medians:
-      (ours, ours_cpu), (timm, timm_cpu) = medians['mixer_jax'], medians['timm']
-      lines.append(f'{recipe:>9}: medians {ours:.1f} images/s vs timm '
-                   f'{timm:.1f}: {ours / timm:.2f}x; per CPU-second '
-                   f'{ours_cpu:.1f} vs {timm_cpu:.1f}: '
-                   f'{ours_cpu / timm_cpu:.2f}x')
+  timed_timm = any(r['loader'] == 'timm' for r in rows)
+  for recipe in dict.fromkeys(r['recipe'] for r in rows if timed_timm):
+    ours, timm = ([statistics.median(r[k] for r in rows
+                                     if (r['recipe'], r['loader']) ==
+                                     (recipe, loader))
+                   for k in ('images_per_sec', 'per_cpu_second')]
+                  for loader in ('mixer_jax', 'timm'))
+    lines.append(f'{recipe:>9}: medians {ours[0]:.1f} images/s vs timm '
+                 f'{timm[0]:.1f}: {ours[0] / timm[0]:.2f}x; per CPU-second '
+                 f'{ours[1]:.1f} vs {timm[1]:.1f}: {ours[1] / timm[1]:.2f}x')
   return '\n'.join(lines)
 
 
