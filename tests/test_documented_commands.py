@@ -38,8 +38,7 @@ from mixer_jax.training import launch_check
 from mixer_jax.training import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROGRAMS = ('train', 'evaluate', 'predict', 'export', 'fewshot', 'benchmark',
-            'benchmark_input')
+PROGRAMS = ('train', 'evaluate', 'predict', 'export', 'fewshot', 'benchmark')
 PYTHON = '.venv/bin/python'
 SETUP = 'python3 -m venv .venv && .venv/bin/pip install -q -e '
 
@@ -60,11 +59,9 @@ TINY_MODEL = ('--config.model.num_blocks=1', '--config.model.hidden_dim=16',
 TINY = {
     'benchmark': ('--num_blocks=1', '--hidden_dim=16', '--tokens_mlp_dim=8',
                   '--channels_mlp_dim=16', '--image_size=32', '--repeats=1',
-                  '--peak_size=64', '--loop_steps=20'),
-    'benchmark_input': ('--num_images=16', '--width=64', '--height=48',
-                        '--image_size=32', '--batch_size=8',
-                        '--num_batches=2', '--warmup_batches=1',
-                        '--repeats=1'),
+                  '--peak_size=64', '--loop_steps=20', '--num_images=16',
+                  '--width=64', '--height=48', '--num_batches=2',
+                  '--warmup_batches=1'),
 }
 
 

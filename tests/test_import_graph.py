@@ -17,8 +17,7 @@ PACKAGE = 'mixer_jax'
 # The command-line programs (`python -m mixer_jax.NAME`): shells over the
 # library, which must never import them.
 PROGRAMS = {f'{PACKAGE}.{name}' for name in (
-    'train', 'evaluate', 'predict', 'fewshot', 'export', 'benchmark',
-    'benchmark_input')}
+    'train', 'evaluate', 'predict', 'fewshot', 'export', 'benchmark')}
 
 
 def package_modules():

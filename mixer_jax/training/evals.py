@@ -28,7 +28,6 @@ from typing import Callable, Dict, Iterable, Optional
 import jax
 import numpy as np
 
-from mixer_jax.data.datasets import sources
 from mixer_jax.data import input_pipeline
 from mixer_jax.training import compiled
 from mixer_jax.training import eval_entries
@@ -101,17 +100,6 @@ def nan_note(nan_rows: int) -> str:
           'the first NaN class)' if nan_rows else '')
 
 
-def _read(config, entry, index, count):
-  """(this process's examples, size of the largest shard, class count)."""
-  data = eval_entries.entry_data(config, entry)
-  source = eval_entries.entry_source(config, data)
-  examples = source.read(data.split, index, count)
-  largest = sources.largest_shard_size(source, data.split, count)
-  if largest <= 0:
-    raise ValueError(f'Split {data.split!r} of {data.dataset} is empty.')
-  return examples, largest, source.num_classes
-
-
 class Evaluations:
   """Runs the entries of config.evals that are due at a step."""
 
@@ -166,17 +154,16 @@ class Evaluations:
     entry = self.entries[name]
     if entry.kind == 'fewshot':
       return self._fewshot(name, entry, params)
-    index, count = jax.process_index(), jax.process_count()
-    examples, largest, data_classes = _read(self.config, entry, index, count)
+    data = eval_entries.entry_data(self.config, entry)
+    source = eval_entries.entry_source(self.config, data)
     num_classes = self.model.num_classes
-    if data_classes > num_classes:
-      raise ValueError(f'config.evals.{name}: {data_classes} classes in the '
-                       f'data but the head has {num_classes}.')
-    batches = input_pipeline.padded_eval_dataset(
-        examples, largest, batch_size=self.config.batch_size,
+    if source.num_classes > num_classes:
+      raise ValueError(f'config.evals.{name}: {source.num_classes} classes '
+                       f'in the data but the head has {num_classes}.')
+    batches = input_pipeline.eval_batches(
+        source, data.split, batch_size=self.config.batch_size,
         image_size=self.config.image_size, num_classes=num_classes,
-        multi_label=entry.kind == 'real', process_count=count,
-        **self._pp(entry))
+        multi_label=entry.kind == 'real', **self._pp(entry))
     if entry.kind != 'real':
       result = evaluate_dataset(self.functions.eval_step, params,
                                 batches.as_numpy_iterator(), self.mesh,
