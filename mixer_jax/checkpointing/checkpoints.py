@@ -184,10 +184,6 @@ class Checkpointer:
     """Every complete step in the directory, ascending."""
     return sorted(self._manager.all_steps())
 
-  def best_step(self) -> Optional[int]:
-    """The kept step with the best eval accuracy (latest if none has one)."""
-    return self._manager.best_step()
-
   # --------------------------------------------------------------- Save.
   def save(self, step: int, state, *, metrics=None, extra=None,
            force: bool = False) -> bool:
