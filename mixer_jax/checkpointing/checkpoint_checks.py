@@ -36,17 +36,10 @@ def jsonable(value):
   return value
 
 
-def _key_name(key) -> str:
-  for attr in ('name', 'key', 'idx'):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
-
-
 def flat(tree) -> dict:
   """{'params/stem/kernel': leaf} for any pytree (dataclass, dict, tuple)."""
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {'/'.join(_key_name(k) for k in path): leaf for path, leaf in leaves}
+  return {jax.tree_util.keystr(path, simple=True, separator='/'): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def _dtype(leaf):
