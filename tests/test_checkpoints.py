@@ -8,6 +8,7 @@ processes (kill -9, full disk, two hosts, training) are in
 test_reliability.py.
 """
 
+import asyncio
 import functools
 import glob
 import os
@@ -16,6 +17,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +31,7 @@ import pytest
 
 from mixer_jax.checkpointing import checkpoint_checks as checks
 from mixer_jax.checkpointing import checkpoints
+from mixer_jax.checkpointing import echoes
 from mixer_jax import models
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -159,12 +162,9 @@ def test_truncated_file_errors_and_falls_back(tmp_path):
 def test_programs_drop_only_the_closed_loop_echoes(capsys, monkeypatch):
   # What TensorStore reports for each read or write still in flight after
   # Orbax raised on the first failure and closed its loop (echoes.py).
-  import asyncio  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-  from mixer_jax.checkpointing import echoes  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(sys, 'unraisablehook', sys.__unraisablehook__)
   echoes.quiet_closed_loop_echoes()
-  echoes.quiet_closed_loop_echoes()  # Once: the hook is not wrapped twice.
+  echoes.quiet_closed_loop_echoes()  # Idempotent.
   loop = asyncio.new_event_loop()
   loop.close()
 

@@ -1,19 +1,12 @@
 """Orbax checkpoints of the train state: save, verified restore, preemption.
 
-`Checkpointer` wraps one `orbax.checkpoint.CheckpointManager` whose step
-directories hold two items:
-
-  state/   the TrainState pytree (arrays written by TensorStore)
-  extra/   JSON: the caller's data position and notes, the model
-           `fingerprint` and a checksum of every leaf (checkpoint_checks).
-
-Orbax writes a step into a temporary directory and renames it when every
-file is written, so a save cut short (kill -9, a full disk) leaves the
-earlier steps as they were; a writable manager removes such leftovers when
-it opens. A restore checks the stored tree and fingerprint before reading
-any array, and the checksums and finiteness after; a problem raises
-`CheckpointError` naming the step and the earlier steps to fall back to,
-and changes nothing. Checkpoints are arrays and JSON: nothing is unpickled.
+`Checkpointer` wraps one `orbax.checkpoint.CheckpointManager`; each step
+holds `state/` (the TrainState's arrays, written by TensorStore) and
+`extra/` (JSON: the caller's data position, the model fingerprint and the
+leaf checksums of checkpoint_checks). Orbax writes a step into a temporary
+directory renamed when complete, so a save cut short (kill -9, a full disk)
+leaves the earlier steps as they were; a writable manager removes the
+leftovers when it opens. Nothing is ever unpickled.
 """
 
 import errno
@@ -202,9 +195,8 @@ class Checkpointer:
 
     Raises:
       CheckpointError: non-finite state, not enough disk space, an existing
-        step with force=True, a non-JSON `extra`, or a failed write (this
-        one's, or the previous background one's); the steps already on disk
-        are kept in every case.
+        step with force=True, a non-JSON `extra`, or a failed write (this or
+        the previous background save); the steps on disk are kept.
     """
     if self.read_only:
       raise checks.CheckpointError(f'{self.directory} was opened read-only.')
