@@ -26,6 +26,7 @@ from typing import Sequence
 from absl import flags
 from absl import logging
 
+from mixer_jax.checkpointing import echoes
 from mixer_jax.training import errors
 
 # Libraries whose INFO lines (and, by default, warnings) are dropped.
@@ -147,6 +148,7 @@ def quiet_library_logs(max_level: int = pylogging.INFO) -> None:
   logger = pylogging.getLogger('absl')
   if not any(isinstance(f, ShortLibraryErrors) for f in logger.filters):
     logger.addFilter(ShortLibraryErrors())
+  echoes.quiet_closed_loop_echoes()
 
 
 def set_up_output(verbose: bool) -> None:

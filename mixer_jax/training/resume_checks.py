@@ -24,15 +24,8 @@ def check_schedule_unchanged(config, workdir: str, checkpoint_dir: str,
                              num_train_steps: int) -> None:
   """Refuses to resume with another batch size or number of steps.
 
-  The values of the run that wrote the checkpoints are read from its
-  run_info.json (nothing to compare without a readable one: the start then
-  rewrites it). Nothing is written.
-
-  Args:
-    config: the new start's config.
-    workdir: the run's workdir.
-    checkpoint_dir: its checkpoint directory (no steps: a fresh run).
-    num_train_steps: the new start's resolved number of steps.
+  The saved run's values come from its run_info.json (nothing to compare
+  without a readable one: the start then rewrites it). Nothing is written.
 
   Raises:
     config_validation.ConfigError: unless config.allow_changed_schedule.
