@@ -388,7 +388,7 @@ def benchmark_loop(base_config=None, *, steps: int = 600,
   import shutil  # pylint: disable=g-import-not-at-top
   import tempfile  # pylint: disable=g-import-not-at-top
   from mixer_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
-  from mixer_jax.training import config_loading  # pylint: disable=g-import-not-at-top
+  import runpy  # pylint: disable=g-import-not-at-top
   from mixer_jax.training import reporting  # pylint: disable=g-import-not-at-top
   from mixer_jax.training import trainer  # pylint: disable=g-import-not-at-top
   if steps < 6 or rounds < 1:
@@ -400,7 +400,7 @@ def benchmark_loop(base_config=None, *, steps: int = 600,
           f'--mode=loop times {QUICKSTART_CONFIG} by default, which is not '
           f'in {os.getcwd()}: run from the repository root or pass '
           '--config=path/to/a/config.py.')
-    base_config = config_loading.load_config_file(QUICKSTART_CONFIG)
+    base_config = runpy.run_path(QUICKSTART_CONFIG)['get_config']()
   config = _loop_config(base_config, steps, steps // 6)
   run = trainer.build_run(config, input_pipeline.dataset_info(config))
   loop_rates, step_rates, waits = [], [], []

@@ -195,7 +195,7 @@ def test_command_json_output_with_fake_devices():
   result = _run_cli(*TINY_FLAGS, '--mode=train', '--batch_size=4,8',
                     '--optimizer=adam', '--dtype=bfloat16', '--devices=4',
                     '--sharding=fsdp', '--remat', '--json',
-                    '--config=configs/common.py',
+                    '--config=mixer_jax/config_defaults.py',
                     '--config.fsdp_min_size_mb=0')
   assert result.returncode == 0, result.stderr[-2000:]
   rows = [json.loads(line) for line in result.stdout.splitlines()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from configs import common
+from mixer_jax import config_defaults
 from mixer_jax.data import input_pipeline
 from mixer_jax.data.datasets import sources
 # The folder-of-images fixture is shared with test_datasets.py (pytest puts
@@ -25,7 +25,7 @@ def digits_dir(tmp_path_factory):
 
 
 def _config(data_dir, **overrides):
-  config = common.get_config()
+  config = config_defaults.get_config()
   config.dataset = 'digits'
   config.data_dir = data_dir
   config.train_split = 'train'
@@ -286,7 +286,7 @@ def test_benchmark_input_times_the_jpeg_pipeline(tmp_path):
   from mixer_jax import benchmark_input  # pylint: disable=g-import-not-at-top
   size = benchmark_input.make_jpegs(str(tmp_path), 8, 64, 48, num_classes=2)
   assert size > 500  # Bytes per JPEG: real, noisy content.
-  config = benchmark_input.recipe_config(common.get_config(), 'finetune',
+  config = benchmark_input.recipe_config(config_defaults.get_config(), 'finetune',
                                          str(tmp_path), 32, 4)
   assert input_pipeline.dataset_info(config).train_examples == 8
   rate, per_cpu_second = benchmark_input.images_per_second(
@@ -308,7 +308,7 @@ def _figures(line):
 def test_benchmark_input_per_core_and_timm(tmp_path, capsys, with_timm):
   from mixer_jax import benchmark_input  # pylint: disable=g-import-not-at-top
   benchmark_input.make_jpegs(str(tmp_path), 8, 64, 48, num_classes=2)
-  config = benchmark_input.recipe_config(common.get_config(), 'inception',
+  config = benchmark_input.recipe_config(config_defaults.get_config(), 'inception',
                                          str(tmp_path), 32, 4)
   ours, theirs = benchmark_input.compare(
       config, 'inception', str(tmp_path), repeats=2, num_batches=2,

@@ -15,9 +15,10 @@ from typing import Mapping
 import numpy as np
 
 from mixer_jax.checkpointing import state_digests
+from mixer_jax.errors import UserError
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
   """A checkpoint cannot be written, found, read or used for this run."""
 
 

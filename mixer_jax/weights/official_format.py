@@ -24,6 +24,7 @@ import zlib
 import numpy as np
 
 from mixer_jax import models
+from mixer_jax.errors import UserError
 from mixer_jax.weights import registry
 
 BLOCK_RE = re.compile(r'^MixerBlock_(\d+)/')
@@ -31,7 +32,7 @@ BLOCK_RE = re.compile(r'^MixerBlock_(\d+)/')
 _EMPTY_ZIP = b'PK\x05\x06'
 
 
-class PretrainedError(ValueError):
+class PretrainedError(UserError, ValueError):
   """A checkpoint that cannot be read, or does not fit the model."""
 
 
