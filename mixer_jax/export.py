@@ -7,37 +7,20 @@
       --out=/tmp/b16_savedmodel --format=savedmodel
 
 `--checkpoint` is anything `mixer_jax.weights.any_checkpoint.load` accepts
-(`--weights=ema`: a workdir's moving average of the weights). Four formats,
-each with a symbolic (any) batch size:
+(`--weights=ema`: a workdir's moving average of the weights). Formats, each
+with a symbolic (any) batch size; docs/export.md describes their inputs:
 
 - `stablehlo`: `DIR/model.jax_export`, a `jax.export` serialized function
-  with the parameters embedded. Reload it in any JAX program without
-  mixer_jax:
-
-    exported = jax.export.deserialize(open('DIR/model.jax_export', 'rb')
-                                      .read())
-    logits = exported.call(images)  # float32 (N, H, W, 3) in [-1, 1]
-
-- `savedmodel`: a TensorFlow SavedModel (converted with
-  `jax.experimental.jax2tf`, native StableHLO serialization; parameters are
-  `tf.Variable`s) for TF Serving, TFLite converters or plain TF. Its
-  signatures:
-  * `serving_default(images)`: uint8 (N, h, w, 3). With `--preprocess` (the
-    default) any h, w: the checkpoint's eval preprocessing (resize or resize
-    and central crop, then scaling to [-1, 1]) runs inside the model;
-    without it, images must already be H x W and are only scaled.
-  * `serving_float(images)`: float32 (N, H, W, 3) already scaled to [-1, 1].
-  Both return `{'logits': float32 (N, classes)}`.
-
-- `onnx`: `DIR/model.onnx` (`mixer_jax.weights.onnx_format`): input
-  `images` float32 (N, H, W, 3) in [-1, 1], output `logits`.
+  with the parameters embedded, for any JAX program without mixer_jax;
+- `savedmodel`: a TensorFlow SavedModel (`jax2tf`), whose `serving_default`
+  takes uint8 images (any size with `--preprocess`: the checkpoint's eval
+  preprocessing runs inside) and `serving_float` images in [-1, 1];
+- `onnx`: `DIR/model.onnx` (`mixer_jax.weights.onnx_format`);
 - `hub`: a Hugging Face Hub folder that timm and mixer_jax both load
-  (`mixer_jax.weights.hub_publish`): timm's safetensors and config.json,
-  the official .npz and a model card; `--push_to=OWNER/NAME` uploads it.
+  (`mixer_jax.weights.hub_publish`); `--push_to=OWNER/NAME` uploads it.
 
 Next to the stablehlo, savedmodel and onnx artifacts, `serving_info.json`
-records the input size, the expected input range, the eval preprocessing
-and the class names.
+records the input size and range, the eval preprocessing and class names.
 """
 
 import json

@@ -348,13 +348,12 @@ def _define_flags():
 
 def main(argv):
   command_line.set_up_output(FLAGS.verbose)
-  # Images are decoded and preprocessed by TensorFlow (as in training).
-  command_line.load_tensorflow_quietly()
   with command_line.user_errors_as_one_line():
     if len(argv) < 2:
       raise errors.UsageError(
           'Give one or more image files, directories or quoted glob patterns '
           "after the flags ('-': one image from stdin).")
+    command_line.load_tensorflow_quietly()  # It decodes images, as in training.
     paths = expand_inputs(argv[1:])
   from mixer_jax.weights import any_checkpoint  # pylint: disable=g-import-not-at-top
   try:

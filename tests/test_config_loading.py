@@ -122,8 +122,9 @@ def test_config_argument_reaches_get_config():
 
 def test_the_config_is_read_once_checked_and_nothing_heavy_is_imported(
     tmp_path):
-  # The file notes each execution: it runs once, the overrides apply, the
-  # config stays locked, and neither JAX nor TensorFlow has been imported.
+  # The file notes each execution: it runs once, the overrides apply (also
+  # one given before --config), the config stays locked, and neither JAX nor
+  # TensorFlow has been imported.
   runs = tmp_path / 'runs.txt'
   path = write(tmp_path, f'''
       from mixer_jax import config_defaults
@@ -134,7 +135,7 @@ def test_the_config_is_read_once_checked_and_nothing_heavy_is_imported(
           f.write('get_config\\n')
         return config_defaults.get_config()
   ''')
-  run = parse('--config', path, '--config.batch_size=8', '--workdir=w',
+  run = parse('--config.batch_size=8', '--config', path, '--workdir=w',
               '--config.model.variant=S_16', '--multihost')
   assert run.returncode == 0, run.stderr[-3000:]
   assert run.stdout.split() == ["['--multihost']", '8', 'S_16', 'True', 'w',

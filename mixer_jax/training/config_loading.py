@@ -79,19 +79,23 @@ def parse_flags(argv: Sequence[str], help_text: str = 'Config file.',
       `--config` is given; the ConfigDict it returns (e.g. a workdir's saved
       config) takes the `--config.FIELD=VALUE` overrides as a file's would.
   """
-  given = any(arg.split('=')[0] == '--config' for arg in argv[1:])
+  # ml_collections wants --config before its overrides; users need not.
+  at = [i for i, arg in enumerate(argv) if arg.split('=')[0] == '--config']
+  if at:
+    end = at[0] + (1 if '=' in argv[at[0]] else 2)
+    argv = [argv[0], *argv[at[0]:end], *argv[1:at[0]], *argv[end:]]
   try:
     saved = None
-    if not given and config_when_missing is not None:
+    if not at and config_when_missing is not None:
       flags.FLAGS(argv, known_only=True)  # The flags it reads.
       saved = config_when_missing()
     if saved is None:
       config_flags.DEFINE_config_file('config', None, help_text,
-                                      lock_config=True)
+                                      lock_config=True, sys_argv=argv)
       flags.mark_flag_as_required('config')
     else:
       config_flags.DEFINE_config_dict('config', saved, help_text,
-                                      lock_config=True)
+                                      lock_config=True, sys_argv=argv)
     rest = flags.FLAGS(argv, known_only=True)  # See start_multihost.
     config = flags.FLAGS.config
     if not isinstance(config, ml_collections.ConfigDict):
