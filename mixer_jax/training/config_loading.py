@@ -11,6 +11,7 @@ traceback, and `validate_config` before the program imports JAX or
 TensorFlow.
 """
 
+import os
 import sysconfig
 import traceback
 from typing import Callable, List, Optional, Sequence
@@ -24,8 +25,7 @@ from mixer_jax.training import command_line
 from mixer_jax.training.config_validation import ConfigError
 from mixer_jax.training.config_validation import validate_config
 
-_LIBRARIES = tuple(sysconfig.get_paths()[k] for k in ('stdlib', 'purelib',
-                                                      'platlib'))
+_STDLIB = sysconfig.get_paths()['stdlib']
 
 
 def _where(error: BaseException) -> str:
@@ -33,8 +33,9 @@ def _where(error: BaseException) -> str:
   if isinstance(error, SyntaxError):
     return f'{error.filename}, line {error.lineno}: '
   frames = [f for f in traceback.extract_tb(error.__traceback__)
-            if not f.filename.startswith(_LIBRARIES + ('<',))
-            and f.filename != __file__]
+            if not f.filename.startswith((_STDLIB, '<')) and f.filename !=
+            __file__ and not {'site-packages', 'dist-packages'} & set(
+                f.filename.split(os.sep))]
   return f'{frames[-1].filename}, line {frames[-1].lineno}: ' if frames else ''
 
 
