@@ -9,8 +9,8 @@ silently changes what both mean.
 from absl import logging
 from etils import epath
 
+from mixer_jax.errors import UserError
 from mixer_jax.training import config_validation
-from mixer_jax.training import errors
 from mixer_jax.weights import run_info
 
 
@@ -34,7 +34,7 @@ def check_schedule_unchanged(config, workdir: str, checkpoint_dir: str,
     return
   try:
     saved = run_info.read_run_info(workdir)['config']
-  except errors.EXPECTED_ERRORS as e:  # Missing or damaged: rewritten.
+  except UserError as e:  # Missing or damaged: rewritten.
     logging.warning('Cannot compare the schedule with the saved run: %s', e)
     return
   changes = []

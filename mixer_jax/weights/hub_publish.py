@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from mixer_jax import models
+from mixer_jax.errors import UserError
 from mixer_jax.weights import hub
 from mixer_jax.weights import official_format
 from mixer_jax.weights import pretrained
@@ -41,7 +42,7 @@ _TIMM_DEFAULT_IMAGE = 224
 OUR_FIELD = 'mixer_jax'  # Our part of config.json (timm ignores it).
 
 
-class PublishError(RuntimeError):
+class PublishError(UserError, RuntimeError):
   """The folder cannot be written or uploaded (no head, no token, no network)."""
 
 

@@ -20,12 +20,13 @@ import zlib
 import numpy as np
 
 from mixer_jax import models
+from mixer_jax.errors import UserError
 from mixer_jax.weights import registry
 
 BLOCK_RE = re.compile(r'^MixerBlock_(\d+)/')
 
 
-class PretrainedError(ValueError):
+class PretrainedError(UserError, ValueError):
   """A checkpoint that cannot be read, or does not fit the model."""
 
 

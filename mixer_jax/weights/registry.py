@@ -12,12 +12,14 @@ import os
 from typing import Optional, Tuple
 import uuid
 
+from mixer_jax.errors import UserError
+
 BUCKET = 'gs://mixer_models'
 HTTPS_BUCKET = 'https://storage.googleapis.com/mixer_models'
 CACHE_ENV = 'MIXER_JAX_CACHE'
 
 
-class CheckpointNotFoundError(FileNotFoundError):
+class CheckpointNotFoundError(UserError, FileNotFoundError):
   """A registry name or path that cannot be turned into a readable file."""
 
 
