@@ -38,7 +38,8 @@ from mixer_jax.training import launch_check
 from mixer_jax.training import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROGRAMS = ('train', 'evaluate', 'predict', 'export', 'fewshot', 'benchmark')
+PROGRAMS = ('train', 'evaluate', 'predict', 'export', 'fewshot', 'benchmark',
+            'visualize')
 PYTHON = '.venv/bin/python'
 SETUP = 'python3 -m venv .venv && .venv/bin/pip install -q -e '
 

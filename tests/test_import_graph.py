@@ -17,7 +17,8 @@ PACKAGE = 'mixer_jax'
 # The command-line programs (`python -m mixer_jax.NAME`): shells over the
 # library, which must never import them.
 PROGRAMS = {f'{PACKAGE}.{name}' for name in (
-    'train', 'evaluate', 'predict', 'fewshot', 'export', 'benchmark')}
+    'train', 'evaluate', 'predict', 'fewshot', 'export', 'benchmark',
+    'visualize')}
 
 
 def package_modules():
