@@ -5,8 +5,6 @@ Each refusal is a `CheckpointError` naming the step directory and problem;
 """
 
 import json
-from typing import Mapping
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,14 +23,9 @@ def short_error(error) -> str:
 
 
 def jsonable(value):
-  """Numpy/JAX scalars and arrays to plain JSON values."""
-  if isinstance(value, Mapping):
-    return {str(k): jsonable(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [jsonable(v) for v in value]
-  if hasattr(value, 'tolist'):
-    return np.asarray(value).tolist()
-  return value
+  """`value` as plain JSON: numpy and JAX values become numbers and lists."""
+  return json.loads(json.dumps(
+      value, default=lambda leaf: np.asarray(leaf).tolist()))
 
 
 def flat(tree) -> dict:
@@ -120,10 +113,10 @@ def save_payload(state, step, extra, fingerprint, directory, latest_step):
     raise CheckpointError(
         f'Refusing to save step {step} to {directory}: non-finite '
         f'values in {_listed(bad)}. {last_good}')
-  payload = dict(jsonable(extra or {}))
-  payload.update(step=int(step), fingerprint=fingerprint,
-                 leaf_checksums={k: v[0] for k, v in digests.items()})
   try:
+    payload = {**jsonable(extra or {}), 'step': int(step),
+               'fingerprint': fingerprint, 'leaf_checksums': {
+                   path: digest for path, (digest, _) in digests.items()}}
     json.dumps(payload, allow_nan=False)
   except (TypeError, ValueError) as e:
     raise CheckpointError(f'extra for step {step} is not plain JSON: {e}.')

@@ -159,8 +159,6 @@ class Checkpointer:
     disk space, an existing step) or when this or the previous background
     write failed; the steps on disk are kept.
     """
-    if self.read_only:
-      raise checks.CheckpointError(f'{self.directory} was opened read-only.')
     payload = checks.save_payload(state, step, extra, self.fingerprint,
                                   self.directory, self.latest_step())
     if not str(self.directory).startswith('gs://'):
