@@ -29,7 +29,6 @@ import numpy as np
 
 from mixer_jax.training import errors
 
-# What each mode takes after the flags.
 USAGE = {'token_mixing': '--checkpoint and no workdir',
          'curves': 'one workdir and no --checkpoint',
          'compare': 'one or more workdirs and no --checkpoint'}
@@ -55,11 +54,8 @@ def pyplot():
 
 
 def spatial_frequency(units: np.ndarray, grid: Tuple[int, int]) -> np.ndarray:
-  """Each column's energy-weighted mean radial frequency on the patch grid.
-
-  `units` is (patches, hidden), patches in row-major order on `grid`. In
-  cycles per grid side; 0 for a constant unit.
-  """
+  """Each column's energy-weighted mean radial frequency on `grid`, in
+  cycles per grid side (0 for a constant unit)."""
   images = units.T.reshape((-1,) + tuple(grid))
   images = images - images.mean(axis=(1, 2), keepdims=True)
   power = np.abs(np.fft.fft2(images)) ** 2
@@ -70,12 +66,9 @@ def spatial_frequency(units: np.ndarray, grid: Tuple[int, int]) -> np.ndarray:
 
 
 def ordered_pairs(units: np.ndarray, grid: Tuple[int, int]):
-  """[(unit, partner or None, mean frequency, correlation or None)].
-
-  The columns of `units` (patches, hidden) are paired greedily, the two
-  free units of most negative correlation first (the opposite-phase
-  partners); pairs are sorted by spatial frequency, lowest first.
-  """
+  """[(unit, partner or None, mean frequency, correlation or None)] of the
+  columns of `units` (patches, hidden), lowest frequency first; the two
+  free units of most negative correlation (opposite phase) pair first."""
   with np.errstate(invalid='ignore', divide='ignore'):  # Constant units.
     corr = np.atleast_2d(np.nan_to_num(np.corrcoef(units, rowvar=False)))
   frequency = spatial_frequency(units, grid)
@@ -155,8 +148,8 @@ def read_metrics(workdir: str) -> List[dict]:
 
 def series(records: Sequence[dict], key: str):
   """(steps, values) of the records holding `key`."""
-  points = [(r['step'], r[key]) for r in records if r.get(key) is not None]
-  return [s for s, _ in points], [v for _, v in points]
+  held = [r for r in records if r.get(key) is not None]
+  return [r['step'] for r in held], [r[key] for r in held]
 
 
 def eval_accuracy_keys(records: Sequence[dict]) -> List[str]:
@@ -247,7 +240,7 @@ FLAGS = flags.FLAGS
 
 
 def _define_flags():
-  """Defines the command-line flags (only when run as a program)."""
+  # Only when run as a program: importers keep their own flags.
   flags.DEFINE_string('checkpoint', None, 'token_mixing: training workdir, '
                       'registry name, hf-hub:OWNER/NAME, .npz, .safetensors '
                       'or exported folder.')
