@@ -325,31 +325,26 @@ class Checkpointer:
                          extra.get('leaf_checksums') or {}, where, hint)
     return state, extra
 
-  def set_aside_steps_after(self, step: int) -> list:
-    """Moves steps newer than `step` to `<directory>.set_aside/` (kept).
-
-    After a fall back to an earlier step, the newer (damaged) steps would
-    shadow the resumed run's saves. Returns the moved steps' new paths.
-    """
+  def set_aside_steps_after(self, step: int) -> None:
+    """Moves steps newer than `step` to `<directory>.set_aside/` (kept):
+    after a fall back, the newer (damaged) steps would shadow new saves."""
     self.wait_until_finished()
     later = [s for s in self.all_steps() if s > step]
+    if not later:
+      return
     aside = epath.Path(str(self.directory).rstrip('/') + '.set_aside')
-    moved = []
-    for s in later:
-      dest = aside / str(s)
-      if dest.exists():
-        dest = aside / f'{s}.{uuid.uuid4().hex[:8]}'
-      moved.append(str(dest))
-      if jax.process_index() == 0:
-        aside.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+      aside.mkdir(parents=True, exist_ok=True)
+      for s in later:
+        dest = aside / str(s)
+        if dest.exists():  # Set aside by an earlier fall back.
+          dest = aside / f'{s}.{uuid.uuid4().hex[:8]}'
         (self.directory / str(s)).rename(dest)
-    if later:
-      if jax.process_count() > 1:
-        multihost_utils.sync_global_devices('mixer_jax_set_aside')
-      self._manager.reload()
-      logging.warning('Set aside steps %s of %s in %s.', later,
-                      self.directory, aside)
-    return moved
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices('mixer_jax_set_aside')
+    self._manager.reload()
+    logging.warning('Set aside steps %s of %s in %s.', later, self.directory,
+                    aside)
 
   # ---------------------------------------------------------- Preemption.
   def reached_preemption(self, step: int) -> bool:
