@@ -5,24 +5,17 @@
   python -m mixer_jax.visualize compare workdirs/quickstart workdirs/other \
       --out=runs
 
-- token_mixing: the paper's Figure 5, from any checkpoint `any_checkpoint.load`
-  accepts. Each hidden unit of the first `--blocks` token-mixing MLPs (a
-  column of `MixerBlock_i/token_mixing/Dense_0/kernel`: one weight per patch)
-  is drawn on the patch grid beside its opposite-phase partner (the unit it
-  is most negatively correlated with), pairs ordered by spatial frequency;
-  one panel per block, red positive, blue negative, each unit scaled alone.
-- curves: a workdir's metrics.jsonl against the step: train loss, learning
-  rate, every eval's accuracy, img/s and input-wait share.
-- compare: one row per workdir: the config fields that differ, the best main
-  eval, each other eval's last accuracy (test/accuracy...), steps, wall time,
-  mean img/s and MFU (where known); markdown on stdout, OUT.md and OUT.csv
-  with --out.
-
-Drawing needs matplotlib (`pip install -e '.[plots]'`); compare does not.
+token_mixing draws the paper's Figure 5 from any checkpoint
+`any_checkpoint.load` accepts; curves plots a workdir's metrics.jsonl;
+compare tables the runs' differing config fields and results (markdown on
+stdout, OUT.md and OUT.csv with --out). Drawing needs matplotlib
+(`pip install -e '.[plots]'`); compare does not.
 """
 
+# Imports in functions: TensorFlow and JAX load when a mode needs them.
+# pylint: disable=g-import-not-at-top,g-bad-import-order
 # First, before TensorFlow loads: it quiets TensorFlow's C++ start-up lines.
-from mixer_jax.training import command_line  # pylint: disable=g-bad-import-order
+from mixer_jax.training import command_line
 
 import csv
 import json
@@ -36,7 +29,6 @@ import numpy as np
 
 from mixer_jax.training import errors
 
-# What each mode takes after the flags.
 USAGE = {'token_mixing': '--checkpoint and no workdir',
          'curves': 'one workdir and no --checkpoint',
          'compare': 'one or more workdirs and no --checkpoint'}
@@ -52,41 +44,21 @@ CURVES = {'train_loss': 'train loss', 'train_learning_rate': 'learning rate',
 def pyplot():
   """matplotlib's pyplot on the Agg backend (files only, no display)."""
   try:
-    import matplotlib  # pylint: disable=g-import-not-at-top
+    import matplotlib
   except ImportError:
     raise errors.UsageError("Drawing needs matplotlib: pip install -e "
                             "'.[plots]' (or pip install matplotlib).") from None
   matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import matplotlib.pyplot as plt
   return plt
 
 
-def opposite_phase_pairs(units: np.ndarray) -> List[Tuple[int, Optional[int]]]:
-  """Pairs the columns of `units` (patches, hidden) greedily: the two free
-  units of most negative correlation, until one (paired with None) or none
-  is left."""
-  with np.errstate(invalid='ignore', divide='ignore'):  # Constant units.
-    corr = np.atleast_2d(np.nan_to_num(np.corrcoef(units, rowvar=False)))
-  np.fill_diagonal(corr, np.inf)
-  free, pairs = set(range(units.shape[1])), []
-  while len(free) > 1:
-    i, j = sorted(map(int, np.unravel_index(np.argmin(corr), corr.shape)))
-    pairs.append((i, j))
-    corr[[i, j], :] = corr[:, [i, j]] = np.inf
-    free -= {i, j}
-  return pairs + [(free.pop(), None)] if free else pairs
-
-
 def spatial_frequency(units: np.ndarray, grid: Tuple[int, int]) -> np.ndarray:
-  """Each column's energy-weighted mean radial frequency on the patch grid.
-
-  `units` is (patches, hidden), patches in row-major order on `grid` (rows,
-  columns). In cycles per grid side (k for a cosine of k cycles along one
-  side); 0 for a constant unit.
-  """
+  """Each column's energy-weighted mean radial frequency on `grid`, in
+  cycles per grid side (0 for a constant unit)."""
   images = units.T.reshape((-1,) + tuple(grid))
-  power = np.abs(np.fft.fft2(images - images.mean(axis=(1, 2),
-                                                  keepdims=True))) ** 2
+  images = images - images.mean(axis=(1, 2), keepdims=True)
+  power = np.abs(np.fft.fft2(images)) ** 2
   fy, fx = (np.fft.fftfreq(n) * n for n in grid)
   energy = power.sum(axis=(1, 2))
   weighted = (power * np.hypot(fy[:, None], fx[None, :])).sum(axis=(1, 2))
@@ -94,19 +66,27 @@ def spatial_frequency(units: np.ndarray, grid: Tuple[int, int]) -> np.ndarray:
 
 
 def ordered_pairs(units: np.ndarray, grid: Tuple[int, int]):
-  """[(unit, partner or None, mean frequency, their correlation or None)],
-  lowest frequency first."""
+  """[(unit, partner or None, mean frequency, correlation or None)] of the
+  columns of `units` (patches, hidden), lowest frequency first; the two
+  free units of most negative correlation (opposite phase) pair first."""
+  with np.errstate(invalid='ignore', divide='ignore'):  # Constant units.
+    corr = np.atleast_2d(np.nan_to_num(np.corrcoef(units, rowvar=False)))
   frequency = spatial_frequency(units, grid)
-  pairs = [(i, j, float(np.mean(frequency[[i] if j is None else [i, j]])),
-            None if j is None else float(np.corrcoef(units[:, [i, j]],
-                                                     rowvar=False)[0, 1]))
-           for i, j in opposite_phase_pairs(units)]
+  free = corr.copy()
+  np.fill_diagonal(free, np.inf)
+  pairs, left = [], set(range(units.shape[1]))
+  while len(left) > 1:
+    i, j = sorted(map(int, np.unravel_index(np.argmin(free), free.shape)))
+    pairs.append((i, j, float(frequency[i] + frequency[j]) / 2,
+                  float(corr[i, j])))
+    free[[i, j], :] = free[:, [i, j]] = np.inf
+    left -= {i, j}
+  pairs += [(i, None, float(frequency[i]), None) for i in left]
   return sorted(pairs, key=lambda p: (round(p[2], 9), p[0]))
 
 
 def pair_sheet(units: np.ndarray, grid: Tuple[int, int], pairs) -> np.ndarray:
-  """The pairs tiled in reading order on one image, NaN between units, each
-  unit scaled to [-1, 1] and about 48 pixels wide."""
+  """The pairs tiled on one image, NaN between, each unit in [-1, 1]."""
   rows, cols = grid
   scale = max(2, 48 // max(grid))
   inner, outer = max(1, scale // 3), max(6, scale)
@@ -127,11 +107,8 @@ def pair_sheet(units: np.ndarray, grid: Tuple[int, int], pairs) -> np.ndarray:
 
 
 def draw_token_mixing(loaded, out: str, num_blocks: int = 3) -> List[list]:
-  """Writes the figure of a `Loaded` to `out`; returns each block's pairs.
-
-  One panel per block, side by side, one PNG pixel per `pair_sheet` pixel.
-  """
-  from mixer_jax.weights import official_format  # pylint: disable=g-import-not-at-top
+  """Writes one panel per block of a `Loaded` to `out`; returns the pairs."""
+  from mixer_jax.weights import official_format
   plt = pyplot()
   side = loaded.image_size // loaded.model.patch_size
   grid, params = (side, side), official_format.unwrap(loaded.params)
@@ -161,8 +138,8 @@ def draw_token_mixing(loaded, out: str, num_blocks: int = 3) -> List[list]:
 
 def read_metrics(workdir: str) -> List[dict]:
   """The step records of `workdir/metrics.jsonl` (local or gs://)."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from mixer_jax.training import reporting  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf
+  from mixer_jax.training import reporting
   if not tf.io.gfile.exists(os.path.join(workdir, reporting.METRICS_FILE)):
     raise errors.UsageError(f'{workdir} has no {reporting.METRICS_FILE}: give '
                             'the --workdir of a mixer_jax.train run.')
@@ -171,8 +148,8 @@ def read_metrics(workdir: str) -> List[dict]:
 
 def series(records: Sequence[dict], key: str):
   """(steps, values) of the records holding `key`."""
-  points = [(r['step'], r[key]) for r in records if r.get(key) is not None]
-  return [s for s, _ in points], [v for _, v in points]
+  held = [r for r in records if r.get(key) is not None]
+  return [r['step'] for r in held], [r[key] for r in held]
 
 
 def eval_accuracy_keys(records: Sequence[dict]) -> List[str]:
@@ -211,13 +188,12 @@ def draw_curves(workdir: str, out: str) -> List[str]:
 
 
 def wall_time(workdir: str) -> Optional[float]:
-  """Seconds from the first to the last TensorBoard record, summed over the
-  event files (one per start of the run); None without them."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  """The TensorBoard records' span, summed over the event files (one per
+  start of the run); None without them."""
+  import tensorflow as tf
   spans = []
   for path in tf.io.gfile.glob(os.path.join(workdir, 'events.out.tfevents.*')):
-    times = [tf.compat.v1.Event.FromString(record.numpy()).wall_time
-             for record in tf.data.TFRecordDataset(path)]
+    times = [e.wall_time for e in tf.compat.v1.train.summary_iterator(path)]
     spans += [max(times) - min(times)] if times else []
   return sum(spans) if spans else None
 
@@ -237,8 +213,8 @@ def run_results(workdir: str) -> dict:
 
 def compare_runs(workdirs: Sequence[str]) -> Tuple[List[str], List[list]]:
   """(header, rows): workdir, the config fields that differ, the results."""
-  from flax import traverse_util  # pylint: disable=g-import-not-at-top
-  from mixer_jax.weights import run_info  # pylint: disable=g-import-not-at-top
+  from flax import traverse_util
+  from mixer_jax.weights import run_info
   configs = [{k: json.dumps(v) if isinstance(v, (list, tuple)) else v
               for k, v in traverse_util.flatten_dict(run_info.read_run_info(
                   w)['config'].to_dict(), sep='.').items()} for w in workdirs]
@@ -264,7 +240,7 @@ FLAGS = flags.FLAGS
 
 
 def _define_flags():
-  """Defines the command-line flags (only when run as a program)."""
+  # Only when run as a program: importers keep their own flags.
   flags.DEFINE_string('checkpoint', None, 'token_mixing: training workdir, '
                       'registry name, hf-hub:OWNER/NAME, .npz, .safetensors '
                       'or exported folder.')
@@ -285,15 +261,15 @@ def main(argv):
     if mode not in USAGE:
       raise errors.UsageError(f'Give one of {", ".join(USAGE)} first (got '
                               f'{mode!r}).')
+    counts = {'token_mixing': not args, 'curves': len(args) == 1}
     if ((mode == 'token_mixing') != (FLAGS.checkpoint is not None) or
-        len(args) != {'token_mixing': 0, 'curves': 1}.get(mode, max(
-            len(args), 1))):
+        not counts.get(mode, bool(args))):
       raise errors.UsageError(f'{mode} takes {USAGE[mode]}.')
     out = FLAGS.out or (f'{mode}.png' if mode != 'compare' else None)
     if out and os.path.dirname(out):
       os.makedirs(os.path.dirname(out), exist_ok=True)
     if mode == 'token_mixing':
-      from mixer_jax.weights import any_checkpoint  # pylint: disable=g-import-not-at-top
+      from mixer_jax.weights import any_checkpoint
       drawn = draw_token_mixing(any_checkpoint.load(
           FLAGS.checkpoint, step=FLAGS.step), out, FLAGS.blocks)
       # Greedy pairs of random units on a 4x4 grid: about -0.5; the paper's
@@ -307,10 +283,11 @@ def main(argv):
       print(f'Wrote {out}: {", ".join(draw_curves(args[0], out))}.')
     else:
       header, rows = compare_runs(args)
-      print(markdown_table(header, rows))
+      table = markdown_table(header, rows)
+      print(table)
       if out:
         with open(out + '.md', 'w', encoding='utf-8') as f:
-          f.write(markdown_table(header, rows) + '\n')
+          f.write(table + '\n')
         with open(out + '.csv', 'w', newline='', encoding='utf-8') as f:
           csv.writer(f).writerows([header] + rows)
   return 0

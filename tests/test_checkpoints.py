@@ -291,9 +291,8 @@ def test_fingerprint_mismatch(tmp_path):
 def test_set_aside_later_steps(tmp_path):
   ckpt = save_steps(tmp_path / 'ck', [1, 2, 3])
   kept = snapshot(tmp_path / 'ck' / '3')
-  moved = ckpt.set_aside_steps_after(1)
-  assert moved == [str(tmp_path / 'ck.set_aside' / '2'),
-                   str(tmp_path / 'ck.set_aside' / '3')]
+  ckpt.set_aside_steps_after(1)
+  assert sorted(os.listdir(tmp_path / 'ck.set_aside')) == ['2', '3']
   assert ckpt.all_steps() == [1]
   assert snapshot(tmp_path / 'ck.set_aside' / '3') == kept  # Not deleted.
   assert ckpt.save(2, tiny_state(offset=20))  # The resumed run saves again.

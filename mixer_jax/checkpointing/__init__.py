@@ -1,2 +1,1 @@
-"""Orbax checkpoints of training runs: saving, resuming, preemption, integrity checks.
-"""
+"""Orbax checkpoints: saving, resuming, preemption, integrity checks."""

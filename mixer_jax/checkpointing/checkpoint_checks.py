@@ -1,15 +1,10 @@
 """What makes a checkpoint trustworthy: leaf checksums, tree and fingerprint.
 
-Every save stores a 64-bit checksum of each numeric leaf's values (taken on
-the device, any sharding) and refuses non-finite values; every restore
-compares the stored tree (paths, shapes, dtypes) and model fingerprint with
-the target before reading an array, and the checksums after. Each refusal
-is a `CheckpointError` naming the step directory and the problem.
+Each refusal is a `CheckpointError` naming the step directory and problem;
+`hint` is the caller's closing sentence (the steps to fall back to).
 """
 
 import json
-from typing import Mapping
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,14 +23,9 @@ def short_error(error) -> str:
 
 
 def jsonable(value):
-  """Numpy/JAX scalars and arrays to plain JSON values."""
-  if isinstance(value, Mapping):
-    return {str(k): jsonable(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [jsonable(v) for v in value]
-  if hasattr(value, 'tolist'):
-    return np.asarray(value).tolist()
-  return value
+  """`value` as plain JSON: numpy and JAX values become numbers and lists."""
+  return json.loads(json.dumps(
+      value, default=lambda leaf: np.asarray(leaf).tolist()))
 
 
 def flat(tree) -> dict:
@@ -91,10 +81,7 @@ def _leaf_digests(leaves):
 
 
 def state_digests(state) -> dict:
-  """{path: (checksum as 16 hex digits, all finite)} of the numeric leaves.
-
-  Computed in one jitted pass where the arrays live.
-  """
+  """{path: (16 hex digits, all finite)} of the numeric leaves, on device."""
   numeric = {k: v for k, v in flat(state).items()
              if jnp.issubdtype(_dtype(v), jnp.number)}
   digests = _leaf_digests(list(numeric.values()))
@@ -105,16 +92,17 @@ def state_digests(state) -> dict:
           for path, (a, b, finite) in zip(numeric, rows)}
 
 
-def _params_first(text):
-  return (not text.startswith('params/'), text)
+def _listed(items, sep=', ', shown=8) -> str:
+  """The first `shown` of `items`, params/ first, and how many more."""
+  items = sorted(items, key=lambda text: (not text.startswith('params/'), text))
+  more = f' (and {len(items) - shown} more)' if len(items) > shown else ''
+  return sep.join(items[:shown]) + more
 
 
 def save_payload(state, step, extra, fingerprint, directory, latest_step):
-  """The `extra` JSON saved with `step`: checksums, fingerprint, `extra`.
+  """The JSON saved with `step`: `extra`, checksums and fingerprint.
 
-  Raises:
-    CheckpointError: non-finite values in `state` (naming the last good
-      step, `latest_step`), or an `extra` that is not plain JSON.
+  Refuses non-finite values in `state` and an `extra` that is not JSON.
   """
   digests = state_digests(state)
   bad = [path for path, (_, finite) in digests.items() if not finite]
@@ -124,11 +112,11 @@ def save_payload(state, step, extra, fingerprint, directory, latest_step):
                  'No checkpoint was saved before.')
     raise CheckpointError(
         f'Refusing to save step {step} to {directory}: non-finite '
-        f'values in {", ".join(bad[:5])}. {last_good}')
-  payload = dict(jsonable(extra or {}))
-  payload.update(step=int(step), fingerprint=fingerprint,
-                 leaf_checksums={k: v[0] for k, v in digests.items()})
+        f'values in {_listed(bad)}. {last_good}')
   try:
+    payload = {**jsonable(extra or {}), 'step': int(step),
+               'fingerprint': fingerprint, 'leaf_checksums': {
+                   path: digest for path, (digest, _) in digests.items()}}
     json.dumps(payload, allow_nan=False)
   except (TypeError, ValueError) as e:
     raise CheckpointError(f'extra for step {step} is not plain JSON: {e}.')
@@ -149,10 +137,9 @@ def check_tree(stored: dict, wanted: dict, where, hint):
       problems.append(f'{path}: checkpoint {a_shape} {a_dtype}, this run '
                       f'{b_shape} {b_dtype}')
   if problems:
-    more = f' (and {len(problems) - 8} more)' if len(problems) > 8 else ''
     raise CheckpointError(
         f'Checkpoint {where} does not match this run\'s model/config: '
-        f'{"; ".join(sorted(problems, key=_params_first)[:8])}{more}. It '
+        f'{_listed(problems, sep="; ")}. It '
         'was written for another variant or config; use the matching config, '
         f'or another workdir.{hint}')
 
@@ -163,17 +150,13 @@ def check_digests(restored: dict, saved: dict, where, hint):
   if bad_values:
     raise CheckpointError(
         f'Checkpoint {where} holds NaN or infinite values in '
-        f'{", ".join(sorted(bad_values, key=_params_first)[:8])}; it cannot '
-        f'be used.{hint}')
-  names = sorted((p for p, (digest, _) in restored.items()
-                  if p in saved and saved[p] != digest), key=_params_first)
-  names += [f'{p} (no checksum stored)' for p in restored if p not in saved]
+        f'{_listed(bad_values)}; it cannot be used.{hint}')
+  names = [f'{p} (no checksum stored)' if p not in saved else p
+           for p, (digest, _) in restored.items() if saved.get(p) != digest]
   if names:
     raise CheckpointError(
         f'Checkpoint {where} is corrupt: the values read differ from those '
-        f'saved (checksum mismatch) in {", ".join(names[:5])}'
-        f'{f" and {len(names) - 5} more leaves" if len(names) > 5 else ""}.'
-        f'{hint}')
+        f'saved (checksum mismatch) in {_listed(names)}.{hint}')
 
 
 def check_fingerprint(expected, stored, where, hint):

@@ -1,12 +1,8 @@
 """Orbax checkpoints of the train state: save, verified restore, preemption.
 
-`Checkpointer` wraps one `orbax.checkpoint.CheckpointManager`; each step
-holds `state/` (the TrainState's arrays, written by TensorStore) and
-`extra/` (JSON: the caller's data position, the model fingerprint and the
-leaf checksums of checkpoint_checks). Orbax writes a step into a temporary
-directory renamed when complete, so a save cut short (kill -9, a full disk)
-leaves the earlier steps as they were; a writable manager removes the
-leftovers when it opens. Nothing is ever unpickled.
+Each step holds `state/` (the arrays) and `extra/` (JSON: the caller's data
+position, the model fingerprint and the leaf checksums). docs/reliability.md
+describes the guarantees; nothing is ever unpickled.
 """
 
 import errno
@@ -34,10 +30,7 @@ BEST_METRIC = 'eval_accuracy'
 
 
 def _check_link(path: str) -> None:
-  """CheckpointError for a symbolic link that cannot be followed.
-
-  Otherwise a link loop reads as a missing directory, or as `File exists`.
-  """
+  """Names a link that cannot be followed (else: 'missing' or 'exists')."""
   if not os.path.islink(path) or os.path.exists(path):
     return
   try:
@@ -63,42 +56,21 @@ def _damaged_metrics(directory) -> str:
           'keep_best: delete them to go on.' if damaged else '')
 
 
-def _abstract(leaf):
-  """A restore target leaf: arrays become shape/dtype/sharding structs."""
-  if isinstance(leaf, jax.Array):
-    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
-  return leaf
-
-
 class Checkpointer:
   """Saves and restores the train state in `directory` with Orbax.
 
-  Keeps the `keep` most recent steps and, with `keep_best`, also the step
-  with the highest `metrics['eval_accuracy']`. Every process of a multi-host
-  run must make the same calls (Orbax synchronises them).
+  Keeps the `keep` most recent steps and, with `keep_best`, the step of the
+  highest `metrics['eval_accuracy']`. `fingerprint` (model_fingerprint) is
+  saved with every step and compared on restore. `read_only` (evaluate,
+  predict) creates, cleans up and writes nothing, so a running job's saves
+  are safe, and reads no metrics file. Every process of a multi-host run
+  makes the same calls.
   """
 
   def __init__(self, directory, *, keep: int, keep_best: bool,
                async_save: bool = True,
                fingerprint: Optional[Mapping[str, Any]] = None,
                read_only: bool = False):
-    """Opens (creating if needed) the checkpoint directory.
-
-    Args:
-      directory: where step directories are written (local path or gs://).
-      keep: number of most recent steps to keep (>= 1).
-      keep_best: also keep the step with the best eval accuracy.
-      async_save: write arrays in a background thread after `save` returns.
-      fingerprint: JSON dict describing the model (`model_fingerprint`);
-        saved with every step and compared on restore.
-      read_only: only restore (evaluate, predict): nothing in `directory` is
-        created, cleaned up or written, so a running job's saves are safe,
-        and the steps' metrics files (which only rank steps) are not read.
-
-    Raises:
-      CheckpointError: bad `keep`, a directory that cannot be written (or,
-        read_only, does not exist), or one Orbax cannot open.
-    """
     if not isinstance(keep, int) or keep < 1:
       raise checks.CheckpointError(
           f'keep={keep!r} must be an integer >= 1 (the number of recent '
@@ -109,7 +81,6 @@ class Checkpointer:
     self.fingerprint = (checks.jsonable(dict(fingerprint)) if fingerprint
                         else None)
     self.read_only = read_only
-    self._unchanged = f' Nothing in {self.directory} was changed.'
     _check_link(os.fspath(self.directory))
     if not read_only:
       self._check_writable()
@@ -180,26 +151,14 @@ class Checkpointer:
   # --------------------------------------------------------------- Save.
   def save(self, step: int, state, *, metrics=None, extra=None,
            force: bool = False) -> bool:
-    """Saves `state` as `step` (asynchronously unless async_save=False).
+    """Starts saving `state` (and the JSON dict `extra`) as `step`.
 
-    Args:
-      step: the training step; steps already saved are never overwritten.
-      state: the TrainState (or any pytree of arrays).
-      metrics: optional dict; `metrics['eval_accuracy']` ranks the best step.
-      extra: optional JSON-serialisable dict (data position, ...), returned
-        by `restore`.
-      force: save even when `step` is not newer than the latest one.
-
-    Returns:
-      True if a save was started, False if Orbax skipped it (an older step).
-
-    Raises:
-      CheckpointError: non-finite state, not enough disk space, an existing
-        step with force=True, a non-JSON `extra`, or a failed write (this or
-        the previous background save); the steps on disk are kept.
+    `metrics['eval_accuracy']` ranks the step for keep_best. Returns False
+    when Orbax skips a step not newer than the latest (unless `force`).
+    Raises CheckpointError before writing (non-finite state, too little
+    disk space, an existing step) or when this or the previous background
+    write failed; the steps on disk are kept.
     """
-    if self.read_only:
-      raise checks.CheckpointError(f'{self.directory} was opened read-only.')
     payload = checks.save_payload(state, step, extra, self.fingerprint,
                                   self.directory, self.latest_step())
     if not str(self.directory).startswith('gs://'):
@@ -226,8 +185,8 @@ class Checkpointer:
 
   def _check_space(self, state, step) -> None:
     """Refuses a save that would not fit on the disk, before writing."""
-    need = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
-               for x in jax.tree.leaves(state) if hasattr(x, 'shape'))
+    need = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)
+               if hasattr(x, 'shape'))
     free = shutil.disk_usage(self.directory).free
     if free < need * 1.1:
       raise checks.CheckpointError(
@@ -237,11 +196,7 @@ class Checkpointer:
           '--config.keep_checkpoints, then restart to resume.')
 
   def _check_background_save(self, wait: bool = False):
-    """CheckpointError if the latest background save has failed.
-
-    Orbax reports a failed background write when it is waited for: once no
-    save is in progress (or with `wait`), once per save.
-    """
+    """Raises a failed background write once, when no save is running."""
     if (self._writing is None or self._writing == self._checked or
         (not wait and self._manager.is_saving_in_progress())):
       return
@@ -267,50 +222,24 @@ class Checkpointer:
 
   # ------------------------------------------------------------ Restore.
   def restore(self, target, step: Optional[int] = None):
-    """Restores `step` (default: the newest) into the structure of `target`.
+    """(state, extra) of `step` (default: the newest), checked.
 
-    When a running job's retention deletes the newest step while it is read
-    (evaluate, predict), the now newest one is read instead, with a warning;
-    an explicit `step` is never replaced.
-
-    Args:
-      target: a TrainState (or pytree) of arrays, or of `jax.ShapeDtypeStruct`
-        with shardings (e.g. from `jax.eval_shape`); arrays are restored with
-        the target's shardings, so a run may resume on another device count.
-      step: the step to restore; an earlier one is the fallback when the
-        newest is damaged.
-
-    Returns:
-      (state, extra): the restored state and the JSON dict given to `save`
-      (plus 'step', 'fingerprint' and 'leaf_checksums').
-
-    Raises:
-      CheckpointError: no such step; unreadable, corrupt or truncated files,
-        checksums that differ, NaN/Inf values; or a checkpoint written for
-        another model or config. The message names the step directory, the
-        problem and the steps to fall back to.
+    `target` is a pytree of arrays or of `jax.ShapeDtypeStruct`s; arrays
+    take its shardings, so a run may resume on another device count.
+    `extra` is the dict given to `save` plus 'step', 'fingerprint' and
+    'leaf_checksums'. A CheckpointError names the step directory, the
+    problem and the earlier steps to fall back to.
     """
     return self._restore(target, step, partial=False)
 
   def restore_params(self, params, step: Optional[int] = None, *,
                      field: str = 'params'):
-    """Restores only `state.<field>` of a saved TrainState (evaluation).
-
-    Reads no other array, with the checks of `restore`. `field` is 'params'
-    or 'ema_params' (their moving average, with config.ema_decay > 0).
-
-    Returns:
-      (params, extra).
-    """
+    """(state.<field>, extra), reading no other array ('ema_params' too)."""
     state, extra = self._restore({field: params}, step, partial=True)
     return state[field], extra
 
   def read_extra(self, step: Optional[int] = None) -> dict:
-    """The JSON dict saved with `step` (default the newest); reads no array.
-
-    Raises:
-      CheckpointError: as `restore` (the fingerprint is compared too).
-    """
+    """The JSON dict saved with `step` (default the newest), checked."""
     return self._open(self._step(step))[2]
 
   def _restore(self, target, step, partial):
@@ -346,17 +275,21 @@ class Checkpointer:
           f'there are {self.all_steps()}.')
     return int(step)
 
-  def _open(self, step):
-    """(where, hint, extra, stored leaves) of `step`; checks its fingerprint."""
-    where = self.directory / str(step)
+  def _fallback(self, step) -> str:
+    """What every refusal of `step` ends with: the earlier steps to use."""
+    text = f' Nothing in {self.directory} was changed.'
     earlier = [s for s in self.all_steps() if s < step]
-    hint = self._unchanged
     if earlier:
-      hint += (' To fall back to an earlier step, restart with '
+      text += (' To fall back to an earlier step, restart with '
                '--config.resume_step=K (or --step=K for evaluate), K one of '
                f'{earlier}; a resume_step already applied in this workdir '
                'is recorded in its resume_step_K.applied file and not '
                'applied again: delete that file to reuse the same K.')
+    return text
+
+  def _open(self, step):
+    """(where, hint, extra, stored leaves) of `step`; checks its fingerprint."""
+    where, hint = self.directory / str(step), self._fallback(step)
     try:
       extra = self._manager.restore(step, args=ocp.args.Composite(**{
           EXTRA_ITEM: ocp.args.JsonRestore()}))[EXTRA_ITEM]
@@ -370,21 +303,20 @@ class Checkpointer:
           f'Checkpoint {where} cannot be read (corrupt, truncated or not a '
           f'mixer_jax checkpoint): {checks.short_error(e)}.{hint}') from e
     checks.check_fingerprint(self.fingerprint, extra.get('fingerprint'), where,
-                             self._unchanged)
+                             hint)
     return where, hint, extra, stored
 
   def _read(self, target, step, partial):
     where, hint, extra, stored = self._open(step)
     if partial:  # Only the leaves under the target's top-level names.
       stored = {k: v for k, v in stored.items() if k.split('/')[0] in target}
-    checks.check_tree(stored, checks.flat(target), where, self._unchanged)
-    item = jax.tree.map(_abstract, target)
+    checks.check_tree(stored, checks.flat(target), where, hint)
     try:
       state = self._manager.restore(step, args=ocp.args.Composite(**{
           STATE_ITEM: ocp.args.PyTreeRestore(
-              item=item, partial_restore=partial,
+              item=target, partial_restore=partial,
               restore_args=ocp.checkpoint_utils.construct_restore_args(
-                  item))}))[STATE_ITEM]
+                  target))}))[STATE_ITEM]
     except Exception as e:  # pylint: disable=broad-except
       raise checks.CheckpointError(
           f'Reading the arrays of checkpoint {where} failed (corrupt or '
@@ -393,43 +325,34 @@ class Checkpointer:
                          extra.get('leaf_checksums') or {}, where, hint)
     return state, extra
 
-  def set_aside_steps_after(self, step: int) -> list:
-    """Moves steps newer than `step` to `<directory>.set_aside/` (kept).
-
-    Used after falling back to an earlier step, so that the newer (damaged)
-    steps neither shadow the resumed run's saves nor get deleted.
-
-    Returns:
-      The new paths of the moved step directories.
-    """
+  def set_aside_steps_after(self, step: int) -> None:
+    """Moves steps newer than `step` to `<directory>.set_aside/` (kept):
+    after a fall back, the newer (damaged) steps would shadow new saves."""
     self.wait_until_finished()
     later = [s for s in self.all_steps() if s > step]
+    if not later:
+      return
     aside = epath.Path(str(self.directory).rstrip('/') + '.set_aside')
-    moved = []
-    for s in later:
-      dest = aside / str(s)
-      if dest.exists():
-        dest = aside / f'{s}.{uuid.uuid4().hex[:8]}'
-      moved.append(str(dest))
-      if jax.process_index() == 0:
-        aside.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+      aside.mkdir(parents=True, exist_ok=True)
+      for s in later:
+        dest = aside / str(s)
+        if dest.exists():  # Set aside by an earlier fall back.
+          dest = aside / f'{s}.{uuid.uuid4().hex[:8]}'
         (self.directory / str(s)).rename(dest)
-    if later:
-      if jax.process_count() > 1:
-        multihost_utils.sync_global_devices('mixer_jax_set_aside')
-      self._manager.reload()
-      logging.warning('Set aside steps %s of %s in %s.', later,
-                      self.directory, aside)
-    return moved
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices('mixer_jax_set_aside')
+    self._manager.reload()
+    logging.warning('Set aside steps %s of %s in %s.', later, self.directory,
+                    aside)
 
   # ---------------------------------------------------------- Preemption.
   def reached_preemption(self, step: int) -> bool:
     """True when training should save `step` and stop (call every step).
 
-    Also raises CheckpointError as soon as a background save has failed.
-    Multi-host runs ask Orbax, which uses JAX's preemption sync service: a
-    SIGTERM on any host makes every host return True at the same step. A
-    single process handles SIGTERM and SIGINT itself (preemption.py).
+    Raises CheckpointError once a background save has failed. Multi-host
+    runs ask Orbax (JAX's preemption sync service: every host stops at the
+    same step); one process handles SIGTERM and SIGINT (preemption.py).
     """
     self._check_background_save()
     if self._manager.reached_preemption(step):

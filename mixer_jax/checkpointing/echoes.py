@@ -1,12 +1,9 @@
 """Quiets the tracebacks that follow a failed checkpoint read or write.
 
-When one array fails (a truncated file, a full disk), Orbax raises at once
-and closes its asyncio loop while TensorStore finishes the other reads or
-writes; each one then fails in asyncio's `call_soon_threadsafe` with
-'RuntimeError: Event loop is closed', which Python reports through
-`sys.unraisablehook` (a traceback per array, after the one-line error).
-Neither Orbax nor TensorStore has an option against it, so the programs'
-quiet output installs this filter once; `--verbose` shows everything.
+When one array fails, Orbax raises and closes its asyncio loop while
+TensorStore finishes the others; each then reports 'RuntimeError: Event
+loop is closed' through `sys.unraisablehook`. Neither library has an option
+against it, so the programs install this filter (`--verbose` shows all).
 Standard library only: programs call it before importing JAX.
 """
 

@@ -8,17 +8,9 @@ from mixer_jax import models
 def model_fingerprint(config, num_classes: int) -> dict:
   """What a checkpoint must share with `config` to be resumed or evaluated.
 
-  Covers the architecture (the resolved sizes, and fields that change what
-  the parameters compute while keeping shapes, e.g. gelu_approximate) but not
-  training hyperparameters, which may legitimately change between restarts;
-  `checkpoint_checks.check_fingerprint` compares it when a step is read.
-
-  Args:
-    config: a run config (reads config.model and image_size).
-    num_classes: the resolved class count (not -1).
-
-  Returns:
-    A JSON-serialisable dict.
+  The architecture, including what changes the computation but not the
+  shapes (gelu_approximate); not the training hyperparameters, which may
+  change between restarts. `num_classes` is the resolved count.
   """
   model = config.model
   spec = models.get_spec(

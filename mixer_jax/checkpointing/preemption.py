@@ -1,11 +1,6 @@
 """SIGTERM/SIGINT as a request to save a checkpoint and stop (one process).
 
-`PreemptionSignals` records the first signal; `watch_preemption` installs
-one for a whole run (so a signal during compilation or restore is recorded
-too), and each `checkpoints.Checkpointer` made inside it shares it.
 Multi-host runs use JAX's preemption sync service instead (via Orbax).
-A program can also end at once on a signal that comes before its first
-training step (`stop_at_once_before_training`).
 """
 
 import contextlib
@@ -21,12 +16,8 @@ _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class PreemptionSignals:
-  """Records SIGTERM/SIGINT as a request to save and stop (one process).
-
-  `install()` replaces the handlers (main thread only); the first signal is
-  recorded in `received` ('SIGTERM'), a second one restores the previous
-  handlers and is re-raised, so it stops the process at once.
-  """
+  """Records the first signal in `received` ('SIGTERM'); a second one
+  restores the previous handlers and is re-raised: it stops at once."""
 
   def __init__(self):
     self.received = None  # Name of the first signal, if any.
@@ -63,13 +54,10 @@ watching = None
 
 @contextlib.contextmanager
 def watch_preemption():
-  """Records SIGTERM/SIGINT from now on, for the Checkpointers made inside.
+  """Records SIGTERM/SIGINT for the Checkpointers made inside.
 
-  Without it a Checkpointer installs its handlers at its first
-  `reached_preemption` call (the first training step), and a signal during
-  compilation or restore would end the process (exit 143). Inside it, such
-  a signal is recorded and the first `reached_preemption` returns True.
-  Also a decorator (`@watch_preemption()`).
+  Else a Checkpointer installs its handlers at the first training step,
+  and a signal during compilation or restore would end the process.
   """
   global watching
   signals, outer = PreemptionSignals(), watching
@@ -110,13 +98,10 @@ def _stop_on_signal(read_fd: int) -> None:
 def stop_at_once_before_training():
   """For a program: a stop request before the first step ends it at once.
 
-  Before `training_started()` (data checks, restore, compilation and the
-  first step) there is nothing new to save, and the main thread may be in
-  XLA's compiler for minutes, where no Python signal handler runs. Python's
-  C-level handler still writes the signal's number to the wakeup fd at
-  once; a thread reading it prints one line and ends the process (exit 0,
-  as a stop during training; the kernel releases the workdir lock). Main
-  thread of a single-process run only; elsewhere it does nothing.
+  Before `training_started()` there is nothing new to save, and the main
+  thread may be in XLA's compiler for minutes, where no Python handler
+  runs; Python's C-level handler still writes the signal's number to the
+  wakeup fd, which a thread reads. Single-process main thread only.
   """
   global _before_training
   if (threading.current_thread() is not threading.main_thread() or

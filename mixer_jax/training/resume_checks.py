@@ -1,10 +1,5 @@
-"""What a resumed run must share with the run that wrote its checkpoints.
-
-The model is compared by the checkpoint's fingerprint (checkpoint_checks);
-the schedule here: a resumed run's data position and learning-rate
-schedule are counted in steps, so another batch size or number of steps
-silently changes what both mean.
-"""
+"""A resumed run's schedule: the data position and learning rate are
+counted in steps, so another batch size or step count changes both."""
 
 from absl import logging
 from etils import epath
@@ -22,14 +17,8 @@ def has_saved_steps(checkpoint_dir: str) -> bool:
 
 def check_schedule_unchanged(config, workdir: str, checkpoint_dir: str,
                              num_train_steps: int) -> None:
-  """Refuses to resume with another batch size or number of steps.
-
-  The saved run's values come from its run_info.json (nothing to compare
-  without a readable one: the start then rewrites it). Nothing is written.
-
-  Raises:
-    config_validation.ConfigError: unless config.allow_changed_schedule.
-  """
+  """ConfigError for another batch size or number of steps than the saved
+  run_info.json's (unless config.allow_changed_schedule)."""
   if config.allow_changed_schedule or not has_saved_steps(checkpoint_dir):
     return
   try:

@@ -1,12 +1,7 @@
-"""One running job per workdir: an advisory lock held while training.
+"""One running job per workdir: an `fcntl.flock` on `workdir/.lock`.
 
-`acquire(workdir)` takes an exclusive `fcntl.flock` on `workdir/.lock`
-and writes the owner (pid, host, start time) into it; a second job on the
-same workdir gets `WorkdirLockedError` naming that owner. The kernel drops
-the lock when the owning process exits in any way, kill -9 included, so a
-crashed job never leaves the workdir stuck. In a multi-host run only
-process 0 takes the lock (all hosts share one workdir). Paths that are not
-local files (gs://) cannot be flock'ed; they are not locked, with a warning.
+The kernel drops the lock when its process ends in any way (kill -9 too),
+so a crashed job never leaves the workdir stuck.
 """
 
 import datetime
@@ -39,12 +34,8 @@ class WorkdirLock:
     self._created = created  # Directories `acquire` made, innermost first.
 
   def release(self, refused: bool = False) -> None:
-    """Frees the lock; with `refused`, also undoes what `acquire` wrote.
-
-    For a start refused after taking the lock: the workdir is left byte for
-    byte as it was (a new lock file, and the directories made for it if
-    still empty, are removed again).
-    """
+    """Frees the lock; `refused`: leaves the workdir as `acquire` found it
+    (the lock file's bytes, and no new file or empty directory)."""
     if self._fd is None:
       return
     if refused and self._previous is not None:
@@ -74,23 +65,11 @@ def acquire(workdir: str, process_index: Optional[int] = None
             ) -> Optional[WorkdirLock]:
   """Locks `workdir` for this job (creating it), or raises if it is busy.
 
-  Args:
-    workdir: the run's directory.
-    process_index: this process's index (default `jax.process_index()`);
-      only process 0 locks, the others return None.
-
-  Returns:
-    The held lock (None on processes other than 0 and for gs:// paths).
-
-  Raises:
-    WorkdirLockedError: a live process holds the lock; names its pid, host
-      and start time.
-    CheckpointError: the workdir is a file or cannot be written.
+  Only process 0 (default `jax.process_index()`) locks: all hosts share one
+  workdir. Returns None where nothing is locked (other processes, gs://).
   """
-  if process_index is None:
-    process_index = jax.process_index()
   workdir = os.fspath(workdir)
-  if process_index != 0:
+  if (jax.process_index() if process_index is None else process_index) != 0:
     return None
   if '://' in workdir:
     logging.warning('%s is not a local path: it cannot be locked, so make '
