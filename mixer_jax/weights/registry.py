@@ -93,7 +93,8 @@ def local_path(checkpoint: Checkpoint) -> str:
   return os.path.join(cache_dir(), *checkpoint.name.split('/')) + '.npz'
 
 
-def _first_line(error) -> str:
+def first_line(error) -> str:
+  """'Type: first line of the message' of an error, for one-line errors."""
   return f'{type(error).__name__}: ' + (str(error).strip() or
                                         repr(error)).splitlines()[0]
 
@@ -122,7 +123,7 @@ def fetch(checkpoint: Checkpoint) -> str:
       os.remove(partial)
     raise CheckpointNotFoundError(
         f'Checkpoint {checkpoint.name!r} is not in the cache and could not be '
-        f'downloaded from {checkpoint.url} ({_first_line(e)}).\n'
+        f'downloaded from {checkpoint.url} ({first_line(e)}).\n'
         f'Without network access here, download it on a machine that has '
         f'it, e.g.\n  gsutil cp {checkpoint.url} .\n  or  wget '
         f'{checkpoint.https_url}\nand copy the file to\n  {target}\n'
@@ -149,7 +150,7 @@ def resolve(name_or_path: str) -> Tuple[str, Optional[Checkpoint]]:
     exists = tf.io.gfile.exists(name_or_path)
   except tf.errors.OpError as e:  # gs:// without network or permission.
     raise CheckpointNotFoundError(
-        f'{name_or_path} cannot be read ({_first_line(e)}).') from e
+        f'{name_or_path} cannot be read ({first_line(e)}).') from e
   if not exists:
     raise CheckpointNotFoundError(
         f'{name_or_path!r} is neither an existing file nor a published '
