@@ -1,29 +1,20 @@
 """Weight files to models and back: read, check, adapt, write.
 
-* `read_weights` reads any weight file or name into the official flat tree
-  (`official_format.WeightFile`).
-* `load_pretrained` returns a ready model and its parameters; the
-  architecture is read from the file itself.
-* `init_from_checkpoint` fills freshly initialised parameters (a fine-tuning
-  model, `config.init_from`) from a checkpoint.
-* `export_official` writes parameters in the official `.npz` format.
-
-Every leaf is checked; a file that does not fit raises `PretrainedError`
-listing each missing, extra and wrong-shaped leaf and naming the variant the
-file most likely holds. When the class count differs, the head is replaced by
-a fresh zero head (as the official fine-tuning code does).
+`read_weights` reads any weight file or name into the official flat tree;
+`load_pretrained` returns a ready model (its architecture read from the
+file); `init_from_checkpoint` fills a fine-tuning model's fresh parameters;
+`export_official` writes the official `.npz`. A file that does not fit
+raises `PretrainedError` listing every missing, extra and wrong-shaped
+leaf; a different class count gets a fresh zero head.
 
 Higher resolution (paper, Appendix C): an image side K times larger gives
-K^2 times the tokens. Each token-mixing MLP then becomes block-diagonal, one
+K^2 times the tokens; each token-mixing MLP becomes block-diagonal, one
 copy of the pretrained weights per K x K tile of the image (hidden width
-K^2 * D_S, biases tiled), so at the start every tile is mixed exactly as the
-pretrained model mixed a whole image; the expanded matrices are permuted to
-our row-major token order. Only integer K is defined; any other ratio
-(224 -> 384) or a smaller image raises an error that explains this.
+K^2 * D_S), so every tile is mixed as the pretrained model mixed a whole
+image. Only integer K is defined.
 """
 
 import dataclasses
-import io
 import math
 import os
 from typing import Any, Dict, Mapping, Optional, Union
@@ -55,7 +46,8 @@ def read_weights(name_or_path) -> WeightFile:
   step). Raises `registry.CheckpointNotFoundError` when nothing readable is
   there, `PretrainedError` for a file that is not a Mixer checkpoint.
   """
-  from mixer_jax.weights import workdir_checkpoint  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from mixer_jax.weights import workdir_checkpoint  # Imports Orbax.
   if isinstance(name_or_path, WeightFile):
     return name_or_path
   if workdir_checkpoint.is_directory(name_or_path):
@@ -93,18 +85,13 @@ def resolution_factor(checkpoint_tokens: int, target_tokens: int,
         f'{target_tokens}: the resolution change needs square patch grids.')
   if n % n0 == 0:
     return n // n0
-  px = f' ({n0 * patch_size}x{n0 * patch_size} images)' if patch_size else ''
-  sizes = (f' image sizes {n0 * patch_size * 2}, {n0 * patch_size * 3}, ...'
-           if patch_size else ' patch grids of side 2x, 3x, ...')
+  side = f'{n0 * patch_size}' if patch_size else f'{n0} patches'
   raise PretrainedError(
       f'The model has a {n}x{n} patch grid but the checkpoint was trained on '
-      f'{n0}x{n0}{px}; the ratio {n / n0:.3g} is not an integer. The '
-      f'token-mixing weights are tied to token positions, and the paper\'s '
-      f'method (Appendix C) only grows the side by an integer factor K, '
-      f'mixing each of the K x K tiles as the pretrained model mixed a whole '
-      f'image. Other ratios (e.g. 224 -> 384) and smaller images have no '
-      f'exact counterpart and are not supported: use{sizes} or the '
-      f'checkpoint\'s own resolution.')
+      f'{n0}x{n0}; the ratio {n / n0:.3g} is not an integer. Token-mixing '
+      'weights are tied to positions, and the paper (Appendix C) only grows '
+      'the side by an integer factor; other ratios (e.g. 224 -> 384) and '
+      f'smaller images are not supported: use a multiple of {side}.')
 
 
 def _tile_major_positions(grid: int, factor: int) -> np.ndarray:
@@ -295,7 +282,7 @@ def load_pretrained(name_or_path, *, num_classes: Optional[int] = None,
 def export_official(params, path: Union[str, os.PathLike]) -> None:
   """Writes a complete Mixer parameter tree as an official `.npz` (local or
   `gs://`; parent directories are created), every leaf as float32."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from etils import epath  # pylint: disable=g-import-not-at-top
   flat = {k: np.asarray(v, dtype=np.float32)
           for k, v in traverse_util.flatten_dict(unwrap(params),
                                                  sep='/').items()}
@@ -303,10 +290,7 @@ def export_official(params, path: Union[str, os.PathLike]) -> None:
   info = _architecture(flat, source)
   _restore(flat, models.param_shapes(_model_of(info, info.num_classes),
                                      info.image_size), source, {})
-  buffer = io.BytesIO()
-  np.savez(buffer, **flat)
-  path = os.fspath(path)
-  if os.path.dirname(path):
-    tf.io.gfile.makedirs(os.path.dirname(path))
-  with tf.io.gfile.GFile(path, 'wb') as f:
-    f.write(buffer.getvalue())
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with path.open('wb') as f:
+    np.savez(f, **flat)
