@@ -56,7 +56,9 @@ _IMAGE_ADVICE = ('images are classified with `python -m mixer_jax.predict '
 # kind -> (its first bytes, what it is, what to pass instead).
 _KINDS = {
     'npz': ((b'PK\x03\x04',), 'an .npz archive', ''),
-    'empty_npz': ((b'PK\x05\x06',), 'an empty .npz archive', ''),
+    # What np.savez() of nothing writes.
+    'empty_npz': ((b'PK\x05\x06',), 'an empty .npz archive: it holds no '
+                  'arrays', ''),
     'npy': ((b'\x93NUMPY',), 'a single .npy array, not an .npz archive of '
             'named parameters', 'save the parameters with '
             'pretrained.export_official'),
@@ -113,6 +115,8 @@ def not_weights_error(path, kind: Optional[str]) -> 'PretrainedError':
         'bytes are neither). Official checkpoints are .npz files of float32 '
         'arrays, timm-format ones .safetensors.')
   _, what, advice = _KINDS[kind]
+  if not advice:
+    return PretrainedError(f'{path} is {what}.')
   return PretrainedError(f'{path} is {what}, not a weight file; {advice}.')
 
 
@@ -132,9 +136,6 @@ def load_npz(path: Union[str, os.PathLike]) -> Dict[str, np.ndarray]:
   if not tf.io.gfile.exists(path):
     raise registry.CheckpointNotFoundError(f'No checkpoint file at {path}.')
   kind = file_kind(path)
-  if kind == 'empty_npz':  # What np.savez() of nothing writes.
-    raise PretrainedError(f'{path} is an empty .npz archive: it holds no '
-                          'arrays.')
   if kind != 'npz':
     raise not_weights_error(path, kind)
   flat, key = {}, None
@@ -164,13 +165,10 @@ def load_npz(path: Union[str, os.PathLike]) -> Dict[str, np.ndarray]:
 def check_finite(flat: Mapping[str, Any], source) -> None:
   """Refuses NaN or infinite weights: PretrainedError naming the leaves
   that hold them and how many bad values each has."""
-  bad = []
-  for key, value in flat.items():
-    value = np.asarray(value)
-    if np.issubdtype(value.dtype, np.inexact):
-      count = int(value.size - np.count_nonzero(np.isfinite(value)))
-      if count:
-        bad.append(f'{key} ({count} of {value.size} values)')
+  bad = [f'{key} ({np.size(v) - np.isfinite(v).sum()} of {np.size(v)} '
+         'values)' for key, v in flat.items()
+         if np.issubdtype(np.asarray(v).dtype, np.inexact) and
+         not np.isfinite(v).all()]
   if bad:
     more = f' and {len(bad) - 8} more' if len(bad) > 8 else ''
     raise PretrainedError(

@@ -203,15 +203,11 @@ def init_from_checkpoint(name_or_path, params):
   """
   if isinstance(name_or_path, Mapping):
     flat = traverse_util.flatten_dict(unwrap(name_or_path), sep='/')
-    flat, source = {k: np.asarray(v) for k, v in flat.items()}, 'parameters'
-  else:
-    read = read_weights(name_or_path)
-    flat, source = read.flat, read.source
-  target = traverse_util.flatten_dict(unwrap(params), sep='/')
-  fresh = {k: np.asarray(v) for k, v in target.items()
-           if k.startswith('head/')}
-  return _restore(flat, traverse_util.unflatten_dict(target, sep='/'), source,
-                  fresh)
+    name_or_path = WeightFile({k: np.asarray(v) for k, v in flat.items()},
+                              'parameters', 'official')
+  read = read_weights(name_or_path)
+  fresh = traverse_util.flatten_dict(unwrap(params), sep='/')
+  return _restore(read.flat, params, read.source, fresh)
 
 
 def _architecture(flat, source) -> CheckpointInfo:
