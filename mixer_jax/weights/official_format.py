@@ -1,11 +1,9 @@
 """The official MLP-Mixer checkpoint format: reading and inspecting it.
 
-An official checkpoint (google-research/vision_transformer, gs://mixer_models)
-is a NumPy `.npz` of float32 arrays keyed by the Flax parameter paths joined
-with "/" (`stem/kernel`, `MixerBlock_0/token_mixing/Dense_0/kernel`, ...,
-`head/bias`), the tree of `mixer_jax.models`. This module reads such files
-safely (no pickles; `tf.io.gfile`, so `gs://` works), reads the
-architecture back from the shapes, and words the per-leaf mismatch errors.
+An official checkpoint (vision_transformer, gs://mixer_models) is an `.npz`
+of float32 arrays keyed by the `mixer_jax.models` parameter paths joined
+with "/" (`stem/kernel`, ..., `head/bias`). Read safely (no pickles;
+`tf.io.gfile`, so `gs://` works); the architecture is read from the shapes.
 """
 
 import collections
@@ -107,19 +105,6 @@ def file_kind(path: Union[str, os.PathLike]) -> Optional[str]:
     return None  # Any parse failure: not a jax.export file.
 
 
-def not_weights_error(path, kind: Optional[str]) -> 'PretrainedError':
-  """The error for a file that is not a weight file, saying what it is."""
-  if kind is None:
-    return PretrainedError(
-        f'{path} is neither an .npz archive nor a safetensors file (its first '
-        'bytes are neither). Official checkpoints are .npz files of float32 '
-        'arrays, timm-format ones .safetensors.')
-  _, what, advice = _KINDS[kind]
-  if not advice:
-    return PretrainedError(f'{path} is {what}.')
-  return PretrainedError(f'{path} is {what}, not a weight file; {advice}.')
-
-
 def load_npz(path: Union[str, os.PathLike]) -> Dict[str, np.ndarray]:
   """Reads an official-format `.npz` (local or `gs://`) into a flat dict.
 
@@ -136,8 +121,15 @@ def load_npz(path: Union[str, os.PathLike]) -> Dict[str, np.ndarray]:
   if not tf.io.gfile.exists(path):
     raise registry.CheckpointNotFoundError(f'No checkpoint file at {path}.')
   kind = file_kind(path)
+  if kind is None:
+    raise PretrainedError(
+        f'{path} is neither an .npz archive nor a safetensors file (its first '
+        'bytes are neither). Official checkpoints are .npz files of float32 '
+        'arrays, timm-format ones .safetensors.')
   if kind != 'npz':
-    raise not_weights_error(path, kind)
+    _, what, advice = _KINDS[kind]
+    raise PretrainedError(f'{path} is {what}' + (
+        f', not a weight file; {advice}.' if advice else '.'))
   flat, key = {}, None
   try:
     with tf.io.gfile.GFile(path, 'rb') as f, np.load(

@@ -39,11 +39,10 @@ _TOKEN_KEY = 'MixerBlock_0/token_mixing/Dense_0/kernel'
 
 
 def read_weights(name_or_path) -> WeightFile:
-  """Reads a weight file or name into the official flat tree: a registry
-  name, a Hub name (`mixer_jax.weights.hub`), a timm-format `.safetensors`
-  (with a timm `config.json` beside it, if any) or a folder holding one, an
-  official `.npz` (local or `gs://`), or a training workdir (its newest
-  step). Raises `registry.CheckpointNotFoundError` when nothing readable is
+  """Reads a registry name, Hub name, timm `.safetensors` (with the timm
+  `config.json` beside it) or a folder holding one, official `.npz` (local
+  or `gs://`) or training workdir (its newest step) into the official flat
+  tree. Raises `registry.CheckpointNotFoundError` when nothing readable is
   there, `PretrainedError` for a file that is not a Mixer checkpoint.
   """
   # pylint: disable-next=g-import-not-at-top
@@ -187,19 +186,14 @@ def _restore(flat, target, source, fresh_head):
 
 
 def init_from_checkpoint(name_or_path, params):
-  """Returns `params` (freshly initialised) filled from a checkpoint.
+  """`params` (freshly initialised: concrete arrays) filled from anything
+  `read_weights` reads, or a parameter tree, as a nested dict of NumPy
+  arrays of `params`' dtypes.
 
-  The head is kept from `params` (the target's fresh zero head) when the
-  class counts differ; the token-mixing weights are expanded (Appendix C)
-  when the target has K^2 times the checkpoint's tokens; every other leaf
-  must match in name and shape, else `PretrainedError` lists them all.
-
-  Args:
-    name_or_path: anything `read_weights` reads, or a parameter tree.
-    params: the target's initialised parameter tree (concrete arrays).
-
-  Returns:
-    A nested dict of NumPy arrays with the structure and dtypes of `params`.
+  The head of `params` is kept when the class counts differ; the
+  token-mixing weights are expanded (Appendix C) when the target has K^2
+  times the checkpoint's tokens; every other leaf must match in name and
+  shape, else `PretrainedError` lists them all.
   """
   if isinstance(name_or_path, Mapping):
     flat = traverse_util.flatten_dict(unwrap(name_or_path), sep='/')
@@ -231,23 +225,15 @@ def _model_of(info: CheckpointInfo, num_classes, tokens_factor=1, **options):
 
 def load_pretrained(name_or_path, *, num_classes: Optional[int] = None,
                     image_size: Optional[int] = None, **model_options):
-  """Loads a published or exported checkpoint as a ready model.
+  """(model, params) of any weight file or name `read_weights` reads, for
+  `model.apply({'params': params}, images)` with images in [-1, 1].
 
-  Args:
-    name_or_path: anything `read_weights` reads.
-    num_classes: head size. None keeps the checkpoint's head; another count
-      gives a fresh zero head (for fine-tuning); 0 drops the head so the
-      model returns pooled features.
-    image_size: side of the square input images. None keeps the
-      checkpoint's; an integer multiple K of it expands the token mixing
-      (Appendix C); anything else raises `PretrainedError`.
-    **model_options: passed to `models.create_model` (e.g. dtype,
-      stochastic_depth, gelu_approximate: by default the form the weights
-      were trained with).
-
-  Returns:
-    (model, params) for `model.apply({'params': params}, images)`, images
-    scaled to [-1, 1] whatever the file.
+  `num_classes`: None keeps the file's head, another count gives a fresh
+  zero head (for fine-tuning), 0 none (pooled features). `image_size`: None
+  keeps the file's; an integer multiple K of it expands the token mixing
+  (Appendix C); anything else raises `PretrainedError`. `model_options` go
+  to `models.create_model` (e.g. dtype; gelu_approximate defaults to the
+  form the weights were trained with).
   """
   read = read_weights(name_or_path)
   flat, path, entry = read.flat, read.source, read.entry

@@ -57,18 +57,13 @@ CHECKPOINTS = {name: Checkpoint(name, f'{BUCKET}/{name}.npz') for name in (
     'gsam/Mixer-S_16', 'gsam/Mixer-S_32', 'gsam/Mixer-S_8')}
 
 
-def list_checkpoints() -> Tuple[str, ...]:
-  """Names of all registered checkpoints, sorted."""
-  return tuple(sorted(CHECKPOINTS))
-
-
 def get(name: str) -> Checkpoint:
   """The entry `name` (".npz" suffix and "gs://" accepted), or a KeyError
   listing the known names."""
   key = name.removeprefix(BUCKET + '/').removesuffix('.npz')
   if key not in CHECKPOINTS:
     raise KeyError(f'No published Mixer checkpoint is called {name!r}. Known '
-                   f'names: {", ".join(list_checkpoints())}.')
+                   f'names: {", ".join(sorted(CHECKPOINTS))}.')
   return CHECKPOINTS[key]
 
 
@@ -141,7 +136,7 @@ def resolve(name_or_path: str) -> Tuple[str, Optional[Checkpoint]]:
   if not exists:
     raise CheckpointNotFoundError(
         f'{name_or_path!r} is neither an existing file nor a published '
-        f'checkpoint name. Known names: {", ".join(list_checkpoints())}.')
+        f'checkpoint name. Known names: {", ".join(sorted(CHECKPOINTS))}.')
   if tf.io.gfile.isdir(name_or_path):
     raise CheckpointNotFoundError(
         f'{name_or_path} is a directory; expected an official-format .npz '

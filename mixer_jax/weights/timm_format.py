@@ -96,7 +96,8 @@ def export_timm(params: Mapping[str, Any],
   timm loads it with `model.load_state_dict(safetensors.torch.load_file(
   path))` on an MlpMixer of the same size.
   """
-  from safetensors import numpy as st_numpy  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from safetensors import numpy as st_numpy
   path = os.fspath(path)
   if os.path.dirname(path):
     os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -18,9 +18,6 @@ from mixer_jax.weights.loaded import Loaded
 from mixer_jax.weights import registry
 from mixer_jax.weights import run_info
 
-# Which weights of a training workdir: trained, or their EMA.
-WEIGHTS = ('params', 'ema')
-
 
 def _is_step_directory(location) -> bool:
   """A step of an Orbax checkpoint directory: `<step>/state/`."""
@@ -29,13 +26,10 @@ def _is_step_directory(location) -> bool:
 
 
 def locate_workdir(path: str, step: Optional[int] = None):
-  """(workdir, checkpoint directory, step) of a directory naming a checkpoint.
-
-  The one reading of a checkpoint directory for every command: a training
-  workdir (holding `checkpoints/` or `run_info.json`), its `checkpoints/`,
-  one step directory in it (`.../checkpoints/500`, or any `<step>/` holding
-  an Orbax `state/`: it fixes the step), or any other directory of Orbax
-  steps (which then stands for the workdir).
+  """(workdir, checkpoint directory, step) of a training workdir (holding
+  `checkpoints/` or `run_info.json`), its `checkpoints/`, one step directory
+  (`.../checkpoints/500` or any `<step>/state/`: it fixes the step), or any
+  other directory of Orbax steps (which then stands for the workdir).
   """
   from etils import epath  # pylint: disable=g-import-not-at-top
   location = epath.Path(path)
@@ -83,8 +77,8 @@ def restore_params(directory, config, num_classes: int,
   run's checkpoint `directory`, read-only, each parameter placed with
   `sharding`; `weights` is 'params' (trained) or 'ema' (their moving
   average, kept by runs with config.ema_decay > 0)."""
-  if weights not in WEIGHTS:
-    raise ValueError(f'weights={weights!r}: use one of {WEIGHTS}.')
+  if weights not in ('params', 'ema'):
+    raise ValueError(f"weights={weights!r}: use 'params' or 'ema'.")
   if weights == 'ema' and not config.get('ema_decay'):
     raise checkpoint_checks.CheckpointError(
         f'{directory} was trained without an EMA of the weights '
