@@ -173,15 +173,11 @@ def intermediate_outputs(model: MlpMixer, params, images, **kwargs):
 
 def create_model(variant: str, num_classes: Optional[int] = 1000, *,
                  dtype: Any = 'float32', **options) -> MlpMixer:
-  """Returns the `MlpMixer` module for a variant name such as "B_16".
+  """The `MlpMixer` of `variant` ("B_16", see `get_spec`).
 
-  Args:
-    variant: FAMILY_PATCH, e.g. "B_16" or "S_8" (see `get_spec`).
-    num_classes: head size; None or 0 returns pooled features instead.
-    dtype: computation dtype, a name ("float32", "bfloat16") or a jnp dtype.
-    **options: size overrides accepted by `get_spec` (`num_blocks=2`, ...)
-      and module options that keep the parameter tree unchanged:
-      `stochastic_depth`, `gelu_approximate`, `head_bias_init`, `remat`.
+  `num_classes` None or 0 gives pooled features; `dtype` is the computation
+  dtype (a name or a jnp dtype); `options` are size overrides of `get_spec`
+  (`num_blocks=2`) and the `MODULE_OPTIONS`.
   """
   sizes = {k: options.pop(k) for k in MixerSpec.__annotations__
            if k in options}
