@@ -140,9 +140,8 @@ def load_npz(path: Union[str, os.PathLike]) -> Dict[str, np.ndarray]:
           tf.errors.OpError) as e:
     if 'pickle' in str(e).lower():
       raise PretrainedError(
-          f'{path}: entry {key!r} is a pickled object array. Official '
-          f'checkpoints hold only float arrays, and loading pickles could run '
-          f'code, so the file is refused.') from e
+          f'{path}: entry {key!r} is a pickled object array, refused: '
+          'loading pickles could run code.') from e
     raise PretrainedError(f'{path} is truncated or corrupt ({type(e).__name__}'
                           f': {e}); download it again.') from e
   for key, value in flat.items():

@@ -155,11 +155,9 @@ def _restore(flat, target, source, fresh_head):
                                target_flat[_TOKEN_KEY].shape[0], patch)
     if factor > 1:
       hint = (f'Resolution change by K={factor} (shapes above are after '
-              f'the expansion): the token-mixing hidden '
-              f'width must become K^2 * D_S = '
-              f'{factor**2 * flat[_TOKEN_KEY].shape[1]}; create '
-              f'the model with that tokens_mlp_dim (load_pretrained does it; '
-              f'in a training config set config.model.tokens_mlp_dim).')
+              'the expansion): the token-mixing hidden width must become '
+              f'K^2 * D_S = {factor**2 * flat[_TOKEN_KEY].shape[1]}; set '
+              'tokens_mlp_dim (config.model.tokens_mlp_dim) to it.')
       flat = _expand_flat(flat, factor)
   ckpt_head = flat.get('head/kernel')
   target_head = target_flat.get('head/kernel')

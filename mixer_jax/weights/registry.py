@@ -140,6 +140,5 @@ def resolve(name_or_path: str) -> Tuple[str, Optional[Checkpoint]]:
   if tf.io.gfile.isdir(name_or_path):
     raise CheckpointNotFoundError(
         f'{name_or_path} is a directory; expected an official-format .npz '
-        f'file. (To resume a mixer_jax training run, use its workdir with '
-        f'mixer_jax.train instead.)')
+        'file.')
   return name_or_path, None
