@@ -155,10 +155,9 @@ def load_safetensors(path: str, *, config: Optional[Dict[str, Any]] = None,
     with safe_open(path, framework='numpy') as f:
       metadata = f.metadata() or {}
       state = {key: f.get_tensor(key) for key in f.keys()}
-  except FileNotFoundError as e:
-    raise registry.CheckpointNotFoundError(f'No file at {path}.') from e
   except Exception as e:  # pylint: disable=broad-except
-    # safetensors raises its own (Rust) error types for damaged files.
+    # safetensors raises its own (Rust) error types for damaged files;
+    # callers pass existing files (read_weights, a Hub download).
     raise PretrainedError(f'{source} is not a readable safetensors file '
                           f'({first_line(e)}); download it again.') from e
   info = read_timm_config(config) if config is not None else TimmInfo()
