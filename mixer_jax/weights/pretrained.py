@@ -15,6 +15,7 @@ image. Only integer K is defined.
 """
 
 import dataclasses
+import io
 import math
 import os
 from typing import Any, Dict, Mapping, Optional, Union
@@ -270,7 +271,8 @@ def export_official(params, path: Union[str, os.PathLike]) -> None:
   info = _architecture(flat, source)
   _restore(flat, models.param_shapes(_model_of(info, info.num_classes),
                                      info.image_size), source, {})
+  buffer = io.BytesIO()  # zipfile seeks, which gs:// files cannot.
+  np.savez(buffer, **flat)
   path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  with path.open('wb') as f:
-    np.savez(f, **flat)
+  path.write_bytes(buffer.getvalue())

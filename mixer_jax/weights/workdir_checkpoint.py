@@ -4,6 +4,7 @@ Opened read-only, so a running job can be used; its `run_info.json`
 (`run_info.py`) says which model it holds.
 """
 
+import contextlib
 import os
 from typing import Optional
 
@@ -84,7 +85,6 @@ def restore_params(directory, config, num_classes: int,
         f'{directory} was trained without an EMA of the weights '
         '(config.ema_decay=0): use the trained weights (--weights=params).')
   import jax  # pylint: disable=g-import-not-at-top
-
   model = model_from_config.create_model(config, num_classes)
   target = jax.tree.map(
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
@@ -92,12 +92,10 @@ def restore_params(directory, config, num_classes: int,
   reader = checkpoints.Checkpointer(
       directory, keep=1, keep_best=False, async_save=False, read_only=True,
       fingerprint=fingerprint.model_fingerprint(config, num_classes))
-  try:
+  with contextlib.closing(reader):
     params, extra = reader.restore_params(
         target, step=step,
         field='ema_params' if weights == 'ema' else 'params')
-  finally:
-    reader.close()
   return model, params, extra
 
 
