@@ -35,6 +35,9 @@ FAMILIES = {
 # Computation dtypes the model supports; parameters are always float32.
 COMPUTE_DTYPES = (jnp.dtype('float32'), jnp.dtype('bfloat16'),
                   jnp.dtype('float16'))
+# Module options of create_model that keep the parameter tree unchanged.
+MODULE_OPTIONS = ('stochastic_depth', 'gelu_approximate', 'head_bias_init',
+                  'remat')
 PAPER_VARIANTS = ('S_32', 'S_16', 'S_8', 'B_32', 'B_16', 'L_32', 'L_16', 'H_14')
 
 _VARIANT_RE = re.compile(r'^(?:Mixer-)?([SBLH])[_/](\d+)$')
@@ -170,45 +173,38 @@ def intermediate_outputs(model: MlpMixer, params, images, **kwargs):
 
 def create_model(variant: str, num_classes: Optional[int] = 1000, *,
                  dtype: Any = 'float32', **options) -> MlpMixer:
-  """Returns the `MlpMixer` module for a variant name such as "B_16".
+  """The `MlpMixer` of `variant` ("B_16", see `get_spec`).
 
-  Args:
-    variant: FAMILY_PATCH, e.g. "B_16" or "S_8" (see `get_spec`).
-    num_classes: head size; None or 0 returns pooled features instead.
-    dtype: computation dtype, a name ("float32", "bfloat16") or a jnp dtype.
-    **options: size overrides accepted by `get_spec` (`num_blocks=2`, ...)
-      and module options that keep the parameter tree unchanged:
-      `stochastic_depth`, `gelu_approximate`, `head_bias_init`, `remat`.
+  `num_classes` None or 0 gives pooled features; `dtype` is the computation
+  dtype (a name or a jnp dtype); `options` are size overrides of `get_spec`
+  (`num_blocks=2`) and the `MODULE_OPTIONS`.
   """
-  size_fields = {f.name for f in dataclasses.fields(MixerSpec)}
-  sizes = {k: options.pop(k) for k in list(options) if k in size_fields}
+  sizes = {k: options.pop(k) for k in MixerSpec.__annotations__
+           if k in options}
   spec = get_spec(variant, **sizes)
-  allowed = {'stochastic_depth', 'gelu_approximate', 'head_bias_init',
-             'remat'}
-  unknown = set(options) - allowed
+  unknown = set(options) - set(MODULE_OPTIONS)
   if unknown:
     raise TypeError(f'create_model got unknown option(s) {sorted(unknown)}; '
-                    f'valid: {sorted(allowed | size_fields | {"dtype"})}.')
-  rate = options.get('stochastic_depth', 0.0)
-  if not 0.0 <= rate < 1.0:
-    raise ValueError(f'stochastic_depth={rate} must be in [0, 1).')
+                    f'valid: {sorted(MODULE_OPTIONS)}, "dtype" and sizes.')
+  if not 0.0 <= options.get('stochastic_depth', 0.0) < 1.0:
+    raise ValueError(f'stochastic_depth={options["stochastic_depth"]} must '
+                     'be in [0, 1).')
   if not isinstance(options.get('gelu_approximate', True), bool):
     raise TypeError('gelu_approximate must be True (tanh GELU, official) or '
                     'False (exact GELU, timm).')
   try:
-    compute_dtype = jnp.dtype(dtype)
+    dtype = jnp.dtype(dtype)
   except TypeError:
-    compute_dtype = None
-  if compute_dtype not in COMPUTE_DTYPES:
+    pass  # Not a dtype name: refused below.
+  if dtype not in COMPUTE_DTYPES:
     raise ValueError(f'dtype={dtype!r} is not a computation dtype of the '
                      f'model; use one of {[d.name for d in COMPUTE_DTYPES]}.')
   if num_classes is not None and (not isinstance(num_classes, (int, np.integer))
                                   or num_classes < 0):
     raise ValueError(f'num_classes={num_classes!r} must be an int >= 0 (0 or '
                      'None: no head, pooled features).')
-  return MlpMixer(num_classes=num_classes, dtype=compute_dtype,
+  return MlpMixer(num_classes=num_classes, dtype=dtype,
                   **dataclasses.asdict(spec), **options)
-
 
 
 def count_params(params) -> int:

@@ -34,7 +34,7 @@ def _private_cache(tmp_path, monkeypatch):
 
 
 def test_every_published_checkpoint_is_registered():
-  assert set(registry.list_checkpoints()) == set(PUBLISHED)
+  assert set(registry.CHECKPOINTS) == set(PUBLISHED)
   for name, (variant, classes) in PUBLISHED.items():
     entry = registry.get(name)
     assert (entry.variant, entry.num_classes) == (variant, classes)

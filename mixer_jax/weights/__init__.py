@@ -1,2 +1,2 @@
-"""Pretrained weights and their formats: official .npz files, the registry of published checkpoints, timm/safetensors files, the Hugging Face Hub, and one loader for every checkpoint kind.
-"""
+"""Pretrained weights and their formats: official .npz, the registry, timm
+safetensors, the Hugging Face Hub, and one loader for every kind."""

@@ -1,21 +1,16 @@
 """MLP-Mixer weights from the Hugging Face Hub (timm's repositories).
 
 Everywhere a checkpoint is taken, `hf-hub:OWNER/NAME[@REVISION]` is too
-(e.g. `hf-hub:timm/mixer_b16_224.goog_in21k_ft_in1k`; a branch, tag or
-commit, default `main`): `model.safetensors` (timm's state dict) and
-`config.json` (mean, std, crop_pct, crop_mode, label_names) are fetched by
-`huggingface_hub.hf_hub_download`, so its cache (`HF_HUB_CACHE`), offline
-mode (`HF_HUB_OFFLINE=1`) and tokens (`HF_TOKEN`) apply. The architecture
-is read from the shapes, and mean/std are folded into the stem (exact: the
-stem is linear, its patches never overlap), so every model here takes
-pixels in [-1, 1]. The goog weights were trained in JAX with the tanh GELU,
-MIIL's and other timm weights in PyTorch with the exact one; each is run
-with its own (`load_safetensors` decides; `gelu_approximate=` overrides).
+(e.g. `hf-hub:timm/mixer_b16_224.goog_in21k_ft_in1k`): `model.safetensors`
+and `config.json` come from `huggingface_hub.hf_hub_download`, so its cache
+(`HF_HUB_CACHE`), offline mode (`HF_HUB_OFFLINE=1`) and token (`HF_TOKEN`)
+apply. The config's mean/std are folded into the stem (exact: the stem is
+linear and its patches never overlap), so every model takes [-1, 1]. The
+goog weights were trained in JAX with the tanh GELU, MIIL's and other timm
+weights in PyTorch with the exact one; each runs with its own.
 
-Names say what a repository claims, not what it scores: timm's published
-top-1 for `mixer_b16_224.goog_in21k_ft_in1k` (76.6%) is the paper's number
-for B/16 trained on ImageNet-1k from scratch (76.44%), not its 21k -> 1k
-number (80.64%).
+timm's top-1 for `mixer_b16_224.goog_in21k_ft_in1k` (76.6%) is the paper's
+number for B/16 trained on ImageNet-1k from scratch, not its 21k -> 1k one.
 """
 
 import dataclasses
@@ -32,24 +27,18 @@ from mixer_jax.weights import official_format
 from mixer_jax.weights import registry
 from mixer_jax.weights import timm_format
 from mixer_jax.weights.official_format import PretrainedError
+from mixer_jax.weights.registry import first_line
 
 PREFIXES = ('hf-hub:', 'hf_hub:')
 WEIGHTS_FILE = 'model.safetensors'
 CONFIG_FILE = 'config.json'
 # The normalisation mixer_jax's preprocessing produces: (x/255 - 0.5) / 0.5.
 NATIVE_MEAN = NATIVE_STD = (0.5, 0.5, 0.5)
-
-# timm's published Mixer repositories (for error messages and the README).
+# timm's published Mixer repositories (for error messages).
 TIMM_REPOSITORIES = (
-    'timm/mixer_b16_224.goog_in21k',
-    'timm/mixer_b16_224.goog_in21k_ft_in1k',
-    'timm/mixer_l16_224.goog_in21k',
-    'timm/mixer_l16_224.goog_in21k_ft_in1k',
-    'timm/mixer_b16_224.miil_in21k',
-    'timm/mixer_b16_224.miil_in21k_ft_in1k',
-)
-
-_REPO_RE = re.compile(r'^[\w.-]+/[\w.-]+$')
+    'timm/mixer_b16_224.goog_in21k', 'timm/mixer_b16_224.goog_in21k_ft_in1k',
+    'timm/mixer_l16_224.goog_in21k', 'timm/mixer_l16_224.goog_in21k_ft_in1k',
+    'timm/mixer_b16_224.miil_in21k', 'timm/mixer_b16_224.miil_in21k_ft_in1k')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,8 +48,8 @@ class HubName:
   revision: Optional[str] = None
 
   def __str__(self):
-    rev = f'@{self.revision}' if self.revision else ''
-    return f'hf-hub:{self.repo_id}{rev}'
+    return f'hf-hub:{self.repo_id}' + (f'@{self.revision}'
+                                       if self.revision else '')
 
 
 def is_hub_name(name) -> bool:
@@ -71,7 +60,7 @@ def is_hub_name(name) -> bool:
 def parse(name: str) -> HubName:
   """Parses `hf-hub:OWNER/NAME[@REVISION]`; ValueError if not of that form."""
   repo_id, at, revision = name.split(':', 1)[-1].partition('@')
-  if not is_hub_name(name) or not _REPO_RE.match(repo_id) or (
+  if not is_hub_name(name) or not re.fullmatch(r'[\w.-]+/[\w.-]+', repo_id) or (
       at and not revision):
     raise ValueError(
         f'{name!r} is not a Hub name: expected hf-hub:OWNER/NAME or '
@@ -112,34 +101,25 @@ def read_timm_config(data: Dict[str, Any]) -> TimmInfo:
     value = cfg.get(key, data.get(key))
     return default if value is None else value
 
-  def triple(key, default):
-    value = get(key, default)
-    value = (value,) * 3 if np.ndim(value) == 0 else tuple(value)
-    if len(value) != 3 or not all(isinstance(v, (int, float)) for v in value):
-      raise PretrainedError(f'{CONFIG_FILE}: {key}={value!r} is not 3 numbers.')
-    return tuple(float(v) for v in value)
-
-  info = TimmInfo(
-      num_classes=get('num_classes'), mean=triple('mean', NATIVE_MEAN),
-      std=triple('std', NATIVE_STD), crop_pct=float(get('crop_pct', 0.875)),
-      crop_mode=get('crop_mode', 'center'),
-      label_names=list(get('label_names') or []) or None,
-      tag=cfg.get('tag') or '',
-      stated_gelu_approximate=(data.get('mixer_jax') or {}).get(
-          'gelu_approximate'))
-  if min(info.std) <= 0:
-    raise PretrainedError(f'{CONFIG_FILE}: std={info.std} must be positive.')
-  if not 0 < info.crop_pct <= 1:
+  try:
+    info = TimmInfo(
+        num_classes=get('num_classes'),
+        mean=tuple(np.broadcast_to(get('mean', NATIVE_MEAN), 3).astype(float)),
+        std=tuple(np.broadcast_to(get('std', NATIVE_STD), 3).astype(float)),
+        crop_pct=float(get('crop_pct', 0.875)),
+        crop_mode=get('crop_mode', 'center'),
+        label_names=list(get('label_names') or []) or None,
+        tag=cfg.get('tag') or '',
+        stated_gelu_approximate=(data.get('mixer_jax') or {}).get(
+            'gelu_approximate'))
+  except (TypeError, ValueError) as e:
+    raise PretrainedError(f'{CONFIG_FILE}: {first_line(e)}.') from e
+  if info.crop_mode not in ('center', 'squash') or not (
+      0 < info.crop_pct <= 1) or min(info.std) <= 0:
     raise PretrainedError(
-        f'{CONFIG_FILE}: crop_pct={info.crop_pct} must be in (0, 1].')
-  if info.crop_mode not in ('center', 'squash'):
-    raise PretrainedError(
-        f"{CONFIG_FILE}: crop_mode={info.crop_mode!r} is not supported: use "
-        "'center' or 'squash'.")
-  if not isinstance(info.stated_gelu_approximate, (bool, type(None))):
-    raise PretrainedError(
-        f'{CONFIG_FILE}: mixer_jax.gelu_approximate='
-        f'{info.stated_gelu_approximate!r} must be true or false.')
+        f'{CONFIG_FILE}: crop_mode={info.crop_mode!r}, crop_pct='
+        f'{info.crop_pct}, std={info.std} are not supported: use crop_mode '
+        "'center' or 'squash', crop_pct in (0, 1] and a positive std.")
   return info
 
 
@@ -164,11 +144,6 @@ def fold_normalisation(flat: Dict[str, np.ndarray], mean, std
   return out
 
 
-def _first_line(error) -> str:
-  text = str(error).strip()
-  return text.splitlines()[0] if text else repr(error)
-
-
 def load_safetensors(path: str, *, config: Optional[Dict[str, Any]] = None,
                      source: Optional[str] = None,
                      repo_id: str = '') -> official_format.WeightFile:
@@ -180,13 +155,11 @@ def load_safetensors(path: str, *, config: Optional[Dict[str, Any]] = None,
     with safe_open(path, framework='numpy') as f:
       metadata = f.metadata() or {}
       state = {key: f.get_tensor(key) for key in f.keys()}
-  except FileNotFoundError as e:
-    raise registry.CheckpointNotFoundError(f'No file at {path}.') from e
   except Exception as e:  # pylint: disable=broad-except
-    # safetensors raises its own (Rust) error types for damaged files.
-    raise PretrainedError(
-        f'{source} is not a readable safetensors file ({type(e).__name__}: '
-        f'{_first_line(e)}); download it again.') from e
+    # safetensors raises its own (Rust) error types for damaged files;
+    # callers pass existing files (read_weights, a Hub download).
+    raise PretrainedError(f'{source} is not a readable safetensors file '
+                          f'({first_line(e)}); download it again.') from e
   info = read_timm_config(config) if config is not None else TimmInfo()
   # The GELU form the weights were trained with: as our exports state it;
   # else tanh for Google's JAX-trained weights (goog) and for our files
@@ -211,12 +184,11 @@ def load_safetensors(path: str, *, config: Optional[Dict[str, Any]] = None,
         f'{source}: {CONFIG_FILE} says num_classes={info.num_classes} but the '
         f'head has {head.shape[-1]} outputs; the files do not belong '
         'together.')
-  if not (np.allclose(info.mean, NATIVE_MEAN) and
-          np.allclose(info.std, NATIVE_STD)):
+  if (info.mean, info.std) != (NATIVE_MEAN, NATIVE_STD):
     flat = fold_normalisation(flat, info.mean, info.std)
   return official_format.WeightFile(
       flat, source, 'hub' if is_hub_name(source) else 'timm',
-      gelu_approximate=gelu, timm=info)
+      gelu_approximate=bool(gelu), timm=info)
 
 
 def _download(hub_name: HubName, filename: str) -> str:
@@ -229,21 +201,17 @@ def _download(hub_name: HubName, filename: str) -> str:
   except errors.LocalEntryNotFoundError as e:
     raise registry.CheckpointNotFoundError(
         f'{hub_name}: {filename} is not in the Hugging Face cache and cannot '
-        f'be downloaded ({_first_line(e)}). Without network access, copy the '
+        f'be downloaded ({first_line(e)}). Without network access, copy the '
         'cache (~/.cache/huggingface/hub, or $HF_HUB_CACHE) from a machine '
         'that has downloaded it, and set HF_HUB_OFFLINE=1.') from e
-  except (errors.RepositoryNotFoundError, errors.RevisionNotFoundError,
-          errors.EntryNotFoundError, errors.GatedRepoError) as e:
+  except errors.HfHubHTTPError as e:  # Also: no such repository or file.
     raise registry.CheckpointNotFoundError(
-        f'{hub_name}: {type(e).__name__}: {_first_line(e)}. timm\'s Mixer '
+        f'{hub_name}: {filename}: {first_line(e)}. timm\'s Mixer '
         f'repositories are {", ".join(TIMM_REPOSITORIES)}; private or gated '
         'ones need a token (HF_TOKEN or `hf auth login`).') from e
-  except errors.HfHubHTTPError as e:
-    raise registry.CheckpointNotFoundError(
-        f'{hub_name}: download of {filename} failed: {_first_line(e)}') from e
 
 
-def _read_json(path: str, advice: str) -> Any:
+def _read_json(path: str, advice: str = '.') -> Any:
   try:
     with open(path, encoding='utf-8') as f:
       return json.load(f)
@@ -256,7 +224,7 @@ def load(name: str) -> official_format.WeightFile:
   """Downloads (or reads from the cache) and reads a Hub checkpoint."""
   hub_name = parse(name)
   weights = _download(hub_name, WEIGHTS_FILE)
-  config = _read_json(_download(hub_name, CONFIG_FILE), '.')
+  config = _read_json(_download(hub_name, CONFIG_FILE))
   return load_safetensors(weights, config=config, source=str(hub_name),
                           repo_id=hub_name.repo_id)
 

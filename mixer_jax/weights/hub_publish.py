@@ -1,17 +1,12 @@
 """A Hugging Face Hub folder that timm and mixer_jax both load.
 
-`write_folder(loaded, out)` writes, for any checkpoint `any_checkpoint.load`
-accepts: `model.safetensors` (timm's state dict), `config.json` (timm's
-schema, plus a `mixer_jax` field our loader reads back: the GELU form),
-`<variant>.npz` (the official layout) and `README.md` (a model card with
-the evaluations and their splits, and an empty licence field).
-`push_folder(out, repo_id)` uploads it with `huggingface_hub` (its token
-from `HF_TOKEN` or `hf auth login`).
-
-timm builds its Mixer by name (`mixer_b16_224`: patch, depth and width
-fixed), so a model of another size is written with a card that says how to
-build it by hand; and timm always runs the exact GELU, so for weights
-trained with the tanh form the card states how far timm's logits are.
+`write_folder(loaded, out)` writes `model.safetensors` (timm's state dict),
+`config.json` (timm's schema plus our `mixer_jax` field: the GELU form),
+`<variant>.npz` (the official layout) and a `README.md` model card.
+`push_folder(out, repo_id)` uploads it with huggingface_hub. timm builds
+its Mixers by name (patch, depth and width fixed) and always with the
+exact GELU: the card says how to build other sizes, and how far timm's
+logits are from weights trained with the tanh form.
 """
 
 import dataclasses
@@ -28,22 +23,14 @@ from mixer_jax.errors import UserError
 from mixer_jax.weights import hub
 from mixer_jax.weights import official_format
 from mixer_jax.weights import pretrained
+from mixer_jax.weights import registry
 from mixer_jax.weights import timm_format
 
-# timm's Mixer names: (patch, blocks, width) -> name. Token/channel MLP
-# ratios default to (0.5, 4.0), the paper's; img_size to 224.
-TIMM_ARCHITECTURES = {
-    (32, 8, 512): 'mixer_s32_224', (16, 8, 512): 'mixer_s16_224',
-    (32, 12, 768): 'mixer_b32_224', (16, 12, 768): 'mixer_b16_224',
-    (32, 24, 1024): 'mixer_l32_224', (16, 24, 1024): 'mixer_l16_224',
-}
-_TIMM_DEFAULT_RATIOS = (0.5, 4.0)
-_TIMM_DEFAULT_IMAGE = 224
 OUR_FIELD = 'mixer_jax'  # Our part of config.json (timm ignores it).
 
 
 class PublishError(UserError, RuntimeError):
-  """The folder cannot be written or uploaded (no head, no token, no network)."""
+  """The folder cannot be written or uploaded (no head, token or network)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,20 +46,30 @@ class Evaluation:
 
 
 def timm_architecture(model: models.MlpMixer, image_size: int):
-  """(timm name or None, model_args) that rebuild `model` in timm."""
-  key = (model.patch_size, model.num_blocks, model.hidden_dim)
-  name = TIMM_ARCHITECTURES.get(key)
-  ratios = (model.tokens_mlp_dim / model.hidden_dim,
-            model.channels_mlp_dim / model.hidden_dim)
+  """(timm name or None, model_args) that rebuild `model` in timm.
+
+  timm names `mixer_{s,b,l}{16,32}_224` the paper's families at patch 16
+  and 32; MLP ratios other than (0.5, 4.0) and images other than 224 go in
+  the model_args.
+  """
+  name = None
+  for family in 'SBL':
+    sizes = models.FAMILIES[family]
+    if model.patch_size in (16, 32) and (
+        model.num_blocks, model.hidden_dim) == (
+            sizes['num_blocks'], sizes['hidden_dim']):
+      name = f'mixer_{family.lower()}{model.patch_size}_224'
+  ratios = [model.tokens_mlp_dim / model.hidden_dim,
+            model.channels_mlp_dim / model.hidden_dim]
   args: Dict[str, Any] = {}
-  if image_size != _TIMM_DEFAULT_IMAGE:
+  if image_size != 224:
     args['img_size'] = image_size
-  if ratios != _TIMM_DEFAULT_RATIOS:
+  if ratios != [0.5, 4.0]:
     # timm sizes the MLPs as int(ratio * width): the ratio must give them back.
     if [int(r * model.hidden_dim) for r in ratios] != [
         model.tokens_mlp_dim, model.channels_mlp_dim]:
       name = None
-    args['mlp_ratio'] = list(ratios)
+    args['mlp_ratio'] = ratios
   return name, args
 
 
@@ -100,105 +97,90 @@ def _results_table(evaluations: Sequence[Evaluation]) -> str:
   rows = ['| measured | dataset | split | metric | value | step |',
           '|---|---|---|---|---|---|']
   for e in evaluations:
-    value = (f'{100 * e.value:.2f}%' if 'accuracy' in e.metric or
-             e.metric.startswith('top') else f'{e.value:.4g}')
+    value = (f'{100 * e.value:.2f}%' if 'accuracy' in e.metric
+             else f'{e.value:.4g}')
     rows.append(f'| {e.name} | {e.dataset} | {e.split} | {e.metric} | '
                 f'{value} | {"" if e.step is None else e.step} |')
   return '\n'.join(rows)
 
 
-def model_card(loaded, config: Mapping[str, Any], *, repo_id: str,
-               num_params: int, evaluations: Sequence[Evaluation],
-               training: Optional[str], npz_name: str) -> str:
-  """The README.md of the folder (YAML header as the Hub reads it)."""
-  ours, m, size = config[OUR_FIELD], loaded.model, loaded.image_size
-  gelu = 'tanh approximation' if ours['gelu_approximate'] else 'exact (erf)'
-  crop = (f'resize the short side to {loaded.eval_resize}, central {size} '
-          'crop' if loaded.eval_crop == 'resize_crop' else
-          f'resize to {size}')
-  names = (f'\n- Classes: {len(loaded.class_names)} names in `config.json` '
-           '(`label_names`).' if loaded.class_names else '')
+def _timm_use(loaded, repo_id: str, config: Mapping[str, Any]) -> str:
+  """The card's PyTorch section: how timm builds and runs the model."""
+  m = loaded.model
   if config.get('architecture'):
-    timm_use = ('```python\nimport timm\nmodel = timm.create_model('
-                f"'hf-hub:{repo_id}', pretrained=True).eval()\n```")
+    text = ('```python\nimport timm\nmodel = timm.create_model('
+            f"'hf-hub:{repo_id}', pretrained=True).eval()\n```")
   else:
-    timm_use = (
-        "timm builds Mixers by name, and no timm name has this model's "
-        'size, so build it by hand and load the weights:\n\n```python\n'
+    text = (
+        'No timm name has this size; build it by hand:\n\n```python\n'
         'import safetensors.torch\n'
         'from timm.models.mlp_mixer import MlpMixer\n'
-        f'model = MlpMixer(num_classes={loaded.num_classes}, img_size={size}, '
-        f'patch_size={m.patch_size}, num_blocks={m.num_blocks}, '
-        f'embed_dim={m.hidden_dim}, mlp_ratio=('
+        f'model = MlpMixer(num_classes={loaded.num_classes}, '
+        f'img_size={loaded.image_size}, patch_size={m.patch_size}, '
+        f'num_blocks={m.num_blocks}, embed_dim={m.hidden_dim}, mlp_ratio=('
         f'{m.tokens_mlp_dim / m.hidden_dim}, '
         f'{m.channels_mlp_dim / m.hidden_dim}))\n'
         "model.load_state_dict(safetensors.torch.load_file("
         "'model.safetensors'))\n```")
-  if ours['gelu_approximate']:
-    gap = ours.get('exact_gelu_difference')
-    measured = (f' Measured at export on {gap["images"]} random inputs: '
-                f'logits differ by up to {gap["max_abs_logit_difference"]:.3g}'
-                f' and the top-1 class agrees on '
-                f'{100 * gap["top1_agreement"]:.0f}% of them.' if gap else '')
-    timm_use += (
-        '\n\ntimm always builds its Mixer with the exact GELU; these weights '
-        'were trained with the tanh form, so timm computes a slightly '
-        f'different function.{measured} For the trained function in timm, '
-        'pass `act_layer=functools.partial(torch.nn.GELU, '
-        "approximate='tanh')` to `timm.create_model` (or to `MlpMixer`).")
+  gap = config[OUR_FIELD].get('exact_gelu_difference')
+  if gap:
+    text += (
+        '\n\ntimm runs the exact GELU; these weights were trained with the '
+        f'tanh form. On {gap["images"]} random inputs the logits differ by '
+        f'up to {gap["max_abs_logit_difference"]:.3g} and the top-1 class '
+        f'agrees on {100 * gap["top1_agreement"]:.0f}% of them. For the '
+        'trained function pass `act_layer=functools.partial('
+        "torch.nn.GELU, approximate='tanh')` to `timm.create_model`.")
+  return text
+
+
+def model_card(loaded, config: Mapping[str, Any], *, repo_id: str,
+               evaluations: Sequence[Evaluation], training: Optional[str],
+               npz_name: str) -> str:
+  """The README.md of the folder (YAML header as the Hub reads it)."""
+  ours, m, size = config[OUR_FIELD], loaded.model, loaded.image_size
+  gelu = 'tanh approximation' if m.gelu_approximate else 'exact (erf)'
+  crop = (f'short side to {loaded.eval_resize}, central {size} crop'
+          if loaded.eval_crop == 'resize_crop' else f'resize to {size}')
+  names = (f' {len(loaded.class_names)} class names in `config.json`.'
+           if loaded.class_names else '')
   return f"""---
 license:  # Fill in: the licence you publish these weights under.
 library_name: timm
-tags:
-- image-classification
-- mlp-mixer
-- mixer_jax
+tags: [image-classification, mlp-mixer, mixer_jax]
 ---
 
 # MLP-Mixer {ours["variant"]} ({size}x{size}, {loaded.num_classes} classes)
 
-An MLP-Mixer (Tolstikhin et al., 2021, arXiv 2105.01601), written by \
-mixer_jax from `{loaded.portable_source}`.
-
-## Model
-
-- Variant: {ours["variant"]}: patch {m.patch_size}, {m.num_blocks} blocks, \
+An MLP-Mixer (arXiv 2105.01601) written by mixer_jax from \
+`{loaded.portable_source}`: patch {m.patch_size}, {m.num_blocks} blocks, \
 width {m.hidden_dim}, token MLP {m.tokens_mlp_dim}, channel MLP \
-{m.channels_mlp_dim}.
-- Parameters: {num_params:,}.
-- Input: {size}x{size} RGB, pixels scaled to [-1, 1] (mean = std = 0.5 of \
-x/255); evaluation preprocessing: {crop} (bilinear).
-- GELU: trained with the {gelu}.{names}
+{m.channels_mlp_dim}, {models.count_params(loaded.params):,} parameters, \
+trained with the {gelu} of GELU. Input: RGB in [-1, 1] (mean = std = 0.5 \
+of x/255); evaluation: {crop} (bilinear).{names}
 
 ## Training
 
-{training or 'Not recorded (these weights were not trained in a mixer_jax '
-           'workdir).'}
+{training or 'Not recorded (not trained in a mixer_jax workdir).'}
 
 ## Evaluation
 
 {_results_table(evaluations)}
 
-## Use it in JAX (mixer_jax)
+## JAX (mixer_jax)
 
 ```python
 from mixer_jax.weights import any_checkpoint
 loaded = any_checkpoint.load('hf-hub:{repo_id}')
-# images: (N, H, W, 3) in [-1, 1].
 logits = loaded.model.apply({{'params': loaded.params}}, images)
 ```
 
-or from the official-layout file `{npz_name}` with \
-`mixer_jax.weights.pretrained.load_pretrained(path)` (also what the official \
-vision_transformer code reads). mixer_jax reads the GELU form from \
-`config.json`.
+`{npz_name}` holds the same weights in the official vision_transformer \
+layout (`mixer_jax.load_pretrained(path)`).
 
-## Use it in PyTorch (timm)
+## PyTorch (timm)
 
-{timm_use}
-
-Preprocess as timm's `resolve_data_config` reads it from `config.json` \
-(mean = std = 0.5).
+{_timm_use(loaded, repo_id, config)}
 """
 
 
@@ -214,14 +196,14 @@ def write_folder(loaded, out: str, *, repo_id: str = 'OWNER/NAME',
   if not loaded.num_classes:
     raise PublishError(f'{loaded.source} has no classification head; a Hub '
                        'model for timm needs one.')
-  params = jax.device_get(official_format.unwrap(loaded.params))
-  params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
+  params = jax.tree.map(lambda x: np.asarray(x, np.float32), jax.device_get(
+      official_format.unwrap(loaded.params)))
   m, size = loaded.model, loaded.image_size
   architecture, model_args = timm_architecture(m, size)
   variant = official_format.infer_architecture(traverse_util.flatten_dict(
       params, sep='/')).variant or (
-          f'custom_P{m.patch_size}_N{m.num_blocks}_C{m.hidden_dim}_'
-          f'DS{m.tokens_mlp_dim}_DC{m.channels_mlp_dim}')
+      f'custom_P{m.patch_size}_N{m.num_blocks}_C{m.hidden_dim}_'
+      f'DS{m.tokens_mlp_dim}_DC{m.channels_mlp_dim}')
   ours = {'gelu_approximate': bool(m.gelu_approximate), 'variant': variant,
           'source': loaded.portable_source}
   if m.gelu_approximate:
@@ -229,15 +211,11 @@ def write_folder(loaded, out: str, *, repo_id: str = 'OWNER/NAME',
   config = {
       'architecture': architecture,
       'num_classes': loaded.num_classes,
-      'num_features': m.hidden_dim,
-      'global_pool': 'avg',
       'pretrained_cfg': {
           'input_size': [3, size, size], 'fixed_input_size': True,
-          # Our eval resize is bilinear (tf.image); timm's default for the
-          # Mixers is bicubic, so name what this model was evaluated with.
+          # Our eval resize is bilinear (tf.image), timm's Mixer default
+          # bicubic. Our crops in timm's terms (hub.TimmInfo reads them back).
           'interpolation': 'bilinear',
-          # Our eval crops in timm's terms (hub.TimmInfo.eval_crop reads
-          # them back): 'resize' is a squash to the input size itself.
           'crop_pct': (1.0 if loaded.eval_crop == 'resize' else
                        size / loaded.eval_resize),
           'crop_mode': ('center' if loaded.eval_crop == 'resize_crop' else
@@ -261,45 +239,36 @@ def write_folder(loaded, out: str, *, repo_id: str = 'OWNER/NAME',
     json.dump(config, f, indent=2)
   with open(paths['card'], 'w', encoding='utf-8') as f:
     f.write(model_card(loaded, config, repo_id=repo_id,
-                       num_params=models.count_params(params),
                        evaluations=evaluations, training=training,
                        npz_name=os.path.basename(paths['npz'])))
   return paths
 
 
 def push_folder(folder: str, repo_id: str, *, private: bool = False) -> str:
-  """Uploads `folder` to the Hub model repository `repo_id`; returns its URL.
-
-  The token comes from where huggingface_hub keeps it (`HF_TOKEN`, or
-  `hf auth login`); the repository is created if it does not exist.
-  """
+  """Uploads `folder` to the Hub model repository `repo_id` (created if
+  needed; the token from `HF_TOKEN` or `hf auth login`); returns its URL."""
   import huggingface_hub  # pylint: disable=g-import-not-at-top
   from huggingface_hub import constants  # pylint: disable=g-import-not-at-top
   hub.parse(f'hf-hub:{repo_id}')  # The same OWNER/NAME rule as loading.
   if constants.HF_HUB_OFFLINE:
-    raise PublishError(
-        f'Cannot upload to {repo_id}: HF_HUB_OFFLINE is set; unset it on a '
-        'machine with network access.')
+    raise PublishError(f'Cannot upload to {repo_id}: HF_HUB_OFFLINE is set; '
+                       'unset it on a machine with network access.')
   if huggingface_hub.get_token() is None:
     raise PublishError(
         f'Cannot upload to {repo_id}: no Hugging Face token. Run `hf auth '
         'login` or set HF_TOKEN to a token with write access.')
   api = huggingface_hub.HfApi()
   try:
-    api.create_repo(repo_id, repo_type='model', private=private,
-                    exist_ok=True)
+    api.create_repo(repo_id, private=private, exist_ok=True)
     commit = api.upload_folder(folder_path=folder, repo_id=repo_id,
-                               repo_type='model',
                                commit_message='Upload from mixer_jax')
   except Exception as e:  # pylint: disable=broad-except
     # huggingface_hub raises HTTP, connection and validation errors of
     # several libraries; each becomes one line naming the repository.
-    first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
-    raise PublishError(f'Upload to {repo_id} failed ({type(e).__name__}: '
-                       f'{first}). Check the network, the token\'s write '
-                       'access and the name.') from e
-  return getattr(commit, 'commit_url', None) or (
-      f'https://huggingface.co/{repo_id}')
+    raise PublishError(f'Upload to {repo_id} failed ({registry.first_line(e)}'
+                       '). Check the network, the token\'s write access and '
+                       'the name.') from e
+  return commit.commit_url
 
 
 def evaluations_from_records(records: Sequence[Mapping[str, Any]],
@@ -309,20 +278,21 @@ def evaluations_from_records(records: Sequence[Mapping[str, Any]],
   `eval_accuracy` / `eval_top5` are the main eval (`config.eval_split`);
   `<name>/accuracy` and `<name>/top5` come from `config.evals[name]`.
   """
-  evals = config.get('evals') or {}
+  evals = dict(config.get('evals') or {})
+  evals['eval'] = {'dataset': config.dataset, 'split': config.eval_split}
   newest = {}  # (name, dataset, split, metric) -> (step, value)
   for record in records:
     for key, value in record.items():
-      name, _, what = key.rpartition('/') if '/' in key else (
-          'eval', '', key.removeprefix('eval_'))
-      entry = evals.get(name) if '/' in key else {
-          'dataset': config.dataset, 'split': config.eval_split}
-      if (key.startswith('eval_') or '/' in key) and entry is not None and (
-          what in ('accuracy', 'top5')):
-        metric = 'top-5 accuracy' if what == 'top5' else (
-            'ReaL top-1 accuracy' if entry.get('kind') == 'real' else
-            'top-1 accuracy')
-        newest[(name, str(entry.get('dataset') or config.dataset),
-                str(entry.get('split')), metric)] = (record.get('step'), value)
+      if key.startswith('eval_'):  # The main eval's keys.
+        key = 'eval/' + key.removeprefix('eval_')
+      name, _, what = key.rpartition('/')
+      entry = evals.get(name)
+      if entry is None or what not in ('accuracy', 'top5'):
+        continue
+      metric = 'top-5 accuracy' if what == 'top5' else (
+          'ReaL top-1 accuracy' if entry.get('kind') == 'real' else
+          'top-1 accuracy')
+      newest[(name, str(entry.get('dataset') or config.dataset),
+              str(entry.get('split')), metric)] = (record.get('step'), value)
   return [Evaluation(*where, value=float(value), step=step)
           for where, (step, value) in sorted(newest.items())]

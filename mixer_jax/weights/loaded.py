@@ -25,35 +25,23 @@ def portable_name(spec) -> str:
 
 @dataclasses.dataclass
 class Loaded:
-  """A checkpoint ready to use.
-
-  Attributes:
-    model: the Mixer (`model.apply({'params': params}, images)`, images in
-      [-1, 1]).
-    params: its parameters (NumPy or JAX arrays).
-    kind: 'workdir', 'registry', 'hub', 'timm' or 'official'.
-    source: what was loaded, for messages (path or name, and step).
-    image_size: the input side the weights were trained or evaluated at.
-    eval_crop, eval_resize: the evaluation preprocessing that goes with the
-      weights (`preprocess.eval_image`'s crop, and the side it resizes to).
-    class_names: names of the head's classes when the checkpoint knows them.
-    dataset: what the head predicts, when known ('imagenet2012',
-      'imagenet21k', or the workdir's config.dataset).
-    step, config: a workdir's Orbax step and run config.
-    entry: the registry entry, for registry names.
-  """
+  """A checkpoint ready to use: `model.apply({'params': params}, images)`,
+  images in [-1, 1], preprocessed with `eval_crop` and `eval_resize`
+  (`preprocess.eval_image`'s crop and the side it resizes to)."""
   model: models.MlpMixer
-  params: Any
-  kind: str
-  source: str
-  image_size: int
+  params: Any  # NumPy or JAX arrays.
+  kind: str  # 'workdir', 'registry', 'hub', 'timm' or 'official'.
+  source: str  # What was loaded, for messages (path or name, and step).
+  image_size: int  # The side the weights were trained or evaluated at.
   eval_crop: str
   eval_resize: int
-  class_names: Optional[List[str]] = None
+  class_names: Optional[List[str]] = None  # When the checkpoint knows them.
+  # What the head predicts, when known ('imagenet2012', 'imagenet21k' or a
+  # workdir's config.dataset).
   dataset: Optional[str] = None
-  step: Optional[int] = None
-  config: Any = None
-  entry: Optional[registry.Checkpoint] = None
+  step: Optional[int] = None  # A workdir's Orbax step,
+  config: Any = None  # and its run config.
+  entry: Optional[registry.Checkpoint] = None  # Of a registry name.
 
   @property
   def portable_source(self) -> str:

@@ -1,11 +1,9 @@
 """The official MLP-Mixer checkpoint format: reading and inspecting it.
 
-An official checkpoint (google-research/vision_transformer, gs://mixer_models)
-is a NumPy `.npz` of float32 arrays keyed by the Flax parameter paths joined
-with "/" (`stem/kernel`, `MixerBlock_0/token_mixing/Dense_0/kernel`, ...,
-`head/bias`), the tree of `mixer_jax.models`. This module reads such files
-safely (no pickles; `tf.io.gfile`, so `gs://` works), reads the
-architecture back from the shapes, and words the per-leaf mismatch errors.
+An official checkpoint (vision_transformer, gs://mixer_models) is an `.npz`
+of float32 arrays keyed by the `mixer_jax.models` parameter paths joined
+with "/" (`stem/kernel`, ..., `head/bias`). Read safely (no pickles;
+`tf.io.gfile`, so `gs://` works); the architecture is read from the shapes.
 """
 
 import collections
@@ -56,7 +54,9 @@ _IMAGE_ADVICE = ('images are classified with `python -m mixer_jax.predict '
 # kind -> (its first bytes, what it is, what to pass instead).
 _KINDS = {
     'npz': ((b'PK\x03\x04',), 'an .npz archive', ''),
-    'empty_npz': ((b'PK\x05\x06',), 'an empty .npz archive', ''),
+    # What np.savez() of nothing writes.
+    'empty_npz': ((b'PK\x05\x06',), 'an empty .npz archive: it holds no '
+                  'arrays', ''),
     'npy': ((b'\x93NUMPY',), 'a single .npy array, not an .npz archive of '
             'named parameters', 'save the parameters with '
             'pretrained.export_official'),
@@ -105,17 +105,6 @@ def file_kind(path: Union[str, os.PathLike]) -> Optional[str]:
     return None  # Any parse failure: not a jax.export file.
 
 
-def not_weights_error(path, kind: Optional[str]) -> 'PretrainedError':
-  """The error for a file that is not a weight file, saying what it is."""
-  if kind is None:
-    return PretrainedError(
-        f'{path} is neither an .npz archive nor a safetensors file (its first '
-        'bytes are neither). Official checkpoints are .npz files of float32 '
-        'arrays, timm-format ones .safetensors.')
-  _, what, advice = _KINDS[kind]
-  return PretrainedError(f'{path} is {what}, not a weight file; {advice}.')
-
-
 def load_npz(path: Union[str, os.PathLike]) -> Dict[str, np.ndarray]:
   """Reads an official-format `.npz` (local or `gs://`) into a flat dict.
 
@@ -132,11 +121,15 @@ def load_npz(path: Union[str, os.PathLike]) -> Dict[str, np.ndarray]:
   if not tf.io.gfile.exists(path):
     raise registry.CheckpointNotFoundError(f'No checkpoint file at {path}.')
   kind = file_kind(path)
-  if kind == 'empty_npz':  # What np.savez() of nothing writes.
-    raise PretrainedError(f'{path} is an empty .npz archive: it holds no '
-                          'arrays.')
+  if kind is None:
+    raise PretrainedError(
+        f'{path} is neither an .npz archive nor a safetensors file (its first '
+        'bytes are neither). Official checkpoints are .npz files of float32 '
+        'arrays, timm-format ones .safetensors.')
   if kind != 'npz':
-    raise not_weights_error(path, kind)
+    _, what, advice = _KINDS[kind]
+    raise PretrainedError(f'{path} is {what}' + (
+        f', not a weight file; {advice}.' if advice else '.'))
   flat, key = {}, None
   try:
     with tf.io.gfile.GFile(path, 'rb') as f, np.load(
@@ -147,9 +140,8 @@ def load_npz(path: Union[str, os.PathLike]) -> Dict[str, np.ndarray]:
           tf.errors.OpError) as e:
     if 'pickle' in str(e).lower():
       raise PretrainedError(
-          f'{path}: entry {key!r} is a pickled object array. Official '
-          f'checkpoints hold only float arrays, and loading pickles could run '
-          f'code, so the file is refused.') from e
+          f'{path}: entry {key!r} is a pickled object array, refused: '
+          'loading pickles could run code.') from e
     raise PretrainedError(f'{path} is truncated or corrupt ({type(e).__name__}'
                           f': {e}); download it again.') from e
   for key, value in flat.items():
@@ -164,13 +156,10 @@ def load_npz(path: Union[str, os.PathLike]) -> Dict[str, np.ndarray]:
 def check_finite(flat: Mapping[str, Any], source) -> None:
   """Refuses NaN or infinite weights: PretrainedError naming the leaves
   that hold them and how many bad values each has."""
-  bad = []
-  for key, value in flat.items():
-    value = np.asarray(value)
-    if np.issubdtype(value.dtype, np.inexact):
-      count = int(value.size - np.count_nonzero(np.isfinite(value)))
-      if count:
-        bad.append(f'{key} ({count} of {value.size} values)')
+  bad = [f'{key} ({np.size(v) - np.isfinite(v).sum()} of {np.size(v)} '
+         'values)' for key, v in flat.items()
+         if np.issubdtype(np.asarray(v).dtype, np.inexact) and
+         not np.isfinite(v).all()]
   if bad:
     more = f' and {len(bad) - 8} more' if len(bad) > 8 else ''
     raise PretrainedError(

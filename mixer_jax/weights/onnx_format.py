@@ -1,12 +1,11 @@
 """ONNX export of a Mixer: `to_onnx(model, params, image_size)`.
 
-One node per layer, written with the `onnx` package's own builders (opset
-20: `LayerNormalization`, `Gelu` with its `approximate` attribute), the
-parameters as initializers and a symbolic batch axis. Input `images`:
-float32 (batch, H, W, 3) in [-1, 1]; output `logits` (or the pooled features
-of a model without head). Not a converter: jax2onnx pins an orbax-checkpoint
-older than this package needs, and tf2onnx cannot read what jax2tf writes
-now (one `XlaCallModule` op). `pip install -e '.[onnx]'` brings onnx.
+One node per layer, built with the `onnx` package's helpers (opset 20:
+`LayerNormalization`, `Gelu` with `approximate`), the parameters as
+initializers and a symbolic batch axis. Input `images`: float32 (batch, H,
+W, 3) in [-1, 1]; output `logits` (or pooled features without a head).
+jax2onnx pins an older orbax-checkpoint, and tf2onnx cannot read jax2tf's
+`XlaCallModule` op. `pip install -e '.[onnx]'` brings onnx.
 """
 
 from flax import traverse_util

@@ -1,25 +1,17 @@
 """Weight files to models and back: read, check, adapt, write.
 
-* `read_weights` reads any weight file or name into the official flat tree
-  (`official_format.WeightFile`).
-* `load_pretrained` returns a ready model and its parameters; the
-  architecture is read from the file itself.
-* `init_from_checkpoint` fills freshly initialised parameters (a fine-tuning
-  model, `config.init_from`) from a checkpoint.
-* `export_official` writes parameters in the official `.npz` format.
-
-Every leaf is checked; a file that does not fit raises `PretrainedError`
-listing each missing, extra and wrong-shaped leaf and naming the variant the
-file most likely holds. When the class count differs, the head is replaced by
-a fresh zero head (as the official fine-tuning code does).
+`read_weights` reads any weight file or name into the official flat tree;
+`load_pretrained` returns a ready model (its architecture read from the
+file); `init_from_checkpoint` fills a fine-tuning model's fresh parameters;
+`export_official` writes the official `.npz`. A file that does not fit
+raises `PretrainedError` listing every missing, extra and wrong-shaped
+leaf; a different class count gets a fresh zero head.
 
 Higher resolution (paper, Appendix C): an image side K times larger gives
-K^2 times the tokens. Each token-mixing MLP then becomes block-diagonal, one
+K^2 times the tokens; each token-mixing MLP becomes block-diagonal, one
 copy of the pretrained weights per K x K tile of the image (hidden width
-K^2 * D_S, biases tiled), so at the start every tile is mixed exactly as the
-pretrained model mixed a whole image; the expanded matrices are permuted to
-our row-major token order. Only integer K is defined; any other ratio
-(224 -> 384) or a smaller image raises an error that explains this.
+K^2 * D_S), so every tile is mixed as the pretrained model mixed a whole
+image. Only integer K is defined.
 """
 
 import dataclasses
@@ -48,14 +40,14 @@ _TOKEN_KEY = 'MixerBlock_0/token_mixing/Dense_0/kernel'
 
 
 def read_weights(name_or_path) -> WeightFile:
-  """Reads a weight file or name into the official flat tree: a registry
-  name, a Hub name (`mixer_jax.weights.hub`), a timm-format `.safetensors`
-  (with a timm `config.json` beside it, if any) or a folder holding one, an
-  official `.npz` (local or `gs://`), or a training workdir (its newest
-  step). Raises `registry.CheckpointNotFoundError` when nothing readable is
+  """Reads a registry name, Hub name, timm `.safetensors` (with the timm
+  `config.json` beside it) or a folder holding one, official `.npz` (local
+  or `gs://`) or training workdir (its newest step) into the official flat
+  tree. Raises `registry.CheckpointNotFoundError` when nothing readable is
   there, `PretrainedError` for a file that is not a Mixer checkpoint.
   """
-  from mixer_jax.weights import workdir_checkpoint  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from mixer_jax.weights import workdir_checkpoint  # Imports Orbax.
   if isinstance(name_or_path, WeightFile):
     return name_or_path
   if workdir_checkpoint.is_directory(name_or_path):
@@ -93,18 +85,13 @@ def resolution_factor(checkpoint_tokens: int, target_tokens: int,
         f'{target_tokens}: the resolution change needs square patch grids.')
   if n % n0 == 0:
     return n // n0
-  px = f' ({n0 * patch_size}x{n0 * patch_size} images)' if patch_size else ''
-  sizes = (f' image sizes {n0 * patch_size * 2}, {n0 * patch_size * 3}, ...'
-           if patch_size else ' patch grids of side 2x, 3x, ...')
+  side = f'{n0 * patch_size}' if patch_size else f'{n0} patches'
   raise PretrainedError(
       f'The model has a {n}x{n} patch grid but the checkpoint was trained on '
-      f'{n0}x{n0}{px}; the ratio {n / n0:.3g} is not an integer. The '
-      f'token-mixing weights are tied to token positions, and the paper\'s '
-      f'method (Appendix C) only grows the side by an integer factor K, '
-      f'mixing each of the K x K tiles as the pretrained model mixed a whole '
-      f'image. Other ratios (e.g. 224 -> 384) and smaller images have no '
-      f'exact counterpart and are not supported: use{sizes} or the '
-      f'checkpoint\'s own resolution.')
+      f'{n0}x{n0}; the ratio {n / n0:.3g} is not an integer. Token-mixing '
+      'weights are tied to positions, and the paper (Appendix C) only grows '
+      'the side by an integer factor; other ratios (e.g. 224 -> 384) and '
+      f'smaller images are not supported: use a multiple of {side}.')
 
 
 def _tile_major_positions(grid: int, factor: int) -> np.ndarray:
@@ -169,11 +156,9 @@ def _restore(flat, target, source, fresh_head):
                                target_flat[_TOKEN_KEY].shape[0], patch)
     if factor > 1:
       hint = (f'Resolution change by K={factor} (shapes above are after '
-              f'the expansion): the token-mixing hidden '
-              f'width must become K^2 * D_S = '
-              f'{factor**2 * flat[_TOKEN_KEY].shape[1]}; create '
-              f'the model with that tokens_mlp_dim (load_pretrained does it; '
-              f'in a training config set config.model.tokens_mlp_dim).')
+              'the expansion): the token-mixing hidden width must become '
+              f'K^2 * D_S = {factor**2 * flat[_TOKEN_KEY].shape[1]}; set '
+              'tokens_mlp_dim (config.model.tokens_mlp_dim) to it.')
       flat = _expand_flat(flat, factor)
   ckpt_head = flat.get('head/kernel')
   target_head = target_flat.get('head/kernel')
@@ -200,31 +185,22 @@ def _restore(flat, target, source, fresh_head):
 
 
 def init_from_checkpoint(name_or_path, params):
-  """Returns `params` (freshly initialised) filled from a checkpoint.
+  """`params` (freshly initialised: concrete arrays) filled from anything
+  `read_weights` reads, or a parameter tree, as a nested dict of NumPy
+  arrays of `params`' dtypes.
 
-  The head is kept from `params` (the target's fresh zero head) when the
-  class counts differ; the token-mixing weights are expanded (Appendix C)
-  when the target has K^2 times the checkpoint's tokens; every other leaf
-  must match in name and shape, else `PretrainedError` lists them all.
-
-  Args:
-    name_or_path: anything `read_weights` reads, or a parameter tree.
-    params: the target's initialised parameter tree (concrete arrays).
-
-  Returns:
-    A nested dict of NumPy arrays with the structure and dtypes of `params`.
+  The head of `params` is kept when the class counts differ; the
+  token-mixing weights are expanded (Appendix C) when the target has K^2
+  times the checkpoint's tokens; every other leaf must match in name and
+  shape, else `PretrainedError` lists them all.
   """
   if isinstance(name_or_path, Mapping):
     flat = traverse_util.flatten_dict(unwrap(name_or_path), sep='/')
-    flat, source = {k: np.asarray(v) for k, v in flat.items()}, 'parameters'
-  else:
-    read = read_weights(name_or_path)
-    flat, source = read.flat, read.source
-  target = traverse_util.flatten_dict(unwrap(params), sep='/')
-  fresh = {k: np.asarray(v) for k, v in target.items()
-           if k.startswith('head/')}
-  return _restore(flat, traverse_util.unflatten_dict(target, sep='/'), source,
-                  fresh)
+    name_or_path = WeightFile({k: np.asarray(v) for k, v in flat.items()},
+                              'parameters', 'official')
+  read = read_weights(name_or_path)
+  fresh = traverse_util.flatten_dict(unwrap(params), sep='/')
+  return _restore(read.flat, params, read.source, fresh)
 
 
 def _architecture(flat, source) -> CheckpointInfo:
@@ -248,23 +224,15 @@ def _model_of(info: CheckpointInfo, num_classes, tokens_factor=1, **options):
 
 def load_pretrained(name_or_path, *, num_classes: Optional[int] = None,
                     image_size: Optional[int] = None, **model_options):
-  """Loads a published or exported checkpoint as a ready model.
+  """(model, params) of any weight file or name `read_weights` reads, for
+  `model.apply({'params': params}, images)` with images in [-1, 1].
 
-  Args:
-    name_or_path: anything `read_weights` reads.
-    num_classes: head size. None keeps the checkpoint's head; another count
-      gives a fresh zero head (for fine-tuning); 0 drops the head so the
-      model returns pooled features.
-    image_size: side of the square input images. None keeps the
-      checkpoint's; an integer multiple K of it expands the token mixing
-      (Appendix C); anything else raises `PretrainedError`.
-    **model_options: passed to `models.create_model` (e.g. dtype,
-      stochastic_depth, gelu_approximate: by default the form the weights
-      were trained with).
-
-  Returns:
-    (model, params) for `model.apply({'params': params}, images)`, images
-    scaled to [-1, 1] whatever the file.
+  `num_classes`: None keeps the file's head, another count gives a fresh
+  zero head (for fine-tuning), 0 none (pooled features). `image_size`: None
+  keeps the file's; an integer multiple K of it expands the token mixing
+  (Appendix C); anything else raises `PretrainedError`. `model_options` go
+  to `models.create_model` (e.g. dtype; gelu_approximate defaults to the
+  form the weights were trained with).
   """
   read = read_weights(name_or_path)
   flat, path, entry = read.flat, read.source, read.entry
@@ -295,7 +263,7 @@ def load_pretrained(name_or_path, *, num_classes: Optional[int] = None,
 def export_official(params, path: Union[str, os.PathLike]) -> None:
   """Writes a complete Mixer parameter tree as an official `.npz` (local or
   `gs://`; parent directories are created), every leaf as float32."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from etils import epath  # pylint: disable=g-import-not-at-top
   flat = {k: np.asarray(v, dtype=np.float32)
           for k, v in traverse_util.flatten_dict(unwrap(params),
                                                  sep='/').items()}
@@ -303,10 +271,8 @@ def export_official(params, path: Union[str, os.PathLike]) -> None:
   info = _architecture(flat, source)
   _restore(flat, models.param_shapes(_model_of(info, info.num_classes),
                                      info.image_size), source, {})
-  buffer = io.BytesIO()
+  buffer = io.BytesIO()  # zipfile seeks, which gs:// files cannot.
   np.savez(buffer, **flat)
-  path = os.fspath(path)
-  if os.path.dirname(path):
-    tf.io.gfile.makedirs(os.path.dirname(path))
-  with tf.io.gfile.GFile(path, 'wb') as f:
-    f.write(buffer.getvalue())
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_bytes(buffer.getvalue())

@@ -1,10 +1,8 @@
 """The published MLP-Mixer checkpoints and the local cache that holds them.
 
 A registry name is a file's path in the public bucket `gs://mixer_models/`
-without `.npz`, e.g. `imagenet21k/Mixer-L_16`. Files are copied once, with
-`tf.io.gfile` (network access to Google Cloud Storage), into
-`$MIXER_JAX_CACHE` or `~/.cache/mixer_jax` in the bucket's layout; without
-network, `resolve` says where to put a file downloaded elsewhere.
+without `.npz`, e.g. `imagenet21k/Mixer-L_16`. Files are copied once (with
+`tf.io.gfile`) into `$MIXER_JAX_CACHE` or `~/.cache/mixer_jax`.
 """
 
 import dataclasses
@@ -25,17 +23,24 @@ class CheckpointNotFoundError(UserError, FileNotFoundError):
 
 @dataclasses.dataclass(frozen=True)
 class Checkpoint:
-  """One published checkpoint: its registry name, the variant ("B_16") and
-  head size it holds, the side of its training images, what the head
-  predicts ('imagenet2012' or 'imagenet21k'), one line on its training, and
-  where the file lives (`gs://` or a local path)."""
-  name: str
-  variant: str
-  num_classes: int
-  image_size: int
-  dataset: str
-  description: str
+  """One published checkpoint: its name and where the file lives (`gs://`
+  or a local path). The name says the variant and what the head predicts:
+  `imagenet21k/...` 21,843 classes, the others ImageNet-1k."""
+  name: str  # E.g. 'imagenet21k/Mixer-L_16'.
   url: str
+
+  @property
+  def variant(self) -> str:
+    return self.name.split('/Mixer-')[-1]
+
+  @property
+  def dataset(self) -> str:
+    in21k = self.name.startswith('imagenet21k/')
+    return 'imagenet21k' if in21k else 'imagenet2012'
+
+  @property
+  def num_classes(self) -> int:
+    return 21843 if self.dataset == 'imagenet21k' else 1000
 
   @property
   def https_url(self) -> str:
@@ -43,33 +48,13 @@ class Checkpoint:
     return self.url.replace(BUCKET, HTTPS_BUCKET, 1)
 
 
-def _entry(name, description):
-  in21k = name.startswith('imagenet21k/')
-  return Checkpoint(name=name, variant=name.split('/')[-1][len('Mixer-'):],
-                    num_classes=21843 if in21k else 1000, image_size=224,
-                    dataset='imagenet21k' if in21k else 'imagenet2012',
-                    description=description, url=f'{BUCKET}/{name}.npz')
-
-
-# All files of gs://mixer_models (paper, Section 3 and the SAM/GSAM follow-ups
-# that published Mixer weights into the same bucket).
-CHECKPOINTS = {c.name: c for c in [
-    _entry('imagenet1k/Mixer-B_16',
-           'ImageNet-1k from scratch (paper, 76.44% top-1).'),
-    _entry('imagenet1k/Mixer-L_16', 'ImageNet-1k from scratch.'),
-    *(_entry(f'imagenet21k/Mixer-{v}',
-             'ImageNet-21k pretraining; fine-tune for a 1k head.')
-      for v in ('B_16', 'L_16')),
-    *(_entry(f'sam/Mixer-{v}', 'ImageNet-1k with the SAM optimizer.')
-      for v in ('B_16', 'B_32')),
-    *(_entry(f'gsam/Mixer-{v}', 'ImageNet-1k with the GSAM optimizer.')
-      for v in ('B_16', 'B_32', 'S_16', 'S_32', 'S_8')),
-]}
-
-
-def list_checkpoints() -> Tuple[str, ...]:
-  """Names of all registered checkpoints, sorted."""
-  return tuple(sorted(CHECKPOINTS))
+# All files of gs://mixer_models: the paper's (ImageNet-1k from scratch,
+# ImageNet-21k pretraining) and the SAM/GSAM optimizer follow-ups'.
+CHECKPOINTS = {name: Checkpoint(name, f'{BUCKET}/{name}.npz') for name in (
+    'imagenet1k/Mixer-B_16', 'imagenet1k/Mixer-L_16',
+    'imagenet21k/Mixer-B_16', 'imagenet21k/Mixer-L_16',
+    'sam/Mixer-B_16', 'sam/Mixer-B_32', 'gsam/Mixer-B_16', 'gsam/Mixer-B_32',
+    'gsam/Mixer-S_16', 'gsam/Mixer-S_32', 'gsam/Mixer-S_8')}
 
 
 def get(name: str) -> Checkpoint:
@@ -78,7 +63,7 @@ def get(name: str) -> Checkpoint:
   key = name.removeprefix(BUCKET + '/').removesuffix('.npz')
   if key not in CHECKPOINTS:
     raise KeyError(f'No published Mixer checkpoint is called {name!r}. Known '
-                   f'names: {", ".join(list_checkpoints())}.')
+                   f'names: {", ".join(sorted(CHECKPOINTS))}.')
   return CHECKPOINTS[key]
 
 
@@ -93,16 +78,15 @@ def local_path(checkpoint: Checkpoint) -> str:
   return os.path.join(cache_dir(), *checkpoint.name.split('/')) + '.npz'
 
 
-def _first_line(error) -> str:
+def first_line(error) -> str:
+  """'Type: first line of the message' of an error, for one-line errors."""
   return f'{type(error).__name__}: ' + (str(error).strip() or
                                         repr(error)).splitlines()[0]
 
 
 def fetch(checkpoint: Checkpoint) -> str:
-  """The cached file of `checkpoint`, copied there first if needed.
-
-  The copy goes to a temporary name, renamed when complete, so an
-  interrupted download never leaves a truncated file under the final name.
+  """The cached file of `checkpoint`, copied there first if needed (to a
+  temporary name, renamed when complete: never a truncated file).
 
   Raises:
     CheckpointNotFoundError: not cached and not copied (e.g. no network);
@@ -110,7 +94,7 @@ def fetch(checkpoint: Checkpoint) -> str:
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   target = local_path(checkpoint)
-  if tf.io.gfile.exists(target):
+  if os.path.exists(target):
     return target
   os.makedirs(os.path.dirname(target), exist_ok=True)
   partial = f'{target}.partial-{uuid.uuid4().hex}'
@@ -122,12 +106,11 @@ def fetch(checkpoint: Checkpoint) -> str:
       os.remove(partial)
     raise CheckpointNotFoundError(
         f'Checkpoint {checkpoint.name!r} is not in the cache and could not be '
-        f'downloaded from {checkpoint.url} ({_first_line(e)}).\n'
-        f'Without network access here, download it on a machine that has '
-        f'it, e.g.\n  gsutil cp {checkpoint.url} .\n  or  wget '
-        f'{checkpoint.https_url}\nand copy the file to\n  {target}\n'
-        f'(the cache directory is ${CACHE_ENV} or ~/.cache/mixer_jax), or '
-        f'pass the file\'s path instead of the name.') from e
+        f'downloaded from {checkpoint.url} ({first_line(e)}). Without '
+        f'network access, run `gsutil cp {checkpoint.url} .` (or `wget '
+        f'{checkpoint.https_url}`) elsewhere and copy the file to {target} '
+        f'(the cache is ${CACHE_ENV} or ~/.cache/mixer_jax), or pass its '
+        'path instead of the name.') from e
   return target
 
 
@@ -149,14 +132,13 @@ def resolve(name_or_path: str) -> Tuple[str, Optional[Checkpoint]]:
     exists = tf.io.gfile.exists(name_or_path)
   except tf.errors.OpError as e:  # gs:// without network or permission.
     raise CheckpointNotFoundError(
-        f'{name_or_path} cannot be read ({_first_line(e)}).') from e
+        f'{name_or_path} cannot be read ({first_line(e)}).') from e
   if not exists:
     raise CheckpointNotFoundError(
         f'{name_or_path!r} is neither an existing file nor a published '
-        f'checkpoint name. Known names: {", ".join(list_checkpoints())}.')
+        f'checkpoint name. Known names: {", ".join(sorted(CHECKPOINTS))}.')
   if tf.io.gfile.isdir(name_or_path):
     raise CheckpointNotFoundError(
         f'{name_or_path} is a directory; expected an official-format .npz '
-        f'file. (To resume a mixer_jax training run, use its workdir with '
-        f'mixer_jax.train instead.)')
+        'file.')
   return name_or_path, None

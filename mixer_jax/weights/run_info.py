@@ -51,10 +51,9 @@ def read_run_info(workdir: str) -> dict:
   path = epath.Path(workdir) / RUN_INFO_FILE
   if not path.exists():
     raise registry.CheckpointNotFoundError(
-        f'{workdir} is a directory without {RUN_INFO_FILE}, so it does not '
-        'say which model it holds. mixer_jax.train writes that file when a '
-        'run starts; for a run trained before it did, use mixer_jax.evaluate '
-        '--config=<the run\'s config> --checkpoint=' + str(workdir) + '.')
+        f'{workdir} has no {RUN_INFO_FILE} (mixer_jax.train writes it), so it '
+        'does not say which model it holds; use mixer_jax.evaluate '
+        f"--config=<the run's config> --checkpoint={workdir}.")
   try:
     info = json.loads(path.read_text())
     saved = info['config']

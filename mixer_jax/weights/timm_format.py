@@ -1,18 +1,11 @@
 """timm's (PyTorch) MLP-Mixer state dict <-> our parameter tree.
 
-Files are safetensors written and read with `safetensors.numpy`, so neither
-torch nor timm is needed. Keys follow `timm.models.mlp_mixer.MlpMixer`:
-`stem.proj` (the stem), `blocks.i.{norm1, mlp_tokens.fc1, mlp_tokens.fc2,
-norm2, mlp_channels.fc1, mlp_channels.fc2}`, `norm` (pre_head_layer_norm)
-and `head`. Flax Dense kernels are (in, out) and torch Linear weights
-(out, in); the stem goes from HWIO to torch's OIHW.
-
-GELU: the official weights were trained with the tanh approximation, timm
-runs the exact (erf) form; the weights transfer exactly but outputs differ
-slightly (up to about 5e-4 per activation). In timm, pass
-`act_layer=functools.partial(torch.nn.GELU, approximate='tanh')` for the
-official function; here, run PyTorch-trained weights with
-`gelu_approximate=False`. LayerNorm epsilon is 1e-6 on both sides.
+Files are safetensors written and read with `safetensors.numpy` (neither
+torch nor timm needed), keyed as `timm.models.mlp_mixer.MlpMixer`:
+`stem.proj`, `blocks.i.{norm1, mlp_tokens.fc1, mlp_tokens.fc2, norm2,
+mlp_channels.fc1, mlp_channels.fc2}`, `norm` (pre_head_layer_norm), `head`.
+Flax Dense kernels are (in, out), torch Linear weights (out, in); the stem
+goes from HWIO to OIHW. timm runs the exact GELU (see `weights.hub`).
 """
 
 import os
@@ -103,7 +96,8 @@ def export_timm(params: Mapping[str, Any],
   timm loads it with `model.load_state_dict(safetensors.torch.load_file(
   path))` on an MlpMixer of the same size.
   """
-  from safetensors import numpy as st_numpy  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from safetensors import numpy as st_numpy
   path = os.fspath(path)
   if os.path.dirname(path):
     os.makedirs(os.path.dirname(path), exist_ok=True)

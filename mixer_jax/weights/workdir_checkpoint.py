@@ -4,6 +4,7 @@ Opened read-only, so a running job can be used; its `run_info.json`
 (`run_info.py`) says which model it holds.
 """
 
+import contextlib
 import os
 from typing import Optional
 
@@ -18,9 +19,6 @@ from mixer_jax.weights.loaded import Loaded
 from mixer_jax.weights import registry
 from mixer_jax.weights import run_info
 
-# Which weights of a training workdir: trained, or their EMA.
-WEIGHTS = ('params', 'ema')
-
 
 def _is_step_directory(location) -> bool:
   """A step of an Orbax checkpoint directory: `<step>/state/`."""
@@ -29,13 +27,10 @@ def _is_step_directory(location) -> bool:
 
 
 def locate_workdir(path: str, step: Optional[int] = None):
-  """(workdir, checkpoint directory, step) of a directory naming a checkpoint.
-
-  The one reading of a checkpoint directory for every command: a training
-  workdir (holding `checkpoints/` or `run_info.json`), its `checkpoints/`,
-  one step directory in it (`.../checkpoints/500`, or any `<step>/` holding
-  an Orbax `state/`: it fixes the step), or any other directory of Orbax
-  steps (which then stands for the workdir).
+  """(workdir, checkpoint directory, step) of a training workdir (holding
+  `checkpoints/` or `run_info.json`), its `checkpoints/`, one step directory
+  (`.../checkpoints/500` or any `<step>/state/`: it fixes the step), or any
+  other directory of Orbax steps (which then stands for the workdir).
   """
   from etils import epath  # pylint: disable=g-import-not-at-top
   location = epath.Path(path)
@@ -83,14 +78,13 @@ def restore_params(directory, config, num_classes: int,
   run's checkpoint `directory`, read-only, each parameter placed with
   `sharding`; `weights` is 'params' (trained) or 'ema' (their moving
   average, kept by runs with config.ema_decay > 0)."""
-  if weights not in WEIGHTS:
-    raise ValueError(f'weights={weights!r}: use one of {WEIGHTS}.')
+  if weights not in ('params', 'ema'):
+    raise ValueError(f"weights={weights!r}: use 'params' or 'ema'.")
   if weights == 'ema' and not config.get('ema_decay'):
     raise checkpoint_checks.CheckpointError(
         f'{directory} was trained without an EMA of the weights '
         '(config.ema_decay=0): use the trained weights (--weights=params).')
   import jax  # pylint: disable=g-import-not-at-top
-
   model = model_from_config.create_model(config, num_classes)
   target = jax.tree.map(
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
@@ -98,12 +92,10 @@ def restore_params(directory, config, num_classes: int,
   reader = checkpoints.Checkpointer(
       directory, keep=1, keep_best=False, async_save=False, read_only=True,
       fingerprint=fingerprint.model_fingerprint(config, num_classes))
-  try:
+  with contextlib.closing(reader):
     params, extra = reader.restore_params(
         target, step=step,
         field='ema_params' if weights == 'ema' else 'params')
-  finally:
-    reader.close()
   return model, params, extra
 
 
