@@ -264,38 +264,27 @@ FLAGS = flags.FLAGS
 
 def _define_flags():
   """Defines the command-line flags (only when run as a program)."""
-  flags.DEFINE_string(
-      'checkpoint', None, 'Training workdir, registry name (e.g. '
-      'imagenet1k/Mixer-B_16), hf-hub:OWNER/NAME[@REVISION], official .npz '
-      'or timm .safetensors.', required=True)
+  flags.DEFINE_string('checkpoint', None, 'Workdir, registry or hf-hub: '
+                      'name, .npz or .safetensors.', required=True)
   flags.DEFINE_enum('weights', 'params', ['params', 'ema'],
-                    "A workdir's trained weights, or their EMA (runs with "
-                    'config.ema_decay > 0).')
-  flags.DEFINE_integer('step', None, 'Orbax step of a workdir (default: the '
-                       'newest).')
-  flags.DEFINE_integer(
-      'image_size', 0, 'Input side; 0 uses the checkpoint\'s own resolution.')
-  flags.DEFINE_enum(
-      'crop', None, ['resize_crop', 'resize'],
-      'resize_crop: short side to --resize_size, central crop (ImageNet '
-      'eval); resize: plain resize (fine-tuning eval). Default: the '
-      'checkpoint\'s own eval preprocessing.')
-  flags.DEFINE_integer(
-      'resize_size', 0, 'Short side before the central crop; 0 uses the '
-      'checkpoint\'s (image_size * 256 / 224 for ImageNet weights).')
+                    "A workdir's trained weights, or their EMA.")
+  flags.DEFINE_integer('step', None, 'Step of a workdir (default: newest).')
+  flags.DEFINE_integer('image_size', 0, "Input side; 0: the checkpoint's.")
+  flags.DEFINE_enum('crop', None, ['resize_crop', 'resize'],
+                    "Eval crop (preprocess.eval_image); default: the "
+                    "checkpoint's.")
+  flags.DEFINE_integer('resize_size', 0, 'Short side before the central '
+                       "crop; 0: the checkpoint's.")
   flags.DEFINE_integer('top_k', 5, 'Classes printed per image.',
                        lower_bound=1)
   flags.DEFINE_integer('batch_size', 32, 'Images run through the model at '
                        'once.', lower_bound=1)
   flags.DEFINE_enum('output', 'text', ['text', 'json', 'csv'],
-                    'text: readable lines; json: one JSON object per line '
-                    'and image; csv: a header and one row per image.')
+                    'Readable lines, a JSON object per image, or CSV rows.')
   flags.DEFINE_float('max_megapixels', MAX_MEGAPIXELS, 'Larger images are '
-                     'refused (read from the header, before decoding).',
-                     lower_bound=0)
-  flags.DEFINE_string(
-      'labels', 'auto', "'auto', 'imagenet2012', 'none' (indices) or a text "
-      'file with one class name per line.')
+                     'refused, before decoding.', lower_bound=0)
+  flags.DEFINE_string('labels', 'auto', "'auto', 'imagenet2012', 'none' "
+                      '(indices) or a file of class names, one a line.')
   command_line.define_verbose_flag()
 
 

@@ -50,30 +50,25 @@ def load_tensorflow_quietly() -> None:
   descriptor 2 to a temporary file, shown only if it fails (or --verbose).
   """
   if 'tensorflow' not in sys.modules and not asks_verbose(sys.argv):
-    _import_with_stderr_captured()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+      os.dup2(captured.fileno(), 2)
+      try:
+        import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
+      except BaseException:
+        os.dup2(saved, 2)
+        captured.seek(0)
+        sys.stderr.write(captured.read().decode('utf-8', 'replace'))
+        raise
+      finally:
+        os.dup2(saved, 2)
+        os.close(saved)
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   try:
     tf.config.set_visible_devices([], 'GPU')
   except RuntimeError:
     pass  # TensorFlow has already used a GPU; it cannot be hidden any more.
-
-
-def _import_with_stderr_captured() -> None:
-  """Imports TensorFlow with file descriptor 2 pointed at a temporary file."""
-  sys.stderr.flush()
-  saved = os.dup(2)
-  with tempfile.TemporaryFile() as captured:
-    os.dup2(captured.fileno(), 2)
-    try:
-      import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
-    except BaseException:
-      os.dup2(saved, 2)
-      captured.seek(0)
-      sys.stderr.write(captured.read().decode('utf-8', 'replace'))
-      raise
-    finally:
-      os.dup2(saved, 2)
-      os.close(saved)
 
 
 def define_verbose_flag() -> None:
@@ -98,16 +93,14 @@ class DropLibraryLogs(pylogging.Filter):
     return record.levelno > self.max_level or not _from_noisy_library(record)
 
 
-class ShortLibraryErrors(pylogging.Filter):
+def _short_library_errors(record) -> bool:
   """Cuts library errors to their first line (Orbax logs each failed
   background write with its traceback before our CheckpointError)."""
-
-  def filter(self, record):
-    if record.levelno >= pylogging.ERROR and _from_noisy_library(record):
-      text = record.getMessage().strip().split('\n', 1)[0]
-      record.msg, record.args = text[:300], None
-      record.exc_info, record.exc_text, record.stack_info = None, None, None
-    return True
+  if record.levelno >= pylogging.ERROR and _from_noisy_library(record):
+    text = record.getMessage().strip().split('\n', 1)[0]
+    record.msg, record.args = text[:300], None
+    record.exc_info, record.exc_text, record.stack_info = None, None, None
+  return True
 
 
 def quiet_library_logs(max_level: int = pylogging.INFO) -> None:
@@ -118,9 +111,7 @@ def quiet_library_logs(max_level: int = pylogging.INFO) -> None:
   for old in [f for f in handler.filters if isinstance(f, DropLibraryLogs)]:
     handler.removeFilter(old)
   handler.addFilter(DropLibraryLogs(max_level))
-  logger = pylogging.getLogger('absl')
-  if not any(isinstance(f, ShortLibraryErrors) for f in logger.filters):
-    logger.addFilter(ShortLibraryErrors())
+  pylogging.getLogger('absl').addFilter(_short_library_errors)  # Once.
   echoes.quiet_closed_loop_echoes()
 
 
