@@ -116,10 +116,7 @@ def main(argv):
   # User errors are one line (exit 1); anything else keeps its traceback.
   with command_line.user_errors_as_one_line():
     command_line.load_tensorflow_quietly()  # Reads data sets: TF is needed.
-    argv = command_line.start_multihost(argv)
-    if len(argv) > 1:
-      raise errors.UsageError(f'Unexpected arguments: {argv[1:]}; set config '
-                              'values with --config.FIELD=VALUE.')
+    command_line.start_multihost(argv)
     result = evaluate(FLAGS.config, FLAGS.checkpoint, step=FLAGS.step,
                       weights=FLAGS.weights)
   import jax  # pylint: disable=g-import-not-at-top
@@ -156,15 +153,14 @@ def _config_of_workdir():
 
 def _define_flags():
   """Defines the command-line flags (only when run as a program)."""
-  flags.DEFINE_string('checkpoint', None, 'Training workdir, Orbax checkpoint '
-                      '(step) directory, official .npz or registry name.')
-  flags.DEFINE_integer('step', None, 'Orbax step to evaluate (default: the '
-                       'newest); the fallback when the newest is damaged.')
+  flags.DEFINE_string('checkpoint', None, 'Workdir, checkpoint (step) '
+                      'directory, registry or hf-hub: name, .npz, ...')
+  flags.DEFINE_integer('step', None, 'Step of a workdir (default: newest); '
+                       'the fallback when the newest is damaged.')
   flags.DEFINE_string('output', None, 'Also write the results to this JSON '
                       'file.')
   flags.DEFINE_enum('weights', 'params', ['params', 'ema'],
-                    "A workdir's trained weights, or their EMA (runs with "
-                    'config.ema_decay > 0).')
+                    "A workdir's trained weights, or their EMA.")
   command_line.define_verbose_flag()
   flags.mark_flags_as_required(['checkpoint'])
 

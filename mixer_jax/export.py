@@ -243,27 +243,20 @@ FLAGS = flags.FLAGS
 
 
 def _define_flags():
-  flags.DEFINE_string('checkpoint', None, 'Training workdir, registry name, '
-                      'hf-hub:OWNER/NAME[@REVISION], .npz or .safetensors.',
-                      required=True)
-  flags.DEFINE_integer('step', None, 'Orbax step of a workdir (default: the '
-                       'newest).')
+  flags.DEFINE_string('checkpoint', None, 'Workdir, registry or hf-hub: '
+                      'name, .npz or .safetensors.', required=True)
+  flags.DEFINE_integer('step', None, 'Step of a workdir (default: newest).')
   flags.DEFINE_string('out', None, 'Output directory.', required=True)
   flags.DEFINE_enum('format', 'savedmodel', list(FORMATS),
-                    'stablehlo: jax.export artifact; savedmodel: TF '
-                    'SavedModel; onnx: model.onnx; hub: a Hugging Face Hub '
-                    'folder for timm and mixer_jax.')
+                    'See docs/export.md.')
   flags.DEFINE_enum('weights', 'params', ['params', 'ema'],
-                    "A workdir's trained weights, or their EMA (runs with "
-                    'config.ema_decay > 0).')
+                    "A workdir's trained weights, or their EMA.")
   flags.DEFINE_string('push_to', None, 'With --format=hub: upload the folder '
                       'to this Hub model repository (OWNER/NAME).')
   flags.DEFINE_bool('overwrite', False, 'Write into a non-empty --out that '
-                    'holds no earlier export of this format (files of the '
-                    'same names are replaced, others stay).')
-  flags.DEFINE_bool('preprocess', True, 'savedmodel: run the eval '
-                    'preprocessing inside serving_default (uint8 images of '
-                    'any size).')
+                    'holds no earlier export of this format.')
+  flags.DEFINE_bool('preprocess', True, 'savedmodel: serving_default takes '
+                    'uint8 images of any size (eval preprocessing inside).')
   command_line.define_verbose_flag()
 
 
@@ -274,9 +267,10 @@ def main(argv):
         f'Unexpected arguments: {argv[1:]}.')))
   # TensorFlow writes SavedModels and reads weight files (tf.io.gfile); a
   # StableHLO export of a workdir needs none.
-  from mixer_jax.weights import workdir_checkpoint  # pylint: disable=g-import-not-at-top
-  if FLAGS.format in ('savedmodel', 'hub') or not workdir_checkpoint.is_directory(
-      FLAGS.checkpoint):
+  # pylint: disable-next=g-import-not-at-top
+  from mixer_jax.weights import workdir_checkpoint
+  if FLAGS.format in ('savedmodel', 'hub') or (
+      not workdir_checkpoint.is_directory(FLAGS.checkpoint)):
     command_line.load_tensorflow_quietly()
   with command_line.user_errors_as_one_line(
       f'Cannot export --checkpoint={FLAGS.checkpoint}: '):

@@ -76,9 +76,7 @@ def main(argv):
   with command_line.user_errors_as_one_line():
     shots = parse_shots(FLAGS.shots)
     command_line.load_tensorflow_quietly()  # Reads data sets: TF is needed.
-    argv = command_line.start_multihost(argv)
-    if len(argv) > 1:
-      raise errors.UsageError(f'Unexpected arguments: {argv[1:]}.')
+    command_line.start_multihost(argv)
     rows = run(FLAGS.checkpoint, FLAGS.dataset, shots=shots,
                train_split=FLAGS.train_split, test_split=FLAGS.test_split,
                data_dir=FLAGS.data_dir, batch_size=FLAGS.batch_size,

@@ -43,10 +43,7 @@ def main(argv):
       # Before JAX starts a backend: plan on N CPU devices, whatever is here.
       jax.config.update('jax_platforms', 'cpu')
       jax.config.update('jax_num_cpu_devices', FLAGS.devices)
-    argv = command_line.start_multihost(argv)
-    if len(argv) > 1:
-      raise errors.UsageError(f'Unexpected arguments: {argv[1:]}; set config '
-                              'values with --config.FIELD=VALUE.')
+    command_line.start_multihost(argv)
     if FLAGS.check_only:
       return _check_only()
     # pylint: disable=g-import-not-at-top

@@ -21,6 +21,7 @@ from absl import logging
 
 from mixer_jax.checkpointing import echoes
 from mixer_jax.errors import UserError
+from mixer_jax.training import errors
 
 # Libraries whose INFO lines (and, by default, warnings) are dropped.
 NOISY_LIBRARIES = ('orbax', 'etils', 'tensorflow_datasets', 'clu')
@@ -161,14 +162,16 @@ def parse_known_flags(argv: Sequence[str]) -> List[str]:
     raise absl_flags_error(e) from None
 
 
-def start_multihost(argv: Sequence[str]) -> List[str]:
-  """Reads the multi-host flags left in `argv` and starts jax.distributed if
-  they ask for it; `argv` less those flags. Loads JAX."""
+def start_multihost(argv: Sequence[str]) -> None:
+  """Reads the multi-host flags left in `argv` (UsageError for any other
+  argument) and starts jax.distributed if they ask for it. Loads JAX."""
   from mixer_jax.training import sharding  # pylint: disable=g-import-not-at-top
   sharding.define_multihost_flags()
   try:
     argv = flags.FLAGS(argv)
   except flags.Error as e:
     raise absl_flags_error(e) from None
+  if len(argv) > 1:
+    raise errors.UsageError(f'Unexpected arguments: {argv[1:]}; flags are '
+                            '--NAME=VALUE, config fields --config.FIELD=VALUE.')
   sharding.initialize_from_flags()
-  return argv
