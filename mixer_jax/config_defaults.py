@@ -10,6 +10,7 @@ file is itself a config file:
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 def get_config():
@@ -21,12 +22,10 @@ def get_config():
   config.model = ml_collections.ConfigDict()
   config.model.variant = 'B_16'  # FAMILY_PATCH: S_32 S_16 S_8 B_32 B_16 ...
   # Size overrides; None keeps the variant's value (paper Table 1).
-  config.model.num_blocks = ml_collections.FieldReference(None, field_type=int)
-  config.model.hidden_dim = ml_collections.FieldReference(None, field_type=int)
-  config.model.tokens_mlp_dim = ml_collections.FieldReference(
-      None, field_type=int)
-  config.model.channels_mlp_dim = ml_collections.FieldReference(
-      None, field_type=int)
+  config.model.num_blocks = placeholder(int)
+  config.model.hidden_dim = placeholder(int)
+  config.model.tokens_mlp_dim = placeholder(int)
+  config.model.channels_mlp_dim = placeholder(int)
   config.model.dtype = 'float32'  # Computation dtype: float32 or bfloat16.
   config.model.gelu_approximate = True  # tanh GELU, as the official weights.
   config.model.stochastic_depth = 0.0  # Rate of the last block (linear ramp).
@@ -40,7 +39,7 @@ def get_config():
 
   # ------------------------------------------------------------------ Data.
   config.dataset = 'imagenet2012'  # Any TFDS name, 'digits', or 'folder'.
-  config.data_dir = ml_collections.FieldReference(None, field_type=str)
+  config.data_dir = placeholder(str)
   config.folder = ''  # Root of class_name/*.jpg folders when dataset=folder.
   config.train_split = 'train[:99%]'
   # Picks the best checkpoint: held out of train, never the test split.
@@ -49,9 +48,7 @@ def get_config():
   config.image_size = 224
   config.shuffle_buffer = 10_000  # Examples per host (big_vision: 250k).
   config.cache = False  # Cache decoded examples in memory (small data sets).
-  # Cache the encoded training records (big_vision's cache_raw; ImageNet:
-  # ~120 GB per host).
-  config.cache_raw = False
+  config.cache_raw = False  # Cache encoded records (ImageNet: 120 GB/host).
   config.prefetch_batches = 2  # Batches prefetched to the devices.
   config.bad_images = 'error'  # 'error' stops; 'skip' drops and counts them.
 

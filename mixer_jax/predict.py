@@ -53,10 +53,6 @@ class Prediction:
   error: Optional[str] = None
 
 
-class ImageTooLargeError(ValueError):
-  """An image with more pixels than the limit, found before decoding."""
-
-
 def imagenet_class_names() -> List[str]:
   """The 1,000 ImageNet-1k class names in the standard label order."""
   return importlib.resources.files('mixer_jax').joinpath(
@@ -139,8 +135,8 @@ def expand_inputs(args: Sequence[str]) -> List[str]:
 
 
 def _read_image(path: str, max_megapixels: float) -> bytes:
-  """The bytes of an image file (`-`: stdin); ImageTooLargeError if its
-  header gives more than `max_megapixels`."""
+  """The bytes of an image file (`-`: stdin); PIL's DecompressionBombError
+  if its header gives more than `max_megapixels`."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   if path == STDIN:
     data = sys.stdin.buffer.read()
@@ -158,7 +154,7 @@ def _read_image(path: str, max_megapixels: float) -> bytes:
     Image.MAX_IMAGE_PIXELS = limit
   megapixels = width * height / 1e6
   if megapixels > max_megapixels:
-    raise ImageTooLargeError(
+    raise Image.DecompressionBombError(
         f'{width}x{height} is {megapixels:.3g} megapixels, above the limit '
         f'of {max_megapixels:g}; raise it with '
         f'--max_megapixels={math.ceil(megapixels)}')
@@ -171,7 +167,7 @@ def _describe_error(error: Exception) -> str:
   message = getattr(error, 'message', None) or str(error) or repr(error)
   message = re.sub(r'\{\{[^}]*\}\}\s*', '', message.strip().splitlines()[0])
   message = re.sub(r'\s*\[Op:[^\]]*\].*$', '', message)
-  if isinstance(error, ImageTooLargeError):
+  if isinstance(error, Image.DecompressionBombError):
     return f'image refused: {message}'
   if isinstance(error, (tf.errors.NotFoundError,
                         tf.errors.PermissionDeniedError, OSError)):
@@ -213,7 +209,8 @@ def classify_files(model, params, paths: Sequence[str], *, image_size: int,
             tf.constant(data), image_size, crop=crop,
             resize_size=resize_size).numpy())
         results.append(Prediction(path, []))
-      except (tf.errors.OpError, OSError, ValueError) as e:
+      except (tf.errors.OpError, OSError, ValueError,
+              Image.DecompressionBombError) as e:
         results.append(Prediction(path, [], _describe_error(e)))
     if images:
       batch = np.zeros((size,) + images[0].shape, images[0].dtype)
