@@ -75,8 +75,8 @@ def export_savedmodel(loaded, out: str, *,
   size = loaded.image_size
   crop, resize = loaded.eval_crop, loaded.eval_resize
   converted = jax2tf.convert(
-      compiled.forward(loaded.model), polymorphic_shapes=[None, f'(b, {size}, {size}, 3)'],
-      with_gradient=False)
+      compiled.forward(loaded.model), with_gradient=False,
+      polymorphic_shapes=[None, f'(b, {size}, {size}, 3)'])
   module = tf.Module()
   module.params = tf.nest.map_structure(
       lambda x: tf.Variable(x, trainable=False), _host_params(loaded))
