@@ -1,15 +1,8 @@
 """mixer_jax: MLP-Mixer (arXiv 2105.01601) in JAX/Flax.
 
-Public API:
-  create_model(variant, num_classes, **options) -> flax module
-  load_pretrained(name_or_path, *, num_classes=None, image_size=None)
-      -> (model, params)
-  export_official(params, path)
-  count_params(params), flops_per_image(model, image_size)
-  intermediate_outputs(model, params, images) -> {'stem', 'block_i', ...}
-
-The names are imported on first use (PEP 562), so that the programs read
-their flags and config before JAX is loaded.
+The public names (`create_model`, `load_pretrained`, `export_official`, ...,
+listed in `_API`) are imported on first use (PEP 562), so that the programs
+read their flags and config before JAX is loaded.
 """
 
 import importlib

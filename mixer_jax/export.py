@@ -6,21 +6,9 @@
       --checkpoint=hf-hub:timm/mixer_b16_224.goog_in21k_ft_in1k \
       --out=/tmp/b16_savedmodel --format=savedmodel
 
-`--checkpoint` is anything `mixer_jax.weights.any_checkpoint.load` accepts
-(`--weights=ema`: a workdir's moving average of the weights). Formats, each
-with a symbolic (any) batch size; docs/export.md describes their inputs:
-
-- `stablehlo`: `DIR/model.jax_export`, a `jax.export` serialized function
-  with the parameters embedded, for any JAX program without mixer_jax;
-- `savedmodel`: a TensorFlow SavedModel (`jax2tf`), whose `serving_default`
-  takes uint8 images (any size with `--preprocess`: the checkpoint's eval
-  preprocessing runs inside) and `serving_float` images in [-1, 1];
-- `onnx`: `DIR/model.onnx` (`mixer_jax.weights.onnx_format`);
-- `hub`: a Hugging Face Hub folder that timm and mixer_jax both load
-  (`mixer_jax.weights.hub_publish`); `--push_to=OWNER/NAME` uploads it.
-
-Next to the stablehlo, savedmodel and onnx artifacts, `serving_info.json`
-records the input size and range, the eval preprocessing and class names.
+`--checkpoint` is anything `any_checkpoint.load` accepts; `--format` is
+stablehlo, savedmodel, onnx or hub. docs/export.md describes each format,
+its inputs and `serving_info.json` (written beside all but the Hub folder).
 """
 
 import json
@@ -51,8 +39,7 @@ def serving_info(loaded, fmt: str, preprocess: bool) -> dict:
       'format': fmt, 'checkpoint': loaded.portable_source,
       'image_size': loaded.image_size, 'input_range': [-1.0, 1.0],
       'eval_crop': loaded.eval_crop, 'eval_resize': loaded.eval_resize,
-      'preprocessing_inside': bool(preprocess) if fmt == 'savedmodel'
-                              else False,
+      'preprocessing_inside': fmt == 'savedmodel' and preprocess,
       'num_classes': loaded.num_classes, 'class_names': loaded.class_names,
   }
 
@@ -88,8 +75,8 @@ def export_savedmodel(loaded, out: str, *,
   size = loaded.image_size
   crop, resize = loaded.eval_crop, loaded.eval_resize
   converted = jax2tf.convert(
-      compiled.forward(loaded.model), polymorphic_shapes=[None, f'(b, {size}, {size}, 3)'],
-      with_gradient=False)
+      compiled.forward(loaded.model), with_gradient=False,
+      polymorphic_shapes=[None, f'(b, {size}, {size}, 3)'])
   module = tf.Module()
   module.params = tf.nest.map_structure(
       lambda x: tf.Variable(x, trainable=False), _host_params(loaded))
@@ -217,35 +204,21 @@ def check_out(out: str, fmt: str, overwrite: bool = False) -> None:
         '--overwrite to write into it anyway. Nothing was written.')
 
 
-def _check_dependencies(fmt: str) -> None:
-  if fmt == 'onnx':
-    try:
-      import onnx  # pylint: disable=g-import-not-at-top,unused-import
-    except ImportError:
-      raise errors.UsageError(
-          "--format=onnx needs the onnx package: pip install "
-          "'mixer_jax[onnx]'. Nothing was written.") from None
-
-
 def export(checkpoint, out: str, fmt: str, *, step: Optional[int] = None,
            preprocess: bool = True, weights: str = 'params',
            push_to: Optional[str] = None, overwrite: bool = False) -> str:
-  """Loads `checkpoint` and writes it to `out` in format `fmt`.
-
-  `out` must be new, empty or an earlier export of `fmt` (see `check_out`;
-  `overwrite` allows any folder but a training workdir).
-
-  Returns:
-    The path of the artifact (the SavedModel directory, the `.jax_export`
-    or `.onnx` file, or the Hub folder); for all but the Hub folder
-    `out/serving_info.json` is written beside it.
-  """
-  if fmt not in FORMATS:
-    raise errors.UsageError(f'format {fmt!r}: use one of {FORMATS}.')
+  """Writes `checkpoint` to `out` (see `check_out`) as `fmt` (one of
+  FORMATS); the path of the artifact."""
   if push_to and fmt != 'hub':
     raise errors.UsageError('--push_to uploads a Hub folder: use it with '
                             '--format=hub.')
-  _check_dependencies(fmt)
+  try:
+    if fmt == 'onnx':
+      import onnx  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    raise errors.UsageError("--format=onnx needs the onnx package: pip "
+                            "install 'mixer_jax[onnx]'. Nothing was "
+                            'written.') from None
   check_out(os.fspath(out), fmt, overwrite)
   # pylint: disable=g-import-not-at-top
   from mixer_jax.weights import any_checkpoint
@@ -256,12 +229,11 @@ def export(checkpoint, out: str, fmt: str, *, step: Optional[int] = None,
                if loaded.kind == 'workdir' else None)
     return export_hub(loaded, out, workdir=workdir, weights=weights,
                       push_to=push_to)
-  if fmt == 'stablehlo':
-    path = export_stablehlo(loaded, out)
-  elif fmt == 'onnx':
-    path = export_onnx(loaded, out)
-  else:
+  if fmt == 'savedmodel':
     path = export_savedmodel(loaded, out, preprocess=preprocess)
+  else:
+    path = {'stablehlo': export_stablehlo, 'onnx': export_onnx}[fmt](
+        loaded, out)
   with open(os.path.join(out, INFO_FILE), 'w', encoding='utf-8') as f:
     json.dump(serving_info(loaded, fmt, preprocess), f, indent=1)
   return path
@@ -271,27 +243,20 @@ FLAGS = flags.FLAGS
 
 
 def _define_flags():
-  flags.DEFINE_string('checkpoint', None, 'Training workdir, registry name, '
-                      'hf-hub:OWNER/NAME[@REVISION], .npz or .safetensors.',
-                      required=True)
-  flags.DEFINE_integer('step', None, 'Orbax step of a workdir (default: the '
-                       'newest).')
+  flags.DEFINE_string('checkpoint', None, 'Workdir, registry or hf-hub: '
+                      'name, .npz or .safetensors.', required=True)
+  flags.DEFINE_integer('step', None, 'Step of a workdir (default: newest).')
   flags.DEFINE_string('out', None, 'Output directory.', required=True)
   flags.DEFINE_enum('format', 'savedmodel', list(FORMATS),
-                    'stablehlo: jax.export artifact; savedmodel: TF '
-                    'SavedModel; onnx: model.onnx; hub: a Hugging Face Hub '
-                    'folder for timm and mixer_jax.')
+                    'See docs/export.md.')
   flags.DEFINE_enum('weights', 'params', ['params', 'ema'],
-                    "A workdir's trained weights, or their EMA (runs with "
-                    'config.ema_decay > 0).')
+                    "A workdir's trained weights, or their EMA.")
   flags.DEFINE_string('push_to', None, 'With --format=hub: upload the folder '
                       'to this Hub model repository (OWNER/NAME).')
   flags.DEFINE_bool('overwrite', False, 'Write into a non-empty --out that '
-                    'holds no earlier export of this format (files of the '
-                    'same names are replaced, others stay).')
-  flags.DEFINE_bool('preprocess', True, 'savedmodel: run the eval '
-                    'preprocessing inside serving_default (uint8 images of '
-                    'any size).')
+                    'holds no earlier export of this format.')
+  flags.DEFINE_bool('preprocess', True, 'savedmodel: serving_default takes '
+                    'uint8 images of any size (eval preprocessing inside).')
   command_line.define_verbose_flag()
 
 
@@ -302,9 +267,10 @@ def main(argv):
         f'Unexpected arguments: {argv[1:]}.')))
   # TensorFlow writes SavedModels and reads weight files (tf.io.gfile); a
   # StableHLO export of a workdir needs none.
-  from mixer_jax.weights import workdir_checkpoint  # pylint: disable=g-import-not-at-top
-  if FLAGS.format in ('savedmodel', 'hub') or not workdir_checkpoint.is_directory(
-      FLAGS.checkpoint):
+  # pylint: disable-next=g-import-not-at-top
+  from mixer_jax.weights import workdir_checkpoint
+  if FLAGS.format in ('savedmodel', 'hub') or (
+      not workdir_checkpoint.is_directory(FLAGS.checkpoint)):
     command_line.load_tensorflow_quietly()
   with command_line.user_errors_as_one_line(
       f'Cannot export --checkpoint={FLAGS.checkpoint}: '):

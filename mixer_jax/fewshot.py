@@ -5,14 +5,8 @@
   python -m mixer_jax.fewshot --checkpoint=imagenet1k/Mixer-B_16 \
       --dataset=cifar100 --image_size=224
 
-The probe is big_vision's (`evaluators/fewshot_lsr.py`), implemented in
-`mixer_jax.training.linear_probe`; this program loads a checkpoint and
-prints its results.
-
-`--checkpoint` is anything `mixer_jax.weights.any_checkpoint.load` opens: a
-training workdir, an official `.npz`, a registry or Hub name. During
-training the same probe runs periodically as the `fewshot` kind of
-`config.evals` (see mixer_jax/training/evals.py).
+big_vision's probe (`training.linear_probe`, also the `fewshot` kind of
+config.evals) on the frozen features of anything `any_checkpoint.load` opens.
 """
 
 import json
@@ -34,11 +28,8 @@ PROBE = config_defaults.eval_entry('fewshot')
 def run(checkpoint: str, dataset: str, *, shots=(1, 5, 10), train_split='train',
         test_split='test', data_dir=None, batch_size=64, image_size=None,
         l2_reg=PROBE.l2_reg, num_seeds=PROBE.num_seeds, seed=0):
-  """Runs the probes of one checkpoint on one data set; list of result rows.
-
-  Preprocessing is the checkpoint's own eval crop at its image size (for
-  a workdir, its config's eval_crop, eval_resize and eval_resize_method).
-  """
+  """The probes' result rows of one checkpoint on one data set, images
+  preprocessed as the checkpoint's eval."""
   # pylint: disable=g-import-not-at-top
   import numpy as np
   from mixer_jax.training import compiled
@@ -48,9 +39,7 @@ def run(checkpoint: str, dataset: str, *, shots=(1, 5, 10), train_split='train',
   start = time.time()
   loaded = any_checkpoint.load(checkpoint, image_size=image_size)
   model, params = loaded.features()
-  config = loaded.config
-  method = (config.pp.get('eval_resize_method', 'area') if config is not None
-            else 'area')
+  method = loaded.config.pp.eval_resize_method if loaded.config else 'area'
   mesh = sharding.create_mesh()
   params = sharding.replicate(params, mesh)
   features_fn = compiled.features_function(
@@ -87,9 +76,7 @@ def main(argv):
   with command_line.user_errors_as_one_line():
     shots = parse_shots(FLAGS.shots)
     command_line.load_tensorflow_quietly()  # Reads data sets: TF is needed.
-    argv = command_line.start_multihost(argv)
-    if len(argv) > 1:
-      raise errors.UsageError(f'Unexpected arguments: {argv[1:]}.')
+    command_line.start_multihost(argv)
     rows = run(FLAGS.checkpoint, FLAGS.dataset, shots=shots,
                train_split=FLAGS.train_split, test_split=FLAGS.test_split,
                data_dir=FLAGS.data_dir, batch_size=FLAGS.batch_size,

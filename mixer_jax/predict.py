@@ -6,24 +6,11 @@
   python -m mixer_jax.predict \
       --checkpoint=hf-hub:timm/mixer_b16_224.goog_in21k_ft_in1k cat.jpg
 
-`--checkpoint` is any checkpoint `mixer_jax.weights.any_checkpoint.load` accepts: a
-training workdir (newest step, or `--step=K`), an official-format `.npz`, a
-registry name (see `mixer_jax.weights.registry`), a Hub name (`hf-hub:OWNER/NAME
-[@REVISION]`) or a timm-format `.safetensors`. Prints the top-5 classes per
-image, with the class names the checkpoint brings (a workdir's data set, a
-Hub config's label names), ImageNet names for ImageNet-1k heads, and class
-indices otherwise. Images of any size are preprocessed as the checkpoint's
-evaluation (`preprocess.eval_image`: a workdir's config.pp.eval_crop, the
-ImageNet resize-and-crop otherwise).
-
-Inputs are image files, directories (their images, sorted, subdirectories
-included), quoted glob patterns ('photos/*.jpg', expanded here) or `-` (one
-image read from stdin), classified `--batch_size` at a time.
-`--output=json` prints one JSON object per line and image, `--output=csv`
-a header and one row per image (path, then class, name and probability of
-each of the top-k), both on stdout. A file that cannot be read or decoded,
-or has more than `--max_megapixels` (checked from its header, before
-decoding), is reported and skipped; the exit status is 1 if any failed.
+`--checkpoint` is anything `any_checkpoint.load` accepts. Inputs are image
+files, directories, quoted globs or `-` (one image from stdin); each is
+preprocessed as the checkpoint's evaluation and its top-k classes printed
+(`--output=text|json|csv`). A file that cannot be read, decoded or is above
+`--max_megapixels` is reported and skipped (exit status 1).
 """
 
 import csv
@@ -48,13 +35,13 @@ from mixer_jax.errors import UserError
 from mixer_jax.training import command_line
 from mixer_jax.training import errors
 
-IMAGENET_CLASSES_FILE = 'imagenet2012_classes.txt'
 # What TensorFlow's decoder reads (`preprocess.decode`): a directory's
 # other files are not images.
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.gif', '.bmp')
 STDIN = '-'
 # A decoded 100-megapixel image takes 300 MB, and its float copies more.
 MAX_MEGAPIXELS = 100
+_WORDNET_ID = re.compile(r'n\d{8}')
 
 
 @dataclasses.dataclass
@@ -66,32 +53,19 @@ class Prediction:
   error: Optional[str] = None
 
 
-class ImageTooLargeError(ValueError):
-  """An image with more pixels than the limit, found before decoding."""
-
-
 def imagenet_class_names() -> List[str]:
   """The 1,000 ImageNet-1k class names in the standard label order."""
-  text = importlib.resources.files('mixer_jax').joinpath(
-      'data', IMAGENET_CLASSES_FILE).read_text(encoding='utf-8')
-  names = text.splitlines()
-  if len(names) != 1000:
-    raise RuntimeError(f'{IMAGENET_CLASSES_FILE} has {len(names)} lines, '
-                       f'expected 1000; the installation is damaged.')
-  return names
-
-
-_WORDNET_ID = re.compile(r'n\d{8}')
+  return importlib.resources.files('mixer_jax').joinpath(
+      'data', 'imagenet2012_classes.txt').read_text('utf-8').splitlines()
 
 
 def readable_class_names(
     names: Optional[Sequence[str]]) -> Optional[Sequence[str]]:
   """ImageNet-1k's readable names in place of its WordNet ids, else `names`.
 
-  TFDS names imagenet2012's labels by WordNet id ('n01440764'), sorted, which
-  is the standard label order of the readable names this package ships
-  ('tench'); a workdir trained on imagenet2012 brings those ids. Any other
-  list (ImageNet-21k's 21,843 ids, a data set's own names) is kept as it is.
+  TFDS names imagenet2012's labels by sorted WordNet id ('n01440764'), the
+  standard label order of the names this package ships ('tench'). Any other
+  list (ImageNet-21k's ids, a data set's own names) is kept as it is.
   """
   if (names is None or len(names) != 1000 or
       not all(_WORDNET_ID.fullmatch(n) for n in names) or
@@ -101,14 +75,10 @@ def readable_class_names(
 
 
 def class_names(spec: str, num_classes: int, entry) -> Optional[List[str]]:
-  """Names for the head's classes, or None to print indices.
+  """Names for the head's classes (`--labels=spec`), or None for indices.
 
-  Args:
-    spec: 'auto' (ImageNet-1k names for registry ImageNet-1k checkpoints and
-      for files with a 1000-class head), 'imagenet2012', 'none', or a path
-      to a text file with one name per line.
-    num_classes: head size of the model.
-    entry: the checkpoint's `registry.Checkpoint`, if it is a registered one.
+  'auto' gives ImageNet-1k names to a registry ImageNet-1k `entry` and to
+  other 1000-class heads; a path names a text file, one name per line.
   """
   if spec == 'none':
     return None
@@ -127,21 +97,18 @@ def class_names(spec: str, num_classes: int, entry) -> Optional[List[str]]:
     with tf.io.gfile.GFile(spec, 'r') as f:
       names = f.read().splitlines()
   if len(names) != num_classes:
-    raise errors.UsageError(f'--labels={spec} has {len(names)} names but the model '
-                     f'has {num_classes} classes.')
+    raise errors.UsageError(f'--labels={spec} has {len(names)} names but the '
+                            f'model has {num_classes} classes.')
   return names
 
 
 def expand_inputs(args: Sequence[str]) -> List[str]:
   """The image paths of the command line's files, directories and globs.
 
-  A directory gives its files with an image suffix, subdirectories
-  included, sorted; a pattern with `*`, `?` or `[` the files it matches,
-  sorted (a file of that very name if none).
-
-  Raises:
-    UsageError: a directory without images, a pattern matching nothing, or
-      `-` with a terminal as stdin.
+  A directory gives its image files, subdirectories included, sorted; a
+  pattern with `*`, `?` or `[` its matches, sorted (a file of that very name
+  if none). UsageError for a directory without images, a pattern matching
+  nothing, or `-` with a terminal as stdin.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   if STDIN in args and sys.stdin.isatty():
@@ -168,11 +135,8 @@ def expand_inputs(args: Sequence[str]) -> List[str]:
 
 
 def _read_image(path: str, max_megapixels: float) -> bytes:
-  """The bytes of an image file (`-`: stdin), its size checked first.
-
-  Raises:
-    ImageTooLargeError: the header gives more than `max_megapixels`.
-  """
+  """The bytes of an image file (`-`: stdin); PIL's DecompressionBombError
+  if its header gives more than `max_megapixels`."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   if path == STDIN:
     data = sys.stdin.buffer.read()
@@ -188,12 +152,27 @@ def _read_image(path: str, max_megapixels: float) -> bytes:
     return data  # Not an image PIL knows: TensorFlow's decoder says why.
   finally:
     Image.MAX_IMAGE_PIXELS = limit
-  if width * height > max_megapixels * 1e6:
-    raise ImageTooLargeError(
-        f'{width}x{height} is {width * height / 1e6:.3g} megapixels, above '
-        f'the limit of {max_megapixels:g}; raise it with '
-        f'--max_megapixels={math.ceil(width * height / 1e6)}')
+  megapixels = width * height / 1e6
+  if megapixels > max_megapixels:
+    raise Image.DecompressionBombError(
+        f'{width}x{height} is {megapixels:.3g} megapixels, above the limit '
+        f'of {max_megapixels:g}; raise it with '
+        f'--max_megapixels={math.ceil(megapixels)}')
   return data
+
+
+def _describe_error(error: Exception) -> str:
+  """A one-line reason without TensorFlow's op and device decorations."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  message = getattr(error, 'message', None) or str(error) or repr(error)
+  message = re.sub(r'\{\{[^}]*\}\}\s*', '', message.strip().splitlines()[0])
+  message = re.sub(r'\s*\[Op:[^\]]*\].*$', '', message)
+  if isinstance(error, Image.DecompressionBombError):
+    return f'image refused: {message}'
+  if isinstance(error, (tf.errors.NotFoundError,
+                        tf.errors.PermissionDeniedError, OSError)):
+    return f'cannot read image: {message}'
+  return f'cannot decode image: {message}'
 
 
 def classify_files(model, params, paths: Sequence[str], *, image_size: int,
@@ -201,23 +180,10 @@ def classify_files(model, params, paths: Sequence[str], *, image_size: int,
                    top_k: int = 5, batch_size: int = 32,
                    max_megapixels: float = MAX_MEGAPIXELS
                    ) -> Iterator[Prediction]:
-  """Classifies each file; unreadable or undecodable files get an `error`.
+  """A `Prediction` per path, in order, `batch_size` images at a time.
 
-  Args:
-    model: a Mixer with a head (`num_classes` > 0).
-    params: its parameters.
-    paths: image files (JPEG, PNG, GIF, BMP; local or `gs://`; `-` for
-      stdin).
-    image_size: model input side.
-    crop: 'resize_crop' (short side to `resize_size`, central crop: the
-      ImageNet evaluation) or 'resize' (plain resize: the fine-tuning eval).
-    resize_size: short side before cropping; 0 means image_size * 256/224.
-    top_k: classes reported per image.
-    batch_size: images run through the model at once.
-    max_megapixels: larger images are refused before they are decoded.
-
-  Yields:
-    A `Prediction` per path, in order, a batch at a time.
+  `crop` and `resize_size` are `preprocess.eval_image`'s (0: the ImageNet
+  ratio); a file that cannot be read or decoded gets an `error`.
   """
   # pylint: disable=g-import-not-at-top
   import tensorflow as tf
@@ -225,8 +191,6 @@ def classify_files(model, params, paths: Sequence[str], *, image_size: int,
   from mixer_jax.data import preprocess_choices
   from mixer_jax.training import compiled
 
-  if not model.num_classes:
-    raise ValueError('The model has no head; load it with a class count.')
   resize_size = resize_size or preprocess_choices.imagenet_eval_resize(
       image_size)
   scores_fn = compiled.predict_function(model)
@@ -245,7 +209,8 @@ def classify_files(model, params, paths: Sequence[str], *, image_size: int,
             tf.constant(data), image_size, crop=crop,
             resize_size=resize_size).numpy())
         results.append(Prediction(path, []))
-      except (tf.errors.OpError, OSError, ValueError) as e:
+      except (tf.errors.OpError, OSError, ValueError,
+              Image.DecompressionBombError) as e:
         results.append(Prediction(path, [], _describe_error(e)))
     if images:
       batch = np.zeros((size,) + images[0].shape, images[0].dtype)
@@ -259,35 +224,9 @@ def classify_files(model, params, paths: Sequence[str], *, image_size: int,
     yield from results
 
 
-def _describe_error(error: Exception) -> str:
-  """A one-line reason without TensorFlow's op and device decorations."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  message = getattr(error, 'message', None) or str(error) or repr(error)
-  message = re.sub(r'\{\{[^}]*\}\}\s*', '', message.strip().splitlines()[0])
-  message = re.sub(r'\s*\[Op:[^\]]*\].*$', '', message)
-  unreadable = isinstance(error, (tf.errors.NotFoundError,
-                                  tf.errors.PermissionDeniedError, OSError))
-  if isinstance(error, ImageTooLargeError):
-    return f'image refused: {message}'
-  return f'cannot {"read" if unreadable else "decode"} image: {message}'
-
-
-def format_prediction(prediction: Prediction,
-                      names: Optional[Sequence[str]]) -> str:
-  """Human-readable lines for one file (ImageNet names, not WordNet ids)."""
-  if prediction.error:
-    return f'{prediction.path}: ERROR {prediction.error}'
-  names = readable_class_names(names)
-  lines = [f'{prediction.path}:']
-  for rank, (index, score) in enumerate(prediction.top, 1):
-    label = f'{index:5d} {names[index]}' if names else f'{index:5d}'
-    lines.append(f'  {rank}. {score:7.4f} {label}')
-  return '\n'.join(lines)
-
-
 def prediction_record(prediction: Prediction,
                       names: Optional[Sequence[str]]) -> dict:
-  """One file's result as a JSON-ready dict (`--output=json`)."""
+  """One file's result as a dict, what every `--output` format prints."""
   if prediction.error:
     return {'path': prediction.path, 'error': prediction.error}
   names = readable_class_names(names)
@@ -296,14 +235,25 @@ def prediction_record(prediction: Prediction,
        'probability': score} for index, score in prediction.top]}
 
 
-def csv_row(record: dict, top_k: int) -> List:
-  """A `prediction_record` as a row of `--output=csv`: path, then class,
-  name and probability of each rank, then the error."""
-  top = record.get('top', []) + [{}] * top_k
-  return [record['path']] + [
-      cell for entry in top[:top_k] for cell in (
-          entry.get('class', ''), entry.get('name') or '',
-          entry.get('probability', ''))] + [record.get('error', '')]
+def format_prediction(prediction: Prediction,
+                      names: Optional[Sequence[str]]) -> str:
+  """`--output=text`: readable lines for one file."""
+  record = prediction_record(prediction, names)
+  if 'error' in record:
+    return f'{prediction.path}: ERROR {prediction.error}'
+  return '\n'.join([f'{prediction.path}:'] + [
+      f'  {rank}. {t["probability"]:7.4f} {t["class"]:5d}' +
+      (f' {t["name"]}' if t['name'] is not None else '')
+      for rank, t in enumerate(record['top'], 1)])
+
+
+def csv_row(record: dict) -> dict:
+  """A `prediction_record` as a row of `--output=csv`."""
+  row = {'path': record['path'], 'error': record.get('error', '')}
+  for rank, entry in enumerate(record.get('top', []), 1):
+    row.update({f'{key}_{rank}': '' if value is None else value
+                for key, value in entry.items()})
+  return row
 
 
 FLAGS = flags.FLAGS
@@ -311,38 +261,27 @@ FLAGS = flags.FLAGS
 
 def _define_flags():
   """Defines the command-line flags (only when run as a program)."""
-  flags.DEFINE_string(
-      'checkpoint', None, 'Training workdir, registry name (e.g. '
-      'imagenet1k/Mixer-B_16), hf-hub:OWNER/NAME[@REVISION], official .npz '
-      'or timm .safetensors.', required=True)
+  flags.DEFINE_string('checkpoint', None, 'Workdir, registry or hf-hub: '
+                      'name, .npz or .safetensors.', required=True)
   flags.DEFINE_enum('weights', 'params', ['params', 'ema'],
-                    "A workdir's trained weights, or their EMA (runs with "
-                    'config.ema_decay > 0).')
-  flags.DEFINE_integer('step', None, 'Orbax step of a workdir (default: the '
-                       'newest).')
-  flags.DEFINE_integer(
-      'image_size', 0, 'Input side; 0 uses the checkpoint\'s own resolution.')
-  flags.DEFINE_enum(
-      'crop', None, ['resize_crop', 'resize'],
-      'resize_crop: short side to --resize_size, central crop (ImageNet '
-      'eval); resize: plain resize (fine-tuning eval). Default: the '
-      'checkpoint\'s own eval preprocessing.')
-  flags.DEFINE_integer(
-      'resize_size', 0, 'Short side before the central crop; 0 uses the '
-      'checkpoint\'s (image_size * 256 / 224 for ImageNet weights).')
+                    "A workdir's trained weights, or their EMA.")
+  flags.DEFINE_integer('step', None, 'Step of a workdir (default: newest).')
+  flags.DEFINE_integer('image_size', 0, "Input side; 0: the checkpoint's.")
+  flags.DEFINE_enum('crop', None, ['resize_crop', 'resize'],
+                    "Eval crop (preprocess.eval_image); default: the "
+                    "checkpoint's.")
+  flags.DEFINE_integer('resize_size', 0, 'Short side before the central '
+                       "crop; 0: the checkpoint's.")
   flags.DEFINE_integer('top_k', 5, 'Classes printed per image.',
                        lower_bound=1)
   flags.DEFINE_integer('batch_size', 32, 'Images run through the model at '
                        'once.', lower_bound=1)
   flags.DEFINE_enum('output', 'text', ['text', 'json', 'csv'],
-                    'text: readable lines; json: one JSON object per line '
-                    'and image; csv: a header and one row per image.')
+                    'Readable lines, a JSON object per image, or CSV rows.')
   flags.DEFINE_float('max_megapixels', MAX_MEGAPIXELS, 'Larger images are '
-                     'refused (read from the header, before decoding).',
-                     lower_bound=0)
-  flags.DEFINE_string(
-      'labels', 'auto', "'auto', 'imagenet2012', 'none' (indices) or a text "
-      'file with one class name per line.')
+                     'refused, before decoding.', lower_bound=0)
+  flags.DEFINE_string('labels', 'auto', "'auto', 'imagenet2012', 'none' "
+                      '(indices) or a file of class names, one a line.')
   command_line.define_verbose_flag()
 
 
@@ -353,37 +292,37 @@ def main(argv):
       raise errors.UsageError(
           'Give one or more image files, directories or quoted glob patterns '
           "after the flags ('-': one image from stdin).")
-    command_line.load_tensorflow_quietly()  # It decodes images, as in training.
+    command_line.load_tensorflow_quietly()  # It decodes images, as training.
     paths = expand_inputs(argv[1:])
   from mixer_jax.weights import any_checkpoint  # pylint: disable=g-import-not-at-top
   try:
     loaded = any_checkpoint.load(FLAGS.checkpoint, step=FLAGS.step,
                                  image_size=FLAGS.image_size or None,
                                  weights=FLAGS.weights)
-    model, params = loaded.model, loaded.params
-    if not model.num_classes:
+    if not loaded.num_classes:
       raise errors.UsageError(
           f'{FLAGS.checkpoint} has no classification head.')
     if FLAGS.labels == 'auto' and loaded.class_names:
       names = loaded.class_names
     else:
-      names = class_names(FLAGS.labels, model.num_classes, loaded.entry)
+      names = class_names(FLAGS.labels, loaded.num_classes, loaded.entry)
   except UserError as e:
     # Only the project's user errors: anything else is a bug (traceback).
     print(f'Cannot use --checkpoint={FLAGS.checkpoint}: '
           f'{command_line.one_line(e)}', file=sys.stderr)
     return 2
   results = classify_files(
-      model, params, paths, image_size=loaded.image_size,
+      loaded.model, loaded.params, paths, image_size=loaded.image_size,
       crop=FLAGS.crop or loaded.eval_crop,
       resize_size=FLAGS.resize_size or loaded.eval_resize, top_k=FLAGS.top_k,
       batch_size=FLAGS.batch_size, max_megapixels=FLAGS.max_megapixels)
-  top_k = min(FLAGS.top_k, model.num_classes)
-  writer = csv.writer(sys.stdout)
-  if FLAGS.output == 'csv':
-    writer.writerow(['path'] + [f'{field}_{rank}' for rank in range(
-        1, top_k + 1) for field in ('class', 'name', 'probability')] +
-                    ['error'])
+  if FLAGS.output == 'csv':  # The path, class, name and probability of
+    # each rank, the error.
+    ranks = range(1, min(FLAGS.top_k, loaded.num_classes) + 1)
+    writer = csv.DictWriter(sys.stdout, ['path'] + [
+        f'{key}_{rank}' for rank in ranks
+        for key in ('class', 'name', 'probability')] + ['error'], restval='')
+    writer.writeheader()
   failed = []
   for result in results:
     if FLAGS.output == 'text':
@@ -391,7 +330,7 @@ def main(argv):
     elif FLAGS.output == 'json':
       print(json.dumps(prediction_record(result, names)))
     else:
-      writer.writerow(csv_row(prediction_record(result, names), top_k))
+      writer.writerow(csv_row(prediction_record(result, names)))
     sys.stdout.flush()
     if result.error:
       failed.append(result.path)

@@ -4,18 +4,10 @@
   python -m mixer_jax.train --config=configs/b16.py --workdir=gs://b/run \
       --config.batch_size=1024
 
-The job itself is `mixer_jax.training.trainer.train_and_evaluate(config,
-workdir)`; this module is its command line. A run stopped by SIGTERM/SIGINT
-saves its current step; the same command resumes it exactly. A stop before
-the first training step (data checks, restore, compilation) ends it at once
-with nothing new to save.
-
-With `--check_only` it runs the launch check instead
-(`mixer_jax.training.launch_check`): the config resolved as the run would,
-every function of the run compiled from abstract shapes, one row each
-(FLOPs per device, collectives, memory), nothing read or written;
-`--devices=N` plans on N fake CPU devices, `--device_memory_gib=G` says
-whether each function fits:
+The command line of `trainer.train_and_evaluate(config, workdir)`: a run
+stopped by SIGTERM/SIGINT saves its step and the same command resumes it.
+`--check_only` runs `training.launch_check` instead (every function compiled
+from abstract shapes, nothing read or written), on `--devices=N` fake CPUs:
 
   python -m mixer_jax.train --config=configs/mixer_i1k.py:L_16 \
       --workdir=DIR --check_only --devices=8 --config.sharding=fsdp
@@ -37,11 +29,8 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-  """Command-line entry point (flags: see `_define_flags`).
-
-  The config was read and checked while the flags were parsed; JAX and
-  TensorFlow load only now, so a mistake is answered at once.
-  """
+  """The config was read and checked with the flags, before JAX and
+  TensorFlow load, so a mistake is answered at once."""
   command_line.set_up_output(FLAGS.verbose)
   # Progress and the summary go to stdout (reporting.log_and_print); user
   # errors are one line (exit 1), anything else keeps its traceback.
@@ -54,10 +43,7 @@ def main(argv):
       # Before JAX starts a backend: plan on N CPU devices, whatever is here.
       jax.config.update('jax_platforms', 'cpu')
       jax.config.update('jax_num_cpu_devices', FLAGS.devices)
-    argv = command_line.start_multihost(argv)
-    if len(argv) > 1:
-      raise errors.UsageError(f'Unexpected arguments: {argv[1:]}; set config '
-                              'values with --config.FIELD=VALUE.')
+    command_line.start_multihost(argv)
     if FLAGS.check_only:
       return _check_only()
     # pylint: disable=g-import-not-at-top
@@ -72,8 +58,7 @@ def _check_only():
   from mixer_jax.training import launch_check  # pylint: disable=g-import-not-at-top
   try:
     plan = launch_check.check(FLAGS.config)
-  except (UserError, launch_check.LaunchCheckError,
-          ValueError) as e:
+  except (UserError, launch_check.LaunchCheckError, ValueError) as e:
     raise SystemExit(f'Launch check failed: {type(e).__name__}: '
                      f'{" ".join(str(e).split())}') from None
   source = next((a.split('=', 1)[1] for a in sys.argv

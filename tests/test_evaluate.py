@@ -99,7 +99,7 @@ def test_workdir_step_dir_and_step_flag(workdir):
   expected = expected_metrics(config, model, state.params)
   assert 0.0 < expected['top1'] < expected['top5'] < 1.0  # Non-trivial.
   result = evaluate.evaluate(config, str(workdir))
-  assert result['checkpoint'].endswith('checkpoints step 200')
+  assert result['checkpoint'] == f'{workdir} step 200'
   assert_matches(result, expected)
   result = evaluate.evaluate(config, str(workdir / 'checkpoints' / '200'))
   assert_matches(result, expected)

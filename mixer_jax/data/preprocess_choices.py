@@ -1,9 +1,5 @@
-"""The preprocessing choices a config can name, without TensorFlow.
-
-`preprocess.py` implements them; config validation checks a config against
-them before any TensorFlow is loaded, and the checkpoint loaders use the
-ImageNet eval ratio. Each choice is defined here only.
-"""
+"""The preprocessing choices a config can name (`preprocess.py` implements
+them), importable by config validation without TensorFlow."""
 
 # config.pp.train_crop: Inception crop, vit_jax's fine-tuning crop
 # (sample_distorted_bounding_box), or a plain resize.

@@ -1,19 +1,12 @@
 """What every mixer_jax program does alike: quiet output, one-line errors.
 
-- Output: the answer (and train's progress and summary) goes to stdout.
-  Library noise is off by default: absl INFO logs (JAX's "Unable to
-  initialize backend 'tpu'", Orbax's per-save notes, TFDS's per-pass notes)
-  and library warnings are dropped, TensorFlow's C++ start-up lines too;
-  library errors still show, as one line each. `--verbose` brings it all
-  back, on stderr.
-- Errors: the project's user errors (`mixer_jax.errors.UserError`) end
-  the program with exit status 1 and one line naming the error; no `--help`
-  is printed. Anything else is a bug and keeps its traceback.
-- Order: flags first (`parse_known_flags`, or `config_loading.parse_flags`
-  with a config), then TensorFlow (`load_tensorflow_quietly`) and JAX, then
-  the multi-host flags, which are defined with JAX (`start_multihost`).
-  TensorFlow logs when it loads, so `--verbose` is looked for in sys.argv
-  when this module is imported.
+The answer goes to stdout; library INFO logs and warnings are dropped and
+library errors cut to one line unless `--verbose`. A `UserError` ends the
+program with one line and exit status 1; anything else keeps its traceback.
+Order: flags (`parse_known_flags` or `config_loading.parse_flags`), then
+TensorFlow (`load_tensorflow_quietly`) and JAX, then the multi-host flags
+(`start_multihost`). TensorFlow logs as it loads, so `--verbose` is looked
+for in sys.argv when this module is imported.
 """
 
 import contextlib
@@ -28,6 +21,7 @@ from absl import logging
 
 from mixer_jax.checkpointing import echoes
 from mixer_jax.errors import UserError
+from mixer_jax.training import errors
 
 # Libraries whose INFO lines (and, by default, warnings) are dropped.
 NOISY_LIBRARIES = ('orbax', 'etils', 'tensorflow_datasets', 'clu')
@@ -50,44 +44,32 @@ if not asks_verbose(sys.argv):
 
 
 def load_tensorflow_quietly() -> None:
-  """Imports TensorFlow, its C++ start-up lines kept off stderr, on the CPU.
+  """Imports TensorFlow on the CPU (JAX keeps the accelerators' memory).
 
-  TensorFlow's C++ code logs through absl before absl's logging is set up
-  ("All log messages before absl::InitializeLog() ...", the oneDNN note),
-  and TF_CPP_MIN_LOG_LEVEL does not reach those lines, so the import runs
-  with file descriptor 2 pointed at a temporary file. What it wrote is
-  replayed when --verbose is given or the import fails. For the programs
-  that read data sets; call it before anything else imports TensorFlow.
-
-  TensorFlow only reads and preprocesses data in these programs (JAX
-  computes), so its GPUs are hidden from it: it then takes no accelerator
-  memory from JAX.
+  Its C++ start-up lines ("All log messages before absl::InitializeLog()",
+  the oneDNN note) escape TF_CPP_MIN_LOG_LEVEL, so the import writes file
+  descriptor 2 to a temporary file, shown only if it fails (or --verbose).
   """
   if 'tensorflow' not in sys.modules and not asks_verbose(sys.argv):
-    _import_with_stderr_captured()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+      os.dup2(captured.fileno(), 2)
+      try:
+        import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
+      except BaseException:
+        os.dup2(saved, 2)
+        captured.seek(0)
+        sys.stderr.write(captured.read().decode('utf-8', 'replace'))
+        raise
+      finally:
+        os.dup2(saved, 2)
+        os.close(saved)
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   try:
     tf.config.set_visible_devices([], 'GPU')
   except RuntimeError:
     pass  # TensorFlow has already used a GPU; it cannot be hidden any more.
-
-
-def _import_with_stderr_captured() -> None:
-  """Imports TensorFlow with file descriptor 2 pointed at a temporary file."""
-  sys.stderr.flush()
-  saved = os.dup(2)
-  with tempfile.TemporaryFile() as captured:
-    os.dup2(captured.fileno(), 2)
-    try:
-      import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
-    except BaseException:
-      os.dup2(saved, 2)
-      captured.seek(0)
-      sys.stderr.write(captured.read().decode('utf-8', 'replace'))
-      raise
-    finally:
-      os.dup2(saved, 2)
-      os.close(saved)
 
 
 def define_verbose_flag() -> None:
@@ -96,12 +78,8 @@ def define_verbose_flag() -> None:
 
 
 def _from_noisy_library(record) -> bool:
-  """Whether a log record comes from the code of a noisy library.
-
-  Keyed on the file path of the logging code: these libraries log through
-  absl's logger (named 'absl', whatever the library), and no public API
-  says which library a record came from. The one place that reads paths.
-  """
+  """Whether a record was logged by a noisy library's code: they all log
+  through absl's logger, so only the source path tells them apart."""
   return any(part in record.pathname for part in _NOISY_PATHS)
 
 
@@ -116,38 +94,25 @@ class DropLibraryLogs(pylogging.Filter):
     return record.levelno > self.max_level or not _from_noisy_library(record)
 
 
-class ShortLibraryErrors(pylogging.Filter):
-  """Cuts library errors to their first line, without the traceback.
-
-  Orbax logs each failed background write several times with the full
-  traceback before our own `CheckpointError` says what failed and what is
-  kept; one line of each is enough.
-  """
-
-  def filter(self, record):
-    if record.levelno >= pylogging.ERROR and _from_noisy_library(record):
-      text = record.getMessage().strip().split('\n', 1)[0]
-      record.msg, record.args = text[:300], None
-      record.exc_info, record.exc_text, record.stack_info = None, None, None
-    return True
+def _short_library_errors(record) -> bool:
+  """Cuts library errors to their first line (Orbax logs each failed
+  background write with its traceback before our CheckpointError)."""
+  if record.levelno >= pylogging.ERROR and _from_noisy_library(record):
+    text = record.getMessage().strip().split('\n', 1)[0]
+    record.msg, record.args = text[:300], None
+    record.exc_info, record.exc_text, record.stack_info = None, None, None
+  return True
 
 
 def quiet_library_logs(max_level: int = pylogging.INFO) -> None:
-  """Drops library records up to `max_level`; library errors in one line.
-
-  Orbax (per save), TFDS (per eval pass) and clu (a copy of every metric,
-  also in metrics.jsonl and TensorBoard) log through absl like this package,
-  so the level cannot be lowered for them alone; a filter on the absl
-  handler drops their records by source file. Calling it again replaces
-  the level.
-  """
+  """Drops library records up to `max_level` (Orbax per save, TFDS per
+  pass, clu per metric); library errors in one line. Calling it again
+  replaces the level."""
   handler = logging.get_absl_handler()
   for old in [f for f in handler.filters if isinstance(f, DropLibraryLogs)]:
     handler.removeFilter(old)
   handler.addFilter(DropLibraryLogs(max_level))
-  logger = pylogging.getLogger('absl')
-  if not any(isinstance(f, ShortLibraryErrors) for f in logger.filters):
-    logger.addFilter(ShortLibraryErrors())
+  pylogging.getLogger('absl').addFilter(_short_library_errors)  # Once.
   echoes.quiet_closed_loop_echoes()
 
 
@@ -190,22 +155,23 @@ def absl_flags_error(error: flags.Error) -> SystemExit:
 
 
 def parse_known_flags(argv: Sequence[str]) -> List[str]:
-  """`flags_parser` for `absl.app.run` that leaves the flags it does not know
-  (the multi-host ones, see `start_multihost`) in the returned argv."""
+  """`flags_parser` for `absl.app.run` leaving unknown (multi-host) flags."""
   try:
     return flags.FLAGS(argv, known_only=True)
   except flags.Error as e:
     raise absl_flags_error(e) from None
 
 
-def start_multihost(argv: Sequence[str]) -> List[str]:
-  """Reads the multi-host flags left in `argv` and starts jax.distributed if
-  they ask for it; `argv` less those flags. Loads JAX."""
+def start_multihost(argv: Sequence[str]) -> None:
+  """Reads the multi-host flags left in `argv` (UsageError for any other
+  argument) and starts jax.distributed if they ask for it. Loads JAX."""
   from mixer_jax.training import sharding  # pylint: disable=g-import-not-at-top
   sharding.define_multihost_flags()
   try:
     argv = flags.FLAGS(argv)
   except flags.Error as e:
     raise absl_flags_error(e) from None
+  if len(argv) > 1:
+    raise errors.UsageError(f'Unexpected arguments: {argv[1:]}; flags are '
+                            '--NAME=VALUE, config fields --config.FIELD=VALUE.')
   sharding.initialize_from_flags()
-  return argv

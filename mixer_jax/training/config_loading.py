@@ -1,14 +1,9 @@
 """Reads `--config` for train and evaluate, with one-line errors.
 
-ml_collections' `DEFINE_config_file` loads the file (`file.py` or
-`file.py:ARG`, the text after ':' passed to `get_config`) and applies the
-`--config.FIELD=VALUE` overrides to the locked ConfigDict; config files
-start from `mixer_jax.config_defaults.get_config()`, so a field the
-defaults do not define is refused where it is set. `parse_flags`, the
-`flags_parser` the programs give to `absl.app.run`, adds what the library
-does not: one line (file and line where the file raised) instead of a
-traceback, and `validate_config` before the program imports JAX or
-TensorFlow.
+ml_collections' `DEFINE_config_file` loads `file.py[:ARG]` and applies the
+`--config.FIELD=VALUE` overrides; `parse_flags` adds one line (file and
+line) instead of a traceback, and `validate_config` before JAX or TensorFlow
+is imported.
 """
 
 import os
@@ -68,17 +63,11 @@ def one_line(error: BaseException) -> str:
 
 def parse_flags(argv: Sequence[str], help_text: str = 'Config file.',
                 config_when_missing: Optional[Callable] = None) -> List[str]:
-  """`flags_parser` for `absl.app.run`: defines and reads `--config`.
+  """`flags_parser` for `absl.app.run`: defines and reads `--config`
+  (help: `help_text`), exit status 1 and one line for what it refuses.
 
-  Exits with status 1 and one line on a config that cannot be loaded or a
-  flag absl refuses, and with one line per problem of `validate_config`.
-
-  Args:
-    argv: the command line.
-    help_text: the help of `--config`.
-    config_when_missing: called (after the other flags are read) when no
-      `--config` is given; the ConfigDict it returns (e.g. a workdir's saved
-      config) takes the `--config.FIELD=VALUE` overrides as a file's would.
+  Without `--config`, `config_when_missing()` (called after the other flags
+  are read) may return the ConfigDict the overrides apply to.
   """
   # ml_collections wants --config before its overrides; users need not.
   at = [i for i, arg in enumerate(argv) if arg.split('=')[0] == '--config']

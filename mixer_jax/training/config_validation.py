@@ -1,14 +1,6 @@
-"""Checks a training config before anything is imported, compiled or read.
-
-A locked ConfigDict already refuses unknown fields and values of the wrong
-type; what is left are ranges, choices and consistency. `validate_config`
-collects every problem and raises one `ConfigError` listing them all, each
-naming the field, the value and what is allowed. It imports no JAX or
-TensorFlow, so the programs run it right after reading their flags; the
-device-count checks run when the trainer passes `num_devices`.
-
-Each choice is listed here once, and the modules that act on it import it.
-"""
+"""Checks a config's ranges, choices and consistency (a locked ConfigDict
+already refuses unknown fields and wrong types), before JAX or TensorFlow
+is imported: one `ConfigError` lists every problem."""
 
 import math
 import re
@@ -20,19 +12,15 @@ from mixer_jax.data.preprocess_choices import TRAIN_CROPS
 from mixer_jax.errors import UserError
 
 DTYPES = ('float32', 'bfloat16')
-OPTIMIZERS = ('adam', 'sgd')
-SCHEDULES = ('linear', 'cosine')
-LOSSES = ('softmax', 'sigmoid')
 EVAL_KINDS = ('classification', 'real', 'fewshot')
-BAD_IMAGES = ('error', 'skip')
-SHARDINGS = ('replicate', 'fsdp')
 # FAMILY_PATCH as `models.get_spec` reads it ("B_16", "Mixer-B_16", "B/16").
 VARIANT = re.compile(r'(?:Mixer-)?([SBLH])[_/](\d+)')
 
 CHOICES = {
-    'model.dtype': DTYPES, 'momentum_dtype': DTYPES, 'optimizer': OPTIMIZERS,
-    'lr_schedule': SCHEDULES, 'loss': LOSSES, 'sharding': SHARDINGS,
-    'bad_images': BAD_IMAGES, 'pp.train_crop': TRAIN_CROPS,
+    'model.dtype': DTYPES, 'momentum_dtype': DTYPES,
+    'optimizer': ('adam', 'sgd'), 'lr_schedule': ('linear', 'cosine'),
+    'loss': ('softmax', 'sigmoid'), 'sharding': ('replicate', 'fsdp'),
+    'bad_images': ('error', 'skip'), 'pp.train_crop': TRAIN_CROPS,
     'pp.eval_crop': EVAL_CROPS, 'pp.eval_resize_method': RESIZE_METHODS,
 }
 # Intervals; '|-1' also allows -1 ("derive it" or "only at the end").
