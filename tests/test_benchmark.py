@@ -123,10 +123,10 @@ def test_flops_and_peak_fraction_per_device(monkeypatch):
     jax.block_until_ready(fn())
     return 0.25 if isinstance(fn, functools.partial) else 2.0
   monkeypatch.setattr(benchmark, '_timed', fixed_timer)
-  rows = benchmark.run_benchmark(
-      variant='S_4', mode='both', batch_sizes=[4], image_size=16,
-      dtype='float32', repeats=2, num_classes=16, peak_size=128, sizes=TINY,
-      devices=2)
+  rows = [benchmark.benchmark_config(
+      variant='S_4', mode=mode, batch_size=4, image_size=16, dtype='float32',
+      repeats=2, num_classes=16, peak_size=128, sizes=TINY, devices=2)
+          for mode in ('infer', 'train')]
   assert [r['mode'] for r in rows] == ['infer', 'train']
   peak = 2 * 128 ** 3 / 0.25  # FLOP/s of one device.
   for r, factor in zip(rows, (1, 3)):  # Training: forward + 2x backward.
@@ -178,10 +178,7 @@ def test_bad_arguments_raise_clear_errors():
   with pytest.raises(ValueError, match='divisible by devices'):
     benchmark.benchmark_config(batch_size=3, devices=2, **kwargs)
   with pytest.raises(ValueError, match='JAX sees only'):
-    benchmark.benchmark_devices(64)
-  with pytest.raises(ValueError, match='mode'):
-    benchmark.run_benchmark(variant='S_4', mode='fast', batch_sizes=[1],
-                            image_size=16, dtype='float32', repeats=1)
+    benchmark.benchmark_config(batch_size=64, devices=64, **kwargs)
 
 
 def _run_cli(*flags):

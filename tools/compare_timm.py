@@ -140,7 +140,7 @@ def main():
   if timm is None:
     print('torch and timm are not installed: nothing to compare with.')
     return
-  print(f'{benchmark.device_name()}; torch {torch.__version__} with '
+  print(f'{benchmark.device_name(jax.devices()[0], jax.device_count())}; torch {torch.__version__} with '
         f'{torch.get_num_threads()} threads, timm {timm.__version__}, '
         f'jax {jax.__version__}')
   for mode, batch in (('infer', 16), ('train', 8)):
