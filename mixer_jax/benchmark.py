@@ -99,17 +99,6 @@ def with_fields(base, **fields):
   return config
 
 
-def run_config(base=None, *, variant, num_classes, dtype, sizes, batch_size,
-               image_size, remat=False, optimizer='sgd', strategy='replicate'):
-  """The config whose step is timed: `base` with these fields (its loss,
-  mixup, clipping, weight decay, fsdp threshold and mesh kept)."""
-  return with_fields(
-      base, model__variant=variant, model__dtype=dtype, model__remat=remat,
-      num_classes=num_classes, optimizer=optimizer, batch_size=batch_size,
-      image_size=image_size, sharding=strategy,
-      **{f'model__{k}': v for k, v in sizes.items() if v is not None})
-
-
 # ------------------------------------------------ --mode=infer|train|both
 
 
@@ -190,7 +179,10 @@ def benchmark_config(*, variant: str, mode: str, batch_size: int,
                      peak_size: int = 2048, params=None, sizes=None,
                      devices: int = 1, strategy: str = 'replicate',
                      remat: bool = False, base_config=None) -> dict[str, Any]:
-  """Compiles and times one configuration (`run_config`'s fields); its row.
+  """Compiles and times one configuration; returns its row (a dict).
+
+  The config is `base_config` (default the package defaults) with these
+  fields; its loss, mixup, clipping, weight decay and mesh are kept.
 
   Steps and the peak matmul alternate, so on a shared machine both see the
   same load. A round's peak is the fastest of three matmuls (the first
@@ -217,10 +209,11 @@ def benchmark_config(*, variant: str, mode: str, batch_size: int,
         f'--devices={devices}, but JAX sees only {len(mesh_devices)} '
         'device(s); run as a command (it sets jax_num_cpu_devices) or set '
         f'XLA_FLAGS=--xla_force_host_platform_device_count={devices}.')
-  config = run_config(base_config, variant=variant, num_classes=num_classes,
-                      dtype=dtype, sizes=sizes or {}, remat=remat,
-                      optimizer=optimizer, batch_size=batch_size,
-                      image_size=image_size, strategy=strategy)
+  config = with_fields(
+      base_config, model__variant=variant, model__dtype=dtype,
+      model__remat=remat, num_classes=num_classes, optimizer=optimizer,
+      batch_size=batch_size, image_size=image_size, sharding=strategy,
+      **{f'model__{k}': v for k, v in (sizes or {}).items() if v is not None})
   model = model_from_config.create_model(config, num_classes)
   if params is None and not repeats:  # Compile only: no values needed.
     params = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype),

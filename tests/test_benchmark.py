@@ -49,9 +49,10 @@ def _program(executable):
 
 
 def tiny_config(**overrides):
-  return benchmark.run_config(
-      variant='S_4', num_classes=16, dtype='float32', sizes=TINY,
-      optimizer='adam', batch_size=8, image_size=16, **overrides)
+  return benchmark.with_fields(
+      None, model__variant='S_4', num_classes=16, optimizer='adam',
+      batch_size=8, image_size=16,
+      **{f'model__{k}': v for k, v in TINY.items()}, **overrides)
 
 
 def test_peak_matmul_is_a_real_matmul():
@@ -63,7 +64,7 @@ def test_peak_matmul_is_a_real_matmul():
 
 
 def test_the_benchmark_step_is_the_trainers():
-  config = tiny_config(strategy='fsdp')
+  config = tiny_config(sharding='fsdp')
   config.fsdp_min_size_mb = 0.0
   devices = jax.devices()[:2]
   model = model_from_config.create_model(config, config.num_classes)
