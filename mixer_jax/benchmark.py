@@ -430,9 +430,11 @@ def timm_images_per_second(folder, recipe, image_size, batch_size,
 
 
 def timm_missing():
-  """The first of torch, torchvision, timm that is not installed, or None."""
+  """The first of torch, torchvision, timm (or tools/timm_loader.py, in a
+  checkout only) that is not installed, or None."""
   return next((name for name in ('torch', 'torchvision', 'timm')
-               if importlib.util.find_spec(name) is None), None)
+               if importlib.util.find_spec(name) is None),
+              None if os.path.isfile(TIMM_LOADER) else TIMM_LOADER)
 
 
 def benchmark_input(base_config=None, *, recipes: Sequence[str], folder: str,
@@ -548,6 +550,7 @@ def main(argv: Sequence[str]) -> None:
       # Before JAX starts its CPU backend: --devices' fake devices.
       jax.config.update('jax_num_cpu_devices', f.devices)
       if f.mode == 'loop':
+        command_line.load_tensorflow_quietly()  # The run reads its data.
         rows = [benchmark_loop(f.config, steps=f.loop_steps,
                                rounds=f.repeats)]
         formatted = lambda rows: format_loop(rows[0])
