@@ -105,7 +105,8 @@ def with_fields(base, **fields):
 def make_peak_fn(size: int, dtype: Any):
   """A compiled `size`x`size` matmul of `dtype` and its FLOP count."""
   import jax  # pylint: disable=g-import-not-at-top
-  a, b = jax.random.normal(jax.random.PRNGKey(1), (2, size, size), dtype)
+  a, b = jax.random.normal(jax.random.PRNGKey(1), (2, size, size),
+                           jax.numpy.dtype(dtype))
   matmul = jax.jit(jax.numpy.matmul)
   jax.block_until_ready(matmul(a, b))
   return functools.partial(matmul, a, b), 2.0 * size ** 3
@@ -173,16 +174,10 @@ def make_step(config, mode: str, params=None, devices=None):
   return run, executable, compile_s, cost.state_bytes_per_device(state)
 
 
-def benchmark_config(*, variant: str, mode: str, batch_size: int,
-                     image_size: int, dtype: str, repeats: int,
-                     optimizer: str = 'sgd', num_classes: int = 1000,
-                     peak_size: int = 2048, params=None, sizes=None,
-                     devices: int = 1, strategy: str = 'replicate',
-                     remat: bool = False, base_config=None) -> dict[str, Any]:
-  """Compiles and times one configuration; returns its row (a dict).
-
-  The config is `base_config` (default the package defaults) with these
-  fields; its loss, mixup, clipping, weight decay and mesh are kept.
+def benchmark_config(config, mode: str, *, repeats: int, devices: int = 1,
+                     peak_size: int = 2048, params=None) -> dict[str, Any]:
+  """Compiles and times the step of `config` (`mode`: 'infer' or 'train')
+  on `devices` devices; returns its row (a dict).
 
   Steps and the peak matmul alternate, so on a shared machine both see the
   same load. A round's peak is the fastest of three matmuls (the first
@@ -195,6 +190,7 @@ def benchmark_config(*, variant: str, mode: str, batch_size: int,
   from mixer_jax import models
   from mixer_jax.training import cost
   # pylint: enable=g-import-not-at-top
+  batch_size, image_size = config.batch_size, config.image_size
   if batch_size <= 0 or batch_size % devices or repeats < 0:
     raise errors.UsageError(f'batch_size={batch_size} must be positive and '
                             f'divisible by devices={devices}, repeats='
@@ -209,12 +205,7 @@ def benchmark_config(*, variant: str, mode: str, batch_size: int,
         f'--devices={devices}, but JAX sees only {len(mesh_devices)} '
         'device(s); run as a command (it sets jax_num_cpu_devices) or set '
         f'XLA_FLAGS=--xla_force_host_platform_device_count={devices}.')
-  config = with_fields(
-      base_config, model__variant=variant, model__dtype=dtype,
-      model__remat=remat, num_classes=num_classes, optimizer=optimizer,
-      batch_size=batch_size, image_size=image_size, sharding=strategy,
-      **{f'model__{k}': v for k, v in (sizes or {}).items() if v is not None})
-  model = model_from_config.create_model(config, num_classes)
+  model = model_from_config.create_model(config, config.num_classes)
   if params is None and not repeats:  # Compile only: no values needed.
     params = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype),
                           models.param_shapes(model, image_size))
@@ -224,10 +215,11 @@ def benchmark_config(*, variant: str, mode: str, batch_size: int,
       3 if mode == 'train' else 1) * batch_size
   mem = cost.compiled_memory(executable)
   row = {
-      'variant': variant, 'mode': mode, 'batch_size': batch_size,
-      'image_size': image_size, 'dtype': dtype,
-      'optimizer': optimizer if mode == 'train' else None,
-      'devices': devices, 'sharding': strategy, 'remat': remat,
+      'variant': config.model.variant, 'mode': mode, 'batch_size': batch_size,
+      'image_size': image_size, 'dtype': config.model.dtype,
+      'optimizer': config.optimizer if mode == 'train' else None,
+      'devices': devices, 'sharding': config.sharding,
+      'remat': config.model.remat,
       'compile_s': compile_s, 'gflop_per_image': flops / batch_size / 1e9,
       'flops_per_device_fraction': cost.compiled_flops(executable) / flops,
       'collectives': cost.collective_stats(executable.as_text()),
@@ -237,7 +229,7 @@ def benchmark_config(*, variant: str, mode: str, batch_size: int,
   if not repeats:
     return row
   _timed(run)  # First execution: allocation and thread-pool warm-up.
-  peak_fn, peak_flops = make_peak_fn(peak_size, jax.numpy.dtype(dtype))
+  peak_fn, peak_flops = make_peak_fn(peak_size, config.model.dtype)
   times, peaks = [], []
   for _ in range(repeats):
     times.append(_timed(run))
@@ -567,12 +559,15 @@ def _steps_from_flags(f, batch_sizes):
     models.get_spec(f.variant, **sizes)
   except ValueError as e:
     raise errors.UsageError(f'--variant={f.variant}: {e}') from None
-  return [benchmark_config(
-      variant=f.variant, mode=mode, batch_size=batch_size,
-      image_size=f.image_size, dtype=f.dtype, repeats=f.repeats,
-      optimizer=f.optimizer, num_classes=f.num_classes,
-      peak_size=f.peak_size, sizes=sizes, devices=f.devices,
-      strategy=f.sharding, remat=f.remat, base_config=f.config)
+  # The config's loss, mixup, clipping, weight decay and mesh are kept.
+  config = with_fields(
+      f.config, model__variant=f.variant, model__dtype=f.dtype,
+      model__remat=f.remat, num_classes=f.num_classes, optimizer=f.optimizer,
+      image_size=f.image_size, sharding=f.sharding,
+      **{f'model__{k}': v for k, v in sizes.items()})
+  return [benchmark_config(with_fields(config, batch_size=batch_size), mode,
+                           repeats=f.repeats, devices=f.devices,
+                           peak_size=f.peak_size)
           for batch_size in batch_sizes
           for mode in (('infer', 'train') if f.mode == 'both' else (f.mode,))]
 
