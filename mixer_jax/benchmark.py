@@ -175,7 +175,7 @@ def make_step(config, mode: str, params=None, devices=None):
 
 
 def benchmark_config(config, mode: str, *, repeats: int, devices: int = 1,
-                     peak_size: int = 2048, params=None) -> dict[str, Any]:
+                     peak_size: int = 2048) -> dict[str, Any]:
   """Compiles and times the step of `config` (`mode`: 'infer' or 'train')
   on `devices` devices; returns its row (a dict).
 
@@ -206,9 +206,10 @@ def benchmark_config(config, mode: str, *, repeats: int, devices: int = 1,
         'device(s); run as a command (it sets jax_num_cpu_devices) or set '
         f'XLA_FLAGS=--xla_force_host_platform_device_count={devices}.')
   model = model_from_config.create_model(config, config.num_classes)
-  if params is None and not repeats:  # Compile only: no values needed.
-    params = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype),
-                          models.param_shapes(model, image_size))
+  # Compiled only (repeats=0): any values do, zeros cost no initialisation.
+  params = None if repeats else jax.tree.map(
+      lambda x: np.zeros(x.shape, x.dtype),
+      models.param_shapes(model, image_size))
   run, executable, compile_s, state_bytes = make_step(
       config, mode, params, mesh_devices[:devices])
   flops = models.flops_per_image(model, image_size) * (
