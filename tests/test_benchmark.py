@@ -49,9 +49,10 @@ def _program(executable):
 
 
 def tiny_config(**overrides):
-  return benchmark.run_config(
-      variant='S_4', num_classes=16, dtype='float32', sizes=TINY,
-      optimizer='adam', batch_size=8, image_size=16, **overrides)
+  fields = dict(model__variant='S_4', num_classes=16, optimizer='adam',
+                batch_size=8, image_size=16,
+                **{f'model__{k}': v for k, v in TINY.items()})
+  return benchmark.with_fields(None, **dict(fields, **overrides))
 
 
 def test_peak_matmul_is_a_real_matmul():
@@ -63,7 +64,7 @@ def test_peak_matmul_is_a_real_matmul():
 
 
 def test_the_benchmark_step_is_the_trainers():
-  config = tiny_config(strategy='fsdp')
+  config = tiny_config(sharding='fsdp')
   config.fsdp_min_size_mb = 0.0
   devices = jax.devices()[:2]
   model = model_from_config.create_model(config, config.num_classes)
@@ -123,10 +124,9 @@ def test_flops_and_peak_fraction_per_device(monkeypatch):
     jax.block_until_ready(fn())
     return 0.25 if isinstance(fn, functools.partial) else 2.0
   monkeypatch.setattr(benchmark, '_timed', fixed_timer)
-  rows = benchmark.run_benchmark(
-      variant='S_4', mode='both', batch_sizes=[4], image_size=16,
-      dtype='float32', repeats=2, num_classes=16, peak_size=128, sizes=TINY,
-      devices=2)
+  rows = [benchmark.benchmark_config(tiny_config(batch_size=4), mode,
+                                     repeats=2, peak_size=128, devices=2)
+          for mode in ('infer', 'train')]
   assert [r['mode'] for r in rows] == ['infer', 'train']
   peak = 2 * 128 ** 3 / 0.25  # FLOP/s of one device.
   for r, factor in zip(rows, (1, 3)):  # Training: forward + 2x backward.
@@ -147,14 +147,12 @@ def test_flops_and_peak_fraction_per_device(monkeypatch):
 
 @pytest.mark.parametrize('strategy', ['replicate', 'fsdp'])
 def test_scaling_fields_on_eight_devices(strategy):
-  base = tiny_config()
-  base.fsdp_min_size_mb = 0.0  # Split even this tiny model's arrays.
-  kwargs = dict(variant='S_4', batch_size=64, image_size=16, dtype='float32',
-                repeats=0, optimizer='adam', num_classes=16, sizes=TINY,
-                devices=8, strategy=strategy, base_config=base)
-  one = benchmark.benchmark_config(mode='train', **dict(kwargs, devices=1,
-                                                        strategy='replicate'))
-  row = benchmark.benchmark_config(mode='train', **kwargs)
+  # fsdp_min_size_mb=0: split even this tiny model's arrays.
+  config = tiny_config(batch_size=64, fsdp_min_size_mb=0.0)
+  one = benchmark.benchmark_config(config, 'train', repeats=0, devices=1)
+  row = benchmark.benchmark_config(
+      benchmark.with_fields(config, sharding=strategy), 'train', repeats=0,
+      devices=8)
   assert 'images_per_sec' not in row  # repeats=0: compiled, not run.
   assert row['flops_per_device_fraction'] <= (
       1.05 * one['flops_per_device_fraction'] / 8)
@@ -171,17 +169,14 @@ def test_scaling_fields_on_eight_devices(strategy):
 
 
 def test_bad_arguments_raise_clear_errors():
-  kwargs = dict(variant='S_4', mode='infer', image_size=16, dtype='float32',
-                repeats=1, sizes=TINY)
   with pytest.raises(ValueError, match='batch_size'):
-    benchmark.benchmark_config(batch_size=0, **kwargs)
+    benchmark.benchmark_config(tiny_config(batch_size=0), 'infer', repeats=1)
   with pytest.raises(ValueError, match='divisible by devices'):
-    benchmark.benchmark_config(batch_size=3, devices=2, **kwargs)
+    benchmark.benchmark_config(tiny_config(batch_size=3), 'infer', repeats=1,
+                               devices=2)
   with pytest.raises(ValueError, match='JAX sees only'):
-    benchmark.benchmark_devices(64)
-  with pytest.raises(ValueError, match='mode'):
-    benchmark.run_benchmark(variant='S_4', mode='fast', batch_sizes=[1],
-                            image_size=16, dtype='float32', repeats=1)
+    benchmark.benchmark_config(tiny_config(batch_size=64), 'infer',
+                               repeats=1, devices=64)
 
 
 def _run_cli(*flags):

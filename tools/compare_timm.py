@@ -42,8 +42,8 @@ except ImportError:
 
 
 def _ours(mode: str, batch: int):
-  config = benchmark.run_config(
-      variant='B_16', num_classes=1000, dtype='float32', sizes={},
+  config = benchmark.with_fields(
+      None, model__variant='B_16', model__dtype='float32', num_classes=1000,
       optimizer='sgd', batch_size=batch, image_size=224)
   params = models.init_params(model_from_config.create_model(config, 1000),
                               jax.random.PRNGKey(0), 224)
@@ -140,7 +140,8 @@ def main():
   if timm is None:
     print('torch and timm are not installed: nothing to compare with.')
     return
-  print(f'{benchmark.device_name()}; torch {torch.__version__} with '
+  print(f'{benchmark.device_name(jax.devices()[0], jax.device_count())}; '
+        f'torch {torch.__version__} with '
         f'{torch.get_num_threads()} threads, timm {timm.__version__}, '
         f'jax {jax.__version__}')
   for mode, batch in (('infer', 16), ('train', 8)):

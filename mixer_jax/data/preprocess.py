@@ -21,7 +21,6 @@ import tensorflow as tf
 
 from mixer_jax.data.preprocess_choices import EVAL_CROPS
 from mixer_jax.data.preprocess_choices import RESIZE_METHODS
-from mixer_jax.data.preprocess_choices import TRAIN_CROPS
 
 # Aspect ratios of random crops: big_vision's Inception crop (ratio_min,
 # ratio_max) and TF's default that vit_jax's crop uses.
@@ -197,11 +196,6 @@ def central_crop(image, size):
   return image
 
 
-def random_flip(image, seed):
-  """Flips left-right with probability 1/2."""
-  return tf.image.stateless_random_flip_left_right(image, seed)
-
-
 def train_image(image, seed, *, image_size, crop='inception',
                 area_min=0.05, flip=True, randaugment=None):
   """Training augmentation of one image.
@@ -212,7 +206,7 @@ def train_image(image, seed, *, image_size, crop='inception',
     image_size: output side.
     crop: 'inception' or 'finetune' (random crop by
       sample_distorted_bounding_box, see `random_crop_window`) or 'resize'
-      (no crop).
+      (no crop); config validation checks it (TRAIN_CROPS).
     area_min: smallest crop area (fraction), for the random crops.
     flip: random left-right flip.
     randaugment: None or a `RandAugment`, applied to the resized image as
@@ -223,9 +217,6 @@ def train_image(image, seed, *, image_size, crop='inception',
   """
   image = tf.convert_to_tensor(image)
   seeds = tf.random.experimental.stateless_split(seed, 3)
-  if crop not in TRAIN_CROPS:
-    raise ValueError(f'Unknown train crop {crop!r}: use one of {TRAIN_CROPS} '
-                     '(config.pp.train_crop).')
   if crop == 'resize':
     image = decode(image)
   else:  # 'inception' and 'finetune' differ in the area bound only.
@@ -233,8 +224,8 @@ def train_image(image, seed, *, image_size, crop='inception',
   image = resize(image, image_size)
   if crop == 'inception':  # big_vision's decode_jpeg_and_inception_crop.
     image = to_uint8(image)
-  if flip:
-    image = random_flip(image, seeds[1])
+  if flip:  # Left-right with probability 1/2.
+    image = tf.image.stateless_random_flip_left_right(image, seeds[1])
   if randaugment is not None:
     image = randaugment(to_uint8(image), seeds[2])
   return normalize(image)

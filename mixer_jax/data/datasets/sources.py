@@ -34,13 +34,12 @@ from mixer_jax.data.errors import BadImagesError  # pylint: disable=g-importing-
 from mixer_jax.data.errors import DatasetUnavailableError  # pylint: disable=g-importing-member
 from mixer_jax.data.errors import FolderLayoutError  # pylint: disable=g-importing-member
 
-# File endings tfds.ImageFolder reads (case-insensitive).
-IMAGE_ENDINGS = ('.jpg', '.jpeg', '.png')
 _LAYOUT = 'root/split_name/class_name/*.jpg|jpeg|png'
 
 
 def _is_image(name):
-  return name.lower().endswith(IMAGE_ENDINGS)
+  """Whether tfds.ImageFolder reads the file `name`."""
+  return name.lower().endswith(('.jpg', '.jpeg', '.png'))
 
 
 def _listed(items, shown=10):
