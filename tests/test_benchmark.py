@@ -21,10 +21,10 @@ import pytest
 from mixer_jax import benchmark
 from mixer_jax import models
 from mixer_jax.training import cost
+from mixer_jax.training import compiled
 from mixer_jax.training import optim
 from mixer_jax.training import throughput
 from mixer_jax.training import sharding
-from mixer_jax.training import trainer
 
 TINY = dict(num_blocks=2, hidden_dim=32, tokens_mlp_dim=16,
             channels_mlp_dim=64)
@@ -77,9 +77,9 @@ def test_the_benchmark_step_is_the_trainers():
   # is drawn from PRNGKey(2), its state initialised from PRNGKey(0)).
   mesh = sharding.create_mesh(devices)
   num_steps = config.warmup_steps + 1000
-  steps = trainer.make_step_functions(
-      config, model, optim.create_optimizer(config, num_steps), mesh,
-      num_steps)
+  steps = compiled.build(
+      config, model, mesh, tx=optim.create_optimizer(config, num_steps),
+      num_train_steps=num_steps)
   state = steps.init_fn(jax.random.PRNGKey(0))
   state = state.replace(params=sharding.put(before, steps.params_sharding))
   assert state_bytes == cost.state_bytes_per_device(state)

@@ -30,8 +30,7 @@ This module is the one place that decides placement; the training loop only
 asks it for shardings.
 """
 
-import queue
-import threading
+import collections
 from typing import Iterable, Iterator, Optional, Sequence
 
 from absl import flags
@@ -230,81 +229,19 @@ def shard_batch(batch, mesh: Mesh):
       batch)
 
 
-_END = object()  # What the prefetch thread queues after the last batch.
+def prefetch(batches: Iterable, mesh: Mesh, size: int = 2) -> Iterator:
+  """Yields `shard_batch(b)` of each host batch, `size` batches ahead.
 
-
-def _put(q: queue.Queue, stop: threading.Event, item) -> bool:
-  """Queues `item` unless `stop` is set first; False when it was."""
-  # A timeout, so a full queue nobody reads any more (the consumer closed
-  # or dropped the iterator) does not keep the thread alive.
-  while not stop.is_set():
-    try:
-      q.put(item, timeout=0.1)
-      return True
-    except queue.Full:
-      continue
-  return False
-
-
-def _fill(q: queue.Queue, stop: threading.Event, iterator, mesh) -> None:
-  """The prefetch thread: host batches in, placed batches out, in order."""
-  # Holds no reference to the `prefetch` object, so dropping that object
-  # (an evaluation that returns early) stops the thread through __del__.
-  try:
-    for batch in iterator:
-      if not _put(q, stop, (shard_batch(batch, mesh), None)):
-        return
-  except BaseException as e:  # pylint: disable=broad-except
-    _put(q, stop, (_END, e))  # Raised by the consumer's next().
-    return
-  _put(q, stop, (_END, None))
-
-
-class prefetch:  # pylint: disable=invalid-name  (used like a generator)
-  """Iterates `shard_batch(b)` for each b, prepared by a background thread.
-
-  The thread pulls host batches and starts their device transfers, keeping
-  up to `size` placed batches ready, so the training loop's thread does no
-  input work between steps: it takes the next placed batch (waiting only
-  when the input really is behind) and dispatches the step. Order is kept;
-  an error of the input is raised by the `next` that would have returned
-  that batch. `close()` (also on garbage collection) stops the thread; the
-  batches it read ahead are dropped, which is harmless: a restarted run
-  rebuilds its input from its step.
+  The transfers of the next batches are started while the current step
+  runs (dispatch is asynchronous), as flax's `prefetch_to_device` does; the
+  host batches come from tf.data, which prepares them in its own threads.
   """
-
-  def __init__(self, batches: Iterable, mesh: Mesh, size: int = 2):
-    self._queue = queue.Queue(maxsize=max(size, 1))
-    self._stop = threading.Event()
-    self._done = False
-    self._thread = threading.Thread(
-        target=_fill, args=(self._queue, self._stop, iter(batches), mesh),
-        daemon=True, name='mixer_jax_prefetch')
-    self._thread.start()
-
-  def __iter__(self) -> Iterator:
-    return self
-
-  def __next__(self):
-    if self._done:
-      raise StopIteration
-    item, error = self._queue.get()
-    if item is _END:
-      self._done = True
-      self._thread.join()
-      if error is not None:
-        raise error
-      raise StopIteration
-    return item
-
-  def close(self) -> None:
-    """Stops the thread (after its current batch) and drops the rest."""
-    self._done = True
-    self._stop.set()
-    self._thread.join()
-
-  def __del__(self):
-    self._stop.set()
+  ahead = collections.deque()
+  for batch in batches:
+    ahead.append(shard_batch(batch, mesh))
+    if len(ahead) > size:
+      yield ahead.popleft()
+  yield from ahead
 
 
 def define_multihost_flags():
