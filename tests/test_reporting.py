@@ -13,7 +13,7 @@ def test_json_lines_writer_appends_scalars(tmp_path):
   writer = reporting.JsonLinesWriter(path)
   writer.write_hparams({'batch_size': 64, 'data_dir': None})
   writer.write_scalars(10, {'train_loss': np.float32(0.5), 'lr': 1e-3})
-  writer.write_images(10, {'x': np.zeros((1, 2, 2, 3))})  # Ignored.
+  writer.write_images(10, {'x': np.zeros((1, 2, 2, 3))})  # Not in the file.
   writer.close()
   writer = reporting.JsonLinesWriter(path)  # A resumed run appends.
   writer.write_scalars(20, {'eval_accuracy': 0.75})

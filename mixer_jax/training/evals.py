@@ -176,8 +176,9 @@ class Evaluations:
       writer.write_scalars(step, metrics)
       prefix = _prefix(name)
       if name == MAIN_EVAL:
-        self.improved = self.best is None or metrics['eval_accuracy'] > self.best
-        self.best = max(self.best or 0.0, metrics['eval_accuracy'])
+        accuracy = metrics['eval_accuracy']
+        self.improved = self.best is None or accuracy > self.best
+        self.best = max(self.best or 0.0, accuracy)
         self.last = metrics
       else:
         self.accuracies.update(

@@ -51,7 +51,7 @@ class LaunchCheckError(Exception):
 
 @dataclasses.dataclass
 class Row:
-  """What one compiled function costs per device."""
+  """What one compiled function costs per device (`cost.compiled_memory`)."""
   name: str
   used_by: str
   flops_fraction: Optional[float]
@@ -59,12 +59,7 @@ class Row:
   argument_bytes: int
   output_bytes: int
   temp_bytes: int
-  alias_bytes: int
-
-  @property
-  def total_bytes(self) -> int:
-    return (self.argument_bytes + self.output_bytes + self.temp_bytes -
-            self.alias_bytes)
+  total_bytes: int
 
 
 @dataclasses.dataclass
@@ -165,8 +160,9 @@ def _row(name, used_by, jitted, args, model_flops):
     raise LaunchCheckError(f'{name} ({used_by}) does not compile: '
                            f'{type(e).__name__}: {first}') from None
   memory = executable.memory_analysis()
-  sizes = [getattr(memory, f'{k}_size_in_bytes', 0) if memory else 0
-           for k in ('argument', 'output', 'temp', 'alias')]
+  sizes = [getattr(memory, f'{k}_size_in_bytes', 0)
+           for k in ('argument', 'output', 'temp')]
+  sizes.append(cost.compiled_memory(executable) or 0)
   fraction = (cost.compiled_flops(executable) / model_flops
               if model_flops else None)
   return Row(name, used_by, fraction,

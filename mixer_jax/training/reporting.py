@@ -27,8 +27,8 @@ def _to_python(value):
   return value.item() if value.ndim == 0 else value.tolist()
 
 
-class JsonLinesWriter(metric_writers.MetricWriter):
-  """Appends scalars to a JSON-lines file; other summary kinds are ignored.
+class JsonLinesWriter(metric_writers.LoggingWriter):
+  """Appends scalars and hparams to a JSON-lines file (other kinds: logged).
 
   The file is opened in append mode so a resumed run continues the same
   file. A run resumed at step K first calls `rewind(K)`: the records of
@@ -38,6 +38,7 @@ class JsonLinesWriter(metric_writers.MetricWriter):
   """
 
   def __init__(self, path: str):
+    super().__init__()
     self._path = path
     self._file = tf.io.gfile.GFile(path, 'a')
 
@@ -84,24 +85,6 @@ class JsonLinesWriter(metric_writers.MetricWriter):
     record.update({k: _to_python(v) for k, v in scalars.items()})
     self._file.write(json.dumps(record) + '\n')
     self._file.flush()
-
-  def write_summaries(self, step, values, metadata=None):
-    del step, values, metadata
-
-  def write_images(self, step, images):
-    del step, images
-
-  def write_videos(self, step, videos):
-    del step, videos
-
-  def write_audios(self, step, audios, *, sample_rate):
-    del step, audios, sample_rate
-
-  def write_texts(self, step, texts):
-    del step, texts
-
-  def write_histograms(self, step, arrays, num_buckets=None):
-    del step, arrays, num_buckets
 
   def write_hparams(self, hparams):
     record = {'hparams': {k: _to_python(v) if v is not None else None
