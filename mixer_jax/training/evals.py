@@ -1,35 +1,27 @@
-"""The evaluations of a training run: the main eval and `config.evals`.
+"""The evaluations of a training run, each an entry with a name.
 
-Every evaluation is an entry with a name; after each step the training loop
-runs those `due(step)` with `Evaluations.run`, which writes each one's
-metrics (to TensorBoard and metrics.jsonl, like every other metric) as it
-finishes:
+After each step the loop runs the entries `due(step)` (`Evaluations.run`),
+which writes each one's metrics (TensorBoard, metrics.jsonl) as it ends:
 
   MAIN_EVAL       `eval_accuracy` (top-1), `eval_top5`, `eval_loss`,
                   `eval_examples` on config.eval_split, every
-                  eval_every_steps steps and at the last step; it keeps the
-                  best accuracy (keep_best_checkpoint) and the latest result;
+                  eval_every_steps steps and at the last step;
   EMA_EVAL        the same as `ema/eval_*`, of the EMA of the parameters
-                  (with config.ema_decay > 0);
-
-and the entries of `config.evals` (name -> `configs/common.eval_entry(...)`,
-every `every_steps` steps and at the last step):
-
-  classification  `<name>/accuracy`, `<name>/top5`, `<name>/loss`,
-                  `<name>/examples` of the model's head on (dataset, split);
-  real            `<name>/accuracy`, `<name>/examples`: ImageNet ReaL, where
-                  the top-1 class is correct when it is in the image's set of
-                  labels (`label_key`, 'real_label' for imagenet2012_real);
-                  images with an empty set are left out;
-  fewshot         `<name>/<set>_<k>shot_accuracy` (mean over seeds) for each
-                  set of `fewshot_datasets` and each k of `shots`: linear
-                  probes on the frozen pre-logits (training/linear_probe.py).
+                  (config.ema_decay > 0);
+  config.evals    name -> `eval_entry(...)` (every `every_steps` steps and
+                  at the last step), by kind: classification (`<name>/
+                  accuracy`, `top5`, `loss`, `examples` of the head on
+                  (dataset, split)); real (`<name>/accuracy`, `examples`:
+                  ImageNet ReaL, top-1 correct when in the image's label set;
+                  empty sets left out); fewshot (`<name>/<set>_<k>shot_
+                  accuracy`, mean over seeds: linear probes on the frozen
+                  pre-logits, linear_probe.py).
 
 Batches are padded with mask 0, so every example is scored exactly once.
 Every step comes from the run's `compiled.RunFunctions`, so it takes the
-parameters as the trainer places them (replicated or fsdp). A stop request
-(`stop_requested()`, SIGTERM) is checked between entries, data sets and
-batches: the entries left are returned, and the trainer saves first.
+parameters as the trainer places them. A stop request (SIGTERM) is checked
+between entries, data sets and batches: the entries left are returned, and
+the trainer saves first.
 """
 
 from typing import Callable, Dict, Iterable, List, Optional
@@ -40,7 +32,6 @@ import numpy as np
 from mixer_jax.data.datasets import sources
 from mixer_jax.data import input_pipeline
 from mixer_jax.training import compiled
-from mixer_jax.training import eval_entries
 from mixer_jax.training import linear_probe
 from mixer_jax.training import reporting
 from mixer_jax.training import sharding
@@ -117,6 +108,24 @@ def nan_note(nan_rows: int) -> str:
   """What an eval's log line adds when some logits were NaN ('' if none)."""
   return (f'; {nan_rows} examples with NaN logits (scored as argmax does: '
           'the first NaN class)' if nan_rows else '')
+
+
+def entry_source(config, entry, run_source=None):
+  """(source, split) that an entry of config.evals scores.
+
+  An entry with no `dataset` and the default `label_key` scores the run's
+  own data set (`run_source` when open; a folder or the built-in digits
+  included); any other names a TFDS data set and a label feature of it
+  (`real_label` for ImageNet ReaL: a set of labels per image). An empty
+  `split` is config.eval_split. ValueError for a label_key the data set
+  does not have.
+  """
+  dataset = entry.dataset or config.dataset
+  split = entry.split or config.eval_split
+  if dataset == config.dataset and entry.label_key == 'label':
+    return run_source or sources.get_source(config), split
+  return sources.TfdsSource(dataset, config.data_dir,
+                            label_key=entry.label_key), split
 
 
 def _prefix(name: str) -> str:
@@ -208,17 +217,16 @@ class Evaluations:
       return self._fewshot(name, entry, params)
     else:
       count = jax.process_count()
-      data = eval_entries.entry_data(config, entry)
-      source = eval_entries.entry_source(config, data)
-      largest = sources.largest_shard_size(source, data.split, count)
+      source, split = entry_source(config, entry)
+      largest = sources.largest_shard_size(source, split, count)
       if largest <= 0:
-        raise ValueError(f'Split {data.split!r} of {data.dataset} is empty.')
+        raise ValueError(f'Split {split!r} of {source.name} is empty.')
       num_classes = self.functions.model.num_classes
       if source.num_classes > num_classes:
         raise ValueError(f'config.evals.{name}: {source.num_classes} classes '
                          f'in the data but the head has {num_classes}.')
       batches = input_pipeline.padded_eval_dataset(
-          source.read(data.split, jax.process_index(), count), largest,
+          source.read(split, jax.process_index(), count), largest,
           batch_size=config.batch_size, image_size=config.image_size,
           num_classes=num_classes, multi_label=entry.kind == 'real',
           process_count=count, **self._pp(entry))

@@ -134,10 +134,6 @@ def _dataset_facts(config):
   return num_classes, trainer.num_train_steps_for(config, examples)
 
 
-def _fewshot_classes(name: str, data_dir) -> int:
-  return _tfds_metadata(name, data_dir)[1]
-
-
 def _batch(functions, batch_size, image_size, num_classes, mask):
   """Abstract global batch as the input pipeline makes it (all float32)."""
   data = sharding.batch_sharding(functions.mesh)
@@ -217,7 +213,7 @@ def check(config, *, mesh=None) -> Plan:
   for name, entry in entries.items():
     if entry.kind == 'fewshot':
       for set_name, spec in entry.fewshot_datasets.items():
-        _fewshot_classes(spec[0], config.data_dir)  # The name must exist.
+        _tfds_metadata(spec[0], config.data_dir)  # The name must exist.
         fewshot_users.append(f'{name}/{set_name}')
     else:
       users[entry.kind].append(f'evals.{name}')

@@ -1,33 +1,25 @@
 """Where arrays live: the device mesh, shardings and the multi-host start.
 
-mixer_jax uses `jax.jit` over a `jax.sharding.Mesh` instead of `jax.pmap`:
-the global batch is sharded along its first axis over every device of every
-host and XLA inserts the collectives itself. The same program then runs on
-one CPU, eight GPUs or a multi-host TPU pod; each host feeds only its own
-slice of the batch (`shard_batch`).
+This module is the one place that makes meshes and decides placement.
+`jax.jit` over a `Mesh` (not `pmap`): the global batch is split along its
+first axis over every device of every host, each host feeding its own slice
+(`shard_batch`), and XLA inserts the collectives.
 
-The mesh (`config.mesh`, as big_vision's `config.mesh`) is a sequence of
-(axis name, size) pairs, one size -1 taking the remaining devices. The
-default `(('data', -1),)` is one axis over every device. `(('data', -1),
-('fsdp', 4))` makes groups of 4 consecutive devices (a host, a slice: where
-links are fast): parameters are split within a group and replicated across
-groups. The batch is always split over every axis.
+The mesh (`config.mesh`, as big_vision's) is a sequence of (axis name, size)
+pairs, one size -1 taking the remaining devices: `(('data', -1),)` is one
+axis over every device; `(('data', -1), ('fsdp', 4))` makes groups of 4
+consecutive devices (a host: where links are fast) that split parameters
+within a group and replicate them across groups.
 
-Parameters and optimizer state follow one of two strategies
-(`config.sharding`):
+Parameters and optimizer state follow `config.sharding`:
 - 'replicate': a full copy on every device; the step's only collective is
   the gradient all-reduce.
 - 'fsdp': big_vision's `fsdp(axis, min_size_to_shard_mb)` rule: an array
   larger than `config.fsdp_min_size_mb` MiB is split along its largest axis
-  that the fsdp axis size divides ('fsdp' if the mesh has it, else 'data');
-  smaller ones (biases, LayerNorm scales, the rng) stay replicated, since
-  gathering them costs a collective each and saves little memory. XLA
-  all-gathers each layer's kernel when the layer runs and reduce-scatters
-  its gradient, so a device holds about 1/N of the parameters, gradients
-  and Adam moments.
-
-This module is the one place that decides placement; the training loop only
-asks it for shardings.
+  that the fsdp axis ('fsdp' if the mesh has it, else 'data') divides; XLA
+  all-gathers each kernel when its layer runs and reduce-scatters its
+  gradient, so a device holds about 1/N of parameters, gradients and Adam
+  moments.
 """
 
 import collections
@@ -121,11 +113,6 @@ def create_mesh(devices: Optional[Sequence[jax.Device]] = None,
   return Mesh(np.asarray(devices).reshape(sizes), names)
 
 
-def fsdp_axis(mesh: Mesh) -> str:
-  """The axis fsdp splits parameters over: 'fsdp' if present, else 'data'."""
-  return FSDP_AXIS if FSDP_AXIS in mesh.axis_names else DATA_AXIS
-
-
 def replicated(mesh: Mesh) -> NamedSharding:
   """Sharding that keeps a full copy on every device (params, opt state)."""
   return NamedSharding(mesh, PartitionSpec())
@@ -170,7 +157,7 @@ def state_shardings(tree, mesh: Mesh, strategy: str,
                      f'{STRATEGIES}.')
   if strategy == 'replicate':
     return jax.tree.map(lambda _: replicated(mesh), tree)
-  axis = fsdp_axis(mesh)
+  axis = FSDP_AXIS if FSDP_AXIS in mesh.axis_names else DATA_AXIS
 
   def place(x):
     nbytes = np.prod(x.shape) * np.dtype(x.dtype).itemsize

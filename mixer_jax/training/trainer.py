@@ -19,7 +19,6 @@ from absl import logging
 from etils import epath
 import jax
 import numpy as np
-import optax
 
 from mixer_jax import model_from_config
 from mixer_jax import models
@@ -67,22 +66,19 @@ class Run:
   """What a run is made of, before any state exists."""
   num_classes: int
   num_train_steps: int
-  model: models.MlpMixer
-  tx: optax.GradientTransformation
   mesh: Any
-  steps: compiled.RunFunctions
+  steps: compiled.RunFunctions  # Its model, shardings and jitted steps.
 
 
 def build_run(config, info) -> Run:
   """Model, optimizer, mesh and step functions of `config` on `info`'s data."""
   num_train_steps = num_train_steps_for(config, info.train_examples)
   config_validation.check_schedule(config, num_train_steps)
-  model = model_from_config.create_model(config, info.num_classes)
-  tx = optim.create_optimizer(config, num_train_steps)
   mesh = create_mesh(config)
-  return Run(info.num_classes, num_train_steps, model, tx, mesh,
-             compiled.build(config, model, mesh, tx=tx,
-                            num_train_steps=num_train_steps))
+  return Run(info.num_classes, num_train_steps, mesh, compiled.build(
+      config, model_from_config.create_model(config, info.num_classes), mesh,
+      tx=optim.create_optimizer(config, num_train_steps),
+      num_train_steps=num_train_steps))
 
 
 def check_state_fits(run) -> None:
@@ -368,7 +364,7 @@ def _log_train(step, history, progress, batches, run, config, writer):
   speed = progress.measure(step, input_wait=batches.take_wait())
   speed.update(throughput.speed_metrics(
       speed['images_per_sec'],
-      flops_per_image=throughput.train_flops_per_image(run.model,
+      flops_per_image=throughput.train_flops_per_image(run.steps.model,
                                                        config.image_size),
       num_devices=mesh.size, device_kind=mesh.devices.flat[0].device_kind,
       dtype=config.model.dtype))
