@@ -26,7 +26,6 @@ from mixer_jax.data import input_pipeline
 from mixer_jax.training import compiled
 from mixer_jax.training import optim
 from mixer_jax.training import sharding
-from mixer_jax.training import trainer
 import run_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,23 +72,22 @@ def reference_run(config):
   tx = optim.create_optimizer(config, NUM_STEPS)
   steps = compiled.build(config, model, mesh, tx=tx,
                          num_train_steps=NUM_STEPS)
-  init_fn, train_step, eval_step = steps.init_fn, steps.train_step, steps.eval_step
-  state = init_fn(jax.random.PRNGKey(config.seed))
+  state = steps.init_fn(jax.random.PRNGKey(config.seed))
   streams = [input_pipeline.train_dataset(
       config, process_index=i, process_count=2).as_numpy_iterator()
              for i in range(2)]
   for _ in range(NUM_STEPS):
     halves = [next(s) for s in streams]
     batch = jax.tree.map(lambda *x: np.concatenate(x), *halves)
-    state, _ = train_step(state, sharding.shard_batch(batch, mesh))
+    state, _ = steps.train_step(state, sharding.shard_batch(batch, mesh))
   evals = [list(input_pipeline.eval_dataset(
       config, process_index=i, process_count=2).as_numpy_iterator())
            for i in range(2)]
   correct = count = 0.0
   for halves in zip(*evals):
     batch = jax.tree.map(lambda *x: np.concatenate(x), *halves)
-    sums = jax.device_get(eval_step(state.params,
-                                 sharding.shard_batch(batch, mesh)))
+    sums = jax.device_get(steps.eval_step(state.params,
+                                          sharding.shard_batch(batch, mesh)))
     correct, count = correct + sums['correct'], count + sums['count']
   return jax.device_get(state.params), correct / count
 

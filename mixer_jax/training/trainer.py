@@ -193,7 +193,9 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     return _already_finished(workdir, run.num_train_steps)
   if jax.process_index() == 0:  # Makes the workdir a checkpoint for predict.
     run_info.save_run_info(workdir, config, run.num_classes)
-  writer = reporting.create_writer(workdir)
+  # Records of steps after the resumed one (and a torn line) are from a
+  # killed run: dropped, so each step is in metrics.jsonl once.
+  writer = reporting.create_writer(workdir, int(extra.get('step', 0)))
   try:
     return _train(config, workdir, run, state, extra, checkpointer, writer,
                   start_time)
@@ -263,9 +265,6 @@ def _train(config, workdir, run, state, extra, checkpointer, writer,
            start_time):
   """The step loop from the restored state; returns the summary dict."""
   step = start_step = int(sharding.to_host(state.step))
-  # Records of steps after the resumed one (and a torn line) are from a
-  # killed run: dropped, so each step is in metrics.jsonl once.
-  reporting.rewind(writer, step)
   if step == 0:
     writer.write_hparams({k: v for k, v in config.to_dict().items()
                           if not isinstance(v, dict)})
