@@ -40,42 +40,7 @@ MAIN_EVAL = ''  # config.eval_split, scored with the trained parameters.
 EMA_EVAL = 'ema/'  # The same, scored with their EMA.
 
 
-def _sums(step_fn, params, batches, mesh, prefetch, on_batch=None,
-          stop_requested=None):
-  """Summed outputs of `step_fn` over `batches`; None if asked to stop.
-
-  Each batch's sums (replicated scalars) are read back and added on the
-  host: an eager add of global arrays is a computation every process must
-  dispatch in the same order.
-  """
-  totals = None
-  for i, batch in enumerate(sharding.prefetch(batches, mesh, prefetch), 1):
-    if stop_requested is not None and stop_requested():
-      return None
-    sums = sharding.to_host(step_fn(params, batch))
-    totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
-    if on_batch is not None:
-      on_batch(i)
-  if totals is None:
-    raise ValueError('The eval data set yielded no batch; check eval_split.')
-  return totals
-
-
-def _scores(totals) -> Optional[Dict[str, float]]:
-  """Means of the summed outputs (None stays None)."""
-  if totals is None:
-    return None
-  count = max(float(totals['count']), 1.0)
-  scores = {'accuracy': float(totals['correct']) / count,
-            'examples': int(totals['count']),
-            'nan_rows': int(totals['nan_rows'])}
-  if 'top5' in totals:  # Not in ReaL's sums.
-    scores.update(top5=float(totals['top5']) / count,
-                  loss=float(totals['loss_sum']) / count)
-  return scores
-
-
-def evaluate_dataset(eval_step, params, batches: Iterable, mesh, *,
+def evaluate_dataset(step_fn, params, batches: Iterable, mesh, *,
                      prefetch: int = 2,
                      on_batch: Optional[Callable[[int], None]] = None,
                      stop_requested: Optional[Callable[[], bool]] = None
@@ -83,11 +48,13 @@ def evaluate_dataset(eval_step, params, batches: Iterable, mesh, *,
   """Top-1, top-5, mean loss and example count over one pass of `batches`.
 
   The one evaluation of the head: used by the training loop and by
-  `python -m mixer_jax.evaluate`.
+  `python -m mixer_jax.evaluate`. Each batch's sums (replicated scalars) are
+  read back and added on the host: an eager add of global arrays is a
+  computation every process must dispatch in the same order.
 
   Args:
-    eval_step: `train_steps.eval_step` jitted over `mesh`.
-    params: the model parameters (placed for eval_step).
+    step_fn: the run's `eval_step` (or `real_step`: no top-5 or loss).
+    params: the model parameters (placed for step_fn).
     batches: host batches with 'image', 'label' and 'mask' (padding 0, so
       every example is counted once).
     mesh: the device mesh the batches are sharded over.
@@ -100,8 +67,24 @@ def evaluate_dataset(eval_step, params, batches: Iterable, mesh, *,
     examples whose logits hold a NaN; scored by argmax's rule, the first
     NaN class); None when stopped.
   """
-  return _scores(_sums(eval_step, params, batches, mesh, prefetch, on_batch,
-                       stop_requested))
+  totals = None
+  for i, batch in enumerate(sharding.prefetch(batches, mesh, prefetch), 1):
+    if stop_requested is not None and stop_requested():
+      return None
+    sums = sharding.to_host(step_fn(params, batch))
+    totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
+    if on_batch is not None:
+      on_batch(i)
+  if totals is None:
+    raise ValueError('The eval data set yielded no batch; check eval_split.')
+  count = max(float(totals['count']), 1.0)
+  scores = {'accuracy': float(totals['correct']) / count,
+            'examples': int(totals['count']),
+            'nan_rows': int(totals['nan_rows'])}
+  if 'top5' in totals:  # Not in ReaL's sums.
+    scores.update(top5=float(totals['top5']) / count,
+                  loss=float(totals['loss_sum']) / count)
+  return scores
 
 
 def nan_note(nan_rows: int) -> str:
@@ -232,9 +215,9 @@ class Evaluations:
           process_count=count, **self._pp(entry))
       if entry.kind == 'real':
         step_fn = self.functions.real_step
-    scores = _scores(_sums(step_fn, params, batches.as_numpy_iterator(),
-                           self.mesh, config.prefetch_batches,
-                           stop_requested=self.stop_requested))
+    scores = evaluate_dataset(step_fn, params, batches.as_numpy_iterator(),
+                              self.mesh, prefetch=config.prefetch_batches,
+                              stop_requested=self.stop_requested)
     return None if scores is None else {_prefix(name) + k: v
                                         for k, v in scores.items()}
 
