@@ -1,4 +1,5 @@
-"""Install mixer_jax: `pip install -e '.[tf]'` (`[test]` for the test suite).
+"""Install mixer_jax: `pip install -e '.[tf]'` (`[test]` for the test suite,
+`[plots]` for `mixer_jax.visualize`).
 
 Where TensorFlow is already installed (Colab), leave out `[tf]`.
 """
@@ -44,6 +45,7 @@ _ONNX = ['onnx>=1.17', 'onnxruntime>=1.20']  # `export --format=onnx`.
 EXTRAS_REQUIRE = {
     'tf': _TENSORFLOW,
     'notebooks': _NOTEBOOKS,
+    'plots': _NOTEBOOKS,  # `mixer_jax.visualize` draws with matplotlib.
     # Real timm (PyTorch) for the tests that compare our timm-format weights
     # with timm's own MlpMixer; not in `test`: torch is a multi-GB install.
     'timm': ['torch>=2.4', 'timm>=1.0'],

@@ -14,13 +14,12 @@ docs/recipes.md lists what differs from big_vision and how it was checked.
 """
 
 import os
-
-from mixer_jax.training import config_loading
+import runpy
 
 
 def get_config():
   """Mixer-B/16, ImageNet-1k, 300 epochs."""
   # Loaded by path, so this file works from any directory.
-  return config_loading.load_config_file(
-      os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                   'mixer_i1k.py:B_16'))
+  recipe = runpy.run_path(
+      os.path.join(os.path.dirname(os.path.abspath(__file__)), 'mixer_i1k.py'))
+  return recipe['get_config']('B_16')

@@ -8,13 +8,12 @@ The CIFAR-10 recipe of configs/finetune_cifar10.py (SGD momentum 0.9, lr
 """
 
 import os
-
-from mixer_jax.training import config_loading
+import runpy
 
 
 def get_config():
   """CIFAR-100 fine-tuning from imagenet21k/Mixer-B_16."""
   # Loaded by path, so this file works from any directory.
-  return config_loading.load_config_file(
-      os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                   'finetune_cifar10.py:cifar100'))
+  recipe = runpy.run_path(
+      os.path.join(os.path.dirname(os.path.abspath(__file__)), 'finetune_cifar10.py'))
+  return recipe['get_config']('cifar100')

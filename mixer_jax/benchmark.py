@@ -1,45 +1,35 @@
-r"""Measures Mixer speed against the machine's own matmul peak, and how a
-step's work, communication and state split over N devices.
+r"""Speed of the model's step, of the training loop and of the input pipeline.
 
   python -m mixer_jax.benchmark --variant=B_16 --mode=infer --batch_size=16
-  python -m mixer_jax.benchmark --mode=train --batch_size=8 --optimizer=sgd
   python -m mixer_jax.benchmark --variant=L_16 --mode=train --devices=8 \
       --sharding=fsdp --remat --batch_size=64 --optimizer=adam --repeats=0
   python -m mixer_jax.benchmark --mode=loop  # quick-start loop vs its step
+  python -m mixer_jax.benchmark --mode=input --recipe=inception --compare_timm
 
-The step timed is the trainer's own: `compiled.build` (the builder
-`python -m mixer_jax.train` uses) makes it from a training config, with the
-same shardings and donation. The config is `--config` (default the
-package's defaults, mixer_jax/config_defaults.py: the ImageNet recipe's loss, mixup,
-clipping and weight decay); the flags set its model, batch, image size,
-optimizer and sharding.
+`infer|train|both`: the trainer's own step (`compiled.build`: the same
+shardings and donation) of `--config` (default mixer_jax/config_defaults.py)
+with the flags' model, batch, image size, optimizer and sharding, on
+`--devices` devices (fake CPU ones when there are fewer). Per row: images/s
+(median of the timed repeats), compile time, FLOP/s (`models.flops_per_image`,
+training 3x) and their fraction of one device's peak, a square matmul of the
+same dtype timed between the steps so that both see the same load; from the
+executable, its FLOPs per device over the step's (1/N is a perfect split),
+collectives and state bytes per device (`--repeats=0`: these only).
 
-Per configuration it reports images/s (median over timed repeats, after
-compilation), compile time, the achieved FLOP/s from
-`models.flops_per_image` (a training step counts 3x the forward pass), the
-fraction of one device's peak that each device reaches (the step's FLOPs /
-devices / step time / peak) and the memory used. The peak is the FLOP/s of
-a large square matmul of the same dtype on one device, timed in the same
-run and interleaved with the model's steps, so that both see the same load
-on a shared machine.
+`loop`: steps/s of `train_and_evaluate` on `--config` (default
+configs/quickstart.py) against its train step called back to back on one
+placed batch, in the same process: what the loop's host work costs.
 
-The step runs on `--devices` devices (fake CPU devices when the machine has
-fewer real ones; the mesh of the config's `mesh`), batch split over it,
-parameters and optimizer state placed by `--sharding` as in training. Read
-from the
-compiled executable, every row also has `flops_per_device_fraction`
-(compiled FLOPs of one device over the model FLOPs of the whole step: 1/N
-is a perfect split, remat adds about a third in training), `collectives`
-(count and result bytes per kind in the optimized HLO) and
-`state_bytes_per_device` (parameters, plus optimizer state in training).
-`--repeats=0` compiles and reports these without running (large variants
-on a CPU). `--json` prints one JSON object per configuration.
-
-`--mode=loop` measures the training loop instead (`benchmark_loop`): the
-steps/s of `train_and_evaluate` on `--config` (default
-configs/quickstart.py) against the same train step called back to back on
-one placed batch, in the same process, and their ratio: what the loop's
-host work (input, transfers, bookkeeping, logging) costs.
+`input`: images/s of the training input pipeline on `--num_images` JPEGs
+made here (smooth colour fields plus noise, quality 90: like ImageNet photos
+to decode), 'finetune' (random crop, resize, flip) and/or 'inception' (the
+same plus RandAugment(2, 15)) recipes; also per core and per CPU-second of
+the loader's threads and processes, the steadier figure on a shared
+machine. `--compare_timm` (with torch, torchvision and timm installed)
+alternates each timing with timm's loader on the same files, batch and
+cores (ImageFolder, `timm.data.create_transform(size, is_training=True)`,
+plus `auto_augment='rand-m15-n2'` for inception, one DataLoader worker per
+core, in a child process) and ends with both medians and their ratios.
 """
 
 # First, before TensorFlow loads: it quiets TensorFlow's C++ start-up lines.
@@ -49,7 +39,11 @@ import functools
 import json
 import os
 import resource
+import shutil
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from typing import Any, Callable, Optional, Sequence
 
@@ -73,14 +67,22 @@ from mixer_jax.training import throughput
 MODES = ('infer', 'train')
 SIZE_FLAGS = ('num_blocks', 'hidden_dim', 'tokens_mlp_dim',
               'channels_mlp_dim')
+# The loop mode's default, relative to the repository root (where the
+# README's commands run); the package does not ship configs/.
+QUICKSTART_CONFIG = 'configs/quickstart.py'
+
+
+def cores() -> int:
+  """CPU cores this process may run on."""
+  return len(os.sched_getaffinity(0))
 
 
 def device_name(device=None) -> str:
   """What runs the computation: the CPU model, or the accelerator's kind."""
   device = device or jax.devices()[0]
   if device.platform == 'cpu':
-    return (f'{throughput.processor_name()} ({len(jax.devices("cpu"))} JAX devices, '
-            f'{len(os.sched_getaffinity(0))} cores)')
+    return (f'{throughput.processor_name()} ({len(jax.devices("cpu"))} JAX '
+            f'devices, {cores()} cores)')
   return device.device_kind
 
 
@@ -104,41 +106,24 @@ def run_config(base=None, *, variant: str, num_classes: int, dtype: str,
                sizes: dict[str, Optional[int]], remat: bool = False,
                optimizer: str = 'sgd', batch_size: int, image_size: int,
                strategy: str = 'replicate'):
-  """The training config whose step is timed: `base` with the flags' fields.
-
-  Args:
-    base: a ConfigDict (e.g. `--config`); default the package's defaults
-      (mixer_jax/config_defaults.py). Its loss, mixup, clipping, weight decay,
-      accumulation, momentum dtype, fsdp threshold and mesh are kept.
-    variant, num_classes, dtype, sizes, remat, optimizer, batch_size,
-      image_size, strategy: set on the copy.
-  """
-  if base is None:
-    base = config_defaults.get_config()
-  config = base.copy_and_resolve_references()
+  """The training config whose step is timed: `base` (default the
+  package's defaults) with these fields set; its loss, mixup, clipping,
+  weight decay, accumulation, fsdp threshold and mesh are kept."""
+  config = (base or config_defaults.get_config()).copy_and_resolve_references()
   config.unlock()
   config.model.variant, config.model.dtype = variant, dtype
   config.model.remat = remat
-  for key, value in sizes.items():
-    if value is not None:
-      config.model[key] = value
+  config.model.update({k: v for k, v in sizes.items() if v is not None})
   config.num_classes = num_classes
   config.optimizer, config.batch_size = optimizer, batch_size
   config.image_size, config.sharding = image_size, strategy
   return config
 
 
-def build_model(config):
-  """The package model of `config` (`model_from_config.create_model`)."""
-  return model_from_config.create_model(config, config.num_classes)
-
-
 def benchmark_devices(count: int) -> list:
-  """`count` devices: real ones when there are enough, else CPU devices.
-
-  Fake CPU devices exist only if `jax_num_cpu_devices` (or XLA_FLAGS) was
-  set before JAX started; `main` does that for `--devices`.
-  """
+  """`count` devices: real ones when there are enough, else CPU devices
+  (fake ones exist only if `jax_num_cpu_devices` was set before JAX
+  started; `main` does that for `--devices`)."""
   devices = jax.devices()
   if len(devices) < count:
     devices = jax.devices('cpu')
@@ -154,26 +139,22 @@ def make_step(config, mode: str, params=None,
               devices: Optional[Sequence[Any]] = None):
   """Compiles the run's own train step (or forward pass) over `devices`.
 
-  The functions come from `compiled.build`, the trainer's builder: the same
-  train step, shardings (`config.sharding`, `config.mesh`) and donation as
-  `python -m mixer_jax.train` with this config. The default mesh is the
-  first device alone.
+  The functions come from `compiled.build`, the trainer's builder, over the
+  mesh of `config.mesh` made by `sharding.create_mesh` as the trainer's.
 
   Args:
     config: the run's config (`run_config`).
     mode: 'train' or 'infer'.
     params: float32 parameters to start from (default: initialised).
-    devices: the mesh's devices.
+    devices: the mesh's devices (default the first device alone).
 
   Returns:
     (run, compiled, compile_seconds, state_bytes): `run()` performs one step
-    and returns its output (the state is carried inside, donated from step
-    to step in training); `compiled` is the executable.
+    and returns its output (in training the state is carried inside,
+    donated from step to step); `compiled` is the executable.
   """
-  if mode not in MODES:
-    raise errors.UsageError(f'Unknown mode {mode!r}; use one of {MODES}.')
   mesh = sharding.create_mesh(devices or jax.devices()[:1], axes=config.mesh)
-  model = build_model(config)
+  model = model_from_config.create_model(config, config.num_classes)
   rng = jax.random.PRNGKey(2)
   images = jax.random.uniform(
       rng, (config.batch_size, config.image_size, config.image_size, 3),
@@ -187,7 +168,7 @@ def make_step(config, mode: str, params=None,
             sharding.shard_batch(images, mesh))
     fn = functions.serve_step
   else:
-    if not config.num_classes or config.num_classes < 0:
+    if config.num_classes <= 0:
       raise errors.UsageError('--mode=train needs a head: set --num_classes > 0.')
     # The schedule's length only sets learning-rate values, not the work.
     num_steps = config.warmup_steps + 1000
@@ -207,7 +188,6 @@ def make_step(config, mode: str, params=None,
   executable = fn.lower(*args).compile()
   compile_s = time.perf_counter() - start
   state_bytes = cost.state_bytes_per_device(args[0])
-
   if mode == 'infer':
     return (lambda: executable(*args)), executable, compile_s, state_bytes
   carry = {'state': args[0]}
@@ -225,30 +205,15 @@ def benchmark_config(*, variant: str, mode: str, batch_size: int,
                      sizes: Optional[dict[str, Optional[int]]] = None,
                      devices: int = 1, strategy: str = 'replicate',
                      remat: bool = False, base_config=None) -> dict[str, Any]:
-  """Compiles and times one configuration; returns its row.
+  """Compiles and times one configuration; returns its row (a dict).
 
-  Model steps and the peak matmul are timed interleaved (step, matmuls,
-  step, ...), so on a shared machine both see the same varying load. Each
-  round's peak is the faster of two timed matmuls (after an untimed one);
-  `peak_fraction` is the median over rounds of the FLOP/s of one device
-  (the step's FLOPs / devices / step time) over that round's peak (one
-  device's: the matmul runs on one device), `peak_gflops` the median of
-  the rounds' peaks.
-
-  Args:
-    variant, mode, batch_size, image_size, dtype, optimizer, num_classes:
-      what to run (mode 'infer' or 'train').
-    repeats: timed steps; 0 compiles only (no timing fields).
-    peak_size: side of the square matmul that defines the peak.
-    params: float32 parameters to use (initialised when None).
-    sizes: model size overrides (`num_blocks`, ...).
-    devices: mesh size; the batch is split over it.
-    strategy: 'replicate' or 'fsdp' placement of parameters and state.
-    remat: rematerialise each block in the backward pass.
-    base_config: the training config the rest comes from (`run_config`).
-
-  Returns:
-    A JSON-serialisable dict.
+  Model steps and the peak matmul alternate (step, matmuls, step, ...), so
+  on a shared machine both see the same load. Each round's peak is the
+  faster of two timed matmuls (after an untimed one); `peak_fraction` is
+  the median over rounds of one device's FLOP/s (the step's FLOPs /
+  devices / step time) over that round's peak. `repeats=0` compiles only
+  (no timing fields); `params` (default initialised) are float32
+  parameters; the other arguments set `run_config`'s fields.
   """
   if batch_size <= 0 or repeats < 0 or devices <= 0:
     raise errors.UsageError(f'batch_size={batch_size}, repeats={repeats} and '
@@ -261,10 +226,10 @@ def benchmark_config(*, variant: str, mode: str, batch_size: int,
                       dtype=dtype, sizes=sizes or {}, remat=remat,
                       optimizer=optimizer, batch_size=batch_size,
                       image_size=image_size, strategy=strategy)
-  model = build_model(config)
+  model = model_from_config.create_model(config, num_classes)
   if params is None and not repeats:  # Compile only: no values needed.
-    params = models.param_shapes(model, image_size)
-    params = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), params)
+    params = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype),
+                          models.param_shapes(model, image_size))
   mesh_devices = benchmark_devices(devices)
   run, executable, compile_s, state_bytes = make_step(
       config, mode, params, mesh_devices)
@@ -327,34 +292,25 @@ def benchmark_config(*, variant: str, mode: str, batch_size: int,
   return row
 
 
-# The loop mode's default, relative to the repository root (where the README's
-# commands run); the package does not ship configs/.
-QUICKSTART_CONFIG = 'configs/quickstart.py'
+def run_benchmark(*, variant: str, mode: str, batch_sizes: Sequence[int],
+                  **kwargs) -> list[dict[str, Any]]:
+  """One row per batch size and mode ('infer', 'train' or 'both'); kwargs
+  go to `benchmark_config`."""
+  if mode not in MODES + ('both',):
+    raise errors.UsageError(f'Unknown mode {mode!r}; use infer, train or both.')
+  return [benchmark_config(variant=variant, mode=m, batch_size=batch_size,
+                           **kwargs)
+          for batch_size in batch_sizes
+          for m in (MODES if mode == 'both' else (mode,))]
 
 
-def _loop_config(base, steps: int, log_every: int):
-  """`base` shortened to `steps` steps, evaluated and saved only at the end."""
-  config = base.copy_and_resolve_references()
-  config.unlock()
-  config.num_train_steps = steps
-  config.warmup_steps = min(config.warmup_steps, steps // 2)
-  config.log_every_steps = log_every
-  config.eval_every_steps = config.checkpoint_every_steps = steps
-  config.evals = {}
-  config.profile_steps = 0
-  return config
+# ---------------------------------------------------------- --mode=loop
 
 
-def time_steps_back_to_back(run, config, steps: int, rounds: int = 1):
-  """Steps/s of `run.steps.train_step` called back to back on one batch.
-
-  The step gets one placed batch of the run's own input, over and over, so
-  nothing but the step's dispatch and computation is timed: the rate the
-  training loop would reach if its host work cost nothing.
-
-  Returns:
-    One steps/s figure per round of `steps` steps.
-  """
+def time_steps_back_to_back(run, config, steps: int) -> float:
+  """Steps/s of `run.steps.train_step` called back to back on one placed
+  batch of the run's own input: the rate the loop would reach if its host
+  work cost nothing."""
   from mixer_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   batch = sharding.shard_batch(
       next(input_pipeline.train_dataset(config).as_numpy_iterator()),
@@ -367,7 +323,7 @@ def time_steps_back_to_back(run, config, steps: int, rounds: int = 1):
       carry['state'], metrics = run.steps.train_step(carry['state'], batch)
     return metrics
   _timed(lambda: steps_of(2))  # Compilation and warm-up.
-  return [steps / _timed(lambda: steps_of(steps)) for _ in range(rounds)]
+  return steps / _timed(lambda: steps_of(steps))
 
 
 def benchmark_loop(base_config=None, *, steps: int = 600,
@@ -376,19 +332,15 @@ def benchmark_loop(base_config=None, *, steps: int = 600,
 
   Each round trains `base_config` (default configs/quickstart.py) for
   `steps` steps with `trainer.train_and_evaluate` in a fresh temporary
-  workdir, logging 6 times (its input pipeline, prefetching, stop-request
-  checks, metric fetches and logging; evaluation and saving only after the
-  last step, outside the timed intervals) and reads the loop's steps/s
-  from its metrics.jsonl (compilation excluded, as in every run). Then the
-  same train step, built by the same builder in the same process, is timed
-  back to back on one placed batch for as many steps. Rounds alternate the
-  two, so a change of load on a shared machine hits both; `loop_to_step`
+  workdir, logging 6 times, evaluating and saving only after the last step
+  (outside the timed intervals), and reads the loop's steps/s from its
+  metrics.jsonl (compilation excluded, as in every run); then times the
+  same train step, from the same builder, back to back for as many steps.
+  Rounds alternate the two, so a change of load hits both; `loop_to_step`
   is the median over rounds of each round's ratio.
   """
-  import shutil  # pylint: disable=g-import-not-at-top
-  import tempfile  # pylint: disable=g-import-not-at-top
   from mixer_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
-  from mixer_jax.training import config_loading  # pylint: disable=g-import-not-at-top
+  import runpy  # pylint: disable=g-import-not-at-top
   from mixer_jax.training import reporting  # pylint: disable=g-import-not-at-top
   from mixer_jax.training import trainer  # pylint: disable=g-import-not-at-top
   if steps < 6 or rounds < 1:
@@ -400,25 +352,29 @@ def benchmark_loop(base_config=None, *, steps: int = 600,
           f'--mode=loop times {QUICKSTART_CONFIG} by default, which is not '
           f'in {os.getcwd()}: run from the repository root or pass '
           '--config=path/to/a/config.py.')
-    base_config = config_loading.load_config_file(QUICKSTART_CONFIG)
-  config = _loop_config(base_config, steps, steps // 6)
+    base_config = runpy.run_path(QUICKSTART_CONFIG)['get_config']()
+  config = base_config.copy_and_resolve_references()
+  config.unlock()
+  config.num_train_steps = steps
+  config.warmup_steps = min(config.warmup_steps, steps // 2)
+  config.log_every_steps = steps // 6
+  config.eval_every_steps = config.checkpoint_every_steps = steps
+  config.evals = {}
+  config.profile_steps = 0
   run = trainer.build_run(config, input_pipeline.dataset_info(config))
   loop_rates, step_rates, waits = [], [], []
   reporting.set_print_progress(False)
   try:
     for _ in range(rounds):
-      workdir = tempfile.mkdtemp(prefix='mixer_jax_loop_')
-      try:
+      with tempfile.TemporaryDirectory(prefix='mixer_jax_loop_') as workdir:
         trainer.train_and_evaluate(config, workdir)
         records = [r for r in reporting.read_metrics(workdir)
                    if 'steps_per_sec' in r]
-      finally:
-        shutil.rmtree(workdir, ignore_errors=True)
       # The first interval starts at the first step's end (compilation out).
       loop_rates.append(statistics.median(r['steps_per_sec']
                                           for r in records))
       waits.append(statistics.median(r['input_wait_share'] for r in records))
-      step_rates += time_steps_back_to_back(run, config, steps)
+      step_rates.append(time_steps_back_to_back(run, config, steps))
   finally:
     reporting.set_print_progress(True)
   return {
@@ -432,6 +388,172 @@ def benchmark_loop(base_config=None, *, steps: int = 600,
       'input_wait_share': statistics.median(waits),
       'devices': run.mesh.size, 'device': device_name(run.mesh.devices.flat[0]),
   }
+
+
+# --------------------------------------------------------- --mode=input
+
+
+def make_jpegs(root, num_images, width, height, num_classes=10, seed=0):
+  """Writes root/train/class_k/i.jpg synthetic photos; returns bytes/image."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  total = 0
+  for i in range(num_images):
+    folder = os.path.join(root, 'train', f'class_{i % num_classes}')
+    os.makedirs(folder, exist_ok=True)
+    # A coarse random colour field, upsampled smoothly, plus sensor-like
+    # noise: compresses like a photo, unlike pure noise or flat colour.
+    coarse = rng.uniform(0, 255, (height // 32 + 2, width // 32 + 2, 3))
+    smooth = tf.image.resize(coarse[None], [height, width], 'bicubic')[0]
+    noisy = smooth + rng.normal(0, 6, (height, width, 3))
+    data = tf.io.encode_jpeg(tf.cast(tf.clip_by_value(noisy, 0, 255),
+                                     tf.uint8), quality=90).numpy()
+    with open(os.path.join(folder, f'{i}.jpg'), 'wb') as f:
+      f.write(data)
+    total += len(data)
+  return total / max(num_images, 1)
+
+
+def input_config(base, recipe, folder, image_size, batch_size):
+  """A copy of config `base` reading `folder`, with one recipe's pp fields."""
+  config = (base or config_defaults.get_config()).copy_and_resolve_references()
+  config.unlock()
+  config.dataset, config.folder, config.train_split = 'folder', folder, 'train'
+  config.num_classes, config.shuffle_buffer = -1, 1_000
+  config.image_size, config.batch_size = image_size, batch_size
+  config.pp.train_crop = recipe
+  config.pp.randaugment_layers = 0 if recipe == 'finetune' else 2
+  config.pp.randaugment_magnitude = 15
+  return config
+
+
+def input_images_per_second(config, num_batches, warmup_batches):
+  """(images/s, images per CPU-second of this process) of the training
+  pipeline of `config`, batches taken to the host as the trainer takes
+  them."""
+  from mixer_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  iterator = input_pipeline.train_dataset(
+      config, process_index=0, process_count=1).as_numpy_iterator()
+  for _ in range(warmup_batches):
+    next(iterator)
+  start, cpu = time.perf_counter(), time.process_time()
+  for _ in range(num_batches):
+    next(iterator)
+  images = num_batches * config.batch_size
+  return (images / (time.perf_counter() - start),
+          images / (time.process_time() - cpu))
+
+
+# timm's loader runs in a child interpreter: PyTorch and TensorFlow in one
+# process can crash it (their bundled native libraries clash). It prints
+# images/s and images per CPU-second of itself and its workers (psutil
+# counts them; 'nan' without psutil).
+_TIMM_CHILD = """
+import math, os, sys, time
+import timm.data, torch, torchvision
+try:
+  import psutil
+except ImportError:
+  psutil = None
+folder, recipe = sys.argv[1], sys.argv[2]
+size, batch, workers, num, warmup = map(int, sys.argv[3:8])
+transform = timm.data.create_transform(
+    size, is_training=True,
+    auto_augment='rand-m15-n2' if recipe == 'inception' else None)
+data = torchvision.datasets.ImageFolder(os.path.join(folder, 'train'),
+                                        transform=transform)
+loader = torch.utils.data.DataLoader(
+    data, batch_size=batch, shuffle=True, num_workers=workers,
+    drop_last=True, persistent_workers=workers > 0)
+def batches():
+  while True:
+    yield from loader
+iterator = batches()
+def cpu():
+  if psutil is None:
+    return math.nan
+  me = psutil.Process()
+  return sum(sum(p.cpu_times()[:2])
+             for p in [me] + me.children(recursive=True))
+for _ in range(warmup):
+  next(iterator)
+start, used = time.perf_counter(), cpu()
+for _ in range(num):
+  next(iterator)
+print(num * batch / (time.perf_counter() - start), num * batch / (cpu() - used))
+"""
+
+
+def timm_images_per_second(folder, recipe, image_size, batch_size,
+                           num_batches, warmup_batches):
+  """(images/s, images per CPU-second) of timm's loader, one worker per
+  core (see the module docstring)."""
+  args = [folder, recipe] + [str(v) for v in (
+      image_size, batch_size, cores(), num_batches, warmup_batches)]
+  done = subprocess.run([sys.executable, '-c', _TIMM_CHILD, *args],
+                        capture_output=True, text=True, check=False)
+  if done.returncode:
+    raise RuntimeError(f"timm's loader failed:\n{done.stderr[-2000:]}")
+  return tuple(float(v) for v in done.stdout.split()[-2:])
+
+
+def timm_missing() -> Optional[str]:
+  """The first of torch, torchvision, timm that is not installed, or None."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  return next((name for name in ('torch', 'torchvision', 'timm')
+               if importlib.util.find_spec(name) is None), None)
+
+
+def benchmark_input(base_config=None, *, recipes: Sequence[str], folder: str,
+                    image_size: int, batch_size: int, repeats: int,
+                    num_batches: int, warmup_batches: int,
+                    compare_timm: bool = False) -> list[dict[str, Any]]:
+  """One row per timing of the input pipeline of each recipe on the images
+  of `folder`/train, alternating with timm's loader when `compare_timm`
+  (and it is installed)."""
+  rows = []
+  for recipe in recipes:
+    config = input_config(base_config, recipe, folder, image_size, batch_size)
+    loaders = {'mixer_jax': functools.partial(
+        input_images_per_second, config, num_batches, warmup_batches)}
+    if compare_timm:
+      loaders['timm'] = functools.partial(
+          timm_images_per_second, folder, recipe, image_size, batch_size,
+          num_batches, warmup_batches)
+    for _ in range(repeats):
+      for loader, timing in loaders.items():
+        rate, per_cpu_second = timing()
+        rows.append({'mode': 'input', 'recipe': recipe, 'loader': loader,
+                     'images_per_sec': rate, 'per_core': rate / cores(),
+                     'per_cpu_second': per_cpu_second, 'cores': cores(),
+                     'image_size': image_size, 'batch_size': batch_size})
+  return rows
+
+
+def format_input(rows: Sequence[dict[str, Any]]) -> str:
+  """One line per timing; per recipe timed with timm, the medians of both
+  and their ratios."""
+  lines = [f'CPU: {throughput.processor_name()}']
+  for r in rows:
+    lines.append(
+        f"{r['recipe']:>9} {r['loader']:>9}: {r['images_per_sec']:7.1f} "
+        f"images/s, {r['per_core']:6.1f} per core, {r['per_cpu_second']:6.1f}"
+        f" per CPU-second  ({r['image_size']}x{r['image_size']}, batch "
+        f"{r['batch_size']}, {r['cores']} cores)")
+  timed_timm = any(r['loader'] == 'timm' for r in rows)
+  for recipe in dict.fromkeys(r['recipe'] for r in rows if timed_timm):
+    ours, timm = ([statistics.median(r[k] for r in rows
+                                     if (r['recipe'], r['loader']) ==
+                                     (recipe, loader))
+                   for k in ('images_per_sec', 'per_cpu_second')]
+                  for loader in ('mixer_jax', 'timm'))
+    lines.append(f'{recipe:>9}: medians {ours[0]:.1f} images/s vs timm '
+                 f'{timm[0]:.1f}: {ours[0] / timm[0]:.2f}x; per CPU-second '
+                 f'{ours[1]:.1f} vs {timm[1]:.1f}: {ours[1] / timm[1]:.2f}x')
+  return '\n'.join(lines)
+
+
+# ------------------------------------------------------------- Output.
 
 
 def format_loop(row: dict[str, Any]) -> str:
@@ -449,32 +571,32 @@ def format_loop(row: dict[str, Any]) -> str:
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
   """A fixed-width table of the rows, headed by the device name."""
-  cols = [('mode', '{}'), ('batch', '{}'), ('devices', '{}'),
-          ('sharding', '{}'), ('img/s', '{:.2f}'), ('step s', '{:.4g}'),
-          ('spread', '{:.0%}'), ('compile s', '{:.1f}'),
-          ('GFLOP/s', '{:.1f}'), ('of peak', '{:.1%}'), ('(cpu s)', '{:.1%}'),
-          ('FLOPs/dev', '{:.3f}'), ('comm MiB', '{:.1f}'),
-          ('state MiB/dev', '{:.1f}'), ('XLA MiB', '{:.1f}')]
-  keys = ['mode', 'batch_size', 'devices', 'sharding', 'images_per_sec',
-          'step_time_s', 'step_time_spread', 'compile_s', 'achieved_gflops',
-          'peak_fraction', 'peak_fraction_cpu_time',
-          'flops_per_device_fraction', 'comm_mib', 'state_mib',
-          'compiled_memory_mb']
+  cols = [('mode', '{}', 'mode'), ('batch', '{}', 'batch_size'),
+          ('devices', '{}', 'devices'), ('sharding', '{}', 'sharding'),
+          ('img/s', '{:.2f}', 'images_per_sec'),
+          ('step s', '{:.4g}', 'step_time_s'),
+          ('spread', '{:.0%}', 'step_time_spread'),
+          ('compile s', '{:.1f}', 'compile_s'),
+          ('GFLOP/s', '{:.1f}', 'achieved_gflops'),
+          ('of peak', '{:.1%}', 'peak_fraction'),
+          ('(cpu s)', '{:.1%}', 'peak_fraction_cpu_time'),
+          ('FLOPs/dev', '{:.3f}', 'flops_per_device_fraction'),
+          ('comm MiB', '{:.1f}', 'comm_mib'),
+          ('state MiB/dev', '{:.1f}', 'state_mib'),
+          ('XLA MiB', '{:.1f}', 'compiled_memory_mb')]
   body = []
   for r in rows:
     r = dict(r, comm_mib=sum(c['bytes'] for c in r['collectives'].values())
              / 2 ** 20, state_mib=r['state_bytes_per_device'] / 2 ** 20,
              sharding=r['sharding'] + ('+remat' if r['remat'] else ''))
     body.append([fmt.format(r[k]) if r.get(k) is not None else '-'
-                 for (_, fmt), k in zip(cols, keys)])
-  widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h)
-            for i, (h, _) in enumerate(cols)]
-  lines = []
-  if rows:
-    r = rows[0]
-    lines.append(f"Mixer-{r['variant']} {r['image_size']}x{r['image_size']} "
-                 f"{r['dtype']} on {r['device']}")
-  lines.append('  '.join(h.rjust(w) for (h, _), w in zip(cols, widths)))
+                 for _, fmt, k in cols])
+  widths = [max(len(h), *(len(b[i]) for b in body))
+            for i, (h, _, _) in enumerate(cols)]
+  r = rows[0]
+  lines = [f"Mixer-{r['variant']} {r['image_size']}x{r['image_size']} "
+           f"{r['dtype']} on {r['device']}",
+           '  '.join(h.rjust(w) for (h, _, _), w in zip(cols, widths))]
   lines.extend('  '.join(c.rjust(w) for c, w in zip(b, widths)) for b in body)
   lines.append('Median of repeats. Training counts 3x the forward FLOPs; '
                '"of peak" divides by a square matmul of the same dtype timed '
@@ -484,54 +606,23 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
   return '\n'.join(lines)
 
 
-def run_benchmark(*, variant: str, mode: str, batch_sizes: Sequence[int],
-                  **kwargs) -> list[dict[str, Any]]:
-  """Runs every configuration of one command.
-
-  Args:
-    variant: model variant.
-    mode: 'infer', 'train' or 'both'.
-    batch_sizes: batch sizes to run.
-    **kwargs: passed to `benchmark_config` (image_size, dtype, repeats, ...).
-
-  Returns:
-    One dict per configuration.
-  """
-  if mode not in MODES + ('both',):
-    raise errors.UsageError(f'Unknown mode {mode!r}; use infer, train or both.')
-  modes = MODES if mode == 'both' else (mode,)
-  config = run_config(
-      kwargs.get('base_config'), variant=variant,
-      num_classes=kwargs.get('num_classes', 1000), dtype=kwargs['dtype'],
-      sizes=kwargs.get('sizes') or {}, batch_size=1,
-      image_size=kwargs['image_size'])
-  model = build_model(config)
-  # The same parameters for every configuration (random, so timings see
-  # real values; all zeros when only compiling).
-  params = None
-  if kwargs.get('repeats', 1):
-    params = models.init_params(model, jax.random.PRNGKey(0),
-                                kwargs['image_size'])
-  return [benchmark_config(variant=variant, mode=m, batch_size=batch_size,
-                           params=params, **kwargs)
-          for batch_size in batch_sizes for m in modes]
-
-
 def define_flags() -> None:
   """Defines the command's flags (only when run as a command, so importing
   this module next to other commands never redefines a flag)."""
   config_flags.DEFINE_config_file(
       'config', None, 'Training config (file.py[:ARG], overrides with '
-      '--config.FIELD=VALUE) whose train step is timed; default the '
-      'package defaults (mixer_jax/config_defaults.py). The flags below set '
-      'its model, batch and sharding.',
-      lock_config=False)
+      '--config.FIELD=VALUE); default the package defaults '
+      '(mixer_jax/config_defaults.py), for --mode=loop '
+      'configs/quickstart.py. The flags below set its model, batch and '
+      'sharding.', lock_config=False)
   flags.DEFINE_string('variant', 'B_16', 'Mixer variant, e.g. B_16.')
-  flags.DEFINE_enum('mode', 'infer', ('infer', 'train', 'both', 'loop'),
+  flags.DEFINE_enum('mode', 'infer', ('infer', 'train', 'both', 'loop',
+                                      'input'),
                     'infer: forward pass; train: forward + backward + '
                     'optimizer update; both: one row of each; loop: the '
-                    'training loop (default config configs/quickstart.py) '
-                    'against its own step called back to back.')
+                    'training loop against its own step called back to '
+                    'back; input: the training input pipeline on made '
+                    'JPEGs.')
   flags.DEFINE_integer('loop_steps', 600, 'Steps per round of --mode=loop '
                        '(--repeats rounds).')
   flags.DEFINE_list('batch_size', ['16'], 'Global batch size(s), comma '
@@ -539,8 +630,9 @@ def define_flags() -> None:
   flags.DEFINE_integer('image_size', 224, 'Square image side.')
   flags.DEFINE_enum('dtype', 'float32', ('float32', 'bfloat16'),
                     'Computation dtype of the model and the peak matmul.')
-  flags.DEFINE_integer('repeats', 5, 'Timed steps per configuration; 0 '
-                       'compiles only.')
+  flags.DEFINE_integer('repeats', 5, 'Timed steps per configuration (0 '
+                       'compiles only); rounds of --mode=loop; timings per '
+                       'loader of --mode=input.')
   flags.DEFINE_enum('optimizer', 'sgd', ('sgd', 'adam'),
                     'Optimizer of the training step.')
   flags.DEFINE_integer('num_classes', 1000, 'Head size.')
@@ -551,6 +643,20 @@ def define_flags() -> None:
   flags.DEFINE_enum('sharding', 'replicate', sharding.STRATEGIES,
                     'Placement of parameters and optimizer state.')
   flags.DEFINE_bool('remat', False, 'Rematerialise each block in training.')
+  flags.DEFINE_enum('recipe', 'both', ['both', 'finetune', 'inception'],
+                    'Training preprocessing of --mode=input.')
+  flags.DEFINE_integer('num_images', 1024, 'JPEG files --mode=input makes '
+                       '(about 5 MB per 100 at 500x375).')
+  flags.DEFINE_integer('width', 500, 'Width of the made images.')
+  flags.DEFINE_integer('height', 375, 'Height of the made images.')
+  flags.DEFINE_integer('num_batches', 20, 'Batches --mode=input times.')
+  flags.DEFINE_integer('warmup_batches', 3, 'Batches --mode=input runs '
+                       'before timing.')
+  flags.DEFINE_string('data', '', 'Folder of --mode=input images (made when '
+                      'it has no train/); default a temporary one.')
+  flags.DEFINE_bool('compare_timm', False, "--mode=input: also time timm's "
+                    'loader on the same files and cores (needs torch, '
+                    'torchvision, timm).')
   flags.DEFINE_bool('json', False, 'One JSON object per line, no table.')
   command_line.define_verbose_flag()
   for name in SIZE_FLAGS:
@@ -558,17 +664,16 @@ def define_flags() -> None:
 
 
 def main(argv: Sequence[str]) -> None:
-  command_line.set_up_output(flags.FLAGS.verbose)
+  f = flags.FLAGS
+  command_line.set_up_output(f.verbose)
   # User errors are one line (exit 1); anything else keeps its traceback.
   with command_line.user_errors_as_one_line():
-    rows = _run_from_flags(argv, flags.FLAGS)
-  if flags.FLAGS.mode == 'loop' and not flags.FLAGS.json:
-    print(format_loop(rows[0]), flush=True)
-  elif flags.FLAGS.json:
-    for row in rows:
-      print(json.dumps(row), flush=True)
+    rows = _run_from_flags(argv, f)
+  if f.json:
+    print('\n'.join(json.dumps(row) for row in rows), flush=True)
   else:
-    print(format_table(rows), flush=True)
+    print({'loop': lambda rows: format_loop(rows[0]),
+           'input': format_input}.get(f.mode, format_table)(rows), flush=True)
 
 
 def _run_from_flags(argv, f):
@@ -582,6 +687,8 @@ def _run_from_flags(argv, f):
         f'--batch_size must be integers, e.g. 8,16: {e}') from None
   if f.devices < 1:
     raise errors.UsageError('--devices must be >= 1.')
+  if f.mode == 'input':
+    return _input_from_flags(f, batch_sizes)
   sizes = {k: f[k].value for k in SIZE_FLAGS}
   try:  # The variant and size flags, checked before anything is built.
     models.get_spec(f.variant, **{k: v for k, v in sizes.items()
@@ -598,6 +705,34 @@ def _run_from_flags(argv, f):
       optimizer=f.optimizer, num_classes=f.num_classes,
       peak_size=f.peak_size, sizes=sizes, devices=f.devices,
       strategy=f.sharding, remat=f.remat, base_config=f.config)
+
+
+def _input_from_flags(f, batch_sizes):
+  """--mode=input: makes the JPEGs unless --data has them, then times."""
+  if f.repeats < 1 or f.num_batches < 1 or f.warmup_batches < 0:
+    raise errors.UsageError('--mode=input needs --repeats >= 1, '
+                            '--num_batches >= 1 and --warmup_batches >= 0.')
+  command_line.load_tensorflow_quietly()  # The pipeline is TensorFlow's.
+  missing = timm_missing() if f.compare_timm else None
+  if missing:
+    print(f'timm comparison skipped: {missing} is not installed (pip '
+          'install torch torchvision timm).', flush=True)
+  root = f.data or tempfile.mkdtemp(prefix='mixer_jax_input_')
+  try:
+    if not os.path.isdir(os.path.join(root, 'train')):
+      size = make_jpegs(root, f.num_images, f.width, f.height)
+      print(f'Made {f.num_images} JPEGs of {f.width}x{f.height}, '
+            f'{size / 1024:.0f} KiB each, in {root}', flush=True)
+    recipes = (['finetune', 'inception'] if f.recipe == 'both'
+               else [f.recipe])
+    return [row for batch_size in batch_sizes for row in benchmark_input(
+        f.config, recipes=recipes, folder=root, image_size=f.image_size,
+        batch_size=batch_size, repeats=f.repeats, num_batches=f.num_batches,
+        warmup_batches=f.warmup_batches,
+        compare_timm=f.compare_timm and not missing)]
+  finally:
+    if not f.data:
+      shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == '__main__':

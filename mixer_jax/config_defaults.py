@@ -16,9 +16,10 @@ returned ConfigDict is locked, so a misspelt field (`config.learning_rat =
 locked) is the one open level. `mixer_jax.train` rejects inconsistent values
 before compiling.
 
-Override any field from the command line:
-  python -m mixer_jax.train --config=configs/b16.py --workdir=DIR \
-      --config.batch_size=64 --config.model.variant=S_16
+This file is itself a config file (the defaults), and any field can be
+overridden from the command line:
+  python -m mixer_jax.train --config=mixer_jax/config_defaults.py \
+      --workdir=DIR --config.batch_size=64 --config.model.variant=S_16
 """
 
 import ml_collections

@@ -7,41 +7,21 @@
       --out=/tmp/b16_savedmodel --format=savedmodel
 
 `--checkpoint` is anything `mixer_jax.weights.any_checkpoint.load` accepts
-(`--weights=ema`: a workdir's moving average of the weights). Four formats,
-each with a symbolic (any) batch size:
+(`--weights=ema`: a workdir's moving average of the weights). Formats, each
+with a symbolic (any) batch size; docs/export.md describes their inputs:
 
 - `stablehlo`: `DIR/model.jax_export`, a `jax.export` serialized function
-  with the parameters embedded. Reload it in any JAX program without
-  mixer_jax:
-
-    exported = jax.export.deserialize(open('DIR/model.jax_export', 'rb')
-                                      .read())
-    logits = exported.call(images)  # float32 (N, H, W, 3) in [-1, 1]
-
-- `savedmodel`: a TensorFlow SavedModel (converted with
-  `jax.experimental.jax2tf`, native StableHLO serialization; parameters are
-  `tf.Variable`s) for TF Serving, TFLite converters or plain TF. Its
-  signatures:
-  * `serving_default(images)`: uint8 (N, h, w, 3). With `--preprocess` (the
-    default) any h, w: the checkpoint's eval preprocessing (resize or resize
-    and central crop, then scaling to [-1, 1]) runs inside the model;
-    without it, images must already be H x W and are only scaled.
-  * `serving_float(images)`: float32 (N, H, W, 3) already scaled to [-1, 1].
-  Both return `{'logits': float32 (N, classes)}`.
-
-- `onnx`: `DIR/model.onnx` (`mixer_jax.weights.onnx_format`): input
-  `images` float32 (N, H, W, 3) in [-1, 1], output `logits`.
+  with the parameters embedded, for any JAX program without mixer_jax;
+- `savedmodel`: a TensorFlow SavedModel (`jax2tf`), whose `serving_default`
+  takes uint8 images (any size with `--preprocess`: the checkpoint's eval
+  preprocessing runs inside) and `serving_float` images in [-1, 1];
+- `onnx`: `DIR/model.onnx` (`mixer_jax.weights.onnx_format`);
 - `hub`: a Hugging Face Hub folder that timm and mixer_jax both load
-  (`mixer_jax.weights.hub_publish`): timm's safetensors and config.json,
-  the official .npz and a model card; `--push_to=OWNER/NAME` uploads it.
+  (`mixer_jax.weights.hub_publish`); `--push_to=OWNER/NAME` uploads it.
 
 Next to the stablehlo, savedmodel and onnx artifacts, `serving_info.json`
-records the input size, the expected input range, the eval preprocessing
-and the class names.
+records the input size and range, the eval preprocessing and class names.
 """
-
-# First, before TensorFlow loads: it quiets TensorFlow's C++ start-up lines.
-from mixer_jax.training import command_line  # pylint: disable=g-bad-import-order
 
 import json
 import os
@@ -49,18 +29,11 @@ from typing import Optional
 
 from absl import app
 from absl import flags
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from mixer_jax.training import compiled
+# Before TensorFlow loads: it quiets TensorFlow's C++ start-up lines.
+from mixer_jax.training import command_line
 from mixer_jax.training import errors
-from mixer_jax.checkpointing.checkpoints import CHECKPOINT_DIR
-from mixer_jax.weights import any_checkpoint
-from mixer_jax.weights import hub
-from mixer_jax.weights import loaded as loaded_module
-from mixer_jax.weights import run_info
-from mixer_jax.weights import workdir_checkpoint
 
 STABLEHLO_FILE = 'model.jax_export'
 INFO_FILE = 'serving_info.json'
@@ -68,17 +41,12 @@ FORMATS = ('stablehlo', 'savedmodel', 'onnx', 'hub')
 ONNX_FILE = 'model.onnx'
 
 
-def _forward(loaded: any_checkpoint.Loaded):
-  """f(params, images in [-1, 1]) -> float32 logits (features if no head)."""
-  return compiled.forward(loaded.model)
-
-
 def _host_params(loaded):
+  import jax  # pylint: disable=g-import-not-at-top
   return jax.tree.map(lambda x: np.asarray(x, np.float32), loaded.params)
 
 
-def serving_info(loaded: any_checkpoint.Loaded, fmt: str,
-                 preprocess: bool) -> dict:
+def serving_info(loaded, fmt: str, preprocess: bool) -> dict:
   return {
       'format': fmt, 'checkpoint': loaded.portable_source,
       'image_size': loaded.image_size, 'input_range': [-1.0, 1.0],
@@ -89,12 +57,16 @@ def serving_info(loaded: any_checkpoint.Loaded, fmt: str,
   }
 
 
-def export_stablehlo(loaded: any_checkpoint.Loaded, out: str) -> str:
+def export_stablehlo(loaded, out: str) -> str:
   """Writes `out/model.jax_export` (batch dimension symbolic); its path."""
+  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
+  from mixer_jax.training import compiled
   size = loaded.image_size
   batch, = jax.export.symbolic_shape('batch')
   params = _host_params(loaded)
-  forward = _forward(loaded)
+  forward = compiled.forward(loaded.model)
   exported = jax.export.export(jax.jit(lambda x: forward(params, x)))(
       jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32))
   os.makedirs(out, exist_ok=True)
@@ -104,17 +76,19 @@ def export_stablehlo(loaded: any_checkpoint.Loaded, out: str) -> str:
   return path
 
 
-def export_savedmodel(loaded: any_checkpoint.Loaded, out: str, *,
+def export_savedmodel(loaded, out: str, *,
                       preprocess: bool = True) -> str:
   """Writes a TF SavedModel to `out` (see the module docstring); `out`."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
-  from mixer_jax.data import preprocess as pp  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf
+  from jax.experimental import jax2tf
+  from mixer_jax.data import preprocess as pp
+  from mixer_jax.training import compiled
 
   size = loaded.image_size
   crop, resize = loaded.eval_crop, loaded.eval_resize
   converted = jax2tf.convert(
-      _forward(loaded), polymorphic_shapes=[None, f'(b, {size}, {size}, 3)'],
+      compiled.forward(loaded.model), polymorphic_shapes=[None, f'(b, {size}, {size}, 3)'],
       with_gradient=False)
   module = tf.Module()
   module.params = tf.nest.map_structure(
@@ -147,7 +121,7 @@ def export_savedmodel(loaded: any_checkpoint.Loaded, out: str, *,
   return out
 
 
-def export_onnx(loaded: any_checkpoint.Loaded, out: str) -> str:
+def export_onnx(loaded, out: str) -> str:
   """Writes `out/model.onnx` (see `weights.onnx_format`)."""
   from mixer_jax.weights import onnx_format  # pylint: disable=g-import-not-at-top
   os.makedirs(out, exist_ok=True)
@@ -156,9 +130,9 @@ def export_onnx(loaded: any_checkpoint.Loaded, out: str) -> str:
                                os.path.join(out, ONNX_FILE))
 
 
-def _training_text(loaded: any_checkpoint.Loaded,
-                   weights: str) -> Optional[str]:
+def _training_text(loaded, weights: str) -> Optional[str]:
   """The model card's training paragraph, from a workdir's config."""
+  from mixer_jax.weights import loaded as loaded_module  # pylint: disable=g-import-not-at-top
   config = loaded.config
   if config is None:
     return None
@@ -175,9 +149,8 @@ def _training_text(loaded: any_checkpoint.Loaded,
              f'{config.ema_decay:g})' if weights == 'ema' else '') + ').')
 
 
-def export_hub(loaded: any_checkpoint.Loaded, out: str, *,
-               workdir: Optional[str] = None, weights: str = 'params',
-               push_to: Optional[str] = None) -> str:
+def export_hub(loaded, out: str, *, workdir: Optional[str] = None,
+               weights: str = 'params', push_to: Optional[str] = None) -> str:
   """Writes the Hub folder (and uploads it with `push_to`).
 
   With the training `workdir`, the card lists the run's evaluations of the
@@ -201,7 +174,9 @@ def export_hub(loaded: any_checkpoint.Loaded, out: str, *,
 
 def _earlier_format(out: str) -> Optional[str]:
   """The format of an earlier export in `out` (None: not one)."""
-  from mixer_jax.weights import hub_publish  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from mixer_jax.weights import hub
+  from mixer_jax.weights import hub_publish
   for name in (INFO_FILE, hub.CONFIG_FILE):
     try:
       with open(os.path.join(out, name), encoding='utf-8') as f:
@@ -220,6 +195,9 @@ def check_out(out: str, fmt: str, overwrite: bool = False) -> None:
   same format (its files are replaced); `overwrite` also allows any other
   folder, but never a training workdir.
   """
+  # pylint: disable=g-import-not-at-top
+  from mixer_jax.checkpointing.checkpoints import CHECKPOINT_DIR
+  from mixer_jax.weights import run_info
   if not os.path.exists(out):
     return
   if not os.path.isdir(out):
@@ -269,6 +247,9 @@ def export(checkpoint, out: str, fmt: str, *, step: Optional[int] = None,
                             '--format=hub.')
   _check_dependencies(fmt)
   check_out(os.fspath(out), fmt, overwrite)
+  # pylint: disable=g-import-not-at-top
+  from mixer_jax.weights import any_checkpoint
+  from mixer_jax.weights import workdir_checkpoint
   loaded = any_checkpoint.load(checkpoint, step=step, weights=weights)
   if fmt == 'hub':
     workdir = (workdir_checkpoint.locate_workdir(checkpoint, step)[0]
@@ -300,7 +281,7 @@ def _define_flags():
                     'stablehlo: jax.export artifact; savedmodel: TF '
                     'SavedModel; onnx: model.onnx; hub: a Hugging Face Hub '
                     'folder for timm and mixer_jax.')
-  flags.DEFINE_enum('weights', 'params', list(workdir_checkpoint.WEIGHTS),
+  flags.DEFINE_enum('weights', 'params', ['params', 'ema'],
                     "A workdir's trained weights, or their EMA (runs with "
                     'config.ema_decay > 0).')
   flags.DEFINE_string('push_to', None, 'With --format=hub: upload the folder '
@@ -316,22 +297,20 @@ def _define_flags():
 
 def main(argv):
   command_line.set_up_output(FLAGS.verbose)
-  # TensorFlow writes SavedModels and reads weight files (tf.io.gfile); a
-  # StableHLO export of a workdir needs none.
-  if FLAGS.format in ('savedmodel', 'hub') or not workdir_checkpoint.is_directory(
-      FLAGS.checkpoint):
-    command_line.load_tensorflow_quietly()
   if len(argv) > 1:
     raise SystemExit(command_line.one_line(errors.UsageError(
         f'Unexpected arguments: {argv[1:]}.')))
-  try:
+  # TensorFlow writes SavedModels and reads weight files (tf.io.gfile); a
+  # StableHLO export of a workdir needs none.
+  from mixer_jax.weights import workdir_checkpoint  # pylint: disable=g-import-not-at-top
+  if FLAGS.format in ('savedmodel', 'hub') or not workdir_checkpoint.is_directory(
+      FLAGS.checkpoint):
+    command_line.load_tensorflow_quietly()
+  with command_line.user_errors_as_one_line(
+      f'Cannot export --checkpoint={FLAGS.checkpoint}: '):
     path = export(FLAGS.checkpoint, FLAGS.out, FLAGS.format, step=FLAGS.step,
                   preprocess=FLAGS.preprocess, weights=FLAGS.weights,
                   push_to=FLAGS.push_to, overwrite=FLAGS.overwrite)
-  except errors.EXPECTED_ERRORS as e:
-    # Only the project's user errors: anything else is a bug (traceback).
-    raise SystemExit(f'Cannot export --checkpoint={FLAGS.checkpoint}: '
-                     f'{command_line.one_line(e)}') from None
   print(f'Wrote {path}')
 
 

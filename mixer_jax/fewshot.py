@@ -15,47 +15,39 @@ training the same probe runs periodically as the `fewshot` kind of
 `config.evals` (see mixer_jax/training/evals.py).
 """
 
-# First, before TensorFlow loads: it quiets TensorFlow's C++ start-up lines.
-from mixer_jax.training import command_line  # pylint: disable=g-bad-import-order
-command_line.load_tensorflow_quietly()  # Reads data sets: TF is needed.
-
 import json
 import time
 
 from absl import app
 from absl import flags
-import jax
-import numpy as np
 
-from mixer_jax.training import compiled
+from mixer_jax import config_defaults
+# Before TensorFlow loads: it quiets TensorFlow's C++ start-up lines.
+from mixer_jax.training import command_line
 from mixer_jax.training import errors
-from mixer_jax.training import linear_probe
-from mixer_jax.training import sharding
 
 FLAGS = flags.FLAGS
-
-# ------------------------------------------------------- The command.
-
-
-def load_features_model(checkpoint: str, image_size=None):
-  """(model without head, params, Loaded) of any checkpoint kind."""
-  from mixer_jax.weights import any_checkpoint  # pylint: disable=g-import-not-at-top
-  loaded = any_checkpoint.load(checkpoint, image_size=image_size)
-  model, params = loaded.features()
-  return model, params, loaded
+# The defaults of a `fewshot` entry of config.evals (big_vision's).
+PROBE = config_defaults.eval_entry('fewshot')
 
 
 def run(checkpoint: str, dataset: str, *, shots=(1, 5, 10), train_split='train',
         test_split='test', data_dir=None, batch_size=64, image_size=None,
-        l2_reg=linear_probe.DEFAULT_L2_REG,
-        num_seeds=linear_probe.DEFAULT_NUM_SEEDS, seed=0):
+        l2_reg=PROBE.l2_reg, num_seeds=PROBE.num_seeds, seed=0):
   """Runs the probes of one checkpoint on one data set; list of result rows.
 
   Preprocessing is the checkpoint's own eval crop at its image size (for
   a workdir, its config's eval_crop, eval_resize and eval_resize_method).
   """
+  # pylint: disable=g-import-not-at-top
+  import numpy as np
+  from mixer_jax.training import compiled
+  from mixer_jax.training import linear_probe
+  from mixer_jax.training import sharding
+  from mixer_jax.weights import any_checkpoint
   start = time.time()
-  model, params, loaded = load_features_model(checkpoint, image_size)
+  loaded = any_checkpoint.load(checkpoint, image_size=image_size)
+  model, params = loaded.features()
   config = loaded.config
   method = (config.pp.get('eval_resize_method', 'area') if config is not None
             else 'area')
@@ -93,15 +85,17 @@ def main(argv):
   command_line.set_up_output(FLAGS.verbose)
   # User errors are one line (exit 1); anything else keeps its traceback.
   with command_line.user_errors_as_one_line():
+    shots = parse_shots(FLAGS.shots)
+    command_line.load_tensorflow_quietly()  # Reads data sets: TF is needed.
+    argv = command_line.start_multihost(argv)
     if len(argv) > 1:
       raise errors.UsageError(f'Unexpected arguments: {argv[1:]}.')
-    shots = parse_shots(FLAGS.shots)
-    sharding.initialize_from_flags()
     rows = run(FLAGS.checkpoint, FLAGS.dataset, shots=shots,
                train_split=FLAGS.train_split, test_split=FLAGS.test_split,
                data_dir=FLAGS.data_dir, batch_size=FLAGS.batch_size,
                image_size=FLAGS.image_size, l2_reg=FLAGS.l2_reg,
                num_seeds=FLAGS.num_seeds, seed=FLAGS.seed)
+  import jax  # pylint: disable=g-import-not-at-top
   if jax.process_index() != 0:
     return
   for row in rows:
@@ -118,20 +112,20 @@ def _define_flags():
   flags.DEFINE_string('dataset', 'digits', 'TFDS data set to probe.')
   flags.DEFINE_string('train_split', 'train', 'Split the shots come from.')
   flags.DEFINE_string('test_split', 'test', 'Split the probe is scored on.')
-  flags.DEFINE_string('shots', '1,5,10,25', 'Comma-separated shot counts.')
-  flags.DEFINE_float('l2_reg', linear_probe.DEFAULT_L2_REG, 'L2 regulariser.')
-  flags.DEFINE_integer('num_seeds', linear_probe.DEFAULT_NUM_SEEDS, 'Draws of the shots.')
+  flags.DEFINE_string('shots', ','.join(map(str, PROBE.shots)),
+                      'Comma-separated shot counts.')
+  flags.DEFINE_float('l2_reg', PROBE.l2_reg, 'L2 regulariser.')
+  flags.DEFINE_integer('num_seeds', PROBE.num_seeds, 'Draws of the shots.')
   flags.DEFINE_integer('seed', 0, 'First draw seed.')
   flags.DEFINE_integer('batch_size', 64, 'Batch of the feature pass.')
   flags.DEFINE_integer('image_size', None, 'Input side (default: the '
                        "checkpoint's).")
   flags.DEFINE_string('data_dir', None, 'TFDS data directory.')
   flags.DEFINE_bool('json', False, 'One JSON object per (dataset, shots).')
-  sharding.define_multihost_flags()
   command_line.define_verbose_flag()
   flags.mark_flags_as_required(['checkpoint'])
 
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=command_line.parse_known_flags)

@@ -1,8 +1,7 @@
 """The Mixer a config describes: `create_model(config, num_classes)`.
 
-One function turns `config.model` into a module, so a training run, a
-restored workdir and the benchmarks build the same model from the same
-config. It reads only `config.model` (mixer_jax/config_defaults.py).
+One function turns `config.model` (mixer_jax/config_defaults.py) into a
+module, so a run, a restored workdir and the benchmarks build the same one.
 """
 
 from mixer_jax import models
@@ -11,11 +10,9 @@ from mixer_jax import models
 def create_model(config, num_classes: int) -> models.MlpMixer:
   """The Mixer described by `config.model` with `num_classes` outputs."""
   m = config.model
-  sizes = dict(num_blocks=m.num_blocks, hidden_dim=m.hidden_dim,
-               tokens_mlp_dim=m.tokens_mlp_dim,
-               channels_mlp_dim=m.channels_mlp_dim)
   return models.create_model(
-      m.variant, num_classes, dtype=m.dtype,
-      stochastic_depth=m.stochastic_depth,
+      m.variant, num_classes, dtype=m.dtype, num_blocks=m.num_blocks,
+      hidden_dim=m.hidden_dim, tokens_mlp_dim=m.tokens_mlp_dim,
+      channels_mlp_dim=m.channels_mlp_dim, stochastic_depth=m.stochastic_depth,
       gelu_approximate=m.gelu_approximate, head_bias_init=m.head_bias_init,
-      remat=m.remat, **{k: v for k, v in sizes.items() if v is not None})
+      remat=m.remat)

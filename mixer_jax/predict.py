@@ -26,9 +26,6 @@ or has more than `--max_megapixels` (checked from its header, before
 decoding), is reported and skipped; the exit status is 1 if any failed.
 """
 
-# First, before TensorFlow loads: it quiets TensorFlow's C++ start-up lines.
-from mixer_jax.training import command_line  # pylint: disable=g-bad-import-order
-
 import csv
 import dataclasses
 import importlib.resources
@@ -43,13 +40,13 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 from absl import app
 from absl import flags
 from absl import logging
-import jax
 import numpy as np
 from PIL import Image
 
-from mixer_jax.training import compiled
+# Before TensorFlow loads: it quiets TensorFlow's C++ start-up lines.
+from mixer_jax.errors import UserError
+from mixer_jax.training import command_line
 from mixer_jax.training import errors
-from mixer_jax.weights import registry
 
 IMAGENET_CLASSES_FILE = 'imagenet2012_classes.txt'
 # What TensorFlow's decoder reads (`preprocess.decode`): a directory's
@@ -103,8 +100,7 @@ def readable_class_names(
   return imagenet_class_names()
 
 
-def class_names(spec: str, num_classes: int,
-                entry: Optional[registry.Checkpoint]) -> Optional[List[str]]:
+def class_names(spec: str, num_classes: int, entry) -> Optional[List[str]]:
   """Names for the head's classes, or None to print indices.
 
   Args:
@@ -112,7 +108,7 @@ def class_names(spec: str, num_classes: int,
       for files with a 1000-class head), 'imagenet2012', 'none', or a path
       to a text file with one name per line.
     num_classes: head size of the model.
-    entry: registry entry of the checkpoint, if it is a registered one.
+    entry: the checkpoint's `registry.Checkpoint`, if it is a registered one.
   """
   if spec == 'none':
     return None
@@ -223,9 +219,11 @@ def classify_files(model, params, paths: Sequence[str], *, image_size: int,
   Yields:
     A `Prediction` per path, in order, a batch at a time.
   """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from mixer_jax.data import preprocess  # pylint: disable=g-import-not-at-top
-  from mixer_jax.data import preprocess_choices  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf
+  from mixer_jax.data import preprocess
+  from mixer_jax.data import preprocess_choices
+  from mixer_jax.training import compiled
 
   if not model.num_classes:
     raise ValueError('The model has no head; load it with a class count.')
@@ -298,21 +296,14 @@ def prediction_record(prediction: Prediction,
        'probability': score} for index, score in prediction.top]}
 
 
-def csv_header(top_k: int) -> List[str]:
-  """Columns of `--output=csv`: path, then class/name/probability per rank."""
-  return ['path'] + [f'{field}_{rank}' for rank in range(1, top_k + 1)
-                     for field in ('class', 'name', 'probability')] + ['error']
-
-
 def csv_row(record: dict, top_k: int) -> List:
-  """A `prediction_record` as a row under `csv_header(top_k)`."""
-  cells = [record['path']]
-  for rank in range(top_k):
-    top = record.get('top', [])
-    entry = top[rank] if rank < len(top) else {}
-    cells += [entry.get('class', ''), entry.get('name') or '',
-              entry.get('probability', '')]
-  return cells + [record.get('error', '')]
+  """A `prediction_record` as a row of `--output=csv`: path, then class,
+  name and probability of each rank, then the error."""
+  top = record.get('top', []) + [{}] * top_k
+  return [record['path']] + [
+      cell for entry in top[:top_k] for cell in (
+          entry.get('class', ''), entry.get('name') or '',
+          entry.get('probability', ''))] + [record.get('error', '')]
 
 
 FLAGS = flags.FLAGS
@@ -357,13 +348,12 @@ def _define_flags():
 
 def main(argv):
   command_line.set_up_output(FLAGS.verbose)
-  # Images are decoded and preprocessed by TensorFlow (as in training).
-  command_line.load_tensorflow_quietly()
   with command_line.user_errors_as_one_line():
     if len(argv) < 2:
       raise errors.UsageError(
           'Give one or more image files, directories or quoted glob patterns '
           "after the flags ('-': one image from stdin).")
+    command_line.load_tensorflow_quietly()  # It decodes images, as in training.
     paths = expand_inputs(argv[1:])
   from mixer_jax.weights import any_checkpoint  # pylint: disable=g-import-not-at-top
   try:
@@ -378,7 +368,7 @@ def main(argv):
       names = loaded.class_names
     else:
       names = class_names(FLAGS.labels, model.num_classes, loaded.entry)
-  except errors.EXPECTED_ERRORS as e:
+  except UserError as e:
     # Only the project's user errors: anything else is a bug (traceback).
     print(f'Cannot use --checkpoint={FLAGS.checkpoint}: '
           f'{command_line.one_line(e)}', file=sys.stderr)
@@ -391,7 +381,9 @@ def main(argv):
   top_k = min(FLAGS.top_k, model.num_classes)
   writer = csv.writer(sys.stdout)
   if FLAGS.output == 'csv':
-    writer.writerow(csv_header(top_k))
+    writer.writerow(['path'] + [f'{field}_{rank}' for rank in range(
+        1, top_k + 1) for field in ('class', 'name', 'probability')] +
+                    ['error'])
   failed = []
   for result in results:
     if FLAGS.output == 'text':

@@ -21,44 +21,48 @@ whether each function fits:
       --workdir=DIR --check_only --devices=8 --config.sharding=fsdp
 """
 
+import functools
 import sys
-
-# First, before TensorFlow loads: it quiets TensorFlow's C++ start-up lines.
-from mixer_jax.training import command_line  # pylint: disable=g-bad-import-order
-command_line.load_tensorflow_quietly()  # Reads data sets: TF is needed.
 
 from absl import app
 from absl import flags
-import jax
-from ml_collections import config_flags
 
-from mixer_jax.checkpointing import preemption
+# Before TensorFlow loads: it quiets TensorFlow's C++ start-up lines.
+from mixer_jax.errors import UserError
+from mixer_jax.training import command_line
 from mixer_jax.training import config_loading
 from mixer_jax.training import errors
-from mixer_jax.training import sharding
-from mixer_jax.training import trainer
 
 FLAGS = flags.FLAGS
 
 
 def main(argv):
-  """Command-line entry point (flags: see `_define_flags`)."""
+  """Command-line entry point (flags: see `_define_flags`).
+
+  The config was read and checked while the flags were parsed; JAX and
+  TensorFlow load only now, so a mistake is answered at once.
+  """
   command_line.set_up_output(FLAGS.verbose)
   # Progress and the summary go to stdout (reporting.log_and_print); user
   # errors are one line (exit 1), anything else keeps its traceback.
   with command_line.user_errors_as_one_line():
-    if len(argv) > 1:
-      raise errors.UsageError(f'Unexpected arguments: {argv[1:]}; set config '
-                              'values with --config.FIELD=VALUE.')
+    if FLAGS.workdir is None and not FLAGS.check_only:
+      raise errors.UsageError('--workdir is required (unless --check_only).')
+    command_line.load_tensorflow_quietly()  # Reads data sets: TF is needed.
+    import jax  # pylint: disable=g-import-not-at-top
     if FLAGS.devices:
       # Before JAX starts a backend: plan on N CPU devices, whatever is here.
       jax.config.update('jax_platforms', 'cpu')
       jax.config.update('jax_num_cpu_devices', FLAGS.devices)
+    argv = command_line.start_multihost(argv)
+    if len(argv) > 1:
+      raise errors.UsageError(f'Unexpected arguments: {argv[1:]}; set config '
+                              'values with --config.FIELD=VALUE.')
     if FLAGS.check_only:
       return _check_only()
-    if FLAGS.workdir is None:
-      raise errors.UsageError('--workdir is required (unless --check_only).')
-    sharding.initialize_from_flags()
+    # pylint: disable=g-import-not-at-top
+    from mixer_jax.checkpointing import preemption
+    from mixer_jax.training import trainer
     with preemption.stop_at_once_before_training():
       trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
@@ -68,8 +72,8 @@ def _check_only():
   from mixer_jax.training import launch_check  # pylint: disable=g-import-not-at-top
   try:
     plan = launch_check.check(FLAGS.config)
-  except errors.EXPECTED_ERRORS + (launch_check.LaunchCheckError,
-                                   ValueError) as e:
+  except (UserError, launch_check.LaunchCheckError,
+          ValueError) as e:
     raise SystemExit(f'Launch check failed: {type(e).__name__}: '
                      f'{" ".join(str(e).split())}') from None
   source = next((a.split('=', 1)[1] for a in sys.argv
@@ -84,9 +88,6 @@ def _check_only():
 
 def _define_flags():
   """Defines the command-line flags (only when run as a program)."""
-  config_flags.DEFINE_config_file(
-      'config', None, 'Training config file, e.g. configs/quickstart.py.',
-      lock_config=True)
   flags.DEFINE_string('workdir', None, 'Directory for checkpoints and logs '
                       '(required unless --check_only).')
   flags.DEFINE_bool('check_only', False, 'Launch check: compile every '
@@ -97,12 +98,12 @@ def _define_flags():
   flags.DEFINE_float('device_memory_gib', None, 'With --check_only: say '
                      'whether each function fits this much memory per '
                      'device (exit 1 if one does not).')
-  sharding.define_multihost_flags()
   command_line.define_verbose_flag()
-  flags.mark_flags_as_required(['config'])
 
 
 if __name__ == '__main__':
   _define_flags()
   # Config file problems: one line naming the file/field, no traceback.
-  app.run(main, flags_parser=config_loading.parse_flags)
+  app.run(main, flags_parser=functools.partial(
+      config_loading.parse_flags,
+      help_text='Training config file, e.g. configs/quickstart.py.'))

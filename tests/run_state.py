@@ -16,12 +16,14 @@ def load_train_state(config, workdir, step=None):
   (default the latest), restored as the trainer restores it."""
   config = init_from_checks.resolve_init_from(config, resuming=True)
   run = trainer.build_run(config, input_pipeline.dataset_info(config))
-  with checkpoints.Checkpointer(
+  checkpointer = checkpoints.Checkpointer(
       f'{workdir}/{trainer.CHECKPOINT_DIR}', keep=config.keep_checkpoints,
       keep_best=config.keep_best_checkpoint,
-      fingerprint=fingerprint.model_fingerprint(config, run.num_classes)
-  ) as checkpointer:
+      fingerprint=fingerprint.model_fingerprint(config, run.num_classes))
+  try:
     return checkpointer.restore(run.steps.abstract_state, step=step)
+  finally:
+    checkpointer.close()
 
 
 @contextlib.contextmanager

@@ -253,9 +253,9 @@ def test_an_exported_hub_folder_is_a_checkpoint(trained, tmp_path):
   np.testing.assert_array_equal(
       folder.model.apply({'params': folder.params}, x),
       original.model.apply({'params': original.params}, x))
-  from mixer_jax import evaluate  # pylint: disable=g-import-not-at-top
-  assert evaluate.resolve_checkpoint(str(out)) == ('pretrained', str(out),
-                                                   None)
+  # evaluate reads it as a weight file, not as a training workdir.
+  from mixer_jax.weights import workdir_checkpoint  # pylint: disable=g-import-not-at-top
+  assert not workdir_checkpoint.is_directory(str(out))
   proc = subprocess.run(
       [sys.executable, '-m', 'mixer_jax.predict', f'--checkpoint={out}',
        '--top_k=1', str(root / 'test' / 'dog' / '0.png')],

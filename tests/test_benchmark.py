@@ -19,7 +19,9 @@ import numpy as np
 import pytest
 
 from mixer_jax import benchmark
+from mixer_jax import model_from_config
 from mixer_jax import models
+from mixer_jax.training import compiled
 from mixer_jax.training import cost
 from mixer_jax.training import compiled
 from mixer_jax.training import optim
@@ -65,7 +67,7 @@ def test_the_benchmark_step_is_the_trainers():
   config = tiny_config(strategy='fsdp')
   config.fsdp_min_size_mb = 0.0
   devices = jax.devices()[:2]
-  model = benchmark.build_model(config)
+  model = model_from_config.create_model(config, config.num_classes)
   params = models.init_params(model, jax.random.PRNGKey(5), 16)
   params = jax.tree.map(lambda a: a + 0.1, params)
   before = jax.tree.map(np.asarray, params)
@@ -195,7 +197,7 @@ def test_command_json_output_with_fake_devices():
   result = _run_cli(*TINY_FLAGS, '--mode=train', '--batch_size=4,8',
                     '--optimizer=adam', '--dtype=bfloat16', '--devices=4',
                     '--sharding=fsdp', '--remat', '--json',
-                    '--config=configs/common.py',
+                    '--config=mixer_jax/config_defaults.py',
                     '--config.fsdp_min_size_mb=0')
   assert result.returncode == 0, result.stderr[-2000:]
   rows = [json.loads(line) for line in result.stdout.splitlines()
@@ -242,3 +244,55 @@ def test_loop_mode_runs_the_trainer_and_its_step(tmp_path):
   assert row['device'].startswith(throughput.processor_name())
   table = _run_cli('--mode=loop', '--loop_steps=3', '--repeats=1')
   assert table.returncode != 0 and '--loop_steps' in table.stderr
+
+
+def test_input_mode_times_the_jpeg_pipeline(tmp_path):
+  size = benchmark.make_jpegs(str(tmp_path), 8, 64, 48, num_classes=2)
+  assert size > 500  # Bytes per JPEG: real, noisy content.
+  config = benchmark.input_config(None, 'finetune', str(tmp_path), 32, 4)
+  from mixer_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  assert input_pipeline.dataset_info(config).train_examples == 8
+  rate, per_cpu_second = benchmark.input_images_per_second(
+      config, num_batches=2, warmup_batches=1)
+  assert rate > 0 and per_cpu_second > 0
+
+
+def _figures(line):
+  """images/s, per core, per CPU-second of one --mode=input line."""
+  return [float(v) for v in re.findall(r'([\d.]+) (?:images/s|per)', line)]
+
+
+@pytest.mark.parametrize('with_timm', [
+    False,
+    pytest.param(True, marks=pytest.mark.skipif(
+        benchmark.timm_missing() is not None,
+        reason='torch, torchvision and timm not installed'))])
+def test_input_mode_per_core_and_timm(tmp_path, with_timm):
+  benchmark.make_jpegs(str(tmp_path), 8, 64, 48, num_classes=2)
+  rows = benchmark.benchmark_input(
+      recipes=['inception'], folder=str(tmp_path), image_size=32,
+      batch_size=4, repeats=2, num_batches=2, warmup_batches=1,
+      compare_timm=with_timm)
+  assert [r['loader'] for r in rows] == (
+      ['mixer_jax', 'timm'] * 2 if with_timm else ['mixer_jax'] * 2)
+  lines = benchmark.format_input(rows).splitlines()
+  assert throughput.processor_name() in lines[0]
+  for r, line in zip(rows, lines[1:]):
+    assert r['loader'] in line
+    # Printed to one decimal: images/s, images/s / cores, per CPU-second.
+    np.testing.assert_allclose(
+        _figures(line), [r['images_per_sec'], r['images_per_sec'] /
+                         benchmark.cores(), r['per_cpu_second']], atol=0.051)
+    assert r['images_per_sec'] > 0 and r['per_cpu_second'] > 0
+  assert any('medians' in l for l in lines) == with_timm
+
+
+def test_input_mode_command(tmp_path):
+  result = _run_cli('--mode=input', '--recipe=finetune', '--num_images=8',
+                    '--width=64', '--height=48', '--image_size=32',
+                    '--batch_size=4', '--num_batches=2', '--warmup_batches=1',
+                    '--repeats=1', '--compare_timm', f'--data={tmp_path}')
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert 'Made 8 JPEGs' in result.stdout and 'per CPU-second' in result.stdout
+  if benchmark.timm_missing():
+    assert 'timm comparison skipped' in result.stdout

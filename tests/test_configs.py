@@ -45,7 +45,7 @@ def flat_keys(config, prefix=''):
 
 def test_every_config_is_found():
   names = {os.path.basename(p)[:-3] for p in CONFIG_FILES}
-  assert {'common', 'quickstart', 'b16', 'mixer_i1k',
+  assert {'quickstart', 'b16', 'mixer_i1k',
           'finetune_cifar10'} <= names
 
 
@@ -267,7 +267,7 @@ def test_image_size_not_divisible_by_patch():
     ('lr_schedule', 'step', 'must be one of linear, cosine'),
     ('model.variant', 'X_16', 'Unknown Mixer variant'),
     ('model.dtype', 'float16', 'float32, bfloat16'),
-    ('learning_rate', -1.0, '>= 0.0'),
+    ('learning_rate', -1.0, '> 0.0'),
     ('label_smoothing', 1.0, '< 1.0'),
     ('grad_accum_steps', 0, '>= 1'),
     ('warmup_steps', 5_000, 'smaller than num_train_steps'),
@@ -324,11 +324,17 @@ def run_train_cli(tmp_path, *flags):
 
 
 def test_command_line_rejects_bad_values_before_compiling(tmp_path):
-  result, _ = run_train_cli(tmp_path, '--config.optimizer=adamw',
-                            '--config.batch_size=36')
+  # Values are checked with the flags, before JAX loads; the batch against
+  # the 8 devices when the trainer has them.
+  result, seconds = run_train_cli(tmp_path, '--config.optimizer=adamw',
+                                  '--config.grad_accum_steps=0')
   assert result.returncode != 0
   assert 'config.optimizer=\'adamw\'' in result.stderr, result.stderr[-2000:]
-  assert 'config.batch_size=36' in result.stderr
+  assert 'config.grad_accum_steps=0' in result.stderr
+  assert 'Traceback' not in result.stderr and seconds < 10, seconds
+  result, _ = run_train_cli(tmp_path, '--config.batch_size=36')
+  assert result.returncode != 0
+  assert 'config.batch_size=36' in result.stderr, result.stderr[-2000:]
   assert not os.path.exists(os.path.join(tmp_path, 'checkpoints'))
 
 

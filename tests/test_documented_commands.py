@@ -24,6 +24,7 @@ import ast
 import glob
 import os
 import re
+import runpy
 import shlex
 import subprocess
 import sys
@@ -33,13 +34,12 @@ import jax
 from ml_collections import config_flags
 import pytest
 
-from mixer_jax.training import config_loading
 from mixer_jax.training import launch_check
 from mixer_jax.training import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROGRAMS = ('train', 'evaluate', 'predict', 'export', 'fewshot', 'benchmark',
-            'benchmark_input')
+            'visualize')
 PYTHON = '.venv/bin/python'
 SETUP = 'python3 -m venv .venv && .venv/bin/pip install -q -e '
 
@@ -60,11 +60,9 @@ TINY_MODEL = ('--config.model.num_blocks=1', '--config.model.hidden_dim=16',
 TINY = {
     'benchmark': ('--num_blocks=1', '--hidden_dim=16', '--tokens_mlp_dim=8',
                   '--channels_mlp_dim=16', '--image_size=32', '--repeats=1',
-                  '--peak_size=64', '--loop_steps=20'),
-    'benchmark_input': ('--num_images=16', '--width=64', '--height=48',
-                        '--image_size=32', '--batch_size=8',
-                        '--num_batches=2', '--warmup_batches=1',
-                        '--repeats=1'),
+                  '--peak_size=64', '--loop_steps=20', '--num_images=16',
+                  '--width=64', '--height=48', '--num_batches=2',
+                  '--warmup_batches=1'),
 }
 
 
@@ -177,7 +175,9 @@ def test_the_documents_cover_each_program_and_not_run_is_current():
 def _defined_flags(program):
   source = _read(f'mixer_jax/{program}.py')
   names = set(re.findall(r"DEFINE_\w+\(\s*'(\w+)'", source))
-  if 'define_multihost_flags' in source:
+  if 'config_loading.parse_flags' in source:
+    names.add('config')
+  if 'start_multihost' in source:
     names |= {'multihost', 'coordinator_address', 'num_processes',
               'process_id'}
   if 'define_verbose_flag' in source:
@@ -203,17 +203,16 @@ def test_documented_command_parses_and_resolves(where, program, argv):
                  for a in flags_given if a.startswith('--config')]
   if not any(a.startswith('--config=') for a in config_args):
     return
-  # The programs' own loader: file, ARG, override names.
-  config_loading.check_command_line(['prog'] + config_args)
-  if program != 'train':
-    return
-  # Parsed as train parses it: ml_collections' DEFINE_config_file.
+  # Parsed as the programs parse it: ml_collections' DEFINE_config_file.
   values = flags.FlagValues()
   config_flags.DEFINE_config_file('config', None, flag_values=values,
-                                  lock_config=False,
+                                  lock_config=True,
                                   sys_argv=['prog'] + config_args)
   values(['prog'] + config_args)
   config = values.config
+  launch_check.config_validation.validate_config(config)
+  if program != 'train':
+    return
   config.init_from = ''  # Not downloaded in the suite.
   launch_check.config_validation.validate_config(
       config, num_devices=jax.device_count(), num_processes=1)
@@ -237,8 +236,8 @@ def _runnable(argv):
   data sets that are not here."""
   program = _program(argv)
   if program == 'train' and _value(argv, 'config') != 'configs/quickstart.py':
-    config = config_loading.load_config_file(
-        os.path.join(REPO, _value(argv, 'config')))
+    path, *arg = os.path.join(REPO, _value(argv, 'config')).split(':', 1)
+    config = runpy.run_path(path)['get_config'](*arg)
     patch = int((_value(argv, 'config.model.variant') or
                  config.model.variant).split('_')[1])
     return _with(argv, TINY_MODEL + (

@@ -182,5 +182,5 @@ def test_command_line_overrides_the_workdirs_config(workdir):
       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert run.returncode == 1
   assert run.stderr.strip() == (
-      'ConfigError: Unknown config field eval_splt (flag '
-      '--config.eval_splt); did you mean eval_split?'), run.stderr
+      'ConfigError: unknown config field \'eval_splt\'; Did you mean '
+      '"eval_split" instead of "eval_splt"?'), run.stderr

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
@@ -96,9 +97,12 @@ def test_multi_label_eval_batches_mask_empty_sets():
   labels = tf.ragged.constant([[1, 2], [], [0], [], [2, 2]])
   examples = tf.data.Dataset.from_tensor_slices(
       {'image': images, 'label': labels})
-  batches = list(input_pipeline.padded_eval_dataset(
-      examples, 5, batch_size=4, image_size=4, num_classes=3, crop='resize',
-      resize=4, resize_method='area', multi_label=True).as_numpy_iterator())
+  source = types.SimpleNamespace(name='sets', read=lambda *_: examples,
+                                 shard_size=lambda *_: 5)
+  batches = list(input_pipeline.eval_batches(
+      source, 'test', batch_size=4, image_size=4, num_classes=3,
+      crop='resize', resize=4, resize_method='area', multi_label=True,
+      process_index=0, process_count=1).as_numpy_iterator())
   assert len(batches) == 2
   mask = np.concatenate([b['mask'] for b in batches])
   np.testing.assert_array_equal(mask, [1, 0, 1, 0, 1, 0, 0, 0])

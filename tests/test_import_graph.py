@@ -18,7 +18,7 @@ PACKAGE = 'mixer_jax'
 # library, which must never import them.
 PROGRAMS = {f'{PACKAGE}.{name}' for name in (
     'train', 'evaluate', 'predict', 'fewshot', 'export', 'benchmark',
-    'benchmark_input')}
+    'visualize')}
 
 
 def package_modules():

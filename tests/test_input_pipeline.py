@@ -1,15 +1,13 @@
 """Tests of mixer_jax.data.input_pipeline on digits, mocked TFDS data and folders."""
 
 import collections
-import importlib.util
 import os
-import re
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from configs import common
+from mixer_jax import config_defaults
 from mixer_jax.data import input_pipeline
 from mixer_jax.data.datasets import sources
 # The folder-of-images fixture is shared with test_datasets.py (pytest puts
@@ -25,7 +23,7 @@ def digits_dir(tmp_path_factory):
 
 
 def _config(data_dir, **overrides):
-  config = common.get_config()
+  config = config_defaults.get_config()
   config.dataset = 'digits'
   config.data_dir = data_dir
   config.train_split = 'train'
@@ -280,48 +278,3 @@ def test_folder_pipeline_with_corrupt_files(tmp_path):
       if mask:  # cat pixels 40, dog pixels 200, in [-1, 1].
         expected = (np.array([40, 200]) - 127.5) / 127.5
         assert abs(image.mean() - expected[label.argmax()]) < 0.03
-
-
-def test_benchmark_input_times_the_jpeg_pipeline(tmp_path):
-  from mixer_jax import benchmark_input  # pylint: disable=g-import-not-at-top
-  size = benchmark_input.make_jpegs(str(tmp_path), 8, 64, 48, num_classes=2)
-  assert size > 500  # Bytes per JPEG: real, noisy content.
-  config = benchmark_input.recipe_config(common.get_config(), 'finetune',
-                                         str(tmp_path), 32, 4)
-  assert input_pipeline.dataset_info(config).train_examples == 8
-  rate, per_cpu_second = benchmark_input.images_per_second(
-      config, num_batches=2, warmup_batches=1)
-  assert rate > 0 and per_cpu_second > 0
-
-
-def _figures(line):
-  """images/s, per core, per CPU-second of one benchmark_input line."""
-  return [float(v) for v in re.findall(r'([\d.]+) (?:images/s|per)', line)]
-
-
-@pytest.mark.parametrize('with_timm', [
-    False,
-    pytest.param(True, marks=pytest.mark.skipif(
-        importlib.util.find_spec('timm') is None or
-        importlib.util.find_spec('torchvision') is None,
-        reason='torch, torchvision and timm not installed'))])
-def test_benchmark_input_per_core_and_timm(tmp_path, capsys, with_timm):
-  from mixer_jax import benchmark_input  # pylint: disable=g-import-not-at-top
-  benchmark_input.make_jpegs(str(tmp_path), 8, 64, 48, num_classes=2)
-  config = benchmark_input.recipe_config(common.get_config(), 'inception',
-                                         str(tmp_path), 32, 4)
-  ours, theirs = benchmark_input.compare(
-      config, 'inception', str(tmp_path), repeats=2, num_batches=2,
-      warmup_batches=1, with_timm=with_timm)
-  assert len(ours) == 2 and len(theirs) == (2 if with_timm else 0)
-  lines = capsys.readouterr().out.splitlines()
-  cores = benchmark_input.cores()
-  for (rate, per_cpu_second), line in zip(ours + theirs, [
-      l for l in lines if 'per core' in l and 'timm' not in l] + [
-          l for l in lines if l.lstrip().startswith('timm:')]):
-    shown = _figures(line)
-    # Printed to one decimal: images/s, images/s / cores, per CPU-second.
-    np.testing.assert_allclose(shown, [rate, rate / cores, per_cpu_second],
-                               atol=0.051)
-    assert rate > 0 and per_cpu_second > 0
-  assert any('medians' in l for l in lines) == with_timm

@@ -8,6 +8,7 @@ and compiles a representative set; the full sizes compile in a slow test.
 """
 
 import os
+import runpy
 import subprocess
 import sys
 
@@ -15,7 +16,6 @@ import jax
 import pytest
 
 from mixer_jax import models
-from mixer_jax.training import config_loading
 from mixer_jax.training import launch_check
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,7 +34,8 @@ def test_every_shipped_config_is_in_the_matrix():
 
 
 def load(spec, strategy, shrink=True):
-  config = config_loading.load_config_file(os.path.join(REPO, spec))
+  path, *arg = os.path.join(REPO, spec).split(':', 1)
+  config = runpy.run_path(path)['get_config'](*arg)
   config.sharding = strategy
   config.init_from = ''  # No weights are downloaded here.
   if shrink:  # Same functions, tiny sizes: 1 block of width 16, 2x2 tokens.

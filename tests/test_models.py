@@ -146,7 +146,8 @@ def test_token_mixing_mixes_tokens_and_channel_mixing_does_not():
   # Through token mixing, a change in one patch reaches every token, so the
   # pooled features differ in a way no single-token change explains; check
   # directly on the block: the per-token output of the mixer block.
-  block = models.MixerBlock(TINY['tokens_mlp_dim'], TINY['channels_mlp_dim'])
+  block = models.MixerBlock(TINY['tokens_mlp_dim'], TINY['channels_mlp_dim'],
+                            gelu_approximate=True)
   bp = params['MixerBlock_0']
   x0 = _tokens_after_stem(model, params, images)
   x1 = _tokens_after_stem(model, params, changed)
@@ -181,7 +182,8 @@ def test_permuting_tokens_consistently_is_equivariant():
   """Permuting tokens and the token-MLP weights together changes nothing."""
   model = models.create_model('S_4', None, **dict(TINY, num_blocks=1))
   params = _random_params(model, 8)
-  block = models.MixerBlock(TINY['tokens_mlp_dim'], TINY['channels_mlp_dim'])
+  block = models.MixerBlock(TINY['tokens_mlp_dim'], TINY['channels_mlp_dim'],
+                            gelu_approximate=True)
   bp = params['MixerBlock_0']
   x = jax.random.normal(jax.random.PRNGKey(4), (2, 4, 16))
   perm = np.array([2, 0, 3, 1])
@@ -322,7 +324,8 @@ def test_intermediate_outputs_are_the_model_stages():
                              features.apply({'params': params}, images),
                              rtol=1e-6)
   # Each block's output is the next block's input.
-  block = models.MixerBlock(TINY['tokens_mlp_dim'], TINY['channels_mlp_dim'])
+  block = models.MixerBlock(TINY['tokens_mlp_dim'], TINY['channels_mlp_dim'],
+                            gelu_approximate=True)
   np.testing.assert_allclose(
       block.apply({'params': params['MixerBlock_1']}, out['block_0']),
       out['block_1'], rtol=1e-5, atol=1e-6)

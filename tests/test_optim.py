@@ -180,11 +180,3 @@ def test_kernel_mask_on_mixer_params():
   assert not mask['head']['bias']
   flat = jax.tree.leaves(mask)
   assert sum(flat) == 6  # stem, 2 token + 2 channel Dense, head.
-
-
-@pytest.mark.parametrize('field, value', [('optimizer', 'adamw'),
-                                          ('lr_schedule', 'step'),
-                                          ('momentum_dtype', 'float16')])
-def test_unknown_enum_values_are_rejected(field, value):
-  with pytest.raises(ValueError, match=field):
-    optim.create_optimizer(make_config(**{field: value}), 10)

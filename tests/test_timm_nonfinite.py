@@ -1,4 +1,4 @@
-"""timm .safetensors files with NaN/Inf weights are refused at import."""
+"""timm .safetensors files with NaN/Inf weights are refused when read."""
 
 from flax import traverse_util
 import mixer_reference as ref
@@ -7,6 +7,7 @@ import pytest
 from safetensors import numpy as st_numpy
 
 from mixer_jax.weights import official_format
+from mixer_jax.weights import pretrained
 from mixer_jax.weights import timm_format
 
 
@@ -21,7 +22,7 @@ def test_nonfinite_timm_weights_are_refused_naming_the_leaves(tmp_path):
                                               np.inf)
   st_numpy.save_file(state, path)
   with pytest.raises(official_format.PretrainedError) as e:
-    timm_format.import_timm(path)
+    pretrained.read_weights(path)
   message = str(e.value)
   assert path in message
   assert 'head/kernel (2 of' in message

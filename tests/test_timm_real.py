@@ -81,7 +81,8 @@ outputs['normalised'] = logits(inputs['normalised'])
   assert np.abs(out['logits']).max() > 0.1  # Not a degenerate output.
   path = str(tmp_path / 'timm.safetensors')
   st_numpy.save_file(state, path)
-  params = timm_format.import_timm(path)
+  params = traverse_util.unflatten_dict(pretrained.read_weights(path).flat,
+                                        sep='/')
   np.testing.assert_allclose(_ours().apply({'params': params}, x),
                              out['logits'], rtol=1e-4, atol=1e-4)
   # timm's GELU is the exact (erf) form: the tanh form is measurably off.

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mixer_jax import benchmark
+from mixer_jax import model_from_config
 from mixer_jax import models
 
 try:
@@ -44,7 +45,7 @@ def _ours(mode: str, batch: int):
   config = benchmark.run_config(
       variant='B_16', num_classes=1000, dtype='float32', sizes={},
       optimizer='sgd', batch_size=batch, image_size=224)
-  params = models.init_params(benchmark.build_model(config),
+  params = models.init_params(model_from_config.create_model(config, 1000),
                               jax.random.PRNGKey(0), 224)
   run, _, _, _ = benchmark.make_step(config, mode, params)
   return lambda: jax.block_until_ready(run())

@@ -1,23 +1,23 @@
-"""Checks that make a checkpoint trustworthy before and after it is read.
+"""What makes a checkpoint trustworthy: leaf checksums, tree and fingerprint.
 
-Used by `checkpoints.Checkpointer`, each with the message that names the
-step and the problem: the comparison of the stored model fingerprint
-(fingerprint.py) and tree (leaf paths, shapes, dtypes) with the restore
-target, and of the per-leaf checksums taken at save time with those after
-reading (state_digests.py), which catch files that decode without error but
-hold other values (bit rot, swapped files). Also refuses non-finite states,
-before they are written and after they are read.
+Every save stores a 64-bit checksum of each numeric leaf's values (taken on
+the device, any sharding) and refuses non-finite values; every restore
+compares the stored tree (paths, shapes, dtypes) and model fingerprint with
+the target before reading an array, and the checksums after. Each refusal
+is a `CheckpointError` naming the step directory and the problem.
 """
 
 import json
 from typing import Mapping
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from mixer_jax.checkpointing import state_digests
+from mixer_jax.errors import UserError
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
   """A checkpoint cannot be written, found, read or used for this run."""
 
 
@@ -38,18 +38,90 @@ def jsonable(value):
   return value
 
 
-def save_payload(state, step, extra, fingerprint, directory, latest_step):
-  """The `extra` JSON saved with `step`; CheckpointError if not savable.
+def flat(tree) -> dict:
+  """{'params/stem/kernel': leaf} for any pytree (dataclass, dict, tuple)."""
+  return {jax.tree_util.keystr(path, simple=True, separator='/'): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
-  Refuses a state with non-finite values (`latest_step()` names the last
-  good step) and an `extra` that is not plain JSON.
+
+def _dtype(leaf):
+  # Not getattr(leaf, 'dtype', default): building the default would fetch
+  # the array, which fails for arrays spanning several hosts.
+  return leaf.dtype if hasattr(leaf, 'dtype') else np.asarray(leaf).dtype
+
+
+def _checksum(x):
+  """Two 32-bit sums of hashed (word, position) pairs, modulo 2**32.
+
+  Word i (the bits of the values as uint32) contributes h_i = mix(word_i +
+  i * golden ratio), mix being murmur3's finaliser (a bijection); the sums
+  are sum(h_i) and sum(h_i * (2i + 1)). A change confined to one word always
+  changes both; other changes go undetected with a chance of about 2**-64.
+  Integer sums do not depend on the reduction order: the result is exact on
+  any device and sharding.
   """
-  digests = state_digests.state_digests(state)
+  x = jnp.ravel(x)
+  if x.dtype == jnp.bool_:
+    x = x.astype(jnp.uint8)
+  if x.dtype.itemsize < 4:
+    unsigned = {1: jnp.uint8, 2: jnp.uint16}[x.dtype.itemsize]
+    words = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+  else:
+    words = jnp.ravel(jax.lax.bitcast_convert_type(x, jnp.uint32))
+  index = jnp.arange(words.size, dtype=jnp.uint32)
+  h = words + index * jnp.uint32(0x9E3779B9)
+  h = (h ^ (h >> 16)) * jnp.uint32(0x85EBCA6B)
+  h = (h ^ (h >> 13)) * jnp.uint32(0xC2B2AE35)
+  h = h ^ (h >> 16)
+  return jnp.stack([jnp.sum(h, dtype=jnp.uint32),
+                    jnp.sum(h * (2 * index + 1), dtype=jnp.uint32)])
+
+
+@jax.jit
+def _leaf_digests(leaves):
+  """Per leaf: (checksum word 1, checksum word 2, all finite) as uint32."""
+  out = []
+  for x in leaves:
+    x = jnp.asarray(x)
+    finite = (jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact)
+              else jnp.asarray(True))
+    out.append(jnp.concatenate([_checksum(x),
+                                finite.astype(jnp.uint32)[None]]))
+  return jnp.stack(out) if out else jnp.zeros((0, 3), jnp.uint32)
+
+
+def state_digests(state) -> dict:
+  """{path: (checksum as 16 hex digits, all finite)} of the numeric leaves.
+
+  Computed in one jitted pass where the arrays live.
+  """
+  numeric = {k: v for k, v in flat(state).items()
+             if jnp.issubdtype(_dtype(v), jnp.number)}
+  digests = _leaf_digests(list(numeric.values()))
+  if not digests.is_fully_addressable:
+    digests = digests.addressable_data(0)  # Replicated: every host has it.
+  rows = np.asarray(digests).tolist()
+  return {path: (f'{a:08x}{b:08x}', bool(finite))
+          for path, (a, b, finite) in zip(numeric, rows)}
+
+
+def _params_first(text):
+  return (not text.startswith('params/'), text)
+
+
+def save_payload(state, step, extra, fingerprint, directory, latest_step):
+  """The `extra` JSON saved with `step`: checksums, fingerprint, `extra`.
+
+  Raises:
+    CheckpointError: non-finite values in `state` (naming the last good
+      step, `latest_step`), or an `extra` that is not plain JSON.
+  """
+  digests = state_digests(state)
   bad = [path for path, (_, finite) in digests.items() if not finite]
   if bad:
-    latest = latest_step()
-    last_good = (f'The last good checkpoint is step {latest}.'
-                 if latest is not None else 'No checkpoint was saved before.')
+    last_good = (f'The last good checkpoint is step {latest_step}.'
+                 if latest_step is not None else
+                 'No checkpoint was saved before.')
     raise CheckpointError(
         f'Refusing to save step {step} to {directory}: non-finite '
         f'values in {", ".join(bad[:5])}. {last_good}')
@@ -59,19 +131,8 @@ def save_payload(state, step, extra, fingerprint, directory, latest_step):
   try:
     json.dumps(payload, allow_nan=False)
   except (TypeError, ValueError) as e:
-    raise CheckpointError(
-        f'extra for step {step} is not plain JSON: {e}.')
+    raise CheckpointError(f'extra for step {step} is not plain JSON: {e}.')
   return payload
-
-
-def read_error(where, error, hint):
-  return CheckpointError(
-      f'Reading the arrays of checkpoint {where} failed (corrupt or truncated '
-      f'files): {short_error(error)}.{hint}')
-
-
-def _params_first(text):
-  return (not text.startswith('params/'), text)
 
 
 def check_tree(stored: dict, wanted: dict, where, hint):
@@ -83,8 +144,7 @@ def check_tree(stored: dict, wanted: dict, where, hint):
   for path in wanted.keys() & stored.keys():
     a, b = stored[path], wanted[path]
     a_shape, b_shape = tuple(a.shape), tuple(np.shape(b))
-    a_dtype = np.dtype(a.dtype)
-    b_dtype = np.dtype(state_digests.leaf_dtype(b))
+    a_dtype, b_dtype = np.dtype(a.dtype), np.dtype(_dtype(b))
     if a_shape != b_shape or (b_shape and a_dtype != b_dtype):
       problems.append(f'{path}: checkpoint {a_shape} {a_dtype}, this run '
                       f'{b_shape} {b_dtype}')
@@ -97,27 +157,18 @@ def check_tree(stored: dict, wanted: dict, where, hint):
         f'or another workdir.{hint}')
 
 
-def check_digests(restored: dict, saved, where, hint):
-  """Compares checksums after a restore with those taken at save time.
-
-  Also refuses non-finite values (which a save never writes), naming the
-  leaves. `saved` is None for checkpoints written before checksums were
-  stored; those get only the finiteness check.
-  """
+def check_digests(restored: dict, saved: dict, where, hint):
+  """Refuses non-finite values and checksums that differ from `saved`."""
   bad_values = [p for p, (_, finite) in restored.items() if not finite]
   if bad_values:
     raise CheckpointError(
         f'Checkpoint {where} holds NaN or infinite values in '
         f'{", ".join(sorted(bad_values, key=_params_first)[:8])}; it cannot '
         f'be used.{hint}')
-  if saved is None:
-    return
-  bad = [p for p, (digest, _) in restored.items()
-         if p in saved and saved[p] != digest]
-  missing = [p for p in restored if p not in saved]
-  if bad or missing:
-    names = sorted(bad, key=_params_first) + [
-        f'{p} (no checksum stored)' for p in missing]
+  names = sorted((p for p, (digest, _) in restored.items()
+                  if p in saved and saved[p] != digest), key=_params_first)
+  names += [f'{p} (no checksum stored)' for p in restored if p not in saved]
+  if names:
     raise CheckpointError(
         f'Checkpoint {where} is corrupt: the values read differ from those '
         f'saved (checksum mismatch) in {", ".join(names[:5])}'

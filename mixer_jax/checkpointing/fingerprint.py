@@ -1,8 +1,4 @@
-"""The model fingerprint stored with every checkpoint step.
-
-What a checkpoint must share with a config to be resumed or evaluated;
-`checkpoint_checks.check_fingerprint` compares it when a step is read.
-"""
+"""The model fingerprint stored with every checkpoint step."""
 
 import dataclasses
 
@@ -14,7 +10,8 @@ def model_fingerprint(config, num_classes: int) -> dict:
 
   Covers the architecture (the resolved sizes, and fields that change what
   the parameters compute while keeping shapes, e.g. gelu_approximate) but not
-  training hyperparameters, which may legitimately change between restarts.
+  training hyperparameters, which may legitimately change between restarts;
+  `checkpoint_checks.check_fingerprint` compares it when a step is read.
 
   Args:
     config: a run config (reads config.model and image_size).

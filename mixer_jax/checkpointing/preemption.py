@@ -17,7 +17,7 @@ import threading
 from absl import logging
 import jax
 
-_PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class PreemptionSignals:
@@ -32,16 +32,11 @@ class PreemptionSignals:
     self.received = None  # Name of the first signal, if any.
     self._old = {}
 
-  @property
-  def installed(self) -> bool:
-    return bool(self._old)
-
   def install(self) -> None:
     if (self._old or jax.process_count() > 1 or
         threading.current_thread() is not threading.main_thread()):
       return  # Multi-host runs use JAX's preemption sync service.
-    for signum in _PREEMPTION_SIGNALS:
-      self._old[signum] = signal.signal(signum, self._on_signal)
+    self._old = {s: signal.signal(s, self._on_signal) for s in _SIGNALS}
 
   def restore(self) -> None:
     for signum, handler in self._old.items():
@@ -56,20 +51,14 @@ class PreemptionSignals:
       signal.raise_signal(signum)
       return
     self.received = signal.Signals(signum).name
-    if _before_training:
-      return  # The stop_at_once_before_training thread ends the process.
-    logging.warning('Received %s: saving a checkpoint at the next step and '
-                    'stopping (send it again to stop immediately).',
-                    self.received)
+    if not _before_training:  # Else stop_at_once_before_training ends it.
+      logging.warning('Received %s: saving a checkpoint at the next step and '
+                      'stopping (send it again to stop immediately).',
+                      self.received)
 
 
-# The PreemptionSignals of the innermost `watch_preemption` in progress.
-_watching = []
-
-
-def innermost():
-  """The PreemptionSignals of the innermost `watch_preemption`, or None."""
-  return _watching[-1] if _watching else None
+# The PreemptionSignals of the `watch_preemption` in progress, if any.
+watching = None
 
 
 @contextlib.contextmanager
@@ -81,17 +70,15 @@ def watch_preemption():
   compilation or restore would end the process (exit 143). Inside it, such
   a signal is recorded and the first `reached_preemption` returns True.
   Also a decorator (`@watch_preemption()`).
-
-  Yields:
-    The PreemptionSignals (its `received` names the signal, if any).
   """
-  signals = PreemptionSignals()
+  global watching
+  signals, outer = PreemptionSignals(), watching
   signals.install()
-  _watching.append(signals)
+  watching = signals
   try:
     yield signals
   finally:
-    _watching.remove(signals)
+    watching = outer
     signals.restore()
 
 
@@ -107,12 +94,8 @@ def training_started() -> None:
 
 def _stop_on_signal(read_fd: int) -> None:
   """Ends the process on a SIGTERM/SIGINT while `_before_training`."""
-  while True:
-    data = os.read(read_fd, 64)
-    if not data:
-      os.close(read_fd)
-      return
-    stops = [s for s in data if s in _PREEMPTION_SIGNALS]
+  while data := os.read(read_fd, 64):
+    stops = [s for s in data if s in _SIGNALS]
     if stops and _before_training:
       print(f'Received {signal.Signals(stops[0]).name} before the first '
             'training step: stopped at once, nothing new to save. The same '
@@ -120,6 +103,7 @@ def _stop_on_signal(read_fd: int) -> None:
             flush=True)
       sys.stdout.flush()
       os._exit(0)  # pylint: disable=protected-access
+  os.close(read_fd)
 
 
 @contextlib.contextmanager

@@ -6,12 +6,14 @@ TensorFlow and TFDS) keeps that list cheap to import for the programs that
 read no data set (predict, export).
 """
 
+from mixer_jax.errors import UserError
 
-class DatasetUnavailableError(ValueError):
+
+class DatasetUnavailableError(UserError, ValueError):
   """A data set is unknown, or is not prepared and cannot be prepared."""
 
 
-class BadImagesError(ValueError):
+class BadImagesError(UserError, ValueError):
   """Image files that cannot be decoded, with config.bad_images='error'."""
 
 

@@ -3,6 +3,7 @@
   info = dataset_info(config)                  # Classes, split sizes.
   train = train_dataset(config, start_step=s)  # Infinite, this process's.
   evals = eval_dataset(config)                 # One pass, padded, 'mask'.
+  other = eval_batches(source, split, ...)     # The same, of any split.
 
 Batches are dicts of tensors: 'image' float32 (B, H, W, 3) in [-1, 1],
 'label' float32 (B, num_classes) (one-hot; mixup is applied in the step) and, for eval,
@@ -40,13 +41,15 @@ import math
 import tensorflow as tf
 
 from mixer_jax.data import preprocess
-from mixer_jax.data import randaugment
+from mixer_jax.data import randaugment as ra
 from mixer_jax.data.datasets import sources
 
 # Largest int64 epoch index: the training stream never ends.
 _FOREVER = 2**62
 # Salts that keep the per-purpose random streams independent.
 _SHUFFLE, _AUGMENT = 1, 2
+_OPTIONS = tf.data.Options()
+_OPTIONS.deterministic = True  # Parallel maps keep their input order.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,25 +70,18 @@ class DatasetInfo:
 
 
 def _processes(process_index, process_count):
-  """Fills in this process's index and the process count from JAX."""
-  if process_index is None or process_count is None:
-    import jax  # pylint: disable=g-import-not-at-top
-    process_index = (jax.process_index() if process_index is None
-                     else process_index)
-    process_count = (jax.process_count() if process_count is None
-                     else process_count)
-  if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index {process_index} is not in '
-                     f'[0, {process_count}).')
-  return process_index, process_count
+  """This process's index and the process count (default JAX's)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return (jax.process_index() if process_index is None else process_index,
+          jax.process_count() if process_count is None else process_count)
 
 
-def _local_batch_size(config, process_count):
-  if config.batch_size <= 0 or config.batch_size % process_count:
+def _local_batch_size(batch_size, process_count):
+  if batch_size <= 0 or batch_size % process_count:
     raise ValueError(
-        f'config.batch_size={config.batch_size} must be a positive multiple '
-        f'of the number of processes ({process_count}).')
-  return config.batch_size // process_count
+        f'config.batch_size={batch_size} must be a positive multiple of the '
+        f'number of processes ({process_count}).')
+  return batch_size // process_count
 
 
 def head_classes(config, source) -> int:
@@ -139,33 +135,16 @@ def _seed(config, process_index, salt):
   return tf.constant([config.seed, process_index * 16 + salt], tf.int64)
 
 
-def _randaugment(config):
-  if config.pp.randaugment_layers <= 0:
-    return None
-  return randaugment.RandAugment(config.pp.randaugment_layers,
-                                config.pp.randaugment_magnitude)
-
-
-def _maybe_cache(config, examples, *, raw=False):
-  """Caches examples in memory: decoded (config.cache) or raw (cache_raw).
-
-  `raw=True` (training only) keeps the still-encoded records of
-  config.cache_raw, as big_vision: no file is read after the first epoch,
-  and decoding and augmentation still differ per epoch.
-  """
-  if raw and config.cache_raw and not config.cache:
-    return examples.cache()
-  if not config.cache:
-    return examples
-  decode = lambda ex: {'image': preprocess.decode(ex['image']),
-                       'label': ex['label']}
-  return examples.map(decode, num_parallel_calls=tf.data.AUTOTUNE).cache()
-
-
-def _options():
-  options = tf.data.Options()
-  options.deterministic = True  # Parallel maps keep their input order.
-  return options
+def _cache(examples, *, decoded, raw=False):
+  """Caches examples in memory: decoded (config.cache), or else still
+  encoded (config.cache_raw, training only: as big_vision, no file is read
+  after the first epoch, and decoding and augmentation still differ per
+  epoch)."""
+  if decoded:
+    examples = examples.map(
+        lambda ex: {'image': preprocess.decode(ex['image']),
+                    'label': ex['label']}, num_parallel_calls=tf.data.AUTOTUNE)
+  return examples.cache() if decoded or raw else examples
 
 
 def train_dataset(config, *, start_step=0, process_index=None,
@@ -184,9 +163,7 @@ def train_dataset(config, *, start_step=0, process_index=None,
     (B, num_classes)}, B = config.batch_size // process_count.
   """
   index, count = _processes(process_index, process_count)
-  batch_size = _local_batch_size(config, count)
-  if start_step < 0:
-    raise ValueError(f'start_step must be >= 0, got {start_step}.')
+  batch_size = _local_batch_size(config.batch_size, count)
   source = sources.get_source(config)
   num_classes = head_classes(config, source)
   split = config.train_split
@@ -195,7 +172,8 @@ def train_dataset(config, *, start_step=0, process_index=None,
     raise ValueError(
         f'Process {index} of {count} gets no examples of {split!r} in '
         f'{source.name}; use a larger split or fewer processes.')
-  examples = _maybe_cache(config, source.read(split, index, count), raw=True)
+  examples = _cache(source.read(split, index, count), decoded=config.cache,
+                    raw=config.cache_raw)
 
   shuffle_seed = _seed(config, index, _SHUFFLE)
   buffer_size = min(config.shuffle_buffer, n)
@@ -220,15 +198,17 @@ def train_dataset(config, *, start_step=0, process_index=None,
   ds = ds.skip(offset)  # Raw records: nothing skipped is decoded.
 
   augment_seed = _seed(config, index, _AUGMENT)
-  randaugment = _randaugment(config)
   pp = config.pp
+  randaugment = (None if pp.randaugment_layers <= 0 else
+                 ra.RandAugment(pp.randaugment_layers,
+                                pp.randaugment_magnitude))
 
   def augment(position, ex):
     seed = tf.random.experimental.stateless_fold_in(augment_seed, position)
     image = preprocess.train_image(
         ex['image'], seed, image_size=config.image_size, crop=pp.train_crop,
         area_min=pp.crop_area_min, flip=pp.flip, randaugment=randaugment)
-    return image, preprocess.one_hot(ex['label'], num_classes)
+    return image, tf.one_hot(ex['label'], num_classes)
 
   if per_batch:
     image_spec = ds.element_spec['image']
@@ -239,14 +219,14 @@ def train_dataset(config, *, start_step=0, process_index=None,
     ds = ds.batch(batch_size, drop_remainder=True)
     ds = ds.map(lambda ex: (
         preprocess.normalize(preprocess.resize(ex['image'], config.image_size)),
-        preprocess.one_hot(ex['label'], num_classes)))
+        tf.one_hot(ex['label'], num_classes)))
   else:
     ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(batch_size, drop_remainder=True)
 
   # mixup runs in the train step on the global batch (train_steps.mixup).
   ds = ds.map(lambda images, labels: {'image': images, 'label': labels})
-  return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+  return ds.prefetch(tf.data.AUTOTUNE).with_options(_OPTIONS)
 
 
 def batched_preprocessing(config, source) -> bool:
@@ -266,64 +246,51 @@ def batched_preprocessing(config, source) -> bool:
 
 
 def eval_dataset(config, *, process_index=None, process_count=None):
-  """One pass over config.eval_split for this process, padded.
+  """`eval_batches` of config.eval_split of the run's data set."""
+  source = sources.get_source(config)
+  pp = config.pp
+  return eval_batches(
+      source, config.eval_split, batch_size=config.batch_size,
+      image_size=config.image_size,
+      num_classes=head_classes(config, source), crop=pp.eval_crop,
+      resize=pp.eval_resize, resize_method=pp.eval_resize_method,
+      cache=config.cache, process_index=process_index,
+      process_count=process_count)
 
-  Every example of the split is in exactly one process's batches with
-  mask 1; the last batches are filled with zero images with mask 0, so that
-  all processes yield the same number of full batches.
+
+def eval_batches(source, split, *, batch_size, image_size, num_classes,
+                 crop, resize, resize_method, multi_label=False, cache=False,
+                 process_index=None, process_count=None):
+  """One pass over `split` of `source` for this process, padded.
+
+  Every example of the split is in exactly one process's batches with mask
+  1; the last batches are filled with zero images with mask 0, so that all
+  processes yield ceil(largest shard / B) full batches.
 
   Args:
-    config: the run's ConfigDict.
+    source: a `sources` source.
+    split: a split string of it.
+    batch_size: the global batch size (over all processes).
+    image_size: output side.
+    num_classes: label vector size.
+    crop, resize, resize_method: see preprocess.eval_image.
+    multi_label: labels are sets (e.g. ImageNet ReaL's `real_label`): the
+      'label' is their multi-hot vector, and an example with an empty set
+      gets mask 0 (it is left out of every metric).
+    cache: keep the decoded images in memory after the first pass.
     process_index: this process; default jax.process_index().
     process_count: processes sharing the batch; default jax.process_count().
 
   Returns:
     tf.data.Dataset of {'image', 'label', 'mask'} batches of
-    B = config.batch_size // process_count.
+    B = batch_size // process_count.
   """
   index, count = _processes(process_index, process_count)
-  source = sources.get_source(config)
-  num_classes = head_classes(config, source)
-  split = config.eval_split
-  largest = sources.largest_shard_size(source, split, count)
+  batch_size = _local_batch_size(batch_size, count)
+  largest = max(source.shard_size(split, i, count) for i in range(count))
   if largest <= 0:
     raise ValueError(f'Split {split!r} of {source.name} is empty.')
-  pp = config.pp
-  return padded_eval_dataset(
-      _maybe_cache(config, source.read(split, index, count)), largest,
-      batch_size=config.batch_size, image_size=config.image_size,
-      num_classes=num_classes, crop=pp.eval_crop, resize=pp.eval_resize,
-      resize_method=pp.eval_resize_method, process_count=count)
-
-
-def padded_eval_dataset(examples, largest, *, batch_size, image_size,
-                        num_classes, crop, resize, resize_method,
-                        multi_label=False, process_count=1):
-  """Eval batches of {'image', 'label', 'mask'} from one process's examples.
-
-  Args:
-    examples: this process's {'image', 'label'} examples (encoded or uint8
-      images; int labels, or int label sets when multi_label).
-    largest: the most examples any process has: all processes yield
-      ceil(largest / B) batches, the last ones padded with mask 0.
-    num_classes: label vector size.
-    batch_size: the global batch size (over all processes).
-    image_size: output side.
-    crop, resize, resize_method: see preprocess.eval_image.
-    multi_label: labels are sets (e.g. ImageNet ReaL's `real_label`): the
-      'label' is their multi-hot vector, and an example with an empty set
-      gets mask 0 (it is left out of every metric).
-    process_count: processes sharing the global batch.
-
-  Returns:
-    tf.data.Dataset of batches of B = batch_size // process_count.
-  """
-  if batch_size <= 0 or batch_size % process_count:
-    raise ValueError(f'The eval batch size {batch_size} must be a positive '
-                     f'multiple of the number of processes ({process_count}).')
-  batch_size //= process_count
-  num_batches = math.ceil(largest / batch_size)
-  size = image_size
+  examples = _cache(source.read(split, index, count), decoded=cache)
 
   def prepare(ex):
     if multi_label:
@@ -332,21 +299,19 @@ def padded_eval_dataset(examples, largest, *, batch_size, image_size,
           tf.one_hot(labels, num_classes, dtype=tf.float32), axis=0), 1.0)
       mask = tf.cast(tf.size(labels) > 0, tf.float32)
     else:
-      label = preprocess.one_hot(ex['label'], num_classes)
+      label = tf.one_hot(ex['label'], num_classes)
       mask = tf.constant(1.0, tf.float32)
-    return {
-        'image': preprocess.eval_image(ex['image'], size, crop, resize,
-                                       resize_method),
-        'label': label,
-        'mask': mask,
-    }
+    return {'image': preprocess.eval_image(ex['image'], image_size, crop,
+                                           resize, resize_method),
+            'label': label, 'mask': mask}
 
   ds = examples.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
   padding = tf.data.Dataset.from_tensors({
-      'image': tf.zeros([size, size, 3], tf.float32),
+      'image': tf.zeros([image_size, image_size, 3], tf.float32),
       'label': tf.zeros([num_classes], tf.float32),
       'mask': tf.constant(0.0, tf.float32),
   }).repeat()
-  ds = ds.concatenate(padding).take(num_batches * batch_size)
+  ds = ds.concatenate(padding).take(math.ceil(largest / batch_size) *
+                                    batch_size)
   ds = ds.batch(batch_size, drop_remainder=True)
-  return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+  return ds.prefetch(tf.data.AUTOTUNE).with_options(_OPTIONS)

@@ -54,21 +54,12 @@ def _rgb(image):
   return tf.cast(image, tf.uint8) if image.dtype != tf.uint8 else image
 
 
-# PNG's signature, and the IHDR colour types that carry an alpha channel
-# (4: grey + alpha, 6: RGB + alpha); the colour type is byte 25 of the file.
-_PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
-_PNG_ALPHA_COLOUR_TYPES = (4, 6)
-_PNG_COLOUR_TYPE_OFFSET = 25
-
-
 def png_has_alpha(encoded: bytes) -> bool:
-  """Whether `encoded` is a PNG with an alpha channel, which `decode` drops.
-
-  Read from the PNG header alone, without decoding the image.
-  """
-  return (encoded[:len(_PNG_SIGNATURE)] == _PNG_SIGNATURE and
-          len(encoded) > _PNG_COLOUR_TYPE_OFFSET and
-          encoded[_PNG_COLOUR_TYPE_OFFSET] in _PNG_ALPHA_COLOUR_TYPES)
+  """Whether `encoded` is a PNG with an alpha channel, which `decode` drops:
+  read from its header (byte 25, the IHDR colour type: 4 grey + alpha, 6
+  RGB + alpha), without decoding the image."""
+  return (encoded[:8] == b'\x89PNG\r\n\x1a\n' and len(encoded) > 25 and
+          encoded[25] in (4, 6))
 
 
 def decode(image):
@@ -155,17 +146,15 @@ def decode_and_random_crop(image, seed, area_min=0.05):
   image = tf.convert_to_tensor(image)
 
   def crop(decoded):
-    window = random_crop_window(tf.shape(decoded), seed, area_min)
-    return decode_and_crop(decoded, window)
+    return decode_and_crop(
+        decoded, random_crop_window(tf.shape(decoded), seed, area_min))
 
   if image.dtype != tf.string:
     return crop(_rgb(image))
 
   def jpeg():
-    window = random_crop_window(tf.image.extract_jpeg_shape(image), seed,
-                                area_min)
-    return tf.image.decode_and_crop_jpeg(image, window, channels=3)
-
+    return tf.image.decode_and_crop_jpeg(image, random_crop_window(
+        tf.image.extract_jpeg_shape(image), seed, area_min), channels=3)
   cropped = tf.cond(tf.io.is_jpeg(image), jpeg, lambda: crop(decode(image)))
   cropped.set_shape([None, None, 3])
   return cropped
@@ -289,8 +278,3 @@ def eval_image(image, image_size, crop='resize', resize_size=256,
   else:
     image = central_crop(to_uint8(resize(image, resize_size)), image_size)
   return normalize(image)
-
-
-def one_hot(label, num_classes):
-  """Integer label -> float32 one-hot vector."""
-  return tf.one_hot(label, num_classes, dtype=tf.float32)

@@ -22,18 +22,14 @@ that behaviour for TF2 `tf.data`:
 Randomness is stateless: `layer_draws(seed, ...)` derives every choice
 (ops, signs, Cutout centres) from one (2,) seed, so a given example gets
 the same augmentation on every run and in every parallel map call. It also
-lets callers see which ops were applied (`augment_with_ops`).
+lets tests replay which ops were applied.
 """
 
+import functools
 import math
 
 import tensorflow as tf
 
-# The op names, in the order of the reference's `available_ops` list; an op's
-# index is its position here.
-OPS = ('AutoContrast', 'Equalize', 'Invert', 'Rotate', 'Posterize',
-       'Solarize', 'Color', 'Contrast', 'Brightness', 'Sharpness', 'ShearX',
-       'ShearY', 'TranslateX', 'TranslateY', 'Cutout', 'SolarizeAdd')
 # The ops whose argument gets a random sign (reference:
 # `_randomly_negate_tensor` in the rotate, shear and translate level rules).
 SIGNED_OPS = ('Rotate', 'ShearX', 'ShearY', 'TranslateX', 'TranslateY')
@@ -54,44 +50,34 @@ FILL_VALUE = 128
 _SMOOTH = ((1, 1, 1), (1, 5, 1), (1, 1, 1))
 
 
-def op_argument(name, magnitude):
-  """The unsigned argument op `name` gets at `magnitude` (a Python number).
+# The reference's level rules (`level_to_arg`): an op's unsigned argument
+# at level = magnitude / MAX_LEVEL; the ops missing here take none.
+_ARGUMENTS = {
+    'Rotate': lambda level: level * 30.0,
+    'Posterize': lambda level: int(level * 4),
+    'Solarize': lambda level: int(level * 256),
+    'SolarizeAdd': lambda level: int(level * 110),
+    **dict.fromkeys(('Color', 'Contrast', 'Brightness', 'Sharpness'),
+                    lambda level: level * 1.8 + 0.1),
+    **dict.fromkeys(('ShearX', 'ShearY'), lambda level: level * 0.3),
+    **dict.fromkeys(('TranslateX', 'TranslateY'),
+                    lambda level: level * float(TRANSLATE_CONST)),
+    'Cutout': lambda level: int(level * CUTOUT_CONST),
+}
 
-  Level rules of the reference (`level_to_arg`): Rotate level/10 * 30
-  degrees; Posterize int(level/10 * 4) bits; Solarize threshold
-  int(level/10 * 256); SolarizeAdd int(level/10 * 110); Color, Contrast,
-  Brightness and Sharpness factor level/10 * 1.8 + 0.1; ShearX/Y
-  level/10 * 0.3; TranslateX/Y level/10 * 100 px; Cutout half-side
-  int(level/10 * 40) px; AutoContrast, Equalize and Invert take none (None).
-  """
-  level = float(magnitude) / MAX_LEVEL
-  if name in ('AutoContrast', 'Equalize', 'Invert'):
-    return None
-  if name == 'Rotate':
-    return level * 30.0
-  if name == 'Posterize':
-    return int(level * 4)
-  if name == 'Solarize':
-    return int(level * 256)
-  if name == 'SolarizeAdd':
-    return int(level * 110)
-  if name in ('Color', 'Contrast', 'Brightness', 'Sharpness'):
-    return level * 1.8 + 0.1
-  if name in ('ShearX', 'ShearY'):
-    return level * 0.3
-  if name in ('TranslateX', 'TranslateY'):
-    return level * float(TRANSLATE_CONST)
-  if name == 'Cutout':
-    return int(level * CUTOUT_CONST)
-  raise ValueError(f'Unknown RandAugment op {name!r}; known: {OPS}.')
+
+def op_argument(name, magnitude):
+  """The unsigned argument op `name` gets at `magnitude` (None: takes none)."""
+  rule = _ARGUMENTS.get(name)
+  return rule(float(magnitude) / MAX_LEVEL) if rule else None
 
 
 # ------------------------------------------------------------- The ops.
 # All take and return uint8 (H, W, 3) tensors. They avoid `tf.where` on
 # images: TensorFlow's select over a uint8 image, or with a scalar or
 # broadcast condition, costs about 1 ms per 224x224 image on one core, 5 to
-# 10 times the arithmetic, slicing or bitwise form written here (measured;
-# see README, "Input speed"). Every rewrite computes the same values.
+# 10 times the arithmetic, slicing or bitwise form written here (measured:
+# docs/performance.md). Every rewrite computes the same values.
 
 
 def _blend(image1, image2, factor):
@@ -104,11 +90,6 @@ def _blend(image1, image2, factor):
   image2 = tf.cast(image2, tf.float32)
   out = image1 + factor * (image2 - image1)
   return tf.cast(tf.clip_by_value(out, 0.0, 255.0), tf.uint8)
-
-
-def _grey(image):
-  """One-channel luma of a uint8 image, as `tf.image.rgb_to_grayscale`."""
-  return tf.image.rgb_to_grayscale(image)
 
 
 def auto_contrast(image):
@@ -146,10 +127,6 @@ def equalize(image):
   return tf.cast(out, tf.uint8)
 
 
-def invert(image):
-  return 255 - image
-
-
 def posterize(image, bits):
   """Keeps the `bits` high bits of every value."""
   # Magnitudes past 20 would ask for more than 8 bits, which the reference
@@ -181,7 +158,8 @@ def solarize_add(image, addition, threshold=128):
 
 def color(image, factor):
   """Blends the image with its grey version (factor 1: unchanged)."""
-  return _blend(tf.image.grayscale_to_rgb(_grey(image)), image, factor)
+  return _blend(tf.image.grayscale_to_rgb(tf.image.rgb_to_grayscale(image)),
+                image, factor)
 
 
 def contrast(image, factor):
@@ -318,7 +296,7 @@ def cutout(image, pad_size, center):
 
 
 def apply_op(image, name, magnitude, *, negate=False, cutout_center=None):
-  """Applies one op at `magnitude` to a uint8 (H, W, 3) image.
+  """Applies one op at `magnitude` to a uint8 (H, W, 3) image tensor.
 
   Args:
     image: uint8 (H, W, 3).
@@ -330,7 +308,6 @@ def apply_op(image, name, magnitude, *, negate=False, cutout_center=None):
   Returns:
     uint8 (H, W, 3).
   """
-  image = tf.convert_to_tensor(image)
   arg = op_argument(name, magnitude)
   if name in SIGNED_OPS:
     arg = tf.where(negate, -arg, arg)
@@ -338,19 +315,24 @@ def apply_op(image, name, magnitude, *, negate=False, cutout_center=None):
     if cutout_center is None:
       cutout_center = tf.shape(image)[:2] // 2
     return cutout(image, arg, tf.cast(cutout_center, tf.int32))
-  fn = {
-      'AutoContrast': lambda x, _: auto_contrast(x),
-      'Equalize': lambda x, _: equalize(x),
-      'Invert': lambda x, _: invert(x),
-      'Rotate': rotate, 'Posterize': posterize, 'Solarize': solarize,
-      'Color': color, 'Contrast': contrast, 'Brightness': brightness,
-      'Sharpness': sharpness, 'ShearX': shear_x, 'ShearY': shear_y,
-      'TranslateX': translate_x, 'TranslateY': translate_y,
-      'SolarizeAdd': solarize_add,
-  }[name]
-  out = fn(image, arg)
+  out = _OPS[name](image, arg)
   out.set_shape(image.shape)
   return out
+
+
+# The ops by name, in the order of the reference's `available_ops` list (an
+# op's index is its position here).
+_OPS = {
+    'AutoContrast': lambda x, _: auto_contrast(x),
+    'Equalize': lambda x, _: equalize(x), 'Invert': lambda x, _: 255 - x,
+    'Rotate': rotate, 'Posterize': posterize, 'Solarize': solarize,
+    'Color': color, 'Contrast': contrast, 'Brightness': brightness,
+    'Sharpness': sharpness, 'ShearX': shear_x, 'ShearY': shear_y,
+    'TranslateX': translate_x, 'TranslateY': translate_y,
+    'Cutout': None,  # apply_op gives it its centre too.
+    'SolarizeAdd': solarize_add,
+}
+OPS = tuple(_OPS)
 
 
 # ---------------------------------------------------------- RandAugment.
@@ -383,42 +365,24 @@ def layer_draws(seed, num_layers, image_shape):
           'cutout_center': tf.stack([cy, cx], axis=-1)}
 
 
-def chosen_ops(seed, num_layers, image_shape=(224, 224)):
-  """Names of the ops RandAugment applies, in order, for this seed."""
-  ops = layer_draws(seed, num_layers, tf.constant(image_shape))['ops']
-  return tuple(OPS[i] for i in ops.numpy())
-
-
 class RandAugment:
   """RandAugment(num_layers, magnitude), TF-TPU semantics, seeded per image.
 
-  Call it on a uint8 (H, W, 3) image and a (2,) int seed, eagerly or in a
-  tf.data map; it returns a uint8 image. Each layer runs only its chosen op
-  (`tf.switch_case`).
+  Call it on a uint8 (H, W, 3) image tensor and a (2,) int seed, eagerly or
+  in a tf.data map; it returns a uint8 image. Each layer runs only its
+  chosen op (`tf.switch_case`). The settings are checked with the config
+  (config.pp.randaugment_*).
   """
 
   def __init__(self, num_layers=2, magnitude=15):
-    if num_layers < 1 or not 0 <= magnitude <= 30:
-      raise ValueError(
-          f'RandAugment needs num_layers >= 1 and magnitude in [0, 30], got '
-          f'{num_layers}, {magnitude} (config.pp.randaugment_*).')
-    self.num_layers = int(num_layers)
-    self.magnitude = magnitude
-
-  def augment_with_ops(self, image, seed):
-    """Returns (augmented uint8 image, int32 (num_layers,) op indices)."""
-    image = tf.convert_to_tensor(image)
-    if image.dtype != tf.uint8:
-      raise ValueError(f'RandAugment takes uint8 images, got {image.dtype}.')
-    draws = layer_draws(seed, self.num_layers, tf.shape(image))
-    for layer in range(self.num_layers):
-      branches = [
-          (lambda name=name, layer=layer, x=image: apply_op(
-              x, name, self.magnitude, negate=draws['negate'][layer],
-              cutout_center=draws['cutout_center'][layer]))
-          for name in OPS]
-      image = tf.switch_case(draws['ops'][layer], branches)
-    return image, draws['ops']
+    self.num_layers, self.magnitude = int(num_layers), magnitude
 
   def __call__(self, image, seed):
-    return self.augment_with_ops(image, seed)[0]
+    draws = layer_draws(seed, self.num_layers, tf.shape(image))
+    for layer in range(self.num_layers):
+      image = tf.switch_case(draws['ops'][layer], [
+          functools.partial(apply_op, image, name, self.magnitude,
+                            negate=draws['negate'][layer],
+                            cutout_center=draws['cutout_center'][layer])
+          for name in OPS])
+    return image

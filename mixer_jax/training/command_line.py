@@ -6,14 +6,14 @@
   and library warnings are dropped, TensorFlow's C++ start-up lines too;
   library errors still show, as one line each. `--verbose` brings it all
   back, on stderr.
-- Errors: the project's own user-error types (`errors.EXPECTED_ERRORS`)
-  end the program with exit status 1 and one line naming the error; no
-  `--help` is printed. Anything else is a bug and keeps its traceback.
-
-Import this module before anything that loads TensorFlow (and call
-`load_tensorflow_quietly` in programs that read data sets): TensorFlow logs
-when it loads, which is before the flags are parsed, so `--verbose` is
-looked for in sys.argv here.
+- Errors: the project's user errors (`mixer_jax.errors.UserError`) end
+  the program with exit status 1 and one line naming the error; no `--help`
+  is printed. Anything else is a bug and keeps its traceback.
+- Order: flags first (`parse_known_flags`, or `config_loading.parse_flags`
+  with a config), then TensorFlow (`load_tensorflow_quietly`) and JAX, then
+  the multi-host flags, which are defined with JAX (`start_multihost`).
+  TensorFlow logs when it loads, so `--verbose` is looked for in sys.argv
+  when this module is imported.
 """
 
 import contextlib
@@ -21,12 +21,13 @@ import logging as pylogging
 import os
 import sys
 import tempfile
-from typing import Sequence
+from typing import List, Sequence
 
 from absl import flags
 from absl import logging
 
-from mixer_jax.training import errors
+from mixer_jax.checkpointing import echoes
+from mixer_jax.errors import UserError
 
 # Libraries whose INFO lines (and, by default, warnings) are dropped.
 NOISY_LIBRARIES = ('orbax', 'etils', 'tensorflow_datasets', 'clu')
@@ -147,6 +148,7 @@ def quiet_library_logs(max_level: int = pylogging.INFO) -> None:
   logger = pylogging.getLogger('absl')
   if not any(isinstance(f, ShortLibraryErrors) for f in logger.filters):
     logger.addFilter(ShortLibraryErrors())
+  echoes.quiet_closed_loop_echoes()
 
 
 def set_up_output(verbose: bool) -> None:
@@ -172,13 +174,38 @@ def one_line(error: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def user_errors_as_one_line():
-  """Ends the program with `one_line(e)` (exit 1) for a user error.
-
-  Only `errors.EXPECTED_ERRORS`: any other exception is a bug and
-  propagates with its traceback.
-  """
+def user_errors_as_one_line(prefix: str = ''):
+  """Ends the program with `prefix` + `one_line(e)` (exit 1) for a
+  `UserError`; any other exception is a bug and keeps its traceback."""
   try:
     yield
-  except errors.EXPECTED_ERRORS as e:
-    raise SystemExit(one_line(e)) from None
+  except UserError as e:
+    raise SystemExit(prefix + one_line(e)) from None
+
+
+def absl_flags_error(error: flags.Error) -> SystemExit:
+  """absl's own report of a flag it refuses."""
+  return SystemExit(f'FATAL Flags parsing error: {error}\nPass --helpshort '
+                    'or --helpfull to see help on flags.')
+
+
+def parse_known_flags(argv: Sequence[str]) -> List[str]:
+  """`flags_parser` for `absl.app.run` that leaves the flags it does not know
+  (the multi-host ones, see `start_multihost`) in the returned argv."""
+  try:
+    return flags.FLAGS(argv, known_only=True)
+  except flags.Error as e:
+    raise absl_flags_error(e) from None
+
+
+def start_multihost(argv: Sequence[str]) -> List[str]:
+  """Reads the multi-host flags left in `argv` and starts jax.distributed if
+  they ask for it; `argv` less those flags. Loads JAX."""
+  from mixer_jax.training import sharding  # pylint: disable=g-import-not-at-top
+  sharding.define_multihost_flags()
+  try:
+    argv = flags.FLAGS(argv)
+  except flags.Error as e:
+    raise absl_flags_error(e) from None
+  sharding.initialize_from_flags()
+  return argv

@@ -1,18 +1,23 @@
-"""Checks a training config before anything is compiled or downloaded.
+"""Checks a training config before anything is imported, compiled or read.
 
-`validate_config` collects every problem it finds and raises one
-`ConfigError` listing them all, each naming the field, the bad value and
-what is allowed, so a wrong flag costs seconds rather than a failed job.
+A locked ConfigDict already refuses unknown fields and values of the wrong
+type; what is left are ranges, choices and consistency. `validate_config`
+collects every problem and raises one `ConfigError` listing them all, each
+naming the field, the value and what is allowed. It imports no JAX or
+TensorFlow, so the programs run it right after reading their flags; the
+device-count checks run when the trainer passes `num_devices`.
+
+Each choice is listed here once, and the modules that act on it import it.
 """
 
 import math
+import re
 from typing import List, Optional
 
-from mixer_jax import models
 from mixer_jax.data.preprocess_choices import EVAL_CROPS
 from mixer_jax.data.preprocess_choices import RESIZE_METHODS
 from mixer_jax.data.preprocess_choices import TRAIN_CROPS
-from mixer_jax.training import sharding
+from mixer_jax.errors import UserError
 
 DTYPES = ('float32', 'bfloat16')
 OPTIMIZERS = ('adam', 'sgd')
@@ -20,84 +25,60 @@ SCHEDULES = ('linear', 'cosine')
 LOSSES = ('softmax', 'sigmoid')
 EVAL_KINDS = ('classification', 'real', 'fewshot')
 BAD_IMAGES = ('error', 'skip')
+SHARDINGS = ('replicate', 'fsdp')
+# FAMILY_PATCH as `models.get_spec` reads it ("B_16", "Mixer-B_16", "B/16").
+VARIANT = re.compile(r'(?:Mixer-)?([SBLH])[_/](\d+)')
+
+CHOICES = {
+    'model.dtype': DTYPES, 'momentum_dtype': DTYPES, 'optimizer': OPTIMIZERS,
+    'lr_schedule': SCHEDULES, 'loss': LOSSES, 'sharding': SHARDINGS,
+    'bad_images': BAD_IMAGES, 'pp.train_crop': TRAIN_CROPS,
+    'pp.eval_crop': EVAL_CROPS, 'pp.eval_resize_method': RESIZE_METHODS,
+}
+# Intervals; '|-1' also allows -1 ("derive it" or "only at the end").
+RANGES = {
+    'seed': '[0, inf)', 'model.num_blocks': '[1, inf)',
+    'model.hidden_dim': '[1, inf)', 'model.tokens_mlp_dim': '[1, inf)',
+    'model.channels_mlp_dim': '[1, inf)', 'model.stochastic_depth': '[0.0, 1.0)',
+    'image_size': '[1, inf)', 'num_classes': '[1, inf)|-1',
+    'shuffle_buffer': '[1, inf)', 'prefetch_batches': '[0, inf)',
+    'pp.crop_area_min': '(0.0, 1.0]', 'pp.randaugment_layers': '[0, inf)',
+    'pp.randaugment_magnitude': '[0, 30]', 'pp.mixup_alpha': '[0.0, inf)',
+    'pp.mixup_prob': '[0.0, 1.0]', 'pp.eval_resize': '[1, inf)',
+    'batch_size': '[1, inf)', 'grad_accum_steps': '[1, inf)',
+    'fsdp_min_size_mb': '[0.0, inf)', 'num_train_steps': '[1, inf)|-1',
+    'learning_rate': '(0.0, inf)', 'warmup_steps': '[0, inf)',
+    'end_learning_rate_multiplier': '[0.0, 1.0]', 'b1': '[0.0, 1.0)',
+    'b2': '[0.0, 1.0)', 'weight_decay': '[0.0, inf)',
+    'grad_clip_norm': '[0.0, inf)', 'label_smoothing': '[0.0, 1.0)',
+    'ema_decay': '[0.0, 1.0)', 'log_every_steps': '[1, inf)',
+    'eval_every_steps': '[1, inf)', 'checkpoint_every_steps': '[1, inf)',
+    'keep_checkpoints': '[1, inf)', 'resume_step': '[0, inf)|-1',
+    'profile_steps': '[0, inf)', 'profile_start_step': '[0, inf)',
+}
+EVAL_RANGES = {'every_steps': '[0, inf)|-1', 'resize': '[0, inf)',
+               'l2_reg': '[0.0, inf)', 'num_seeds': '[1, inf)'}
 
 
-class ConfigError(ValueError):
-  """A config value is missing, of the wrong kind, or inconsistent."""
+class ConfigError(UserError, ValueError):
+  """A config value is out of range, not a choice, or inconsistent."""
 
 
-def _is_int(value) -> bool:
-  return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-  return (isinstance(value, (int, float)) and not isinstance(value, bool)
-          and math.isfinite(value))
-
-
-class _Checker:
-  """Accumulates readable problems about fields of one config."""
-
-  def __init__(self, config):
-    self.config = config
-    self.problems: List[str] = []
-
-  def get(self, name):
-    node = self.config
-    for part in name.split('.'):
-      if part not in node:
-        self.problems.append(f'config.{name} is missing; every config must '
-                             'start from configs/common.get_config().')
-        return None
-      node = node[part]
-    return node
-
-  def fail(self, name, value, expected):
-    self.problems.append(f'config.{name}={value!r}: {expected}.')
-
-  def enum(self, name, allowed):
-    value = self.get(name)
-    if value is not None and value not in allowed:
-      self.fail(name, value, f'must be one of {", ".join(allowed)}')
-    return value
-
-  def integer(self, name, low=None, allow=()):
-    value = self.get(name)
-    if value is None or value in allow:
-      return value
-    if not _is_int(value) or (low is not None and value < low):
-      extra = f' (or {", ".join(map(str, allow))})' if allow else ''
-      self.fail(name, value, f'must be an integer >= {low}{extra}')
-      return None
-    return value
-
-  def number(self, name, low=None, high=None, high_open=False):
-    value = self.get(name)
-    if value is None:
-      return None
-    bad = not _is_number(value)
-    bad = bad or (low is not None and value < low)
-    bad = bad or (high is not None and (value >= high if high_open
-                                        else value > high))
-    if bad:
-      relation = '<' if high_open else '<='
-      upper = '' if high is None else f' and {relation} {high}'
-      lower = '' if low is None else f' >= {low}'
-      self.fail(name, value, f'must be a finite number{lower}{upper}')
-      return None
-    return value
-
-  def boolean(self, name):
-    value = self.get(name)
-    if value is not None and not isinstance(value, bool):
-      self.fail(name, value, 'must be True or False')
-    return value
-
-  def string(self, name):
-    value = self.get(name)
-    if value is not None and not isinstance(value, str):
-      self.fail(name, value, 'must be a string')
-    return value
+def _in_range(value, interval: str) -> Optional[str]:
+  """None if `value` lies in `interval` ('[0, 1)', '[1, inf)|-1'), else why."""
+  interval, _, extra = interval.partition('|')
+  low, high = (float(x) for x in interval[1:-1].split(','))
+  low_text, high_text = interval[1:-1].split(', ')
+  if extra and value == int(extra):
+    return None
+  if (isinstance(value, (int, float)) and math.isfinite(value)
+      and (low < value if interval[0] == '(' else low <= value)
+      and (value < high if interval[-1] == ')' else value <= high)):
+    return None
+  text = f'must be {">" if interval[0] == "(" else ">="} {low_text}'
+  if high_text != 'inf':
+    text += f' and {"<" if interval[-1] == ")" else "<="} {high_text}'
+  return text + (f' (or {extra})' if extra else '')
 
 
 def validate_config(config, *, num_devices: Optional[int] = None,
@@ -105,180 +86,99 @@ def validate_config(config, *, num_devices: Optional[int] = None,
   """Raises `ConfigError` listing every invalid or inconsistent field.
 
   Args:
-    config: a ConfigDict built from `configs/common.get_config()`.
+    config: a ConfigDict built from `mixer_jax.config_defaults.get_config()`.
     num_devices: devices of the mesh (all hosts); enables the batch check.
     num_processes: number of processes (hosts) feeding data.
-
-  Raises:
-    ConfigError: with one line per problem found.
   """
-  c = _Checker(config)
-  c.integer('seed', low=0)
-  _check_model(c)
-  c.string('init_from')
-  _check_data(c)
-  _check_training(c, num_devices, num_processes)
-  c.integer('log_every_steps', low=1)
-  c.integer('eval_every_steps', low=1)
-  c.integer('checkpoint_every_steps', low=1)
-  c.integer('keep_checkpoints', low=1)
-  c.boolean('keep_best_checkpoint')
-  c.integer('resume_step', low=0, allow=(-1,))
-  c.integer('profile_steps', low=0)
-  c.integer('profile_start_step', low=0)
-  if c.problems:
-    raise ConfigError('Invalid config:\n  ' + '\n  '.join(c.problems) +
+  problems: List[str] = []
+
+  def get(name, node=config):
+    for part in name.split('.'):
+      node = node[part]
+    return node
+
+  def fail(name, value, expected):
+    problems.append(f'config.{name}={value!r}: {expected}.')
+
+  for name, allowed in CHOICES.items():
+    if get(name) not in allowed:
+      fail(name, get(name), f'must be one of {", ".join(allowed)}')
+  for name, interval in RANGES.items():
+    why = None if get(name) is None else _in_range(get(name), interval)
+    if why:
+      fail(name, get(name), why)
+
+  c = config
+  variant = VARIANT.fullmatch(c.model.variant)
+  if not variant:
+    fail('model.variant', c.model.variant, 'Unknown Mixer variant: expected '
+         'FAMILY_PATCH with FAMILY one of S, B, L, H, e.g. "B_16"')
+  elif c.image_size % int(variant.group(2)) and c.image_size > 0:
+    patch = int(variant.group(2))
+    fail('image_size', c.image_size, f'must be divisible by the patch size '
+         f'{patch} of {c.model.variant}; use e.g. '
+         f'{max(patch, c.image_size // patch * patch)}')
+  if not c.dataset:
+    fail('dataset', c.dataset, 'must name a TFDS data set, "digits" or '
+         '"folder"')
+  if c.dataset == 'folder' and not c.folder:
+    fail('folder', c.folder, 'must be the root of class_name/*.jpg folders '
+         'when dataset="folder"')
+  if c.pp.eval_crop == 'resize_crop' and c.pp.eval_resize < c.image_size:
+    fail('pp.eval_resize', c.pp.eval_resize, f'must be >= image_size '
+         f'({c.image_size}) to centre-crop image_size pixels')
+  batch, accum = c.batch_size, c.grad_accum_steps
+  if batch > 0 and accum > 0 and batch % accum:
+    fail('batch_size', batch, f'must be divisible by grad_accum_steps '
+         f'({accum})')
+  elif batch > 0 and accum > 0 and num_devices and batch % (num_devices *
+                                                            accum):
+    step = num_devices * accum
+    fail('batch_size', batch, f'must be divisible by devices x '
+         f'grad_accum_steps = {num_devices} x {accum} = {step}, so every '
+         f'micro-batch splits evenly over the devices; try '
+         f'{max(1, batch // step) * step}')
+  if batch > 0 and num_processes and batch % num_processes:
+    fail('batch_size', batch, f'must be divisible by the {num_processes} '
+         'processes')
+  if c.num_train_steps == -1 and not c.num_epochs > 0:
+    fail('num_epochs', c.num_epochs, 'must be > 0 when num_train_steps is -1')
+  if 0 < c.num_train_steps <= c.warmup_steps:
+    fail('warmup_steps', c.warmup_steps, f'must be smaller than '
+         f'num_train_steps ({c.num_train_steps})')
+  for name, entry in c.evals.items():
+    _check_eval(f'evals.{name}', entry, fail)
+  if problems:
+    raise ConfigError('Invalid config:\n  ' + '\n  '.join(problems) +
                       '\nFix the config file or the --config.* flags.')
 
 
-def _check_model(c: _Checker) -> None:
-  variant = c.string('model.variant')
-  sizes = {}
-  for name in ('num_blocks', 'hidden_dim', 'tokens_mlp_dim',
-               'channels_mlp_dim'):
-    value = c.get(f'model.{name}')
-    if value is not None:
-      if not _is_int(value) or value < 1:
-        c.fail(f'model.{name}', value, 'must be a positive integer or None')
-      else:
-        sizes[name] = value
-  spec = None
-  if isinstance(variant, str):
-    try:
-      spec = models.get_spec(variant, **sizes)
-    except ValueError as e:
-      c.problems.append(f'config.model.variant={variant!r}: {e}')
-  c.enum('model.dtype', DTYPES)
-  c.boolean('model.gelu_approximate')
-  c.number('model.stochastic_depth', low=0.0, high=1.0, high_open=True)
-  c.number('model.head_bias_init')
-  c.boolean('model.remat')
-  image_size = c.integer('image_size', low=1)
-  if spec is not None and image_size and image_size % spec.patch_size:
-    patch = spec.patch_size
-    c.fail('image_size', image_size,
-           f'must be divisible by the patch size {patch} of {variant}; use '
-           f'e.g. {max(patch, image_size // patch * patch)}')
-
-
-def _check_data(c: _Checker) -> None:
-  dataset = c.string('dataset')
-  if dataset == '':
-    c.fail('dataset', dataset, 'must name a TFDS data set, "digits" or '
-           '"folder"')
-  folder = c.string('folder')
-  if dataset == 'folder' and not folder:
-    c.fail('folder', folder, 'must be the root of class_name/*.jpg folders '
-           'when dataset="folder"')
-  data_dir = c.get('data_dir')
-  if data_dir is not None and not isinstance(data_dir, str):
-    c.fail('data_dir', data_dir, 'must be a path or None')
-  c.string('train_split')
-  c.string('eval_split')
-  num_classes = c.integer('num_classes', low=1, allow=(-1,))
-  del num_classes
-  c.integer('shuffle_buffer', low=1)
-  c.boolean('cache')
-  c.boolean('cache_raw')
-  c.integer('prefetch_batches', low=0)
-  c.enum('bad_images', BAD_IMAGES)
-  c.enum('pp.train_crop', TRAIN_CROPS)
-  c.number('pp.crop_area_min', low=0.0, high=1.0)
-  if c.get('pp.crop_area_min') == 0:
-    c.fail('pp.crop_area_min', 0, 'must be > 0')
-  c.boolean('pp.flip')
-  c.integer('pp.randaugment_layers', low=0)
-  c.number('pp.randaugment_magnitude', low=0.0, high=30.0)
-  c.number('pp.mixup_alpha', low=0.0)
-  c.number('pp.mixup_prob', low=0.0, high=1.0)
-  c.enum('pp.eval_crop', EVAL_CROPS)
-  resize = c.integer('pp.eval_resize', low=1)
-  image_size = c.get('image_size')
-  if (c.get('pp.eval_crop') == 'resize_crop' and _is_int(resize)
-      and _is_int(image_size) and resize < image_size):
-    c.fail('pp.eval_resize', resize, f'must be >= image_size ({image_size}) '
-           'to centre-crop image_size pixels')
-  c.enum('pp.eval_resize_method', RESIZE_METHODS)
-  _check_evals(c)
-
-
-def _check_evals(c: _Checker) -> None:
-  """config.evals: name -> configs/common.eval_entry(...) fields."""
-  evals = c.get('evals')
-  if evals is None:
+def _check_eval(name, entry, fail) -> None:
+  """One `config_defaults.eval_entry(...)` of config.evals."""
+  if not name.replace('_', '').replace('.', '').isalnum():
+    fail(name, name, 'names must be letters, digits or _')
+  for field, allowed in (('kind', EVAL_KINDS), ('crop', ('',) + EVAL_CROPS),
+                         ('resize_method', ('',) + RESIZE_METHODS)):
+    if entry[field] not in allowed:
+      fail(f'{name}.{field}', entry[field],
+           f'must be one of {", ".join(a or "(empty)" for a in allowed)}')
+  for field, interval in EVAL_RANGES.items():
+    why = _in_range(entry[field], interval)
+    if why:
+      fail(f'{name}.{field}', entry[field], why)
+  if entry.kind != 'fewshot':
     return
-  for name in evals:
-    if not name.replace('_', '').isalnum():
-      c.fail(f'evals.{name}', name, 'names must be letters, digits or _')
-    field = lambda key, name=name: f'evals.{name}.{key}'
-    kind = c.enum(field('kind'), EVAL_KINDS)
-    c.string(field('dataset'))
-    c.string(field('split'))
-    c.string(field('label_key'))
-    c.integer(field('every_steps'), low=0, allow=(-1,))
-    if c.get(field('crop')) != '':
-      c.enum(field('crop'), EVAL_CROPS)
-    c.integer(field('resize'), low=0)
-    if c.get(field('resize_method')) != '':
-      c.enum(field('resize_method'), RESIZE_METHODS)
-    if kind != 'fewshot':
-      continue
-    datasets = c.get(field('fewshot_datasets'))
-    if not datasets:
-      c.fail(field('fewshot_datasets'), datasets,
-             'must map a name to (tfds_name, train_split, test_split)')
-    for key, value in (datasets or {}).items():
-      if (not isinstance(value, (tuple, list)) or len(value) != 3 or
-          not all(isinstance(v, str) and v for v in value)):
-        c.fail(field(f'fewshot_datasets.{key}'), value,
-               'must be (tfds_name, train_split, test_split)')
-    shots = c.get(field('shots'))
-    if (not isinstance(shots, (tuple, list)) or not shots or
-        not all(_is_int(k) and k >= 1 for k in shots)):
-      c.fail(field('shots'), shots, 'must be a tuple of integers >= 1')
-    c.number(field('l2_reg'), low=0.0)
-    c.integer(field('num_seeds'), low=1)
-
-
-def _check_training(c: _Checker, num_devices, num_processes) -> None:
-  batch = c.integer('batch_size', low=1)
-  accum = c.integer('grad_accum_steps', low=1)
-  if batch and accum and batch % accum:
-    c.fail('batch_size', batch, f'must be divisible by grad_accum_steps '
-           f'({accum})')
-  elif batch and accum and num_devices and batch % (num_devices * accum):
-    c.fail('batch_size', batch,
-           f'must be divisible by devices x grad_accum_steps = {num_devices} '
-           f'x {accum} = {num_devices * accum}, so every micro-batch splits '
-           f'evenly over the devices; try '
-           f'{max(1, batch // (num_devices * accum)) * num_devices * accum}')
-  if batch and num_processes and batch % num_processes:
-    c.fail('batch_size', batch, f'must be divisible by the {num_processes} '
-           'processes')
-  steps = c.integer('num_train_steps', low=1, allow=(-1,))
-  epochs = c.get('num_epochs')
-  if steps == -1 and (not _is_number(epochs) or epochs <= 0):
-    c.fail('num_epochs', epochs, 'must be > 0 when num_train_steps is -1')
-  c.enum('sharding', sharding.STRATEGIES)
-  c.enum('optimizer', OPTIMIZERS)
-  lr = c.number('learning_rate', low=0.0)
-  if lr == 0:
-    c.fail('learning_rate', lr, 'must be > 0')
-  c.enum('lr_schedule', SCHEDULES)
-  warmup = c.integer('warmup_steps', low=0)
-  if _is_int(steps) and steps > 0 and _is_int(warmup) and warmup >= steps:
-    c.fail('warmup_steps', warmup, f'must be smaller than num_train_steps '
-           f'({steps})')
-  # A multiplier of learning_rate (big_vision's relative linear_end).
-  c.number('end_learning_rate_multiplier', low=0.0, high=1.0)
-  c.number('b1', low=0.0, high=1.0, high_open=True)
-  c.number('b2', low=0.0, high=1.0, high_open=True)
-  c.enum('momentum_dtype', DTYPES)
-  c.number('weight_decay', low=0.0)
-  c.number('grad_clip_norm', low=0.0)
-  c.enum('loss', LOSSES)
-  c.number('label_smoothing', low=0.0, high=1.0, high_open=True)
-  c.number('ema_decay', low=0.0, high=1.0, high_open=True)
+  if not entry.fewshot_datasets:
+    fail(f'{name}.fewshot_datasets', entry.fewshot_datasets,
+         'must map a name to (tfds_name, train_split, test_split)')
+  for key, value in entry.fewshot_datasets.items():
+    if (not isinstance(value, (tuple, list)) or len(value) != 3 or
+        not all(isinstance(v, str) and v for v in value)):
+      fail(f'{name}.fewshot_datasets.{key}', value,
+           'must be (tfds_name, train_split, test_split)')
+  if not entry.shots or not all(isinstance(k, int) and k >= 1
+                                for k in entry.shots):
+    fail(f'{name}.shots', entry.shots, 'must be a tuple of integers >= 1')
 
 
 def check_schedule(config, num_train_steps: int) -> None:

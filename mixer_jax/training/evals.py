@@ -199,20 +199,15 @@ class Evaluations:
     elif entry.kind == 'fewshot':
       return self._fewshot(name, entry, params)
     else:
-      count = jax.process_count()
       source, split = entry_source(config, entry)
-      largest = sources.largest_shard_size(source, split, count)
-      if largest <= 0:
-        raise ValueError(f'Split {split!r} of {source.name} is empty.')
       num_classes = self.functions.model.num_classes
       if source.num_classes > num_classes:
         raise ValueError(f'config.evals.{name}: {source.num_classes} classes '
                          f'in the data but the head has {num_classes}.')
-      batches = input_pipeline.padded_eval_dataset(
-          source.read(split, jax.process_index(), count), largest,
-          batch_size=config.batch_size, image_size=config.image_size,
-          num_classes=num_classes, multi_label=entry.kind == 'real',
-          process_count=count, **self._pp(entry))
+      batches = input_pipeline.eval_batches(
+          source, split, batch_size=config.batch_size,
+          image_size=config.image_size, num_classes=num_classes,
+          multi_label=entry.kind == 'real', **self._pp(entry))
       if entry.kind == 'real':
         step_fn = self.functions.real_step
     scores = evaluate_dataset(step_fn, params, batches.as_numpy_iterator(),

@@ -104,12 +104,8 @@ def _tfds_metadata(name: str, data_dir):
   except tfds.core.DatasetNotFoundError:
     raise sources.DatasetUnavailableError(
         f'TFDS knows no data set named {name!r}.') from None
-  info = builder.info
-  label_key = (info.supervised_keys or ('image', 'label'))[1]
-  label = info.features[label_key] if label_key in info.features else None
-  label = getattr(label, 'feature', label)  # Sequence(ClassLabel): ReaL.
-  return builder, (label.num_classes if isinstance(
-      label, tfds.features.ClassLabel) else -1)
+  label = sources.class_label(builder.info)
+  return builder, label.num_classes if label else -1
 
 
 def _dataset_facts(config):

@@ -19,7 +19,6 @@ mixer_jax.fewshot`.
 from typing import Dict, Mapping, Optional, Sequence
 
 from absl import logging
-import jax
 import numpy as np
 
 from mixer_jax.data import input_pipeline
@@ -143,14 +142,10 @@ def split_batches(dataset: str, split: str, *, data_dir, batch_size: int,
   source = sources.TfdsSource(dataset, data_dir)
   if source.num_classes <= 0:
     raise ValueError(f'{dataset} has no class label for a few-shot probe.')
-  index, count = jax.process_index(), jax.process_count()
-  largest = sources.largest_shard_size(source, split, count)
-  if largest <= 0:
-    raise ValueError(f'Split {split!r} of {dataset} is empty.')
-  batches = input_pipeline.padded_eval_dataset(
-      source.read(split, index, count), largest, batch_size=batch_size,
-      image_size=image_size, num_classes=source.num_classes, crop=crop,
-      resize=resize, resize_method=resize_method, process_count=count)
+  batches = input_pipeline.eval_batches(
+      source, split, batch_size=batch_size, image_size=image_size,
+      num_classes=source.num_classes, crop=crop, resize=resize,
+      resize_method=resize_method)
   return batches.as_numpy_iterator(), source.num_classes
 
 

@@ -19,9 +19,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mixer_jax.training import config_validation
-
-
 
 Schedule = Callable[[jax.Array], jax.Array]
 
@@ -50,9 +47,6 @@ def schedule_shape(config, num_train_steps: int) -> Schedule:
   Returns:
     A jittable function of the update count.
   """
-  if config.lr_schedule not in config_validation.SCHEDULES:
-    raise ValueError(f'config.lr_schedule={config.lr_schedule!r} is not one '
-                     f'of {config_validation.SCHEDULES}.')
   warmup = int(config.warmup_steps)
   end = float(config.end_learning_rate_multiplier)
   decay_steps = float(max(num_train_steps - warmup, 1))
@@ -108,12 +102,6 @@ def create_optimizer(config,
     An `optax.GradientTransformation`; apply the updates with
     `optax.apply_updates` (they already carry the minus sign).
   """
-  if config.optimizer not in config_validation.OPTIMIZERS:
-    raise ValueError(f'config.optimizer={config.optimizer!r} is not one of '
-                     f'{config_validation.OPTIMIZERS}.')
-  if config.momentum_dtype not in config_validation.DTYPES:
-    raise ValueError(f'config.momentum_dtype={config.momentum_dtype!r} is not '
-                     f'one of {config_validation.DTYPES}.')
   momentum_dtype = jnp.dtype(config.momentum_dtype)
   chain = []
   if config.grad_clip_norm > 0:

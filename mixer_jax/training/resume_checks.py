@@ -9,8 +9,8 @@ silently changes what both mean.
 from absl import logging
 from etils import epath
 
+from mixer_jax.errors import UserError
 from mixer_jax.training import config_validation
-from mixer_jax.training import errors
 from mixer_jax.weights import run_info
 
 
@@ -24,15 +24,8 @@ def check_schedule_unchanged(config, workdir: str, checkpoint_dir: str,
                              num_train_steps: int) -> None:
   """Refuses to resume with another batch size or number of steps.
 
-  The values of the run that wrote the checkpoints are read from its
-  run_info.json (nothing to compare without a readable one: the start then
-  rewrites it). Nothing is written.
-
-  Args:
-    config: the new start's config.
-    workdir: the run's workdir.
-    checkpoint_dir: its checkpoint directory (no steps: a fresh run).
-    num_train_steps: the new start's resolved number of steps.
+  The saved run's values come from its run_info.json (nothing to compare
+  without a readable one: the start then rewrites it). Nothing is written.
 
   Raises:
     config_validation.ConfigError: unless config.allow_changed_schedule.
@@ -41,7 +34,7 @@ def check_schedule_unchanged(config, workdir: str, checkpoint_dir: str,
     return
   try:
     saved = run_info.read_run_info(workdir)['config']
-  except errors.EXPECTED_ERRORS as e:  # Missing or damaged: rewritten.
+  except UserError as e:  # Missing or damaged: rewritten.
     logging.warning('Cannot compare the schedule with the saved run: %s', e)
     return
   changes = []

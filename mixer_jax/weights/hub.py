@@ -1,53 +1,21 @@
 """MLP-Mixer weights from the Hugging Face Hub (timm's repositories).
 
-timm hosts the official Mixer weights, converted to PyTorch's layout, as
-`timm/mixer_b16_224.goog_in21k`, `timm/mixer_b16_224.goog_in21k_ft_in1k`,
-`timm/mixer_l16_224.goog_in21k`, `timm/mixer_l16_224.goog_in21k_ft_in1k`, and
-MIIL's own PyTorch-trained `timm/mixer_b16_224.miil_in21k` and
-`timm/mixer_b16_224.miil_in21k_ft_in1k`. Each repository holds
-`model.safetensors` (timm's `MlpMixer` state dict) and `config.json`
-(`architecture`, `num_classes`, `pretrained_cfg` with `mean`, `std`,
-`crop_pct`, `input_size`, and sometimes `label_names`).
-
-Everywhere mixer_jax takes a checkpoint, a Hub name is accepted:
-
-    hf-hub:timm/mixer_b16_224.goog_in21k_ft_in1k
-    hf-hub:timm/mixer_b16_224.goog_in21k_ft_in1k@<revision>
-
-The revision (branch, tag or commit hash) defaults to `main`. Files are
-fetched with `huggingface_hub.hf_hub_download`, so its cache
-(`HF_HUB_CACHE` / `HF_HOME`, default `~/.cache/huggingface/hub`), its
-offline mode (`HF_HUB_OFFLINE=1`: only the cache is read) and its tokens
-(`HF_TOKEN` or `hf auth login`, for private or gated repositories) apply as
-they do for every Hugging Face library.
-
-What is read from the files:
-- the architecture from the tensor shapes (as for official `.npz` files);
-- the class count from the head, and class names from `label_names` when
-  `config.json` has them;
-- the input normalisation from `mean`/`std`. mixer_jax always feeds the
-  model pixels scaled to [-1, 1] (the official preprocessing). The goog
-  weights expect exactly that (mean = std = 0.5); MIIL's expect x/255
-  (mean 0, std 1). Any other mean/std is folded into the stem, which is
-  exact because the stem is linear and its patches never overlap or pad:
-  kernel / (2 std) per input channel, and the constant
-  sum(kernel * (0.5 - mean) / std) added to the bias. The loaded parameters
-  then take [-1, 1] inputs, like every other checkpoint here, in predict,
-  evaluate, fine-tuning and the serving export;
-- the eval crop from `crop_pct` (resize the short side to
-  input_size / crop_pct, then take the central crop).
-
-GELU: the goog weights were trained by Google in JAX with the tanh
-approximation (Flax's `nn.gelu` default), so they are run with
-`gelu_approximate=True`; MIIL's weights, and any other timm repository, were
-trained in PyTorch with the exact (erf) GELU of timm's MlpMixer and are run
-with `gelu_approximate=False`. A `gelu_approximate=` given to
-`load_pretrained` overrides this choice.
+Everywhere a checkpoint is taken, `hf-hub:OWNER/NAME[@REVISION]` is too
+(e.g. `hf-hub:timm/mixer_b16_224.goog_in21k_ft_in1k`; a branch, tag or
+commit, default `main`): `model.safetensors` (timm's state dict) and
+`config.json` (mean, std, crop_pct, crop_mode, label_names) are fetched by
+`huggingface_hub.hf_hub_download`, so its cache (`HF_HUB_CACHE`), offline
+mode (`HF_HUB_OFFLINE=1`) and tokens (`HF_TOKEN`) apply. The architecture
+is read from the shapes, and mean/std are folded into the stem (exact: the
+stem is linear, its patches never overlap), so every model here takes
+pixels in [-1, 1]. The goog weights were trained in JAX with the tanh GELU,
+MIIL's and other timm weights in PyTorch with the exact one; each is run
+with its own (`load_safetensors` decides; `gelu_approximate=` overrides).
 
 Names say what a repository claims, not what it scores: timm's published
-ImageNet top-1 for `mixer_b16_224.goog_in21k_ft_in1k` (76.6%) is the paper's
-number for B/16 trained on ImageNet-1k from scratch (76.44%), not its
-21k -> 1k number (80.64%).
+top-1 for `mixer_b16_224.goog_in21k_ft_in1k` (76.6%) is the paper's number
+for B/16 trained on ImageNet-1k from scratch (76.44%), not its 21k -> 1k
+number (80.64%).
 """
 
 import dataclasses
@@ -63,13 +31,13 @@ from mixer_jax import version
 from mixer_jax.weights import official_format
 from mixer_jax.weights import registry
 from mixer_jax.weights import timm_format
+from mixer_jax.weights.official_format import PretrainedError
 
 PREFIXES = ('hf-hub:', 'hf_hub:')
 WEIGHTS_FILE = 'model.safetensors'
 CONFIG_FILE = 'config.json'
 # The normalisation mixer_jax's preprocessing produces: (x/255 - 0.5) / 0.5.
-NATIVE_MEAN = (0.5, 0.5, 0.5)
-NATIVE_STD = (0.5, 0.5, 0.5)
+NATIVE_MEAN = NATIVE_STD = (0.5, 0.5, 0.5)
 
 # timm's published Mixer repositories (for error messages and the README).
 TIMM_REPOSITORIES = (
@@ -101,16 +69,10 @@ def is_hub_name(name) -> bool:
 
 
 def parse(name: str) -> HubName:
-  """Parses `hf-hub:OWNER/NAME[@REVISION]`.
-
-  Raises:
-    ValueError: not of that form.
-  """
-  if not is_hub_name(name):
-    raise ValueError(f'{name!r} is not a Hub name (hf-hub:OWNER/NAME).')
-  rest = name.split(':', 1)[1]
-  repo_id, _, revision = rest.partition('@')
-  if not _REPO_RE.match(repo_id) or (_ and not revision):
+  """Parses `hf-hub:OWNER/NAME[@REVISION]`; ValueError if not of that form."""
+  repo_id, at, revision = name.split(':', 1)[-1].partition('@')
+  if not is_hub_name(name) or not _REPO_RE.match(repo_id) or (
+      at and not revision):
     raise ValueError(
         f'{name!r} is not a Hub name: expected hf-hub:OWNER/NAME or '
         f'hf-hub:OWNER/NAME@REVISION, e.g. hf-hub:{TIMM_REPOSITORIES[1]}.')
@@ -119,48 +81,16 @@ def parse(name: str) -> HubName:
 
 @dataclasses.dataclass(frozen=True)
 class TimmInfo:
-  """What a timm `config.json` says about its weights.
-
-  Attributes:
-    architecture: timm's model name, e.g. "mixer_b16_224" (may be None).
-    tag: the pretrained tag, e.g. "goog_in21k_ft_in1k" (may be None).
-    num_classes: head size stated in the file (None if absent).
-    mean, std: per-channel input normalisation of x/255.
-    crop_pct: eval crop fraction (central crop of input_size / crop_pct).
-    crop_mode: timm's 'center' (the short side resized) or 'squash' (the
-      whole image resized to a square) before that crop.
-    input_size: side of the square model input (None if absent).
-    interpolation: timm's resize method name (informational).
-    label_names: class names, if the file lists them.
-  """
-  architecture: Optional[str] = None
-  tag: Optional[str] = None
+  """What a timm `config.json` says about its weights."""
   num_classes: Optional[int] = None
-  mean: Tuple[float, float, float] = NATIVE_MEAN
-  std: Tuple[float, float, float] = NATIVE_STD
-  crop_pct: float = 0.875
+  mean: Tuple[float, ...] = NATIVE_MEAN  # Of x/255, per channel.
+  std: Tuple[float, ...] = NATIVE_STD
+  crop_pct: float = 0.875  # Central crop of input_size / crop_pct.
+  # 'center': the short side resized; 'squash': the whole image, to a square.
   crop_mode: str = 'center'
-  input_size: Optional[int] = None
-  interpolation: Optional[str] = None
   label_names: Optional[List[str]] = None
-  stated_gelu_approximate: Optional[bool] = None
-
-  def gelu_approximate(self, repo_id: str = '') -> bool:
-    """The GELU form the weights were trained with.
-
-    As the file states it (`mixer_jax.gelu_approximate`, written by
-    `hub_publish`), else tanh for Google's JAX-trained weights and exact
-    (timm's) otherwise.
-    """
-    if self.stated_gelu_approximate is not None:
-      return self.stated_gelu_approximate
-    text = f'{repo_id} {self.tag or ""}'.lower()
-    return 'goog' in text
-
-  @property
-  def native_normalisation(self) -> bool:
-    return (np.allclose(self.mean, NATIVE_MEAN) and
-            np.allclose(self.std, NATIVE_STD))
+  tag: str = ''  # E.g. 'goog_in21k_ft_in1k'.
+  stated_gelu_approximate: Optional[bool] = None  # As our exports state it.
 
   def eval_resize(self, image_size: int) -> int:
     """Short side to resize to before the central `image_size` crop."""
@@ -186,42 +116,31 @@ def read_timm_config(data: Dict[str, Any]) -> TimmInfo:
     value = get(key, default)
     value = (value,) * 3 if np.ndim(value) == 0 else tuple(value)
     if len(value) != 3 or not all(isinstance(v, (int, float)) for v in value):
-      raise official_format.PretrainedError(
-          f'{CONFIG_FILE}: {key}={value!r} is not 3 numbers.')
+      raise PretrainedError(f'{CONFIG_FILE}: {key}={value!r} is not 3 numbers.')
     return tuple(float(v) for v in value)
 
-  input_size = get('input_size')
-  side = None
-  if input_size:
-    *_, height, width = input_size
-    side = int(height) if height == width else None
-  names = get('label_names')
-  num_classes = get('num_classes')
-  std = triple('std', NATIVE_STD)
-  if min(std) <= 0:
-    raise official_format.PretrainedError(f'{CONFIG_FILE}: std={std} must be '
-                                          'positive.')
-  crop_pct = float(get('crop_pct', 0.875))
-  if not 0 < crop_pct <= 1:
-    raise official_format.PretrainedError(
-        f'{CONFIG_FILE}: crop_pct={crop_pct} must be in (0, 1].')
-  crop_mode = get('crop_mode', 'center')
-  if crop_mode not in ('center', 'squash'):
-    raise official_format.PretrainedError(
-        f"{CONFIG_FILE}: crop_mode={crop_mode!r} is not supported: use "
+  info = TimmInfo(
+      num_classes=get('num_classes'), mean=triple('mean', NATIVE_MEAN),
+      std=triple('std', NATIVE_STD), crop_pct=float(get('crop_pct', 0.875)),
+      crop_mode=get('crop_mode', 'center'),
+      label_names=list(get('label_names') or []) or None,
+      tag=cfg.get('tag') or '',
+      stated_gelu_approximate=(data.get('mixer_jax') or {}).get(
+          'gelu_approximate'))
+  if min(info.std) <= 0:
+    raise PretrainedError(f'{CONFIG_FILE}: std={info.std} must be positive.')
+  if not 0 < info.crop_pct <= 1:
+    raise PretrainedError(
+        f'{CONFIG_FILE}: crop_pct={info.crop_pct} must be in (0, 1].')
+  if info.crop_mode not in ('center', 'squash'):
+    raise PretrainedError(
+        f"{CONFIG_FILE}: crop_mode={info.crop_mode!r} is not supported: use "
         "'center' or 'squash'.")
-  stated = (data.get('mixer_jax') or {}).get('gelu_approximate')
-  if stated is not None and not isinstance(stated, bool):
-    raise official_format.PretrainedError(
-        f'{CONFIG_FILE}: mixer_jax.gelu_approximate={stated!r} must be true '
-        'or false.')
-  return TimmInfo(
-      stated_gelu_approximate=stated,
-      architecture=data.get('architecture'), tag=cfg.get('tag'),
-      num_classes=int(num_classes) if num_classes is not None else None,
-      mean=triple('mean', NATIVE_MEAN), std=std, crop_pct=crop_pct,
-      crop_mode=crop_mode, input_size=side, interpolation=get('interpolation'),
-      label_names=list(names) if names else None)
+  if not isinstance(info.stated_gelu_approximate, (bool, type(None))):
+    raise PretrainedError(
+        f'{CONFIG_FILE}: mixer_jax.gelu_approximate='
+        f'{info.stated_gelu_approximate!r} must be true or false.')
+  return info
 
 
 def fold_normalisation(flat: Dict[str, np.ndarray], mean, std
@@ -245,43 +164,59 @@ def fold_normalisation(flat: Dict[str, np.ndarray], mean, std
   return out
 
 
-@dataclasses.dataclass
-class HubCheckpoint:
-  """A timm-format checkpoint as official flat parameters plus its facts.
-
-  `flat` takes [-1, 1] inputs (normalisation already folded into the stem).
-  """
-  flat: Dict[str, np.ndarray]
-  info: TimmInfo
-  gelu_approximate: bool
-  source: str
-  weights_path: str
+def _first_line(error) -> str:
+  text = str(error).strip()
+  return text.splitlines()[0] if text else repr(error)
 
 
-def convert_timm(state: Dict[str, np.ndarray], info: TimmInfo, *,
-                 gelu_approximate: bool, source: str,
-                 weights_path: str) -> HubCheckpoint:
-  """timm state dict + config -> official flat tree taking [-1, 1] inputs."""
+def load_safetensors(path: str, *, config: Optional[Dict[str, Any]] = None,
+                     source: Optional[str] = None,
+                     repo_id: str = '') -> official_format.WeightFile:
+  """Reads a timm-format `.safetensors` file with its parsed `config.json`
+  (without one: our own export's conventions) into a tree taking [-1, 1]."""
+  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+  source = source or path
+  try:
+    with safe_open(path, framework='numpy') as f:
+      metadata = f.metadata() or {}
+      state = {key: f.get_tensor(key) for key in f.keys()}
+  except FileNotFoundError as e:
+    raise registry.CheckpointNotFoundError(f'No file at {path}.') from e
+  except Exception as e:  # pylint: disable=broad-except
+    # safetensors raises its own (Rust) error types for damaged files.
+    raise PretrainedError(
+        f'{source} is not a readable safetensors file ({type(e).__name__}: '
+        f'{_first_line(e)}); download it again.') from e
+  info = read_timm_config(config) if config is not None else TimmInfo()
+  # The GELU form the weights were trained with: as our exports state it;
+  # else tanh for Google's JAX-trained weights (goog) and for our files
+  # without a config, exact (timm's, PyTorch) for all others.
+  gelu = info.stated_gelu_approximate
+  if gelu is None:
+    gelu = ('goog' in f'{repo_id} {info.tag}'.lower() if config is not None
+            else metadata.get('source') == 'mixer_jax')
   try:
     tree = timm_format.from_timm_state_dict(state)
   except ValueError as e:
-    raise official_format.PretrainedError(f'{source}: {e}') from None
+    raise PretrainedError(f'{source}: {e}') from None
   flat = traverse_util.flatten_dict(tree, sep='/')
-  official_format.check_finite(flat, source)  # NaN/inf weights are refused.
+  official_format.check_finite(flat, source)
   if 'stem/kernel' not in flat or 'stem/bias' not in flat:
-    raise official_format.PretrainedError(
+    raise PretrainedError(
         f'{source} has no stem.proj.weight/bias: not a timm MlpMixer.')
   head = flat.get('head/kernel')
-  if (info.num_classes is not None and head is not None
-      and head.shape[-1] != info.num_classes):
-    raise official_format.PretrainedError(
+  if info.num_classes is not None and head is not None and (
+      head.shape[-1] != int(info.num_classes)):
+    raise PretrainedError(
         f'{source}: {CONFIG_FILE} says num_classes={info.num_classes} but the '
         f'head has {head.shape[-1]} outputs; the files do not belong '
         'together.')
-  if not info.native_normalisation:
+  if not (np.allclose(info.mean, NATIVE_MEAN) and
+          np.allclose(info.std, NATIVE_STD)):
     flat = fold_normalisation(flat, info.mean, info.std)
-  return HubCheckpoint(flat=flat, info=info, gelu_approximate=gelu_approximate,
-                       source=source, weights_path=weights_path)
+  return official_format.WeightFile(
+      flat, source, 'hub' if is_hub_name(source) else 'timm',
+      gelu_approximate=gelu, timm=info)
 
 
 def _download(hub_name: HubName, filename: str) -> str:
@@ -290,8 +225,7 @@ def _download(hub_name: HubName, filename: str) -> str:
   try:
     return huggingface_hub.hf_hub_download(
         hub_name.repo_id, filename, revision=hub_name.revision,
-        library_name='mixer_jax',
-        library_version=version.__version__)
+        library_name='mixer_jax', library_version=version.__version__)
   except errors.LocalEntryNotFoundError as e:
     raise registry.CheckpointNotFoundError(
         f'{hub_name}: {filename} is not in the Hugging Face cache and cannot '
@@ -309,66 +243,21 @@ def _download(hub_name: HubName, filename: str) -> str:
         f'{hub_name}: download of {filename} failed: {_first_line(e)}') from e
 
 
-def _first_line(error) -> str:
-  text = str(error).strip()
-  return text.splitlines()[0] if text else repr(error)
-
-
-def load_safetensors(path: str, *, config_path: Optional[str] = None,
-                     source: Optional[str] = None,
-                     repo_id: str = '') -> HubCheckpoint:
-  """Reads a timm-format `.safetensors` file (and its `config.json`).
-
-  Without a `config.json` the file is taken to follow mixer_jax's own
-  export (`timm_format.export_timm`): [-1, 1] inputs, and tanh GELU when its
-  metadata says it was written by mixer_jax (the official convention), exact
-  GELU (timm's) otherwise.
-  """
-  from safetensors import numpy as st_numpy  # pylint: disable=g-import-not-at-top
-  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
-
-  source = source or path
+def _read_json(path: str, advice: str) -> Any:
   try:
-    with safe_open(path, framework='numpy') as f:
-      metadata = f.metadata() or {}
-    state = st_numpy.load_file(path)
-  except FileNotFoundError as e:
-    raise registry.CheckpointNotFoundError(f'No file at {path}.') from e
-  except Exception as e:  # pylint: disable=broad-except
-    # safetensors raises its own (Rust) error types for damaged files.
-    raise official_format.PretrainedError(
-        f'{source} is not a readable safetensors file ({type(e).__name__}: '
-        f'{_first_line(e)}); download it again.') from e
-  if config_path is not None:
-    try:
-      with open(config_path, encoding='utf-8') as f:
-        data = json.load(f)
-    except (OSError, ValueError) as e:
-      raise official_format.PretrainedError(
-          f'{config_path} cannot be read as JSON: {e}') from e
-    info = read_timm_config(data)
-    gelu = info.gelu_approximate(repo_id)
-  else:
-    info = TimmInfo()
-    gelu = metadata.get('source') == 'mixer_jax'
-  return convert_timm(state, info, gelu_approximate=gelu, source=source,
-                      weights_path=path)
+    with open(path, encoding='utf-8') as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise PretrainedError(f'{path} cannot be read as JSON ({type(e).__name__}'
+                          f': {e}){advice}') from e
 
 
-def load(name: str) -> HubCheckpoint:
-  """Downloads (or reads from the cache) and converts a Hub checkpoint.
-
-  Args:
-    name: `hf-hub:OWNER/NAME[@REVISION]`.
-
-  Raises:
-    registry.CheckpointNotFoundError: not downloadable and not cached.
-    official_format.PretrainedError: files that are not a timm MlpMixer.
-  """
+def load(name: str) -> official_format.WeightFile:
+  """Downloads (or reads from the cache) and reads a Hub checkpoint."""
   hub_name = parse(name)
   weights = _download(hub_name, WEIGHTS_FILE)
-  config = _download(hub_name, CONFIG_FILE)
-  return load_safetensors(weights, config_path=config, source=str(hub_name),
+  config = _read_json(_download(hub_name, CONFIG_FILE), '.')
+  return load_safetensors(weights, config=config, source=str(hub_name),
                           repo_id=hub_name.repo_id)
 
 
@@ -379,26 +268,19 @@ def is_folder(path) -> bool:
           os.path.isfile(os.path.join(os.fspath(path), WEIGHTS_FILE)))
 
 
-def sidecar_config(path: str) -> Optional[str]:
-  """`config.json` next to a `.safetensors` file, if there is one.
+def sidecar_config(path: str) -> Optional[Dict[str, Any]]:
+  """The timm `config.json` next to a `.safetensors` file, parsed, if any.
 
-  Raises:
-    official_format.PretrainedError: it is there but not valid JSON.
+  Other JSON files there are ignored; a damaged one is an error, never a
+  silent fallback to other preprocessing and class names.
   """
   candidate = os.path.join(os.path.dirname(os.path.abspath(path)),
                            CONFIG_FILE)
   if not os.path.isfile(candidate):
     return None
-  try:
-    with open(candidate, encoding='utf-8') as f:
-      data = json.load(f)
-  except (OSError, ValueError) as e:
-    # Never a silent fallback to other preprocessing and class names.
-    raise official_format.PretrainedError(
-        f'{candidate} cannot be read as JSON ({type(e).__name__}: {e}); '
-        f'repair it, or move it away to load {os.path.basename(path)} with '
-        'the defaults (ImageNet preprocessing, no class names).') from e
-  # Only a timm config describes the weights; ignore other JSON files.
+  data = _read_json(candidate, (
+      f'; repair it, or move it away to load {os.path.basename(path)} with '
+      'the defaults (ImageNet preprocessing, no class names).'))
   is_timm = isinstance(data, dict) and ('pretrained_cfg' in data or str(
       data.get('architecture', '')).startswith('mixer_'))
-  return candidate if is_timm else None
+  return data if is_timm else None

@@ -1,8 +1,4 @@
-"""`Loaded`: a checkpoint of any kind, ready to use.
-
-What `any_checkpoint.load` returns: the model and parameters plus what a
-command needs to use them (input size, eval crop, class names).
-"""
+"""`Loaded`: a checkpoint of any kind, ready to use (`any_checkpoint.load`)."""
 
 import dataclasses
 import os
@@ -15,7 +11,7 @@ from mixer_jax.weights import registry
 
 
 def portable_name(spec) -> str:
-  """A Hub name or URL as is; a local path by its last part only.
+  """A Hub name, URL or registry name as is; a local path by its last part.
 
   What exported files may say of where they came from: a local path would
   tell where the exporter kept its files and mean nothing elsewhere.
@@ -23,7 +19,7 @@ def portable_name(spec) -> str:
   spec = str(spec)
   if hub.is_hub_name(spec) or '://' in spec or not (
       os.path.isabs(spec) or os.path.exists(spec)):
-    return spec  # hf-hub:..., gs://..., a registry name.
+    return spec
   return os.path.basename(os.path.normpath(spec))
 
 
@@ -38,16 +34,12 @@ class Loaded:
     kind: 'workdir', 'registry', 'hub', 'timm' or 'official'.
     source: what was loaded, for messages (path or name, and step).
     image_size: the input side the weights were trained or evaluated at.
-    eval_crop: 'resize' (plain resize) or 'resize_crop' (short side to
-      `eval_resize`, central crop): the evaluation preprocessing that goes
-      with the weights (`preprocess.eval_image`).
-    eval_resize: short side before the central crop.
-    class_names: names of the head's classes when the checkpoint knows them
-      (a workdir's data set, a Hub config's label_names), else None.
+    eval_crop, eval_resize: the evaluation preprocessing that goes with the
+      weights (`preprocess.eval_image`'s crop, and the side it resizes to).
+    class_names: names of the head's classes when the checkpoint knows them.
     dataset: what the head predicts, when known ('imagenet2012',
       'imagenet21k', or the workdir's config.dataset).
-    step: the Orbax step of a workdir.
-    config: the run's config, for a workdir.
+    step, config: a workdir's Orbax step and run config.
     entry: the registry entry, for registry names.
   """
   model: models.MlpMixer
@@ -65,7 +57,7 @@ class Loaded:
 
   @property
   def portable_source(self) -> str:
-    """`source` as exported files name it: no local path (see below)."""
+    """`source` as exported files name it (see `portable_name`)."""
     if self.entry is not None:
       return self.entry.name
     if self.kind == 'workdir':  # 'WORKDIR step N': the workdir's own name.
@@ -77,10 +69,8 @@ class Loaded:
     return int(self.model.num_classes or 0)
 
   def features(self):
-    """(model, params) returning the pooled pre-logits features (no head).
-
-    What a linear probe (fewshot) needs.
-    """
+    """(model, params) giving the pooled features without the head (what a
+    linear probe needs)."""
     params = {k: v for k, v in official_format.unwrap(self.params).items()
               if k != 'head'}
     return self.model.clone(num_classes=None), params

@@ -1,15 +1,11 @@
-"""The official MLP-Mixer checkpoint format: reading, flattening, inspecting.
+"""The official MLP-Mixer checkpoint format: reading and inspecting it.
 
 An official checkpoint (google-research/vision_transformer, gs://mixer_models)
-is a NumPy `.npz` archive of float32 arrays whose keys are the Flax parameter
-paths joined with "/": `stem/kernel`, `MixerBlock_0/LayerNorm_0/scale`,
-`MixerBlock_0/token_mixing/Dense_0/kernel`, ..., `pre_head_layer_norm/bias`,
-`head/kernel`, `head/bias`. `mixer_jax.models` uses the same tree.
-
-This module reads such files safely (`allow_pickle=False`, through
-`tf.io.gfile` so `gs://` paths work), converts between flat and nested trees,
-reads the architecture back from the shapes, and formats the per-leaf
-mismatch errors. `mixer_jax.weights.pretrained` builds on it.
+is a NumPy `.npz` of float32 arrays keyed by the Flax parameter paths joined
+with "/" (`stem/kernel`, `MixerBlock_0/token_mixing/Dense_0/kernel`, ...,
+`head/bias`), the tree of `mixer_jax.models`. This module reads such files
+safely (no pickles; `tf.io.gfile`, so `gs://` works), reads the
+architecture back from the shapes, and words the per-leaf mismatch errors.
 """
 
 import collections
@@ -24,15 +20,25 @@ import zlib
 import numpy as np
 
 from mixer_jax import models
+from mixer_jax.errors import UserError
 from mixer_jax.weights import registry
 
 BLOCK_RE = re.compile(r'^MixerBlock_(\d+)/')
-# The first bytes of a zip archive without entries (np.savez() of nothing).
-_EMPTY_ZIP = b'PK\x05\x06'
 
 
-class PretrainedError(ValueError):
+class PretrainedError(UserError, ValueError):
   """A checkpoint that cannot be read, or does not fit the model."""
+
+
+@dataclasses.dataclass
+class WeightFile:
+  """A weight file read into the official flat tree, taking [-1, 1] inputs."""
+  flat: Dict[str, np.ndarray]  # {'stem/kernel': array, ...}
+  source: str  # What messages call it: a path or a name.
+  kind: str  # 'official', 'registry', 'hub', 'timm' or 'workdir'.
+  gelu_approximate: bool = True  # The form the weights were trained with.
+  entry: Optional[registry.Checkpoint] = None  # Of a registry name.
+  timm: Any = None  # A timm-format file's `hub.TimmInfo` (its config.json).
 
 
 def unwrap(params):
@@ -44,26 +50,27 @@ def unwrap(params):
   return params
 
 
-# ------------------------------------------------------------------ Reading.
-
-# What a file is, read from its first bytes (suffixes are often wrong), and
-# what to pass instead when it is not a weight file.
+_IMAGE_ADVICE = ('images are classified with `python -m mixer_jax.predict '
+                 '--checkpoint=WEIGHTS IMAGE`')
+# What a file is, read from its first bytes (suffixes are often wrong):
+# kind -> (its first bytes, what it is, what to pass instead).
 _KINDS = {
-    'npz': ('an .npz archive', ''),
-    'safetensors': ('a safetensors file', ''),
-    'npy': ('a single .npy array, not an .npz archive of named parameters',
-            'save the parameters with pretrained.export_official'),
-    'pickle': ('pickled Python data', 'pickled files are refused: loading '
-               'them could run code; pass an .npz or .safetensors file'),
-    'png': ('a PNG image', 'images are classified with `python -m '
-            'mixer_jax.predict --checkpoint=WEIGHTS IMAGE`'),
-    'jpeg': ('a JPEG image', 'images are classified with `python -m '
-             'mixer_jax.predict --checkpoint=WEIGHTS IMAGE`'),
-    'gif': ('a GIF image', 'images are classified with `python -m '
-            'mixer_jax.predict --checkpoint=WEIGHTS IMAGE`'),
-    'json': ('a JSON text file', 'pass the weights (model.safetensors) or '
-             'the folder that holds both'),
-    'jax_export': ('a jax.export (StableHLO) model for serving, as '
+    'npz': ((b'PK\x03\x04',), 'an .npz archive', ''),
+    'empty_npz': ((b'PK\x05\x06',), 'an empty .npz archive', ''),
+    'npy': ((b'\x93NUMPY',), 'a single .npy array, not an .npz archive of '
+            'named parameters', 'save the parameters with '
+            'pretrained.export_official'),
+    'png': ((b'\x89PNG\r\n\x1a\n',), 'a PNG image', _IMAGE_ADVICE),
+    'jpeg': ((b'\xff\xd8\xff',), 'a JPEG image', _IMAGE_ADVICE),
+    'gif': ((b'GIF87a', b'GIF89a'), 'a GIF image', _IMAGE_ADVICE),
+    'json': ((b'{', b'['), 'a JSON text file', 'pass the weights '
+             '(model.safetensors) or the folder that holds both'),
+    # Recognised otherwise (see file_kind):
+    'safetensors': ((), 'a safetensors file', ''),
+    'pickle': ((), 'pickled Python data', 'pickled files are refused: '
+               'loading them could run code; pass an .npz or .safetensors '
+               'file'),
+    'jax_export': ((), 'a jax.export (StableHLO) model for serving, as '
                    '`mixer_jax.export --format=stablehlo` writes it',
                    'load it with jax.export.deserialize; here pass the '
                    'checkpoint it was exported from'),
@@ -73,8 +80,7 @@ _KINDS = {
 def file_kind(path: Union[str, os.PathLike]) -> Optional[str]:
   """The kind of a file (a key of `_KINDS`) by its content, or None.
 
-  Magic bytes: zip (`.npz`), NumPy's `.npy`, pickle, PNG, JPEG, GIF, JSON;
-  a safetensors file starts with its header's length (8 bytes, little
+  A safetensors file starts with its header's length (8 bytes, little
   endian) and the header's '{'. A `jax.export` file has no magic bytes; it
   is recognised by deserializing it, tried last.
   """
@@ -82,11 +88,8 @@ def file_kind(path: Union[str, os.PathLike]) -> Optional[str]:
   with tf.io.gfile.GFile(os.fspath(path), 'rb') as f:
     head = f.read(16)
     size = f.size()
-  magic = [('npz', (b'PK\x03\x04', _EMPTY_ZIP)), ('npy', (b'\x93NUMPY',)),
-           ('png', (b'\x89PNG\r\n\x1a\n',)), ('jpeg', (b'\xff\xd8\xff',)),
-           ('gif', (b'GIF87a', b'GIF89a')), ('json', (b'{', b'['))]
-  for kind, starts in magic:
-    if head.startswith(starts):
+  for kind, (starts, _, _) in _KINDS.items():
+    if starts and head.startswith(starts):
       return kind
   if (len(head) > 8 and head[8:9] == b'{' and
       int.from_bytes(head[:8], 'little') <= size - 8):
@@ -109,7 +112,7 @@ def not_weights_error(path, kind: Optional[str]) -> 'PretrainedError':
         f'{path} is neither an .npz archive nor a safetensors file (its first '
         'bytes are neither). Official checkpoints are .npz files of float32 '
         'arrays, timm-format ones .safetensors.')
-  what, advice = _KINDS[kind]
+  _, what, advice = _KINDS[kind]
   return PretrainedError(f'{path} is {what}, not a weight file; {advice}.')
 
 
@@ -121,67 +124,46 @@ def load_npz(path: Union[str, os.PathLike]) -> Dict[str, np.ndarray]:
 
   Raises:
     registry.CheckpointNotFoundError: no file at `path`.
-    PretrainedError: not an `.npz` archive, truncated or corrupt, a pickled
-      or non-float array, or the older `Mixer/encoderblock_i` key layout.
+    PretrainedError: not an `.npz` archive, truncated or corrupt, empty, or
+      holding a pickled, non-float or non-finite array.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
   path = os.fspath(path)
   if not tf.io.gfile.exists(path):
     raise registry.CheckpointNotFoundError(f'No checkpoint file at {path}.')
   kind = file_kind(path)
+  if kind == 'empty_npz':  # What np.savez() of nothing writes.
+    raise PretrainedError(f'{path} is an empty .npz archive: it holds no '
+                          'arrays.')
   if kind != 'npz':
     raise not_weights_error(path, kind)
-  flat = {}
-  with tf.io.gfile.GFile(path, 'rb') as f:
-    if f.read(4) == _EMPTY_ZIP:  # What np.savez() with no arrays writes.
-      raise PretrainedError(f'{path} is an empty .npz archive: it holds no '
-                            'arrays.')
-    f.seek(0)
-    try:
-      archive = np.load(f, allow_pickle=False)
-    except (ValueError, zipfile.BadZipFile, EOFError, OSError,
-            tf.errors.OpError) as e:
-      raise PretrainedError(
-          f'{path} is truncated or corrupt ({type(e).__name__}: {e}); '
-          f'download it again.') from e
-    with archive:
+  flat, key = {}, None
+  try:
+    with tf.io.gfile.GFile(path, 'rb') as f, np.load(
+        f, allow_pickle=False) as archive:
       for key in archive.files:
-        try:
-          value = archive[key]
-        except ValueError as e:
-          if 'pickle' in str(e).lower():
-            raise PretrainedError(
-                f'{path}: entry {key!r} is a pickled object array. Official '
-                f'checkpoints hold only float arrays, and loading pickles '
-                f'could run code, so the file is refused.') from e
-          raise PretrainedError(f'{path}: entry {key!r} is corrupt: {e}') from e
-        except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as e:
-          raise PretrainedError(
-              f'{path} is truncated or corrupt: entry {key!r} cannot be read '
-              f'({type(e).__name__}: {e}); download it again.') from e
-        if not np.issubdtype(value.dtype, np.floating):
-          raise PretrainedError(
-              f'{path}: entry {key!r} has dtype {value.dtype}; official '
-              f'checkpoints hold float arrays only.')
-        flat[key] = value
-  if not flat:
-    raise PretrainedError(f'{path} is an empty .npz archive.')
+        flat[key] = archive[key]
+  except (ValueError, zipfile.BadZipFile, EOFError, OSError, zlib.error,
+          tf.errors.OpError) as e:
+    if 'pickle' in str(e).lower():
+      raise PretrainedError(
+          f'{path}: entry {key!r} is a pickled object array. Official '
+          f'checkpoints hold only float arrays, and loading pickles could run '
+          f'code, so the file is refused.') from e
+    raise PretrainedError(f'{path} is truncated or corrupt ({type(e).__name__}'
+                          f': {e}); download it again.') from e
+  for key, value in flat.items():
+    if not np.issubdtype(value.dtype, np.floating):
+      raise PretrainedError(
+          f'{path}: entry {key!r} has dtype {value.dtype}; official '
+          f'checkpoints hold float arrays only.')
   check_finite(flat, path)
-  if any(k.startswith('Mixer/') or 'encoderblock_' in k for k in flat):
-    raise PretrainedError(
-        f'{path} uses the older internal key layout (Mixer/encoderblock_i/'
-        f'...). No published Mixer checkpoint uses it and it is not '
-        f'supported; convert the keys to the layout in docs/weights.md.')
   return flat
 
 
 def check_finite(flat: Mapping[str, Any], source) -> None:
-  """Refuses NaN or infinite weights, naming the leaves that hold them.
-
-  Raises:
-    PretrainedError: listing the leaves (and how many bad values each has).
-  """
+  """Refuses NaN or infinite weights: PretrainedError naming the leaves
+  that hold them and how many bad values each has."""
   bad = []
   for key, value in flat.items():
     value = np.asarray(value)
@@ -195,9 +177,6 @@ def check_finite(flat: Mapping[str, Any], source) -> None:
         f'{source} holds NaN or infinite weights in {", ".join(bad[:8])}'
         f'{more}; the file is damaged or came from a diverged run, and is '
         'refused.')
-
-
-# ------------------------------------------------------------- Architecture.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -272,7 +251,6 @@ def infer_architecture(flat: Mapping[str, Any]) -> CheckpointInfo:
       num_tokens=common(r'MixerBlock_\d+/token_mixing/Dense_0/kernel', 0),
       num_classes=(int(head.shape[-1]) if head is not None
                    and len(head.shape) == 2 else 0))
-
 
 
 def mismatch_error(source, flat, missing, extra, wrong, hint=''):

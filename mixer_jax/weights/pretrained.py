@@ -1,31 +1,24 @@
-"""Official MLP-Mixer checkpoints: read, check, adapt and write `.npz` files.
+"""Weight files to models and back: read, check, adapt, write.
 
-The official format (google-research/vision_transformer, `gs://mixer_models`)
-is a NumPy `.npz` archive of float32 arrays whose keys are the Flax parameter
-paths joined with "/" (`stem/kernel`, `MixerBlock_0/token_mixing/Dense_0/
-kernel`, ..., `head/bias`); `mixer_jax.models` uses the same tree. Reading
-and inspecting files is in `mixer_jax.weights.official_format`; this module adapts
-them to models and writes them.
-
-* `load_pretrained` reads a file or registry name and returns a ready model
-  and its parameters; the architecture is read from the file itself.
-* `init_from_checkpoint` fills freshly initialised parameters (e.g. a
-  fine-tuning model) from a checkpoint: used by `mixer_jax.train` for
-  `config.init_from`.
-* `export_official` writes parameters back in the official format.
+* `read_weights` reads any weight file or name into the official flat tree
+  (`official_format.WeightFile`).
+* `load_pretrained` returns a ready model and its parameters; the
+  architecture is read from the file itself.
+* `init_from_checkpoint` fills freshly initialised parameters (a fine-tuning
+  model, `config.init_from`) from a checkpoint.
+* `export_official` writes parameters in the official `.npz` format.
 
 Every leaf is checked; a file that does not fit raises `PretrainedError`
 listing each missing, extra and wrong-shaped leaf and naming the variant the
 file most likely holds. When the class count differs, the head is replaced by
 a fresh zero head (as the official fine-tuning code does).
 
-Higher resolution (paper, Appendix C): with a fixed patch size, an image side
-K times larger gives K^2 times the tokens. Each token-mixing MLP then becomes
-block-diagonal, one copy of the pretrained weights per K x K tile of the image
-(hidden width K^2 * D_S, biases tiled), so at the start every tile is mixed
-exactly as the pretrained model mixed a whole image. Our model flattens the
-patch grid row-major, not tile by tile, so the expanded matrices are permuted
-to the row-major token order. Only integer K is defined; any other ratio
+Higher resolution (paper, Appendix C): an image side K times larger gives
+K^2 times the tokens. Each token-mixing MLP then becomes block-diagonal, one
+copy of the pretrained weights per K x K tile of the image (hidden width
+K^2 * D_S, biases tiled), so at the start every tile is mixed exactly as the
+pretrained model mixed a whole image; the expanded matrices are permuted to
+our row-major token order. Only integer K is defined; any other ratio
 (224 -> 384) or a smaller image raises an error that explains this.
 """
 
@@ -39,91 +32,55 @@ from flax import traverse_util
 import numpy as np
 
 from mixer_jax import models
-from mixer_jax.weights import official_format
+from mixer_jax.weights import hub
 from mixer_jax.weights import registry
 from mixer_jax.weights.official_format import BLOCK_RE
 from mixer_jax.weights.official_format import CheckpointInfo
+from mixer_jax.weights.official_format import file_kind
 from mixer_jax.weights.official_format import infer_architecture
 from mixer_jax.weights.official_format import load_npz
 from mixer_jax.weights.official_format import mismatch_error
 from mixer_jax.weights.official_format import PretrainedError
 from mixer_jax.weights.official_format import unwrap
+from mixer_jax.weights.official_format import WeightFile
 
 _TOKEN_KEY = 'MixerBlock_0/token_mixing/Dense_0/kernel'
 
 
-@dataclasses.dataclass
-class SourceFile:
-  """One weight file read into the official flat tree.
-
-  Attributes:
-    flat: {'stem/kernel': array, ...}; always takes [-1, 1] inputs.
-    source: what to call it in messages (a path or a name).
-    entry: the registry entry, for registry names.
-    hub: the converted timm checkpoint (config.json facts), for Hub names
-      and `.safetensors` files.
+def read_weights(name_or_path) -> WeightFile:
+  """Reads a weight file or name into the official flat tree: a registry
+  name, a Hub name (`mixer_jax.weights.hub`), a timm-format `.safetensors`
+  (with a timm `config.json` beside it, if any) or a folder holding one, an
+  official `.npz` (local or `gs://`), or a training workdir (its newest
+  step). Raises `registry.CheckpointNotFoundError` when nothing readable is
+  there, `PretrainedError` for a file that is not a Mixer checkpoint.
   """
-  flat: Dict[str, np.ndarray]
-  source: str
-  entry: Optional[registry.Checkpoint] = None
-  hub: Optional[Any] = None  # hub.HubCheckpoint
-  trained_gelu_approximate: Optional[bool] = None  # A workdir's model's.
-
-  @property
-  def gelu_approximate(self) -> bool:
-    """The GELU form the weights were trained with (see `mixer_jax.weights.hub`)."""
-    if self.trained_gelu_approximate is not None:
-      return self.trained_gelu_approximate
-    return True if self.hub is None else self.hub.gelu_approximate
-
-
-def read_weights(name_or_path) -> SourceFile:
-  """Reads any weight file into the official flat tree.
-
-  Args:
-    name_or_path: a registry name ("imagenet1k/Mixer-B_16"), a Hub name
-      ("hf-hub:timm/mixer_b16_224.goog_in21k_ft_in1k[@revision]", see
-      `mixer_jax.weights.hub`), a timm-format `.safetensors` file (e.g. from
-      `timm_format.export_timm`; a timm `config.json` beside it is read), or
-      an official-format `.npz` (local or `gs://`), or a mixer_jax training
-      workdir (its newest step; see `mixer_jax.weights.workdir_checkpoint`).
-
-  Raises:
-    registry.CheckpointNotFoundError: nothing readable under that name.
-    PretrainedError: a file that is not a Mixer checkpoint.
-  """
-  from mixer_jax.weights import hub  # pylint: disable=g-import-not-at-top
-  if isinstance(name_or_path, SourceFile):
-    return name_or_path
   from mixer_jax.weights import workdir_checkpoint  # pylint: disable=g-import-not-at-top
+  if isinstance(name_or_path, WeightFile):
+    return name_or_path
   if workdir_checkpoint.is_directory(name_or_path):
     loaded = workdir_checkpoint.load(os.fspath(name_or_path), None, None, {},
                                      'params')
-    flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(
-        unwrap(loaded.params), sep='/').items()}
-    return SourceFile(flat, loaded.source, trained_gelu_approximate=bool(
-        loaded.model.gelu_approximate))
+    flat = traverse_util.flatten_dict(loaded.params, sep='/')
+    return WeightFile({k: np.asarray(v) for k, v in flat.items()},
+                      loaded.source, 'workdir',
+                      gelu_approximate=loaded.model.gelu_approximate)
   if hub.is_hub_name(name_or_path):
-    converted = hub.load(name_or_path)
-    return SourceFile(converted.flat, converted.source, hub=converted)
+    return hub.load(name_or_path)
   if hub.is_folder(name_or_path):  # E.g. what `export --format=hub` writes.
     path, entry = os.path.join(os.fspath(name_or_path), hub.WEIGHTS_FILE), None
   else:
     path, entry = registry.resolve(name_or_path)
   # By content, not suffix: a safetensors file named .npz loads all the same.
-  if official_format.file_kind(path) == 'safetensors':
-    converted = hub.load_safetensors(path, config_path=hub.sidecar_config(
-        path))
-    return SourceFile(converted.flat, path, hub=converted)
-  return SourceFile(load_npz(path), path, entry=entry)
+  if file_kind(path) == 'safetensors':
+    return hub.load_safetensors(path, config=hub.sidecar_config(path))
+  return WeightFile(load_npz(path), path,
+                    'official' if entry is None else 'registry', entry=entry)
 
 
 def checkpoint_info(name_or_path: str) -> CheckpointInfo:
   """The architecture of a registry name, Hub name or file (reads it)."""
   return infer_architecture(read_weights(name_or_path).flat)
-
-
-# ---------------------------------------------------------- Resolution change.
 
 
 def resolution_factor(checkpoint_tokens: int, target_tokens: int,
@@ -151,12 +108,9 @@ def resolution_factor(checkpoint_tokens: int, target_tokens: int,
 
 
 def _tile_major_positions(grid: int, factor: int) -> np.ndarray:
-  """For each row-major token of the big grid, its index in tile-major order.
-
-  Tile-major order lists the K x K tiles row by row, each tile's `grid` x
-  `grid` tokens row-major inside it: the order in which the block-diagonal
-  matrices are laid out.
-  """
+  """For each row-major token of the big grid, its index in tile-major order
+  (the K x K tiles row by row, each row-major inside: the order in which
+  the block-diagonal matrices are laid out)."""
   side = grid * factor
   row, col = np.divmod(np.arange(side * side), side)
   tile = (row // grid) * factor + col // grid
@@ -191,20 +145,10 @@ def _expand_flat(flat: Mapping[str, Any], factor: int) -> Dict[str, Any]:
 
 
 def expand_token_mixing(params: Mapping[str, Any], factor: int):
-  """Appendix C: adapts any Mixer parameters to images `factor` times larger.
-
-  Works on official checkpoints and on models trained here alike. The result
-  fits `create_model(..., tokens_mlp_dim=factor**2 * D_S)` on images of
-  `factor` times the side; right after the change it maps each of the
-  factor x factor tiles exactly as the original model mapped a whole image.
-
-  Args:
-    params: a nested parameter tree (or `{'params': tree}`).
-    factor: integer growth K >= 1 of the image side.
-
-  Returns:
-    A new nested tree of NumPy arrays.
-  """
+  """Appendix C: any Mixer parameters adapted to images `factor` (K) times
+  larger, as a new tree of NumPy arrays that fits `create_model(...,
+  tokens_mlp_dim=K**2 * D_S)` and maps each K x K tile exactly as the
+  original model mapped a whole image."""
   if not isinstance(factor, (int, np.integer)) or factor < 1:
     raise PretrainedError(
         f'factor={factor!r}: Appendix C needs a positive integer factor of '
@@ -212,9 +156,6 @@ def expand_token_mixing(params: Mapping[str, Any], factor: int):
   flat = traverse_util.flatten_dict(unwrap(params), sep='/')
   return traverse_util.unflatten_dict(_expand_flat(flat, int(factor)),
                                       sep='/')
-
-
-# -------------------------------------------------------------- Restoring.
 
 
 def _restore(flat, target, source, fresh_head):
@@ -258,35 +199,27 @@ def _restore(flat, target, source, fresh_head):
   return traverse_util.unflatten_dict(out, sep='/')
 
 
-def _source_flat(source):
-  """(flat dict, description) of a registry name, path or parameter tree."""
-  if isinstance(source, Mapping):
-    flat = traverse_util.flatten_dict(unwrap(source), sep='/')
-    return {k: np.asarray(v) for k, v in flat.items()}, 'parameters'
-  read = read_weights(source)
-  return read.flat, read.source
-
-
 def init_from_checkpoint(name_or_path, params):
   """Returns `params` (freshly initialised) filled from a checkpoint.
 
   The head is kept from `params` (the target's fresh zero head) when the
   class counts differ; the token-mixing weights are expanded (Appendix C)
   when the target has K^2 times the checkpoint's tokens; every other leaf
-  must match in name and shape.
+  must match in name and shape, else `PretrainedError` lists them all.
 
   Args:
-    name_or_path: registry name, `.npz` path (local or `gs://`), or a
-      parameter tree (e.g. of a model trained here).
+    name_or_path: anything `read_weights` reads, or a parameter tree.
     params: the target's initialised parameter tree (concrete arrays).
 
   Returns:
     A nested dict of NumPy arrays with the structure and dtypes of `params`.
-
-  Raises:
-    PretrainedError: listing every mismatched leaf.
   """
-  flat, source = _source_flat(name_or_path)
+  if isinstance(name_or_path, Mapping):
+    flat = traverse_util.flatten_dict(unwrap(name_or_path), sep='/')
+    flat, source = {k: np.asarray(v) for k, v in flat.items()}, 'parameters'
+  else:
+    read = read_weights(name_or_path)
+    flat, source = read.flat, read.source
   target = traverse_util.flatten_dict(unwrap(params), sep='/')
   fresh = {k: np.asarray(v) for k, v in target.items()
            if k.startswith('head/')}
@@ -294,16 +227,31 @@ def init_from_checkpoint(name_or_path, params):
                   fresh)
 
 
+def _architecture(flat, source) -> CheckpointInfo:
+  """What a flat tree's shapes describe, or the error listing its leaves."""
+  info = infer_architecture(flat)
+  if info.image_size is None or None in dataclasses.astuple(info)[:5]:
+    raise mismatch_error(source, flat, [], [], [],
+                         'Its architecture cannot be read from its shapes.')
+  return info
+
+
+def _model_of(info: CheckpointInfo, num_classes, tokens_factor=1, **options):
+  """The model of `info`'s sizes, its token mixing `tokens_factor`**2 wider."""
+  sizes = dict(num_blocks=info.num_blocks, hidden_dim=info.hidden_dim,
+               tokens_mlp_dim=info.tokens_mlp_dim * tokens_factor**2,
+               channels_mlp_dim=info.channels_mlp_dim)
+  sizes.update({k: options.pop(k) for k in list(options) if k in sizes})
+  variant = f'{(info.variant or "S")[0]}_{info.patch_size}'
+  return models.create_model(variant, num_classes or None, **sizes, **options)
+
+
 def load_pretrained(name_or_path, *, num_classes: Optional[int] = None,
                     image_size: Optional[int] = None, **model_options):
   """Loads a published or exported checkpoint as a ready model.
 
   Args:
-    name_or_path: registry name ("imagenet1k/Mixer-B_16", see
-      `registry.list_checkpoints()`), Hub name
-      ("hf-hub:timm/mixer_b16_224.goog_in21k_ft_in1k[@revision]"), path to
-      an official-format `.npz` or to a timm-format `.safetensors` (see
-      `read_weights`).
+    name_or_path: anything `read_weights` reads.
     num_classes: head size. None keeps the checkpoint's head; another count
       gives a fresh zero head (for fine-tuning); 0 drops the head so the
       model returns pooled features.
@@ -311,87 +259,54 @@ def load_pretrained(name_or_path, *, num_classes: Optional[int] = None,
       checkpoint's; an integer multiple K of it expands the token mixing
       (Appendix C); anything else raises `PretrainedError`.
     **model_options: passed to `models.create_model` (e.g. dtype,
-      gelu_approximate, stochastic_depth). gelu_approximate defaults to the
-      form the weights were trained with: tanh for official and goog files,
-      exact for MIIL's and other timm weights (see `mixer_jax.weights.hub`).
+      stochastic_depth, gelu_approximate: by default the form the weights
+      were trained with).
 
   Returns:
-    (model, params) for `model.apply({'params': params}, images)`; images
-    are scaled to [-1, 1] whatever the file (timm normalisations are folded
-    into the stem, see `mixer_jax.weights.hub`).
+    (model, params) for `model.apply({'params': params}, images)`, images
+    scaled to [-1, 1] whatever the file.
   """
   read = read_weights(name_or_path)
   flat, path, entry = read.flat, read.source, read.entry
   model_options.setdefault('gelu_approximate', read.gelu_approximate)
-  info = infer_architecture(flat)
+  info = _architecture(flat, path)
   if entry is not None and (info.variant != entry.variant
                             or info.num_classes != entry.num_classes):
     raise PretrainedError(
         f'{path} should hold {entry.name} (Mixer-{entry.variant}, '
         f'{entry.num_classes} classes) but looks like {info.describe()}. '
         f'Delete the file and download it again.')
-  if info.image_size is None or None in dataclasses.astuple(info)[:5]:
-    raise mismatch_error(path, flat, [], [], [],
-                         'Its architecture cannot be read from the file.')
   size = image_size or info.image_size
   if size % info.patch_size:
     raise PretrainedError(f'image_size={size} is not a multiple of the '
                           f'patch size {info.patch_size}.')
   factor = resolution_factor(info.num_tokens, (size // info.patch_size)**2,
                              info.patch_size)
-  sizes = dict(num_blocks=info.num_blocks, hidden_dim=info.hidden_dim,
-               tokens_mlp_dim=info.tokens_mlp_dim * factor**2,
-               channels_mlp_dim=info.channels_mlp_dim)
-  sizes.update({k: model_options.pop(k) for k in list(model_options)
-                if k in sizes})
-  classes = (info.num_classes or None) if num_classes is None else num_classes
-  family = info.variant[0] if info.variant else 'S'
-  model = models.create_model(f'{family}_{info.patch_size}', classes or None,
-                              **sizes, **model_options)
-  target = models.param_shapes(model, size)
+  classes = info.num_classes if num_classes is None else num_classes
+  model = _model_of(info, classes, factor, **model_options)
   fresh = {}
   if classes:
     fresh = {'head/kernel': np.zeros((model.hidden_dim, classes), np.float32),
              'head/bias': np.full((classes,), model.head_bias_init,
                                   np.float32)}
-  return model, _restore(flat, target, path, fresh)
-
-
-# ------------------------------------------------------------------ Writing.
+  return model, _restore(flat, models.param_shapes(model, size), path, fresh)
 
 
 def export_official(params, path: Union[str, os.PathLike]) -> None:
-  """Writes parameters in the official `.npz` format (local or `gs://`).
-
-  Leaves are stored as float32 (bfloat16 training parameters are widened).
-  The tree is checked first, so only complete Mixer trees are written.
-
-  Args:
-    params: a Mixer parameter tree (or `{'params': tree}`), e.g. from
-      `load_pretrained`, `init_params` or a training state's `params`.
-    path: destination file; missing parent directories are created.
-  """
+  """Writes a complete Mixer parameter tree as an official `.npz` (local or
+  `gs://`; parent directories are created), every leaf as float32."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
   flat = {k: np.asarray(v, dtype=np.float32)
           for k, v in traverse_util.flatten_dict(unwrap(params),
                                                  sep='/').items()}
-  info = infer_architecture(flat)
-  if info.image_size is None or None in dataclasses.astuple(info)[:5]:
-    raise mismatch_error('the tree being exported', flat, [], [], [],
-                         'Its architecture cannot be read from the tree.')
-  model = models.create_model(
-      f'S_{info.patch_size}', info.num_classes or None,
-      num_blocks=info.num_blocks, hidden_dim=info.hidden_dim,
-      tokens_mlp_dim=info.tokens_mlp_dim,
-      channels_mlp_dim=info.channels_mlp_dim)
-  _restore(flat, models.param_shapes(model, info.image_size),
-           'the tree being exported', {})
+  source = 'the tree being exported'
+  info = _architecture(flat, source)
+  _restore(flat, models.param_shapes(_model_of(info, info.num_classes),
+                                     info.image_size), source, {})
   buffer = io.BytesIO()
   np.savez(buffer, **flat)
   path = os.fspath(path)
-  parent = os.path.dirname(path)
-  if parent:
-    tf.io.gfile.makedirs(parent)
+  if os.path.dirname(path):
+    tf.io.gfile.makedirs(os.path.dirname(path))
   with tf.io.gfile.GFile(path, 'wb') as f:
     f.write(buffer.getvalue())

@@ -1,11 +1,8 @@
 """`run_info.json`: what a training workdir holds, written when a run starts.
 
-The run's config (to rebuild the model and restore the Orbax state), its
-class count and class names. It is what makes a workdir a checkpoint that
-predict, evaluate, export and fewshot open without being told the config.
-A saved config is read on top of the current defaults
-(mixer_jax/config_defaults.py), so fields added after the run keep their
-defaults, installed package or checkout alike.
+The run's config (to rebuild the model and restore the Orbax state), class
+count and class names: what makes a workdir a checkpoint that predict,
+evaluate, export and fewshot open without being told the config.
 """
 
 import json
@@ -22,16 +19,9 @@ _RUN_INFO_VERSION = 1
 
 def save_run_info(workdir: str, config, num_classes: int,
                   class_names: Optional[List[str]] = None) -> str:
-  """Writes `workdir/run_info.json`, which makes the workdir a checkpoint.
-
-  Called by `mixer_jax.train` at the start of every run (on process 0):
-  the config (to rebuild the model and restore the Orbax state), the class
-  count, and the class names read from the data set's TFDS features (e.g.
-  the folder names of a `folder` data set) unless given.
-
-  Returns:
-    The path written.
-  """
+  """Writes `workdir/run_info.json` and returns its path (`mixer_jax.train`,
+  process 0, at every start). Class names, unless given, come from the data
+  set's TFDS features (e.g. the folder names of a `folder` data set)."""
   from etils import epath  # pylint: disable=g-import-not-at-top
   if class_names is None:
     try:

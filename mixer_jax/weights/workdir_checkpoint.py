@@ -1,9 +1,7 @@
 """A training workdir as a checkpoint: where its steps are, and restoring one.
 
-A workdir (`workdirs/quickstart`), its `checkpoints/` directory or one step
-directory in it (`.../checkpoints/500`) is opened read-only, so a running
-job can be used; `run_info.json` (mixer_jax/weights/run_info.py) says which
-model it holds.
+Opened read-only, so a running job can be used; its `run_info.json`
+(`run_info.py`) says which model it holds.
 """
 
 import os
@@ -33,21 +31,11 @@ def _is_step_directory(location) -> bool:
 def locate_workdir(path: str, step: Optional[int] = None):
   """(workdir, checkpoint directory, step) of a directory naming a checkpoint.
 
-  The one reading of a checkpoint directory for every command. Accepts:
-  - a training workdir (it holds `checkpoints/` or `run_info.json`);
-  - its `checkpoints/` directory;
-  - one step directory (`.../checkpoints/500`, or any `<step>/` holding an
-    Orbax `state/`), which also fixes the step;
-  - any other directory holding Orbax step directories (a checkpoint
-    directory saved outside a workdir).
-  Outside a workdir, the checkpoint directory itself stands for the workdir
-  (a run_info.json there would describe it; without one, reading it says
-  that the config must be given).
-
-  Raises:
-    registry.CheckpointNotFoundError: not such a directory.
-    checkpoint_checks.CheckpointError: a step directory together with
-      another `step`.
+  The one reading of a checkpoint directory for every command: a training
+  workdir (holding `checkpoints/` or `run_info.json`), its `checkpoints/`,
+  one step directory in it (`.../checkpoints/500`, or any `<step>/` holding
+  an Orbax `state/`: it fixes the step), or any other directory of Orbax
+  steps (which then stands for the workdir).
   """
   from etils import epath  # pylint: disable=g-import-not-at-top
   location = epath.Path(path)
@@ -75,8 +63,7 @@ def locate_workdir(path: str, step: Optional[int] = None):
 
 
 def is_directory(spec) -> bool:
-  """Whether `spec` names a directory (a workdir-like one), not a weight
-  file or name."""
+  """Whether `spec` names a workdir-like directory, not a weight file."""
   from etils import epath  # pylint: disable=g-import-not-at-top
   if not isinstance(spec, (str, os.PathLike)):
     return False
@@ -92,17 +79,10 @@ def is_directory(spec) -> bool:
 
 def restore_params(directory, config, num_classes: int,
                    step: Optional[int], sharding, weights: str = 'params'):
-  """(model, params, extra) of an Orbax step of `directory`, read-only.
-
-  Args:
-    directory: the run's checkpoint directory.
-    config: the run's config (the model it describes is rebuilt).
-    num_classes: the run's head size.
-    step: the step; None for the newest.
-    sharding: where every parameter is placed.
-    weights: 'params' (the trained weights) or 'ema' (their moving average,
-      kept by runs with config.ema_decay > 0).
-  """
+  """(model, params, extra) of an Orbax step (None: the newest) of the
+  run's checkpoint `directory`, read-only, each parameter placed with
+  `sharding`; `weights` is 'params' (trained) or 'ema' (their moving
+  average, kept by runs with config.ema_decay > 0)."""
   if weights not in WEIGHTS:
     raise ValueError(f'weights={weights!r}: use one of {WEIGHTS}.')
   if weights == 'ema' and not config.get('ema_decay'):
@@ -143,12 +123,10 @@ def load(spec, step, image_size, model_options, weights) -> Loaded:
   model, params, extra = restore_params(
       directory, config, num_classes, step,
       jax.sharding.SingleDeviceSharding(jax.local_devices()[0]), weights)
-  options = {k: v for k, v in model_options.items()
-             if k in ('dtype', 'gelu_approximate')}
-  if options:
-    if 'dtype' in options:
-      options['dtype'] = jnp.dtype(options['dtype'])
-    model = model.clone(**options)
+  if 'dtype' in model_options:
+    model = model.clone(dtype=jnp.dtype(model_options['dtype']))
+  if 'gelu_approximate' in model_options:
+    model = model.clone(gelu_approximate=model_options['gelu_approximate'])
   step = int(extra['step'])
   return Loaded(
       model=model, params=params, kind='workdir',

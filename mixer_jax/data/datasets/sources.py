@@ -29,15 +29,10 @@ from typing import List, Optional
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from mixer_jax.data.datasets import digits  # pylint: disable=unused-import
 # Defined without TensorFlow (see mixer_jax.data.errors); raised here.
 from mixer_jax.data.errors import BadImagesError  # pylint: disable=g-importing-member
 from mixer_jax.data.errors import DatasetUnavailableError  # pylint: disable=g-importing-member
 from mixer_jax.data.errors import FolderLayoutError  # pylint: disable=g-importing-member
-
-# How many corrupt file names an error message lists.
-_MAX_NAMES_SHOWN = 10
-
 
 # File endings tfds.ImageFolder reads (case-insensitive).
 IMAGE_ENDINGS = ('.jpg', '.jpeg', '.png')
@@ -46,6 +41,13 @@ _LAYOUT = 'root/split_name/class_name/*.jpg|jpeg|png'
 
 def _is_image(name):
   return name.lower().endswith(IMAGE_ENDINGS)
+
+
+def _listed(items, shown=10):
+  """The first `shown` items, one per indented line, and how many more."""
+  more = len(items) - shown
+  return '\n  ' + '\n  '.join(items[:shown]) + (
+      f'\n  ... and {more} more' if more > 0 else '')
 
 
 def _images_below(folder):
@@ -70,19 +72,16 @@ def check_folder_layout(root):
     to do (empty when the layout is fine).
   """
   problems = []
-  join = os.path.join
-  splits = sorted(d for d in tf.io.gfile.listdir(root)
-                  if tf.io.gfile.isdir(join(root, d.rstrip('/'))))
-  splits = [d.rstrip('/') for d in splits]
+  join, isdir = os.path.join, tf.io.gfile.isdir
+  listdir = lambda d: sorted(e.rstrip('/') for e in tf.io.gfile.listdir(d))
   classes = {}  # split -> class folders with images.
   real_splits = []  # Split folders with a class folder (ImageFolder's).
-  for split in splits:
+  for split in [d for d in listdir(root) if isdir(join(root, d))]:
     split_dir = join(root, split)
     classes[split] = set()
-    for name in sorted(tf.io.gfile.listdir(split_dir)):
-      name = name.rstrip('/')
+    for name in listdir(split_dir):
       path = join(split_dir, name)
-      if not tf.io.gfile.isdir(path):
+      if not isdir(path):
         if _is_image(name):
           problems.append(
               f'{path} is not in a class folder and would be ignored: move '
@@ -90,10 +89,9 @@ def check_folder_layout(root):
         continue
       if split not in real_splits:
         real_splits.append(split)
-      entries = [e.rstrip('/') for e in tf.io.gfile.listdir(path)]
-      images = sum(_is_image(e) and not tf.io.gfile.isdir(join(path, e))
-                   for e in entries)
-      for sub in sorted(e for e in entries if tf.io.gfile.isdir(join(path, e))):
+      entries = listdir(path)
+      images = sum(_is_image(e) and not isdir(join(path, e)) for e in entries)
+      for sub in [e for e in entries if isdir(join(path, e))]:
         nested = _images_below(join(path, sub))
         if nested:
           problems.append(
@@ -110,7 +108,7 @@ def check_folder_layout(root):
   for split in real_splits:
     for name in sorted(everywhere - classes[split]):
       present = [s for s in real_splits if name in classes[s]]
-      if not tf.io.gfile.isdir(join(root, split, name)):
+      if not isdir(join(root, split, name)):
         problems.append(
             f'Class {name!r} has images in {", ".join(present)} but no '
             f'folder {join(root, split, name)}: every split must have the '
@@ -206,6 +204,18 @@ def _build_lock(data_dir_root, name):
     os.close(fd)  # Also releases the lock.
 
 
+def class_label(info, label_key=None):
+  """The ClassLabel of a TFDS data set's label, or None when it has none.
+
+  The label is the feature `label_key`, default the supervised label; a
+  Sequence(ClassLabel) (ImageNet ReaL's set of labels) gives its ClassLabel.
+  """
+  key = label_key or (info.supervised_keys or ('image', 'label'))[1]
+  feature = info.features[key] if key in info.features else None
+  feature = getattr(feature, 'feature', feature)
+  return feature if isinstance(feature, tfds.features.ClassLabel) else None
+
+
 class TfdsSource:
   """A TFDS data set, by name, in `data_dir` (None: TFDS's default).
 
@@ -236,10 +246,9 @@ class TfdsSource:
       raise DatasetUnavailableError(
           f'{name!r} has no ({self.image_key!r}, {self.label_key!r}) '
           'features; mixer_jax needs an image classification data set.')
-    label = features[self.label_key]
-    label = getattr(label, 'feature', label)  # Sequence(ClassLabel).
-    self.num_classes = (label.num_classes if isinstance(
-        label, tfds.features.ClassLabel) else -1)
+    label = class_label(self.builder.info, self.label_key)
+    self.num_classes = label.num_classes if label else -1
+    self.class_names = label.names if label else None
     # Keep encoded images encoded: preprocessing crops JPEGs while decoding.
     self._decoders = ({self.image_key: tfds.decode.SkipDecoding()}
                       if isinstance(features[self.image_key],
@@ -343,13 +352,6 @@ class TfdsSource:
                               'label': tf.cast(ex[self.label_key], tf.int64)})
 
 
-def largest_shard_size(source, split, count) -> int:
-  """Examples of the largest of the `count` process shards of `split`: the
-  length every process pads its eval pass to, so that all run the same
-  number of batches."""
-  return max(source.shard_size(split, i, count) for i in range(count))
-
-
 @functools.lru_cache(maxsize=None)
 def find_bad_images(root, split):
   """Names of the files of `root/split/*/` that TensorFlow cannot decode.
@@ -396,46 +398,34 @@ class FolderSource:
       raise DatasetUnavailableError(
           f'Image folder {root!r} does not exist (config.folder). Expected '
           'root/split_name/class_name/*.jpg|png, e.g. root/train/cat/1.jpg.')
-    if bad_images not in ('error', 'skip'):
-      raise ValueError(f"config.bad_images must be 'error' or 'skip', got "
-                       f'{bad_images!r}.')
     problems = check_folder_layout(root)
     if problems:
-      shown = '\n  '.join(problems[:_MAX_NAMES_SHOWN])
-      more = len(problems) - _MAX_NAMES_SHOWN
       raise FolderLayoutError(
           f'Image folder {root} (config.folder) is not laid out as '
-          f'{_LAYOUT}:\n  {shown}' +
-          (f'\n  ... and {more} more' if more > 0 else ''))
+          f'{_LAYOUT}:{_listed(problems)}')
     self.builder = tfds.ImageFolder(root)
     self.name = f'folder:{root}'
     self.root = root
     self.image_size = None  # Files of any size.
-    split_sizes = {s: int(i.num_examples)
-                   for s, i in self.builder.info.splits.items()}
-    if not split_sizes or not any(split_sizes.values()):
+    self._split_sizes = {s: int(i.num_examples)
+                         for s, i in self.builder.info.splits.items()}
+    if not any(self._split_sizes.values()):
       raise DatasetUnavailableError(
-          f'No images found under {root}: expected '
-          'root/split_name/class_name/*.jpg|jpeg|png.')
+          f'No images found under {root}: expected {_LAYOUT}.')
     self.num_classes = self.builder.info.features['label'].num_classes
     self.class_names = self.builder.info.features['label'].names
     self._bad_images = bad_images
     self._bad = {}  # split folder -> corrupt file names, found on first use.
-    self._split_sizes = split_sizes
 
   def bad_files(self, split_name):
     """Corrupt files of a split folder; raises with bad_images='error'."""
     if split_name not in self._bad:
       bad = find_bad_images(self.root, split_name)
       if bad and self._bad_images == 'error':
-        shown = '\n  '.join(bad[:_MAX_NAMES_SHOWN])
-        more = len(bad) - _MAX_NAMES_SHOWN
         raise BadImagesError(
             f'{len(bad)} image file(s) in {self.root}/{split_name} cannot be '
-            f'decoded:\n  {shown}' + (f'\n  ... and {more} more' if more > 0
-                                      else '') +
-            "\nRemove or replace them, or set config.bad_images='skip' to "
-            'leave them out.')
+            f'decoded:{_listed(list(bad))}\nRemove or replace them, or set '
+            "config.bad_images='skip' to leave them out.")
       if bad:
         logging.warning('Skipping %d undecodable image(s) in %s/%s, e.g. %s',
                         len(bad), self.root, split_name, bad[0])
@@ -495,20 +485,10 @@ def get_source(config):
   """The source named by config.dataset ('folder', 'digits' or TFDS name)."""
   if config.dataset == 'folder':
     return FolderSource(config.folder, config.bad_images)
-  if not config.dataset:
-    raise ValueError("config.dataset is empty: name a TFDS data set, "
-                     "'digits', or 'folder'.")
   return TfdsSource(config.dataset, config.data_dir)
 
 
 def class_names(config) -> Optional[List[str]]:
-  """Class names from the TFDS features of the run's data set, if named."""
-  source = get_source(config)
-  names = getattr(source, 'class_names', None)
-  if names is None and getattr(source, 'builder', None) is not None:
-    features = source.builder.info.features
-    key = getattr(source, 'label_key', 'label')
-    feature = features[key] if key in features else None
-    if isinstance(feature, tfds.features.ClassLabel):
-      names = feature.names
+  """Class names of the run's data set, when its label has them."""
+  names = get_source(config).class_names
   return [str(n) for n in names] if names else None
