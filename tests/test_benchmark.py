@@ -23,6 +23,7 @@ from mixer_jax import model_from_config
 from mixer_jax import models
 from mixer_jax.training import compiled
 from mixer_jax.training import cost
+from mixer_jax.training import compiled
 from mixer_jax.training import optim
 from mixer_jax.training import throughput
 from mixer_jax.training import sharding

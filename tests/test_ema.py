@@ -20,6 +20,7 @@ from mixer_jax.checkpointing import checkpoint_checks
 from mixer_jax.training import reporting
 from mixer_jax.training import trainer
 from mixer_jax.weights import any_checkpoint
+import run_state
 
 
 @pytest.fixture(scope='module')
@@ -35,7 +36,7 @@ def test_ema_run_saves_resumes_evaluates_and_serves(data_dir, tmp_path):
   ema_evals = [r for r in reporting.read_metrics(str(workdir))
                if 'ema/eval_accuracy' in r]
   assert [r['step'] for r in ema_evals] == [6]
-  state, _ = trainer.load_train_state(config, str(workdir))
+  state, _ = run_state.load_train_state(config, str(workdir))
   ema = jax.device_get(state.ema_params)
   params = jax.device_get(state.params)
   assert not np.allclose(ema['head']['kernel'], params['head']['kernel'])
@@ -47,7 +48,7 @@ def test_ema_run_saves_resumes_evaluates_and_serves(data_dir, tmp_path):
       small_config(data_dir, num_train_steps=6, checkpoint_every_steps=3,
                    eval_every_steps=6, ema_decay=0.7, resume_step=3),
       str(copy))
-  resumed, _ = trainer.load_train_state(config, str(copy))
+  resumed, _ = run_state.load_train_state(config, str(copy))
   assert_params_equal(ema, jax.device_get(resumed.ema_params))
 
   # Served: the EMA weights of the step, scored as the run scored them.

@@ -21,6 +21,7 @@ from configs import mixer_i1k
 from mixer_jax.training import evals
 from mixer_jax.training import reporting
 from mixer_jax.training import trainer
+import run_state
 
 COMPARED = ('accuracy', 'loss', 'top5', 'examples')
 
@@ -69,7 +70,7 @@ def _metrics(workdir):
 
 
 def _params(workdir, config):
-  state, _ = trainer.load_train_state(config, workdir)
+  state, _ = run_state.load_train_state(config, workdir)
   return jax.tree.map(np.asarray, state.params)
 
 

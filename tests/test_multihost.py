@@ -23,9 +23,10 @@ import pytest
 from configs import quickstart
 from mixer_jax import model_from_config
 from mixer_jax.data import input_pipeline
+from mixer_jax.training import compiled
 from mixer_jax.training import optim
 from mixer_jax.training import sharding
-from mixer_jax.training import trainer
+import run_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 4
@@ -69,24 +70,24 @@ def reference_run(config):
   mesh = sharding.create_mesh()
   model = model_from_config.create_model(config, 10)
   tx = optim.create_optimizer(config, NUM_STEPS)
-  steps = trainer.make_step_functions(config, model, tx, mesh, NUM_STEPS)
-  init_fn, p_train, p_eval = steps.init_fn, steps.train_step, steps.eval_step
-  state = init_fn(jax.random.PRNGKey(config.seed))
+  steps = compiled.build(config, model, mesh, tx=tx,
+                         num_train_steps=NUM_STEPS)
+  state = steps.init_fn(jax.random.PRNGKey(config.seed))
   streams = [input_pipeline.train_dataset(
       config, process_index=i, process_count=2).as_numpy_iterator()
              for i in range(2)]
   for _ in range(NUM_STEPS):
     halves = [next(s) for s in streams]
     batch = jax.tree.map(lambda *x: np.concatenate(x), *halves)
-    state, _ = p_train(state, sharding.shard_batch(batch, mesh))
+    state, _ = steps.train_step(state, sharding.shard_batch(batch, mesh))
   evals = [list(input_pipeline.eval_dataset(
       config, process_index=i, process_count=2).as_numpy_iterator())
            for i in range(2)]
   correct = count = 0.0
   for halves in zip(*evals):
     batch = jax.tree.map(lambda *x: np.concatenate(x), *halves)
-    sums = jax.device_get(p_eval(state.params,
-                                 sharding.shard_batch(batch, mesh)))
+    sums = jax.device_get(steps.eval_step(state.params,
+                                          sharding.shard_batch(batch, mesh)))
     correct, count = correct + sums['correct'], count + sums['count']
   return jax.device_get(state.params), correct / count
 
@@ -131,7 +132,7 @@ def test_two_processes_agree_with_one(tmp_path):
       'last_eval_accuracy']
 
   ref_params, ref_accuracy = reference_run(config)
-  state, extra = trainer.load_train_state(ml_collections.ConfigDict(
+  state, extra = run_state.load_train_state(ml_collections.ConfigDict(
       config.to_dict()), str(workdir))
   assert extra['step'] == NUM_STEPS
   for (path, x), y in zip(

@@ -526,12 +526,13 @@ def _tiny_config(tmp_path, **overrides):
 
 def test_sigterm_during_setup_of_a_fresh_run_stops_at_step_0(tmp_path,
                                                              monkeypatch):
+  from mixer_jax.training import compiled  # pylint: disable=g-import-not-at-top
   from mixer_jax.training import trainer  # pylint: disable=g-import-not-at-top
   guard = _Guard()  # Without the fix the signal lands here and it trains.
   before = signal.signal(signal.SIGTERM, guard)
   try:
     workdir = str(tmp_path / 'run')
-    _sigterm_inside(monkeypatch, trainer, 'make_step_functions')
+    _sigterm_inside(monkeypatch, compiled, 'build')
     summary = trainer.train_and_evaluate(_tiny_config(tmp_path), workdir)
     assert summary['preempted'] and summary['steps'] == 0
     assert summary['last_checkpoint_step'] is None

@@ -13,7 +13,7 @@ def test_json_lines_writer_appends_scalars(tmp_path):
   writer = reporting.JsonLinesWriter(path)
   writer.write_hparams({'batch_size': 64, 'data_dir': None})
   writer.write_scalars(10, {'train_loss': np.float32(0.5), 'lr': 1e-3})
-  writer.write_images(10, {'x': np.zeros((1, 2, 2, 3))})  # Ignored.
+  writer.write_images(10, {'x': np.zeros((1, 2, 2, 3))})  # Not in the file.
   writer.close()
   writer = reporting.JsonLinesWriter(path)  # A resumed run appends.
   writer.write_scalars(20, {'eval_accuracy': 0.75})
@@ -81,8 +81,8 @@ def test_rewind_drops_later_steps_and_a_torn_line(tmp_path):
   # The torn line does not break reading.
   assert [r['step'] for r in reporting.read_metrics(str(tmp_path))] == [
       10, 20, 30]
-  writer = reporting.JsonLinesWriter(path)  # Resumed from step 20.
-  assert writer.rewind(20) == 2
+  assert reporting.rewind(path, 20) == 2  # Resumed from step 20.
+  writer = reporting.JsonLinesWriter(path)
   writer.write_scalars(30, {'train_loss': 3.5})
   writer.close()
   assert reporting.read_metrics(str(tmp_path)) == [
@@ -90,14 +90,10 @@ def test_rewind_drops_later_steps_and_a_torn_line(tmp_path):
       {'step': 30, 'train_loss': 3.5}]
   assert _lines(path).startswith('{"hparams"')
   assert not os.path.exists(path + '.rewind.tmp')
-  writer = reporting.JsonLinesWriter(path)  # Nothing to drop: untouched.
   before = os.stat(path).st_ino
-  assert writer.rewind(30) == 0
-  writer.close()
+  assert reporting.rewind(path, 30) == 0  # Nothing to drop: untouched.
   assert os.stat(path).st_ino == before
-  writer = reporting.JsonLinesWriter(path)  # Back to step 0: all goes.
-  assert writer.rewind(0) == 4
-  writer.close()
+  assert reporting.rewind(path, 0) == 4  # Back to step 0: all goes.
   assert _lines(path) == ''
 
 
@@ -112,7 +108,8 @@ def test_create_writer_rewinds_its_json_lines(tmp_path):
   writer = reporting.create_writer(str(tmp_path))
   writer.write_scalars(1, {'x': 1.0})
   writer.write_scalars(2, {'x': 2.0})
-  assert reporting.rewind(writer, 1) == 1
+  writer.close()
+  writer = reporting.create_writer(str(tmp_path), start_step=1)
   writer.write_scalars(2, {'x': 2.5})
   writer.close()
   assert reporting.read_metrics(str(tmp_path)) == [{'step': 1, 'x': 1.0},
@@ -120,8 +117,8 @@ def test_create_writer_rewinds_its_json_lines(tmp_path):
 
 
 def test_rewind_of_a_file_not_yet_written(tmp_path):
+  assert reporting.rewind(str(tmp_path / 'metrics.jsonl'), 0) == 0
   writer = reporting.JsonLinesWriter(str(tmp_path / 'metrics.jsonl'))
-  assert writer.rewind(0) == 0
   writer.write_scalars(1, {'x': 1.0})
   writer.close()
   assert reporting.read_metrics(str(tmp_path)) == [{'step': 1, 'x': 1.0}]
@@ -135,8 +132,6 @@ def test_a_line_that_is_not_utf8_is_skipped_by_reading_and_rewind(tmp_path):
             b'{"step": 3, "name": "caf\xc3\xa9"}\n')
   assert reporting.read_metrics(str(tmp_path)) == [
       {'step': 1, 'a': 1}, {'step': 2, 'a': 2}, {'step': 3, 'name': 'café'}]
-  writer = reporting.JsonLinesWriter(path)  # A resume from step 2.
-  assert writer.rewind(2) == 2  # The bad line and step 3.
-  writer.close()
+  assert reporting.rewind(path, 2) == 2  # The bad line and step 3.
   with open(path, 'rb') as f:
     assert f.read() == b'{"step": 1, "a": 1}\n{"step": 2, "a": 2}\n'

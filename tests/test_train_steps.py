@@ -10,10 +10,12 @@ from sklearn import datasets as sk_datasets
 
 from configs import quickstart
 from mixer_jax import model_from_config
+from mixer_jax.training import compiled
 from mixer_jax.training import optim
 from mixer_jax.training import sharding
 from mixer_jax.training import train_steps
 from mixer_jax.training import trainer
+import run_state
 
 
 def tiny_config(**overrides):
@@ -49,17 +51,18 @@ def run_steps(config, data, devices=None):
   mesh = sharding.create_mesh(devices)
   model = model_from_config.create_model(config, 10)
   tx = optim.create_optimizer(config, config.num_train_steps)
-  steps = trainer.make_step_functions(config, model, tx, mesh,
-                                      config.num_train_steps)
-  init_fn, p_train, p_eval = steps.init_fn, steps.train_step, steps.eval_step
-  state = init_fn(jax.random.PRNGKey(config.seed))
+  steps = compiled.build(config, model, mesh, tx=tx,
+                         num_train_steps=config.num_train_steps)
+  state = steps.init_fn(jax.random.PRNGKey(config.seed))
   first_params = state.params
   metrics = []
-  for batch in data:
-    state, m = p_train(state, sharding.shard_batch(batch, mesh))
-    metrics.append(jax.device_get(m))
-  extras = dict(p_train=p_train, train_traces=steps.train_traces, p_eval=p_eval, mesh=mesh,
-                first_params=first_params)
+  with run_state.compilations() as names:
+    for batch in data:
+      state, m = steps.train_step(state, sharding.shard_batch(batch, mesh))
+      metrics.append(jax.device_get(m))
+  extras = dict(train_step=steps.train_step, eval_step=steps.eval_step,
+                mesh=mesh, first_params=first_params,
+                train_compilations=names.count('jit(train_step)'))
   return state, metrics, extras
 
 
@@ -119,14 +122,14 @@ def test_gradient_accumulation_equals_full_batch(digits, base_run):
 
 def test_compiles_once_and_donates_state(base_run):
   state, _, extras = base_run
-  assert extras['train_traces'].count == 1  # Traced (compiled) once.
+  assert extras['train_compilations'] == 1  # Compiled once.
   assert jax.tree.leaves(extras['first_params'])[0].is_deleted()  # Donated.
   assert state.step.dtype == jnp.int32 and int(state.step) == 3
 
 
 def test_eval_step_ignores_padding(digits, base_run):
   state, _, extras = base_run
-  p_eval, mesh = extras['p_eval'], extras['mesh']
+  eval_step, mesh = extras['eval_step'], extras['mesh']
   images, labels = digits
   mask = np.zeros(32, np.float32)
   mask[:20] = 1.0
@@ -134,7 +137,7 @@ def test_eval_step_ignores_padding(digits, base_run):
             'mask': mask}
   padded['image'][20:] = 0.0  # Padding content must not matter.
   padded['label'][20:] = 0.0
-  sums = jax.device_get(p_eval(state.params, sharding.shard_batch(padded,
+  sums = jax.device_get(eval_step(state.params, sharding.shard_batch(padded,
                                                                   mesh)))
   logits = state.apply_fn({'params': jax.device_get(state.params)},
                           images[:20], train=False)

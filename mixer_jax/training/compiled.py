@@ -26,18 +26,6 @@ from mixer_jax.training import sharding
 from mixer_jax.training import train_steps
 
 
-class TraceCount:
-  """How often a function was traced: jit traces once per compilation."""
-
-  def __init__(self, fn: Callable[..., Any]):
-    self.count = 0
-    self._fn = fn
-
-  def __call__(self, *args, **kwargs):
-    self.count += 1  # A Python side effect: runs only while jit traces.
-    return self._fn(*args, **kwargs)
-
-
 def forward(model) -> Callable[..., jax.Array]:
   """f(params, images in [-1, 1]) -> float32 logits (features if no head).
 
@@ -111,8 +99,6 @@ class RunFunctions:
       feature pass (`features_function`).
     serve_step: (params, images) -> float32 logits, batch split over the
       mesh (`forward`).
-    train_traces: train_traces.count is how often the train step was
-      traced (1 unless its input shapes or types changed).
   """
   mesh: Any
   model: models.MlpMixer
@@ -125,7 +111,6 @@ class RunFunctions:
   real_step: Callable[..., Any]
   features_step: Callable[..., Any]
   serve_step: Callable[..., Any]
-  train_traces: Optional[TraceCount]
 
 
 def _with_shardings(shapes, shardings):
@@ -157,7 +142,7 @@ def build(config, model, mesh, *,
   param_shapes = models.param_shapes(model, config.image_size)
   params_sharding = sharding.state_shardings(param_shapes, mesh,
                                              config.sharding, **min_size)
-  abstract_state = init_fn = train_step = traces = None
+  abstract_state = init_fn = train_step = None
   if tx is not None:
     init = functools.partial(train_steps.create_train_state, model, tx,
                              image_size=config.image_size,
@@ -172,14 +157,14 @@ def build(config, model, mesh, *,
         ema_params=params_sharding if config.ema_decay > 0 else None)
     abstract_state = _with_shardings(state_shapes, state_sharding)
     init_fn = jax.jit(init, out_shardings=state_sharding)
-    traces = TraceCount(functools.partial(
+    step = functools.partial(
         train_steps.train_step, loss=config.loss,
         label_smoothing=config.label_smoothing,
         grad_accum_steps=config.grad_accum_steps,
         mixup_alpha=config.pp.mixup_alpha, mixup_prob=config.pp.mixup_prob,
         learning_rate_fn=optim.learning_rate_fn(config, num_train_steps),
-        ema_decay=config.ema_decay))
-    train_step = jax.jit(traces, in_shardings=(state_sharding, data),
+        ema_decay=config.ema_decay)
+    train_step = jax.jit(step, in_shardings=(state_sharding, data),
                          out_shardings=(state_sharding, replicated),
                          donate_argnums=(0,))
   eval_step = jax.jit(
@@ -198,4 +183,4 @@ def build(config, model, mesh, *,
       abstract_params=_with_shardings(param_shapes, params_sharding),
       abstract_state=abstract_state, init_fn=init_fn, train_step=train_step,
       eval_step=eval_step, real_step=real_step, features_step=features_step,
-      serve_step=serve_step, train_traces=traces)
+      serve_step=serve_step)

@@ -23,7 +23,7 @@ from typing import Optional
 from mixer_jax.data.datasets import sources
 from mixer_jax.data import input_pipeline
 from mixer_jax.training.config_validation import ConfigError
-from mixer_jax.training import eval_entries
+from mixer_jax.training import evals
 
 
 _SPLIT_HELP = ("Split strings are a split name ('train'), a slice "
@@ -98,13 +98,12 @@ def check_evals(config, head_classes: int, main_source=None) -> None:
           split_size(source, test_split,
                      f'{field}.fewshot_datasets.{key} test split')
         continue
-      data = eval_entries.entry_data(config, entry)
       try:
-        source = eval_entries.entry_source(config, data, main_source)
+        source, split = evals.entry_source(config, entry, main_source)
       except ValueError as e:  # A label_key the data set lacks.
         raise ConfigError(str(e)) from None
       data_classes = source.num_classes
-      split_size(source, data.split, f'{field}.split' if entry.split else
+      split_size(source, split, f'{field}.split' if entry.split else
                  f'{field} (eval_split)')
     except ConfigError as e:
       if str(e).startswith(field):

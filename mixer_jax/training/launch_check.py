@@ -51,7 +51,7 @@ class LaunchCheckError(Exception):
 
 @dataclasses.dataclass
 class Row:
-  """What one compiled function costs per device."""
+  """What one compiled function costs per device (`cost.compiled_memory`)."""
   name: str
   used_by: str
   flops_fraction: Optional[float]
@@ -59,12 +59,7 @@ class Row:
   argument_bytes: int
   output_bytes: int
   temp_bytes: int
-  alias_bytes: int
-
-  @property
-  def total_bytes(self) -> int:
-    return (self.argument_bytes + self.output_bytes + self.temp_bytes -
-            self.alias_bytes)
+  total_bytes: int
 
 
 @dataclasses.dataclass
@@ -135,10 +130,6 @@ def _dataset_facts(config):
   return num_classes, trainer.num_train_steps_for(config, examples)
 
 
-def _fewshot_classes(name: str, data_dir) -> int:
-  return _tfds_metadata(name, data_dir)[1]
-
-
 def _batch(functions, batch_size, image_size, num_classes, mask):
   """Abstract global batch as the input pipeline makes it (all float32)."""
   data = sharding.batch_sharding(functions.mesh)
@@ -161,8 +152,9 @@ def _row(name, used_by, jitted, args, model_flops):
     raise LaunchCheckError(f'{name} ({used_by}) does not compile: '
                            f'{type(e).__name__}: {first}') from None
   memory = executable.memory_analysis()
-  sizes = [getattr(memory, f'{k}_size_in_bytes', 0) if memory else 0
-           for k in ('argument', 'output', 'temp', 'alias')]
+  sizes = [getattr(memory, f'{k}_size_in_bytes', 0)
+           for k in ('argument', 'output', 'temp')]
+  sizes.append(cost.compiled_memory(executable) or 0)
   fraction = (cost.compiled_flops(executable) / model_flops
               if model_flops else None)
   return Row(name, used_by, fraction,
@@ -217,7 +209,7 @@ def check(config, *, mesh=None) -> Plan:
   for name, entry in entries.items():
     if entry.kind == 'fewshot':
       for set_name, spec in entry.fewshot_datasets.items():
-        _fewshot_classes(spec[0], config.data_dir)  # The name must exist.
+        _tfds_metadata(spec[0], config.data_dir)  # The name must exist.
         fewshot_users.append(f'{name}/{set_name}')
     else:
       users[entry.kind].append(f'evals.{name}')

@@ -24,15 +24,13 @@ import numpy as np
 from mixer_jax.data import input_pipeline
 from mixer_jax.data.datasets import sources
 from mixer_jax.training import sharding
+
 # The appended bias feature (big_vision fewshot_lsr.BIAS_CONSTANT).
 BIAS_CONSTANT = 100.0
 # Shot counts and regulariser of big_vision's get_fewshot_lsr.
 DEFAULT_SHOTS = (1, 5, 10, 25)
 DEFAULT_L2_REG = 2.0**10
 DEFAULT_NUM_SEEDS = 3
-
-
-# ------------------------------------------------------------ The probe.
 
 
 def fit_linear(x, labels, num_classes: int, l2_reg: float):
@@ -118,9 +116,6 @@ def probe_accuracies(train_features, train_labels, test_features, test_labels,
   return results
 
 
-# ------------------------------------------------------- Features.
-
-
 def features_of(features_fn, params, batches, mesh, stop_requested=None):
   """(features (N, D), labels (N,)) of the real examples of `batches`.
 
@@ -187,15 +182,11 @@ def evaluate_datasets(features_fn, params,
               crop=crop, resize=resize, resize_method=resize_method)
     train, num_classes = split_batches(tfds_name, train_split, **pp)
     test, _ = split_batches(tfds_name, test_split, **pp)
-    train_features = features_of(features_fn, params, train, mesh,
-                                 stop_requested)
-    if train_features is None:
+    features = [features_of(features_fn, params, batches, mesh,
+                            stop_requested) for batches in (train, test)]
+    if None in features:
       return None
-    test_features = features_of(features_fn, params, test, mesh,
-                                stop_requested)
-    if test_features is None:
-      return None
-    (x_train, y_train), (x_test, y_test) = train_features, test_features
+    (x_train, y_train), (x_test, y_test) = features
     results[name] = probe_accuracies(
         x_train, y_train, x_test, y_test, num_classes, shots=shots,
         l2_reg=l2_reg, num_seeds=num_seeds, seed=seed)

@@ -27,81 +27,22 @@ def _to_python(value):
   return value.item() if value.ndim == 0 else value.tolist()
 
 
-class JsonLinesWriter(metric_writers.MetricWriter):
-  """Appends scalars to a JSON-lines file; other summary kinds are ignored.
+class JsonLinesWriter(metric_writers.LoggingWriter):
+  """Appends scalars and hparams to a JSON-lines file (other kinds: logged).
 
   The file is opened in append mode so a resumed run continues the same
-  file. A run resumed at step K first calls `rewind(K)`: the records of
-  later steps (written after step K was saved, by the run that was killed)
-  are dropped, as is a line cut short by the kill, so every step has one
-  record of each kind in the file.
+  file (after `rewind`).
   """
 
   def __init__(self, path: str):
-    self._path = path
+    super().__init__()
     self._file = tf.io.gfile.GFile(path, 'a')
-
-  def rewind(self, step: int) -> int:
-    """Drops the records of steps after `step` and any torn line.
-
-    At step 0 the hparams line goes too (the run writes it again). The file
-    is rewritten to a temporary file that then replaces it, so a kill at any
-    moment leaves either the old or the new file. Nothing is written when
-    nothing is dropped.
-
-    Returns:
-      The number of lines dropped.
-    """
-    self._file.close()
-    try:
-      if not tf.io.gfile.exists(self._path):  # Opened lazily: none yet.
-        return 0
-      lines = _read_lines(self._path)
-      kept = []
-      for line in lines:
-        record = _parse(line) if line.endswith(b'\n') else None
-        if record is None:
-          continue  # Torn (cut by a kill), not UTF-8 or not JSON.
-        if 'step' in record and record['step'] > step:
-          continue
-        if 'step' not in record and step == 0:
-          continue
-        kept.append(line)
-      dropped = len(lines) - len(kept)
-      if dropped:
-        temporary = f'{self._path}.rewind.tmp'
-        with tf.io.gfile.GFile(temporary, 'wb') as f:
-          f.write(b''.join(kept))
-        tf.io.gfile.rename(temporary, self._path, overwrite=True)
-        logging.info('Dropped %d line(s) of %s after step %d (resumed run).',
-                     dropped, self._path, step)
-      return dropped
-    finally:
-      self._file = tf.io.gfile.GFile(self._path, 'a')
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]):
     record = {'step': int(step)}
     record.update({k: _to_python(v) for k, v in scalars.items()})
     self._file.write(json.dumps(record) + '\n')
     self._file.flush()
-
-  def write_summaries(self, step, values, metadata=None):
-    del step, values, metadata
-
-  def write_images(self, step, images):
-    del step, images
-
-  def write_videos(self, step, videos):
-    del step, videos
-
-  def write_audios(self, step, audios, *, sample_rate):
-    del step, audios, sample_rate
-
-  def write_texts(self, step, texts):
-    del step, texts
-
-  def write_histograms(self, step, arrays, num_buckets=None):
-    del step, arrays, num_buckets
 
   def write_hparams(self, hparams):
     record = {'hparams': {k: _to_python(v) if v is not None else None
@@ -116,29 +57,53 @@ class JsonLinesWriter(metric_writers.MetricWriter):
     self._file.close()
 
 
-class _Writers(metric_writers.MultiWriter):
-  """The writers of process 0; `rewind` reaches the JSON-lines one."""
+def rewind(path: str, step: int) -> int:
+  """Drops the records of steps after `step` and any torn line of `path`.
 
-  def __init__(self, writers, json_lines: JsonLinesWriter):
-    super().__init__(writers)
-    self.json_lines = json_lines
+  A run resumed at step K calls it first: the records of later steps
+  (written after step K was saved, by the run that was killed) go, as does a
+  line cut short by the kill, so every step has one record of each kind in
+  the file. At step 0 the hparams line goes too (the run writes it again).
+  The file is rewritten to a temporary file that then replaces it, so a kill
+  at any moment leaves either the old or the new file. Nothing is written
+  when nothing is dropped.
+
+  Returns:
+    The number of lines dropped.
+  """
+  if not tf.io.gfile.exists(path):
+    return 0
+  lines = _read_lines(path)
+  kept = []
+  for line in lines:
+    record = _parse(line) if line.endswith(b'\n') else None
+    if record is None:
+      continue  # Torn (cut by a kill), not UTF-8 or not JSON.
+    if record.get('step', 0) > step or ('step' not in record and step == 0):
+      continue
+    kept.append(line)
+  dropped = len(lines) - len(kept)
+  if dropped:
+    temporary = f'{path}.rewind.tmp'
+    with tf.io.gfile.GFile(temporary, 'wb') as f:
+      f.write(b''.join(kept))
+    tf.io.gfile.rename(temporary, path, overwrite=True)
+    logging.info('Dropped %d line(s) of %s after step %d (resumed run).',
+                 dropped, path, step)
+  return dropped
 
 
-def create_writer(workdir: str) -> metric_writers.MetricWriter:
-  """TensorBoard + JSON lines on process 0; logging only elsewhere."""
+def create_writer(workdir: str,
+                  start_step: int = 0) -> metric_writers.MetricWriter:
+  """TensorBoard + JSON lines on process 0 (first `rewind` to `start_step`);
+  logging only elsewhere."""
   if jax.process_index() > 0:
     return metric_writers.create_default_writer(workdir, just_logging=True)
   tf.io.gfile.makedirs(workdir)
-  json_lines = JsonLinesWriter(os.path.join(workdir, METRICS_FILE))
-  return _Writers([metric_writers.create_default_writer(workdir), json_lines],
-                  json_lines)
-
-
-def rewind(writer, step: int) -> int:
-  """`JsonLinesWriter.rewind(step)` of a `create_writer` writer (else 0)."""
-  target = writer if isinstance(writer, JsonLinesWriter) else getattr(
-      writer, 'json_lines', None)
-  return target.rewind(step) if target is not None else 0
+  path = os.path.join(workdir, METRICS_FILE)
+  rewind(path, start_step)
+  return metric_writers.MultiWriter(
+      [metric_writers.create_default_writer(workdir), JsonLinesWriter(path)])
 
 
 def _read_lines(path: str) -> list:

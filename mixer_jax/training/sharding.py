@@ -1,37 +1,28 @@
 """Where arrays live: the device mesh, shardings and the multi-host start.
 
-mixer_jax uses `jax.jit` over a `jax.sharding.Mesh` instead of `jax.pmap`:
-the global batch is sharded along its first axis over every device of every
-host and XLA inserts the collectives itself. The same program then runs on
-one CPU, eight GPUs or a multi-host TPU pod; each host feeds only its own
-slice of the batch (`shard_batch`).
+This module is the one place that makes meshes and decides placement.
+`jax.jit` over a `Mesh` (not `pmap`): the global batch is split along its
+first axis over every device of every host, each host feeding its own slice
+(`shard_batch`), and XLA inserts the collectives.
 
-The mesh (`config.mesh`, as big_vision's `config.mesh`) is a sequence of
-(axis name, size) pairs, one size -1 taking the remaining devices. The
-default `(('data', -1),)` is one axis over every device. `(('data', -1),
-('fsdp', 4))` makes groups of 4 consecutive devices (a host, a slice: where
-links are fast): parameters are split within a group and replicated across
-groups. The batch is always split over every axis.
+The mesh (`config.mesh`, as big_vision's) is a sequence of (axis name, size)
+pairs, one size -1 taking the remaining devices: `(('data', -1),)` is one
+axis over every device; `(('data', -1), ('fsdp', 4))` makes groups of 4
+consecutive devices (a host: where links are fast) that split parameters
+within a group and replicate them across groups.
 
-Parameters and optimizer state follow one of two strategies
-(`config.sharding`):
+Parameters and optimizer state follow `config.sharding`:
 - 'replicate': a full copy on every device; the step's only collective is
   the gradient all-reduce.
 - 'fsdp': big_vision's `fsdp(axis, min_size_to_shard_mb)` rule: an array
   larger than `config.fsdp_min_size_mb` MiB is split along its largest axis
-  that the fsdp axis size divides ('fsdp' if the mesh has it, else 'data');
-  smaller ones (biases, LayerNorm scales, the rng) stay replicated, since
-  gathering them costs a collective each and saves little memory. XLA
-  all-gathers each layer's kernel when the layer runs and reduce-scatters
-  its gradient, so a device holds about 1/N of the parameters, gradients
-  and Adam moments.
-
-This module is the one place that decides placement; the training loop only
-asks it for shardings.
+  that the fsdp axis ('fsdp' if the mesh has it, else 'data') divides; XLA
+  all-gathers each kernel when its layer runs and reduce-scatters its
+  gradient, so a device holds about 1/N of parameters, gradients and Adam
+  moments.
 """
 
-import queue
-import threading
+import collections
 from typing import Iterable, Iterator, Optional, Sequence
 
 from absl import flags
@@ -122,11 +113,6 @@ def create_mesh(devices: Optional[Sequence[jax.Device]] = None,
   return Mesh(np.asarray(devices).reshape(sizes), names)
 
 
-def fsdp_axis(mesh: Mesh) -> str:
-  """The axis fsdp splits parameters over: 'fsdp' if present, else 'data'."""
-  return FSDP_AXIS if FSDP_AXIS in mesh.axis_names else DATA_AXIS
-
-
 def replicated(mesh: Mesh) -> NamedSharding:
   """Sharding that keeps a full copy on every device (params, opt state)."""
   return NamedSharding(mesh, PartitionSpec())
@@ -171,7 +157,7 @@ def state_shardings(tree, mesh: Mesh, strategy: str,
                      f'{STRATEGIES}.')
   if strategy == 'replicate':
     return jax.tree.map(lambda _: replicated(mesh), tree)
-  axis = fsdp_axis(mesh)
+  axis = FSDP_AXIS if FSDP_AXIS in mesh.axis_names else DATA_AXIS
 
   def place(x):
     nbytes = np.prod(x.shape) * np.dtype(x.dtype).itemsize
@@ -230,81 +216,19 @@ def shard_batch(batch, mesh: Mesh):
       batch)
 
 
-_END = object()  # What the prefetch thread queues after the last batch.
+def prefetch(batches: Iterable, mesh: Mesh, size: int = 2) -> Iterator:
+  """Yields `shard_batch(b)` of each host batch, `size` batches ahead.
 
-
-def _put(q: queue.Queue, stop: threading.Event, item) -> bool:
-  """Queues `item` unless `stop` is set first; False when it was."""
-  # A timeout, so a full queue nobody reads any more (the consumer closed
-  # or dropped the iterator) does not keep the thread alive.
-  while not stop.is_set():
-    try:
-      q.put(item, timeout=0.1)
-      return True
-    except queue.Full:
-      continue
-  return False
-
-
-def _fill(q: queue.Queue, stop: threading.Event, iterator, mesh) -> None:
-  """The prefetch thread: host batches in, placed batches out, in order."""
-  # Holds no reference to the `prefetch` object, so dropping that object
-  # (an evaluation that returns early) stops the thread through __del__.
-  try:
-    for batch in iterator:
-      if not _put(q, stop, (shard_batch(batch, mesh), None)):
-        return
-  except BaseException as e:  # pylint: disable=broad-except
-    _put(q, stop, (_END, e))  # Raised by the consumer's next().
-    return
-  _put(q, stop, (_END, None))
-
-
-class prefetch:  # pylint: disable=invalid-name  (used like a generator)
-  """Iterates `shard_batch(b)` for each b, prepared by a background thread.
-
-  The thread pulls host batches and starts their device transfers, keeping
-  up to `size` placed batches ready, so the training loop's thread does no
-  input work between steps: it takes the next placed batch (waiting only
-  when the input really is behind) and dispatches the step. Order is kept;
-  an error of the input is raised by the `next` that would have returned
-  that batch. `close()` (also on garbage collection) stops the thread; the
-  batches it read ahead are dropped, which is harmless: a restarted run
-  rebuilds its input from its step.
+  The transfers of the next batches are started while the current step
+  runs (dispatch is asynchronous), as flax's `prefetch_to_device` does; the
+  host batches come from tf.data, which prepares them in its own threads.
   """
-
-  def __init__(self, batches: Iterable, mesh: Mesh, size: int = 2):
-    self._queue = queue.Queue(maxsize=max(size, 1))
-    self._stop = threading.Event()
-    self._done = False
-    self._thread = threading.Thread(
-        target=_fill, args=(self._queue, self._stop, iter(batches), mesh),
-        daemon=True, name='mixer_jax_prefetch')
-    self._thread.start()
-
-  def __iter__(self) -> Iterator:
-    return self
-
-  def __next__(self):
-    if self._done:
-      raise StopIteration
-    item, error = self._queue.get()
-    if item is _END:
-      self._done = True
-      self._thread.join()
-      if error is not None:
-        raise error
-      raise StopIteration
-    return item
-
-  def close(self) -> None:
-    """Stops the thread (after its current batch) and drops the rest."""
-    self._done = True
-    self._stop.set()
-    self._thread.join()
-
-  def __del__(self):
-    self._stop.set()
+  ahead = collections.deque()
+  for batch in batches:
+    ahead.append(shard_batch(batch, mesh))
+    if len(ahead) > size:
+      yield ahead.popleft()
+  yield from ahead
 
 
 def define_multihost_flags():

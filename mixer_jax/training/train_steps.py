@@ -20,8 +20,8 @@ class TrainState(train_state.TrainState):
   The rng never changes: step t uses `fold_in(rng, t)`, so a run resumed at
   step t draws exactly the random numbers an uninterrupted run would.
   `ema_params` is the exponential moving average of the parameters
-  (`config.ema_decay` > 0; see `train_step`), None when it is off, so a run
-  without it has the same tree (and checkpoints) as before it existed.
+  (`config.ema_decay` > 0; see `train_step`), None when it is off (the tree
+  and its checkpoints then hold no EMA).
   """
   rng: jax.Array
   ema_params: Any = None
@@ -142,10 +142,6 @@ def nan_rows(logits, mask):
   return jnp.sum(jnp.any(jnp.isnan(logits), axis=-1) * mask)
 
 
-def _correct(logits, labels):
-  return _in_top_k(logits, labels, 1)
-
-
 def train_step(state: TrainState, batch, *, loss: str = 'softmax',
                label_smoothing: float = 0.0, grad_accum_steps: int = 1,
                mixup_alpha: float = 0.0, mixup_prob: float = 0.0,
@@ -182,7 +178,7 @@ def train_step(state: TrainState, batch, *, loss: str = 'softmax',
     logits = state.apply_fn({'params': params}, images, train=True,
                             rngs={'dropout': key})
     losses = per_example_loss(logits, labels, loss, label_smoothing)
-    return losses.mean(), _correct(logits, labels).mean()
+    return losses.mean(), _in_top_k(logits, labels).mean()
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   images, labels = batch['image'], batch['label']
@@ -193,10 +189,7 @@ def train_step(state: TrainState, batch, *, loss: str = 'softmax',
   if k == 1:
     (loss_value, accuracy), grads = grad_fn(state.params, images, labels, rng)
   else:
-    def split(x):
-      if x.shape[0] % k:
-        raise ValueError(f'Batch of {x.shape[0]} is not divisible by '
-                         f'grad_accum_steps={k}.')
+    def split(x):  # config validation: k divides the batch.
       x = x.reshape((x.shape[0] // k, k) + x.shape[1:])
       return jnp.swapaxes(x, 0, 1)
 
@@ -245,7 +238,7 @@ def eval_step(params, batch, *, apply_fn: Callable[..., Any],
   mask = batch['mask'].astype(jnp.float32)
   hit_k = _in_top_k(logits, batch['label'], top_k)
   losses = per_example_loss(logits, batch['label'], loss)
-  return {'correct': jnp.sum(_correct(logits, batch['label']) * mask),
+  return {'correct': jnp.sum(_in_top_k(logits, batch['label']) * mask),
           'top5': jnp.sum(hit_k * mask),
           'loss_sum': jnp.sum(losses * mask),
           'count': jnp.sum(mask), 'nan_rows': nan_rows(logits, mask)}

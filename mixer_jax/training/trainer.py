@@ -1,26 +1,24 @@
 """The training job: `train_and_evaluate(config, workdir)`.
 
-It validates the config, builds the model, optimizer and data, resumes from
-the newest checkpoint in `workdir/checkpoints` when there is one (else
-initialises, optionally from `config.init_from`), then trains with one
-jitted step over a device mesh (see `sharding.py`), evaluating, logging and
-checkpointing periodically. A run stopped by SIGTERM/SIGINT saves its
-current step and can be restarted with the same command; it then continues
-exactly (same data order and random numbers). A non-finite loss stops the
-run, naming the step, without saving the bad state.
+It validates the config, checks the data, builds the model, optimizer and
+mesh, then resumes or initialises the state (`_restore_or_init`) and trains
+with one jitted step over the mesh (`_train`), evaluating, logging and
+checkpointing when due. A run stopped by SIGTERM/SIGINT saves its current
+step and can be restarted with the same command; it then continues exactly
+(same data order and random numbers). A non-finite loss stops the run,
+naming the step, without saving the bad state.
 """
 
 import dataclasses
 import math
 import os
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 from absl import logging
 from etils import epath
 import jax
 import numpy as np
-import optax
 
 from mixer_jax import model_from_config
 from mixer_jax import models
@@ -41,8 +39,8 @@ from mixer_jax.training import resume_checks
 from mixer_jax.training import sharding
 from mixer_jax.training import throughput
 from mixer_jax.training import workdir_lock
-from mixer_jax.weights import run_info
 from mixer_jax.weights import pretrained
+from mixer_jax.weights import run_info
 
 CHECKPOINT_DIR = checkpoints.CHECKPOINT_DIR
 
@@ -55,19 +53,6 @@ def num_train_steps_for(config, train_examples: int) -> int:
                           config.batch_size))
 
 
-def make_step_functions(config, model, tx, mesh, num_train_steps: int):
-  """The run's jitted functions over `mesh` (`compiled.build`).
-
-  Returns:
-    compiled.RunFunctions: init_fn(rng) makes a TrainState placed by the
-    state shardings; abstract_state is its ShapeDtypeStruct tree with
-    shardings (the restore target); train_step, eval_step and the steps of
-    config.evals; train_traces.count is how often the train step compiled.
-  """
-  return compiled.build(config, model, mesh, tx=tx,
-                        num_train_steps=num_train_steps)
-
-
 def create_mesh(config):
   """The device mesh of `config.mesh`; ConfigError when it does not fit."""
   try:
@@ -76,116 +61,24 @@ def create_mesh(config):
     raise config_validation.ConfigError(str(e)) from None
 
 
-def _check_finite(history, checkpoint_dir, last_saved):
-  """Raises NonFiniteLossError at the first step with a bad loss or gradient."""
-  for step, metrics in history:
-    bad = {k: v for k, v in metrics.items()
-           if k in ('loss', 'grad_norm') and not math.isfinite(v)}
-    if bad:
-      raise errors.NonFiniteLossError(
-          f'Training stopped: {", ".join(f"{k}={v}" for k, v in bad.items())}'
-          f' at step {step}. That state was not saved; '
-          + (f'the last good checkpoint is step {last_saved} in '
-             f'{checkpoint_dir}' if last_saved is not None else
-             'no checkpoint was saved before (a restart begins at step 0)')
-          + '. Lower config.learning_rate, raise warmup_steps or enable '
-          'grad_clip_norm, then restart (it resumes from the last good '
-          'checkpoint, if any).')
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """What a run is made of, before any state exists."""
+  num_classes: int
+  num_train_steps: int
+  mesh: Any
+  steps: compiled.RunFunctions  # Its model, shardings and jitted steps.
 
 
-def _mean_metrics(history) -> Dict[str, float]:
-  keys = history[-1][1].keys()
-  return {f'train_{k}': float(np.mean([m[k] for _, m in history]))
-          for k in keys}
-
-
-# SIGTERM/SIGINT from the start (compilation, restore) stop the run cleanly.
-@preemption.watch_preemption()
-def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
-  """Trains `config` in `workdir` (resuming if possible) and evaluates.
-
-  Args:
-    config: a ConfigDict from configs/ (see configs/common.py).
-    workdir: directory for checkpoints, TensorBoard events, metrics.jsonl.
-
-  Returns:
-    Summary dict: steps, best/last eval accuracy and loss, the accuracy of
-    every other eval, whether the run was preempted, wall time and where
-    everything was written. A workdir whose newest checkpoint is the last
-    step is left as it is (`already_finished` in the summary).
-
-  Raises:
-    config_validation.ConfigError: invalid config, a batch larger than the
-      training split, or parameters and optimizer state larger than the
-      memory (before anything is compiled or written).
-    errors.NonFiniteLossError: the loss became NaN/inf (names the step).
-    checkpoint_checks.CheckpointError: unusable workdir or checkpoint.
-    Errors of `config.init_from` (ConfigError when it does not fit the
-    model, CheckpointNotFoundError, PretrainedError) are raised before
-    anything is compiled or written.
-  """
-  start_time = time.time()
-  if not str(workdir or '').strip():  # '' would train into the current dir.
-    raise config_validation.ConfigError(
-        f'workdir={workdir!r}: pass a directory for checkpoints and logs, '
-        'e.g. --workdir=/tmp/run.')
-  config_validation.validate_config(config, num_devices=jax.device_count(),
-                                    num_processes=jax.process_count())
-  checkpoint_dir = os.path.join(workdir, CHECKPOINT_DIR)
-  config = _resolve_init_from(config, checkpoint_dir)
-  # Splits, class count and config.evals data: all checked before step 1.
-  reporting.log_and_print(f'Checking the data ({config.dataset})...')
-  run = build_run(config, data_checks.checked_dataset_info(config))
-  check_state_fits(run)
-
-  # One running job per workdir: refuses a second start (before the
-  # checkpointer, which removes unfinished saves, is opened). A start
-  # refused after this point (another model, another schedule) leaves the
-  # workdir as it was: run_info.json and the writers come after the restore.
-  lock = workdir_lock.acquire(workdir)
-  checkpointer = None
-  try:
-    resume_checks.check_schedule_unchanged(config, workdir, checkpoint_dir,
-                                           run.num_train_steps)
-    if _finished(config, workdir, checkpoint_dir, run.num_classes,
-                 run.num_train_steps):
-      workdir_lock.release(lock, refused=True)
-      n = run.num_train_steps
-      return {'steps': n, 'num_train_steps': n, 'start_step': n,
-              'preempted': False, 'already_finished': True,
-              'last_checkpoint_step': n, 'workdir': str(workdir),
-              'checkpoint_dir': checkpoint_dir}
-    checkpointer = _checkpointer(config, workdir, run.num_classes)
-    reporting.log_and_print(
-        f'Mixer {config.model.variant}: '
-        f'{models.count_params(run.steps.abstract_state.params):,} '
-        f'parameters, {run.num_classes} classes; {run.num_train_steps} steps '
-        f'of batch {config.batch_size} on {jax.device_count()} device(s), '
-        f'{jax.process_count()} process(es); workdir {workdir}')
-    state, extra = _restore_or_init(config, workdir, checkpointer,
-                                    run.steps.init_fn,
-                                    run.steps.abstract_state)
-  except BaseException:
-    if checkpointer is not None:
-      checkpointer.close()
-    workdir_lock.release(lock, refused=True)
-    raise
-  if jax.process_index() == 0:  # Makes the workdir a checkpoint for predict.
-    run_info.save_run_info(workdir, config, run.num_classes)
-  writer = reporting.create_writer(workdir)
-  reporting.log_and_print('Compiling the train step (the first step takes '
-                          'longer)...')
-  try:
-    return _train_loop(
-        config=config, workdir=workdir, run=run, state=state, extra=extra,
-        checkpointer=checkpointer, writer=writer, start_time=start_time,
-        evaluations=evals.Evaluations(
-            config, run.steps, run.num_train_steps,
-            stop_requested=lambda: checkpointer.preemption_signal is not None))
-  finally:
-    writer.close()
-    checkpointer.close()
-    workdir_lock.release(lock)
+def build_run(config, info) -> Run:
+  """Model, optimizer, mesh and step functions of `config` on `info`'s data."""
+  num_train_steps = num_train_steps_for(config, info.train_examples)
+  config_validation.check_schedule(config, num_train_steps)
+  mesh = create_mesh(config)
+  return Run(info.num_classes, num_train_steps, mesh, compiled.build(
+      config, model_from_config.create_model(config, info.num_classes), mesh,
+      tx=optim.create_optimizer(config, num_train_steps),
+      num_train_steps=num_train_steps))
 
 
 def check_state_fits(run) -> None:
@@ -214,64 +107,6 @@ def check_state_fits(run) -> None:
         'Nothing was written.')
 
 
-def _finished(config, workdir: str, checkpoint_dir: str, num_classes: int,
-              num_train_steps: int) -> bool:
-  """Whether the newest checkpoint is the run's last step (says so).
-
-  CheckpointError when it was written for another model.
-  """
-  if config.resume_step >= 0 and not _resume_marker(
-      workdir, config.resume_step).exists():
-    return False  # Goes back to resume_step first.
-  if not resume_checks.has_saved_steps(checkpoint_dir):
-    return False
-  reader = checkpoints.Checkpointer(
-      checkpoint_dir, keep=1, keep_best=False, read_only=True,
-      fingerprint=fingerprint.model_fingerprint(config, num_classes))
-  try:
-    if reader.latest_step() != num_train_steps:
-      return False
-    step = int(reader.read_extra()['step'])
-  finally:
-    reader.close()
-  reporting.log_and_print(
-      f'{workdir} already finished at step {step} of {num_train_steps}; '
-      f'nothing to train. Evaluate it (python -m mixer_jax.evaluate '
-      f'--checkpoint={workdir}), train longer with --config.num_train_steps '
-      '--config.allow_changed_schedule=True, or choose another --workdir.')
-  return True
-
-
-@dataclasses.dataclass(frozen=True)
-class Run:
-  """What `train_and_evaluate` and `load_train_state` both build."""
-  num_classes: int
-  num_train_steps: int
-  model: models.MlpMixer
-  tx: optax.GradientTransformation
-  mesh: Any
-  steps: compiled.RunFunctions
-
-
-def build_run(config, info) -> Run:
-  """Model, optimizer, mesh and step functions of `config` on `info`'s data."""
-  num_classes = info.num_classes
-  num_train_steps = num_train_steps_for(config, info.train_examples)
-  config_validation.check_schedule(config, num_train_steps)
-  model = model_from_config.create_model(config, num_classes)
-  tx = optim.create_optimizer(config, num_train_steps)
-  mesh = create_mesh(config)
-  return Run(num_classes, num_train_steps, model, tx, mesh,
-             make_step_functions(config, model, tx, mesh, num_train_steps))
-
-
-def _checkpointer(config, workdir: str, num_classes: int):
-  return checkpoints.Checkpointer(
-      os.path.join(workdir, CHECKPOINT_DIR), keep=config.keep_checkpoints,
-      keep_best=config.keep_best_checkpoint,
-      fingerprint=fingerprint.model_fingerprint(config, num_classes))
-
-
 def _resolve_init_from(config, checkpoint_dir: str):
   """Checks config.init_from before anything is compiled or written.
 
@@ -289,49 +124,109 @@ def _resolve_init_from(config, checkpoint_dir: str):
   return resolved
 
 
-def load_train_state(config, workdir: str, step: Optional[int] = None):
-  """Restores the TrainState that `train_and_evaluate` saved in `workdir`.
+# SIGTERM/SIGINT from the start (compilation, restore) stop the run cleanly.
+@preemption.watch_preemption()
+def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
+  """Trains `config` in `workdir` (resuming if possible) and evaluates.
 
   Args:
-    config: the run's config (model, optimizer and data fields must match).
-    workdir: the run's workdir.
-    step: the step to load; default the latest.
+    config: a ConfigDict from configs/ (see configs/common.py).
+    workdir: directory for checkpoints, TensorBoard events, metrics.jsonl.
 
   Returns:
-    (state, extra): the replicated TrainState and the checkpoint's JSON dict.
+    Summary dict: steps, best/last eval accuracy and loss, the accuracy of
+    every other eval, whether the run was preempted, wall time and where
+    everything was written. A workdir whose newest checkpoint (restored and
+    verified) is the last step is left as it is (`already_finished`).
+
+  Raises:
+    config_validation.ConfigError: invalid config, a batch larger than the
+      training split, or parameters and optimizer state larger than the
+      memory (before anything is compiled or written).
+    errors.NonFiniteLossError: the loss became NaN/inf (names the step).
+    checkpoint_checks.CheckpointError: unusable workdir or checkpoint.
+    Errors of `config.init_from` (ConfigError when it does not fit the
+    model, CheckpointNotFoundError, PretrainedError) are raised before
+    anything is compiled or written.
   """
-  config = init_from_checks.resolve_init_from(config, resuming=True)
-  run = build_run(config, input_pipeline.dataset_info(config))
-  checkpointer = _checkpointer(config, workdir, run.num_classes)
+  start_time = time.time()
+  if not str(workdir or '').strip():  # '' would train into the current dir.
+    raise config_validation.ConfigError(
+        f'workdir={workdir!r}: pass a directory for checkpoints and logs, '
+        'e.g. --workdir=/tmp/run.')
+  config_validation.validate_config(config, num_devices=jax.device_count(),
+                                    num_processes=jax.process_count())
+  checkpoint_dir = os.path.join(workdir, CHECKPOINT_DIR)
+  config = _resolve_init_from(config, checkpoint_dir)
+  # Splits, class count and config.evals data: all checked before step 1.
+  reporting.log_and_print(f'Checking the data ({config.dataset})...')
+  run = build_run(config, data_checks.checked_dataset_info(config))
+  check_state_fits(run)
+
+  # One running job per workdir: refuses a second start (before the
+  # checkpointer, which removes unfinished saves, is opened). A start that
+  # is refused or finds the run finished leaves the workdir as it was:
+  # run_info.json and the writers come after the restore.
+  lock = workdir_lock.acquire(workdir)
+  checkpointer, leave = None, True
   try:
-    return checkpointer.restore(run.steps.abstract_state, step=step)
+    resume_checks.check_schedule_unchanged(config, workdir, checkpoint_dir,
+                                           run.num_train_steps)
+    checkpointer = checkpoints.Checkpointer(
+        checkpoint_dir, keep=config.keep_checkpoints,
+        keep_best=config.keep_best_checkpoint,
+        fingerprint=fingerprint.model_fingerprint(config, run.num_classes))
+    reporting.log_and_print(
+        f'Mixer {config.model.variant}: '
+        f'{models.count_params(run.steps.abstract_state.params):,} '
+        f'parameters, {run.num_classes} classes; {run.num_train_steps} steps '
+        f'of batch {config.batch_size} on {jax.device_count()} device(s), '
+        f'{jax.process_count()} process(es); workdir {workdir}')
+    state, extra = _restore_or_init(config, workdir, checkpointer, run)
+    leave = extra.get('step') == run.num_train_steps
   finally:
+    if leave:  # Refused, or finished.
+      if checkpointer is not None:
+        checkpointer.close()
+      workdir_lock.release(lock, refused=True)
+  if leave:
+    return _already_finished(workdir, run.num_train_steps)
+  if jax.process_index() == 0:  # Makes the workdir a checkpoint for predict.
+    run_info.save_run_info(workdir, config, run.num_classes)
+  # Records of steps after the resumed one (and a torn line) are from a
+  # killed run: dropped, so each step is in metrics.jsonl once.
+  writer = reporting.create_writer(workdir, int(extra.get('step', 0)))
+  try:
+    return _train(config, workdir, run, state, extra, checkpointer, writer,
+                  start_time)
+  finally:
+    writer.close()
     checkpointer.close()
+    workdir_lock.release(lock)
 
 
-def _resume_marker(workdir: str, step: int) -> epath.Path:
-  return epath.Path(workdir) / f'resume_step_{step}.applied'
+def _restore_or_init(config, workdir, checkpointer, run):
+  """(state, checkpoint extra or {}) to train from, in this order:
 
-
-def _restore_or_init(config, workdir, checkpointer, init_fn, abstract_state):
-  """Latest (or config.resume_step) checkpoint, else init / init_from.
-
-  `config.resume_step=K` applies once per workdir: the first start restores
-  step K, sets the newer steps aside and writes the marker file
-  `workdir/resume_step_K.applied`. Later starts with the same flag (e.g.
-  the same command after a preemption) see the marker and resume from the
-  newest checkpoint, keeping the progress made since K. Delete the marker to
-  fall back to K again.
+  1. `config.resume_step=K`, the first time: step K is restored and the
+     newer steps are set aside; the marker `workdir/resume_step_K.applied`
+     then makes later starts (the same command after a preemption) skip
+     this (delete it to fall back to K again).
+  2. the newest checkpoint of the workdir;
+  3. a fresh initialisation, with the parameters of `config.init_from` when
+     it is set.
+  Every restore verifies the stored checksums (a damaged step is refused,
+  naming the steps to fall back to).
   """
   resume_step = config.resume_step if config.resume_step >= 0 else None
-  marker = None if resume_step is None else _resume_marker(workdir,
-                                                           resume_step)
-  if marker is not None and marker.exists():
+  marker = epath.Path(workdir) / f'resume_step_{resume_step}.applied'
+  if resume_step is not None and marker.exists():
     logging.info('resume_step=%d was applied before (%s); resuming from the '
                  'newest checkpoint.', resume_step, marker)
     resume_step = None
-  if checkpointer.latest_step() is not None or resume_step is not None:
-    state, extra = checkpointer.restore(abstract_state, step=resume_step)
+  if resume_step is not None or checkpointer.latest_step() is not None:
+    state, extra = checkpointer.restore(run.steps.abstract_state,
+                                        step=resume_step)
     if resume_step is not None:
       checkpointer.set_aside_steps_after(resume_step)
       if jax.process_index() == 0:
@@ -342,150 +237,62 @@ def _restore_or_init(config, workdir, checkpointer, init_fn, abstract_state):
     reporting.log_and_print(f'Resumed from step {int(extra["step"])} in '
                             f'{checkpointer.directory}.')
     return state, extra
-  state = init_fn(jax.random.PRNGKey(config.seed))
+  state = run.steps.init_fn(jax.random.PRNGKey(config.seed))
   if config.init_from:
     params = pretrained.init_from_checkpoint(
         config.init_from, sharding.to_host(state.params))
-    shardings = jax.tree.map(lambda x: x.sharding, state.params)
-    state = state.replace(params=sharding.put(params, shardings))
+    state = state.replace(params=sharding.put(params,
+                                              run.steps.params_sharding))
     logging.info('Initialised parameters from %s.', config.init_from)
   return state, {}
 
 
-MAIN_EVAL = ''  # The eval of config.eval_split, among config.evals' names.
+def _already_finished(workdir: str, num_train_steps: int) -> Dict[str, Any]:
+  reporting.log_and_print(
+      f'{workdir} already finished at step {num_train_steps} of '
+      f'{num_train_steps}; nothing to train. Evaluate it (python -m '
+      f'mixer_jax.evaluate --checkpoint={workdir}), train longer with '
+      '--config.num_train_steps --config.allow_changed_schedule=True, or '
+      'choose another --workdir.')
+  return {'steps': num_train_steps, 'num_train_steps': num_train_steps,
+          'start_step': num_train_steps, 'preempted': False,
+          'already_finished': True, 'last_checkpoint_step': num_train_steps,
+          'workdir': str(workdir),
+          'checkpoint_dir': os.path.join(workdir, CHECKPOINT_DIR)}
 
 
-def _run_evaluations(names, *, step, params, config, run, evaluations,
-                     writer, best, last_eval, results, ema_params=None):
-  """Runs the main eval (MAIN_EVAL) and the config.evals entries `names`.
-
-  Each one's metrics are written as it finishes. A stop request (see
-  `evals.Evaluations.stop_requested`) abandons the rest. With `ema_params`
-  (config.ema_decay > 0) the main eval also scores the EMA weights, as
-  `ema/eval_accuracy` and `ema/eval_loss`; best and keep_best follow the
-  trained weights. The accuracies of the EMA and config.evals entries go
-  into `results` too (the summary lists them).
-
-  Returns:
-    (names not run, best eval accuracy, last main eval, whether the main
-    eval improved on the best).
-  """
-  improved = False
-  stop_requested = (evaluations.stop_requested if evaluations is not None
-                    else None)
-  for i, name in enumerate(names):
-    if name == MAIN_EVAL:
-      result = evals.evaluate_dataset(
-          run.steps.eval_step, params,
-          input_pipeline.eval_dataset(config).as_numpy_iterator(), run.mesh,
-          prefetch=config.prefetch_batches, stop_requested=stop_requested)
-      if result is None:
-        return names[i:], best, last_eval, improved
-      last_eval = {'eval_accuracy': result['accuracy'],
-                   'eval_loss': result['loss'],
-                   'eval_examples': result['examples']}
-      improved = best is None or last_eval['eval_accuracy'] > best
-      best = max(best or 0.0, last_eval['eval_accuracy'])
-      writer.write_scalars(step, last_eval)
-      reporting.log_and_print(
-          f'step {step}: eval accuracy {last_eval["eval_accuracy"]:.4f}, '
-          f'loss {last_eval["eval_loss"]:.4f} (best {best:.4f})'
-          + evals.nan_note(result['nan_rows']))
-      if ema_params is not None:
-        ema = evals.evaluate_dataset(
-            run.steps.eval_step, ema_params,
-            input_pipeline.eval_dataset(config).as_numpy_iterator(),
-            run.mesh, prefetch=config.prefetch_batches,
-            stop_requested=stop_requested)
-        if ema is None:
-          return names[i + 1:], best, last_eval, improved
-        results['ema/eval_accuracy'] = ema['accuracy']
-        writer.write_scalars(step, {'ema/eval_accuracy': ema['accuracy'],
-                                    'ema/eval_loss': ema['loss']})
-        reporting.log_and_print(
-            f'step {step}: EMA eval accuracy {ema["accuracy"]:.4f}, '
-            f'loss {ema["loss"]:.4f}')
-      continue
-    more = evaluations.run_one(name, params)  # `<name>/accuracy` etc.
-    if more is None:
-      return names[i:], best, last_eval, improved
-    writer.write_scalars(step, more)
-    accuracies = {k: v for k, v in more.items() if 'accuracy' in k}
-    results.update(accuracies)
-    reporting.log_and_print(f'step {step}: ' + ', '.join(
-        f'{k} {v:.4f}' for k, v in accuracies.items())
-        + evals.nan_note(more.get(f'{name}/nan_rows', 0)))
-  return [], best, last_eval, improved
-
-
-def _train_loop(*, config, workdir, run: Run, state, extra, checkpointer,
-                writer, start_time: float,
-                evaluations: Optional[evals.Evaluations] = None):
-  """The step loop; returns the summary dict.
-
-  `evaluations` runs config.evals when due.
-  """
-  step = int(sharding.to_host(state.step))
-  # Records of steps after the resumed one (and a torn line) are from a
-  # killed run: dropped, so each step is in metrics.jsonl once.
-  reporting.rewind(writer, step)
+def _train(config, workdir, run, state, extra, checkpointer, writer,
+           start_time):
+  """The step loop from the restored state; returns the summary dict."""
+  step = start_step = int(sharding.to_host(state.step))
   if step == 0:
     writer.write_hparams({k: v for k, v in config.to_dict().items()
                           if not isinstance(v, dict)})
-  train_batches = input_pipeline.train_dataset(config, start_step=step)
-  # A background thread reads the host batches and places them on the
-  # devices, so this thread only dispatches steps (asynchronously) and the
-  # devices never wait for host input work. The timer counts what this
-  # thread waits for a placed batch: the input share of the wall time.
-  prefetcher = sharding.prefetch(train_batches.as_numpy_iterator(),
-                                 run.mesh, config.prefetch_batches)
-  batches = input_timer = throughput.InputTimer(prefetcher)
-  try:
-    return _run_steps(
-        config=config, workdir=workdir, run=run, state=state, extra=extra,
-        checkpointer=checkpointer, writer=writer, start_time=start_time,
-        evaluations=evaluations, batches=batches, input_timer=input_timer)
-  finally:
-    prefetcher.close()
-
-
-def _run_steps(*, config, workdir, run: Run, state, extra, checkpointer,
-               writer, start_time: float, evaluations, batches, input_timer):
-  """`_train_loop` once its input runs: the steps, evals and saves."""
-  mesh, num_train_steps = run.mesh, run.num_train_steps
-  p_train_step = run.steps.train_step
-  step = start_step = int(sharding.to_host(state.step))
-  best = extra.get('best_eval_accuracy')
-  last_eval = extra.get('last_eval', {})
+  evaluations = evals.Evaluations(
+      config, run.steps, run.num_train_steps,
+      stop_requested=lambda: checkpointer.preemption_signal is not None,
+      best=extra.get('best_eval_accuracy'), last=extra.get('last_eval'))
   last_saved = step if extra else None
-  flops_per_image = throughput.train_flops_per_image(run.steps.model,
-                                                     config.image_size)
   # Not clu's ReportProgress: its steps/s counts eval, checkpoint and compile
   # time, while steps/s and ETA here are of training alone (pause/resume).
-  progress = reporting.Progress(step, num_train_steps, config.batch_size)
-  history, pending, speeds = [], [], []
-  results = {}  # The latest accuracy of every other eval this process ran.
+  progress = reporting.Progress(step, run.num_train_steps, config.batch_size)
+  pending, history, speeds = [], [], []
+  profile = _Profile(config, workdir)
+  reporting.log_and_print('Compiling the train step (the first step takes '
+                          'longer)...')
+  # The timer counts what the loop waits for a placed batch: the input share.
+  batches = throughput.InputTimer(sharding.prefetch(
+      input_pipeline.train_dataset(config, start_step=step).as_numpy_iterator(),
+      run.mesh, config.prefetch_batches))
   preempted = checkpointer.reached_preemption(step)  # Installs the handlers.
   if extra.get('pending_evals') and not preempted:
-    # The evaluations of the saved step that a stop request interrupted.
     reporting.log_and_print(f'step {step}: running the evaluations a stop '
                             'request interrupted.')
-    left, best, last_eval, _ = _run_evaluations(
-        extra['pending_evals'], step=step, params=state.params,
-        config=config, run=run, evaluations=evaluations, writer=writer,
-        best=best, last_eval=last_eval, results=results,
-        ema_params=state.ema_params)
-    preempted = bool(left)
-  # Not clu's Profile: its first call never starts a trace (so a run resumed
-  # at profile_start_step would not profile), it keeps tracing at least 3 s
-  # and does not stop a trace open when the loop ends.
-  profiling = False
-  while step < num_train_steps and not preempted:
-    if (config.profile_steps and step == config.profile_start_step and
-        jax.process_index() == 0):
-      jax.profiler.start_trace(os.path.join(workdir, 'profile'))
-      profiling = True
-    state, metrics = p_train_step(state, next(batches))
+    preempted = bool(evaluations.run(extra['pending_evals'], state, step,
+                                     writer))
+  while step < run.num_train_steps and not preempted:
+    profile.at(step, state)
+    state, metrics = run.steps.train_step(state, next(batches))
     step += 1
     pending.append((step, metrics))
     if step == start_step + 1:  # Keep compilation out of steps/s and ETA.
@@ -493,82 +300,138 @@ def _run_steps(*, config, workdir, run: Run, state, extra, checkpointer,
       preemption.training_started()  # A stop request now saves this step.
       reporting.log_and_print(f'First step (with compilation) took '
                               f'{progress.restart(step):.1f} s.')
-      input_timer.take_wait()
-    if profiling and step >= config.profile_start_step + config.profile_steps:
-      jax.block_until_ready(state)
-      jax.profiler.stop_trace()
-      profiling = False
+      batches.take_wait()
     preempted = checkpointer.reached_preemption(step)
-    last = step == num_train_steps
-    do_eval = step % config.eval_every_steps == 0 or last
-    do_save = step % config.checkpoint_every_steps == 0 or last or preempted
-    due = evaluations.due(step) if evaluations is not None else []
-    if not (step % config.log_every_steps == 0 or do_eval or do_save or due):
+    last = step == run.num_train_steps
+    log = step % config.log_every_steps == 0 or last
+    due = evaluations.due(step)
+    save = step % config.checkpoint_every_steps == 0 or last or preempted
+    if not (log or due or save):
       continue
     # Fetching the metrics waits for the step; done only at these points.
-    fetched = [(s, {k: float(v) for k, v in sharding.to_host(m).items()})
-               for s, m in pending]
+    history += _fetch_finite(pending, checkpointer.directory, last_saved)
     pending = []
-    _check_finite(fetched, checkpoint_dir=checkpointer.directory,
-                  last_saved=last_saved)
-    history += fetched
-    if step % config.log_every_steps == 0 or last:
-      speed = progress.measure(step, input_wait=input_timer.take_wait())
-      speed.update(throughput.speed_metrics(
-          speed['images_per_sec'], flops_per_image=flops_per_image,
-          num_devices=mesh.size, device_kind=mesh.devices.flat[0].device_kind,
-          dtype=config.model.dtype))
-      speeds.append(speed)
-      train_metrics = _mean_metrics(history)
+    if log:
+      speeds.append(_log_train(step, history, progress, batches, run,
+                               config, writer))
       history = []
-      writer.write_scalars(step, {**train_metrics, **speed})
-      reporting.log_and_print(progress.line(
-          step, speed, {'loss': train_metrics['train_loss']}))
     progress.pause()
-    names = ([MAIN_EVAL] if do_eval else []) + list(due)
-    save_metrics, improved, left = None, False, names
-    if not preempted:  # A stop request saves first; the restart evaluates.
-      left, best, last_eval, improved = _run_evaluations(
-          names, step=step, params=state.params, config=config, run=run,
-          evaluations=evaluations, writer=writer, best=best,
-          last_eval=last_eval, results=results, ema_params=state.ema_params)
-    if left:  # Stopped during the evaluations: save now, evaluate later.
-      preempted = do_save = True
-    elif do_eval:
-      save_metrics = {'eval_accuracy': last_eval['eval_accuracy']}
-    # keep_best: also save a step that is the best so far (only those).
-    do_save = do_save or (improved and config.keep_best_checkpoint)
-    if do_save:
-      checkpointer.save(step, state, metrics=save_metrics, extra={
-          'best_eval_accuracy': best,
-          'last_eval': last_eval, 'num_train_steps': num_train_steps,
-          'pending_evals': left})
+    # A stop request saves first; the restart runs the evaluations left.
+    left = due if preempted else evaluations.run(due, state, step, writer)
+    preempted = preempted or bool(left)
+    if save or left or (evaluations.improved and config.keep_best_checkpoint):
+      _save(checkpointer, step, state, evaluations, left, run.num_train_steps,
+            main_eval_done=evals.MAIN_EVAL in set(due) - set(left))
       last_saved = step
     writer.flush()
     progress.resume()
-  if profiling:
-    jax.profiler.stop_trace()
+  profile.close()
   checkpointer.wait_until_finished()
-  summary = {
-      'steps': step, 'num_train_steps': num_train_steps,
+  if preempted:
+    logging.warning('Stopped at step %d on request (%s); restart the same '
+                    'command to resume.', step, checkpointer.preemption_signal)
+  summary = _summary(workdir, run, evaluations, speeds, step=step,
+                     start_step=start_step, preempted=preempted,
+                     last_saved=last_saved, start_time=start_time)
+  reporting.log_and_print(reporting.format_summary(summary))
+  return summary
+
+
+def _fetch_finite(pending, checkpoint_dir, last_saved):
+  """[(step, host metrics)] of `pending`; NonFiniteLossError at a bad one."""
+  fetched = [(s, {k: float(v) for k, v in sharding.to_host(m).items()})
+             for s, m in pending]
+  for step, metrics in fetched:
+    bad = {k: v for k, v in metrics.items()
+           if k in ('loss', 'grad_norm') and not math.isfinite(v)}
+    if bad:
+      raise errors.NonFiniteLossError(
+          f'Training stopped: {", ".join(f"{k}={v}" for k, v in bad.items())}'
+          f' at step {step}. That state was not saved; '
+          + (f'the last good checkpoint is step {last_saved} in '
+             f'{checkpoint_dir}' if last_saved is not None else
+             'no checkpoint was saved before (a restart begins at step 0)')
+          + '. Lower config.learning_rate, raise warmup_steps or enable '
+          'grad_clip_norm, then restart (it resumes from the last good '
+          'checkpoint, if any).')
+  return fetched
+
+
+def _log_train(step, history, progress, batches, run, config, writer):
+  """Writes and prints the mean train metrics of `history` and the speed."""
+  mesh = run.mesh
+  speed = progress.measure(step, input_wait=batches.take_wait())
+  speed.update(throughput.speed_metrics(
+      speed['images_per_sec'],
+      flops_per_image=throughput.train_flops_per_image(run.steps.model,
+                                                       config.image_size),
+      num_devices=mesh.size, device_kind=mesh.devices.flat[0].device_kind,
+      dtype=config.model.dtype))
+  means = {f'train_{k}': float(np.mean([m[k] for _, m in history]))
+           for k in history[-1][1]}
+  writer.write_scalars(step, {**means, **speed})
+  reporting.log_and_print(progress.line(step, speed,
+                                        {'loss': means['train_loss']}))
+  return speed
+
+
+def _save(checkpointer, step, state, evaluations, left, num_train_steps, *,
+          main_eval_done):
+  """Saves `step`, with the evaluations a stop request left (`left`)."""
+  checkpointer.save(
+      step, state,
+      metrics=({'eval_accuracy': evaluations.last['eval_accuracy']}
+               if main_eval_done else None),
+      extra={'best_eval_accuracy': evaluations.best,
+             'last_eval': evaluations.last,
+             'num_train_steps': num_train_steps, 'pending_evals': left})
+
+
+class _Profile:
+  """Traces config.profile_steps steps from config.profile_start_step.
+
+  Not clu's Profile: its first call never starts a trace (so a run resumed
+  at profile_start_step would not profile), it keeps tracing at least 3 s
+  and does not stop a trace open when the loop ends.
+  """
+
+  def __init__(self, config, workdir):
+    on = config.profile_steps and jax.process_index() == 0
+    self.start = config.profile_start_step if on else -1
+    self.stop = self.start + config.profile_steps
+    self.directory = os.path.join(workdir, 'profile')
+    self.tracing = False
+
+  def at(self, step: int, state) -> None:
+    """Called before each step runs."""
+    if step == self.start:
+      jax.profiler.start_trace(self.directory)
+      self.tracing = True
+    elif self.tracing and step >= self.stop:
+      jax.block_until_ready(state)
+      self.close()
+
+  def close(self) -> None:
+    if self.tracing:
+      jax.profiler.stop_trace()
+      self.tracing = False
+
+
+def _summary(workdir, run, evaluations, speeds, *, step, start_step,
+             preempted, last_saved, start_time) -> Dict[str, Any]:
+  return {
+      'steps': step, 'num_train_steps': run.num_train_steps,
       'start_step': start_step, 'preempted': bool(preempted),
-      'last_eval_accuracy': last_eval.get('eval_accuracy'),
-      'last_eval_loss': last_eval.get('eval_loss'),
-      'best_eval_accuracy': best, **results,
+      'last_eval_accuracy': evaluations.last.get('eval_accuracy'),
+      'last_eval_loss': evaluations.last.get('eval_loss'),
+      'best_eval_accuracy': evaluations.best, **evaluations.accuracies,
       'last_checkpoint_step': last_saved,
       'wall_time_s': time.time() - start_time, 'workdir': str(workdir),
       # Paths as the workdir was given.
       'checkpoint_dir': os.path.join(workdir, CHECKPOINT_DIR),
       'metrics_file': os.path.join(workdir, reporting.METRICS_FILE),
-      # 1 unless something made the step recompile (shapes, dtypes, ...).
-      'train_step_compilations': run.steps.train_traces.count,
       # Means over the logged intervals (compilation, evals and saves out).
       **{key: float(np.mean([s[key] for s in speeds]))
          for key in ('images_per_sec', 'tflops_per_device', 'mfu',
                      'input_wait_share') if speeds and key in speeds[0]},
   }
-  if preempted:
-    logging.warning('Stopped at step %d on request (%s); restart the same '
-                    'command to resume.', step, checkpointer.preemption_signal)
-  reporting.log_and_print(reporting.format_summary(summary))
-  return summary
