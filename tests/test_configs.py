@@ -235,7 +235,10 @@ def test_a_test_entry_runs_only_at_the_last_step():
   model = model_from_config.create_model(config, 10)
   functions = compiled.build(config, model, sharding.create_mesh())
   evaluations = evals.Evaluations(config, functions, num_train_steps=1_500)
-  assert [s for s in range(1, 1_501) if evaluations.due(s)] == [1_500]
+  assert [s for s in range(1, 1_501) if 'test' in evaluations.due(s)] == [
+      1_500]
+  assert [s for s in range(1, 1_501) if evaluations.due(s)] == [
+      500, 1_000, 1_500]  # The held-out split every 500 steps.
 
 
 def expect_problems(config, *fragments, **kwargs):
