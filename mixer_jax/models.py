@@ -85,10 +85,8 @@ class MixerBlock(nn.Module):
   dtype: Any = jnp.float32
 
   def _keep(self, x, train):
-    """Per-example 0/1 multiplier of a residual branch (stochastic depth).
-
-    As in big_vision, kept branches are not rescaled by 1/(1-p).
-    """
+    """Per-example 0/1 multiplier of a residual branch (stochastic depth);
+    as in big_vision, kept branches are not rescaled by 1/(1-p)."""
     if (not train or self.stochastic_depth <= 0.0 or
         not self.has_rng('dropout')):
       return 1.0
@@ -173,12 +171,8 @@ def intermediate_outputs(model: MlpMixer, params, images, **kwargs):
 
 def create_model(variant: str, num_classes: Optional[int] = 1000, *,
                  dtype: Any = 'float32', **options) -> MlpMixer:
-  """The `MlpMixer` of `variant` ("B_16", see `get_spec`).
-
-  `num_classes` None or 0 gives pooled features; `dtype` is the computation
-  dtype (a name or a jnp dtype); `options` are size overrides of `get_spec`
-  (`num_blocks=2`) and the `MODULE_OPTIONS`.
-  """
+  """The `MlpMixer` of `variant` ("B_16", see `get_spec`); `options` are
+  size overrides (`num_blocks=2`) and the `MODULE_OPTIONS`."""
   sizes = {k: options.pop(k) for k in MixerSpec.__annotations__
            if k in options}
   spec = get_spec(variant, **sizes)
@@ -213,11 +207,9 @@ def count_params(params) -> int:
 
 
 def flops_per_image(model: MlpMixer, image_size) -> int:
-  """Forward FLOPs of one image (side or (height, width)), 2 per multiply-add.
+  """Forward FLOPs of one image (side or (height, width)), 2 per multiply-add
+  of the matrix products only (the rest is a fraction of a percent)."""
 
-  Only the matrix products count (stem, MLPs, head); the rest is a fraction
-  of a percent. Mixer-B/16 at 224 gives 25.2 GFLOP.
-  """
   height, width = np.broadcast_to(image_size, (2,))
   p = model.patch_size
   if height % p or width % p:
