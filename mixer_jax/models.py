@@ -209,7 +209,6 @@ def count_params(params) -> int:
 def flops_per_image(model: MlpMixer, image_size) -> int:
   """Forward FLOPs of one image (side or (height, width)), 2 per multiply-add
   of the matrix products only (the rest is a fraction of a percent)."""
-
   height, width = np.broadcast_to(image_size, (2,))
   p = model.patch_size
   if height % p or width % p:

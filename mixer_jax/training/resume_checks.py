@@ -17,8 +17,7 @@ def has_saved_steps(checkpoint_dir: str) -> bool:
 
 def check_schedule_unchanged(config, workdir: str, checkpoint_dir: str,
                              num_train_steps: int) -> None:
-  """ConfigError for another batch size or number of steps than the saved
-  run_info.json's (unless config.allow_changed_schedule)."""
+  """ConfigError for another batch size or step count than run_info.json's."""
   if config.allow_changed_schedule or not has_saved_steps(checkpoint_dir):
     return
   try:

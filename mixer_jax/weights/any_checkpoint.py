@@ -18,7 +18,6 @@ def load(spec, *, step: Optional[int] = None,
   """Loads any kind of checkpoint. `step` and `weights` ('params' or 'ema')
   apply to workdirs, `num_classes` and `image_size` to weight files (see
   `load_pretrained`); `model_options` are e.g. dtype and gelu_approximate."""
-
   if workdir_checkpoint.is_directory(spec):
     if num_classes is not None:
       raise checkpoint_checks.CheckpointError(

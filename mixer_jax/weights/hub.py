@@ -227,7 +227,6 @@ def is_folder(path) -> bool:
 def sidecar_config(path: str) -> Optional[Dict[str, Any]]:
   """The timm `config.json` next to a `.safetensors` file, parsed, if any;
   a damaged one is an error, never a silent fallback to the defaults."""
-
   candidate = os.path.join(os.path.dirname(os.path.abspath(path)),
                            CONFIG_FILE)
   if not os.path.isfile(candidate):

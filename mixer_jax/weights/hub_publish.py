@@ -254,7 +254,6 @@ def evaluations_from_records(records: Sequence[Mapping[str, Any]],
                              config) -> List[Evaluation]:
   """The newest value of each accuracy in a workdir's metrics records:
   `eval_*` of the main eval, `<name>/*` of `config.evals[name]`."""
-
   evals = dict(config.get('evals') or {})
   evals['eval'] = {'dataset': config.dataset, 'split': config.eval_split}
   newest = {}  # (name, dataset, split, metric) -> (step, value)

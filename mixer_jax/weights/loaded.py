@@ -53,7 +53,6 @@ class Loaded:
 
   def features(self):
     """(model, params) giving the pooled features without the head."""
-
     params = {k: v for k, v in official_format.unwrap(self.params).items()
               if k != 'head'}
     return self.model.clone(num_classes=None), params

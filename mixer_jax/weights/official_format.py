@@ -201,7 +201,6 @@ class CheckpointInfo:
 def infer_architecture(flat: Mapping[str, Any]) -> CheckpointInfo:
   """The architecture of a flat checkpoint's shapes, per-block sizes by
   majority so that one damaged leaf does not hide what the file is."""
-
   def common(pattern, axis):
     counts = collections.Counter(
         tuple(v.shape)[axis] for k, v in flat.items()

@@ -13,7 +13,6 @@ _LAYER_NORM_EPSILON = 1e-6  # As models.MixerBlock and the official model.
 
 def to_onnx(model: models.MlpMixer, params, image_size: int):
   """The model as a checked `onnx.ModelProto` for square `image_size`."""
-
   import onnx  # pylint: disable=g-import-not-at-top
   from onnx import helper  # pylint: disable=g-import-not-at-top
   from onnx import numpy_helper  # pylint: disable=g-import-not-at-top

@@ -105,7 +105,6 @@ def fetch(checkpoint: Checkpoint) -> str:
 def resolve(name_or_path: str) -> Tuple[str, Optional[Checkpoint]]:
   """(a readable path, the registry entry or None) of a registry name, a
   `gs://` URL of a registered file, or any local or `gs://` file path."""
-
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   name_or_path = os.fspath(name_or_path)
   try:

@@ -17,7 +17,6 @@ def save_run_info(workdir: str, config, num_classes: int,
                   class_names: Optional[List[str]] = None) -> str:
   """Writes `workdir/run_info.json` and returns its path; class names,
   unless given, come from the data set's TFDS features."""
-
   from etils import epath  # pylint: disable=g-import-not-at-top
   if class_names is None:
     try:

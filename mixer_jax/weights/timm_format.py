@@ -77,7 +77,6 @@ def from_timm_state_dict(state: Mapping[str, Any]) -> Dict[str, Any]:
 def export_timm(params: Mapping[str, Any],
                 path: Union[str, os.PathLike]) -> None:
   """Writes `params` as a timm `.safetensors` file."""
-
   # pylint: disable-next=g-import-not-at-top
   from safetensors import numpy as st_numpy
   path = os.fspath(path)

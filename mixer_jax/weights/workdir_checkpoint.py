@@ -70,7 +70,6 @@ def restore_params(directory, config, num_classes: int,
                    step: Optional[int], sharding, weights: str = 'params'):
   """(model, params, extra) of a step (None: the newest) of `directory`,
   read-only, placed with `sharding`; `weights` is 'params' or 'ema'."""
-
   if weights not in ('params', 'ema'):
     raise ValueError(f"weights={weights!r}: use 'params' or 'ema'.")
   if weights == 'ema' and not config.get('ema_decay'):
