@@ -57,14 +57,12 @@ def _damaged_metrics(directory) -> str:
 
 
 class Checkpointer:
-  """Saves and restores the train state in `directory` with Orbax.
+  """Saves and restores the train state in `directory` with Orbax, keeping
+  the `keep` newest steps and, with `keep_best`, the best `eval_accuracy`.
 
-  Keeps the `keep` most recent steps and, with `keep_best`, the step of the
-  highest `metrics['eval_accuracy']`. `fingerprint` (model_fingerprint) is
-  saved with every step and compared on restore. `read_only` (evaluate,
-  predict) creates, cleans up and writes nothing, so a running job's saves
-  are safe, and reads no metrics file. Every process of a multi-host run
-  makes the same calls.
+  `read_only` (evaluate, predict) writes and cleans up nothing, so a running
+  job's saves are safe. Every process of a multi-host run makes the same
+  calls.
   """
 
   def __init__(self, directory, *, keep: int, keep_best: bool,
@@ -148,17 +146,12 @@ class Checkpointer:
     """Every complete step in the directory, ascending."""
     return sorted(self._manager.all_steps())
 
-  # --------------------------------------------------------------- Save.
   def save(self, step: int, state, *, metrics=None, extra=None,
            force: bool = False) -> bool:
-    """Starts saving `state` (and the JSON dict `extra`) as `step`.
-
-    `metrics['eval_accuracy']` ranks the step for keep_best. Returns False
+    """Starts saving `state` (and the JSON dict `extra`) as `step`; False
     when Orbax skips a step not newer than the latest (unless `force`).
-    Raises CheckpointError before writing (non-finite state, too little
-    disk space, an existing step) or when this or the previous background
-    write failed; the steps on disk are kept.
-    """
+    A CheckpointError (also for the previous background write) keeps the
+    steps on disk."""
     payload = checks.save_payload(state, step, extra, self.fingerprint,
                                   self.directory, self.latest_step())
     if not str(self.directory).startswith('gs://'):
@@ -220,15 +213,9 @@ class Checkpointer:
     except Exception as e:  # pylint: disable=broad-except
       raise self._write_error(self._writing, e) from e
 
-  # ------------------------------------------------------------ Restore.
   def restore(self, target, step: Optional[int] = None):
-    """(state, extra) of `step` (default: the newest), checked.
-
-    `target` is a pytree of arrays or of `jax.ShapeDtypeStruct`s; arrays
-    take its shardings, so a run may resume on another device count.
-    `extra` is the dict given to `save` plus 'step', 'fingerprint' and
-    'leaf_checksums'. A CheckpointError names the step directory, the
-    problem and the earlier steps to fall back to.
+    """(state, extra) of `step` (default: the newest), checked; arrays take
+    the shardings of `target`, so a run may resume on another device count.
     """
     return self._restore(target, step, partial=False)
 
@@ -346,14 +333,9 @@ class Checkpointer:
     logging.warning('Set aside steps %s of %s in %s.', later, self.directory,
                     aside)
 
-  # ---------------------------------------------------------- Preemption.
   def reached_preemption(self, step: int) -> bool:
-    """True when training should save `step` and stop (call every step).
-
-    Raises CheckpointError once a background save has failed. Multi-host
-    runs ask Orbax (JAX's preemption sync service: every host stops at the
-    same step); one process handles SIGTERM and SIGINT (preemption.py).
-    """
+    """True when training should save `step` and stop (call every step);
+    multi-host runs ask Orbax, so that every host stops at the same step."""
     self._check_background_save()
     if self._manager.reached_preemption(step):
       return True
