@@ -168,12 +168,8 @@ def _restore(flat, target, source, fresh_head):
 
 
 def init_from_checkpoint(name_or_path, params):
-  """Fresh `params` filled from what `read_weights` reads (or a tree), in
-  their dtypes; their head is kept when the class counts differ."""
-  if isinstance(name_or_path, Mapping):
-    flat = traverse_util.flatten_dict(unwrap(name_or_path), sep='/')
-    name_or_path = WeightFile({k: np.asarray(v) for k, v in flat.items()},
-                              'parameters', 'official')
+  """Fresh `params` filled from what `read_weights` reads, in their dtypes;
+  their head is kept when the class counts differ."""
   read = read_weights(name_or_path)
   fresh = traverse_util.flatten_dict(unwrap(params), sep='/')
   return _restore(read.flat, params, read.source, fresh)
