@@ -60,15 +60,10 @@ def get(name: str) -> Checkpoint:
   return CHECKPOINTS[key]
 
 
-def cache_dir() -> str:
-  """The local cache directory ($MIXER_JAX_CACHE or ~/.cache/mixer_jax)."""
-  return os.environ.get(CACHE_ENV) or os.path.join(
-      os.path.expanduser('~'), '.cache', 'mixer_jax')
-
-
 def local_path(checkpoint: Checkpoint) -> str:
   """Where `checkpoint` is (or will be) kept in the cache."""
-  return os.path.join(cache_dir(), *checkpoint.name.split('/')) + '.npz'
+  cache = os.environ.get(CACHE_ENV) or os.path.expanduser('~/.cache/mixer_jax')
+  return os.path.join(cache, *checkpoint.name.split('/')) + '.npz'
 
 
 def first_line(error) -> str:
