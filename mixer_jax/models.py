@@ -1,8 +1,7 @@
 """MLP-Mixer (Tolstikhin et al., arXiv 2105.01601) as Flax linen modules.
 
 The module tree is the official one (vit_jax `models_mixer.py`), so a
-published `.npz` maps onto `params` leaf for leaf. This module depends only
-on jax and flax: it knows nothing of data, training or checkpoint files.
+published `.npz` maps onto `params` leaf for leaf.
 """
 
 import dataclasses
@@ -107,14 +106,9 @@ class MixerBlock(nn.Module):
 
 
 class MlpMixer(nn.Module):
-  """The MLP-Mixer on NHWC images in [-1, 1].
-
-  Returns float32 logits, or the pooled features when `num_classes` is None
-  or 0. Block i of N drops its branches at stochastic_depth * i / (N - 1)
-  (train=True with a 'dropout' rng); `remat` recomputes each block in the
-  backward pass. `stem_out`, `block_{i}`, `pre_logits` and `logits` are sown
-  into 'intermediates' (see `intermediate_outputs`).
-  """
+  """The MLP-Mixer on NHWC images in [-1, 1]: float32 logits, or the pooled
+  features when `num_classes` is None or 0. Block i of N drops its branches
+  at stochastic_depth * i / (N - 1) (train=True with a 'dropout' rng)."""
   num_classes: Optional[int]
   patch_size: int
   num_blocks: int

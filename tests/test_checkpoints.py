@@ -396,11 +396,6 @@ def test_restore_never_unpickles(tmp_path, monkeypatch):
   ckpt.close()
 
 
-def test_bad_keep_is_rejected(tmp_path):
-  with pytest.raises(CheckpointError, match='keep=0'):
-    checkpoints.Checkpointer(tmp_path, keep=0, keep_best=True)
-
-
 def test_reader_of_a_running_job_follows_retention(tmp_path):
   # A read-only reader (evaluate, predict) opened on a running job; the job
   # then saves a step and its retention (keep=1) deletes the one the reader

@@ -122,7 +122,6 @@ def save_payload(state, step, extra, fingerprint, directory, latest_step):
 
 
 def check_tree(stored: dict, wanted: dict, where, hint):
-  """Compares stored leaf paths/shapes/dtypes with the target's."""
   problems = [f'{p}: missing from the checkpoint' for p in wanted
               if p not in stored]
   problems += [f'{p}: in the checkpoint but not in this run' for p in stored

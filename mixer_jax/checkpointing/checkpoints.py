@@ -1,8 +1,8 @@
 """Orbax checkpoints of the train state: save, verified restore, preemption.
 
 Each step holds `state/` (the arrays) and `extra/` (JSON: the caller's data
-position, the model fingerprint and the leaf checksums). docs/reliability.md
-describes the guarantees; nothing is ever unpickled.
+position, the model fingerprint and the leaf checksums); docs/reliability.md
+describes the guarantees.
 """
 
 import errno
@@ -69,16 +69,11 @@ class Checkpointer:
                async_save: bool = True,
                fingerprint: Optional[Mapping[str, Any]] = None,
                read_only: bool = False):
-    if not isinstance(keep, int) or keep < 1:
-      raise checks.CheckpointError(
-          f'keep={keep!r} must be an integer >= 1 (the number of recent '
-          'checkpoints kept).')
     path = os.fspath(directory)
     self.directory = epath.Path(
         path if path.startswith('gs://') else os.path.abspath(path))
     self.fingerprint = (checks.jsonable(dict(fingerprint)) if fingerprint
                         else None)
-    self.read_only = read_only
     _check_link(os.fspath(self.directory))
     if not read_only:
       self._check_writable()
@@ -125,7 +120,6 @@ class Checkpointer:
             EXTRA_ITEM: ocp.JsonCheckpointHandler()}))
 
   def _check_writable(self) -> None:
-    """Creates the directory, then writes and deletes a probe file in it."""
     probe = self.directory / (
         f'.write_probe.{jax.process_index()}.{uuid.uuid4().hex[:8]}')
     try:
@@ -139,11 +133,9 @@ class Checkpointer:
           'no training was started.') from e
 
   def latest_step(self) -> Optional[int]:
-    """The newest complete step, or None if there is none."""
     return self._manager.latest_step()
 
   def all_steps(self) -> list:
-    """Every complete step in the directory, ascending."""
     return sorted(self._manager.all_steps())
 
   def save(self, step: int, state, *, metrics=None, extra=None,

@@ -10,7 +10,6 @@ from mixer_jax.weights import run_info
 
 
 def has_saved_steps(checkpoint_dir: str) -> bool:
-  """Whether `checkpoint_dir` holds a step directory (a run to resume)."""
   path = epath.Path(checkpoint_dir)
   return path.is_dir() and any(p.name.isdigit() for p in path.iterdir())
 

@@ -55,7 +55,6 @@ class WorkdirLock:
 
 
 def release(lock: Optional[WorkdirLock], *, refused: bool = False) -> None:
-  """`lock.release(refused)` of a lock from `acquire` (None: nothing)."""
   if lock is not None:
     lock.release(refused)
 

@@ -44,7 +44,6 @@ class HubName:
 
 
 def is_hub_name(name) -> bool:
-  """Whether `name` is a string starting with `hf-hub:`."""
   return isinstance(name, str) and name.startswith(PREFIXES)
 
 
@@ -219,7 +218,6 @@ def load(name: str) -> official_format.WeightFile:
 
 
 def is_folder(path) -> bool:
-  """Whether `path` is a local folder holding `model.safetensors`."""
   return (isinstance(path, (str, os.PathLike)) and
           os.path.isfile(os.path.join(os.fspath(path), WEIGHTS_FILE)))
 

@@ -86,7 +86,6 @@ def to_onnx(model: models.MlpMixer, params, image_size: int):
 
 def save_onnx(model: models.MlpMixer, params, image_size: int,
               path: str) -> str:
-  """Writes `to_onnx(...)` to `path` (one file, weights inside)."""
   import onnx  # pylint: disable=g-import-not-at-top
   onnx.save_model(to_onnx(model, params, image_size), path)
   return path

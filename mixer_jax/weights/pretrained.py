@@ -199,10 +199,8 @@ def load_pretrained(name_or_path, *, num_classes: Optional[int] = None,
   """(model, params) of what `read_weights` reads; images in [-1, 1].
 
   `num_classes`: None keeps the file's head, another count gives a fresh
-  zero head, 0 none (pooled features). `image_size` may be an integer
-  multiple of the file's (Appendix C). `model_options` go to
-  `models.create_model` (gelu_approximate defaults to the file's form).
-  """
+  zero head, 0 none. `image_size` may be an integer multiple of the file's
+  (Appendix C). gelu_approximate defaults to the file's form."""
   read = read_weights(name_or_path)
   flat, path, entry = read.flat, read.source, read.entry
   model_options.setdefault('gelu_approximate', read.gelu_approximate)

@@ -61,7 +61,6 @@ def get(name: str) -> Checkpoint:
 
 
 def local_path(checkpoint: Checkpoint) -> str:
-  """Where `checkpoint` is (or will be) kept in the cache."""
   cache = os.environ.get(CACHE_ENV) or os.path.expanduser('~/.cache/mixer_jax')
   return os.path.join(cache, *checkpoint.name.split('/')) + '.npz'
 

@@ -77,12 +77,12 @@ def from_timm_state_dict(state: Mapping[str, Any]) -> Dict[str, Any]:
 def export_timm(params: Mapping[str, Any],
                 path: Union[str, os.PathLike]) -> None:
   """Writes `params` as a timm `.safetensors` file."""
-  # pylint: disable-next=g-import-not-at-top
-  from safetensors import numpy as st_numpy
+  import safetensors.numpy  # pylint: disable=g-import-not-at-top
   path = os.fspath(path)
   if os.path.dirname(path):
     os.makedirs(os.path.dirname(path), exist_ok=True)
-  data = st_numpy.save(to_timm_state_dict(params),
-                       metadata={'format': 'pt', 'source': 'mixer_jax'})
+  data = safetensors.numpy.save(
+      to_timm_state_dict(params),
+      metadata={'format': 'pt', 'source': 'mixer_jax'})
   with open(path, 'wb') as f:  # save_file would make it 0600 (owner only).
     f.write(data)

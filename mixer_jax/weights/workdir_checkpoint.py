@@ -18,7 +18,6 @@ from mixer_jax.weights import run_info
 
 
 def _is_step_directory(location) -> bool:
-  """A step of an Orbax checkpoint directory: `<step>/state/`."""
   return location.name.isdigit() and (location / checkpoints.STATE_ITEM
                                       ).is_dir()
 
