@@ -138,10 +138,9 @@ class Checkpointer:
   def all_steps(self) -> list:
     return sorted(self._manager.all_steps())
 
-  def save(self, step: int, state, *, metrics=None, extra=None,
-           force: bool = False) -> bool:
+  def save(self, step: int, state, *, metrics=None, extra=None) -> bool:
     """Starts saving `state` (and the JSON dict `extra`) as `step`; False
-    when Orbax skips a step not newer than the latest (unless `force`).
+    when Orbax skips a step not newer than the latest (never overwritten).
     A CheckpointError (also for the previous background write) keeps the
     steps on disk."""
     payload = checks.save_payload(state, step, extra, self.fingerprint,
@@ -154,14 +153,10 @@ class Checkpointer:
     self._check_background_save(wait=True)  # Its error is its own.
     try:
       started = self._manager.save(
-          int(step), force=force, metrics=ranked,
+          int(step), metrics=ranked,
           args=ocp.args.Composite(**{
               STATE_ITEM: ocp.args.PyTreeSave(state),
               EXTRA_ITEM: ocp.args.JsonSave(payload)}))
-    except ocp.checkpoint_manager.StepAlreadyExistsError as e:
-      raise checks.CheckpointError(
-          f'Step {step} already exists in {self.directory}; it is not '
-          'overwritten. Resume from it, or use another workdir.') from e
     except Exception as e:  # pylint: disable=broad-except
       raise self._write_error(step, e) from e
     if started:
@@ -331,9 +326,7 @@ class Checkpointer:
     self._check_background_save()
     if self._manager.reached_preemption(step):
       return True
-    if jax.process_count() > 1:
-      return False
-    self._signals.install()  # No-op when installed (watch_preemption).
+    self._signals.install()  # No-op if installed, or on several hosts.
     return self._signals.received is not None
 
   @property
