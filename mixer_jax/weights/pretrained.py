@@ -30,8 +30,8 @@ _TOKEN_KEY = 'MixerBlock_0/token_mixing/Dense_0/kernel'
 
 
 def read_weights(name_or_path) -> WeightFile:
-  """Any kind of docs/weights.md (newest step of a workdir) as the official
-  flat tree."""
+  """Any checkpoint kind docs/weights.md lists (a workdir: its newest step)
+  as the official flat tree."""
   # pylint: disable-next=g-import-not-at-top
   from mixer_jax.weights import workdir_checkpoint  # Imports Orbax.
   if isinstance(name_or_path, WeightFile):
