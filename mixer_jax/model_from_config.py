@@ -1,8 +1,6 @@
-"""The Mixer a config describes: `create_model(config, num_classes)`.
+"""The one place `config.model` becomes a module, so that a run, a restored
+workdir and the benchmarks build the same Mixer."""
 
-One function turns `config.model` (mixer_jax/config_defaults.py) into a
-module, so a run, a restored workdir and the benchmarks build the same one.
-"""
 
 from mixer_jax import models
 

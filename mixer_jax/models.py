@@ -1,8 +1,7 @@
 """MLP-Mixer (Tolstikhin et al., arXiv 2105.01601) as Flax linen modules.
 
 The module tree is the official one (vit_jax `models_mixer.py`), so a
-published `.npz` maps onto `params` leaf for leaf. This module depends only
-on jax and flax: it knows nothing of data, training or checkpoint files.
+published `.npz` maps onto `params` leaf for leaf.
 """
 
 import dataclasses
@@ -85,10 +84,8 @@ class MixerBlock(nn.Module):
   dtype: Any = jnp.float32
 
   def _keep(self, x, train):
-    """Per-example 0/1 multiplier of a residual branch (stochastic depth).
-
-    As in big_vision, kept branches are not rescaled by 1/(1-p).
-    """
+    """Per-example 0/1 multiplier of a residual branch (stochastic depth);
+    as in big_vision, kept branches are not rescaled by 1/(1-p)."""
     if (not train or self.stochastic_depth <= 0.0 or
         not self.has_rng('dropout')):
       return 1.0
@@ -109,14 +106,9 @@ class MixerBlock(nn.Module):
 
 
 class MlpMixer(nn.Module):
-  """The MLP-Mixer on NHWC images in [-1, 1].
-
-  Returns float32 logits, or the pooled features when `num_classes` is None
-  or 0. Block i of N drops its branches at stochastic_depth * i / (N - 1)
-  (train=True with a 'dropout' rng); `remat` recomputes each block in the
-  backward pass. `stem_out`, `block_{i}`, `pre_logits` and `logits` are sown
-  into 'intermediates' (see `intermediate_outputs`).
-  """
+  """The MLP-Mixer on NHWC images in [-1, 1]: float32 logits, or the pooled
+  features when `num_classes` is None or 0. Block i of N drops its branches
+  at stochastic_depth * i / (N - 1) (train=True with a 'dropout' rng)."""
   num_classes: Optional[int]
   patch_size: int
   num_blocks: int
@@ -173,12 +165,8 @@ def intermediate_outputs(model: MlpMixer, params, images, **kwargs):
 
 def create_model(variant: str, num_classes: Optional[int] = 1000, *,
                  dtype: Any = 'float32', **options) -> MlpMixer:
-  """The `MlpMixer` of `variant` ("B_16", see `get_spec`).
-
-  `num_classes` None or 0 gives pooled features; `dtype` is the computation
-  dtype (a name or a jnp dtype); `options` are size overrides of `get_spec`
-  (`num_blocks=2`) and the `MODULE_OPTIONS`.
-  """
+  """The `MlpMixer` of `variant` ("B_16", see `get_spec`); `options` are
+  size overrides (`num_blocks=2`) and the `MODULE_OPTIONS`."""
   sizes = {k: options.pop(k) for k in MixerSpec.__annotations__
            if k in options}
   spec = get_spec(variant, **sizes)
@@ -213,11 +201,8 @@ def count_params(params) -> int:
 
 
 def flops_per_image(model: MlpMixer, image_size) -> int:
-  """Forward FLOPs of one image (side or (height, width)), 2 per multiply-add.
-
-  Only the matrix products count (stem, MLPs, head); the rest is a fraction
-  of a percent. Mixer-B/16 at 224 gives 25.2 GFLOP.
-  """
+  """Forward FLOPs of one image (side or (height, width)), 2 per multiply-add
+  of the matrix products only (the rest is a fraction of a percent)."""
   height, width = np.broadcast_to(image_size, (2,))
   p = model.patch_size
   if height % p or width % p:

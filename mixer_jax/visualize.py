@@ -147,7 +147,6 @@ def read_metrics(workdir: str) -> List[dict]:
 
 
 def series(records: Sequence[dict], key: str):
-  """(steps, values) of the records holding `key`."""
   held = [r for r in records if r.get(key) is not None]
   return [r['step'] for r in held], [r[key] for r in held]
 

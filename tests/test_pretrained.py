@@ -230,7 +230,7 @@ def test_resolution_change_factor_three(tmp_path):
                              rtol=1e-4, atol=1e-4)
 
 
-def test_resolution_change_of_a_model_trained_here():
+def test_resolution_change_of_a_model_trained_here(tmp_path):
   model = _tiny_model(10)
   params = models.init_params(model, jax.random.PRNGKey(4), 16)
   optimizer = optax.adam(1e-2)
@@ -258,10 +258,11 @@ def test_resolution_change_of_a_model_trained_here():
   np.testing.assert_allclose(
       big_model.apply({'params': expanded}, _tiles_2x2(tiles)), expected,
       rtol=1e-4, atol=1e-4)
-  # init_from_checkpoint accepts the trained tree as its source too.
+  # init_from_checkpoint expands the trained model's file the same way.
+  pretrained.export_official(params, tmp_path / 'trained.npz')
   target = models.init_params(_tiny_model(3, tokens_mlp_dim=64),
                               jax.random.PRNGKey(5), 32)
-  filled = pretrained.init_from_checkpoint(params, target)
+  filled = pretrained.init_from_checkpoint(tmp_path / 'trained.npz', target)
   np.testing.assert_array_equal(
       filled['MixerBlock_1']['token_mixing']['Dense_0']['kernel'],
       expanded['MixerBlock_1']['token_mixing']['Dense_0']['kernel'])

@@ -59,7 +59,8 @@ def test_cache_dir_and_layout(tmp_path, monkeypatch):
   assert registry.local_path(entry) == str(
       tmp_path / 'cache' / 'imagenet21k' / 'Mixer-L_16.npz')
   monkeypatch.delenv(registry.CACHE_ENV)
-  assert registry.cache_dir() == os.path.expanduser('~/.cache/mixer_jax')
+  assert registry.local_path(entry) == os.path.expanduser(
+      '~/.cache/mixer_jax/imagenet21k/Mixer-L_16.npz')
 
 
 def test_fetch_copies_once_into_cache(tmp_path):

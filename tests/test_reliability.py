@@ -279,7 +279,7 @@ MULTIHOST_CHILD = textwrap.dedent('''
       if ckpt.reached_preemption(step):
         local = np.full((jax.local_device_count(),), step, np.float32)
         ckpt.save(step, {'w': jax.make_array_from_process_local_data(
-            sharding, local)}, force=True)
+            sharding, local)})
         ckpt.close()
         print('STOP', step, flush=True)
         break

@@ -120,10 +120,10 @@ def test_safetensors_round_trip_is_exact(tmp_path):
   assert set(flat) == set(back_flat)
   for key in flat:
     np.testing.assert_array_equal(back_flat[key], flat[key], err_msg=key)
-  # The imported tree loads into a model like any checkpoint.
+  # The file fills a model's parameters like any checkpoint.
   target = traverse_util.unflatten_dict(
       {k: np.zeros_like(v) for k, v in flat.items()}, sep='/')
-  filled = pretrained.init_from_checkpoint(back, target)
+  filled = pretrained.init_from_checkpoint(path, target)
   np.testing.assert_array_equal(filled['stem']['kernel'],
                                 params['stem']['kernel'])
 

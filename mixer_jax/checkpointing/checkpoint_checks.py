@@ -100,10 +100,8 @@ def _listed(items, sep=', ', shown=8) -> str:
 
 
 def save_payload(state, step, extra, fingerprint, directory, latest_step):
-  """The JSON saved with `step`: `extra`, checksums and fingerprint.
-
-  Refuses non-finite values in `state` and an `extra` that is not JSON.
-  """
+  """The JSON saved with `step`: `extra`, checksums and fingerprint;
+  refuses non-finite values in `state` and an `extra` that is not JSON."""
   digests = state_digests(state)
   bad = [path for path, (_, finite) in digests.items() if not finite]
   if bad:
@@ -124,7 +122,6 @@ def save_payload(state, step, extra, fingerprint, directory, latest_step):
 
 
 def check_tree(stored: dict, wanted: dict, where, hint):
-  """Compares stored leaf paths/shapes/dtypes with the target's."""
   problems = [f'{p}: missing from the checkpoint' for p in wanted
               if p not in stored]
   problems += [f'{p}: in the checkpoint but not in this run' for p in stored

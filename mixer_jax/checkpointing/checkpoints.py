@@ -1,8 +1,8 @@
 """Orbax checkpoints of the train state: save, verified restore, preemption.
 
 Each step holds `state/` (the arrays) and `extra/` (JSON: the caller's data
-position, the model fingerprint and the leaf checksums). docs/reliability.md
-describes the guarantees; nothing is ever unpickled.
+position, the model fingerprint and the leaf checksums); docs/reliability.md
+describes the guarantees.
 """
 
 import errno
@@ -57,30 +57,23 @@ def _damaged_metrics(directory) -> str:
 
 
 class Checkpointer:
-  """Saves and restores the train state in `directory` with Orbax.
+  """Saves and restores the train state in `directory` with Orbax, keeping
+  the `keep` newest steps and, with `keep_best`, the best `eval_accuracy`.
 
-  Keeps the `keep` most recent steps and, with `keep_best`, the step of the
-  highest `metrics['eval_accuracy']`. `fingerprint` (model_fingerprint) is
-  saved with every step and compared on restore. `read_only` (evaluate,
-  predict) creates, cleans up and writes nothing, so a running job's saves
-  are safe, and reads no metrics file. Every process of a multi-host run
-  makes the same calls.
+  `read_only` (evaluate, predict) writes and cleans up nothing, so a running
+  job's saves are safe. Every process of a multi-host run makes the same
+  calls.
   """
 
   def __init__(self, directory, *, keep: int, keep_best: bool,
                async_save: bool = True,
                fingerprint: Optional[Mapping[str, Any]] = None,
                read_only: bool = False):
-    if not isinstance(keep, int) or keep < 1:
-      raise checks.CheckpointError(
-          f'keep={keep!r} must be an integer >= 1 (the number of recent '
-          'checkpoints kept).')
     path = os.fspath(directory)
     self.directory = epath.Path(
         path if path.startswith('gs://') else os.path.abspath(path))
     self.fingerprint = (checks.jsonable(dict(fingerprint)) if fingerprint
                         else None)
-    self.read_only = read_only
     _check_link(os.fspath(self.directory))
     if not read_only:
       self._check_writable()
@@ -127,7 +120,6 @@ class Checkpointer:
             EXTRA_ITEM: ocp.JsonCheckpointHandler()}))
 
   def _check_writable(self) -> None:
-    """Creates the directory, then writes and deletes a probe file in it."""
     probe = self.directory / (
         f'.write_probe.{jax.process_index()}.{uuid.uuid4().hex[:8]}')
     try:
@@ -141,24 +133,16 @@ class Checkpointer:
           'no training was started.') from e
 
   def latest_step(self) -> Optional[int]:
-    """The newest complete step, or None if there is none."""
     return self._manager.latest_step()
 
   def all_steps(self) -> list:
-    """Every complete step in the directory, ascending."""
     return sorted(self._manager.all_steps())
 
-  # --------------------------------------------------------------- Save.
-  def save(self, step: int, state, *, metrics=None, extra=None,
-           force: bool = False) -> bool:
-    """Starts saving `state` (and the JSON dict `extra`) as `step`.
-
-    `metrics['eval_accuracy']` ranks the step for keep_best. Returns False
-    when Orbax skips a step not newer than the latest (unless `force`).
-    Raises CheckpointError before writing (non-finite state, too little
-    disk space, an existing step) or when this or the previous background
-    write failed; the steps on disk are kept.
-    """
+  def save(self, step: int, state, *, metrics=None, extra=None) -> bool:
+    """Starts saving `state` (and the JSON dict `extra`) as `step`; False
+    when Orbax skips a step not newer than the latest (never overwritten).
+    A CheckpointError (also for the previous background write) keeps the
+    steps on disk."""
     payload = checks.save_payload(state, step, extra, self.fingerprint,
                                   self.directory, self.latest_step())
     if not str(self.directory).startswith('gs://'):
@@ -169,14 +153,10 @@ class Checkpointer:
     self._check_background_save(wait=True)  # Its error is its own.
     try:
       started = self._manager.save(
-          int(step), force=force, metrics=ranked,
+          int(step), metrics=ranked,
           args=ocp.args.Composite(**{
               STATE_ITEM: ocp.args.PyTreeSave(state),
               EXTRA_ITEM: ocp.args.JsonSave(payload)}))
-    except ocp.checkpoint_manager.StepAlreadyExistsError as e:
-      raise checks.CheckpointError(
-          f'Step {step} already exists in {self.directory}; it is not '
-          'overwritten. Resume from it, or use another workdir.') from e
     except Exception as e:  # pylint: disable=broad-except
       raise self._write_error(step, e) from e
     if started:
@@ -220,15 +200,9 @@ class Checkpointer:
     except Exception as e:  # pylint: disable=broad-except
       raise self._write_error(self._writing, e) from e
 
-  # ------------------------------------------------------------ Restore.
   def restore(self, target, step: Optional[int] = None):
-    """(state, extra) of `step` (default: the newest), checked.
-
-    `target` is a pytree of arrays or of `jax.ShapeDtypeStruct`s; arrays
-    take its shardings, so a run may resume on another device count.
-    `extra` is the dict given to `save` plus 'step', 'fingerprint' and
-    'leaf_checksums'. A CheckpointError names the step directory, the
-    problem and the earlier steps to fall back to.
+    """(state, extra) of `step` (default: the newest), checked; arrays take
+    the shardings of `target`, so a run may resume on another device count.
     """
     return self._restore(target, step, partial=False)
 
@@ -346,20 +320,13 @@ class Checkpointer:
     logging.warning('Set aside steps %s of %s in %s.', later, self.directory,
                     aside)
 
-  # ---------------------------------------------------------- Preemption.
   def reached_preemption(self, step: int) -> bool:
-    """True when training should save `step` and stop (call every step).
-
-    Raises CheckpointError once a background save has failed. Multi-host
-    runs ask Orbax (JAX's preemption sync service: every host stops at the
-    same step); one process handles SIGTERM and SIGINT (preemption.py).
-    """
+    """True when training should save `step` and stop (call every step);
+    multi-host runs ask Orbax, so that every host stops at the same step."""
     self._check_background_save()
     if self._manager.reached_preemption(step):
       return True
-    if jax.process_count() > 1:
-      return False
-    self._signals.install()  # No-op when installed (watch_preemption).
+    self._signals.install()  # No-op if installed, or on several hosts.
     return self._signals.received is not None
 
   @property

@@ -6,11 +6,9 @@ from mixer_jax import models
 
 
 def model_fingerprint(config, num_classes: int) -> dict:
-  """What a checkpoint must share with `config` to be resumed or evaluated.
-
-  The architecture, including what changes the computation but not the
-  shapes (gelu_approximate); not the training hyperparameters, which may
-  change between restarts. `num_classes` is the resolved count.
+  """What a checkpoint must share with `config` to be resumed or evaluated:
+  the architecture, gelu_approximate too (it changes the computation, not
+  the shapes), not the hyperparameters, which may change between restarts.
   """
   model = config.model
   spec = models.get_spec(

@@ -54,10 +54,8 @@ watching = None
 
 @contextlib.contextmanager
 def watch_preemption():
-  """Records SIGTERM/SIGINT for the Checkpointers made inside.
-
-  Else a Checkpointer installs its handlers at the first training step,
-  and a signal during compilation or restore would end the process.
+  """Records SIGTERM/SIGINT for the Checkpointers made inside (else their
+  handlers come at the first step, and an earlier signal ends the process).
   """
   global watching
   signals, outer = PreemptionSignals(), watching

@@ -10,15 +10,13 @@ from mixer_jax.weights import run_info
 
 
 def has_saved_steps(checkpoint_dir: str) -> bool:
-  """Whether `checkpoint_dir` holds a step directory (a run to resume)."""
   path = epath.Path(checkpoint_dir)
   return path.is_dir() and any(p.name.isdigit() for p in path.iterdir())
 
 
 def check_schedule_unchanged(config, workdir: str, checkpoint_dir: str,
                              num_train_steps: int) -> None:
-  """ConfigError for another batch size or number of steps than the saved
-  run_info.json's (unless config.allow_changed_schedule)."""
+  """ConfigError for another batch size or step count than run_info.json's."""
   if config.allow_changed_schedule or not has_saved_steps(checkpoint_dir):
     return
   try:

@@ -34,8 +34,7 @@ class WorkdirLock:
     self._created = created  # Directories `acquire` made, innermost first.
 
   def release(self, refused: bool = False) -> None:
-    """Frees the lock; `refused`: leaves the workdir as `acquire` found it
-    (the lock file's bytes, and no new file or empty directory)."""
+    """Frees the lock; `refused`: leaves the workdir as `acquire` found it."""
     if self._fd is None:
       return
     if refused and self._previous is not None:
@@ -56,20 +55,16 @@ class WorkdirLock:
 
 
 def release(lock: Optional[WorkdirLock], *, refused: bool = False) -> None:
-  """`lock.release(refused)` of a lock from `acquire` (None: nothing)."""
   if lock is not None:
     lock.release(refused)
 
 
-def acquire(workdir: str, process_index: Optional[int] = None
-            ) -> Optional[WorkdirLock]:
-  """Locks `workdir` for this job (creating it), or raises if it is busy.
-
-  Only process 0 (default `jax.process_index()`) locks: all hosts share one
-  workdir. Returns None where nothing is locked (other processes, gs://).
-  """
+def acquire(workdir: str) -> Optional[WorkdirLock]:
+  """Locks `workdir` for this job (creating it), or raises if it is busy;
+  None where nothing is locked (processes other than 0: all hosts share one
+  workdir; gs://)."""
   workdir = os.fspath(workdir)
-  if (jax.process_index() if process_index is None else process_index) != 0:
+  if jax.process_index() != 0:
     return None
   if '://' in workdir:
     logging.warning('%s is not a local path: it cannot be locked, so make '

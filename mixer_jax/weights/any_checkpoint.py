@@ -1,12 +1,5 @@
-"""One notion of "a checkpoint" for every command: `load(spec)`.
-
-`spec` is a training workdir (its newest Orbax step or `step=K`; also its
-`checkpoints/` or a step directory; read-only, so a running job can be
-used; its `run_info.json` gives config and class names), or any weight file
-or name `pretrained.read_weights` reads: an official `.npz` (local or
-`gs://`), a registry name, a Hub name, a timm `.safetensors` or a Hub
-folder. Every model takes images in [-1, 1] (`preprocess.eval_image`).
-"""
+"""One notion of "a checkpoint" for every command: `load(spec)`, any kind
+docs/weights.md lists; every model takes images in [-1, 1]."""
 
 import os
 from typing import Optional
@@ -22,14 +15,9 @@ from mixer_jax.weights.loaded import Loaded
 def load(spec, *, step: Optional[int] = None,
          image_size: Optional[int] = None, num_classes: Optional[int] = None,
          weights: str = 'params', **model_options) -> Loaded:
-  """Loads any kind of checkpoint (see the module docstring).
-
-  `step` and `weights` ('params', or 'ema': their moving average) choose
-  among a workdir's weights; `num_classes` (a weight file's head: see
-  `load_pretrained`) and an `image_size` other than the checkpoint's
-  (an integer multiple: Appendix C) apply to weight files; `model_options`
-  are e.g. dtype and gelu_approximate.
-  """
+  """Loads any kind of checkpoint. `step` and `weights` ('params' or 'ema')
+  apply to workdirs, `num_classes` and `image_size` to weight files (see
+  `load_pretrained`); `model_options` are e.g. dtype and gelu_approximate."""
   if workdir_checkpoint.is_directory(spec):
     if num_classes is not None:
       raise checkpoint_checks.CheckpointError(

@@ -1,16 +1,7 @@
 """MLP-Mixer weights from the Hugging Face Hub (timm's repositories).
 
-Everywhere a checkpoint is taken, `hf-hub:OWNER/NAME[@REVISION]` is too
-(e.g. `hf-hub:timm/mixer_b16_224.goog_in21k_ft_in1k`): `model.safetensors`
-and `config.json` come from `huggingface_hub.hf_hub_download`, so its cache
-(`HF_HUB_CACHE`), offline mode (`HF_HUB_OFFLINE=1`) and token (`HF_TOKEN`)
-apply. The config's mean/std are folded into the stem (exact: the stem is
-linear and its patches never overlap), so every model takes [-1, 1]. The
-goog weights were trained in JAX with the tanh GELU, MIIL's and other timm
-weights in PyTorch with the exact one; each runs with its own.
-
-timm's top-1 for `mixer_b16_224.goog_in21k_ft_in1k` (76.6%) is the paper's
-number for B/16 trained on ImageNet-1k from scratch, not its 21k -> 1k one.
+`hf-hub:OWNER/NAME[@REVISION]` names, the cache and what is read from
+`config.json` are described in docs/weights.md.
 """
 
 import dataclasses
@@ -53,7 +44,6 @@ class HubName:
 
 
 def is_hub_name(name) -> bool:
-  """Whether `name` is a string starting with `hf-hub:`."""
   return isinstance(name, str) and name.startswith(PREFIXES)
 
 
@@ -129,7 +119,7 @@ def fold_normalisation(flat: Dict[str, np.ndarray], mean, std
 
   With u = x/127.5 - 1 the model's input and v = (x/255 - mean)/std the one
   the weights expect, v = u / (2 std) + (0.5 - mean) / std per channel; the
-  stem is a convolution whose kernel covers each patch exactly once, so
+  stem's kernel covers each patch exactly once, so the fold is exact:
   conv(K, v) + b = conv(K / (2 std), u) + b + sum(K * (0.5 - mean) / std).
   """
   mean = np.asarray(mean, np.float64)
@@ -156,14 +146,12 @@ def load_safetensors(path: str, *, config: Optional[Dict[str, Any]] = None,
       metadata = f.metadata() or {}
       state = {key: f.get_tensor(key) for key in f.keys()}
   except Exception as e:  # pylint: disable=broad-except
-    # safetensors raises its own (Rust) error types for damaged files;
-    # callers pass existing files (read_weights, a Hub download).
+    # safetensors raises its own (Rust) error types for damaged files.
     raise PretrainedError(f'{source} is not a readable safetensors file '
                           f'({first_line(e)}); download it again.') from e
   info = read_timm_config(config) if config is not None else TimmInfo()
-  # The GELU form the weights were trained with: as our exports state it;
-  # else tanh for Google's JAX-trained weights (goog) and for our files
-  # without a config, exact (timm's, PyTorch) for all others.
+  # The GELU the weights were trained with: tanh for Google's JAX-trained
+  # (goog) and our own files, exact (PyTorch) for other timm weights.
   gelu = info.stated_gelu_approximate
   if gelu is None:
     gelu = ('goog' in f'{repo_id} {info.tag}'.lower() if config is not None
@@ -230,18 +218,13 @@ def load(name: str) -> official_format.WeightFile:
 
 
 def is_folder(path) -> bool:
-  """Whether `path` is a local folder holding `model.safetensors` (a Hub
-  repository's files, e.g. what `mixer_jax.export --format=hub` writes)."""
   return (isinstance(path, (str, os.PathLike)) and
           os.path.isfile(os.path.join(os.fspath(path), WEIGHTS_FILE)))
 
 
 def sidecar_config(path: str) -> Optional[Dict[str, Any]]:
-  """The timm `config.json` next to a `.safetensors` file, parsed, if any.
-
-  Other JSON files there are ignored; a damaged one is an error, never a
-  silent fallback to other preprocessing and class names.
-  """
+  """The timm `config.json` next to a `.safetensors` file, parsed, if any;
+  a damaged one is an error, never a silent fallback to the defaults."""
   candidate = os.path.join(os.path.dirname(os.path.abspath(path)),
                            CONFIG_FILE)
   if not os.path.isfile(candidate):

@@ -1,12 +1,5 @@
-"""A Hugging Face Hub folder that timm and mixer_jax both load.
-
-`write_folder(loaded, out)` writes `model.safetensors` (timm's state dict),
-`config.json` (timm's schema plus our `mixer_jax` field: the GELU form),
-`<variant>.npz` (the official layout) and a `README.md` model card.
-`push_folder(out, repo_id)` uploads it with huggingface_hub. timm builds
-its Mixers by name (patch, depth and width fixed) and always with the
-exact GELU: the card says how to build other sizes, and how far timm's
-logits are from weights trained with the tanh form.
+"""A Hugging Face Hub folder that timm and mixer_jax both load, and its
+upload; docs/export.md ("Hub folder") describes the files and the card.
 """
 
 import dataclasses
@@ -35,8 +28,7 @@ class PublishError(UserError, RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class Evaluation:
-  """One measured result for the model card, e.g. ('eval', 'digits',
-  'test', 'top-1 accuracy', 0.98, step)."""
+  """One measured result for the model card."""
   name: str
   dataset: str
   split: str
@@ -46,12 +38,8 @@ class Evaluation:
 
 
 def timm_architecture(model: models.MlpMixer, image_size: int):
-  """(timm name or None, model_args) that rebuild `model` in timm.
-
-  timm names `mixer_{s,b,l}{16,32}_224` the paper's families at patch 16
-  and 32; MLP ratios other than (0.5, 4.0) and images other than 224 go in
-  the model_args.
-  """
+  """(timm name or None, model_args) that rebuild `model` in timm, whose
+  names `mixer_{s,b,l}{16,32}_224` fix the family and patch size."""
   name = None
   for family in 'SBL':
     sizes = models.FAMILIES[family]
@@ -75,11 +63,8 @@ def timm_architecture(model: models.MlpMixer, image_size: int):
 
 def gelu_gap(model: models.MlpMixer, params, image_size: int, *,
              batch: int = 8, seed: int = 0) -> Dict[str, float]:
-  """How far the exact-GELU model (timm's) is from the tanh one, measured.
-
-  On `batch` uniform random images in [-1, 1]: the largest absolute logit
-  difference and the share of images whose top-1 class agrees.
-  """
+  """How far the exact-GELU model (timm's) is from the tanh one on random
+  images: the largest logit difference and the top-1 agreement."""
   images = np.random.RandomState(seed).uniform(
       -1, 1, (batch, image_size, image_size, 3)).astype(np.float32)
   ours = np.asarray(model.apply({'params': params}, images))
@@ -187,12 +172,8 @@ layout (`mixer_jax.load_pretrained(path)`).
 def write_folder(loaded, out: str, *, repo_id: str = 'OWNER/NAME',
                  evaluations: Sequence[Evaluation] = (),
                  training: Optional[str] = None) -> Dict[str, str]:
-  """Writes the Hub folder of `loaded` (an `any_checkpoint.Loaded` with a
-  head) into `out`; returns {role: path} of the files written.
-
-  `repo_id` is the name the card's examples use, `evaluations` the results
-  it lists, `training` a paragraph on the training data and config.
-  """
+  """Writes the Hub folder of `loaded` (with a head) into `out`; returns
+  {role: path}. `repo_id` is the name the card's examples use."""
   if not loaded.num_classes:
     raise PublishError(f'{loaded.source} has no classification head; a Hub '
                        'model for timm needs one.')
@@ -245,8 +226,7 @@ def write_folder(loaded, out: str, *, repo_id: str = 'OWNER/NAME',
 
 
 def push_folder(folder: str, repo_id: str, *, private: bool = False) -> str:
-  """Uploads `folder` to the Hub model repository `repo_id` (created if
-  needed; the token from `HF_TOKEN` or `hf auth login`); returns its URL."""
+  """Uploads `folder` to the Hub repository `repo_id`; returns its URL."""
   import huggingface_hub  # pylint: disable=g-import-not-at-top
   from huggingface_hub import constants  # pylint: disable=g-import-not-at-top
   hub.parse(f'hf-hub:{repo_id}')  # The same OWNER/NAME rule as loading.
@@ -263,8 +243,7 @@ def push_folder(folder: str, repo_id: str, *, private: bool = False) -> str:
     commit = api.upload_folder(folder_path=folder, repo_id=repo_id,
                                commit_message='Upload from mixer_jax')
   except Exception as e:  # pylint: disable=broad-except
-    # huggingface_hub raises HTTP, connection and validation errors of
-    # several libraries; each becomes one line naming the repository.
+    # huggingface_hub raises the errors of several libraries.
     raise PublishError(f'Upload to {repo_id} failed ({registry.first_line(e)}'
                        '). Check the network, the token\'s write access and '
                        'the name.') from e
@@ -273,11 +252,8 @@ def push_folder(folder: str, repo_id: str, *, private: bool = False) -> str:
 
 def evaluations_from_records(records: Sequence[Mapping[str, Any]],
                              config) -> List[Evaluation]:
-  """The newest value of each accuracy in a workdir's metrics records.
-
-  `eval_accuracy` / `eval_top5` are the main eval (`config.eval_split`);
-  `<name>/accuracy` and `<name>/top5` come from `config.evals[name]`.
-  """
+  """The newest value of each accuracy in a workdir's metrics records:
+  `eval_*` of the main eval, `<name>/*` of `config.evals[name]`."""
   evals = dict(config.get('evals') or {})
   evals['eval'] = {'dataset': config.dataset, 'split': config.eval_split}
   newest = {}  # (name, dataset, split, metric) -> (step, value)

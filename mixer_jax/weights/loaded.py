@@ -11,11 +11,8 @@ from mixer_jax.weights import registry
 
 
 def portable_name(spec) -> str:
-  """A Hub name, URL or registry name as is; a local path by its last part.
-
-  What exported files may say of where they came from: a local path would
-  tell where the exporter kept its files and mean nothing elsewhere.
-  """
+  """A Hub name, URL or registry name as is; a local path by its last part
+  (exported files must not tell where the exporter kept its files)."""
   spec = str(spec)
   if hub.is_hub_name(spec) or '://' in spec or not (
       os.path.isabs(spec) or os.path.exists(spec)):
@@ -36,9 +33,7 @@ class Loaded:
   eval_crop: str
   eval_resize: int
   class_names: Optional[List[str]] = None  # When the checkpoint knows them.
-  # What the head predicts, when known ('imagenet2012', 'imagenet21k' or a
-  # workdir's config.dataset).
-  dataset: Optional[str] = None
+  dataset: Optional[str] = None  # What the head predicts, when known.
   step: Optional[int] = None  # A workdir's Orbax step,
   config: Any = None  # and its run config.
   entry: Optional[registry.Checkpoint] = None  # Of a registry name.
@@ -57,8 +52,7 @@ class Loaded:
     return int(self.model.num_classes or 0)
 
   def features(self):
-    """(model, params) giving the pooled features without the head (what a
-    linear probe needs)."""
+    """(model, params) giving the pooled features without the head."""
     params = {k: v for k, v in official_format.unwrap(self.params).items()
               if k != 'head'}
     return self.model.clone(num_classes=None), params

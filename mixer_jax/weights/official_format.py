@@ -1,9 +1,7 @@
 """The official MLP-Mixer checkpoint format: reading and inspecting it.
 
-An official checkpoint (vision_transformer, gs://mixer_models) is an `.npz`
-of float32 arrays keyed by the `mixer_jax.models` parameter paths joined
-with "/" (`stem/kernel`, ..., `head/bias`). Read safely (no pickles;
-`tf.io.gfile`, so `gs://` works); the architecture is read from the shapes.
+An `.npz` of float32 arrays keyed by the parameter paths (docs/weights.md),
+read without pickles through `tf.io.gfile` (so `gs://` works).
 """
 
 import collections
@@ -81,8 +79,7 @@ def file_kind(path: Union[str, os.PathLike]) -> Optional[str]:
   """The kind of a file (a key of `_KINDS`) by its content, or None.
 
   A safetensors file starts with its header's length (8 bytes, little
-  endian) and the header's '{'. A `jax.export` file has no magic bytes; it
-  is recognised by deserializing it, tried last.
+  endian) and '{'; a `jax.export` file has no magic bytes: deserialized last.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   with tf.io.gfile.GFile(os.fspath(path), 'rb') as f:
@@ -106,16 +103,7 @@ def file_kind(path: Union[str, os.PathLike]) -> Optional[str]:
 
 
 def load_npz(path: Union[str, os.PathLike]) -> Dict[str, np.ndarray]:
-  """Reads an official-format `.npz` (local or `gs://`) into a flat dict.
-
-  Pickled objects are refused (`allow_pickle=False`): official files hold
-  only float arrays, and unpickling a downloaded file could run code.
-
-  Raises:
-    registry.CheckpointNotFoundError: no file at `path`.
-    PretrainedError: not an `.npz` archive, truncated or corrupt, empty, or
-      holding a pickled, non-float or non-finite array.
-  """
+  """An official `.npz` as a flat dict; only finite float arrays pass."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   path = os.fspath(path)
   if not tf.io.gfile.exists(path):
@@ -154,8 +142,7 @@ def load_npz(path: Union[str, os.PathLike]) -> Dict[str, np.ndarray]:
 
 
 def check_finite(flat: Mapping[str, Any], source) -> None:
-  """Refuses NaN or infinite weights: PretrainedError naming the leaves
-  that hold them and how many bad values each has."""
+  """Refuses NaN or infinite weights, naming the leaves that hold them."""
   bad = [f'{key} ({np.size(v) - np.isfinite(v).sum()} of {np.size(v)} '
          'values)' for key, v in flat.items()
          if np.issubdtype(np.asarray(v).dtype, np.inexact) and
@@ -212,11 +199,8 @@ class CheckpointInfo:
 
 
 def infer_architecture(flat: Mapping[str, Any]) -> CheckpointInfo:
-  """Reads the architecture from a flat checkpoint's shapes.
-
-  Per-block sizes are taken by majority over blocks, so one damaged leaf does
-  not hide what the rest of the file is.
-  """
+  """The architecture of a flat checkpoint's shapes, per-block sizes by
+  majority so that one damaged leaf does not hide what the file is."""
   def common(pattern, axis):
     counts = collections.Counter(
         tuple(v.shape)[axis] for k, v in flat.items()

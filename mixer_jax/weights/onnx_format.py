@@ -1,12 +1,5 @@
-"""ONNX export of a Mixer: `to_onnx(model, params, image_size)`.
-
-One node per layer, built with the `onnx` package's helpers (opset 20:
-`LayerNormalization`, `Gelu` with `approximate`), the parameters as
-initializers and a symbolic batch axis. Input `images`: float32 (batch, H,
-W, 3) in [-1, 1]; output `logits` (or pooled features without a head).
-jax2onnx pins an older orbax-checkpoint, and tf2onnx cannot read jax2tf's
-`XlaCallModule` op. `pip install -e '.[onnx]'` brings onnx.
-"""
+"""ONNX export of a Mixer, one node per layer with the `onnx` package's own
+builders; docs/export.md ("ONNX") gives the graph's inputs and why."""
 
 from flax import traverse_util
 import numpy as np
@@ -19,8 +12,7 @@ _LAYER_NORM_EPSILON = 1e-6  # As models.MixerBlock and the official model.
 
 
 def to_onnx(model: models.MlpMixer, params, image_size: int):
-  """The model (its patch size, GELU form and head) as an `onnx.ModelProto`
-  for square images of `image_size`, checked with onnx.checker."""
+  """The model as a checked `onnx.ModelProto` for square `image_size`."""
   import onnx  # pylint: disable=g-import-not-at-top
   from onnx import helper  # pylint: disable=g-import-not-at-top
   from onnx import numpy_helper  # pylint: disable=g-import-not-at-top
@@ -94,7 +86,6 @@ def to_onnx(model: models.MlpMixer, params, image_size: int):
 
 def save_onnx(model: models.MlpMixer, params, image_size: int,
               path: str) -> str:
-  """Writes `to_onnx(...)` to `path` (one file, weights inside)."""
   import onnx  # pylint: disable=g-import-not-at-top
   onnx.save_model(to_onnx(model, params, image_size), path)
   return path

@@ -1,17 +1,7 @@
 """Weight files to models and back: read, check, adapt, write.
 
-`read_weights` reads any weight file or name into the official flat tree;
-`load_pretrained` returns a ready model (its architecture read from the
-file); `init_from_checkpoint` fills a fine-tuning model's fresh parameters;
-`export_official` writes the official `.npz`. A file that does not fit
-raises `PretrainedError` listing every missing, extra and wrong-shaped
-leaf; a different class count gets a fresh zero head.
-
-Higher resolution (paper, Appendix C): an image side K times larger gives
-K^2 times the tokens; each token-mixing MLP becomes block-diagonal, one
-copy of the pretrained weights per K x K tile of the image (hidden width
-K^2 * D_S), so every tile is mixed as the pretrained model mixed a whole
-image. Only integer K is defined.
+Every leaf is checked; the resolution change (paper, Appendix C) is
+described in docs/weights.md.
 """
 
 import dataclasses
@@ -40,12 +30,8 @@ _TOKEN_KEY = 'MixerBlock_0/token_mixing/Dense_0/kernel'
 
 
 def read_weights(name_or_path) -> WeightFile:
-  """Reads a registry name, Hub name, timm `.safetensors` (with the timm
-  `config.json` beside it) or a folder holding one, official `.npz` (local
-  or `gs://`) or training workdir (its newest step) into the official flat
-  tree. Raises `registry.CheckpointNotFoundError` when nothing readable is
-  there, `PretrainedError` for a file that is not a Mixer checkpoint.
-  """
+  """Any checkpoint kind docs/weights.md lists (a workdir: its newest step)
+  as the official flat tree."""
   # pylint: disable-next=g-import-not-at-top
   from mixer_jax.weights import workdir_checkpoint  # Imports Orbax.
   if isinstance(name_or_path, WeightFile):
@@ -95,9 +81,8 @@ def resolution_factor(checkpoint_tokens: int, target_tokens: int,
 
 
 def _tile_major_positions(grid: int, factor: int) -> np.ndarray:
-  """For each row-major token of the big grid, its index in tile-major order
-  (the K x K tiles row by row, each row-major inside: the order in which
-  the block-diagonal matrices are laid out)."""
+  """Each row-major token's index in tile-major order (K x K tiles row by
+  row, row-major inside), the order of the block-diagonal matrices."""
   side = grid * factor
   row, col = np.divmod(np.arange(side * side), side)
   tile = (row // grid) * factor + col // grid
@@ -132,10 +117,8 @@ def _expand_flat(flat: Mapping[str, Any], factor: int) -> Dict[str, Any]:
 
 
 def expand_token_mixing(params: Mapping[str, Any], factor: int):
-  """Appendix C: any Mixer parameters adapted to images `factor` (K) times
-  larger, as a new tree of NumPy arrays that fits `create_model(...,
-  tokens_mlp_dim=K**2 * D_S)` and maps each K x K tile exactly as the
-  original model mapped a whole image."""
+  """Appendix C: `params` for images `factor` (K) times larger, a NumPy
+  tree for `create_model(..., tokens_mlp_dim=K**2 * D_S)`."""
   if not isinstance(factor, (int, np.integer)) or factor < 1:
     raise PretrainedError(
         f'factor={factor!r}: Appendix C needs a positive integer factor of '
@@ -185,19 +168,8 @@ def _restore(flat, target, source, fresh_head):
 
 
 def init_from_checkpoint(name_or_path, params):
-  """`params` (freshly initialised: concrete arrays) filled from anything
-  `read_weights` reads, or a parameter tree, as a nested dict of NumPy
-  arrays of `params`' dtypes.
-
-  The head of `params` is kept when the class counts differ; the
-  token-mixing weights are expanded (Appendix C) when the target has K^2
-  times the checkpoint's tokens; every other leaf must match in name and
-  shape, else `PretrainedError` lists them all.
-  """
-  if isinstance(name_or_path, Mapping):
-    flat = traverse_util.flatten_dict(unwrap(name_or_path), sep='/')
-    name_or_path = WeightFile({k: np.asarray(v) for k, v in flat.items()},
-                              'parameters', 'official')
+  """Fresh `params` filled from what `read_weights` reads, in their dtypes;
+  their head is kept when the class counts differ."""
   read = read_weights(name_or_path)
   fresh = traverse_util.flatten_dict(unwrap(params), sep='/')
   return _restore(read.flat, params, read.source, fresh)
@@ -224,16 +196,11 @@ def _model_of(info: CheckpointInfo, num_classes, tokens_factor=1, **options):
 
 def load_pretrained(name_or_path, *, num_classes: Optional[int] = None,
                     image_size: Optional[int] = None, **model_options):
-  """(model, params) of any weight file or name `read_weights` reads, for
-  `model.apply({'params': params}, images)` with images in [-1, 1].
+  """(model, params) of what `read_weights` reads; images in [-1, 1].
 
   `num_classes`: None keeps the file's head, another count gives a fresh
-  zero head (for fine-tuning), 0 none (pooled features). `image_size`: None
-  keeps the file's; an integer multiple K of it expands the token mixing
-  (Appendix C); anything else raises `PretrainedError`. `model_options` go
-  to `models.create_model` (e.g. dtype; gelu_approximate defaults to the
-  form the weights were trained with).
-  """
+  zero head, 0 none. `image_size` may be an integer multiple of the file's
+  (Appendix C). gelu_approximate defaults to the file's form."""
   read = read_weights(name_or_path)
   flat, path, entry = read.flat, read.source, read.entry
   model_options.setdefault('gelu_approximate', read.gelu_approximate)
@@ -261,8 +228,7 @@ def load_pretrained(name_or_path, *, num_classes: Optional[int] = None,
 
 
 def export_official(params, path: Union[str, os.PathLike]) -> None:
-  """Writes a complete Mixer parameter tree as an official `.npz` (local or
-  `gs://`; parent directories are created), every leaf as float32."""
+  """Writes a complete parameter tree as an official float32 `.npz`."""
   from etils import epath  # pylint: disable=g-import-not-at-top
   flat = {k: np.asarray(v, dtype=np.float32)
           for k, v in traverse_util.flatten_dict(unwrap(params),

@@ -1,9 +1,5 @@
-"""The published MLP-Mixer checkpoints and the local cache that holds them.
-
-A registry name is a file's path in the public bucket `gs://mixer_models/`
-without `.npz`, e.g. `imagenet21k/Mixer-L_16`. Files are copied once (with
-`tf.io.gfile`) into `$MIXER_JAX_CACHE` or `~/.cache/mixer_jax`.
-"""
+"""The published MLP-Mixer checkpoints (a name is a file's path in
+`gs://mixer_models/` without `.npz`) and the local cache that holds them."""
 
 import dataclasses
 import os
@@ -23,9 +19,7 @@ class CheckpointNotFoundError(UserError, FileNotFoundError):
 
 @dataclasses.dataclass(frozen=True)
 class Checkpoint:
-  """One published checkpoint: its name and where the file lives (`gs://`
-  or a local path). The name says the variant and what the head predicts:
-  `imagenet21k/...` 21,843 classes, the others ImageNet-1k."""
+  """One published checkpoint; its name says the variant and the classes."""
   name: str  # E.g. 'imagenet21k/Mixer-L_16'.
   url: str
 
@@ -58,8 +52,7 @@ CHECKPOINTS = {name: Checkpoint(name, f'{BUCKET}/{name}.npz') for name in (
 
 
 def get(name: str) -> Checkpoint:
-  """The entry `name` (".npz" suffix and "gs://" accepted), or a KeyError
-  listing the known names."""
+  """The entry `name` (".npz" suffix and "gs://" accepted), or a KeyError."""
   key = name.removeprefix(BUCKET + '/').removesuffix('.npz')
   if key not in CHECKPOINTS:
     raise KeyError(f'No published Mixer checkpoint is called {name!r}. Known '
@@ -67,15 +60,9 @@ def get(name: str) -> Checkpoint:
   return CHECKPOINTS[key]
 
 
-def cache_dir() -> str:
-  """The local cache directory ($MIXER_JAX_CACHE or ~/.cache/mixer_jax)."""
-  return os.environ.get(CACHE_ENV) or os.path.join(
-      os.path.expanduser('~'), '.cache', 'mixer_jax')
-
-
 def local_path(checkpoint: Checkpoint) -> str:
-  """Where `checkpoint` is (or will be) kept in the cache."""
-  return os.path.join(cache_dir(), *checkpoint.name.split('/')) + '.npz'
+  cache = os.environ.get(CACHE_ENV) or os.path.expanduser('~/.cache/mixer_jax')
+  return os.path.join(cache, *checkpoint.name.split('/')) + '.npz'
 
 
 def first_line(error) -> str:
@@ -86,12 +73,7 @@ def first_line(error) -> str:
 
 def fetch(checkpoint: Checkpoint) -> str:
   """The cached file of `checkpoint`, copied there first if needed (to a
-  temporary name, renamed when complete: never a truncated file).
-
-  Raises:
-    CheckpointNotFoundError: not cached and not copied (e.g. no network);
-      the message says where to put it by hand.
-  """
+  temporary name, renamed when complete: never a truncated file)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   target = local_path(checkpoint)
   if os.path.exists(target):
@@ -116,11 +98,7 @@ def fetch(checkpoint: Checkpoint) -> str:
 
 def resolve(name_or_path: str) -> Tuple[str, Optional[Checkpoint]]:
   """(a readable path, the registry entry or None) of a registry name, a
-  `gs://` URL of a registered file, or any local or `gs://` file path.
-
-  Raises:
-    CheckpointNotFoundError: neither an existing file nor a known name.
-  """
+  `gs://` URL of a registered file, or any local or `gs://` file path."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   name_or_path = os.fspath(name_or_path)
   try:

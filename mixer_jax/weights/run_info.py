@@ -1,9 +1,5 @@
-"""`run_info.json`: what a training workdir holds, written when a run starts.
-
-The run's config (to rebuild the model and restore the Orbax state), class
-count and class names: what makes a workdir a checkpoint that predict,
-evaluate, export and fewshot open without being told the config.
-"""
+"""`run_info.json`: the config, class count and names that let the programs
+open a training workdir as a checkpoint without being told its config."""
 
 import json
 from typing import List, Optional
@@ -19,9 +15,8 @@ _RUN_INFO_VERSION = 1
 
 def save_run_info(workdir: str, config, num_classes: int,
                   class_names: Optional[List[str]] = None) -> str:
-  """Writes `workdir/run_info.json` and returns its path (`mixer_jax.train`,
-  process 0, at every start). Class names, unless given, come from the data
-  set's TFDS features (e.g. the folder names of a `folder` data set)."""
+  """Writes `workdir/run_info.json` and returns its path; class names,
+  unless given, come from the data set's TFDS features."""
   from etils import epath  # pylint: disable=g-import-not-at-top
   if class_names is None:
     try:

@@ -1,12 +1,5 @@
-"""timm's (PyTorch) MLP-Mixer state dict <-> our parameter tree.
-
-Files are safetensors written and read with `safetensors.numpy` (neither
-torch nor timm needed), keyed as `timm.models.mlp_mixer.MlpMixer`:
-`stem.proj`, `blocks.i.{norm1, mlp_tokens.fc1, mlp_tokens.fc2, norm2,
-mlp_channels.fc1, mlp_channels.fc2}`, `norm` (pre_head_layer_norm), `head`.
-Flax Dense kernels are (in, out), torch Linear weights (out, in); the stem
-goes from HWIO to OIHW. timm runs the exact GELU (see `weights.hub`).
-"""
+"""timm's (PyTorch) MLP-Mixer state dict <-> our parameter tree, as
+safetensors through `safetensors.numpy` (neither torch nor timm needed)."""
 
 import os
 import re
@@ -54,11 +47,7 @@ def _relayout(key: str, value, to_timm: bool) -> np.ndarray:
 
 
 def to_timm_state_dict(params: Mapping[str, Any]) -> Dict[str, np.ndarray]:
-  """Our parameter tree -> timm's MlpMixer state dict (NumPy).
-
-  Raises:
-    ValueError: a leaf that has no timm counterpart.
-  """
+  """Our parameter tree -> timm's MlpMixer state dict (NumPy)."""
   flat = traverse_util.flatten_dict(official_format.unwrap(params), sep='/')
   keys = _key_map(_num_blocks(flat, r'^MixerBlock_(\d+)/'))
   unknown = sorted(set(flat) - set(keys))
@@ -71,11 +60,7 @@ def to_timm_state_dict(params: Mapping[str, Any]) -> Dict[str, np.ndarray]:
 
 
 def from_timm_state_dict(state: Mapping[str, Any]) -> Dict[str, Any]:
-  """timm's MlpMixer state dict (NumPy arrays) -> our parameter tree.
-
-  Raises:
-    ValueError: listing keys that are not part of a timm MlpMixer.
-  """
+  """timm's MlpMixer state dict (NumPy arrays) -> our parameter tree."""
   ours = {theirs: k for k, theirs in _key_map(
       _num_blocks(state, r'^blocks\.(\d+)\.')).items()}
   unknown = sorted(set(state) - set(ours))
@@ -91,17 +76,13 @@ def from_timm_state_dict(state: Mapping[str, Any]) -> Dict[str, Any]:
 
 def export_timm(params: Mapping[str, Any],
                 path: Union[str, os.PathLike]) -> None:
-  """Writes `params` as a timm `.safetensors` file.
-
-  timm loads it with `model.load_state_dict(safetensors.torch.load_file(
-  path))` on an MlpMixer of the same size.
-  """
-  # pylint: disable-next=g-import-not-at-top
-  from safetensors import numpy as st_numpy
+  """Writes `params` as a timm `.safetensors` file."""
+  import safetensors.numpy  # pylint: disable=g-import-not-at-top
   path = os.fspath(path)
   if os.path.dirname(path):
     os.makedirs(os.path.dirname(path), exist_ok=True)
-  data = st_numpy.save(to_timm_state_dict(params),
-                       metadata={'format': 'pt', 'source': 'mixer_jax'})
+  data = safetensors.numpy.save(
+      to_timm_state_dict(params),
+      metadata={'format': 'pt', 'source': 'mixer_jax'})
   with open(path, 'wb') as f:  # save_file would make it 0600 (owner only).
     f.write(data)

@@ -1,8 +1,5 @@
-"""A training workdir as a checkpoint: where its steps are, and restoring one.
-
-Opened read-only, so a running job can be used; its `run_info.json`
-(`run_info.py`) says which model it holds.
-"""
+"""A training workdir as a checkpoint: where its steps are, and restoring one
+read-only (a running job can be read); `run_info.json` names its model."""
 
 import contextlib
 import os
@@ -21,17 +18,13 @@ from mixer_jax.weights import run_info
 
 
 def _is_step_directory(location) -> bool:
-  """A step of an Orbax checkpoint directory: `<step>/state/`."""
   return location.name.isdigit() and (location / checkpoints.STATE_ITEM
                                       ).is_dir()
 
 
 def locate_workdir(path: str, step: Optional[int] = None):
-  """(workdir, checkpoint directory, step) of a training workdir (holding
-  `checkpoints/` or `run_info.json`), its `checkpoints/`, one step directory
-  (`.../checkpoints/500` or any `<step>/state/`: it fixes the step), or any
-  other directory of Orbax steps (which then stands for the workdir).
-  """
+  """(workdir, checkpoint directory, step) of a workdir, its `checkpoints/`,
+  one step directory (it fixes the step) or any directory of Orbax steps."""
   from etils import epath  # pylint: disable=g-import-not-at-top
   location = epath.Path(path)
   if (location / CHECKPOINT_DIR).is_dir() or (location / run_info.RUN_INFO_FILE
@@ -74,10 +67,8 @@ def is_directory(spec) -> bool:
 
 def restore_params(directory, config, num_classes: int,
                    step: Optional[int], sharding, weights: str = 'params'):
-  """(model, params, extra) of an Orbax step (None: the newest) of the
-  run's checkpoint `directory`, read-only, each parameter placed with
-  `sharding`; `weights` is 'params' (trained) or 'ema' (their moving
-  average, kept by runs with config.ema_decay > 0)."""
+  """(model, params, extra) of a step (None: the newest) of `directory`,
+  read-only, placed with `sharding`; `weights` is 'params' or 'ema'."""
   if weights not in ('params', 'ema'):
     raise ValueError(f"weights={weights!r}: use 'params' or 'ema'.")
   if weights == 'ema' and not config.get('ema_decay'):
