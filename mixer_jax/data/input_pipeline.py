@@ -99,14 +99,18 @@ def _seed(config, process_index, salt):
   return tf.constant([config.seed, process_index * 16 + salt], tf.int64)
 
 
+def _decoded(examples):
+  return examples.map(lambda ex: {'image': preprocess.decode(ex['image']),
+                                  'label': ex['label']},
+                      num_parallel_calls=tf.data.AUTOTUNE)
+
+
 def _cache(examples, *, decoded, raw=False):
   """Caches examples in memory, decoded (config.cache) or still encoded
   (config.cache_raw: no file is read after the first epoch, yet decoding and
   augmentation still differ per epoch)."""
   if decoded:
-    examples = examples.map(
-        lambda ex: {'image': preprocess.decode(ex['image']),
-                    'label': ex['label']}, num_parallel_calls=tf.data.AUTOTUNE)
+    examples = _decoded(examples)
   return examples.cache() if decoded or raw else examples
 
 
@@ -164,9 +168,7 @@ def train_dataset(config, *, start_step=0, process_index=None,
   if per_batch:
     image_spec = ds.element_spec['image']
     if image_spec.dtype != tf.uint8 or image_spec.shape[-1:] != [3]:
-      ds = ds.map(lambda ex: {'image': preprocess.decode(ex['image']),
-                              'label': ex['label']},
-                  num_parallel_calls=tf.data.AUTOTUNE)  # Not cached decoded.
+      ds = _decoded(ds)  # Not cached decoded.
     ds = ds.batch(batch_size, drop_remainder=True)
     ds = ds.map(lambda ex: (
         preprocess.normalize(preprocess.resize(ex['image'], config.image_size)),
