@@ -68,9 +68,6 @@ def head_classes(config, source) -> int:
           f'num_classes=-1 but {source.name} does not say how many classes '
           'it has; set config.num_classes to the number of labels.')
     return source.num_classes
-  if config.num_classes <= 0:
-    raise ValueError(f'config.num_classes must be -1 or positive, got '
-                     f'{config.num_classes}.')
   if config.num_classes < source.num_classes:
     raise ValueError(
         f'num_classes={config.num_classes} but {source.name} has '

@@ -17,6 +17,7 @@ from mixer_jax.data.preprocess_choices import RESIZE_METHODS
 # ratio_max) and TF's default that vit_jax's crop uses.
 _ASPECT_RATIO_RANGE = (0.75, 1.33)
 
+
 def normalize(image):
   """Maps pixel values 0..255 (any dtype) to float32 [-1, 1]."""
   return (tf.cast(image, tf.float32) - 127.5) / 127.5
@@ -41,7 +42,7 @@ def _rgb(image):
     raise ValueError(
         f'Expected 1 or 3 image channels, got {image.shape[-1]}; convert '
         'RGBA or other layouts to RGB before training.')
-  return tf.cast(image, tf.uint8) if image.dtype != tf.uint8 else image
+  return tf.cast(image, tf.uint8)
 
 
 def png_has_alpha(encoded: bytes) -> bool:
