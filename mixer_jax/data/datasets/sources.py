@@ -239,6 +239,7 @@ class TfdsSource:
     if self.builder.is_prepared():
       return
     with _build_lock(self.builder.data_dir_root, self.name):
+      # Another job may have built it while this one waited.
       self.builder = tfds.builder(self.name,
                                   data_dir=self.builder.data_dir_root)
       if self.builder.is_prepared():
