@@ -6,28 +6,7 @@ r"""Speed of the model's step, of the training loop and of the input pipeline.
   python -m mixer_jax.benchmark --mode=loop  # quick-start loop vs its step
   python -m mixer_jax.benchmark --mode=input --recipe=inception --compare_timm
 
-`infer|train|both`: the trainer's own step (`compiled.build`: its shardings
-and donation) of `--config` (default the package defaults) with the flags'
-model, batch, image size, optimizer and sharding, on `--devices` devices
-(fake CPU ones when there are fewer): images/s (median of the repeats),
-compile time, FLOP/s (`models.flops_per_image`, training 3x) and their
-fraction of one device's peak (a square matmul of the same dtype timed
-between the steps, so that both see the same load); from the executable its
-FLOPs per device over the step's (1/N is a perfect split), collectives,
-state and XLA memory per device (`--repeats=0`: these only).
-
-`loop`: steps/s of `train_and_evaluate` on `--config` (default
-configs/quickstart.py) against its train step called back to back on one
-placed batch, in the same process: what the loop's host work costs.
-
-`input`: images/s of the training input pipeline on JPEGs made here (smooth
-colour fields plus noise, quality 90: like photos to decode), recipes
-'finetune' (crop, resize, flip) and 'inception' (plus RandAugment(2, 15)),
-also per core and per CPU-second (the steadier figure on a shared machine).
-`--compare_timm` alternates each timing with timm's loader on the same
-files, batch and cores (tools/timm_loader.py, a child process) and ends with
-both medians and their ratios.
-
+What each mode times and reports, and measured figures: docs/performance.md.
 Flags are read and checked before JAX or TensorFlow loads.
 """
 
@@ -66,7 +45,6 @@ TIMM_LOADER = os.path.join(os.path.dirname(os.path.dirname(
 
 
 def cores() -> int:
-  """CPU cores this process may run on."""
   return len(os.sched_getaffinity(0))
 
 
@@ -113,16 +91,11 @@ def make_peak_fn(size: int, dtype: Any):
 
 
 def make_step(config, mode: str, params=None, devices=None):
-  """Compiles the run's own train step (`mode='train'`) or forward pass.
+  """The trainer's own train step (`mode='train'`) or forward pass, compiled
+  by `compiled.build` on `devices` (default the first one).
 
-  From `compiled.build`, the trainer's builder, over the mesh of
-  `config.mesh` on `devices` (default the first one). `params` (default
-  initialised) are float32 parameters to start from.
-
-  Returns:
-    (run, compiled, compile_seconds, state_bytes): `run()` performs one step
-    and returns its output (a training state is carried inside, donated
-    from step to step); `compiled` is the executable.
+  Returns (run, executable, compile_seconds, state_bytes): `run()` performs
+  one step (a training state is carried inside, donated step to step).
   """
   # pylint: disable=g-import-not-at-top
   import jax
@@ -195,8 +168,8 @@ def benchmark_config(config, mode: str, *, repeats: int, devices: int = 1,
     raise errors.UsageError(f'batch_size={batch_size} must be positive and '
                             f'divisible by devices={devices}, repeats='
                             f'{repeats} >= 0.')
-  # Real devices when there are enough, else CPU ones (fake ones exist if
-  # `jax_num_cpu_devices` was set before JAX started: `main` does it).
+  # Fake CPU devices exist if `jax_num_cpu_devices` was set before JAX
+  # started (`main` does it).
   mesh_devices = jax.devices()
   if len(mesh_devices) < devices:
     mesh_devices = jax.devices('cpu')
@@ -280,16 +253,9 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 
 def benchmark_loop(base_config=None, *, steps: int = 600,
                    rounds: int = 3) -> dict[str, Any]:
-  """The training loop's steps/s against its own step called back to back.
-
-  Each round trains `base_config` (default configs/quickstart.py) for
-  `steps` steps with `trainer.train_and_evaluate` in a fresh workdir,
-  logging 6 times, evaluating and saving only after the last step, and
-  reads the loop's steps/s from its metrics.jsonl (compilation excluded, as
-  in every run); then times the same train step back to back as many times
-  on one placed batch of the run's input. `loop_to_step` is the median over
-  rounds of each round's ratio.
-  """
+  """The training loop's steps/s against its own step called back to back
+  (docs/performance.md); the loop's rate is read from its metrics.jsonl,
+  so compilation is excluded as in every run."""
   # pylint: disable=g-import-not-at-top
   import jax
   from mixer_jax.data import input_pipeline
@@ -482,7 +448,6 @@ def format_input(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def define_flags() -> None:
-  """Defines the command's flags (only when run as a command)."""
   config_flags.DEFINE_config_file(
       'config', None, 'Training config (file.py[:ARG], --config.FIELD=VALUE '
       'overrides); default the package defaults, for --mode=loop '
@@ -574,7 +539,6 @@ def _steps_from_flags(f, batch_sizes):
 
 
 def _input_from_flags(f, batch_sizes):
-  """Makes the JPEGs unless --data has them, then times."""
   if f.repeats < 1:
     raise errors.UsageError('--mode=input needs --repeats >= 1.')
   command_line.load_tensorflow_quietly()  # The pipeline is TensorFlow's.

@@ -1,10 +1,5 @@
-"""The data errors a user can fix, without importing TensorFlow.
-
-`mixer_jax.training.errors` lists them among the errors the programs report
-in one line; defining them here (not in datasets/sources.py, which loads
-TensorFlow and TFDS) keeps that list cheap to import for the programs that
-read no data set (predict, export).
-"""
+"""The data errors a user can fix, defined without TensorFlow so that the
+programs that read no data set (predict, export) list them cheaply."""
 
 from mixer_jax.errors import UserError
 

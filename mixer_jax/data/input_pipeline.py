@@ -1,38 +1,16 @@
 """tf.data input pipelines for training and evaluation.
 
-  info = dataset_info(config)                  # Classes, split sizes.
-  train = train_dataset(config, start_step=s)  # Infinite, this process's.
-  evals = eval_dataset(config)                 # One pass, padded, 'mask'.
-  other = eval_batches(source, split, ...)     # The same, of any split.
+Batches are dicts: 'image' float32 (B, H, W, 3) in [-1, 1], 'label' float32
+(B, num_classes) one-hot (mixup runs in the train step) and, for eval,
+'mask' float32 (B,), 1 for real examples. B = batch_size // process_count:
+each process reads only its own shard (datasets/sources.py).
 
-Batches are dicts of tensors: 'image' float32 (B, H, W, 3) in [-1, 1],
-'label' float32 (B, num_classes) (one-hot; mixup is applied in the step) and, for eval,
-'mask' float32 (B,), 1 for real examples. B = config.batch_size //
-process_count: each process reads only its own shard of the split and yields
-its part of the global batch (see datasets/sources.py).
-
-Determinism and resuming. Training order and augmentation are functions of
-(config.seed, process, position), never of iterator state:
-  * epoch e of a process's shard is its examples, read in the source's
-    fixed order, passed through a shuffle buffer (config.shuffle_buffer)
-    seeded from (seed, process, e); TFDS and ImageFolder both store examples
-    in a random order, so a buffer shuffle mixes the classes well;
-  * example number p of the process's stream (counting across epochs) is
-    augmented with a stateless seed made from (seed, process, p), and batch
-    number s is mixed up with one made from (seed, process, s).
-So `train_dataset(config, start_step=k)` starts at epoch k*B // n and skips
-the first k*B % n examples of that epoch (n: shard size) before any decode or
-augmentation, and yields exactly the batches an uninterrupted run yields
-from batch k on. Earlier epochs are not read at all; the skipped part of the
-current epoch is read as raw records (plus one shuffle buffer) but not
-decoded (with config.cache, decoded once into the cache). Determinism holds
-for a fixed data set, process count, batch size and TensorFlow version.
-Preprocessing that draws nothing per image, on images of one declared size,
-runs a batch at a time (`batched_preprocessing`), with the same values.
-
-TensorFlow is kept off accelerators (the programs hide GPUs from it,
-`command_line.load_tensorflow_quietly`): the pipeline runs on CPU and leaves
-GPU memory to JAX.
+Training order and augmentation are functions of (config.seed, process,
+position), never of iterator state: epoch e of the shard is shuffled with a
+seed from (seed, process, e), example p of the stream is augmented with one
+from (seed, process, p). So `train_dataset(config, start_step=k)` starts at
+epoch k*B // n, skips the first k*B % n raw records of it before any decode,
+and yields exactly the batches of an uninterrupted run from batch k on.
 """
 
 import dataclasses
@@ -54,16 +32,10 @@ _OPTIONS.deterministic = True  # Parallel maps keep their input order.
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
-  """What the trainer needs to know about a data set.
-
-  Attributes:
-    num_classes: the head size (`head_classes`).
-    train_examples: examples in config.train_split, over all processes.
-    eval_examples: examples in config.eval_split, over all processes.
-    skipped_images: corrupt image files left out of both splits (folder data
-      sets with config.bad_images='skip'; 0 otherwise).
-  """
-  num_classes: int
+  """What the trainer needs to know about a data set (examples counted over
+  all processes; skipped_images: corrupt files config.bad_images='skip' left
+  out of both splits)."""
+  num_classes: int  # The head size (`head_classes`).
   train_examples: int
   eval_examples: int
   skipped_images: int = 0
@@ -96,9 +68,6 @@ def head_classes(config, source) -> int:
           f'num_classes=-1 but {source.name} does not say how many classes '
           'it has; set config.num_classes to the number of labels.')
     return source.num_classes
-  if config.num_classes <= 0:
-    raise ValueError(f'config.num_classes must be -1 or positive, got '
-                     f'{config.num_classes}.')
   if config.num_classes < source.num_classes:
     raise ValueError(
         f'num_classes={config.num_classes} but {source.name} has '
@@ -109,15 +78,7 @@ def head_classes(config, source) -> int:
 
 
 def dataset_info(config):
-  """Class count and split sizes of the configured data set.
-
-  Args:
-    config: the run's ConfigDict (dataset, data_dir, folder, train_split,
-      eval_split, num_classes, bad_images).
-
-  Returns:
-    A DatasetInfo.
-  """
+  """The DatasetInfo of the configured data set."""
   source = sources.get_source(config)
   skipped = 0
   if isinstance(source, sources.FolderSource):
@@ -135,33 +96,25 @@ def _seed(config, process_index, salt):
   return tf.constant([config.seed, process_index * 16 + salt], tf.int64)
 
 
+def _decoded(examples):
+  return examples.map(lambda ex: {'image': preprocess.decode(ex['image']),
+                                  'label': ex['label']},
+                      num_parallel_calls=tf.data.AUTOTUNE)
+
+
 def _cache(examples, *, decoded, raw=False):
-  """Caches examples in memory: decoded (config.cache), or else still
-  encoded (config.cache_raw, training only: as big_vision, no file is read
-  after the first epoch, and decoding and augmentation still differ per
-  epoch)."""
+  """Caches examples in memory, decoded (config.cache) or still encoded
+  (config.cache_raw: no file is read after the first epoch, yet decoding and
+  augmentation still differ per epoch)."""
   if decoded:
-    examples = examples.map(
-        lambda ex: {'image': preprocess.decode(ex['image']),
-                    'label': ex['label']}, num_parallel_calls=tf.data.AUTOTUNE)
+    examples = _decoded(examples)
   return examples.cache() if decoded or raw else examples
 
 
 def train_dataset(config, *, start_step=0, process_index=None,
                   process_count=None):
-  """Infinite, shuffled, augmented training batches of this process.
-
-  Args:
-    config: the run's ConfigDict (Data and pp sections, batch_size, seed).
-    start_step: first batch to yield; the stream equals an uninterrupted
-      one from its start_step-th batch on.
-    process_index: this process; default jax.process_index().
-    process_count: processes sharing the batch; default jax.process_count().
-
-  Returns:
-    tf.data.Dataset of {'image': float32 (B, S, S, 3), 'label': float32
-    (B, num_classes)}, B = config.batch_size // process_count.
-  """
+  """Infinite, shuffled, augmented training batches of this process, from
+  batch `start_step` of an uninterrupted run on."""
   index, count = _processes(process_index, process_count)
   batch_size = _local_batch_size(config.batch_size, count)
   source = sources.get_source(config)
@@ -181,8 +134,6 @@ def train_dataset(config, *, start_step=0, process_index=None,
   per_batch = batched_preprocessing(config, source)
 
   def epoch(e):
-    """Epoch e: the shard reshuffled, each example tagged with its position
-    (its augmentation's seed) unless the preprocessing draws nothing."""
     ds = examples
     if buffer_size > 1:
       seed = tf.random.stateless_uniform(  # One int64 from (seed, e).
@@ -191,6 +142,7 @@ def train_dataset(config, *, start_step=0, process_index=None,
       ds = ds.shuffle(buffer_size, seed=seed, reshuffle_each_iteration=False)
     if per_batch:
       return ds
+    # Each example tagged with its position: its augmentation's seed.
     return ds.enumerate().map(lambda i, ex: (e * n + i, ex))
 
   first_epoch, offset = divmod(start_step * batch_size, n)
@@ -213,9 +165,7 @@ def train_dataset(config, *, start_step=0, process_index=None,
   if per_batch:
     image_spec = ds.element_spec['image']
     if image_spec.dtype != tf.uint8 or image_spec.shape[-1:] != [3]:
-      ds = ds.map(lambda ex: {'image': preprocess.decode(ex['image']),
-                              'label': ex['label']},
-                  num_parallel_calls=tf.data.AUTOTUNE)  # Not cached decoded.
+      ds = _decoded(ds)  # Not cached decoded.
     ds = ds.batch(batch_size, drop_remainder=True)
     ds = ds.map(lambda ex: (
         preprocess.normalize(preprocess.resize(ex['image'], config.image_size)),
@@ -224,7 +174,6 @@ def train_dataset(config, *, start_step=0, process_index=None,
     ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(batch_size, drop_remainder=True)
 
-  # mixup runs in the train step on the global batch (train_steps.mixup).
   ds = ds.map(lambda images, labels: {'image': images, 'label': labels})
   return ds.prefetch(tf.data.AUTOTUNE).with_options(_OPTIONS)
 
@@ -232,12 +181,9 @@ def train_dataset(config, *, start_step=0, process_index=None,
 def batched_preprocessing(config, source) -> bool:
   """Whether training images are resized and scaled a batch at a time.
 
-  That is possible when the preprocessing draws nothing per image (a plain
-  resize, no flip, no RandAugment) and the data set declares one size for
-  all its images (digits, CIFAR), and it gives the same values as the
-  per-image path. It matters for small images: on 8x8 digits the per-image
-  `map` costs about 70 us of CPU per image, mostly op dispatch, against
-  about 6 us when the same ops run on a batch.
+  Possible (with the same values) when nothing is drawn per image and the
+  data set declares one image size; on 8x8 digits the per-image `map` costs
+  about 70 us of CPU per image, mostly op dispatch, against about 6 us.
   """
   pp = config.pp
   return (pp.train_crop == 'resize' and not pp.flip and
@@ -263,27 +209,11 @@ def eval_batches(source, split, *, batch_size, image_size, num_classes,
                  process_index=None, process_count=None):
   """One pass over `split` of `source` for this process, padded.
 
-  Every example of the split is in exactly one process's batches with mask
-  1; the last batches are filled with zero images with mask 0, so that all
-  processes yield ceil(largest shard / B) full batches.
-
-  Args:
-    source: a `sources` source.
-    split: a split string of it.
-    batch_size: the global batch size (over all processes).
-    image_size: output side.
-    num_classes: label vector size.
-    crop, resize, resize_method: see preprocess.eval_image.
-    multi_label: labels are sets (e.g. ImageNet ReaL's `real_label`): the
-      'label' is their multi-hot vector, and an example with an empty set
-      gets mask 0 (it is left out of every metric).
-    cache: keep the decoded images in memory after the first pass.
-    process_index: this process; default jax.process_index().
-    process_count: processes sharing the batch; default jax.process_count().
-
-  Returns:
-    tf.data.Dataset of {'image', 'label', 'mask'} batches of
-    B = batch_size // process_count.
+  Every example is in exactly one process's batches with mask 1; zero
+  images with mask 0 fill the last ones, so that all processes yield
+  ceil(largest shard / B) full batches. `multi_label`: labels are sets
+  (ImageNet ReaL's `real_label`), one multi-hot vector each; an empty set
+  gets mask 0, out of every metric.
   """
   index, count = _processes(process_index, process_count)
   batch_size = _local_batch_size(batch_size, count)

@@ -1,20 +1,11 @@
 """Image preprocessing ops for the tf.data pipelines (TensorFlow, CPU).
 
-Every op works on single examples, both eagerly and inside `tf.data` maps.
-Random ops are stateless: they take a `seed`, an int tensor of shape (2,), so
-a given example gets the same augmentation on every run and after a resume,
-whatever the number of parallel map calls.
-
-Images enter as uint8 HxWxC tensors or as encoded JPEG/PNG strings (what TFDS
-yields with `tfds.decode.SkipDecoding`). Encoded JPEGs are cropped while
-decoding (`tf.image.decode_and_crop_jpeg`), which skips most of the decode
-work for small crops; JPEG decoding dominates the pipeline's CPU time.
-
-All outputs are float32 in [-1, 1]: `(x - 127.5) / 127.5`, as the official
-Mixer code. The ops of big_vision's recipe (the Inception crop, the eval's
-short-side resize and the few-shot square resize) return uint8 after
-resizing, as big_vision's `pp` ops do (`to_uint8`); vit_jax's fine-tuning
-ops ('finetune' crop, plain 'resize') keep the resized float.
+Random ops are stateless (`seed`: an int tensor of shape (2,)), so an example
+gets the same augmentation on every run, after a resume and in any number of
+parallel map calls. Encoded JPEGs are cropped while decoding: JPEG decoding
+dominates the pipeline's CPU time. Outputs are float32 in [-1, 1]; the ops of
+big_vision's recipe return uint8 after resizing, as its `pp` ops do
+(docs/recipes.md).
 """
 
 import tensorflow as tf
@@ -25,6 +16,7 @@ from mixer_jax.data.preprocess_choices import RESIZE_METHODS
 # Aspect ratios of random crops: big_vision's Inception crop (ratio_min,
 # ratio_max) and TF's default that vit_jax's crop uses.
 _ASPECT_RATIO_RANGE = (0.75, 1.33)
+
 
 def normalize(image):
   """Maps pixel values 0..255 (any dtype) to float32 [-1, 1]."""
@@ -40,7 +32,7 @@ def to_uint8(image):
 
 
 def _rgb(image):
-  """Returns a uint8 image with exactly 3 channels (grey is repeated)."""
+  """A uint8 image with exactly 3 channels (grey is repeated)."""
   image = tf.convert_to_tensor(image)
   if image.shape.rank != 3:
     raise ValueError(f'Expected an HxWxC image, got shape {image.shape}.')
@@ -50,7 +42,7 @@ def _rgb(image):
     raise ValueError(
         f'Expected 1 or 3 image channels, got {image.shape[-1]}; convert '
         'RGBA or other layouts to RGB before training.')
-  return tf.cast(image, tf.uint8) if image.dtype != tf.uint8 else image
+  return tf.cast(image, tf.uint8)
 
 
 def png_has_alpha(encoded: bytes) -> bool:
@@ -62,15 +54,8 @@ def png_has_alpha(encoded: bytes) -> bool:
 
 
 def decode(image):
-  """Decodes an encoded image string, or passes a uint8 image through.
-
-  Args:
-    image: a scalar string tensor (JPEG, PNG, GIF or BMP bytes) or an HxWxC
-      uint8 tensor with C in {1, 3}.
-
-  Returns:
-    uint8 tensor of shape (H, W, 3).
-  """
+  """uint8 (H, W, 3) from JPEG, PNG, GIF or BMP bytes, or an HxWxC image
+  with C in {1, 3}."""
   image = tf.convert_to_tensor(image)
   if image.dtype == tf.string:
     image = tf.io.decode_image(image, channels=3, expand_animations=False)
@@ -101,20 +86,9 @@ def decode_and_crop(image, crop_window):
 
 
 def random_crop_window(image_shape, seed, area_min=0.05):
-  """Samples a crop window as `tf.image.sample_distorted_bounding_box`.
-
-  The official fine-tuning crop (vit_jax) and the Inception crop used for
-  ImageNet pretraining (big_vision `inception_crop`) both draw the window
-  this way: area uniform in [area_min, 1] of the image, aspect ratio in
-  [0.75, 1.33], whole image after 100 failed attempts.
-
-  Args:
-    image_shape: int tensor [height, width, channels].
-    seed: int tensor of shape (2,).
-    area_min: smallest crop area as a fraction of the image.
-
-  Returns:
-    int32 tensor [y, x, height, width].
+  """int32 [y, x, height, width], drawn as vit_jax's fine-tuning crop and
+  big_vision's `inception_crop` do: area uniform in [area_min, 1] of the
+  image, aspect ratio in [0.75, 1.33], whole image after 100 failed tries.
   """
   begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
       tf.cast(image_shape, tf.int32),
@@ -129,18 +103,8 @@ def random_crop_window(image_shape, seed, area_min=0.05):
 
 
 def decode_and_random_crop(image, seed, area_min=0.05):
-  """Random crop (`random_crop_window`) of an encoded or decoded image.
-
-  JPEGs are decoded only inside the window, the size coming from their
-  header; other formats are decoded once, then cropped.
-
-  Args:
-    image: encoded string or uint8 HxWxC tensor.
-    seed: int tensor of shape (2,).
-    area_min: smallest crop area as a fraction of the image.
-
-  Returns:
-    uint8 tensor (h, w, 3).
+  """uint8 (h, w, 3): a `random_crop_window` of an encoded or decoded
+  image; JPEGs are decoded only inside it, their size read from the header.
   """
   image = tf.convert_to_tensor(image)
 
@@ -198,23 +162,8 @@ def central_crop(image, size):
 
 def train_image(image, seed, *, image_size, crop='inception',
                 area_min=0.05, flip=True, randaugment=None):
-  """Training augmentation of one image.
-
-  Args:
-    image: encoded string or uint8 HxWxC tensor.
-    seed: int tensor of shape (2,), this example's randomness.
-    image_size: output side.
-    crop: 'inception' or 'finetune' (random crop by
-      sample_distorted_bounding_box, see `random_crop_window`) or 'resize'
-      (no crop); config validation checks it (TRAIN_CROPS).
-    area_min: smallest crop area (fraction), for the random crops.
-    flip: random left-right flip.
-    randaugment: None or a `RandAugment`, applied to the resized image as
-      uint8 (`to_uint8`; the TF-TPU ops work on uint8 images).
-
-  Returns:
-    float32 (image_size, image_size, 3) in [-1, 1].
-  """
+  """Training augmentation of one image (`crop`: one of TRAIN_CROPS,
+  checked with the config); RandAugment's TF-TPU ops take uint8 images."""
   image = tf.convert_to_tensor(image)
   seeds = tf.random.experimental.stateless_split(seed, 3)
   if crop == 'resize':
@@ -224,7 +173,7 @@ def train_image(image, seed, *, image_size, crop='inception',
   image = resize(image, image_size)
   if crop == 'inception':  # big_vision's decode_jpeg_and_inception_crop.
     image = to_uint8(image)
-  if flip:  # Left-right with probability 1/2.
+  if flip:
     image = tf.image.stateless_random_flip_left_right(image, seeds[1])
   if randaugment is not None:
     image = randaugment(to_uint8(image), seeds[2])
@@ -235,22 +184,11 @@ def eval_image(image, image_size, crop='resize', resize_size=256,
                resize_method='area'):
   """Deterministic evaluation preprocessing of one image.
 
-  Args:
-    image: uint8 HxWx3 (or HxWx1) tensor, or an encoded image string.
-    image_size: output side.
-    crop: 'resize' resizes the whole image to image_size (the official
-      fine-tuning eval, float); 'resize_crop' resizes the short side to
-      resize_size and takes the central image_size crop (ImageNet eval,
-      big_vision `resize_small(256)|central_crop(224)`); 'squash_crop'
-      resizes the whole image to resize_size x resize_size (bilinear) and
-      takes the central crop (big_vision's few-shot
-      `resize(256)|central_crop(224)`). Both crops go through uint8, as
-      big_vision's ops.
-    resize_size: side before the central crop (the crop modes only).
-    resize_method: tf.image.resize method of 'resize_crop'.
-
-  Returns:
-    float32 (image_size, image_size, 3) in [-1, 1].
+  `crop`: 'resize' the whole image to image_size (vit_jax's fine-tuning
+  eval, float); 'resize_crop' the short side to resize_size, then the
+  central crop (big_vision's `resize_small(256)|central_crop(224)`);
+  'squash_crop' the whole image to resize_size square, then the central crop
+  (big_vision's few-shot `resize(256)|central_crop(224)`).
   """
   image = decode(image)
   if crop not in EVAL_CROPS:

@@ -1,28 +1,13 @@
-"""RandAugment with the semantics of the TF-TPU reference, as stateless TF ops.
+"""RandAugment as the TF-TPU reference executes it, as stateless TF ops.
 
 big_vision's `randaug(2, 15)` (the Mixer ImageNet-1k recipe) is the
 RandAugment of `tensorflow/tpu`, `models/official/efficientnet/
-autoaugment.py` (`distort_image_with_randaugment`). This module rewrites
-that behaviour for TF2 `tf.data`:
-
-* 16 ops (`OPS`, in the reference's order); each of `num_layers` layers
-  picks one uniformly (with replacement: the same op may be picked twice);
-* every op runs at the one fixed `magnitude`, on a level scale whose top is
-  `MAX_LEVEL = 10` (so the recipe's 15 goes past it: rotations of 45
-  degrees, shears of 0.45, translations of 150 px, a 6-bit posterize);
-* the geometric ops (Rotate, ShearX/Y, TranslateX/Y) get a random sign;
-* empty pixels are filled with grey 128, Cutout included;
-* Solarize does what the reference executes, not what its level rule
-  suggests: the threshold int(level/10 * 256) (384 at magnitude 15) is
-  compared with the uint8 image, and TensorFlow converts that Python int to
-  uint8, wrapping it modulo 256 (384 -> 128, so values >= 128 are inverted;
-  256 at magnitude 10 -> 0, so every value is);
-* images are uint8 HxWx3 in and out, as in the reference.
-
-Randomness is stateless: `layer_draws(seed, ...)` derives every choice
-(ops, signs, Cutout centres) from one (2,) seed, so a given example gets
-the same augmentation on every run and in every parallel map call. It also
-lets tests replay which ops were applied.
+autoaugment.py` (`distort_image_with_randaugment`), rewritten here for TF2
+`tf.data`; what it keeps of the reference (levels past MAX_LEVEL, the signs,
+the grey fill, Solarize's uint8 wrap) is listed in docs/recipes.md. Images
+are uint8 HxWx3 in and out. Every choice comes from one (2,) seed
+(`layer_draws`), so an example gets the same augmentation on every run and in
+every parallel map call, and tests can replay it.
 """
 
 import functools
@@ -30,23 +15,18 @@ import math
 
 import tensorflow as tf
 
-# The ops whose argument gets a random sign (reference:
-# `_randomly_negate_tensor` in the rotate, shear and translate level rules).
+# The ops whose argument gets a random sign (`_randomly_negate_tensor`).
 SIGNED_OPS = ('Rotate', 'ShearX', 'ShearY', 'TranslateX', 'TranslateY')
 
 # Top of the level scale (reference: `_MAX_LEVEL = 10.`).
 MAX_LEVEL = 10.0
-# Translation in pixels at level MAX_LEVEL (reference: randaugment's
-# `HParams(translate_const=100)`).
+# Pixels at level MAX_LEVEL (reference: `HParams(translate_const=100,
+# cutout_const=40)`).
 TRANSLATE_CONST = 100
-# Cutout half-side in pixels at level MAX_LEVEL (reference:
-# `HParams(cutout_const=40)`).
 CUTOUT_CONST = 40
-# Grey for pixels a geometric op or Cutout empties (reference:
-# `replace_value = [128] * 3`).
+# Grey for emptied pixels (reference: `replace_value = [128] * 3`).
 FILL_VALUE = 128
-# Sharpness's smoothing kernel, divided by 13 (reference `sharpness`, the
-# same as PIL's ImageFilter.SMOOTH).
+# Sharpness's smoothing kernel, divided by 13 (PIL's ImageFilter.SMOOTH).
 _SMOOTH = ((1, 1, 1), (1, 5, 1), (1, 1, 1))
 
 
@@ -81,11 +61,8 @@ def op_argument(name, magnitude):
 
 
 def _blend(image1, image2, factor):
-  """image1 + factor * (image2 - image1), clipped, truncated to uint8.
-
-  The reference's `blend`: interpolates for factor in [0, 1], extrapolates
-  (then clips) beyond; the float result is truncated, not rounded.
-  """
+  """The reference's `blend`: image1 + factor * (image2 - image1), clipped,
+  truncated (not rounded) to uint8."""
   image1 = tf.cast(image1, tf.float32)
   image2 = tf.cast(image2, tf.float32)
   out = image1 + factor * (image2 - image1)
@@ -97,7 +74,6 @@ def auto_contrast(image):
   def channel(x):
     x = tf.cast(x, tf.float32)
     lo, hi = tf.reduce_min(x), tf.reduce_max(x)
-    # A flat channel gets scale 1 and offset 0: x itself.
     scale = tf.where(hi > lo, 255.0 / tf.maximum(hi - lo, 1.0), 1.0)
     offset = tf.where(hi > lo, -lo * scale, 0.0)
     # x * scale - lo * scale, in the reference's order of float operations.
@@ -120,7 +96,6 @@ def equalize(image):
     step = (tf.reduce_sum(present) - present[-1]) // 255
     below = tf.cumsum(hist, exclusive=True)
     lut = tf.clip_by_value((below + step // 2) // tf.maximum(step, 1), 0, 255)
-    # Step 0 leaves the channel as is: the identity table.
     lut = tf.where(step > 0, lut, tf.range(256))
     return tf.gather(lut, x)
   out = tf.stack([channel(image[..., c]) for c in range(3)], axis=-1)
@@ -151,7 +126,6 @@ def solarize(image, threshold):
 def solarize_add(image, addition, threshold=128):
   """Adds `addition` (clipped to 0..255) to the values below threshold."""
   x = tf.cast(image, tf.int32)
-  # Values at or above the threshold get + 0, which the clip keeps.
   added = x + addition * tf.cast(x < threshold, tf.int32)
   return tf.cast(tf.clip_by_value(added, 0, 255), tf.uint8)
 
@@ -275,13 +249,8 @@ def translate_y(image, pixels):
 
 
 def cutout(image, pad_size, center):
-  """Greys the square [cy - pad, cy + pad) x [cx - pad, cx + pad) (clipped).
-
-  Args:
-    image: uint8 (H, W, 3).
-    pad_size: half-side in pixels.
-    center: int32 (2,) [cy, cx], in [0, H) x [0, W).
-  """
+  """Greys the square [cy - pad_size, cy + pad_size) x [cx - pad_size,
+  cx + pad_size) (clipped), `center` = [cy, cx]."""
   shape = tf.shape(image)
   top = tf.clip_by_value(center[0] - pad_size, 0, shape[0])
   bottom = tf.clip_by_value(center[0] + pad_size, 0, shape[0])
@@ -296,17 +265,8 @@ def cutout(image, pad_size, center):
 
 
 def apply_op(image, name, magnitude, *, negate=False, cutout_center=None):
-  """Applies one op at `magnitude` to a uint8 (H, W, 3) image tensor.
-
-  Args:
-    image: uint8 (H, W, 3).
-    name: one of OPS.
-    magnitude: the RandAugment magnitude (level), e.g. 15.
-    negate: bool (or bool tensor); flips the sign of a SIGNED_OPS argument.
-    cutout_center: int32 (2,) [cy, cx] for Cutout; default the centre.
-
-  Returns:
-    uint8 (H, W, 3).
+  """Applies op `name` at `magnitude` (e.g. 15); `negate` flips the sign of
+  a SIGNED_OPS argument, `cutout_center` ([cy, cx]) defaults to the centre.
   """
   arg = op_argument(name, magnitude)
   if name in SIGNED_OPS:
@@ -339,18 +299,10 @@ OPS = tuple(_OPS)
 
 
 def layer_draws(seed, num_layers, image_shape):
-  """Every random choice RandAugment makes for one image, from its seed.
-
-  Args:
-    seed: int tensor (2,).
-    num_layers: number of ops applied.
-    image_shape: int tensor [H, W, ...] (Cutout centres lie inside).
-
-  Returns:
-    dict of 'ops' int32 (num_layers,): indices into OPS; 'negate' bool
-    (num_layers,): sign flips of the geometric ops; 'cutout_center' int32
-    (num_layers, 2): [cy, cx] per layer, uniform over the image.
-  """
+  """Every random choice RandAugment makes for one image, from its seed:
+  per layer 'ops' (indices into OPS, with replacement), 'negate' (the
+  geometric ops' sign) and 'cutout_center' ([cy, cx], uniform over the
+  image)."""
   seeds = tf.random.experimental.stateless_split(
       tf.cast(seed, tf.int64), 4)
   ops = tf.random.stateless_uniform([num_layers], seeds[0], maxval=len(OPS),
@@ -366,13 +318,8 @@ def layer_draws(seed, num_layers, image_shape):
 
 
 class RandAugment:
-  """RandAugment(num_layers, magnitude), TF-TPU semantics, seeded per image.
-
-  Call it on a uint8 (H, W, 3) image tensor and a (2,) int seed, eagerly or
-  in a tf.data map; it returns a uint8 image. Each layer runs only its
-  chosen op (`tf.switch_case`). The settings are checked with the config
-  (config.pp.randaugment_*).
-  """
+  """Called on a uint8 (H, W, 3) image and a (2,) int seed, eagerly or in a
+  tf.data map; each layer runs only its chosen op (`tf.switch_case`)."""
 
   def __init__(self, num_layers=2, magnitude=15):
     self.num_layers, self.magnitude = int(num_layers), magnitude

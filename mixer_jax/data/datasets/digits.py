@@ -1,19 +1,8 @@
 """`digits`: scikit-learn's handwritten digits as a TFDS data set.
 
-The built-in default data set of mixer_jax: it needs no network because the
-images ship inside scikit-learn (`sklearn.datasets.load_digits`, 1,797 8x8
-grey images of the digits 0-9, from the UCI "optdigits" collection).
-
-Pixels in scikit-learn run 0..16; they are stored here as uint8 0..255
-(`round(v * 255 / 16)`), one channel, PNG-encoded by TFDS. The input pipeline
-decodes them to three channels for the model.
-
-Splits (fixed, by position in scikit-learn's order, so they never change):
-  test:  every fifth image, indices 4, 9, 14, ... (359 images);
-  train: the other 1,438 images.
-
-Build it with `tfds.builder('digits', data_dir=...).download_and_prepare()`
-after `import mixer_jax.data.datasets`; the input pipeline does this itself.
+The built-in default data set: it needs no network, the 1,797 8x8 grey
+images ship inside scikit-learn. Splits (fixed by index, so they never
+change) and the pixel mapping: docs/recipes.md.
 """
 
 import numpy as np

@@ -1,15 +1,9 @@
-"""Where examples come from: TFDS data sets by name, or folders of images.
+"""Where examples come from: TFDS data sets by name (`TfdsSource`) or folders
+of images (`FolderSource`, through tfds.ImageFolder).
 
-A source hands the input pipeline one process's share of a split as a
-tf.data.Dataset of {'image', 'label'} in a fixed order, where 'image' is
-still encoded (JPEG/PNG bytes, so crops can be decoded alone) whenever the
-data set stores it encoded, and 'label' is an int64 class index. Each
-process reads only its own contiguous shard of the split.
-
-  TfdsSource    any TFDS builder (`cifar10`, `imagenet2012`, `digits`, ...),
-                prepared on first use; a clear error when it cannot be.
-  FolderSource  `root/split/class_name/*.jpg|png` through tfds.ImageFolder,
-                with corrupt files found up front (`config.bad_images`).
+A source hands the input pipeline one process's contiguous shard of a split
+as {'image', 'label'} in a fixed order, 'image' still encoded where the data
+set stores it so (crops are decoded alone), 'label' an int64 class index.
 """
 
 import contextlib
@@ -29,7 +23,6 @@ from typing import List, Optional
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-# Defined without TensorFlow (see mixer_jax.data.errors); raised here.
 from mixer_jax.data.errors import BadImagesError  # pylint: disable=g-importing-member
 from mixer_jax.data.errors import DatasetUnavailableError  # pylint: disable=g-importing-member
 from mixer_jax.data.errors import FolderLayoutError  # pylint: disable=g-importing-member
@@ -37,8 +30,7 @@ from mixer_jax.data.errors import FolderLayoutError  # pylint: disable=g-importi
 _LAYOUT = 'root/split_name/class_name/*.jpg|jpeg|png'
 
 
-def _is_image(name):
-  """Whether tfds.ImageFolder reads the file `name`."""
+def _is_image(name):  # What tfds.ImageFolder reads.
   return name.lower().endswith(('.jpg', '.jpeg', '.png'))
 
 
@@ -50,25 +42,18 @@ def _listed(items, shown=10):
 
 
 def _images_below(folder):
-  """Number of image files anywhere under `folder` (any depth)."""
   return sum(sum(_is_image(f) for f in files)
              for _, _, files in tf.io.gfile.walk(folder))
 
 
 def check_folder_layout(root):
-  """Problems of an image folder data set that ImageFolder ignores.
+  """Messages, each naming a folder and what to do, for the layout problems
+  of the image folder `root` that ImageFolder silently accepts.
 
-  tfds.ImageFolder takes the class names from the folders of every split
-  and reads only root/split/class/*.jpg|jpeg|png, so an empty class folder
-  or a class folder in one split only adds a class the model is not
-  trained (or tested) on, and images elsewhere are silently left out.
-
-  Args:
-    root: the data set root (config.folder).
-
-  Returns:
-    A list of messages, one per problem, each naming the folder and what
-    to do (empty when the layout is fine).
+  ImageFolder takes the class names from the folders of every split and
+  reads only root/split/class/*.jpg|jpeg|png, so an empty class folder or a
+  class folder in one split only adds a class the model is not trained (or
+  tested) on, and images elsewhere are silently left out.
   """
   problems = []
   join, isdir = os.path.join, tf.io.gfile.isdir
@@ -133,10 +118,8 @@ def _unreachable_host(url, timeout=5.0):
 def shard_range(num_examples, index, count):
   """[start, end) of process `index` of `count` in a split of num_examples.
 
-  Shards are contiguous and differ in size by at most one example. Used for
-  folder data sets only: their splits are read after bad files are filtered
-  out, so TFDS's `even_splits` (which the TFDS sources use) would count the
-  wrong sizes.
+  Folder data sets only: their splits are counted without the bad files,
+  which TFDS's `even_splits` would count.
   """
   return num_examples * index // count, num_examples * (index + 1) // count
 
@@ -145,15 +128,11 @@ def _absolute_ranges(split, sizes):
   """[(split name, start, end)] that the split string `split` selects, for
   splits of `sizes` ({name: number of examples}).
 
-  TFDS has no public function that resolves a split string ('train[:90%]',
-  'a+b[10:]') against sizes other than those of a prepared data set (here:
-  a folder's images less its corrupt files), so this is the one place that
-  builds TFDS's SplitDict/SplitInfo and reads the fields of the absolute
-  instructions `ReadInstruction.to_absolute` returns (tensorflow-datasets
-  4.9). Everything else uses the result.
-
-  Raises:
-    ValueError: a split string that does not parse or names no split.
+  TFDS has no public function that resolves a split string against sizes
+  other than a prepared data set's (here: a folder's images less its corrupt
+  files), so this is the one place that builds TFDS's SplitDict/SplitInfo
+  and reads the fields of `ReadInstruction.to_absolute`'s results
+  (tensorflow-datasets 4.9). Raises ValueError for a bad split string.
   """
   try:
     spec = (tfds.core.ReadInstruction(split) if split in sizes
@@ -176,12 +155,9 @@ class _UnknownSplit(ValueError):
 
 @contextlib.contextmanager
 def _build_lock(data_dir_root, name):
-  """Holds an exclusive lock on `data_dir_root/.NAME.build.lock`.
-
-  `fcntl.flock`: the kernel frees it when the holder exits in any way, so a
-  killed build never blocks the next one. Paths that are not local (gs://)
-  are not locked.
-  """
+  """Holds an exclusive lock on `data_dir_root/.NAME.build.lock` (local
+  paths only). The kernel frees a `flock` when its holder exits in any way,
+  so a killed build never blocks the next one."""
   root = os.fspath(data_dir_root)
   if '://' in root:
     yield
@@ -258,16 +234,12 @@ class TfdsSource:
     self.image_size = ((height, width) if height and width else None)
 
   def _prepare(self):
-    """Downloads and prepares the data set unless it already is.
-
-    Jobs started together on a fresh data_dir (a seed sweep) take turns:
-    the first builds while holding a lock file in data_dir, the others wait
-    for it and then find the data set prepared.
-    """
+    """Downloads and prepares the data set unless it already is; jobs
+    started together on a fresh data_dir (a seed sweep) take turns."""
     if self.builder.is_prepared():
       return
     with _build_lock(self.builder.data_dir_root, self.name):
-      # Built by another job while this one waited: read it afresh.
+      # Another job may have built it while this one waited.
       self.builder = tfds.builder(self.name,
                                   data_dir=self.builder.data_dir_root)
       if self.builder.is_prepared():
@@ -303,7 +275,6 @@ class TfdsSource:
       raise self._unavailable(reason) from e
 
   def _unavailable(self, reason):
-    """The error for a data set that is not prepared and cannot be."""
     builder = self.builder
     where = builder.data_dir
     if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
@@ -322,7 +293,6 @@ class TfdsSource:
         f'not be prepared ({reason}). {how}')
 
   def split_sizes(self):
-    """{split name: number of examples} of the prepared data set."""
     return {name: int(info.num_examples)
             for name, info in self.builder.info.splits.items()}
 
@@ -353,18 +323,9 @@ class TfdsSource:
 
 @functools.lru_cache(maxsize=None)
 def find_bad_images(root, split):
-  """Names of the files of `root/split/*/` that TensorFlow cannot decode.
-
-  Decodes every image once, in parallel: a file that fails here would fail
-  in the middle of training, where tf.data cannot say which file it was.
-
-  Args:
-    root: folder data set root.
-    split: split folder name (e.g. 'train').
-
-  Returns:
-    Sorted tuple of file paths (str).
-  """
+  """Sorted paths of the files of `root/split/*/` that TensorFlow cannot
+  decode: found up front, because tf.data failing mid-training cannot say
+  which file it was."""
   builder = tfds.ImageFolder(root)
   ds = builder.as_dataset(
       split=split, decoders={'image': tfds.decode.SkipDecoding()})
@@ -446,7 +407,6 @@ class FolderSource:
     return _absolute_ranges(split, sizes)
 
   def split_sizes(self):
-    """{split folder name: number of image files in it}."""
     return dict(self._split_sizes)
 
   def num_examples(self, split):
