@@ -27,15 +27,14 @@ from mixer_jax.training import errors
 FLAGS = flags.FLAGS
 
 
-def load_params(config, checkpoint: str, num_classes: int, mesh,
+def load_params(config, checkpoint: str, num_classes: int,
                 step: Optional[int] = None, weights: str = 'params'):
-  """(model, parameters replicated over `mesh`, what was loaded);
-  CheckpointError unless it is `config`'s model with `num_classes`."""
+  """(model, host parameters, what was loaded); CheckpointError unless it
+  is `config`'s model with `num_classes`."""
   # pylint: disable=g-import-not-at-top
   from mixer_jax.checkpointing import checkpoint_checks
   from mixer_jax.checkpointing import fingerprint
   from mixer_jax.training import init_from_checks
-  from mixer_jax.training import sharding
   from mixer_jax.weights import any_checkpoint
   from mixer_jax.weights import workdir_checkpoint
   # Run with the GELU form its weights were trained with (weights.hub).
@@ -56,7 +55,7 @@ def load_params(config, checkpoint: str, num_classes: int, mesh,
         f'{config.dataset} has {num_classes} classes; fine-tune it first '
         f'(train with --config.init_from={checkpoint}) and evaluate that '
         'run.')
-  return loaded.model, sharding.replicate(loaded.params, mesh), loaded.source
+  return loaded.model, loaded.params, loaded.source
 
 
 def evaluate(config, checkpoint: str, *, step: Optional[int] = None,
@@ -71,6 +70,7 @@ def evaluate(config, checkpoint: str, *, step: Optional[int] = None,
   from mixer_jax.training import config_validation
   from mixer_jax.training import evals
   from mixer_jax.training import reporting
+  from mixer_jax.training import sharding
   from mixer_jax.training import trainer
   config_validation.validate_config(config, num_devices=jax.device_count(),
                                     num_processes=jax.process_count())
@@ -78,10 +78,10 @@ def evaluate(config, checkpoint: str, *, step: Optional[int] = None,
   mesh = trainer.create_mesh(config)
   info = input_pipeline.dataset_info(config)
   model, params, loaded = load_params(config, checkpoint, info.num_classes,
-                                      mesh, step, weights)
+                                      step, weights)
   # The run's own eval step, parameters placed as in training.
   functions = compiled.build(config, model, mesh)
-  params = jax.device_put(params, functions.params_sharding)
+  params = sharding.put(params, functions.params_sharding)
   total_batches = math.ceil(info.eval_examples / config.batch_size)
   last_report = [time.time()]
 
