@@ -3,16 +3,9 @@
   python -m mixer_jax.train --config=configs/finetune_cifar10.py \
       --workdir=DIR [--config.init_from=imagenet1k/Mixer-B_16]
 
-The vision_transformer repository's fine-tuning recipe: SGD with momentum
-0.9 (bfloat16 accumulator), global-norm clipping at 1, 500 warmup steps then
-cosine decay from 0.03 to 0, batch 512 as 8 accumulated micro-batches of 64,
-10,000 steps at 224x224, softmax cross-entropy, no weight decay, a 50,000
-shuffle buffer, random crop + flip for training and a plain resize for
-evaluation, the head replaced by a zero head of 10 classes. Splits as
-vit_jax: training on train[:98%]; the held-out train[98%:] (1,000 images) is
-the eval split that picks the best checkpoint; the test split is scored
-once, on the final model (`test/accuracy`). Paper: Mixer-B/16 pretrained on
-ImageNet-21k reaches 96.82% (ImageNet-1k checkpoint: 96.72%).
+The vision_transformer repository's fine-tuning recipe (docs/recipes.md).
+Paper: Mixer-B/16 pretrained on ImageNet-21k reaches 96.82% (ImageNet-1k
+checkpoint: 96.72%).
 """
 
 from mixer_jax import config_defaults

@@ -2,9 +2,7 @@
 
   python -m mixer_jax.train --config=configs/finetune_cifar100.py --workdir=DIR
 
-The CIFAR-10 recipe of configs/finetune_cifar10.py (SGD momentum 0.9, lr
-0.03, 500 warmup steps + cosine, batch 512 in 8 micro-batches, 10k steps at
-224) on `cifar100`, with a 100-class zero head.
+The recipe of configs/finetune_cifar10.py on `cifar100`.
 """
 
 import os

@@ -3,38 +3,13 @@
   python -m mixer_jax.train --config=configs/mixer_i1k.py:B_16 --workdir=DIR \
       --config.data_dir=TFDS_DIR  # imagenet2012 prepared (manual download)
 
-The text after ':' is the variant (default B_16; configs/b16.py is the same
-as `mixer_i1k.py:B_16`). Follows big_vision's `configs/mlp_mixer_i1k.py`:
-Adam (0.9, 0.999), peak learning rate 1e-3 with 10k linear warmup steps then
-linear decay to 1e-5 times the peak (big_vision's relative linear_end,
-reached one step past the last update), decoupled weight decay 1e-4 on
-kernels on the same schedule (big_vision's convention), global-norm clipping
-at 1, batch 4096, 300 epochs, stochastic depth 0.1, sigmoid cross-entropy
-with the head bias at -6.9, float32 activations (big_vision's Mixer has no
-dtype). Input:
-Inception crop (cast back to uint8, as big_vision's) + flip + RandAugment(2,
-15) (the TF-TPU definition, mixer_jax/data/randaugment.py) + mixup (Beta(0.5,
-0.5), one weight per global batch, each example mixed with its neighbour in
-the batch rolled by one, in the train step), a 250k-example shuffle buffer
-per host over raw records cached in RAM (cache_raw: ~120 GB per host); eval
-resizes the short side to 256 with 'area' (cast back to uint8) and
-centre-crops 224. Evaluations: the main eval is
-the 1% minival held out of train (it picks the best checkpoint);
-config.evals adds minival, validation, ImageNet-V2, ImageNet ReaL (every
-2,500 steps, as big_vision) and few-shot linear probes (every 25,000 steps;
-big_vision's get_fewshot_lsr data sets). The data sets must be prepared in
-TFDS (imagenet2012 needs a manual download).
-
-Expected results and hardware, per variant:
-  B_16  paper 76.44% top-1 (ImageNet validation); big_vision's config
-        76.3% in 2h11m on a TPU v3-128 (num_epochs=60: 70.5% in 27 min).
-  S_16, S_32, S_8, B_32, L_16, L_32, H_14: no ImageNet-1k-from-scratch
-        result with this recipe is published or recorded here; run it to
-        establish one. S/32, S/16 and B/32 fit a smaller slice than B/16;
-        S/8 (784 tokens) costs about B/16's compute per image; L/16 about
-        3.5x B/16 (use --config.sharding=fsdp --config.model.remat=True
-        where memory is short).
-docs/recipes.md lists what differs from big_vision and how it was checked.
+The text after ':' is the variant (default B_16). Follows big_vision's
+`configs/mlp_mixer_i1k.py`; docs/recipes.md lists what differs and how it
+was checked. B_16: paper 76.44% top-1 (ImageNet validation); big_vision's
+config 76.3% in 2h11m on a TPU v3-128 (num_epochs=60: 70.5% in 27 min). No
+result of the other variants with this recipe is published or recorded here.
+L/16 costs about 3.5x B/16 (--config.sharding=fsdp --config.model.remat=True
+where memory is short).
 """
 from mixer_jax import config_defaults
 

@@ -2,14 +2,8 @@
 
   python -m mixer_jax.train --config=configs/quickstart.py --workdir=/tmp/qs
 
-Trains a 4-block Mixer with 2x2 patches (16 tokens of width 64, 73,226
-parameters) on scikit-learn's 8x8 handwritten digits (no download) for 1,500
-steps of batch 64 on train[:90%] (1,294 images). The held-out train[90%:]
-(144 images) is evaluated every 500 steps and picks the kept checkpoint; the
-359 test images are scored once, after the last step (`test/accuracy`).
-Default seed: validation 95.8%, test 98.6% (seeds 0-4: validation
-95.8-98.6%, test 97.5-98.6%); about 40 s of training, under a minute for
-the whole command, on a shared 2-core CPU.
+73,226 parameters on scikit-learn's 8x8 handwritten digits (no download).
+Default seed: held-out 95.8%, test 98.6%; under a minute on a 2-core CPU.
 """
 
 from mixer_jax import config_defaults

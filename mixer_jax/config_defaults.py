@@ -1,9 +1,7 @@
 """Every configuration field of mixer_jax, with its default and meaning.
 
-Config files start from `get_config()` and override a few fields; the
-ConfigDict is locked, so a misspelt field raises where it is set
-(`config.evals`, names -> `eval_entry(...)`, is the one open level). This
-file is itself a config file:
+Locked (`config.evals`, names -> `eval_entry(...)`, is the one open level),
+so a misspelt field raises where it is set. This is itself a config file:
 
   python -m mixer_jax.train --config=mixer_jax/config_defaults.py \
       --workdir=DIR --config.batch_size=64 --config.model.variant=S_16
@@ -130,17 +128,9 @@ def eval_entry(kind='classification', *, dataset='', split='',
   config's dataset, eval_split, eval_every_steps and pp.eval_* values;
   every_steps=-1 runs only at the last step.
   """
-  entry = ml_collections.ConfigDict()
-  entry.kind = kind
-  entry.dataset = dataset
-  entry.split = split
-  entry.label_key = label_key
-  entry.every_steps = every_steps
-  entry.crop = crop
-  entry.resize = resize
-  entry.resize_method = resize_method
-  entry.fewshot_datasets = dict(fewshot_datasets or {})
-  entry.shots = tuple(shots)
-  entry.l2_reg = float(l2_reg)
-  entry.num_seeds = num_seeds
-  return entry.lock()
+  return ml_collections.ConfigDict(dict(
+      kind=kind, dataset=dataset, split=split, label_key=label_key,
+      every_steps=every_steps, crop=crop, resize=resize,
+      resize_method=resize_method,
+      fewshot_datasets=dict(fewshot_datasets or {}), shots=tuple(shots),
+      l2_reg=float(l2_reg), num_seeds=num_seeds)).lock()

@@ -1,9 +1,5 @@
-"""`UserError`: the base of every error a program reports in one line.
-
-Each subpackage's own errors (ConfigError, CheckpointError, PretrainedError,
-...) subclass it, so the programs catch one type without importing the
-modules that raise it. Anything else is a bug and keeps its traceback.
-"""
+"""`UserError`: the base of every error a program reports in one line (each
+subpackage's errors subclass it); anything else is a bug with a traceback."""
 
 
 class UserError(Exception):

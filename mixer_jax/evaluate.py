@@ -5,11 +5,8 @@
   python -m mixer_jax.evaluate --config=configs/finetune_cifar10.py \
       --checkpoint=/path/to/Mixer-B_16.npz
 
-Top-1, top-5 and mean loss over `config.eval_split`, each example counted
-once, the batch sharded over every device. `--checkpoint` is anything
-`any_checkpoint.load` accepts (a workdir's newest step, or `--step=K`; only
-read, so a running job can be evaluated). A workdir needs no `--config`: the
-run's own (`run_info.json`) is used, `--config.FIELD=VALUE` applied to it.
+Top-1, top-5 and mean loss over `config.eval_split`. A workdir needs no
+`--config`: the run's own is used, `--config.FIELD=VALUE` applied to it.
 """
 
 import functools
@@ -30,18 +27,14 @@ from mixer_jax.training import errors
 FLAGS = flags.FLAGS
 
 
-def load_params(config, checkpoint: str, num_classes: int, mesh,
+def load_params(config, checkpoint: str, num_classes: int,
                 step: Optional[int] = None, weights: str = 'params'):
-  """(model, parameters replicated over `mesh`, what was loaded).
-
-  CheckpointError unless the checkpoint's model is `config`'s (a workdir's
-  fingerprint) with a head of `num_classes` classes.
-  """
+  """(model, host parameters, what was loaded); CheckpointError unless it
+  is `config`'s model with `num_classes`."""
   # pylint: disable=g-import-not-at-top
   from mixer_jax.checkpointing import checkpoint_checks
   from mixer_jax.checkpointing import fingerprint
   from mixer_jax.training import init_from_checks
-  from mixer_jax.training import sharding
   from mixer_jax.weights import any_checkpoint
   from mixer_jax.weights import workdir_checkpoint
   # Run with the GELU form its weights were trained with (weights.hub).
@@ -62,16 +55,14 @@ def load_params(config, checkpoint: str, num_classes: int, mesh,
         f'{config.dataset} has {num_classes} classes; fine-tune it first '
         f'(train with --config.init_from={checkpoint}) and evaluate that '
         'run.')
-  return loaded.model, sharding.replicate(loaded.params, mesh), loaded.source
+  return loaded.model, loaded.params, loaded.source
 
 
 def evaluate(config, checkpoint: str, *, step: Optional[int] = None,
              weights: str = 'params',
              progress_every_s: float = 10.0) -> Dict[str, Any]:
-  """Scores `checkpoint` (its `step`, its 'params' or 'ema' `weights`) on
-  `config.eval_split` over all devices, a progress line every
-  `progress_every_s`; a dict of 'top1', 'top5', 'loss', 'examples',
-  'nan_rows', 'checkpoint', 'eval_split', 'seconds'."""
+  """Scores `checkpoint` on `config.eval_split` over all devices, a
+  progress line every `progress_every_s`."""
   # pylint: disable=g-import-not-at-top
   import jax
   from mixer_jax.data import input_pipeline
@@ -79,6 +70,7 @@ def evaluate(config, checkpoint: str, *, step: Optional[int] = None,
   from mixer_jax.training import config_validation
   from mixer_jax.training import evals
   from mixer_jax.training import reporting
+  from mixer_jax.training import sharding
   from mixer_jax.training import trainer
   config_validation.validate_config(config, num_devices=jax.device_count(),
                                     num_processes=jax.process_count())
@@ -86,10 +78,10 @@ def evaluate(config, checkpoint: str, *, step: Optional[int] = None,
   mesh = trainer.create_mesh(config)
   info = input_pipeline.dataset_info(config)
   model, params, loaded = load_params(config, checkpoint, info.num_classes,
-                                      mesh, step, weights)
+                                      step, weights)
   # The run's own eval step, parameters placed as in training.
   functions = compiled.build(config, model, mesh)
-  params = jax.device_put(params, functions.params_sharding)
+  params = sharding.put(params, functions.params_sharding)
   total_batches = math.ceil(info.eval_examples / config.batch_size)
   last_report = [time.time()]
 
@@ -111,7 +103,6 @@ def evaluate(config, checkpoint: str, *, step: Optional[int] = None,
 
 
 def main(argv):
-  """Command-line entry point (the config was read with the flags)."""
   command_line.set_up_output(FLAGS.verbose)
   # User errors are one line (exit 1); anything else keeps its traceback.
   with command_line.user_errors_as_one_line():
@@ -134,8 +125,8 @@ def main(argv):
 
 
 def _config_of_workdir():
-  """For a missing --config: the config saved with the --checkpoint workdir
-  (read while the flags are parsed, so `--config.FIELD=VALUE` applies)."""
+  """For a missing --config: the --checkpoint workdir's (read while the
+  flags are parsed, so `--config.FIELD=VALUE` applies)."""
   command_line.load_tensorflow_quietly()  # The readers below load it.
   # pylint: disable=g-import-not-at-top
   from mixer_jax.weights import run_info
@@ -152,17 +143,10 @@ def _config_of_workdir():
 
 
 def _define_flags():
-  """Defines the command-line flags (only when run as a program)."""
-  flags.DEFINE_string('checkpoint', None, 'Workdir, checkpoint (step) '
-                      'directory, registry or hf-hub: name, .npz, ...')
-  flags.DEFINE_integer('step', None, 'Step of a workdir (default: newest); '
-                       'the fallback when the newest is damaged.')
+  command_line.define_checkpoint_flags()
   flags.DEFINE_string('output', None, 'Also write the results to this JSON '
                       'file.')
-  flags.DEFINE_enum('weights', 'params', ['params', 'ema'],
-                    "A workdir's trained weights, or their EMA.")
   command_line.define_verbose_flag()
-  flags.mark_flags_as_required(['checkpoint'])
 
 
 if __name__ == '__main__':

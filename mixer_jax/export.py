@@ -6,9 +6,7 @@
       --checkpoint=hf-hub:timm/mixer_b16_224.goog_in21k_ft_in1k \
       --out=/tmp/b16_savedmodel --format=savedmodel
 
-`--checkpoint` is anything `any_checkpoint.load` accepts; `--format` is
-stablehlo, savedmodel, onnx or hub. docs/export.md describes each format,
-its inputs and `serving_info.json` (written beside all but the Hub folder).
+docs/export.md describes each format and `serving_info.json`.
 """
 
 import json
@@ -65,7 +63,7 @@ def export_stablehlo(loaded, out: str) -> str:
 
 def export_savedmodel(loaded, out: str, *,
                       preprocess: bool = True) -> str:
-  """Writes a TF SavedModel to `out` (see the module docstring); `out`."""
+  """Writes a TF SavedModel to `out` (docs/export.md); `out`."""
   # pylint: disable=g-import-not-at-top
   import tensorflow as tf
   from jax.experimental import jax2tf
@@ -138,11 +136,8 @@ def _training_text(loaded, weights: str) -> Optional[str]:
 
 def export_hub(loaded, out: str, *, workdir: Optional[str] = None,
                weights: str = 'params', push_to: Optional[str] = None) -> str:
-  """Writes the Hub folder (and uploads it with `push_to`).
-
-  With the training `workdir`, the card lists the run's evaluations of the
-  trained weights up to the exported step, each with its split.
-  """
+  """Writes the Hub folder (and uploads it with `push_to`); with the
+  training `workdir`, its card lists the run's evaluations."""
   from mixer_jax.training import reporting  # pylint: disable=g-import-not-at-top
   from mixer_jax.weights import hub_publish  # pylint: disable=g-import-not-at-top
   evaluations = []
@@ -176,12 +171,8 @@ def _earlier_format(out: str) -> Optional[str]:
 
 
 def check_out(out: str, fmt: str, overwrite: bool = False) -> None:
-  """UsageError unless `out` is a place for a `fmt` export.
-
-  That is a new or empty folder, or one holding an earlier export of the
-  same format (its files are replaced); `overwrite` also allows any other
-  folder, but never a training workdir.
-  """
+  """UsageError unless `out` is new, empty or an earlier `fmt` export (any
+  folder but a training workdir with `overwrite`)."""
   # pylint: disable=g-import-not-at-top
   from mixer_jax.checkpointing.checkpoints import CHECKPOINT_DIR
   from mixer_jax.weights import run_info
@@ -207,8 +198,7 @@ def check_out(out: str, fmt: str, overwrite: bool = False) -> None:
 def export(checkpoint, out: str, fmt: str, *, step: Optional[int] = None,
            preprocess: bool = True, weights: str = 'params',
            push_to: Optional[str] = None, overwrite: bool = False) -> str:
-  """Writes `checkpoint` to `out` (see `check_out`) as `fmt` (one of
-  FORMATS); the path of the artifact."""
+  """Writes `checkpoint` to `out` as `fmt`; the path of the artifact."""
   if push_to and fmt != 'hub':
     raise errors.UsageError('--push_to uploads a Hub folder: use it with '
                             '--format=hub.')
@@ -243,14 +233,10 @@ FLAGS = flags.FLAGS
 
 
 def _define_flags():
-  flags.DEFINE_string('checkpoint', None, 'Workdir, registry or hf-hub: '
-                      'name, .npz or .safetensors.', required=True)
-  flags.DEFINE_integer('step', None, 'Step of a workdir (default: newest).')
+  command_line.define_checkpoint_flags()
   flags.DEFINE_string('out', None, 'Output directory.', required=True)
   flags.DEFINE_enum('format', 'savedmodel', list(FORMATS),
                     'See docs/export.md.')
-  flags.DEFINE_enum('weights', 'params', ['params', 'ema'],
-                    "A workdir's trained weights, or their EMA.")
   flags.DEFINE_string('push_to', None, 'With --format=hub: upload the folder '
                       'to this Hub model repository (OWNER/NAME).')
   flags.DEFINE_bool('overwrite', False, 'Write into a non-empty --out that '

@@ -5,8 +5,7 @@
   python -m mixer_jax.fewshot --checkpoint=imagenet1k/Mixer-B_16 \
       --dataset=cifar100 --image_size=224
 
-big_vision's probe (`training.linear_probe`, also the `fewshot` kind of
-config.evals) on the frozen features of anything `any_checkpoint.load` opens.
+big_vision's probe (`training.linear_probe`), as config.evals' `fewshot`.
 """
 
 import json
@@ -25,11 +24,11 @@ FLAGS = flags.FLAGS
 PROBE = config_defaults.eval_entry('fewshot')
 
 
-def run(checkpoint: str, dataset: str, *, shots=(1, 5, 10), train_split='train',
-        test_split='test', data_dir=None, batch_size=64, image_size=None,
-        l2_reg=PROBE.l2_reg, num_seeds=PROBE.num_seeds, seed=0):
-  """The probes' result rows of one checkpoint on one data set, images
-  preprocessed as the checkpoint's eval."""
+def run(checkpoint: str, dataset: str, *, step=None, weights='params',
+        shots=(1, 5, 10), train_split='train', test_split='test',
+        data_dir=None, batch_size=64, image_size=None, l2_reg=PROBE.l2_reg,
+        num_seeds=PROBE.num_seeds, seed=0):
+  """The probes' result rows, images preprocessed as the checkpoint's eval."""
   # pylint: disable=g-import-not-at-top
   import numpy as np
   from mixer_jax.training import compiled
@@ -37,7 +36,8 @@ def run(checkpoint: str, dataset: str, *, shots=(1, 5, 10), train_split='train',
   from mixer_jax.training import sharding
   from mixer_jax.weights import any_checkpoint
   start = time.time()
-  loaded = any_checkpoint.load(checkpoint, image_size=image_size)
+  loaded = any_checkpoint.load(checkpoint, step=step, weights=weights,
+                               image_size=image_size)
   model, params = loaded.features()
   method = loaded.config.pp.eval_resize_method if loaded.config else 'area'
   mesh = sharding.create_mesh()
@@ -59,7 +59,6 @@ def run(checkpoint: str, dataset: str, *, shots=(1, 5, 10), train_split='train',
 
 
 def parse_shots(text: str):
-  """The --shots flag ('1,5,10') as a tuple of counts >= 1."""
   try:
     shots = tuple(int(k) for k in text.split(',') if k.strip())
   except ValueError:
@@ -77,7 +76,8 @@ def main(argv):
     shots = parse_shots(FLAGS.shots)
     command_line.load_tensorflow_quietly()  # Reads data sets: TF is needed.
     command_line.start_multihost(argv)
-    rows = run(FLAGS.checkpoint, FLAGS.dataset, shots=shots,
+    rows = run(FLAGS.checkpoint, FLAGS.dataset, step=FLAGS.step,
+               weights=FLAGS.weights, shots=shots,
                train_split=FLAGS.train_split, test_split=FLAGS.test_split,
                data_dir=FLAGS.data_dir, batch_size=FLAGS.batch_size,
                image_size=FLAGS.image_size, l2_reg=FLAGS.l2_reg,
@@ -94,8 +94,7 @@ def main(argv):
 
 
 def _define_flags():
-  flags.DEFINE_string('checkpoint', None, 'Workdir, .npz, registry or Hub '
-                      'name (see mixer_jax.weights.any_checkpoint).')
+  command_line.define_checkpoint_flags()
   flags.DEFINE_string('dataset', 'digits', 'TFDS data set to probe.')
   flags.DEFINE_string('train_split', 'train', 'Split the shots come from.')
   flags.DEFINE_string('test_split', 'test', 'Split the probe is scored on.')
@@ -110,7 +109,6 @@ def _define_flags():
   flags.DEFINE_string('data_dir', None, 'TFDS data directory.')
   flags.DEFINE_bool('json', False, 'One JSON object per (dataset, shots).')
   command_line.define_verbose_flag()
-  flags.mark_flags_as_required(['checkpoint'])
 
 
 if __name__ == '__main__':

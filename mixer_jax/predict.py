@@ -6,11 +6,7 @@
   python -m mixer_jax.predict \
       --checkpoint=hf-hub:timm/mixer_b16_224.goog_in21k_ft_in1k cat.jpg
 
-`--checkpoint` is anything `any_checkpoint.load` accepts. Inputs are image
-files, directories, quoted globs or `-` (one image from stdin); each is
-preprocessed as the checkpoint's evaluation and its top-k classes printed
-(`--output=text|json|csv`). A file that cannot be read, decoded or is above
-`--max_megapixels` is reported and skipped (exit status 1).
+A file that cannot be read or decoded is reported and skipped (exit 1).
 """
 
 import csv
@@ -35,8 +31,7 @@ from mixer_jax.errors import UserError
 from mixer_jax.training import command_line
 from mixer_jax.training import errors
 
-# What TensorFlow's decoder reads (`preprocess.decode`): a directory's
-# other files are not images.
+# What TensorFlow's decoder reads: a directory's other files are skipped.
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.gif', '.bmp')
 STDIN = '-'
 # A decoded 100-megapixel image takes 300 MB, and its float copies more.
@@ -46,27 +41,21 @@ _WORDNET_ID = re.compile(r'n\d{8}')
 
 @dataclasses.dataclass
 class Prediction:
-  """Result for one file: `top` is [(class index, softmax score)], best first,
-  or `error` says why the file could not be classified."""
+  """`top`: [(class index, score)], best first; or why it failed."""
   path: str
   top: List[Tuple[int, float]]
   error: Optional[str] = None
 
 
 def imagenet_class_names() -> List[str]:
-  """The 1,000 ImageNet-1k class names in the standard label order."""
   return importlib.resources.files('mixer_jax').joinpath(
       'data', 'imagenet2012_classes.txt').read_text('utf-8').splitlines()
 
 
 def readable_class_names(
     names: Optional[Sequence[str]]) -> Optional[Sequence[str]]:
-  """ImageNet-1k's readable names in place of its WordNet ids, else `names`.
-
-  TFDS names imagenet2012's labels by sorted WordNet id ('n01440764'), the
-  standard label order of the names this package ships ('tench'). Any other
-  list (ImageNet-21k's ids, a data set's own names) is kept as it is.
-  """
+  """ImageNet-1k's names ('tench') for TFDS's sorted WordNet ids
+  ('n01440764'), the same order; any other list is kept."""
   if (names is None or len(names) != 1000 or
       not all(_WORDNET_ID.fullmatch(n) for n in names) or
       list(names) != sorted(names)):
@@ -75,11 +64,7 @@ def readable_class_names(
 
 
 def class_names(spec: str, num_classes: int, entry) -> Optional[List[str]]:
-  """Names for the head's classes (`--labels=spec`), or None for indices.
-
-  'auto' gives ImageNet-1k names to a registry ImageNet-1k `entry` and to
-  other 1000-class heads; a path names a text file, one name per line.
-  """
+  """The head's class names for `--labels=spec`, or None for indices."""
   if spec == 'none':
     return None
   if spec == 'auto':
@@ -103,13 +88,8 @@ def class_names(spec: str, num_classes: int, entry) -> Optional[List[str]]:
 
 
 def expand_inputs(args: Sequence[str]) -> List[str]:
-  """The image paths of the command line's files, directories and globs.
-
-  A directory gives its image files, subdirectories included, sorted; a
-  pattern with `*`, `?` or `[` its matches, sorted (a file of that very name
-  if none). UsageError for a directory without images, a pattern matching
-  nothing, or `-` with a terminal as stdin.
-  """
+  """The image paths of the command line's files, directories (searched
+  down) and globs (a file of that very name first), sorted."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   if STDIN in args and sys.stdin.isatty():
     raise errors.UsageError("'-' reads one image from stdin, which is a "
@@ -135,16 +115,14 @@ def expand_inputs(args: Sequence[str]) -> List[str]:
 
 
 def _read_image(path: str, max_megapixels: float) -> bytes:
-  """The bytes of an image file (`-`: stdin); PIL's DecompressionBombError
-  if its header gives more than `max_megapixels`."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   if path == STDIN:
     data = sys.stdin.buffer.read()
   else:
     with tf.io.gfile.GFile(path, 'rb') as f:
       data = f.read()
-  # PIL reads the size from the header without decoding; its own guard
-  # against huge images is replaced by the limit here.
+  # PIL reads the size from the header without decoding; the flag replaces
+  # its own guard.
   limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
   try:
     width, height = Image.open(io.BytesIO(data)).size
@@ -180,11 +158,7 @@ def classify_files(model, params, paths: Sequence[str], *, image_size: int,
                    top_k: int = 5, batch_size: int = 32,
                    max_megapixels: float = MAX_MEGAPIXELS
                    ) -> Iterator[Prediction]:
-  """A `Prediction` per path, in order, `batch_size` images at a time.
-
-  `crop` and `resize_size` are `preprocess.eval_image`'s (0: the ImageNet
-  ratio); a file that cannot be read or decoded gets an `error`.
-  """
+  """A `Prediction` per path, in order (`preprocess.eval_image`'s crop)."""
   # pylint: disable=g-import-not-at-top
   import tensorflow as tf
   from mixer_jax.data import preprocess
@@ -226,7 +200,7 @@ def classify_files(model, params, paths: Sequence[str], *, image_size: int,
 
 def prediction_record(prediction: Prediction,
                       names: Optional[Sequence[str]]) -> dict:
-  """One file's result as a dict, what every `--output` format prints."""
+  """What every `--output` format prints of one file."""
   if prediction.error:
     return {'path': prediction.path, 'error': prediction.error}
   names = readable_class_names(names)
@@ -237,7 +211,6 @@ def prediction_record(prediction: Prediction,
 
 def format_prediction(prediction: Prediction,
                       names: Optional[Sequence[str]]) -> str:
-  """`--output=text`: readable lines for one file."""
   record = prediction_record(prediction, names)
   if 'error' in record:
     return f'{prediction.path}: ERROR {prediction.error}'
@@ -248,7 +221,6 @@ def format_prediction(prediction: Prediction,
 
 
 def csv_row(record: dict) -> dict:
-  """A `prediction_record` as a row of `--output=csv`."""
   row = {'path': record['path'], 'error': record.get('error', '')}
   for rank, entry in enumerate(record.get('top', []), 1):
     row.update({f'{key}_{rank}': '' if value is None else value
@@ -260,12 +232,7 @@ FLAGS = flags.FLAGS
 
 
 def _define_flags():
-  """Defines the command-line flags (only when run as a program)."""
-  flags.DEFINE_string('checkpoint', None, 'Workdir, registry or hf-hub: '
-                      'name, .npz or .safetensors.', required=True)
-  flags.DEFINE_enum('weights', 'params', ['params', 'ema'],
-                    "A workdir's trained weights, or their EMA.")
-  flags.DEFINE_integer('step', None, 'Step of a workdir (default: newest).')
+  command_line.define_checkpoint_flags()
   flags.DEFINE_integer('image_size', 0, "Input side; 0: the checkpoint's.")
   flags.DEFINE_enum('crop', None, ['resize_crop', 'resize'],
                     "Eval crop (preprocess.eval_image); default: the "
@@ -316,8 +283,7 @@ def main(argv):
       crop=FLAGS.crop or loaded.eval_crop,
       resize_size=FLAGS.resize_size or loaded.eval_resize, top_k=FLAGS.top_k,
       batch_size=FLAGS.batch_size, max_megapixels=FLAGS.max_megapixels)
-  if FLAGS.output == 'csv':  # The path, class, name and probability of
-    # each rank, the error.
+  if FLAGS.output == 'csv':
     ranks = range(1, min(FLAGS.top_k, loaded.num_classes) + 1)
     writer = csv.DictWriter(sys.stdout, ['path'] + [
         f'{key}_{rank}' for rank in ranks

@@ -4,10 +4,8 @@
   python -m mixer_jax.train --config=configs/b16.py --workdir=gs://b/run \
       --config.batch_size=1024
 
-The command line of `trainer.train_and_evaluate(config, workdir)`: a run
-stopped by SIGTERM/SIGINT saves its step and the same command resumes it.
-`--check_only` runs `training.launch_check` instead (every function compiled
-from abstract shapes, nothing read or written), on `--devices=N` fake CPUs:
+A run stopped by SIGTERM/SIGINT saves its step; the same command resumes
+it. `--check_only` runs `training.launch_check` instead:
 
   python -m mixer_jax.train --config=configs/mixer_i1k.py:L_16 \
       --workdir=DIR --check_only --devices=8 --config.sharding=fsdp
@@ -29,8 +27,6 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-  """The config was read and checked with the flags, before JAX and
-  TensorFlow load, so a mistake is answered at once."""
   command_line.set_up_output(FLAGS.verbose)
   # Progress and the summary go to stdout (reporting.log_and_print); user
   # errors are one line (exit 1), anything else keeps its traceback.
@@ -72,7 +68,6 @@ def _check_only():
 
 
 def _define_flags():
-  """Defines the command-line flags (only when run as a program)."""
   flags.DEFINE_string('workdir', None, 'Directory for checkpoints and logs '
                       '(required unless --check_only).')
   flags.DEFINE_bool('check_only', False, 'Launch check: compile every '

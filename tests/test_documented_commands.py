@@ -180,6 +180,8 @@ def _defined_flags(program):
   if 'start_multihost' in source:
     names |= {'multihost', 'coordinator_address', 'num_processes',
               'process_id'}
+  if 'define_checkpoint_flags' in source:
+    names |= {'checkpoint', 'step', 'weights'}
   if 'define_verbose_flag' in source:
     names.add('verbose')
   if 'SIZE_FLAGS' in source:

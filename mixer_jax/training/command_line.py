@@ -1,12 +1,8 @@
 """What every mixer_jax program does alike: quiet output, one-line errors.
 
-The answer goes to stdout; library INFO logs and warnings are dropped and
-library errors cut to one line unless `--verbose`. A `UserError` ends the
-program with one line and exit status 1; anything else keeps its traceback.
 Order: flags (`parse_known_flags` or `config_loading.parse_flags`), then
-TensorFlow (`load_tensorflow_quietly`) and JAX, then the multi-host flags
-(`start_multihost`). TensorFlow logs as it loads, so `--verbose` is looked
-for in sys.argv when this module is imported.
+TensorFlow (`load_tensorflow_quietly`) and JAX, then `start_multihost`.
+TensorFlow logs as it loads, so `--verbose` is read from sys.argv at import.
 """
 
 import contextlib
@@ -31,7 +27,6 @@ _VERBOSE_FLAGS = ('--verbose', '--verbose=true', '--verbose=True',
 
 
 def asks_verbose(argv: Sequence[str]) -> bool:
-  """Whether the command line turns --verbose on (before flags are parsed)."""
   return any(arg in _VERBOSE_FLAGS for arg in argv[1:])
 
 
@@ -46,9 +41,8 @@ if not asks_verbose(sys.argv):
 def load_tensorflow_quietly() -> None:
   """Imports TensorFlow on the CPU (JAX keeps the accelerators' memory).
 
-  Its C++ start-up lines ("All log messages before absl::InitializeLog()",
-  the oneDNN note) escape TF_CPP_MIN_LOG_LEVEL, so the import writes file
-  descriptor 2 to a temporary file, shown only if it fails (or --verbose).
+  Its C++ start-up lines escape TF_CPP_MIN_LOG_LEVEL, so the import writes
+  file descriptor 2 to a temporary file, shown only if it fails.
   """
   if 'tensorflow' not in sys.modules and not asks_verbose(sys.argv):
     sys.stderr.flush()
@@ -70,6 +64,15 @@ def load_tensorflow_quietly() -> None:
     tf.config.set_visible_devices([], 'GPU')
   except RuntimeError:
     pass  # TensorFlow has already used a GPU; it cannot be hidden any more.
+
+
+def define_checkpoint_flags() -> None:
+  """The flags of the programs that read a checkpoint (`any_checkpoint`)."""
+  flags.DEFINE_string('checkpoint', None, 'Workdir, registry or hf-hub: '
+                      'name, .npz or .safetensors.', required=True)
+  flags.DEFINE_integer('step', None, 'Step of a workdir (default: newest).')
+  flags.DEFINE_enum('weights', 'params', ['params', 'ema'],
+                    "A workdir's trained weights, or their EMA.")
 
 
 def define_verbose_flag() -> None:
@@ -106,8 +109,7 @@ def _short_library_errors(record) -> bool:
 
 def quiet_library_logs(max_level: int = pylogging.INFO) -> None:
   """Drops library records up to `max_level` (Orbax per save, TFDS per
-  pass, clu per metric); library errors in one line. Calling it again
-  replaces the level."""
+  pass); library errors in one line. Calling it again replaces the level."""
   handler = logging.get_absl_handler()
   for old in [f for f in handler.filters if isinstance(f, DropLibraryLogs)]:
     handler.removeFilter(old)
@@ -117,7 +119,6 @@ def quiet_library_logs(max_level: int = pylogging.INFO) -> None:
 
 
 def set_up_output(verbose: bool) -> None:
-  """Quiet (default) or verbose logs on stderr; see the module docstring."""
   # huggingface_hub prints its records (download retries) with a handler of
   # its own and also passes them on to absl's: shown twice.
   pylogging.getLogger('huggingface_hub').propagate = False
@@ -134,14 +135,13 @@ def set_up_output(verbose: bool) -> None:
 
 
 def one_line(error: BaseException) -> str:
-  """'ErrorType: message' of a user error."""
   return f'{type(error).__name__}: {error}'
 
 
 @contextlib.contextmanager
 def user_errors_as_one_line(prefix: str = ''):
-  """Ends the program with `prefix` + `one_line(e)` (exit 1) for a
-  `UserError`; any other exception is a bug and keeps its traceback."""
+  """A `UserError` ends the program in one line (exit 1); any other
+  exception is a bug and keeps its traceback."""
   try:
     yield
   except UserError as e:
@@ -149,7 +149,6 @@ def user_errors_as_one_line(prefix: str = ''):
 
 
 def absl_flags_error(error: flags.Error) -> SystemExit:
-  """absl's own report of a flag it refuses."""
   return SystemExit(f'FATAL Flags parsing error: {error}\nPass --helpshort '
                     'or --helpfull to see help on flags.')
 
@@ -164,7 +163,7 @@ def parse_known_flags(argv: Sequence[str]) -> List[str]:
 
 def start_multihost(argv: Sequence[str]) -> None:
   """Reads the multi-host flags left in `argv` (UsageError for any other
-  argument) and starts jax.distributed if they ask for it. Loads JAX."""
+  argument) and starts jax.distributed if they ask for it."""
   from mixer_jax.training import sharding  # pylint: disable=g-import-not-at-top
   sharding.define_multihost_flags()
   try:

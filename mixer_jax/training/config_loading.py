@@ -1,10 +1,6 @@
-"""Reads `--config` for train and evaluate, with one-line errors.
-
-ml_collections' `DEFINE_config_file` loads `file.py[:ARG]` and applies the
-`--config.FIELD=VALUE` overrides; `parse_flags` adds one line (file and
-line) instead of a traceback, and `validate_config` before JAX or TensorFlow
-is imported.
-"""
+"""Reads `--config` (ml_collections' `DEFINE_config_file`) for train and
+evaluate: one line naming file and line instead of a traceback, and
+`validate_config`, before JAX or TensorFlow is imported."""
 
 import os
 import sysconfig
@@ -63,11 +59,9 @@ def one_line(error: BaseException) -> str:
 
 def parse_flags(argv: Sequence[str], help_text: str = 'Config file.',
                 config_when_missing: Optional[Callable] = None) -> List[str]:
-  """`flags_parser` for `absl.app.run`: defines and reads `--config`
-  (help: `help_text`), exit status 1 and one line for what it refuses.
-
-  Without `--config`, `config_when_missing()` (called after the other flags
-  are read) may return the ConfigDict the overrides apply to.
+  """`flags_parser` for `absl.app.run`: defines and reads `--config`, one
+  line (exit 1) for what it refuses. Without `--config`,
+  `config_when_missing()` may return the ConfigDict the overrides apply to.
   """
   # ml_collections wants --config before its overrides; users need not.
   at = [i for i, arg in enumerate(argv) if arg.split('=')[0] == '--config']

@@ -44,6 +44,8 @@ RANGES = {
     'keep_checkpoints': '[1, inf)', 'resume_step': '[0, inf)|-1',
     'profile_steps': '[0, inf)', 'profile_start_step': '[0, inf)',
 }
+EVAL_CHOICES = {'kind': EVAL_KINDS, 'crop': ('',) + EVAL_CROPS,
+                'resize_method': ('',) + RESIZE_METHODS}
 EVAL_RANGES = {'every_steps': '[0, inf)|-1', 'resize': '[0, inf)',
                'l2_reg': '[0.0, inf)', 'num_seeds': '[1, inf)'}
 
@@ -71,31 +73,14 @@ def _in_range(value, interval: str) -> Optional[str]:
 
 def validate_config(config, *, num_devices: Optional[int] = None,
                     num_processes: Optional[int] = None) -> None:
-  """Raises `ConfigError` listing every invalid or inconsistent field.
-
-  Args:
-    config: a ConfigDict built from `mixer_jax.config_defaults.get_config()`.
-    num_devices: devices of the mesh (all hosts); enables the batch check.
-    num_processes: number of processes (hosts) feeding data.
-  """
+  """Raises `ConfigError` listing every invalid or inconsistent field;
+  `num_devices` (all hosts) and `num_processes` enable the batch checks."""
   problems: List[str] = []
-
-  def get(name, node=config):
-    for part in name.split('.'):
-      node = node[part]
-    return node
 
   def fail(name, value, expected):
     problems.append(f'config.{name}={value!r}: {expected}.')
 
-  for name, allowed in CHOICES.items():
-    if get(name) not in allowed:
-      fail(name, get(name), f'must be one of {", ".join(allowed)}')
-  for name, interval in RANGES.items():
-    why = None if get(name) is None else _in_range(get(name), interval)
-    if why:
-      fail(name, get(name), why)
-
+  _check_fields(config, '', CHOICES, RANGES, fail)
   c = config
   variant = VARIANT.fullmatch(c.model.variant)
   if not variant:
@@ -141,19 +126,22 @@ def validate_config(config, *, num_devices: Optional[int] = None,
                       '\nFix the config file or the --config.* flags.')
 
 
+def _check_fields(node, prefix, choices, ranges, fail) -> None:
+  for field, allowed in choices.items():
+    if node[field] not in allowed:
+      fail(prefix + field, node[field],
+           f'must be one of {", ".join(a or "(empty)" for a in allowed)}')
+  for field, interval in ranges.items():
+    why = node[field] is not None and _in_range(node[field], interval)
+    if why:
+      fail(prefix + field, node[field], why)
+
+
 def _check_eval(name, entry, fail) -> None:
   """One `config_defaults.eval_entry(...)` of config.evals."""
   if not name.replace('_', '').replace('.', '').isalnum():
     fail(name, name, 'names must be letters, digits or _')
-  for field, allowed in (('kind', EVAL_KINDS), ('crop', ('',) + EVAL_CROPS),
-                         ('resize_method', ('',) + RESIZE_METHODS)):
-    if entry[field] not in allowed:
-      fail(f'{name}.{field}', entry[field],
-           f'must be one of {", ".join(a or "(empty)" for a in allowed)}')
-  for field, interval in EVAL_RANGES.items():
-    why = _in_range(entry[field], interval)
-    if why:
-      fail(f'{name}.{field}', entry[field], why)
+  _check_fields(entry, name + '.', EVAL_CHOICES, EVAL_RANGES, fail)
   if entry.kind != 'fewshot':
     return
   if not entry.fewshot_datasets:
