@@ -6,6 +6,7 @@ import os
 import numpy as np
 
 from mixer_jax.training import reporting
+from mixer_jax.training import throughput
 
 
 def test_json_lines_writer_appends_scalars(tmp_path):
@@ -35,7 +36,7 @@ def test_create_writer_writes_tensorboard_and_json(tmp_path):
 
 
 def test_progress_line_reports_speed_and_eta():
-  progress = reporting.Progress(start_step=0, num_train_steps=1000,
+  progress = throughput.Progress(start_step=0, num_train_steps=1000,
                                 batch_size=64)
   progress._last_time -= 10.0  # pylint: disable=protected-access
   speed = progress.measure(100)
@@ -47,7 +48,7 @@ def test_progress_line_reports_speed_and_eta():
 
 
 def test_paused_time_is_not_counted():
-  progress = reporting.Progress(0, 10, 1)
+  progress = throughput.Progress(0, 10, 1)
   progress.pause()
   progress._pause_start -= 100.0  # pylint: disable=protected-access
   progress.resume()

@@ -8,7 +8,7 @@ from mixer_jax import models
 from mixer_jax.training import throughput
 
 
-def test_training_flops_are_three_forward_passes_counted_by_hand():
+def test_forward_flops_counted_by_hand():
   model = models.create_model('S_4', 10, num_blocks=2, hidden_dim=32,
                               tokens_mlp_dim=16, channels_mlp_dim=64)
   # 16x16 images in 4x4 patches: 16 tokens of width 32. Multiply-adds:
@@ -18,7 +18,7 @@ def test_training_flops_are_three_forward_passes_counted_by_hand():
   head = 32 * 10
   macs = stem + 2 * (token_mlp + channel_mlp) + head
   assert macs == 188_736
-  assert throughput.train_flops_per_image(model, 16) == 3 * 2 * macs
+  assert models.flops_per_image(model, 16) == 2 * macs
 
 
 def test_published_peaks_and_utilisation():
@@ -32,14 +32,14 @@ def test_published_peaks_and_utilisation():
   assert throughput.peak_tflops('TPU v4', 'float32') is None
   assert throughput.peak_tflops('cpu', 'float32') is None
   # 1,000 images/s of 3 GFLOP each on 8 devices: 0.375 TFLOP/s per device.
-  speed = throughput.speed_metrics(1000, flops_per_image=3 * 10**9,
-                                   num_devices=8, device_kind='TPU v4',
-                                   dtype='bfloat16')
-  assert speed['tflops_per_device'] == pytest.approx(0.375)
-  assert speed['mfu'] == pytest.approx(0.375 / 275)
-  assert 'mfu' not in throughput.speed_metrics(
-      1000, flops_per_image=1, num_devices=1, device_kind='cpu',
-      dtype='float32')
+  progress = throughput.Progress(0, 100, 100, flops_per_image=3 * 10**9,
+                                 num_devices=8, peak=275)
+  progress._last_time -= 1.0  # pylint: disable=protected-access
+  speed = progress.measure(10)
+  assert speed['tflops_per_device'] == pytest.approx(0.375, rel=0.01)
+  assert speed['mfu'] == pytest.approx(0.375 / 275, rel=0.01)
+  assert 'mfu' not in throughput.Progress(
+      0, 100, 100, flops_per_image=1).measure(10)
 
 
 def _share(batches, step_seconds):
