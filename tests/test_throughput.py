@@ -1,4 +1,4 @@
-"""Tests for mixer_jax.training.throughput: FLOPs, peaks, input waits."""
+"""Tests for mixer_jax.training.throughput: speed, FLOPs, peaks, input waits."""
 
 import time
 
@@ -62,3 +62,26 @@ def test_input_wait_share_tells_which_side_is_slow():
   timer = throughput.InputTimer([1])
   assert list(timer) == [1] and timer.take_wait() >= 0
   assert timer.take_wait() == 0  # Each interval starts from zero.
+
+
+def test_progress_line_reports_speed_and_eta():
+  progress = throughput.Progress(start_step=0, num_train_steps=1000,
+                                 batch_size=64)
+  progress._last_time -= 10.0  # pylint: disable=protected-access
+  speed = progress.measure(100)
+  assert abs(speed['steps_per_sec'] - 10.0) < 0.1
+  assert abs(speed['images_per_sec'] - 640.0) < 10
+  line = progress.line(100, speed, {'loss': 0.25})
+  assert line.startswith('step 100/1000 (10.0%) | loss 0.25 | 10.0')
+  assert 'img/s' in line and line.endswith('ETA 1m30s')
+
+
+def test_paused_time_is_not_counted():
+  progress = throughput.Progress(0, 10, 1)
+  progress.pause()
+  progress._pause_start -= 100.0  # pylint: disable=protected-access
+  progress.resume()
+  # 101 s have passed since the start, 100 of them paused.
+  progress._last_time -= 101.0  # pylint: disable=protected-access
+  speed = progress.measure(5)
+  assert 4.0 < speed['steps_per_sec'] < 5.1  # 5 steps in ~1 s of training.

@@ -37,8 +37,7 @@ class JsonLinesWriter(metric_writers.LoggingWriter):
     self._file.flush()
 
   def write_hparams(self, hparams):
-    record = {'hparams': {k: _to_python(v) if v is not None else None
-                          for k, v in hparams.items()}}
+    record = {'hparams': {k: _to_python(v) for k, v in hparams.items()}}
     self._file.write(json.dumps(record) + '\n')
     self._file.flush()
 

@@ -89,9 +89,10 @@ class Progress:
   """Training speed between log points and the status line.
 
   Evaluations and saves are left out (`pause`/`resume`), so steps/s and the
-  ETA are of training alone. A training image costs `flops_per_image` (3
-  forward passes: forward and a backward of twice its matmuls); `peak` is
-  `peak_tflops` of the devices, None where unknown (no MFU).
+  ETA are of training alone (clu's ReportProgress counts them). A training
+  image costs `flops_per_image` (3 forward passes: forward and a backward of
+  twice its matmuls); `peak` is `peak_tflops` of the devices, None where
+  unknown (no MFU).
   """
 
   def __init__(self, start_step: int, num_train_steps: int, batch_size: int,

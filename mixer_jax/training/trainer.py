@@ -238,8 +238,6 @@ def _train(config, workdir, run, state, extra, checkpointer, writer,
       stop_requested=lambda: checkpointer.preemption_signal is not None,
       best=extra.get('best_eval_accuracy'), last=extra.get('last_eval'))
   last_saved = step if extra else None
-  # Not clu's ReportProgress: its steps/s counts eval, checkpoint and compile
-  # time, while steps/s and ETA here are of training alone (pause/resume).
   progress = throughput.Progress(
       step, run.num_train_steps, config.batch_size, num_devices=run.mesh.size,
       flops_per_image=3 * models.flops_per_image(run.steps.model,
