@@ -40,12 +40,6 @@ def create_train_state(model: models.MlpMixer, tx: optax.GradientTransformation,
   return state.replace(step=jnp.zeros((), jnp.int32))
 
 
-def update_ema(ema_params, params, decay: float):
-  """decay * ema + (1 - decay) * params, leaf by leaf (same placement)."""
-  return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p,
-                      ema_params, params)
-
-
 def per_example_loss(logits: jax.Array, labels: jax.Array, loss: str,
                      label_smoothing: float = 0.0) -> jax.Array:
   """(batch,) float32 cross-entropies of (batch, classes) targets.
@@ -167,8 +161,8 @@ def train_step(state: TrainState, batch, *, loss: str = 'softmax',
     metrics['learning_rate'] = learning_rate_fn(state.step)
   new_state = state.apply_gradients(grads=grads)
   if state.ema_params is not None:
-    new_state = new_state.replace(ema_params=update_ema(
-        state.ema_params, new_state.params, ema_decay))
+    new_state = new_state.replace(ema_params=optax.incremental_update(
+        new_state.params, state.ema_params, step_size=1.0 - ema_decay))
   return new_state, metrics
 
 
