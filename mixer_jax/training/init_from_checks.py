@@ -1,9 +1,7 @@
 """Checks `config.init_from` against the config's model, reading the weights.
 
-Separate from config_validation.py, which checks a config by itself and
-reads nothing: this reads (and may download) the checkpoint that
-`init_from` names, to compare its architecture with the config's and to
-derive the token-mixing width of a higher-resolution fine-tuning.
+Not in config_validation.py, which reads nothing: this reads (and may
+download) the checkpoint.
 """
 
 import copy

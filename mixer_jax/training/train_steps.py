@@ -59,13 +59,10 @@ def mixup(rng: jax.Array, images: jax.Array, labels: jax.Array, *,
           alpha: float, prob: float):
   """big_vision's mixup (`utils.get_mixup`), one weight for the global batch.
 
-  With probability `prob`, a ~ Beta(alpha, alpha) is drawn once from `rng`
-  (the step's key, so every host and device uses the same a), a is made the
-  dominant share, max(a, 1 - a), and every example is mixed with its
-  neighbour in the batch rolled by one: x[i] <- a x[i] + (1 - a) x[i - 1]
-  (x[0] with the last example), labels likewise. On a batch split over
-  devices the roll sends one example across each device boundary (a
-  collective-permute); the result does not depend on the device count.
+  With probability `prob`, x[i] <- a x[i] + (1 - a) x[i - 1] (labels too)
+  with a = max(b, 1 - b), b ~ Beta(alpha, alpha) drawn once from the step's
+  key: every device uses the same a, and the roll sends one example across
+  each device boundary, so the result does not depend on the device count.
   """
   lam_rng, apply_rng = jax.random.split(rng)
   lam = jax.random.beta(lam_rng, alpha, alpha)
