@@ -1,4 +1,4 @@
-"""Tests of mixer_jax.training.reporting: JSON-lines metrics and the progress line."""
+"""Tests of mixer_jax.training.reporting: metrics.jsonl, TensorBoard, summary."""
 
 import json
 import os
@@ -32,29 +32,6 @@ def test_create_writer_writes_tensorboard_and_json(tmp_path):
   assert any('tfevents' in name for name in os.listdir(tmp_path))
   assert reporting.read_metrics(str(tmp_path)) == [{'step': 1,
                                                     'train_loss': 2.0}]
-
-
-def test_progress_line_reports_speed_and_eta():
-  progress = reporting.Progress(start_step=0, num_train_steps=1000,
-                                batch_size=64)
-  progress._last_time -= 10.0  # pylint: disable=protected-access
-  speed = progress.measure(100)
-  assert abs(speed['steps_per_sec'] - 10.0) < 0.1
-  assert abs(speed['images_per_sec'] - 640.0) < 10
-  line = progress.line(100, speed, {'loss': 0.25})
-  assert line.startswith('step 100/1000 (10.0%) | loss 0.25 | 10.0')
-  assert 'img/s' in line and line.endswith('ETA 1m30s')
-
-
-def test_paused_time_is_not_counted():
-  progress = reporting.Progress(0, 10, 1)
-  progress.pause()
-  progress._pause_start -= 100.0  # pylint: disable=protected-access
-  progress.resume()
-  # 101 s have passed since the start, 100 of them paused.
-  progress._last_time -= 101.0  # pylint: disable=protected-access
-  speed = progress.measure(5)
-  assert 4.0 < speed['steps_per_sec'] < 5.1  # 5 steps in ~1 s of training.
 
 
 def test_summary_is_readable():

@@ -1,4 +1,4 @@
-"""Tests for mixer_jax.training.throughput: FLOPs, peaks, input waits."""
+"""Tests for mixer_jax.training.throughput: speed, FLOPs, peaks, input waits."""
 
 import time
 
@@ -8,7 +8,7 @@ from mixer_jax import models
 from mixer_jax.training import throughput
 
 
-def test_training_flops_are_three_forward_passes_counted_by_hand():
+def test_forward_flops_counted_by_hand():
   model = models.create_model('S_4', 10, num_blocks=2, hidden_dim=32,
                               tokens_mlp_dim=16, channels_mlp_dim=64)
   # 16x16 images in 4x4 patches: 16 tokens of width 32. Multiply-adds:
@@ -18,7 +18,7 @@ def test_training_flops_are_three_forward_passes_counted_by_hand():
   head = 32 * 10
   macs = stem + 2 * (token_mlp + channel_mlp) + head
   assert macs == 188_736
-  assert throughput.train_flops_per_image(model, 16) == 3 * 2 * macs
+  assert models.flops_per_image(model, 16) == 2 * macs
 
 
 def test_published_peaks_and_utilisation():
@@ -32,14 +32,14 @@ def test_published_peaks_and_utilisation():
   assert throughput.peak_tflops('TPU v4', 'float32') is None
   assert throughput.peak_tflops('cpu', 'float32') is None
   # 1,000 images/s of 3 GFLOP each on 8 devices: 0.375 TFLOP/s per device.
-  speed = throughput.speed_metrics(1000, flops_per_image=3 * 10**9,
-                                   num_devices=8, device_kind='TPU v4',
-                                   dtype='bfloat16')
-  assert speed['tflops_per_device'] == pytest.approx(0.375)
-  assert speed['mfu'] == pytest.approx(0.375 / 275)
-  assert 'mfu' not in throughput.speed_metrics(
-      1000, flops_per_image=1, num_devices=1, device_kind='cpu',
-      dtype='float32')
+  progress = throughput.Progress(0, 100, 100, flops_per_image=3 * 10**9,
+                                 num_devices=8, peak=275)
+  progress._last_time -= 1.0  # pylint: disable=protected-access
+  speed = progress.measure(10)
+  assert speed['tflops_per_device'] == pytest.approx(0.375, rel=0.01)
+  assert speed['mfu'] == pytest.approx(0.375 / 275, rel=0.01)
+  assert 'mfu' not in throughput.Progress(
+      0, 100, 100, flops_per_image=1).measure(10)
 
 
 def _share(batches, step_seconds):
@@ -62,3 +62,26 @@ def test_input_wait_share_tells_which_side_is_slow():
   timer = throughput.InputTimer([1])
   assert list(timer) == [1] and timer.take_wait() >= 0
   assert timer.take_wait() == 0  # Each interval starts from zero.
+
+
+def test_progress_line_reports_speed_and_eta():
+  progress = throughput.Progress(start_step=0, num_train_steps=1000,
+                                 batch_size=64)
+  progress._last_time -= 10.0  # pylint: disable=protected-access
+  speed = progress.measure(100)
+  assert abs(speed['steps_per_sec'] - 10.0) < 0.1
+  assert abs(speed['images_per_sec'] - 640.0) < 10
+  line = progress.line(100, speed, {'loss': 0.25})
+  assert line.startswith('step 100/1000 (10.0%) | loss 0.25 | 10.0')
+  assert 'img/s' in line and line.endswith('ETA 1m30s')
+
+
+def test_paused_time_is_not_counted():
+  progress = throughput.Progress(0, 10, 1)
+  progress.pause()
+  progress._pause_start -= 100.0  # pylint: disable=protected-access
+  progress.resume()
+  # 101 s have passed since the start, 100 of them paused.
+  progress._last_time -= 101.0  # pylint: disable=protected-access
+  speed = progress.measure(5)
+  assert 4.0 < speed['steps_per_sec'] < 5.1  # 5 steps in ~1 s of training.

@@ -1,15 +1,7 @@
-"""Every jitted function of a run, built in one place from (config, model, mesh).
+"""Every jitted function of a run, built in one place: `build`.
 
-`build(config, model, mesh, tx=..., num_train_steps=...)` returns the
-`RunFunctions` of a run: initialisation, the train step, the eval step, the
-step of each `config.evals` kind (classification reuses the eval step; ReaL;
-few-shot features) and the forward pass. Each is `jax.jit`ted with the same
-parameter shardings (`sharding.state_shardings(..., config.sharding)`) and
-the batch split over the mesh's data axes, so a function never meets
-parameters placed for another one. The trainer, `training/evals.py`,
-`fewshot.py`, `evaluate.py`, `benchmark.py` and the launch check
-(`training/launch_check.py`) all take their functions from here; predict and
-export serve `forward`.
+Each is jitted with the same parameter shardings, so a function never meets
+parameters placed for another one (docs/parallelism.md).
 """
 
 import dataclasses
@@ -27,10 +19,7 @@ from mixer_jax.training import train_steps
 
 
 def forward(model) -> Callable[..., jax.Array]:
-  """f(params, images in [-1, 1]) -> float32 logits (features if no head).
-
-  The inference forward pass that predict and export serve.
-  """
+  """f(params, images in [-1, 1]) -> float32 logits (features if no head)."""
   def apply(params, images):
     return model.apply({'params': params}, images,
                        train=False).astype(jnp.float32)
@@ -38,10 +27,7 @@ def forward(model) -> Callable[..., jax.Array]:
 
 
 def predict_function(model) -> Callable[..., jax.Array]:
-  """Jitted (params, images) -> class probabilities, on the default device.
-
-  Single images of any count: not split over a mesh.
-  """
+  """Jitted (params, images) -> probabilities, on one device (any count)."""
   apply = forward(model)
   return jax.jit(lambda p, x: jax.nn.softmax(apply(p, x), axis=-1))
 
@@ -67,11 +53,6 @@ def features_function(features_model, mesh, params_sharding):
 
   Images only (labels stay on the host), so one compilation serves every
   few-shot data set whatever its class count.
-
-  Args:
-    features_model: a Mixer returning features (num_classes None or 0).
-    mesh: the device mesh; the batch is split over its data axes.
-    params_sharding: the placement of the (headless) parameters.
   """
   data = sharding.batch_sharding(mesh)
   return jax.jit(forward(features_model), in_shardings=(params_sharding, data),
@@ -80,36 +61,17 @@ def features_function(features_model, mesh, params_sharding):
 
 @dataclasses.dataclass(frozen=True)
 class RunFunctions:
-  """The jitted functions of one run (see `build`).
-
-  Attributes:
-    mesh: the device mesh every function is compiled for.
-    model: the Mixer with its head.
-    params_sharding: placement of every parameter (the tree of the params).
-    abstract_params: ShapeDtypeStructs of the parameters, with shardings.
-    abstract_state: the same for the whole TrainState (None without tx):
-      the restore target.
-    init_fn: rng -> TrainState placed by the state shardings (None
-      without tx).
-    train_step: (state, batch) -> (state, metrics); the state is donated.
-    eval_step: (params, batch) -> masked sums (`train_steps.eval_step`);
-      also the step of `classification` entries of config.evals.
-    real_step: (params, batch) -> ReaL sums (`real_sums`).
-    features_step: (headless params, images) -> features, the few-shot
-      feature pass (`features_function`).
-    serve_step: (params, images) -> float32 logits, batch split over the
-      mesh (`forward`).
-  """
+  """The jitted functions of one run; the state's are None without tx."""
   mesh: Any
   model: models.MlpMixer
   params_sharding: Any
   abstract_params: Any
-  abstract_state: Optional[Any]
+  abstract_state: Optional[Any]  # The restore target.
   init_fn: Optional[Callable[..., Any]]
-  train_step: Optional[Callable[..., Any]]
-  eval_step: Callable[..., Any]
+  train_step: Optional[Callable[..., Any]]  # Donates the state.
+  eval_step: Callable[..., Any]  # Also config.evals' classification.
   real_step: Callable[..., Any]
-  features_step: Callable[..., Any]
+  features_step: Callable[..., Any]  # (headless params, images).
   serve_step: Callable[..., Any]
 
 
@@ -122,19 +84,7 @@ def _with_shardings(shapes, shardings):
 def build(config, model, mesh, *,
           tx: Optional[optax.GradientTransformation] = None,
           num_train_steps: Optional[int] = None) -> RunFunctions:
-  """Jits every function of a run over `mesh`.
-
-  Args:
-    config: the run's ConfigDict (image_size, sharding, loss and the train
-      step's fields).
-    model: the Mixer of the run (`model_from_config.create_model`).
-    mesh: the device mesh (`sharding.create_mesh`).
-    tx: the optimizer; without it (evaluation only) there is no state,
-      init_fn or train_step.
-    num_train_steps: the schedule's length (reported learning rate).
-
-  Returns:
-    RunFunctions.
+  """Jits every function of a run over `mesh` (no state ones without `tx`).
   """
   replicated = sharding.replicated(mesh)
   data = sharding.batch_sharding(mesh)
@@ -150,8 +100,7 @@ def build(config, model, mesh, *,
     state_shapes = jax.eval_shape(init, jax.random.PRNGKey(0))
     state_sharding = sharding.state_shardings(state_shapes, mesh,
                                               config.sharding, **min_size)
-    # The params inside the state (and their EMA) are placed as the params
-    # alone.
+    # The state's params (and their EMA) placed as the params alone.
     state_sharding = state_sharding.replace(
         params=params_sharding,
         ema_params=params_sharding if config.ema_decay > 0 else None)

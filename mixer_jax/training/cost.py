@@ -1,7 +1,4 @@
 """What a compiled step costs: collectives in its HLO, FLOPs, memory, state.
-
-Read from the optimized HLO text and XLA's cost and memory analyses of a
-`jax.stages.Compiled`; used by benchmark.py.
 """
 
 import collections
@@ -50,11 +47,7 @@ def state_bytes_per_device(tree) -> int:
 
 
 def device_memory(device) -> Optional[Tuple[int, str]]:
-  """(bytes, whose) of the memory `device` can use; None when unknown.
-
-  CPU devices use the host's memory (all of them together); an accelerator
-  reports its limit in `memory_stats()`.
-  """
+  """(bytes, whose) of the memory `device` can use; None when unknown."""
   if device.platform == 'cpu':
     return (os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES'),
             'this host')
@@ -73,6 +66,4 @@ def compiled_memory(compiled) -> Optional[int]:
 
 def compiled_flops(compiled) -> float:
   """FLOPs per device XLA counts for the compiled executable."""
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost.get('flops', 0.0))
+  return float((compiled.cost_analysis() or {}).get('flops', 0.0))

@@ -1,21 +1,10 @@
 """Checks of the data a training run reads, all before the first step.
 
-`checked_dataset_info(config)` is `input_pipeline.dataset_info` after
-checking everything about the data that would otherwise fail later (after
-compiling, or in the first evaluation after hours of training):
-
-  * config.train_split and config.eval_split name splits of the data set
-    (slices such as 'train[:90%]' included) and select at least one
-    example; with several processes, every process gets a training example;
-    a batch holds no more examples than the training split;
-  * config.num_classes is -1 or at least the data set's class count (labels
-    of a 10-class data set do not fit a 5-class head);
-  * every entry of config.evals: its data set, split (non-empty), label
-    feature and class count against the head; for 'fewshot' entries both
-    splits of every data set.
-
-Each failure is one `ConfigError` (or the source's DatasetUnavailableError
-/ BadImagesError) naming the field, the value and what the data set has.
+Everything that would otherwise fail after compiling, or in the first
+evaluation hours later: the splits (each process gets a training example,
+a batch fits the training split), the class count against the head, and
+every config.evals entry's data. Each failure is one `ConfigError` (or the
+source's DatasetUnavailableError / BadImagesError) naming the field.
 """
 
 from typing import Optional
@@ -37,18 +26,9 @@ def _sizes(source) -> str:
 
 def split_size(source, split: str, field: str, *, num_processes: int = 1,
                training: bool = False) -> int:
-  """Examples of `split` in `source`; ConfigError if unusable.
+  """Examples of `split` in `source`; ConfigError naming `field` if unusable.
 
-  Args:
-    source: a sources.TfdsSource or sources.FolderSource.
-    split: the split string.
-    field: the config field it came from (for the message).
-    num_processes: processes that share the split.
-    training: every process must get at least one example (evaluation
-      only needs one in all).
-
-  Returns:
-    The number of examples of the split, over all processes.
+  `training`: every process needs an example (an evaluation one in all).
   """
   try:
     n = source.num_examples(split)
@@ -82,7 +62,7 @@ def _head_classes(config, source) -> int:
 
 def check_evals(config, head_classes: int, main_source=None) -> None:
   """Checks every config.evals entry's data (see the module docstring)."""
-  entries = config.evals.items() if 'evals' in config else ()
+  entries = config.evals.items()
   for name, entry in entries:
     field = f'evals.{name}'
     try:
@@ -118,20 +98,7 @@ def check_evals(config, head_classes: int, main_source=None) -> None:
 
 
 def checked_dataset_info(config, num_processes: Optional[int] = None):
-  """`input_pipeline.dataset_info(config)` after every data check.
-
-  Args:
-    config: the run's ConfigDict (validated).
-    num_processes: processes sharing the data; default jax.process_count().
-
-  Returns:
-    An input_pipeline.DatasetInfo.
-
-  Raises:
-    ConfigError: a split that is unknown, unparsable or empty; a class count
-      that does not fit the data; a bad config.evals entry.
-    sources.DatasetUnavailableError, sources.BadImagesError: as the source.
-  """
+  """`input_pipeline.dataset_info(config)` after every data check."""
   if num_processes is None:
     import jax  # pylint: disable=g-import-not-at-top
     num_processes = jax.process_count()

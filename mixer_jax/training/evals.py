@@ -1,27 +1,8 @@
 """The evaluations of a training run, each an entry with a name.
 
-After each step the loop runs the entries `due(step)` (`Evaluations.run`),
-which writes each one's metrics (TensorBoard, metrics.jsonl) as it ends:
-
-  MAIN_EVAL       `eval_accuracy` (top-1), `eval_top5`, `eval_loss`,
-                  `eval_examples` on config.eval_split, every
-                  eval_every_steps steps and at the last step;
-  EMA_EVAL        the same as `ema/eval_*`, of the EMA of the parameters
-                  (config.ema_decay > 0);
-  config.evals    name -> `eval_entry(...)` (every `every_steps` steps and
-                  at the last step), by kind: classification (`<name>/
-                  accuracy`, `top5`, `loss`, `examples` of the head on
-                  (dataset, split)); real (`<name>/accuracy`, `examples`:
-                  ImageNet ReaL, top-1 correct when in the image's label set;
-                  empty sets left out); fewshot (`<name>/<set>_<k>shot_
-                  accuracy`, mean over seeds: linear probes on the frozen
-                  pre-logits, linear_probe.py).
-
-Batches are padded with mask 0, so every example is scored exactly once.
-Every step comes from the run's `compiled.RunFunctions`, so it takes the
-parameters as the trainer places them. A stop request (SIGTERM) is checked
-between entries, data sets and batches: the entries left are returned, and
-the trainer saves first.
+The main eval, its EMA twin and each `config.evals` entry (docs/recipes.md,
+"Evaluations"). A stop request is checked between entries, data sets and
+batches: the entries left are returned, and the trainer saves first.
 """
 
 from typing import Callable, Dict, Iterable, List, Optional
@@ -45,27 +26,11 @@ def evaluate_dataset(step_fn, params, batches: Iterable, mesh, *,
                      on_batch: Optional[Callable[[int], None]] = None,
                      stop_requested: Optional[Callable[[], bool]] = None
                      ) -> Optional[Dict[str, float]]:
-  """Top-1, top-5, mean loss and example count over one pass of `batches`.
+  """accuracy, top5, loss, examples and nan_rows of one pass; None if stopped.
 
-  The one evaluation of the head: used by the training loop and by
-  `python -m mixer_jax.evaluate`. Each batch's sums (replicated scalars) are
-  read back and added on the host: an eager add of global arrays is a
-  computation every process must dispatch in the same order.
-
-  Args:
-    step_fn: the run's `eval_step` (or `real_step`: no top-5 or loss).
-    params: the model parameters (placed for step_fn).
-    batches: host batches with 'image', 'label' and 'mask' (padding 0, so
-      every example is counted once).
-    mesh: the device mesh the batches are sharded over.
-    prefetch: batches in flight (`sharding.prefetch`).
-    on_batch: called with the number of batches done after each one.
-    stop_requested: checked before each batch; True abandons the pass.
-
-  Returns:
-    Dict with 'accuracy', 'top5', 'loss', 'examples' and 'nan_rows' (the
-    examples whose logits hold a NaN; scored by argmax's rule, the first
-    NaN class); None when stopped.
+  `step_fn` is `eval_step` or `real_step` (no top5 or loss). The sums are
+  added on the host: an eager add of global arrays is a computation every
+  process must dispatch in the same order.
   """
   totals = None
   for i, batch in enumerate(sharding.prefetch(batches, mesh, prefetch), 1):
@@ -96,12 +61,8 @@ def nan_note(nan_rows: int) -> str:
 def entry_source(config, entry, run_source=None):
   """(source, split) that an entry of config.evals scores.
 
-  An entry with no `dataset` and the default `label_key` scores the run's
-  own data set (`run_source` when open; a folder or the built-in digits
-  included); any other names a TFDS data set and a label feature of it
-  (`real_label` for ImageNet ReaL: a set of labels per image). An empty
-  `split` is config.eval_split. ValueError for a label_key the data set
-  does not have.
+  No `dataset` and the default `label_key`: the run's own data (a folder or
+  the digits included); otherwise a TFDS data set and its label feature.
   """
   dataset = entry.dataset or config.dataset
   split = entry.split or config.eval_split
@@ -119,26 +80,20 @@ def _prefix(name: str) -> str:
 class Evaluations:
   """Runs the evaluations due at a step; keeps the main eval's results.
 
-  Attributes:
-    best: the best main eval accuracy so far (None before the first).
-    last: the metrics of the latest main eval ({} before the first).
-    improved: whether the latest `run` improved on `best`.
-    accuracies: the latest accuracy of every other entry this process ran.
+  `best` and `last` are of the main eval (`improved`: by the latest `run`),
+  `accuracies` the latest of every other entry.
   """
 
   def __init__(self, config, functions: compiled.RunFunctions,
                num_train_steps: int,
                stop_requested: Optional[Callable[[], bool]] = None, *,
                best: Optional[float] = None, last: Optional[dict] = None):
-    """Args: the run's config, its `compiled.build` functions, its length,
-    a stop-request check (None: never stop), and the best and latest main
-    eval of a resumed run."""
     self.config = config
     self.functions = functions
     self.mesh = functions.mesh
     self.num_train_steps = num_train_steps
     self.stop_requested = stop_requested or (lambda: False)
-    self.entries = dict(config.evals.items()) if 'evals' in config else {}
+    self.entries = dict(config.evals.items())
     self.best, self.last = best, dict(last or {})
     self.improved, self.accuracies = False, {}
 
@@ -154,11 +109,7 @@ class Evaluations:
             entry.every_steps or self.config.eval_every_steps) == 0)]
 
   def run(self, names: List[str], state, step: int, writer) -> List[str]:
-    """Runs `names` on `state`, writing and printing each one's metrics.
-
-    Returns:
-      The names not run because a stop was requested ([] when all ran).
-    """
+    """Runs, writes and prints `names`; those a stop request left."""
     self.improved = False
     for i, name in enumerate(names):
       metrics = self.run_one(name, state.ema_params if name == EMA_EVAL
@@ -188,10 +139,7 @@ class Evaluations:
     return []
 
   def run_one(self, name: str, params) -> Optional[Dict[str, float]]:
-    """Runs evaluation `name` now; its metrics (see the module docstring).
-
-    None when a stop was requested before it finished.
-    """
+    """The metrics of evaluation `name`; None when a stop cut it short."""
     config, entry = self.config, self.entries.get(name)
     step_fn = self.functions.eval_step
     if entry is None:  # MAIN_EVAL, EMA_EVAL.

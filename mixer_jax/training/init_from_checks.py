@@ -1,9 +1,7 @@
 """Checks `config.init_from` against the config's model, reading the weights.
 
-Separate from config_validation.py, which checks a config by itself and
-reads nothing: this reads (and may download) the checkpoint that
-`init_from` names, to compare its architecture with the config's and to
-derive the token-mixing width of a higher-resolution fine-tuning.
+Not in config_validation.py, which reads nothing: this reads (and may
+download) the checkpoint.
 """
 
 import copy
@@ -16,25 +14,12 @@ from mixer_jax.weights import pretrained
 
 
 def check_init_from(config) -> Optional[int]:
-  """Checks that `config.init_from` fits the config's model; reads the file.
+  """The token-mixing width to train with; ConfigError when it does not fit.
 
-  Done before anything is compiled or written, so a wrong file fails at once.
-  Every size of the checkpoint must equal the config's (the class count may
-  differ: the head is replaced). An image size K times the checkpoint's
-  (integer K) is a fine-tuning at higher resolution (paper, Appendix C): the
-  token-mixing width must then be K^2 * D_S of the checkpoint, which is what
-  a `config.model.tokens_mlp_dim` of None means.
-
-  Args:
-    config: a validated config with `init_from` set.
-
-  Returns:
-    The token-mixing width to train with: `config.model.tokens_mlp_dim`, or
-    K^2 * D_S of the checkpoint when that is None.
-
-  Raises:
-    ConfigError: the checkpoint's architecture does not fit the config.
-    registry.CheckpointNotFoundError, PretrainedError: unreadable file.
+  Every size must equal the config's but the class count (the head is
+  replaced). An image size K times the checkpoint's is a fine-tuning at
+  higher resolution (paper, Appendix C): the token-mixing width is then
+  K^2 * D_S of the checkpoint, which `model.tokens_mlp_dim=None` means.
   """
   info = pretrained.checkpoint_info(config.init_from)
   m = config.model
@@ -56,9 +41,6 @@ def check_init_from(config) -> Optional[int]:
         f'{"; ".join(problems) or "its architecture cannot be read"}. Set '
         'config.model.variant and the size fields to the checkpoint\'s, or '
         'choose another init_from.')
-  if config.image_size % spec.patch_size:
-    raise ConfigError(f'image_size={config.image_size} is not a multiple of '
-                      f'the patch size {spec.patch_size}.')
   try:
     factor = pretrained.resolution_factor(
         info.num_tokens, (config.image_size // spec.patch_size)**2,
@@ -77,16 +59,9 @@ def check_init_from(config) -> Optional[int]:
 
 
 def resolve_init_from(config, *, resuming: bool):
-  """The config to build the model from, checked against `config.init_from`.
+  """`config`, or a copy with the tokens_mlp_dim `check_init_from` derives.
 
-  Args:
-    config: a validated config.
-    resuming: whether the weights come from a training checkpoint (then
-      init_from is read only when the token-mixing width must be derived).
-
-  Returns:
-    `config` itself, or a copy whose `model.tokens_mlp_dim` (None in
-    `config`) is set to the width `check_init_from` derives.
+  When `resuming`, init_from is read only when that width must be derived.
   """
   if not config.init_from or (resuming and
                               config.model.tokens_mlp_dim is not None):

@@ -1,29 +1,14 @@
-"""The launch check: compile every function of a run before running it.
+"""The launch check (`train --check_only`, docs/parallelism.md).
 
-  python -m mixer_jax.train --config=configs/mixer_i1k.py:L_16 \
-      --workdir=DIR --check_only --devices=8 --config.sharding=fsdp \
-      --device_memory_gib=16
-
-`check(config)` resolves the config as `train_and_evaluate` does
-(validation, `config.init_from`, class count, mesh), builds the run's
-functions with `compiled.build` and compiles each one the run will call from
-abstract shapes: initialisation, the train step, the eval step and the step
-of every `config.evals` entry (few-shot: one feature pass per class count).
-No data is read (only the data set's metadata) and nothing is written. Each
-function gets a row: the FLOPs one device runs as a fraction of the whole
-step's (`models.flops_per_image`; 1/N is a perfect split), the collectives
-in its optimized HLO, and its compiled memory per device (arguments,
-outputs, temporaries; with a device memory size, whether it fits).
-
-`--devices=N` plans on N fake CPU devices: the compiled programs, FLOPs
-split and collectives are those of N accelerators; memory sizes are XLA's
-CPU figures, close to (not equal to) an accelerator's.
+`check(config)` resolves the config as `train_and_evaluate` does and
+compiles, from abstract shapes, every function the run will call; it reads
+only the data set's metadata and writes nothing.
 """
 
 import dataclasses
 import os
 import types
-from typing import Any, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import jax
 import jax.numpy as jnp
@@ -162,20 +147,7 @@ def _row(name, used_by, jitted, args, model_flops):
 
 
 def check(config, *, mesh=None) -> Plan:
-  """Resolves `config` as a run would and compiles each of its functions.
-
-  Args:
-    config: the run's ConfigDict.
-    mesh: default the mesh of `config.mesh` over every device.
-
-  Returns:
-    A Plan.
-
-  Raises:
-    config_validation.ConfigError: an invalid config or mesh.
-    LaunchCheckError: a function that does not compile.
-    Errors of the data set's metadata (sources.DatasetUnavailableError).
-  """
+  """Resolves `config` as a run would and compiles each of its functions."""
   config_validation.validate_config(config, num_devices=jax.device_count(),
                                     num_processes=jax.process_count())
   config, note = _init_from_note(config)
@@ -203,7 +175,7 @@ def check(config, *, mesh=None) -> Plan:
            (functions.abstract_state,
             _batch(functions, batch, size, num_classes, False)),
            3 * forward / config.grad_accum_steps)]
-  entries = dict(config.evals.items()) if 'evals' in config else {}
+  entries = dict(config.evals.items())
   users = {'classification': ['eval_split'], 'real': []}
   fewshot_users = []
   for name, entry in entries.items():
@@ -284,6 +256,3 @@ def fits(plan: Plan, device_memory_gib: Optional[float]) -> bool:
   return not device_memory_gib or all(
       r.total_bytes <= device_memory_gib * GIB for r in plan.rows)
 
-
-def as_dict(plan: Plan) -> Dict[str, Any]:
-  return dataclasses.asdict(plan)

@@ -1,19 +1,10 @@
 """Few-shot linear probes of frozen features (big_vision's fewshot_lsr).
 
-The model's pre-logits (the pooled features before the head) are computed
-once for a train and a test split; for each shot count k, k training
-examples per class are drawn, the features are standardised with their mean
-and standard deviation, a constant feature of 100 is appended (a bias that
-the regulariser barely touches), and a linear map onto +-1 one-hot targets
-is solved in closed form by L2-regularised least squares; the test accuracy
-is that of the argmax. The regulariser is fixed at 2**10, as in big_vision
-(`configs/common_fewshot.py:get_fewshot_lsr`; it is not tuned per data
-set). Draws use seeds seed .. seed + num_seeds - 1 (big_vision: 3 seeds from
-0); each is reported and so is their mean.
-
-Used by the `fewshot` kind of `config.evals` during training
-(mixer_jax/training/evals.py) and by the program `python -m
-mixer_jax.fewshot`.
+For each shot count k, k training examples per class are drawn; their
+pre-logits, standardised and with a constant bias feature, are mapped onto
++-1 one-hot targets by closed-form L2-regularised least squares (the
+regulariser fixed at 2**10 as in big_vision, not tuned per data set); the
+score is the test accuracy of the argmax, per seed and in the mean.
 """
 
 from typing import Dict, Mapping, Optional, Sequence
@@ -34,18 +25,9 @@ DEFAULT_NUM_SEEDS = 3
 
 
 def fit_linear(x, labels, num_classes: int, l2_reg: float):
-  """Closed-form L2-regularised least squares onto +-1 one-hot targets.
+  """The probe ('w', 'mean', 'std') of (N, D) features and (N,) labels.
 
-  Args:
-    x: (N, D) features.
-    labels: (N,) int class indices.
-    num_classes: C.
-    l2_reg: the regulariser (> 0), on all D + 1 weights (bias included,
-      whose feature is BIAS_CONSTANT so it is barely penalised).
-
-  Returns:
-    dict: 'w' (D + 1, C) float64, 'mean' and 'std' (1, D) of the
-    standardisation.
+  The regulariser covers the bias too, barely: its feature is BIAS_CONSTANT.
   """
   if l2_reg <= 0:
     raise ValueError(f'l2_reg must be > 0, got {l2_reg}.')
@@ -156,24 +138,8 @@ def evaluate_datasets(features_fn, params,
                       shots: Sequence[int], l2_reg: float, num_seeds: int,
                       seed: int = 0, stop_requested=None
                       ) -> Optional[Dict[str, dict]]:
-  """Few-shot probes of a feature model on several data sets.
-
-  Args:
-    features_fn: the run's feature pass (`compiled.features_function`,
-      `RunFunctions.features_step`).
-    params: its parameters (no head), placed as features_fn expects.
-    datasets: {name: (tfds_name, train_split, test_split)}.
-    mesh: device mesh (batches are sharded over it).
-    data_dir: TFDS data directory (None: TFDS's default).
-    batch_size: global batch of the feature pass.
-    image_size, crop, resize, resize_method: preprocessing (see
-      preprocess.eval_image).
-    shots, l2_reg, num_seeds, seed: see `probe_accuracies`.
-    stop_requested: checked between data sets and batches.
-
-  Returns:
-    {name: {shots: [accuracy per seed]}}; None when asked to stop.
-  """
+  """{name: {shots: [accuracy per seed]}} of `datasets` ({name: (tfds name,
+  train split, test split)}); None when a stop is requested."""
   results = {}
   for name, (tfds_name, train_split, test_split) in datasets.items():
     if stop_requested is not None and stop_requested():

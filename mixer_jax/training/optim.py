@@ -24,28 +24,16 @@ Schedule = Callable[[jax.Array], jax.Array]
 
 
 def schedule_shape(config, num_train_steps: int) -> Schedule:
-  """Returns t -> multiplier of the peak learning rate at update `t`.
+  """t -> multiplier of the peak learning rate at update t (from 0).
 
-  big_vision's `create_learning_rate_schedule(base=1)` (vit_jax's is the
-  same), with update t counted from 0 as optax and both references count it:
+  big_vision's `create_learning_rate_schedule(base=1)` (vit_jax's too):
     warmup(t) = min(1, t / warmup_steps)        (1 when warmup_steps = 0)
     p = clip((t - warmup_steps) / (T - warmup_steps), 0, 1)
     linear: end + (1 - end) * (1 - p)
     cosine: end + (1 - end) * (1 + cos(pi p)) / 2
-    multiplier(t) = warmup(t) * decay(p)
-  with end = config.end_learning_rate_multiplier and T = num_train_steps. So
-  the first update uses 0 (with warmup) and the end value is reached at
-  t = T, one past the last update (the last update, t = T - 1, still uses
-  end + (1 - end) / (T - warmup_steps) under linear decay). big_vision's
-  `linear_end` is this `end` (its cosine has no end value: end = 0 there).
-
-  Args:
-    config: the training config (end_learning_rate_multiplier, warmup_steps,
-      lr_schedule).
-    num_train_steps: total number of optimizer updates.
-
-  Returns:
-    A jittable function of the update count.
+  times warmup(t), with end = config.end_learning_rate_multiplier
+  (big_vision's `linear_end`) and T = num_train_steps: the end value is
+  reached at t = T, one past the last update.
   """
   warmup = int(config.warmup_steps)
   end = float(config.end_learning_rate_multiplier)
@@ -90,18 +78,7 @@ def kernel_mask(params):
 
 def create_optimizer(config,
                      num_train_steps: int) -> optax.GradientTransformation:
-  """Builds the optax chain described in the module docstring.
-
-  Args:
-    config: training config with optimizer, learning_rate, lr_schedule,
-      warmup_steps, end_learning_rate_multiplier, b1, b2, momentum_dtype,
-      weight_decay and grad_clip_norm.
-    num_train_steps: total number of optimizer updates (sets the schedule).
-
-  Returns:
-    An `optax.GradientTransformation`; apply the updates with
-    `optax.apply_updates` (they already carry the minus sign).
-  """
+  """The optax chain of the module docstring (updates carry the minus)."""
   momentum_dtype = jnp.dtype(config.momentum_dtype)
   chain = []
   if config.grad_clip_norm > 0:

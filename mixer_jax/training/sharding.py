@@ -1,25 +1,7 @@
 """Where arrays live: the device mesh, shardings and the multi-host start.
 
-This module is the one place that makes meshes and decides placement.
-`jax.jit` over a `Mesh` (not `pmap`): the global batch is split along its
-first axis over every device of every host, each host feeding its own slice
-(`shard_batch`), and XLA inserts the collectives.
-
-The mesh (`config.mesh`, as big_vision's) is a sequence of (axis name, size)
-pairs, one size -1 taking the remaining devices: `(('data', -1),)` is one
-axis over every device; `(('data', -1), ('fsdp', 4))` makes groups of 4
-consecutive devices (a host: where links are fast) that split parameters
-within a group and replicate them across groups.
-
-Parameters and optimizer state follow `config.sharding`:
-- 'replicate': a full copy on every device; the step's only collective is
-  the gradient all-reduce.
-- 'fsdp': big_vision's `fsdp(axis, min_size_to_shard_mb)` rule: an array
-  larger than `config.fsdp_min_size_mb` MiB is split along its largest axis
-  that the fsdp axis ('fsdp' if the mesh has it, else 'data') divides; XLA
-  all-gathers each kernel when its layer runs and reduce-scatters its
-  gradient, so a device holds about 1/N of parameters, gradients and Adam
-  moments.
+The one place that makes meshes and decides placement; `config.mesh` and
+`config.sharding` are described in docs/parallelism.md.
 """
 
 import collections
@@ -37,7 +19,6 @@ import numpy as np
 DATA_AXIS = 'data'
 FSDP_AXIS = 'fsdp'
 DEFAULT_MESH = ((DATA_AXIS, -1),)
-STRATEGIES = ('replicate', 'fsdp')
 
 
 def initialize_distributed(coordinator_address: Optional[str] = None,
@@ -45,14 +26,8 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
                            process_id: Optional[int] = None) -> None:
   """Starts JAX's multi-host runtime; call before any other JAX use.
 
-  With no arguments JAX detects the cluster itself (TPU pods, SLURM, Open
-  MPI, Kubernetes); on a workstation pass all three arguments, e.g.
-  coordinator '127.0.0.1:1234' with 2 processes. Calling it twice is a no-op.
-
-  Args:
-    coordinator_address: 'host:port' of process 0.
-    num_processes: total number of processes.
-    process_id: index of this process, 0 <= process_id < num_processes.
+  With no arguments JAX detects the cluster (TPU pods, SLURM, Open MPI,
+  Kubernetes); a second call is a no-op.
   """
   if jax.distributed.is_initialized():
     return
@@ -73,12 +48,7 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
 
 
 def mesh_shape(axes, num_devices: int):
-  """(names, sizes) of `axes` ((name, size) pairs, one size may be -1).
-
-  Raises:
-    ValueError: unknown axis names, more than one -1, or sizes whose
-      product is not the device count.
-  """
+  """(names, sizes) of `axes` ((name, size) pairs, one size may be -1)."""
   axes = [(str(name), int(size)) for name, size in axes]
   names = [name for name, _ in axes]
   if not names or len(set(names)) != len(names) or not set(names) <= {
@@ -101,12 +71,9 @@ def mesh_shape(axes, num_devices: int):
 
 def create_mesh(devices: Optional[Sequence[jax.Device]] = None,
                 axes=DEFAULT_MESH) -> Mesh:
-  """The mesh of `axes` (see the module docstring) over `devices`.
+  """The mesh of `axes` over `devices` (default: all, in JAX's order).
 
-  Args:
-    devices: default all devices of every host, in JAX's order (devices of
-      one host are consecutive, so the last axis stays within a host).
-    axes: (name, size) pairs, e.g. `config.mesh`.
+  A host's devices are consecutive, so the last axis stays within a host.
   """
   devices = jax.devices() if devices is None else list(devices)
   names, sizes = mesh_shape(axes, len(devices))
@@ -140,21 +107,10 @@ def fsdp_spec(shape: Sequence[int], num_shards: int,
 
 def state_shardings(tree, mesh: Mesh, strategy: str,
                     min_size_mb: float = 0.0):
-  """The sharding of every leaf of a state (or params) tree under `strategy`.
+  """`NamedSharding`s of a state (or params) tree under `strategy`.
 
-  Args:
-    tree: pytree of arrays or `jax.ShapeDtypeStruct`s.
-    mesh: the mesh from `create_mesh`.
-    strategy: 'replicate' or 'fsdp' (see the module docstring).
-    min_size_mb: fsdp leaves arrays of at most this many MiB replicated
-      (big_vision's min_size_to_shard_mb; `config.fsdp_min_size_mb`).
-
-  Returns:
-    A tree of `NamedSharding`s with the structure of `tree`.
+  fsdp leaves arrays of at most `min_size_mb` MiB replicated.
   """
-  if strategy not in STRATEGIES:
-    raise ValueError(f'Unknown sharding strategy {strategy!r}; use one of '
-                     f'{STRATEGIES}.')
   if strategy == 'replicate':
     return jax.tree.map(lambda _: replicated(mesh), tree)
   axis = FSDP_AXIS if FSDP_AXIS in mesh.axis_names else DATA_AXIS
@@ -200,16 +156,7 @@ def to_host(tree):
 
 
 def shard_batch(batch, mesh: Mesh):
-  """Turns this host's numpy batch into global arrays sharded on 'data'.
-
-  Args:
-    batch: pytree of arrays whose leading axis is this process's share of
-      the global batch (global batch // process count examples).
-    mesh: the mesh from `create_mesh`.
-
-  Returns:
-    The same pytree of global `jax.Array`s, leading axis = global batch.
-  """
+  """Global arrays of the batch, from this host's share of it."""
   sharding = batch_sharding(mesh)
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
@@ -219,9 +166,8 @@ def shard_batch(batch, mesh: Mesh):
 def prefetch(batches: Iterable, mesh: Mesh, size: int = 2) -> Iterator:
   """Yields `shard_batch(b)` of each host batch, `size` batches ahead.
 
-  The transfers of the next batches are started while the current step
-  runs (dispatch is asynchronous), as flax's `prefetch_to_device` does; the
-  host batches come from tf.data, which prepares them in its own threads.
+  As flax's `prefetch_to_device`: dispatch is asynchronous, so the next
+  transfers run while the current step does.
   """
   ahead = collections.deque()
   for batch in batches:
@@ -232,12 +178,7 @@ def prefetch(batches: Iterable, mesh: Mesh, size: int = 2) -> Iterator:
 
 
 def define_multihost_flags():
-  """Defines the multi-host start flags shared by the command-line programs.
-
-  Read by `initialize_distributed(FLAGS.coordinator_address,
-  FLAGS.num_processes, FLAGS.process_id)` when `--multihost` or
-  `--coordinator_address` is given.
-  """
+  """Defines the multi-host start flags of the command-line programs."""
   flags.DEFINE_bool('multihost', False, 'Call jax.distributed.initialize() '
                     'with cluster auto-detection (TPU pods, SLURM, ...).')
   flags.DEFINE_string('coordinator_address', None,

@@ -1,22 +1,12 @@
-"""What bounds a run: model FLOP/s, utilisation of the chip, input waits.
+"""Training speed: steps/s, images/s, model FLOP/s, MFU and input waits.
 
-Each training log line (and metrics.jsonl) carries, besides images/s:
-- `tflops_per_device`: model FLOPs per second per device, counting a
-  training image as 3 forward passes (forward, and a backward of twice the
-  forward's matmul work; `models.flops_per_image` counts the forward);
-- `mfu`: that over the device's published peak for the compute dtype
-  (model FLOP utilisation), where the device kind is in `PEAK_TFLOPS`;
-  unknown (absent) elsewhere, e.g. on CPUs;
-- `input_wait_share`: the share of the interval's wall time the loop spent
-  waiting for the next input batch (near 1: the input pipeline is the
-  bound; near 0: the device or the host loop is).
+The metrics of each log line and what they mean: docs/performance.md.
 """
 
+import math
 import platform
 import time
-from typing import Dict, Iterable, Iterator, Optional
-
-from mixer_jax import models
+from typing import Iterable, Iterator, Mapping, Optional
 
 # Published dense peaks per JAX device, TFLOP/s: (bfloat16, float32). None
 # where the maker publishes no such figure. Sources: Google Cloud TPU
@@ -41,31 +31,13 @@ PEAK_TFLOPS = {
 def peak_tflops(device_kind: str, dtype: str) -> Optional[float]:
   """The published peak of one device for `dtype` matmuls, or None.
 
-  The longest table name that starts `device_kind` wins (so 'NVIDIA H100
-  PCIe' is not read as an SXM H100).
+  The longest matching name wins: 'NVIDIA H100 PCIe' is not an SXM H100.
   """
   matches = [k for k in PEAK_TFLOPS if device_kind.startswith(k)]
   if not matches:
     return None
   bf16, f32 = PEAK_TFLOPS[max(matches, key=len)]
   return bf16 if str(dtype) in ('bfloat16', 'float16') else f32
-
-
-def train_flops_per_image(model: models.MlpMixer, image_size: int) -> int:
-  """Forward FLOPs of one image times 3 (forward + backward)."""
-  return 3 * models.flops_per_image(model, image_size)
-
-
-def speed_metrics(images_per_sec: float, *, flops_per_image: int,
-                  num_devices: int, device_kind: str,
-                  dtype: str) -> Dict[str, float]:
-  """tflops_per_device and, where the peak is known, mfu."""
-  tflops = images_per_sec * flops_per_image / num_devices / 1e12
-  out = {'tflops_per_device': tflops}
-  peak = peak_tflops(device_kind, dtype)
-  if peak:
-    out['mfu'] = tflops / peak
-  return out
 
 
 class InputTimer:
@@ -101,3 +73,88 @@ def processor_name() -> str:
   except OSError:
     pass
   return platform.processor() or platform.machine()
+
+
+def _format_duration(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return '?'
+  hours, rest = divmod(int(round(seconds)), 3600)
+  minutes, secs = divmod(rest, 60)
+  if hours:
+    return f'{hours}h{minutes:02d}m'
+  return f'{minutes}m{secs:02d}s' if minutes else f'{secs}s'
+
+
+class Progress:
+  """Training speed between log points and the status line.
+
+  Evaluations and saves are left out (`pause`/`resume`), so steps/s and the
+  ETA are of training alone (clu's ReportProgress counts them). A training
+  image costs `flops_per_image` (3 forward passes: forward and a backward of
+  twice its matmuls); `peak` is `peak_tflops` of the devices, None where
+  unknown (no MFU).
+  """
+
+  def __init__(self, start_step: int, num_train_steps: int, batch_size: int,
+               *, flops_per_image: Optional[int] = None,
+               num_devices: int = 1, peak: Optional[float] = None):
+    self.num_train_steps = num_train_steps
+    self.batch_size = batch_size
+    self.flops_per_device = (flops_per_image / num_devices
+                             if flops_per_image else None)
+    self.peak = peak
+    self._last_step = start_step
+    self._last_time = time.perf_counter()
+    self._paused = 0.0
+    self._pause_start: Optional[float] = None
+
+  def restart(self, step: int) -> float:
+    """Restarts the clock at `step`; returns seconds since the last start."""
+    now = time.perf_counter()
+    elapsed = now - self._last_time
+    self._last_step, self._last_time, self._paused = step, now, 0.0
+    return elapsed
+
+  def pause(self):
+    self._pause_start = time.perf_counter()
+
+  def resume(self):
+    if self._pause_start is not None:
+      self._paused += time.perf_counter() - self._pause_start
+      self._pause_start = None
+
+  def measure(self, step: int, input_wait: Optional[float] = None) -> dict:
+    """The speed metrics since the previous call (`input_wait`: seconds)."""
+    now = time.perf_counter()
+    elapsed = max(now - self._last_time - self._paused, 1e-9)
+    steps_per_sec = (step - self._last_step) / elapsed
+    self._last_step, self._last_time, self._paused = step, now, 0.0
+    speed = {'steps_per_sec': steps_per_sec,
+             'images_per_sec': steps_per_sec * self.batch_size}
+    if self.flops_per_device:
+      tflops = speed['images_per_sec'] * self.flops_per_device / 1e12
+      speed['tflops_per_device'] = tflops
+      if self.peak:
+        speed['mfu'] = tflops / self.peak
+    if input_wait is not None:
+      speed['input_wait_share'] = min(input_wait / elapsed, 1.0)
+    return speed
+
+  def line(self, step: int, speed: Mapping[str, float],
+           metrics: Mapping[str, float]) -> str:
+    steps_per_sec = speed['steps_per_sec']
+    eta = ((self.num_train_steps - step) / steps_per_sec
+           if steps_per_sec > 0 else float('inf'))
+    parts = [f'step {step}/{self.num_train_steps} '
+             f'({100.0 * step / self.num_train_steps:.1f}%)']
+    parts += [f'{k} {v:.4g}' for k, v in metrics.items()]
+    parts += [f'{steps_per_sec:.2f} steps/s',
+              f'{speed["images_per_sec"]:.0f} img/s']
+    if 'tflops_per_device' in speed:
+      parts.append(f'{speed["tflops_per_device"]:.3g} TFLOP/s/device')
+    parts.append(f'MFU {100 * speed["mfu"]:.1f}%' if 'mfu' in speed
+                 else 'MFU n/a')
+    if 'input_wait_share' in speed:
+      parts.append(f'input wait {100 * speed["input_wait_share"]:.0f}%')
+    parts.append(f'ETA {_format_duration(eta)}')
+    return ' | '.join(parts)

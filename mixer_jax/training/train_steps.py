@@ -1,7 +1,6 @@
 """The train state and the pure per-step functions of Mixer training.
 
-Everything here is a pure function of explicit inputs, so `trainer.py` can jit
-it over any mesh and tests can call it directly.
+Pure functions of explicit inputs: `compiled.py` jits them over any mesh.
 """
 
 from typing import Any, Callable, Optional
@@ -15,13 +14,11 @@ from mixer_jax import models
 
 
 class TrainState(train_state.TrainState):
-  """Flax TrainState plus the base rng of the run and the weights' EMA.
+  """Flax TrainState plus the run's base rng and the parameters' EMA.
 
-  The rng never changes: step t uses `fold_in(rng, t)`, so a run resumed at
-  step t draws exactly the random numbers an uninterrupted run would.
-  `ema_params` is the exponential moving average of the parameters
-  (`config.ema_decay` > 0; see `train_step`), None when it is off (the tree
-  and its checkpoints then hold no EMA).
+  The rng never changes: step t uses `fold_in(rng, t)`, so a resumed run
+  draws exactly the random numbers an uninterrupted one would. `ema_params`
+  is None when config.ema_decay is 0 (checkpoints then hold no EMA).
   """
   rng: jax.Array
   ema_params: Any = None
@@ -32,17 +29,8 @@ def create_train_state(model: models.MlpMixer, tx: optax.GradientTransformation,
                        ema: bool = False) -> TrainState:
   """Initialises parameters, optimizer state, step 0 and the run's rng.
 
-  Args:
-    model: the Mixer module.
-    tx: the optax optimizer.
-    rng: a `jax.random.PRNGKey`; split into parameter and dropout keys.
-    image_size: side of the square training images.
-    ema: keep an EMA of the parameters, starting from the initial ones
-      (as timm's ModelEma starts from a copy of the model).
-
-  Returns:
-    A TrainState with an int32 step (not weakly typed, so the jitted step
-    sees the same input types on every call and compiles once).
+  The EMA starts from the initial parameters (as timm's ModelEma). The step
+  is a strong int32, so the jitted step compiles once.
   """
   params_rng, dropout_rng = jax.random.split(rng)
   params = models.init_params(model, params_rng, image_size)
@@ -52,25 +40,11 @@ def create_train_state(model: models.MlpMixer, tx: optax.GradientTransformation,
   return state.replace(step=jnp.zeros((), jnp.int32))
 
 
-def update_ema(ema_params, params, decay: float):
-  """decay * ema + (1 - decay) * params, leaf by leaf (same placement)."""
-  return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p,
-                      ema_params, params)
-
-
 def per_example_loss(logits: jax.Array, labels: jax.Array, loss: str,
                      label_smoothing: float = 0.0) -> jax.Array:
-  """Cross-entropy of each example, in float32.
+  """(batch,) float32 cross-entropies of (batch, classes) targets.
 
-  Args:
-    logits: (batch, classes).
-    labels: (batch, classes) one-hot or mixup-mixed targets.
-    loss: 'softmax' (categorical) or 'sigmoid' (independent binary, summed
-      over classes as in big_vision's `sigmoid_xent`).
-    label_smoothing: eps; targets become (1 - eps) * labels + eps / classes.
-
-  Returns:
-    (batch,) losses.
+  'sigmoid' sums the binary losses over classes (big_vision's sigmoid_xent).
   """
   logits = logits.astype(jnp.float32)
   labels = labels.astype(jnp.float32)
@@ -78,32 +52,17 @@ def per_example_loss(logits: jax.Array, labels: jax.Array, loss: str,
     labels = optax.smooth_labels(labels, label_smoothing)
   if loss == 'softmax':
     return optax.softmax_cross_entropy(logits, labels)
-  if loss == 'sigmoid':
-    return optax.sigmoid_binary_cross_entropy(logits, labels).sum(axis=-1)
-  raise ValueError(f'Unknown loss {loss!r}: use "softmax" or "sigmoid".')
+  return optax.sigmoid_binary_cross_entropy(logits, labels).sum(axis=-1)
 
 
 def mixup(rng: jax.Array, images: jax.Array, labels: jax.Array, *,
           alpha: float, prob: float):
   """big_vision's mixup (`utils.get_mixup`), one weight for the global batch.
 
-  With probability `prob`, a ~ Beta(alpha, alpha) is drawn once from `rng`
-  (the step's key, so every host and device uses the same a), a is made the
-  dominant share, max(a, 1 - a), and every example is mixed with its
-  neighbour in the batch rolled by one: x[i] <- a x[i] + (1 - a) x[i - 1]
-  (x[0] with the last example), labels likewise. On a batch split over
-  devices the roll sends one example across each device boundary (a
-  collective-permute); the result does not depend on the device count.
-
-  Args:
-    rng: this step's key.
-    images: (B, H, W, C).
-    labels: (B, classes) one-hot.
-    alpha: Beta concentration (> 0).
-    prob: probability that this batch is mixed.
-
-  Returns:
-    (images, labels), same shapes and dtypes.
+  With probability `prob`, x[i] <- a x[i] + (1 - a) x[i - 1] (labels too)
+  with a = max(b, 1 - b), b ~ Beta(alpha, alpha) drawn once from the step's
+  key: every device uses the same a, and the roll sends one example across
+  each device boundary, so the result does not depend on the device count.
   """
   lam_rng, apply_rng = jax.random.split(rng)
   lam = jax.random.beta(lam_rng, alpha, alpha)
@@ -156,21 +115,8 @@ def train_step(state: TrainState, batch, *, loss: str = 'softmax',
   takes examples j, j + k, j + 2k, ...: with the batch sharded in contiguous
   blocks, every micro-batch then still spans all devices.
 
-  Args:
-    state: the current TrainState.
-    batch: dict with 'image' (B, H, W, 3) and 'label' (B, classes).
-    loss: 'softmax' or 'sigmoid'.
-    label_smoothing: see `per_example_loss`.
-    grad_accum_steps: number of micro-batches k; B must be divisible by k.
-    mixup_alpha, mixup_prob: `mixup` of the whole batch before the step
-      (off when either is 0).
-    learning_rate_fn: optional schedule, only to report the learning rate.
-    ema_decay: with a state that keeps `ema_params`, their update after this
-      step's parameters: ema <- ema_decay * ema + (1 - ema_decay) * params.
-
-  Returns:
-    (new_state, metrics) with scalar 'loss', 'accuracy' (top-1 against the
-    argmax of the targets), 'grad_norm' and, if given, 'learning_rate'.
+  Returns (state, metrics): loss, accuracy (top-1 against the argmax of the
+  targets), grad_norm and, with `learning_rate_fn`, learning_rate.
   """
   rng, mixup_rng = jax.random.split(jax.random.fold_in(state.rng, state.step))
 
@@ -212,26 +158,14 @@ def train_step(state: TrainState, batch, *, loss: str = 'softmax',
     metrics['learning_rate'] = learning_rate_fn(state.step)
   new_state = state.apply_gradients(grads=grads)
   if state.ema_params is not None:
-    new_state = new_state.replace(ema_params=update_ema(
-        state.ema_params, new_state.params, ema_decay))
+    new_state = new_state.replace(ema_params=optax.incremental_update(
+        new_state.params, state.ema_params, step_size=1.0 - ema_decay))
   return new_state, metrics
 
 
 def eval_step(params, batch, *, apply_fn: Callable[..., Any],
               loss: str = 'softmax', top_k: int = 5):
-  """Masked sums of top-1 and top-k hits, loss and examples in one batch.
-
-  Args:
-    params: the model parameters.
-    batch: dict with 'image', 'label' and 'mask' (1 real, 0 padding).
-    apply_fn: the model's apply function.
-    loss: 'softmax' or 'sigmoid' (no label smoothing at evaluation).
-    top_k: k of 'top5' (at most the class count).
-
-  Returns:
-    Dict of scalars 'correct' (top-1), 'top5', 'loss_sum', 'count' and
-    'nan_rows' (`nan_rows`); padding contributes 0.
-  """
+  """Masked sums of top-1 and top-k hits, loss, examples and NaN rows."""
   # Plain masked sums, not clu.metrics: clu has no top-k metric, and a dict
   # of sums merges over batches (and devices) with one tree add.
   logits = apply_fn({'params': params}, batch['image'], train=False)

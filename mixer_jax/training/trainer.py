@@ -1,12 +1,8 @@
 """The training job: `train_and_evaluate(config, workdir)`.
 
-It validates the config, checks the data, builds the model, optimizer and
-mesh, then resumes or initialises the state (`_restore_or_init`) and trains
-with one jitted step over the mesh (`_train`), evaluating, logging and
-checkpointing when due. A run stopped by SIGTERM/SIGINT saves its current
-step and can be restarted with the same command; it then continues exactly
-(same data order and random numbers). A non-finite loss stops the run,
-naming the step, without saving the bad state.
+Every check comes before anything is compiled or written; then
+`_restore_or_init` and the step loop `_train`. Exact resume, preemption
+and the NaN stop: docs/reliability.md.
 """
 
 import dataclasses
@@ -84,10 +80,8 @@ def build_run(config, info) -> Run:
 def check_state_fits(run) -> None:
   """ConfigError when the parameters and optimizer state exceed the memory.
 
-  An analytic count (`cost.state_bytes_per_device` of the abstract state,
-  under the run's sharding), made before anything is compiled or written;
-  the launch check (--check_only) compiles the whole run. The CPU devices
-  of a host share its memory, so there their sum counts.
+  Counted from the abstract state, before compiling (the launch check
+  compiles); CPU devices share the host's memory, so their sum counts.
   """
   devices = run.mesh.local_devices
   memory = cost.device_memory(devices[0])
@@ -108,11 +102,7 @@ def check_state_fits(run) -> None:
 
 
 def _resolve_init_from(config, checkpoint_dir: str):
-  """Checks config.init_from before anything is compiled or written.
-
-  With a resolution change and `model.tokens_mlp_dim` None, returns a copy
-  of the config using K^2 * D_S of the checkpoint (paper, Appendix C).
-  """
+  """`init_from_checks.resolve_init_from`, saying a derived tokens_mlp_dim."""
   resuming = config.resume_step >= 0 or resume_checks.has_saved_steps(
       checkpoint_dir)
   resolved = init_from_checks.resolve_init_from(config, resuming=resuming)
@@ -127,27 +117,9 @@ def _resolve_init_from(config, checkpoint_dir: str):
 # SIGTERM/SIGINT from the start (compilation, restore) stop the run cleanly.
 @preemption.watch_preemption()
 def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
-  """Trains `config` in `workdir` (resuming if possible) and evaluates.
+  """Trains `config` in `workdir` (resuming if possible); the summary dict.
 
-  Args:
-    config: a ConfigDict from configs/ (see configs/common.py).
-    workdir: directory for checkpoints, TensorBoard events, metrics.jsonl.
-
-  Returns:
-    Summary dict: steps, best/last eval accuracy and loss, the accuracy of
-    every other eval, whether the run was preempted, wall time and where
-    everything was written. A workdir whose newest checkpoint (restored and
-    verified) is the last step is left as it is (`already_finished`).
-
-  Raises:
-    config_validation.ConfigError: invalid config, a batch larger than the
-      training split, or parameters and optimizer state larger than the
-      memory (before anything is compiled or written).
-    errors.NonFiniteLossError: the loss became NaN/inf (names the step).
-    checkpoint_checks.CheckpointError: unusable workdir or checkpoint.
-    Errors of `config.init_from` (ConfigError when it does not fit the
-    model, CheckpointNotFoundError, PretrainedError) are raised before
-    anything is compiled or written.
+  A workdir already at its last step is left as it is (`already_finished`).
   """
   start_time = time.time()
   if not str(workdir or '').strip():  # '' would train into the current dir.
@@ -158,15 +130,12 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
                                     num_processes=jax.process_count())
   checkpoint_dir = os.path.join(workdir, CHECKPOINT_DIR)
   config = _resolve_init_from(config, checkpoint_dir)
-  # Splits, class count and config.evals data: all checked before step 1.
   reporting.log_and_print(f'Checking the data ({config.dataset})...')
   run = build_run(config, data_checks.checked_dataset_info(config))
   check_state_fits(run)
 
-  # One running job per workdir: refuses a second start (before the
-  # checkpointer, which removes unfinished saves, is opened). A start that
-  # is refused or finds the run finished leaves the workdir as it was:
-  # run_info.json and the writers come after the restore.
+  # Locked before the checkpointer, which removes unfinished saves, opens.
+  # A refused or finished start leaves the workdir as it was.
   lock = workdir_lock.acquire(workdir)
   checkpointer, leave = None, True
   try:
@@ -193,8 +162,6 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     return _already_finished(workdir, run.num_train_steps)
   if jax.process_index() == 0:  # Makes the workdir a checkpoint for predict.
     run_info.save_run_info(workdir, config, run.num_classes)
-  # Records of steps after the resumed one (and a torn line) are from a
-  # killed run: dropped, so each step is in metrics.jsonl once.
   writer = reporting.create_writer(workdir, int(extra.get('step', 0)))
   try:
     return _train(config, workdir, run, state, extra, checkpointer, writer,
@@ -215,8 +182,6 @@ def _restore_or_init(config, workdir, checkpointer, run):
   2. the newest checkpoint of the workdir;
   3. a fresh initialisation, with the parameters of `config.init_from` when
      it is set.
-  Every restore verifies the stored checksums (a damaged step is refused,
-  naming the steps to fall back to).
   """
   resume_step = config.resume_step if config.resume_step >= 0 else None
   marker = epath.Path(workdir) / f'resume_step_{resume_step}.applied'
@@ -273,14 +238,16 @@ def _train(config, workdir, run, state, extra, checkpointer, writer,
       stop_requested=lambda: checkpointer.preemption_signal is not None,
       best=extra.get('best_eval_accuracy'), last=extra.get('last_eval'))
   last_saved = step if extra else None
-  # Not clu's ReportProgress: its steps/s counts eval, checkpoint and compile
-  # time, while steps/s and ETA here are of training alone (pause/resume).
-  progress = reporting.Progress(step, run.num_train_steps, config.batch_size)
+  progress = throughput.Progress(
+      step, run.num_train_steps, config.batch_size, num_devices=run.mesh.size,
+      flops_per_image=3 * models.flops_per_image(run.steps.model,
+                                                 config.image_size),
+      peak=throughput.peak_tflops(run.mesh.devices.flat[0].device_kind,
+                                  config.model.dtype))
   pending, history, speeds = [], [], []
   profile = _Profile(config, workdir)
   reporting.log_and_print('Compiling the train step (the first step takes '
                           'longer)...')
-  # The timer counts what the loop waits for a placed batch: the input share.
   batches = throughput.InputTimer(sharding.prefetch(
       input_pipeline.train_dataset(config, start_step=step).as_numpy_iterator(),
       run.mesh, config.prefetch_batches))
@@ -308,12 +275,11 @@ def _train(config, workdir, run, state, extra, checkpointer, writer,
     save = step % config.checkpoint_every_steps == 0 or last or preempted
     if not (log or due or save):
       continue
-    # Fetching the metrics waits for the step; done only at these points.
+    # Fetching the metrics waits for the step: only at these points.
     history += _fetch_finite(pending, checkpointer.directory, last_saved)
     pending = []
     if log:
-      speeds.append(_log_train(step, history, progress, batches, run,
-                               config, writer))
+      speeds.append(_log_train(step, history, progress, batches, writer))
       history = []
     progress.pause()
     # A stop request saves first; the restart runs the evaluations left.
@@ -357,16 +323,9 @@ def _fetch_finite(pending, checkpoint_dir, last_saved):
   return fetched
 
 
-def _log_train(step, history, progress, batches, run, config, writer):
+def _log_train(step, history, progress, batches, writer):
   """Writes and prints the mean train metrics of `history` and the speed."""
-  mesh = run.mesh
   speed = progress.measure(step, input_wait=batches.take_wait())
-  speed.update(throughput.speed_metrics(
-      speed['images_per_sec'],
-      flops_per_image=throughput.train_flops_per_image(run.steps.model,
-                                                       config.image_size),
-      num_devices=mesh.size, device_kind=mesh.devices.flat[0].device_kind,
-      dtype=config.model.dtype))
   means = {f'train_{k}': float(np.mean([m[k] for _, m in history]))
            for k in history[-1][1]}
   writer.write_scalars(step, {**means, **speed})
@@ -427,7 +386,6 @@ def _summary(workdir, run, evaluations, speeds, *, step, start_step,
       'best_eval_accuracy': evaluations.best, **evaluations.accuracies,
       'last_checkpoint_step': last_saved,
       'wall_time_s': time.time() - start_time, 'workdir': str(workdir),
-      # Paths as the workdir was given.
       'checkpoint_dir': os.path.join(workdir, CHECKPOINT_DIR),
       'metrics_file': os.path.join(workdir, reporting.METRICS_FILE),
       # Means over the logged intervals (compilation, evals and saves out).
