@@ -293,9 +293,12 @@ def test_documented_commands_run_in_order(tmp_path):
     if '--check_only' in run and os.path.exists(
         tmp_path / _value(argv, 'workdir')):
       failures.append(f'{where}: the launch check wrote its workdir')
-    out = _value(argv, 'out')
-    if out and not os.listdir(tmp_path / out):  # export
-      failures.append(f'{where}: {out} is empty')
+    out = _value(argv, 'out')  # A folder (export), file or prefix (visualize).
+    if out:
+      path = str(tmp_path / out)
+      if not (os.listdir(path) if os.path.isdir(path) else glob.glob(
+          path + '*')):
+        failures.append(f'{where}: nothing written at {out}')
     if where == 'README.md set-up':
       # The README names the steps the quick start keeps.
       assert sorted(os.listdir(
