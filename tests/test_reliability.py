@@ -432,6 +432,8 @@ ZERO_CHILD = textwrap.dedent('''
     from test_checkpoints import save_steps, tiny_state
     from mixer_jax.checkpointing import checkpoints
     from mixer_jax.checkpointing import checkpoint_checks
+    from mixer_jax.checkpointing import echoes
+    echoes.quiet_closed_loop_echoes()  # As every program's output set-up.
     save_steps(sys.argv[1], [1, 2]).close()
     for path in glob.glob(os.path.join(sys.argv[1], '2/state/ocdbt.*/d/*')):
       open(path, 'w').close()  # Zero-length array files.
