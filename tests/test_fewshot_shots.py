@@ -30,7 +30,8 @@ def _clusters(per_class):
 def test_zero_shots_is_refused():
   x, y = _clusters([6, 6, 6])
   with pytest.raises(ValueError, match='>= 1'):
-    linear_probe.probe_accuracies(x, y, x, y, 3, shots=(0,), num_seeds=1)
+    linear_probe.probe_accuracies(x, y, x, y, 3, shots=(0,), l2_reg=2.0**10,
+                                  num_seeds=1)
 
 
 def test_more_shots_than_a_class_has_warns(monkeypatch):
@@ -38,7 +39,8 @@ def test_more_shots_than_a_class_has_warns(monkeypatch):
   warnings = []
   monkeypatch.setattr(absl_logging, 'warning',
                       lambda msg, *args: warnings.append(msg % args))
-  linear_probe.probe_accuracies(x, y, x, y, 3, shots=(3, 10), num_seeds=1)
+  linear_probe.probe_accuracies(x, y, x, y, 3, shots=(3, 10), l2_reg=2.0**10,
+                                num_seeds=1)
   assert len(warnings) == 1, warnings  # 3-shot fits every class.
   assert warnings[0].startswith('10-shot: 1 of 3 classes have fewer than 10')
   assert 'the smallest has 4' in warnings[0]

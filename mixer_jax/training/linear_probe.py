@@ -18,10 +18,6 @@ from mixer_jax.training import sharding
 
 # The appended bias feature (big_vision fewshot_lsr.BIAS_CONSTANT).
 BIAS_CONSTANT = 100.0
-# Shot counts and regulariser of big_vision's get_fewshot_lsr.
-DEFAULT_SHOTS = (1, 5, 10, 25)
-DEFAULT_L2_REG = 2.0**10
-DEFAULT_NUM_SEEDS = 3
 
 
 def fit_linear(x, labels, num_classes: int, l2_reg: float):
@@ -70,8 +66,7 @@ def sample_shots(labels, num_classes: int, shots: int, seed: int):
 
 def probe_accuracies(train_features, train_labels, test_features, test_labels,
                      num_classes: int, *, shots: Sequence[int],
-                     l2_reg: float = DEFAULT_L2_REG,
-                     num_seeds: int = DEFAULT_NUM_SEEDS,
+                     l2_reg: float, num_seeds: int,
                      seed: int = 0) -> Dict[int, list]:
   """{shots: [test accuracy of each seed's draw]}.
 
