@@ -111,6 +111,25 @@ def test_a_refused_start_in_a_new_directory_leaves_no_directory(tmp_path,
   assert sorted(os.listdir(workdir_file)) == ['checkpoints']
 
 
+def test_a_step_that_is_a_broken_link_is_refused(finished_run, tmp_path):
+  config, workdir = finished_run
+  copy_dir = tmp_path / 'copy'
+  shutil.copytree(workdir, copy_dir)
+  step = copy_dir / 'checkpoints' / '4'
+  shutil.rmtree(step)
+  os.symlink('/mnt/gone/4', step)  # Its disk not mounted: the only step.
+  before, names = snapshot(copy_dir), sorted(os.listdir(copy_dir))
+  with pytest.raises(checkpoint_checks.CheckpointError) as error:
+    trainer.train_and_evaluate(config, str(copy_dir))
+  assert str(error.value) == (
+      f'{step} is a symbolic link that cannot be followed: step 4 cannot be '
+      f'read. Fix it, or move it out of {step.parent} to train from the '
+      'steps before it. Nothing was changed.')
+  assert snapshot(copy_dir) == before
+  assert sorted(os.listdir(copy_dir)) == names
+  assert os.readlink(step) == '/mnt/gone/4'
+
+
 def test_allow_changed_schedule_resumes(finished_run, tmp_path):
   config, workdir = finished_run
   copy_dir = tmp_path / 'copy'
