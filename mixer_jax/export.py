@@ -253,12 +253,8 @@ def main(argv):
         f'Unexpected arguments: {argv[1:]}.')))
   with command_line.user_errors_as_one_line(
       f'Cannot export --checkpoint={FLAGS.checkpoint}: '):
-    try:  # It writes SavedModels and reads every kind of checkpoint.
-      command_line.load_tensorflow_quietly()
-    except ImportError:
-      raise errors.UsageError(
-          "export needs TensorFlow: pip install 'mixer_jax[tf]'. Nothing "
-          'was written.') from None
+    # It writes SavedModels and reads every kind of checkpoint.
+    command_line.load_tensorflow_quietly()
     path = export(FLAGS.checkpoint, FLAGS.out, FLAGS.format, step=FLAGS.step,
                   preprocess=FLAGS.preprocess, weights=FLAGS.weights,
                   push_to=FLAGS.push_to, overwrite=FLAGS.overwrite)

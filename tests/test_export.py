@@ -183,29 +183,30 @@ def test_serving_info_names_no_local_path(checkpoint, tmp_path):
 BLOCK_MODULE = '''
 import runpy, sys
 
-class Block:  # As if the package named in argv[1] were not installed.
+class Block:  # As if package argv[1] were not installed; runs argv[2].
   def find_spec(self, name, path=None, target=None):
     if name.split('.')[0] == BLOCKED:
       raise ModuleNotFoundError(f'No module named {name!r}', name=name)
 
-BLOCKED = sys.argv.pop(1)
+BLOCKED, PROGRAM = sys.argv.pop(1), sys.argv.pop(1)
 sys.meta_path.insert(0, Block())
-sys.argv[0] = 'export'
-runpy.run_module('mixer_jax.export', run_name='__main__', alter_sys=True)
+sys.argv[0] = PROGRAM
+runpy.run_module(f'mixer_jax.{PROGRAM}', run_name='__main__', alter_sys=True)
 '''
 
 
 @pytest.mark.parametrize('fmt, module, extra, needs', [
     ('onnx', 'onnx', 'onnx', '--format=onnx needs the onnx package'),
     ('savedmodel', 'tensorflow', 'tf',
-     'export needs TensorFlow')])
+     'TensorFlow is not installed (it reads data and weight files)')])
 def test_a_missing_optional_dependency_names_the_extra(checkpoint, tmp_path,
                                                        fmt, module, extra,
                                                        needs):
   out = tmp_path / fmt
   before = _files(tmp_path)
   proc = subprocess.run(
-      [sys.executable, '-c', BLOCK_MODULE, module, f'--checkpoint={checkpoint}',
+      [sys.executable, '-c', BLOCK_MODULE, module, 'export',
+       f'--checkpoint={checkpoint}',
        f'--out={out}', f'--format={fmt}'],
       cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 1, proc.stderr

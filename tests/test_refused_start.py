@@ -21,6 +21,7 @@ from mixer_jax.training import trainer
 from mixer_jax.training import workdir_lock
 import run_state
 from test_checkpoints import snapshot
+from test_export import BLOCK_MODULE
 from test_train import small_config
 from test_workdir_lock import start_holder
 
@@ -179,3 +180,24 @@ def test_a_run_that_cannot_fit_is_refused_before_writing(tmp_path, flag,
   assert run.stderr.splitlines()[-1] == f'ConfigError: {expected}'
   assert 'Traceback' not in run.stderr
   assert (os.listdir(workdir) == []) if exists else not workdir.exists()
+
+
+@pytest.mark.parametrize('program, args', [
+    ('train', ['--config=configs/quickstart.py', '--workdir={new}']),
+    ('predict', ['--checkpoint={run}', '{run}']),
+])
+def test_without_tensorflow_one_line_names_the_extra(finished_run, tmp_path,
+                                                     program, args):
+  _, workdir = finished_run
+  before = snapshot(workdir)
+  run = subprocess.run(
+      [sys.executable, '-c', BLOCK_MODULE, 'tensorflow', program] +
+      [a.format(new=tmp_path / 'new', run=workdir) for a in args],
+      cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu'),
+      capture_output=True, text=True, timeout=120)
+  assert run.returncode == 1, run.stderr[-3000:]
+  assert run.stderr.splitlines()[-1] == (
+      'UsageError: TensorFlow is not installed (it reads data and weight '
+      "files): pip install 'mixer_jax[tf]'. Nothing was written.")
+  assert 'Traceback' not in run.stderr
+  assert os.listdir(tmp_path) == [] and snapshot(workdir) == before
