@@ -251,15 +251,10 @@ def main(argv):
   if len(argv) > 1:
     raise SystemExit(command_line.one_line(errors.UsageError(
         f'Unexpected arguments: {argv[1:]}.')))
-  # TensorFlow writes SavedModels and reads weight files (tf.io.gfile); a
-  # StableHLO export of a workdir needs none.
-  # pylint: disable-next=g-import-not-at-top
-  from mixer_jax.weights import workdir_checkpoint
-  if FLAGS.format in ('savedmodel', 'hub') or (
-      not workdir_checkpoint.is_directory(FLAGS.checkpoint)):
-    command_line.load_tensorflow_quietly()
   with command_line.user_errors_as_one_line(
       f'Cannot export --checkpoint={FLAGS.checkpoint}: '):
+    # It writes SavedModels and reads every kind of checkpoint.
+    command_line.load_tensorflow_quietly()
     path = export(FLAGS.checkpoint, FLAGS.out, FLAGS.format, step=FLAGS.step,
                   preprocess=FLAGS.preprocess, weights=FLAGS.weights,
                   push_to=FLAGS.push_to, overwrite=FLAGS.overwrite)

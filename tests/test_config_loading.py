@@ -117,7 +117,9 @@ def test_config_argument_reaches_get_config():
   assert run.returncode == 0, run.stderr[-2000:]
   assert run.stdout.split()[1:3] == ['8', 'L_16']
   assert_refused(parse(f'--config={QUICKSTART}:L_16'),
-                 'get_config() takes 0 positional arguments but 1 was given')
+                 'get_config() takes 0 positional arguments but 1 was given; '
+                 "this config file takes no argument: drop ':L_16'.")
+  assert_refused(parse('--config', f'{QUICKSTART}:L_16'), "drop ':L_16'.")
 
 
 def test_the_config_is_read_once_checked_and_nothing_heavy_is_imported(

@@ -180,33 +180,41 @@ def test_serving_info_names_no_local_path(checkpoint, tmp_path):
   _assert_no_local_path(out, checkpoint)
 
 
-BLOCK_ONNX = '''
+BLOCK_MODULE = '''
 import runpy, sys
 
-class NoOnnx:  # As if onnx were not installed.
+class Block:  # As if package argv[1] were not installed; runs argv[2].
   def find_spec(self, name, path=None, target=None):
-    if name.split('.')[0] == 'onnx':
+    if name.split('.')[0] == BLOCKED:
       raise ModuleNotFoundError(f'No module named {name!r}', name=name)
 
-sys.meta_path.insert(0, NoOnnx())
-sys.argv[0] = 'export'
-runpy.run_module('mixer_jax.export', run_name='__main__', alter_sys=True)
+BLOCKED, PROGRAM = sys.argv.pop(1), sys.argv.pop(1)
+sys.meta_path.insert(0, Block())
+sys.argv[0] = PROGRAM
+runpy.run_module(f'mixer_jax.{PROGRAM}', run_name='__main__', alter_sys=True)
 '''
 
 
-def test_a_missing_optional_dependency_names_the_extra(checkpoint, tmp_path):
-  out = tmp_path / 'onnx'
+@pytest.mark.parametrize('fmt, module, extra, needs', [
+    ('onnx', 'onnx', 'onnx', '--format=onnx needs the onnx package'),
+    ('savedmodel', 'tensorflow', 'tf',
+     'TensorFlow is not installed (it reads data and weight files)')])
+def test_a_missing_optional_dependency_names_the_extra(checkpoint, tmp_path,
+                                                       fmt, module, extra,
+                                                       needs):
+  out = tmp_path / fmt
+  before = _files(tmp_path)
   proc = subprocess.run(
-      [sys.executable, '-c', BLOCK_ONNX, f'--checkpoint={checkpoint}',
-       f'--out={out}', '--format=onnx'],
+      [sys.executable, '-c', BLOCK_MODULE, module, 'export',
+       f'--checkpoint={checkpoint}',
+       f'--out={out}', f'--format={fmt}'],
       cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 1, proc.stderr
   assert proc.stderr.splitlines()[-1] == (
-      f'Cannot export --checkpoint={checkpoint}: UsageError: --format=onnx '
-      "needs the onnx package: pip install 'mixer_jax[onnx]'. Nothing was "
-      'written.')
+      f'Cannot export --checkpoint={checkpoint}: UsageError: {needs}: pip '
+      f"install 'mixer_jax[{extra}]'. Nothing was written.")
   assert 'Traceback' not in proc.stderr
-  assert not out.exists()
+  assert not out.exists() and _files(tmp_path) == before
 
 
 def _files(folder):

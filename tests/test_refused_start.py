@@ -21,6 +21,7 @@ from mixer_jax.training import trainer
 from mixer_jax.training import workdir_lock
 import run_state
 from test_checkpoints import snapshot
+from test_export import BLOCK_MODULE
 from test_train import small_config
 from test_workdir_lock import start_holder
 
@@ -75,8 +76,11 @@ def test_a_finished_workdir_says_so_before_compiling(finished_run, capsys):
     summary = trainer.train_and_evaluate(config, str(workdir))
   assert summary['already_finished'] and summary['steps'] == 4
   assert summary['checkpoint_dir'] == os.path.join(workdir, 'checkpoints')
+  out = capsys.readouterr().out
   assert (f'{workdir} already finished at step 4 of 4; nothing to train.'
-          in capsys.readouterr().out)
+          in out)
+  # Said at once: neither the model line nor a restore comes before it.
+  assert ' parameters, ' not in out and 'Resumed from' not in out, out
   # Nothing trained: only the restore's checksum pass was compiled.
   assert set(compiled) <= {'jit(_leaf_digests)'}, compiled
   assert snapshot(workdir) == before
@@ -109,6 +113,25 @@ def test_a_refused_start_in_a_new_directory_leaves_no_directory(tmp_path,
     trainer.train_and_evaluate(config, str(workdir_file))
   assert snapshot(tmp_path) == before
   assert sorted(os.listdir(workdir_file)) == ['checkpoints']
+
+
+def test_a_step_that_is_a_broken_link_is_refused(finished_run, tmp_path):
+  config, workdir = finished_run
+  copy_dir = tmp_path / 'copy'
+  shutil.copytree(workdir, copy_dir)
+  step = copy_dir / 'checkpoints' / '4'
+  shutil.rmtree(step)
+  os.symlink('/mnt/gone/4', step)  # Its disk not mounted: the only step.
+  before, names = snapshot(copy_dir), sorted(os.listdir(copy_dir))
+  with pytest.raises(checkpoint_checks.CheckpointError) as error:
+    trainer.train_and_evaluate(config, str(copy_dir))
+  assert str(error.value) == (
+      f'{step} is a symbolic link that cannot be followed: step 4 cannot be '
+      f'read. Fix it, or move it out of {step.parent} to train from the '
+      'steps before it. Nothing was changed.')
+  assert snapshot(copy_dir) == before
+  assert sorted(os.listdir(copy_dir)) == names
+  assert os.readlink(step) == '/mnt/gone/4'
 
 
 def test_allow_changed_schedule_resumes(finished_run, tmp_path):
@@ -157,3 +180,24 @@ def test_a_run_that_cannot_fit_is_refused_before_writing(tmp_path, flag,
   assert run.stderr.splitlines()[-1] == f'ConfigError: {expected}'
   assert 'Traceback' not in run.stderr
   assert (os.listdir(workdir) == []) if exists else not workdir.exists()
+
+
+@pytest.mark.parametrize('program, args', [
+    ('train', ['--config=configs/quickstart.py', '--workdir={new}']),
+    ('predict', ['--checkpoint={run}', '{run}']),
+])
+def test_without_tensorflow_one_line_names_the_extra(finished_run, tmp_path,
+                                                     program, args):
+  _, workdir = finished_run
+  before = snapshot(workdir)
+  run = subprocess.run(
+      [sys.executable, '-c', BLOCK_MODULE, 'tensorflow', program] +
+      [a.format(new=tmp_path / 'new', run=workdir) for a in args],
+      cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu'),
+      capture_output=True, text=True, timeout=120)
+  assert run.returncode == 1, run.stderr[-3000:]
+  assert run.stderr.splitlines()[-1] == (
+      'UsageError: TensorFlow is not installed (it reads data and weight '
+      "files): pip install 'mixer_jax[tf]'. Nothing was written.")
+  assert 'Traceback' not in run.stderr
+  assert os.listdir(tmp_path) == [] and snapshot(workdir) == before

@@ -82,10 +82,15 @@ class Checkpointer:
           f'Checkpoint directory {self.directory} does not exist.')
     for entry in self.directory.iterdir():  # Orbax skips them silently.
       if entry.name.isdigit() and not entry.is_dir():
-        logging.warning('%s is %s: step %s is skipped.', entry,
-                        'a symbolic link that cannot be followed'
-                        if os.path.islink(os.fspath(entry))
-                        else 'not a directory', entry.name)
+        what = ('a symbolic link that cannot be followed'
+                if os.path.islink(os.fspath(entry)) else 'not a directory')
+        if not read_only:  # Training on from an older step would guess.
+          raise checks.CheckpointError(
+              f'{entry} is {what}: step {entry.name} cannot be read. Fix '
+              f'it, or move it out of {self.directory} to train from the '
+              'steps before it. Nothing was changed.')
+        logging.warning('%s is %s: step %s is skipped.', entry, what,
+                        entry.name)
     policies = [ocp.checkpoint_managers.LatestN(n=keep)]
     best_fn = None
     if keep_best:

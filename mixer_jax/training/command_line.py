@@ -51,10 +51,14 @@ def load_tensorflow_quietly() -> None:
       os.dup2(captured.fileno(), 2)
       try:
         import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
-      except BaseException:
+      except BaseException as e:
         os.dup2(saved, 2)
         captured.seek(0)
         sys.stderr.write(captured.read().decode('utf-8', 'replace'))
+        if isinstance(e, ModuleNotFoundError) and e.name == 'tensorflow':
+          raise errors.UsageError(
+              "TensorFlow is not installed (it reads data and weight files): "
+              "pip install 'mixer_jax[tf]'. Nothing was written.") from None
         raise
       finally:
         os.dup2(saved, 2)

@@ -94,7 +94,12 @@ def parse_flags(argv: Sequence[str], help_text: str = 'Config file.',
   except flags.Error as e:
     if 'config' not in str(e).split(':')[0]:
       raise command_line.absl_flags_error(e) from None
-    raise SystemExit(f'ConfigError: {one_line(e)}') from None
+    text = one_line(e)
+    if 'get_config() takes 0 positional' in text:  # FILE:ARG, ARG unused.
+      spec = argv[1].split('=', 1)[1] if '=' in argv[1] else argv[2]
+      text += ("; this config file takes no argument: drop "
+               f"':{spec.split(':')[-1]}'.")
+    raise SystemExit(f'ConfigError: {text}') from None
   except Exception as e:  # pylint: disable=broad-except
     raise SystemExit(f'ConfigError: {one_line(e)}') from None
   return rest
