@@ -145,10 +145,6 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
         checkpoint_dir, keep=config.keep_checkpoints,
         keep_best=config.keep_best_checkpoint,
         fingerprint=fingerprint.model_fingerprint(config, run.num_classes))
-    if (config.resume_step < 0 and
-        checkpointer.latest_step() == run.num_train_steps):
-      checkpointer.read_extra()  # Another model is refused, not 'finished'.
-      return _already_finished(workdir, run.num_train_steps)
     reporting.log_and_print(
         f'Mixer {config.model.variant}: '
         f'{models.count_params(run.steps.abstract_state.params):,} '
