@@ -320,6 +320,13 @@ def test_documented_commands_run_in_order(tmp_path):
       at = printed.index(shown[0])
       assert all(line in printed[at:] for line in shown), (
           quickstart_last_lines(), proc.stdout[-1500:])
+      # The summary lists every eval the run printed, paths as given.
+      workdir = _value(argv, 'workdir')
+      for key, value in (('test/accuracy', None), ('workdir', workdir),
+                         ('checkpoint_dir', f'{workdir}/checkpoints'),
+                         ('metrics_file', f'{workdir}/metrics.jsonl')):
+        assert any(line[:1] == [key] and value in (None, line[-1])
+                   for line in printed[at:]), (key, proc.stdout[-1500:])
     elif argv == shlex.split(quickstart_command()):
       if 'finished' not in proc.stdout.lower():
         failures.append(f'{where}: a finished workdir does not say so:\n'
