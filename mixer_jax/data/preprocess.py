@@ -4,9 +4,9 @@ Random ops are stateless (`seed`: an int tensor of shape (2,)), so an example
 gets the same augmentation on every run, after a resume and in any number of
 parallel map calls. The Inception crop decodes encoded JPEGs only inside
 its window, as big_vision's op does (JPEG decoding dominates the pipeline's
-CPU time); vit_jax's fine-tuning crop decodes the whole image, as vit_jax. Outputs are float32 in [-1, 1]; the ops of
-big_vision's recipe return uint8 after resizing, as its `pp` ops do
-(docs/recipes.md).
+CPU time); vit_jax's fine-tuning crop decodes the whole image, as vit_jax.
+Outputs are float32 in [-1, 1]; the ops of big_vision's recipe return uint8
+after resizing, as its `pp` ops do (docs/recipes.md).
 """
 
 import tensorflow as tf
