@@ -57,7 +57,8 @@ EXTRAS_REQUIRE = {
 
 # The repository's address, named here only: the notebooks' Colab badges and
 # install cells use the same one (tests/test_notebooks.py checks). OWNER is
-# the GitHub account that publishes it: replace it here and in notebooks/.
+# the GitHub account that publishes it: replace it here, then run
+# `python tests/test_notebooks.py notebooks/*.ipynb` to write it there.
 URL = 'https://github.com/OWNER/mixer_jax'
 
 setuptools.setup(

@@ -100,6 +100,15 @@ def setup_commands():
           if line.startswith('python3 -m venv')]
 
 
+def quickstart_last_lines():
+  """The lines the README shows the quick start ending with (the first
+  fenced block after the set-up commands), '...' left out."""
+  text = _read('README.md')
+  block = text[text.index('its last lines are'):].split('```')[1]
+  return [line for line in block.strip().splitlines()
+          if line.strip() != '...']
+
+
 def quickstart_command():
   (line,) = [c for c in setup_commands() if 'mixer_jax.train' in c]
   return line.split(' && ')[-1]
@@ -304,6 +313,20 @@ def test_documented_commands_run_in_order(tmp_path):
       assert sorted(os.listdir(
           tmp_path / 'workdirs/quickstart/checkpoints')) == ['1000', '1500']
       assert 'test/accuracy' in proc.stdout
+      # What the README says it prints (spacing aside), in that order.
+      printed = [line.split() for line in proc.stdout.splitlines()]
+      shown = [line.split() for line in quickstart_last_lines()]
+      assert shown[0] in printed, (shown[0], proc.stdout[-1500:])
+      at = printed.index(shown[0])
+      assert all(line in printed[at:] for line in shown), (
+          quickstart_last_lines(), proc.stdout[-1500:])
+      # The summary lists every eval the run printed, paths as given.
+      workdir = _value(argv, 'workdir')
+      for key, value in (('test/accuracy', None), ('workdir', workdir),
+                         ('checkpoint_dir', f'{workdir}/checkpoints'),
+                         ('metrics_file', f'{workdir}/metrics.jsonl')):
+        assert any(line[:1] == [key] and value in (None, line[-1])
+                   for line in printed[at:]), (key, proc.stdout[-1500:])
     elif argv == shlex.split(quickstart_command()):
       if 'finished' not in proc.stdout.lower():
         failures.append(f'{where}: a finished workdir does not say so:\n'

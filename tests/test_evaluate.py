@@ -184,3 +184,33 @@ def test_command_line_overrides_the_workdirs_config(workdir):
   assert run.stderr.strip() == (
       'ConfigError: unknown config field \'eval_splt\'; Did you mean '
       '"eval_split" instead of "eval_splt"?'), run.stderr
+
+
+def test_nan_logits_are_scored_as_argmax_and_counted_in_the_line(tmp_path):
+  # Finite weights whose logits are NaN: a pre-head LayerNorm scale of 3e38
+  # makes features of both signs overflow to +-inf, and the head's sums
+  # inf - inf. Every class of every row is NaN, so argmax picks class 0
+  # and the top-5 are classes 0-4: top-1 is the share of label 0.
+  config = small_config()
+  _, state = trained_state()
+  params = jax.tree.map(np.asarray, jax.device_get(state.params))
+  params['pre_head_layer_norm']['scale'] = np.full_like(
+      params['pre_head_layer_norm']['scale'], 3e38)
+  path = str(tmp_path / 'overflowing.npz')
+  pretrained.export_official(params, path)
+  labels = np.concatenate([
+      b['label'][b['mask'] > 0].argmax(-1) for b in input_pipeline.eval_dataset(
+          config, process_index=0, process_count=1).as_numpy_iterator()])
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu')
+  run = subprocess.run(
+      [sys.executable, '-m', 'mixer_jax.evaluate',
+       '--config=configs/quickstart.py', f'--checkpoint={path}',
+       '--config.model.num_blocks=2', '--config.model.hidden_dim=32',
+       '--config.batch_size=32'],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert (f'top-1 {np.mean(labels == 0):.4f}, top-5 '
+          f'{np.mean(labels < 5):.4f}, loss nan (144 examples') in run.stdout
+  assert run.stdout.rstrip().endswith(
+      '; 144 examples with NaN logits (scored as argmax does: the first NaN '
+      'class)'), run.stdout

@@ -9,7 +9,8 @@ jupyter_client starts with `sys.executable`, i.e. the `.venv` of CI). Any cell
 that raises fails the test.
 
 Run just these:  .venv/bin/python -m pytest -q tests/test_notebooks.py
-Strip outputs before committing a notebook run by hand:
+Strip outputs before committing a notebook run by hand, and write setup.py's
+`URL` (the repository) into the notebooks' badges and install cells:
   .venv/bin/python tests/test_notebooks.py notebooks/*.ipynb
 """
 
@@ -35,6 +36,20 @@ def repository_url():
   [value] = [node.value.value for node in tree.body
              if isinstance(node, ast.Assign) and node.targets[0].id == 'URL']
   return value
+
+
+# A GitHub address in a notebook: the badge's `github/OWNER/NAME` or the
+# install cell's `github.com/OWNER/NAME`.
+GITHUB_ADDRESS = re.compile(r'(github(?:\.com)?/)[\w.-]+/[\w.-]+')
+
+
+def with_repository(nb, url):
+  """`nb` with every GitHub address pointing at repository `url`."""
+  repository = url.removeprefix('https://github.com/')
+  for cell in nb.cells:
+    cell.source = GITHUB_ADDRESS.sub(lambda m: m.group(1) + repository,
+                                     cell.source)
+  return nb
 
 
 # Colab opens a notebook straight from GitHub at this address.
@@ -187,8 +202,25 @@ def test_opens_with_text_and_colab_link(name):
   assert 'colab-badge.svg' in first.source
   # Every GitHub address in the notebook is setup.py's.
   text = (NOTEBOOKS / name).read_text()
-  for url in re.findall(r'github(?:\.com)?/[\w.-]+/[\w.-]+', text):
-    assert url in (f'github.com/{repository}', f'github/{repository}'), url
+  for match in GITHUB_ADDRESS.finditer(text):
+    assert match.group(0) in (f'github.com/{repository}',
+                              f'github/{repository}'), (
+        f'{match.group(0)} is not setup.py\'s URL; run: python '
+        f'tests/test_notebooks.py notebooks/{name}')
+
+
+def test_the_repository_is_named_in_setup_py_only(tmp_path):
+  # Publishing under another account: change setup.py's URL and run this
+  # file's command; every address follows, the badge opens the new one.
+  nb = with_repository(_read('quickstart.ipynb'),
+                       'https://github.com/someone/mixer-fork')
+  text = json.dumps(nb)
+  assert ('https://colab.research.google.com/github/someone/mixer-fork/blob/'
+          'main/notebooks/quickstart.ipynb') in text
+  assert "'git+https://github.com/someone/mixer-fork'" in nb.cells[2].source
+  assert 'OWNER' not in text
+  assert _read('quickstart.ipynb') == with_repository(
+      _read('quickstart.ipynb'), repository_url())  # Committed as set.
 
 
 @pytest.mark.parametrize('name', NAMES)
@@ -476,5 +508,6 @@ def test_finetune_runs_offline(tmp_path, monkeypatch):
 if __name__ == '__main__':
   import sys  # pylint: disable=g-import-not-at-top
   for path in sys.argv[1:]:
-    nbformat.write(strip_outputs(nbformat.read(path, as_version=4)), path)
-    print('stripped', path)
+    nbformat.write(with_repository(strip_outputs(
+        nbformat.read(path, as_version=4)), repository_url()), path)
+    print('stripped', path, 'and set its repository to', repository_url())

@@ -253,3 +253,27 @@ def test_eval_squash_crop_resizes_the_whole_image_then_crops():
   assert out.shape == (40, 40, 3)
   np.testing.assert_allclose(out[:, 12:18], 1.0, atol=1e-5)
   np.testing.assert_allclose(out[:, :8], -1.0, atol=1e-5)
+
+
+def test_finetune_crop_decodes_the_whole_jpeg_as_vit_jax():
+  # vit_jax's train pp, written out with TF's ops: decode the whole image,
+  # slice the sampled window, bilinear resize kept in float, (x-127.5)/127.5.
+  image = _noise((48, 64, 3), seed=3)  # Chroma-subsampled by encode_jpeg.
+  data = tf.io.encode_jpeg(image, quality=90)
+  for i in range(4):
+    crop_seed = tf.random.experimental.stateless_split(_seed(i), 3)[0]
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        [48, 64, 3], tf.zeros([1, 0, 4]), seed=crop_seed,
+        min_object_covered=0.0, aspect_ratio_range=(0.75, 1.33),
+        area_range=(0.05, 1.0), max_attempts=100,
+        use_image_if_no_bounding_boxes=True)
+    y, x, h, w = int(begin[0]), int(begin[1]), int(size[0]), int(size[1])
+    full = tf.io.decode_image(data, channels=3)[y:y + h, x:x + w]
+    expected = (tf.image.resize(full, [32, 32]) - 127.5) / 127.5
+    got = preprocess.train_image(data, _seed(i), image_size=32,
+                                 crop='finetune', flip=False)
+    np.testing.assert_array_equal(got, expected)
+  # The case that tells the two apart: decoding inside this window differs
+  # from the whole decode on the window's right edge.
+  inside = tf.image.decode_and_crop_jpeg(data, [y, x, h, w], channels=3)
+  assert x + w < 64 and not np.array_equal(inside, full)

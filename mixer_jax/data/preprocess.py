@@ -2,10 +2,11 @@
 
 Random ops are stateless (`seed`: an int tensor of shape (2,)), so an example
 gets the same augmentation on every run, after a resume and in any number of
-parallel map calls. Encoded JPEGs are cropped while decoding: JPEG decoding
-dominates the pipeline's CPU time. Outputs are float32 in [-1, 1]; the ops of
-big_vision's recipe return uint8 after resizing, as its `pp` ops do
-(docs/recipes.md).
+parallel map calls. The Inception crop decodes encoded JPEGs only inside
+its window, as big_vision's op does (JPEG decoding dominates the pipeline's
+CPU time); vit_jax's fine-tuning crop decodes the whole image, as vit_jax.
+Outputs are float32 in [-1, 1]; the ops of big_vision's recipe return uint8
+after resizing, as its `pp` ops do (docs/recipes.md).
 """
 
 import tensorflow as tf
@@ -166,9 +167,12 @@ def train_image(image, seed, *, image_size, crop='inception',
   checked with the config); RandAugment's TF-TPU ops take uint8 images."""
   image = tf.convert_to_tensor(image)
   seeds = tf.random.experimental.stateless_split(seed, 3)
-  if crop == 'resize':
+  if crop != 'inception':
+    # vit_jax decodes the whole image, then crops: libjpeg decoding inside
+    # the window (big_vision's op) upsamples chroma differently on its
+    # right edge.
     image = decode(image)
-  else:  # 'inception' and 'finetune' differ in the area bound only.
+  if crop != 'resize':  # The two crops differ in the area bound only.
     image = decode_and_random_crop(image, seeds[0], area_min)
   image = resize(image, image_size)
   if crop == 'inception':  # big_vision's decode_jpeg_and_inception_crop.
