@@ -27,7 +27,6 @@ import numpy as np
 from PIL import Image
 
 # Before TensorFlow loads: it quiets TensorFlow's C++ start-up lines.
-from mixer_jax.errors import UserError
 from mixer_jax.training import command_line
 from mixer_jax.training import errors
 
@@ -262,7 +261,8 @@ def main(argv):
     command_line.load_tensorflow_quietly()  # It decodes images, as training.
     paths = expand_inputs(argv[1:])
   from mixer_jax.weights import any_checkpoint  # pylint: disable=g-import-not-at-top
-  try:
+  with command_line.user_errors_as_one_line(
+      f'Cannot use --checkpoint={FLAGS.checkpoint}: '):
     loaded = any_checkpoint.load(FLAGS.checkpoint, step=FLAGS.step,
                                  image_size=FLAGS.image_size or None,
                                  weights=FLAGS.weights)
@@ -273,11 +273,6 @@ def main(argv):
       names = loaded.class_names
     else:
       names = class_names(FLAGS.labels, loaded.num_classes, loaded.entry)
-  except UserError as e:
-    # Only the project's user errors: anything else is a bug (traceback).
-    print(f'Cannot use --checkpoint={FLAGS.checkpoint}: '
-          f'{command_line.one_line(e)}', file=sys.stderr)
-    return 2
   results = classify_files(
       loaded.model, loaded.params, paths, image_size=loaded.image_size,
       crop=FLAGS.crop or loaded.eval_crop,

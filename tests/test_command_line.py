@@ -116,7 +116,7 @@ def test_warnings_are_plain_lines_and_cloud_auth_noise_is_off(tmp_path):
   # credentials (and fails without network); one line of ours, no noise.
   absent = 'gs://mixer-jax-no-such-bucket/absent.npz'
   run = _run(['-m', 'mixer_jax.predict', f'--checkpoint={absent}', image])
-  assert run.returncode == 2, run.stderr[-3000:]
+  assert run.returncode == 1, run.stderr[-3000:]
   assert run.stderr.startswith(f'Cannot use --checkpoint={absent}: '
                                'CheckpointNotFoundError: ')
   assert run.stderr.count('\n') == 1, run.stderr

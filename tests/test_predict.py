@@ -176,7 +176,7 @@ def test_command_line(tmp_path, files):
       [sys.executable, '-m', 'mixer_jax.predict',
        f'--checkpoint={tmp_path / "absent.npz"}', files['photo']],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 2 and 'Known names' in proc.stderr
+  assert proc.returncode == 1 and 'Known names' in proc.stderr
 
 
 def test_directories_and_globs_expand_to_sorted_images(tmp_path, files):
