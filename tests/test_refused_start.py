@@ -76,8 +76,9 @@ def test_a_finished_workdir_says_so_before_compiling(finished_run, capsys):
     summary = trainer.train_and_evaluate(config, str(workdir))
   assert summary['already_finished'] and summary['steps'] == 4
   assert summary['checkpoint_dir'] == os.path.join(workdir, 'checkpoints')
-  assert (f'{workdir} already finished at step 4 of 4; nothing to train.'
-          in capsys.readouterr().out)
+  out = capsys.readouterr().out
+  assert f'{workdir} already finished at step 4 of 4; nothing to train.' in out
+  assert 'Resumed from' not in out
   # Nothing trained: only the restore's checksum pass was compiled.
   assert set(compiled) <= {'jit(_leaf_digests)'}, compiled
   assert snapshot(workdir) == before

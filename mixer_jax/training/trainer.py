@@ -199,8 +199,9 @@ def _restore_or_init(config, workdir, checkpointer, run):
                           'newer steps aside; later starts resume from the '
                           'newest checkpoint. Delete this file to fall back '
                           f'to step {resume_step} again.\n')
-    reporting.log_and_print(f'Resumed from step {int(extra["step"])} in '
-                            f'{checkpointer.directory}.')
+    if extra['step'] < run.num_train_steps:  # Else it says it finished.
+      reporting.log_and_print(f'Resumed from step {int(extra["step"])} in '
+                              f'{checkpointer.directory}.')
     return state, extra
   state = run.steps.init_fn(jax.random.PRNGKey(config.seed))
   if config.init_from:
