@@ -17,7 +17,8 @@ escapes these tests. The configs' docstrings' commands are checked too.
   kept step. Commands that need the network are in NOT_RUN; training
   configs other than the quick start (ImageNet, CIFAR with downloaded
   weights) and the benchmarks run with tiny sizes, training in launch-check
-  mode (`--check_only`).
+  mode (`--check_only`). Then the README's Python example runs there, with
+  files of the published B/16 shapes in the registry's cache.
 """
 
 import ast
@@ -32,7 +33,10 @@ import sys
 from absl import flags
 import jax
 from ml_collections import config_flags
+import numpy as np
 import pytest
+
+import mixer_reference as ref
 
 from mixer_jax.training import launch_check
 from mixer_jax.training import trainer
@@ -274,6 +278,27 @@ def _inputs(argv):
   return paths
 
 
+def model_api_failure(folder, env):
+  """Runs the README's Python example in `folder` (where the quick start
+  ran) with files of the published B/16 shapes in the registry's cache;
+  what went wrong, or None."""
+  for name, classes in (('imagenet1k/Mixer-B_16', 1000),
+                        ('imagenet21k/Mixer-B_16', 21843)):
+    path = os.path.join(env['MIXER_JAX_CACHE'], f'{name}.npz')
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    np.savez(path, **ref.official_checkpoint(
+        patch=16, blocks=12, hidden=768, tokens_mlp=384, channels_mlp=3072,
+        image=224, classes=classes))
+  (example,) = re.findall(r'```python\n(.*?)```', _read('README.md'), re.S)
+  proc = subprocess.run([sys.executable, '-c', example], cwd=folder, env=env,
+                        capture_output=True, text=True, timeout=600)
+  if proc.returncode != 0 or proc.stdout.split() != ['59880472']:
+    # The paper's B/16 count is what the example's comment shows.
+    return (f'README.md Model API: exit {proc.returncode}: '
+            f'{(proc.stdout + proc.stderr)[-1500:]}')
+  return None
+
+
 @pytest.mark.slow
 def test_documented_commands_run_in_order(tmp_path):
   os.symlink(os.path.join(REPO, 'configs'), tmp_path / 'configs')
@@ -331,4 +356,5 @@ def test_documented_commands_run_in_order(tmp_path):
       if 'finished' not in proc.stdout.lower():
         failures.append(f'{where}: a finished workdir does not say so:\n'
                         f'{proc.stdout[-1500:]}')
-  assert not failures, '\n'.join(failures)
+  failures.append(model_api_failure(tmp_path, env))
+  assert failures == [None], '\n'.join(map(str, failures))
